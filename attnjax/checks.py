@@ -1,0 +1,60 @@
+"""Input validation with messages that name the argument, the shape seen and the shape expected."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """Check the ``[B, T, H, D]`` layout contract shared by every mechanism.
+
+    q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]``, ``Hq % Hkv == 0``, one
+    floating dtype for all three.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "ndim") or x.ndim != 4:
+            shape = getattr(x, "shape", None)
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, T, Hq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[3] != D:
+        raise ValueError(f"k head_dim {k.shape[3]} != q head_dim {D}: q {q.shape}, k {k.shape}")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"k and v must agree on [seq, heads]: k {k.shape}, v {v.shape} (expected v [B, S, Hkv, Dv])")
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv}): q {q.shape}, k {k.shape}")
+
+
+def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_cap, sinks,
+                  dropout_rate: float, rng: Optional[jax.Array]) -> None:
+    """Check the score options of ``attnjax.attention`` against the shapes of q and k."""
+    B, T, Hq, _ = q.shape
+    S = k.shape[1]
+    if mask is not None:
+        from attnjax.masks import Mask
+        if not isinstance(mask, Mask):
+            raise TypeError(f"mask must be an attnjax.masks value (e.g. masks.Causal()), got {type(mask).__name__}; "
+                            "wrap a boolean array as masks.Explicit(array)")
+        mask.check(B, Hq, T, S)
+    if bias is not None:
+        from attnjax.bias import as_bias
+        as_bias(bias).check(B, Hq, T, S)
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
+    if sinks is not None and jnp.shape(sinks) != (Hq,):
+        raise ValueError(f"sinks must have shape [Hq] = ({Hq},), got {jnp.shape(sinks)}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0 and rng is None:
+        raise ValueError(f"dropout_rate={dropout_rate} needs an rng (a jax.random key)")

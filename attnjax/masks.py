@@ -1,0 +1,348 @@
+"""Attention masks as values.
+
+A mask is a predicate ``allowed(b, h, i, j)`` on query row ``i`` and key column ``j``. Masks are
+small frozen pytrees, not ``[T, S]`` arrays: the reference asks a mask for its dense matrix, a
+blocked kernel asks it for one tile at a time and for a *block summary* that says which tiles are
+empty, partial or full, so that empty tiles are skipped and full tiles skip the element mask.
+
+Alignment when ``T != S`` (one rule for the whole library): queries are the **last** ``T`` of the
+``S`` key positions ("bottom-right" alignment, as in FlashAttention 2.1+ and KV-cache decoding).
+Query row ``i`` sits at position ``i + (S - T)``; key column ``j`` sits at position ``j``. So
+``Causal()`` with ``T=1`` lets the single query see every key, and with ``T == S`` it is the usual
+lower triangle. Structural masks (``Causal``, ``SlidingWindow``, ``ChunkedCausal``) are defined on
+these positions; data masks (``Segments``, ``Explicit``) are indexed by row and column.
+
+Masks combine with ``&`` (both allow) and ``|`` (either allows)::
+
+    mask = masks.Causal() & masks.Segments(segment_ids)
+    mask = masks.SlidingWindow(128, 0) | masks.Explicit(global_tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.tiling import num_tiles, take_tile
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+"""Block-summary codes: no pair allowed / some pairs allowed / every pair allowed."""
+
+Array = jax.Array
+Summary = Union[np.ndarray, jax.Array]
+
+
+def query_positions(q_idx: Array, T: int, S: int) -> Array:
+    """Positions of query rows under bottom-right alignment: ``i + (S - T)``."""
+    return q_idx + (S - T)
+
+
+class Mask:
+    """Base class of all masks.
+
+    Subclasses implement ``tile`` and ``block_summary``; ``dense`` and the operators come free.
+    """
+
+    def tile(self, q_idx: Array, kv_idx: Array, T: int, S: int) -> Array:
+        """Booleans for query rows ``q_idx`` [tq] and key columns ``kv_idx`` [tk].
+
+        Returns an array of shape ``[Bm, Hm, tq, tk]`` broadcastable to ``[B, H, tq, tk]``.
+        """
+        raise NotImplementedError
+
+    def block_summary(self, T: int, S: int, block_q: int, block_kv: int) -> Summary:
+        """Per-tile codes EMPTY / PARTIAL / FULL, shape ``[Bm, Hm, ceil(T/bq), ceil(S/bk)]``.
+
+        Only the valid (unpadded) part of a tile counts. The summary is *sound*: EMPTY means no
+        allowed pair in the tile and FULL means all pairs allowed; PARTIAL promises nothing.
+        Structural masks return a NumPy array (known at trace time), data masks a jax array.
+        """
+        raise NotImplementedError
+
+    def check(self, batch: int, num_heads: int, T: int, S: int) -> None:
+        """Raise ``ValueError`` if the mask's arrays don't fit ``[batch, num_heads, T, S]``."""
+
+    def dense(self, T: int, S: int) -> Array:
+        """The boolean matrix, shape ``[Bm, Hm, T, S]`` broadcastable to ``[B, H, T, S]``."""
+        return self.tile(jnp.arange(T), jnp.arange(S), T, S)
+
+    def __and__(self, other: Mask) -> Mask:
+        return And(self, _as_mask(other))
+
+    def __or__(self, other: Mask) -> Mask:
+        return Or(self, _as_mask(other))
+
+
+def _as_mask(m) -> Mask:
+    if not isinstance(m, Mask):
+        raise TypeError(f"masks combine only with masks, got {type(m).__name__}")
+    return m
+
+
+def _static(cls):
+    """Register a mask whose fields are all static (hashable Python values)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=[], meta_fields=fields)
+
+
+def _data(cls):
+    """Register a mask whose fields are all pytree children (arrays or masks)."""
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+def _tile_ranges(T: int, S: int, block_q: int, block_kv: int):
+    """First/last valid query position per q tile, and first/last key position per kv tile."""
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    qa = np.arange(nq) * block_q
+    qb = np.minimum(qa + block_q, T) - 1
+    ka = np.arange(nk) * block_kv
+    kb = np.minimum(ka + block_kv, S) - 1
+    off = S - T
+    return (qa + off)[:, None], (qb + off)[:, None], ka[None, :], kb[None, :]
+
+
+def _codes(empty: np.ndarray, full: np.ndarray) -> np.ndarray:
+    code = np.where(empty, EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
+    return code[None, None]
+
+
+@_static
+class Full(Mask):
+    """Every query sees every key."""
+
+    def tile(self, q_idx, kv_idx, T, S):
+        return jnp.ones((1, 1, q_idx.shape[0], kv_idx.shape[0]), bool)
+
+    def block_summary(self, T, S, block_q, block_kv):
+        shape = (1, 1, num_tiles(T, block_q), num_tiles(S, block_kv))
+        return np.full(shape, FULL, np.int8)
+
+
+@_static
+class Causal(Mask):
+    """Query at position ``p`` sees keys at positions ``<= p`` (bottom-right aligned)."""
+
+    def tile(self, q_idx, kv_idx, T, S):
+        qp = query_positions(q_idx, T, S)
+        return (qp[:, None] >= kv_idx[None, :])[None, None]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        qa, qb, ka, kb = _tile_ranges(T, S, block_q, block_kv)
+        return _codes(empty=ka > qb, full=kb <= qa)
+
+
+@_static
+class SlidingWindow(Mask):
+    """Query at position ``p`` sees keys in ``[p - left, p + right]``.
+
+    ``left``/``right`` count keys before/after the query; ``None`` means unbounded. So
+    ``SlidingWindow(w, 0)`` is causal attention over the ``w + 1`` most recent keys, matching
+    ``jax.nn.dot_product_attention(local_window_size=(left, right))``.
+    """
+
+    left: Optional[int] = None
+    right: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("left", "right"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"SlidingWindow.{name} must be a non-negative int or None, got {value!r}")
+
+    def _bounds(self):
+        left = math.inf if self.left is None else self.left
+        right = math.inf if self.right is None else self.right
+        return left, right
+
+    def tile(self, q_idx, kv_idx, T, S):
+        qp = query_positions(q_idx, T, S)[:, None]
+        kp = kv_idx[None, :]
+        ok = jnp.ones((qp.shape[0], kp.shape[1]), bool)
+        if self.left is not None:
+            ok &= kp >= qp - self.left
+        if self.right is not None:
+            ok &= kp <= qp + self.right
+        return ok[None, None]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        qa, qb, ka, kb = _tile_ranges(T, S, block_q, block_kv)
+        left, right = self._bounds()
+        empty = (ka > qb + right) | (kb < qa - left)
+        full = (kb <= qa + right) & (ka >= qb - left)
+        return _codes(empty, full)
+
+
+@_static
+class ChunkedCausal(Mask):
+    """Causal attention inside consecutive chunks of ``chunk`` positions (Llama 4 style).
+
+    Query at position ``p`` sees keys at positions ``k <= p`` with ``k // chunk == p // chunk``.
+    """
+
+    chunk: int
+
+    def __post_init__(self):
+        if not isinstance(self.chunk, int) or self.chunk <= 0:
+            raise ValueError(f"ChunkedCausal.chunk must be a positive int, got {self.chunk!r}")
+
+    def tile(self, q_idx, kv_idx, T, S):
+        qp = query_positions(q_idx, T, S)[:, None]
+        kp = kv_idx[None, :]
+        return ((kp <= qp) & (kp // self.chunk == qp // self.chunk))[None, None]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        qa, qb, ka, kb = _tile_ranges(T, S, block_q, block_kv)
+        c = self.chunk
+        empty = (ka > qb) | (kb // c < qa // c) | (ka // c > qb // c)
+        same_chunk = (qa // c == qb // c) & (ka // c == kb // c) & (qa // c == ka // c)
+        return _codes(empty, (kb <= qa) & same_chunk)
+
+
+@_data
+class Segments(Mask):
+    """Packed variable-length sequences: query and key see each other iff their ids are equal.
+
+    Args:
+      q_segment_ids: int ``[B, T]``.
+      kv_segment_ids: int ``[B, S]``; defaults to ``q_segment_ids`` (self-attention).
+    Combine with ``Causal()`` for causal packing.
+    """
+
+    q_segment_ids: Array
+    kv_segment_ids: Optional[Array] = None
+
+    def _kv(self):
+        return self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+
+    def check(self, batch, num_heads, T, S):
+        for name, ids, length in (("q_segment_ids", self.q_segment_ids, T), ("kv_segment_ids", self._kv(), S)):
+            if ids.ndim != 2 or ids.shape[0] not in (1, batch) or ids.shape[1] != length:
+                raise ValueError(
+                    f"Segments.{name} has shape {tuple(ids.shape)}, expected ({batch}, {length}) "
+                    f"for batch={batch}, T={T}, S={S}")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise TypeError(f"Segments.{name} must be integers, got {ids.dtype}")
+
+    def tile(self, q_idx, kv_idx, T, S):
+        qs = jnp.take(self.q_segment_ids, q_idx, axis=1, mode="clip")
+        ks = jnp.take(self._kv(), kv_idx, axis=1, mode="clip")
+        return (qs[:, :, None] == ks[:, None, :])[:, None]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        qmin, qmax = _tile_min_max(self.q_segment_ids, block_q)
+        kmin, kmax = _tile_min_max(self._kv(), block_kv)
+        qmin, qmax = qmin[:, :, None], qmax[:, :, None]
+        kmin, kmax = kmin[:, None, :], kmax[:, None, :]
+        empty = (qmax < kmin) | (kmax < qmin)
+        full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+        code = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+        return code[:, None]
+
+
+def _tile_min_max(ids: Array, block: int):
+    """Per-tile min and max of ``ids`` [B, L]; the last tile is padded with its edge value."""
+    n = num_tiles(ids.shape[1], block)
+    padded = jnp.pad(ids, ((0, 0), (0, n * block - ids.shape[1])), mode="edge")
+    tiles = padded.reshape(ids.shape[0], n, block)
+    return tiles.min(-1), tiles.max(-1)
+
+
+@_data
+class Explicit(Mask):
+    """A boolean array broadcastable to ``[B, H, T, S]`` (rank 2 to 4; True = attend)."""
+
+    mask: Array
+
+    def _rank4(self):
+        m = jnp.asarray(self.mask)
+        return m.reshape((1,) * (4 - m.ndim) + m.shape)
+
+    def check(self, batch, num_heads, T, S):
+        m = jnp.asarray(self.mask)
+        if m.dtype != jnp.bool_:
+            raise TypeError(f"Explicit mask must be bool, got {m.dtype}")
+        expected = (batch, num_heads, T, S)
+        if not 2 <= m.ndim <= 4 or any(
+                d not in (1, e) for d, e in zip(self._rank4().shape, expected)):
+            raise ValueError(
+                f"Explicit mask has shape {tuple(m.shape)}, expected one broadcastable to "
+                f"[B, H, T, S] = {list(expected)}")
+
+    def tile(self, q_idx, kv_idx, T, S):
+        return take_tile(self._rank4(), q_idx, kv_idx)
+
+    def block_summary(self, T, S, block_q, block_kv):
+        m = self._rank4()
+        any_ = _tile_reduce(m, T, S, block_q, block_kv, jnp.any, False)
+        all_ = _tile_reduce(m, T, S, block_q, block_kv, jnp.all, True)
+        return jnp.where(~any_, EMPTY, jnp.where(all_, FULL, PARTIAL)).astype(jnp.int8)
+
+
+def _tile_reduce(m: Array, T: int, S: int, block_q: int, block_kv: int, reduce, pad_value) -> Array:
+    """Reduce a [Bm, Hm, Tm, Sm] array (Tm in {1, T}, Sm in {1, S}) over each tile."""
+    bm, hm, tm, sm = m.shape
+    nq = num_tiles(T, block_q) if tm == T else 1
+    nk = num_tiles(S, block_kv) if sm == S else 1
+    bq = block_q if tm == T else 1
+    bk = block_kv if sm == S else 1
+    padded = jnp.pad(m, ((0, 0), (0, 0), (0, nq * bq - tm), (0, nk * bk - sm)), constant_values=pad_value)
+    reduced = reduce(padded.reshape(bm, hm, nq, bq, nk, bk), axis=(3, 5))
+    return jnp.broadcast_to(reduced, (bm, hm, num_tiles(T, block_q), num_tiles(S, block_kv)))
+
+
+def _combine(a: Summary, b: Summary, op) -> Summary:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return getattr(np, op)(a, b)
+    return getattr(jnp, op)(a, b)
+
+
+@_data
+class And(Mask):
+    """Allowed where both masks allow."""
+
+    a: Mask
+    b: Mask
+
+    def check(self, batch, num_heads, T, S):
+        self.a.check(batch, num_heads, T, S)
+        self.b.check(batch, num_heads, T, S)
+
+    def tile(self, q_idx, kv_idx, T, S):
+        return self.a.tile(q_idx, kv_idx, T, S) & self.b.tile(q_idx, kv_idx, T, S)
+
+    def block_summary(self, T, S, block_q, block_kv):
+        return _combine(self.a.block_summary(T, S, block_q, block_kv),
+                        self.b.block_summary(T, S, block_q, block_kv), "minimum")
+
+
+@_data
+class Or(Mask):
+    """Allowed where either mask allows."""
+
+    a: Mask
+    b: Mask
+
+    def check(self, batch, num_heads, T, S):
+        self.a.check(batch, num_heads, T, S)
+        self.b.check(batch, num_heads, T, S)
+
+    def tile(self, q_idx, kv_idx, T, S):
+        return self.a.tile(q_idx, kv_idx, T, S) | self.b.tile(q_idx, kv_idx, T, S)
+
+    def block_summary(self, T, S, block_q, block_kv):
+        return _combine(self.a.block_summary(T, S, block_q, block_kv),
+                        self.b.block_summary(T, S, block_q, block_kv), "maximum")
+
+
+__all__ = [
+    "EMPTY", "PARTIAL", "FULL", "Mask", "Full", "Causal", "SlidingWindow", "ChunkedCausal",
+    "Segments", "Explicit", "And", "Or", "query_positions",
+]

@@ -1,0 +1,282 @@
+"""Blocked softmax attention in XLA: FlashAttention-2's algorithm with a custom VJP.
+
+Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
+
+Forward: for each query tile, an online softmax over key tiles keeps a running max ``m``,
+normalizer ``l`` and accumulator in float32, and saves ``lse = m + log l`` per row. Backward:
+for each query tile, the logits are recomputed tile by tile from ``lse``; with
+``δ_i = dO_i·O_i``, ``dS = P ⊙ (dO Vᵀ - δ + dlse)`` gives ``dQ``, ``dK``, ``dV`` (and the array
+bias's gradient), accumulated in float32. Memory is O(T·tile), never O(T·S).
+
+The mask's block summary decides the work: each query tile loops only over the span of key
+tiles that are not empty, skips empty tiles inside that span, and leaves out the element mask
+on full tiles. Causal attention therefore does about half the tile products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.bias import ArrayBias, Bias, as_bias
+from attnjax.dropout import dropout_seed
+from attnjax.masks import EMPTY, FULL, PARTIAL, Mask
+from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+from attnjax.tiling import num_tiles, pad_axis
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    spec: ScoreSpec
+    block_q: int
+    block_kv: int
+
+
+def flash_attention_xla(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[Mask] = None, bias=None,
+    scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+    sinks: Optional[jax.Array] = None, dropout_rate: float = 0.0, rng: Optional[jax.Array] = None,
+    return_lse: bool = False, block_q: int = 512, block_kv: int = 512,
+):
+    """Memory-efficient softmax attention (same arguments and results as the reference).
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``.
+      mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse: as in
+        ``attnjax.softmax.softmax_attention_reference``.
+      block_q, block_kv: tile sizes (clipped to T and S); T and S need not be multiples.
+    Returns:
+      ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse [B, T, Hq]`` (float32) if asked.
+    Gradients flow to q, k, v, sinks and an array bias (ALiBi slopes are constants).
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
+                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+    static = _Static(spec, block_q=min(block_q, T), block_kv=min(block_kv, S))
+    seed = dropout_seed(rng) if dropout_rate > 0 else None
+    sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
+    out, lse = _flash(q, k, v, as_bias(bias), sinks, mask, seed, static)
+    return (out, lse) if return_lse else out
+
+
+def _schedule(mask: Optional[Mask], st: _Static):
+    """Per (q tile, kv tile) code, reduced over batch and heads, and each q tile's kv-tile span."""
+    T, S = st.spec.T, st.spec.S
+    nq, nk = num_tiles(T, st.block_q), num_tiles(S, st.block_kv)
+    if mask is None:
+        codes = jnp.full((nq, nk), FULL, jnp.int32)
+    else:
+        summary = jnp.asarray(mask.block_summary(T, S, st.block_q, st.block_kv))
+        nonempty = jnp.any(summary != EMPTY, axis=(0, 1))
+        full = jnp.all(summary == FULL, axis=(0, 1))
+        codes = jnp.where(nonempty, jnp.where(full, FULL, PARTIAL), EMPTY).astype(jnp.int32)
+    if S % st.block_kv:
+        codes = codes.at[:, -1].min(PARTIAL)
+    nonempty = codes != EMPTY
+    lo = jnp.argmax(nonempty, axis=1)
+    hi = nk - jnp.argmax(nonempty[:, ::-1], axis=1)
+    hi = jnp.where(nonempty.any(axis=1), hi, lo)
+    return codes, lo, hi
+
+
+def _q_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
+    """``[B, T, Hq, E]`` -> ``[nq, B, Hkv, G, block, E]`` (zero-padded)."""
+    B, _, H, E = x.shape
+    x = pad_axis(x, 1, block)
+    x = x.reshape(B, -1, block, num_kv_heads, H // num_kv_heads, E)
+    return x.transpose(1, 0, 3, 4, 2, 5)
+
+
+def _row_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
+    """``[B, T, Hq]`` -> ``[nq, B, Hkv, G, block]`` (zero-padded)."""
+    return _q_tiles(x[..., None], block, num_kv_heads)[..., 0]
+
+
+def _untile(x: jax.Array, T: int) -> jax.Array:
+    """Inverse of ``_q_tiles``/``_row_tiles``: ``[nq, B, Hkv, G, bq, ...]`` -> ``[B, T, Hq, ...]``."""
+    nq, B, Hkv, G, bq = x.shape[:5]
+    x = jnp.moveaxis(x, 4, 1)  # [nq, bq, B, Hkv, G, ...]
+    x = jnp.moveaxis(x, (0, 1), (1, 2))  # [B, nq, bq, Hkv, G, ...]
+    return x.reshape(B, nq * bq, Hkv * G, *x.shape[5:])[:, :T]
+
+
+def _kv_layout(x: jax.Array, block: int) -> jax.Array:
+    """``[B, S, Hkv, E]`` -> ``[B, Hkv, S_padded, E]``."""
+    return pad_axis(x, 1, block).transpose(0, 2, 1, 3)
+
+
+def _tile_logits(qi, kj, q_idx, kv_idx, bias, st: _Static):
+    """Raw and soft-capped logits of one tile."""
+    raw = raw_logits(qi, kj, q_idx, kv_idx, bias, st.spec)
+    return raw, soft_cap(raw, st.spec.logits_soft_cap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, bias, sinks, mask, seed, st):
+    return _forward(q, k, v, bias, sinks, mask, seed, st)
+
+
+def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
+    B, T, Hq, _ = q.shape
+    Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
+    bq, bk = st.block_q, st.block_kv
+    codes, lo, hi = _schedule(mask, st)
+    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    Dv = v.shape[-1]
+
+    def q_tile(args):
+        i, qi = args
+        q_idx = i * bq + jnp.arange(bq)
+        if sinks is None:
+            m0 = jnp.full((B, Hkv, G, bq), -jnp.inf, jnp.float32)
+            l0 = jnp.zeros((B, Hkv, G, bq), jnp.float32)
+        else:
+            m0 = jnp.broadcast_to(sinks.reshape(1, Hkv, G, 1), (B, Hkv, G, bq))
+            l0 = jnp.ones((B, Hkv, G, bq), jnp.float32)
+        acc0 = jnp.zeros((B, Hkv, G, bq, Dv), jnp.float32)
+
+        def visit(j, carry, apply_mask):
+            m, l, acc = carry
+            kv_idx = j * bk + jnp.arange(bk)
+            kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+            vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+            _, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
+            if apply_mask:
+                s = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            l = alpha * l + p.sum(-1)
+            if seed is not None:
+                p = p * dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
+
+        def body(j, carry):
+            branches = [lambda c: c, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
+            return lax.switch(codes[i, j], branches, carry)
+
+        m, l, acc = lax.fori_loop(lo[i], hi[i], body, (m0, l0, acc0))
+        safe_l = jnp.where(l > 0, l, 1.0)
+        out = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)
+        lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+        return out.astype(q.dtype), lse
+
+    nq = num_tiles(T, bq)
+    out, lse = lax.map(q_tile, (jnp.arange(nq), _q_tiles(q, bq, Hkv)))
+    return _untile(out, T), _untile(lse, T)
+
+
+def _flash_fwd(q, k, v, bias, sinks, mask, seed, st):
+    out, lse = _forward(q, k, v, bias, sinks, mask, seed, st)
+    return (out, lse), (q, k, v, bias, sinks, mask, seed, out, lse)
+
+
+def _flash_bwd(st: _Static, residuals, cotangents):
+    q, k, v, bias, sinks, mask, seed, out, lse = residuals
+    d_out, d_lse = cotangents
+    B, T, Hq, D = q.shape
+    Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
+    bq, bk = st.block_q, st.block_kv
+    codes, lo, hi = _schedule(mask, st)
+    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_lse = d_lse.astype(jnp.float32)
+    safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    bias_grad = isinstance(bias, ArrayBias)
+    if bias_grad:
+        bias4 = bias.rank4()
+        dbias0 = jnp.zeros(_padded_bias_shape(bias4.shape, T, bq, st.spec.S, bk), jnp.float32)
+    else:
+        dbias0 = jnp.zeros((), jnp.float32)
+
+    def q_tile(carry, xs):
+        dk, dv, dbias = carry
+        i, qi, doi, lse_i, delta_i, dlse_i = xs
+        q_idx = i * bq + jnp.arange(bq)
+
+        def visit(j, inner, apply_mask):
+            dqi, dk, dv, dbias = inner
+            kv_idx = j * bk + jnp.arange(bk)
+            kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+            vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+            raw, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
+            p = jnp.exp(s - lse_i[..., None])
+            if apply_mask:
+                p = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), p, 0.0)
+            dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
+            p_drop = p
+            if seed is not None:
+                keep = dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
+                p_drop, dp = p * keep, dp * keep
+            dvj = jnp.einsum("bhgqk,bhgqd->bhkd", p_drop.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
+            if st.spec.logits_soft_cap is not None:
+                ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
+            if bias_grad:
+                dbias = _add_bias_tile(dbias, ds, bias4.shape, i * bq, j * bk)
+            ds = (ds * st.spec.scale).astype(qi.dtype)
+            dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
+            dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
+            dk = _add_slice(dk, dkj, j * bk)
+            dv = _add_slice(dv, dvj, j * bk)
+            return dqi, dk, dv, dbias
+
+        def body(j, inner):
+            branches = [lambda c: c, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
+            return lax.switch(codes[i, j], branches, inner)
+
+        dq0 = jnp.zeros(qi.shape, jnp.float32)
+        dqi, dk, dv, dbias = lax.fori_loop(lo[i], hi[i], body, (dq0, dk, dv, dbias))
+        return (dk, dv, dbias), dqi
+
+    nq = num_tiles(T, bq)
+    xs = (jnp.arange(nq), _q_tiles(q, bq, Hkv), _q_tiles(d_out, bq, Hkv), _row_tiles(safe_lse, bq, Hkv),
+          _row_tiles(delta, bq, Hkv), _row_tiles(d_lse, bq, Hkv))
+    carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
+    (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
+    S = st.spec.S
+    dq = _untile(dq, T).astype(q.dtype)
+    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+    d_bias = None
+    if bias_grad:
+        Bb, Hb, Tb, Sb = bias4.shape
+        d_bias = ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+    d_sinks = None
+    if sinks is not None:
+        p_sink = jnp.exp(sinks[None, None, :] - lse)  # [B, T, Hq]; lse is finite with sinks
+        d_sinks = jnp.sum(p_sink * (d_lse - delta), axis=(0, 1))
+    return dq, dk, dv, d_bias, d_sinks, None, None
+
+
+def _add_slice(acc: jax.Array, update: jax.Array, start) -> jax.Array:
+    """``acc[:, :, start:start+n] += update`` along the sequence axis (axis 2)."""
+    current = lax.dynamic_slice_in_dim(acc, start, update.shape[2], axis=2)
+    return lax.dynamic_update_slice_in_dim(acc, current + update, start, axis=2)
+
+
+def _padded_bias_shape(shape, T, bq, S, bk):
+    Bb, Hb, Tb, Sb = shape
+    return (Bb, Hb, num_tiles(T, bq) * bq if Tb > 1 else 1, num_tiles(S, bk) * bk if Sb > 1 else 1)
+
+
+def _add_bias_tile(dbias: jax.Array, ds: jax.Array, bias_shape, q_start, kv_start) -> jax.Array:
+    """Add a ``[B, Hkv, G, bq, bk]`` logit gradient into the (padded) bias gradient."""
+    B, Hkv, G, bq, bk = ds.shape
+    ds = ds.reshape(B, Hkv * G, bq, bk)
+    axes = tuple(a for a, d in enumerate(bias_shape) if d == 1 and ds.shape[a] != 1)
+    ds = ds.sum(axis=axes, keepdims=True)
+    starts = (0, 0, q_start if bias_shape[2] > 1 else 0, kv_start if bias_shape[3] > 1 else 0)
+    current = lax.dynamic_slice(dbias, starts, ds.shape)
+    return lax.dynamic_update_slice(dbias, current + ds, starts)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

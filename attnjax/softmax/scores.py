@@ -1,0 +1,67 @@
+"""Logit tiles shared by the softmax-family paths (reference and blocked).
+
+Internal layout: queries grouped by KV head, ``q [B, Hkv, G, tq, D]`` with ``G = Hq // Hkv``
+(query head ``h = hk·G + g`` uses KV head ``hk``), keys and values ``[B, Hkv, tk, D]``. So GQA
+never repeats K/V. A logit is ``s = cap·tanh((scale·q·k + bias) / cap)`` (the soft cap is
+optional), and a mask or a padded key column removes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.bias import Bias
+from attnjax.dropout import keep_mask
+from attnjax.masks import Mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """Static description of one attention call's logits."""
+
+    T: int
+    S: int
+    num_kv_heads: int
+    scale: float
+    logits_soft_cap: Optional[float] = None
+    dropout_rate: float = 0.0
+
+
+def to_groups(x: jax.Array, num_kv_heads: int) -> jax.Array:
+    """``[Bx, Hx, ...]`` with ``Hx`` in {1, Hq} -> ``[Bx, Hkv or 1, G or 1, ...]``."""
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
+
+
+def raw_logits(q: jax.Array, k: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
+               bias: Optional[Bias], spec: ScoreSpec) -> jax.Array:
+    """``scale·q·kᵀ + bias`` in float32, ``[B, Hkv, G, tq, tk]`` (before the soft cap)."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * spec.scale
+    if bias is not None:
+        s = s + to_groups(bias.tile(q_idx, kv_idx, spec.T, spec.S), spec.num_kv_heads)
+    return s
+
+
+def soft_cap(s: jax.Array, cap: Optional[float]) -> jax.Array:
+    """Gemma-2 logit soft cap ``cap·tanh(s/cap)``; identity when ``cap`` is None."""
+    return s if cap is None else cap * jnp.tanh(s / cap)
+
+
+def allowed(mask: Optional[Mask], q_idx: jax.Array, kv_idx: jax.Array, spec: ScoreSpec) -> jax.Array:
+    """Mask tile AND "key column is real, not padding": ``[Bm, Hkv|1, G|1, tq, tk]`` bool."""
+    in_range = (kv_idx < spec.S)[None, None, None, None, :]
+    if mask is None:
+        return in_range
+    return to_groups(mask.tile(q_idx, kv_idx, spec.T, spec.S), spec.num_kv_heads) & in_range
+
+
+def dropout_multiplier(seed: jax.Array, batch: int, num_heads: int, q_idx: jax.Array,
+                       kv_idx: jax.Array, spec: ScoreSpec) -> jax.Array:
+    """``keep / (1 - rate)`` in float32, ``[B, Hkv, G, tq, tk]``."""
+    keep = keep_mask(seed, jnp.arange(batch), jnp.arange(num_heads), q_idx, kv_idx, spec.dropout_rate)
+    return to_groups(keep, spec.num_kv_heads).astype(jnp.float32) / (1.0 - spec.dropout_rate)

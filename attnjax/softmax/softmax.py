@@ -1,0 +1,93 @@
+"""Exact softmax attention: config, reference, and registry entry.
+
+``out_i = Σ_j softmax_j(s_ij) v_j`` with ``s_ij = cap·tanh((scale·q_i·k_j + b_ij)/cap)`` over the
+keys the mask allows (Vaswani et al., "Attention Is All You Need", 2017). Options: GQA/MQA,
+masks, an additive bias (array or ALiBi), a logit soft cap (Gemma 2), per-head sink logits
+(an extra logit with no value, as in StreamingLLM / gpt-oss), attention dropout and the
+log-sum-exp. The fast path is ``flash_attention_xla`` (FlashAttention-2's algorithm in XLA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import registry
+from attnjax.bias import as_bias
+from attnjax.dropout import dropout_seed
+from attnjax.masks import Mask
+from attnjax.softmax.flash_xla import flash_attention_xla
+from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+
+
+def softmax_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[Mask] = None, bias=None,
+    scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+    sinks: Optional[jax.Array] = None, dropout_rate: float = 0.0, rng: Optional[jax.Array] = None,
+    return_lse: bool = False,
+):
+    """Naive softmax attention: the whole ``[B, H, T, S]`` logit matrix in float32.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``.
+      mask: an ``attnjax.masks`` value; bias: array broadcastable to ``[B, Hq, T, S]`` or a Bias.
+      scale: logit scale, default ``1/sqrt(D)``. logits_soft_cap: ``cap`` in ``cap·tanh(s/cap)``.
+      sinks: ``[Hq]`` sink logits that join each row's normalizer with a zero value.
+      dropout_rate, rng: attention-weight dropout (hash-based, see ``attnjax.dropout``).
+      return_lse: also return the float32 log-sum-exp ``[B, T, Hq]`` (``-inf`` on empty rows).
+    Returns:
+      ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse`` if asked. A row with no allowed key is 0.
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
+                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+    q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
+    qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    s = soft_cap(raw_logits(qg, kt, q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
+    valid = allowed(mask, q_idx, kv_idx, spec)
+    s = jnp.where(valid, s, -jnp.inf)
+    if sinks is not None:
+        sink = to_groups(jnp.asarray(sinks, jnp.float32)[None, :, None, None], Hkv)
+        s = jnp.concatenate([s, jnp.broadcast_to(sink, s.shape[:-1] + (1,))], axis=-1)
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    e = jnp.exp(s - row_max)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(total > 0, total, 1.0)
+    lse = jnp.where(total > 0, row_max + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)[..., 0]
+    if sinks is not None:
+        p = p[..., :S]
+    if dropout_rate > 0:
+        p = p * dropout_multiplier(dropout_seed(rng), B, Hq, q_idx, kv_idx, spec)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", p, vt.astype(jnp.float32))
+    out = out.reshape(B, Hq, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+    if return_lse:
+        return out, lse.reshape(B, Hq, T).transpose(0, 2, 1)
+    return out
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+    """Exact softmax attention. ``block_q``/``block_kv`` set the tile sizes of the ``xla`` path."""
+
+    block_q: int = 512
+    block_kv: int = 512
+
+    name: ClassVar[str] = "softmax"
+    family: ClassVar[str] = "softmax"
+    paper: ClassVar[str] = "Vaswani et al. 2017; FlashAttention-2 (Dao 2023)"
+    supports: ClassVar[frozenset] = frozenset(registry.OPTIONS)
+
+    def implementations(self):
+        return {
+            "reference": softmax_attention_reference,
+            "xla": functools.partial(flash_attention_xla, block_q=self.block_q, block_kv=self.block_kv),
+        }
