@@ -1,0 +1,213 @@
+"""Multi-head attention as a Flax NNX module over ``attnjax.attention``.
+
+The module owns the projections and the dropout stream; the math is the functional core:
+``y = concat_h(attention(x W_q^h, c W_k^h, c W_v^h)) W_o`` (Vaswani et al., "Attention Is All You
+Need", 2017), with grouped-query attention when ``num_kv_heads < num_heads`` (Ainslie et al.,
+"GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints", 2023).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype
+
+from attnjax import masks, registry
+from attnjax.api import attention
+from attnjax.positional import RoPE
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class KVCache:
+    """Keys and values of the tokens decoded so far, for ``MultiHeadAttention.decode``.
+
+    Attributes:
+      k: ``[B, max_len, Hkv, D]`` keys (RoPE already applied); slots ``>= length`` are unused.
+      v: ``[B, max_len, Hkv, D]`` values.
+      length: int32 scalar, the number of filled slots, i.e. the position of the next token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with GQA/MQA, optional RoPE, any registered mechanism, and a KV cache.
+
+    ``y = concat_h(attention(x W_q^h, c W_k^h, c W_v^h)) W_o`` with ``c = x`` (self-attention) or
+    ``c = context`` (cross-attention); Vaswani et al. 2017. Query head ``h`` reads KV head
+    ``h // (num_heads // num_kv_heads)`` (GQA, Ainslie et al. 2023; MQA when ``num_kv_heads=1``).
+
+    Dropout on the attention weights draws keys from the ``dropout`` stream of ``rngs``. As with
+    ``nnx.Dropout``, it is on by default and off after ``model.eval()``,
+    ``nnx.view(model, deterministic=True)`` or with ``deterministic=True`` at call time.
+
+    Example::
+
+      layer = MultiHeadAttention(64, 8, num_kv_heads=2, rope=RoPE(), rngs=nnx.Rngs(0))
+      y = layer(x, mask=masks.Causal())                     # x, y: [B, T, 64]
+      cache = layer.init_cache(B, max_len)
+      y_t, cache = layer.decode(x_t, cache)                 # x_t, y_t: [B, 1, 64]
+
+    Args:
+      d_model: features of ``x`` and of the output.
+      num_heads: query heads ``Hq``.
+      num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); must divide ``num_heads``.
+      head_dim: features per head ``D`` (default ``d_model // num_heads``).
+      context_dim: features of ``context`` in cross-attention (default ``d_model``).
+      qkv_bias: add a bias to the q/k/v projections (the output projection has none).
+      rope: rotary embedding applied to q and k in self-attention and decoding; ``None`` for none.
+      mechanism: a registry name or config object, passed to ``attnjax.attention``.
+      dropout_rate: attention-weight dropout probability, in ``[0, 1)``.
+      implementation: "auto", "reference", "xla" or "pallas", passed to ``attnjax.attention``.
+      dtype: computation dtype of the projections (default: inferred from inputs and params).
+      param_dtype: dtype of the parameters.
+      rngs: ``params`` initializes the projections; ``dropout`` (or ``default``) seeds dropout.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None, context_dim: Optional[int] = None, qkv_bias: bool = False,
+        rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
+        dropout_rate: float = 0.0, implementation: str = "auto", dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        context_dim = d_model if context_dim is None else context_dim
+        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("context_dim", context_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads}) "
+                                 "unless head_dim is given")
+            head_dim = d_model // num_heads
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        if rope is not None:
+            if not isinstance(rope, RoPE):
+                raise TypeError(f"rope must be an attnjax.positional.RoPE or None, got {type(rope).__name__}")
+            rope.frequencies(head_dim)  # raises ValueError if rotary_dim doesn't fit head_dim
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        if implementation not in registry.IMPLEMENTATIONS + ("auto",):
+            raise ValueError(f"implementation must be one of {registry.IMPLEMENTATIONS + ('auto',)}, "
+                             f"got {implementation!r}")
+
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim, self.context_dim = head_dim, context_dim
+        self.rope = rope
+        self.mechanism = registry.resolve(mechanism)
+        self.dropout_rate = dropout_rate
+        self.implementation = implementation
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.deterministic = False
+
+        def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
+            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+
+        self.query = linear(d_model, (num_heads, head_dim))
+        self.key = linear(context_dim, (num_kv_heads, head_dim))
+        self.value = linear(context_dim, (num_kv_heads, head_dim))
+        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=False)
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+
+    def __call__(
+        self, x: jax.Array, context: Optional[jax.Array] = None, *, mask: Optional[masks.Mask] = None,
+        positions: Optional[jax.Array] = None, deterministic: Optional[bool] = None,
+    ) -> jax.Array:
+        """Self-attention of ``x`` (``context=None``) or cross-attention from ``x`` to ``context``.
+
+        Args:
+          x: ``[B, T, d_model]`` queries (and keys/values in self-attention).
+          context: ``[B, S, context_dim]`` keys/values for cross-attention, or ``None``.
+          mask: an ``attnjax.masks`` value over ``[B, Hq, T, S]`` (bottom-right aligned if T != S).
+          positions: int ``[B, T]`` or ``[T]`` RoPE positions of ``x`` (default ``arange(T)``);
+            self-attention only, since RoPE is not applied in cross-attention.
+          deterministic: ``True`` disables dropout; ``None`` uses ``self.deterministic``.
+        Returns:
+          ``[B, T, d_model]``.
+        """
+        _check_input("x", x, self.d_model)
+        cross = context is not None
+        if cross:
+            _check_input("context", context, self.context_dim)
+            if positions is not None:
+                raise ValueError("positions are for RoPE, which cross-attention (context given) does not apply")
+        else:
+            context = x
+        q, k, v = self.query(x), self.key(context), self.value(context)
+        if self.rope is not None and not cross:
+            positions = jnp.arange(x.shape[1]) if positions is None else positions
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        deterministic = self.deterministic if deterministic is None else deterministic
+        rate = 0.0 if deterministic else self.dropout_rate
+        out = attention(q, k, v, mechanism=self.mechanism, mask=mask, dropout_rate=rate,
+                        rng=self.rngs() if rate > 0 else None, implementation=self.implementation)
+        return self.out(out)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
+        """An empty ``KVCache`` for ``decode``: zeros ``[batch, max_len, Hkv, D]`` and length 0.
+
+        ``dtype`` defaults to ``dtype`` of the module, else ``param_dtype``.
+        """
+        self._check_decodable()
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One autoregressive step: attend from token ``x_t`` to itself and every cached token.
+
+        Equal, position by position, to ``self(x, mask=masks.Causal(), deterministic=True)``.
+        The token sits at position ``cache.length`` (its RoPE angle and cache slot); no dropout.
+        Decoding past ``max_len`` tokens is undefined (the write clamps to the last slot).
+
+        Args:
+          x_t: ``[B, 1, d_model]``, the next token.
+          cache: a ``KVCache`` from ``init_cache`` or the previous ``decode``.
+        Returns:
+          ``(y_t [B, 1, d_model], cache)`` with the token's key and value written at ``cache.length``.
+        """
+        self._check_decodable()
+        _check_input("x_t", x_t, self.d_model)
+        if x_t.shape[1] != 1 or x_t.shape[0] != cache.k.shape[0]:
+            raise ValueError(f"x_t must have shape [B, 1, d_model] = {[cache.k.shape[0], 1, self.d_model]} "
+                             f"for this cache, got {list(x_t.shape)}")
+        dtype = cache.k.dtype
+        q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
+        if self.rope is not None:
+            position = cache.length[None]
+            q, k = self.rope(q, position), self.rope(k, position)
+        start = (0, cache.length, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
+        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, implementation=self.implementation)
+        return self.out(out), KVCache(k_all, v_all, cache.length + 1)
+
+    def set_view(self, deterministic: Optional[bool] = None):
+        """Used by ``nnx.view``: ``deterministic=True`` disables dropout."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def _check_decodable(self) -> None:
+        if self.mechanism.name != "softmax":
+            raise NotImplementedError(
+                f"KV-cache decoding is implemented for mechanism 'softmax' only, not {self.mechanism.name!r}")
+
+
+def _check_input(name: str, x: jax.Array, features: int) -> None:
+    if x.ndim != 3 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have shape [batch, seq, {features}], got {list(x.shape)}")
