@@ -1,0 +1,129 @@
+"""Mask algebra: dense matrices, block summaries (soundness, exactness), and & / | laws."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnjax import masks
+
+LENGTHS = st.integers(1, 24)
+BLOCKS = st.integers(1, 9)
+
+
+def window_bound():
+    return st.one_of(st.none(), st.integers(0, 12))
+
+
+def structural_masks():
+    return st.one_of(
+        st.just(masks.Full()),
+        st.just(masks.Causal()),
+        st.builds(masks.SlidingWindow, window_bound(), window_bound()),
+        st.builds(masks.ChunkedCausal, st.integers(1, 8)),
+    )
+
+
+@st.composite
+def data_masks(draw, T, S):
+    kind = draw(st.sampled_from(["segments", "explicit"]))
+    if kind == "segments":
+        q = np.sort(draw(st.lists(st.integers(0, 3), min_size=T, max_size=T)))
+        k = np.sort(draw(st.lists(st.integers(0, 3), min_size=S, max_size=S)))
+        return masks.Segments(jnp.asarray(q)[None], jnp.asarray(k)[None])
+    bits = draw(st.lists(st.booleans(), min_size=T * S, max_size=T * S))
+    return masks.Explicit(jnp.asarray(bits).reshape(T, S))
+
+
+@st.composite
+def any_mask(draw, T, S, depth=2):
+    leaf = draw(st.one_of(structural_masks(), data_masks(T, S)))
+    if depth == 0 or draw(st.booleans()):
+        return leaf
+    other = draw(any_mask(T, S, depth - 1))
+    return leaf & other if draw(st.booleans()) else leaf | other
+
+
+def dense(m, T, S):
+    return np.broadcast_to(np.asarray(m.dense(T, S)), (1, 1, T, S))[0, 0]
+
+
+def tiles_of(matrix, bq, bk):
+    T, S = matrix.shape
+    for i in range(0, T, bq):
+        for j in range(0, S, bk):
+            yield i // bq, j // bk, matrix[i:i + bq, j:j + bk]
+
+
+def check_summary(m, T, S, bq, bk, exact):
+    d = dense(m, T, S)
+    summary = np.asarray(m.block_summary(T, S, bq, bk))
+    assert summary.shape[-2:] == (-(-T // bq), -(-S // bk))
+    summary = np.broadcast_to(summary, (1, 1) + summary.shape[-2:])[0, 0]
+    for i, j, tile in tiles_of(d, bq, bk):
+        code = summary[i, j]
+        truth = masks.EMPTY if not tile.any() else masks.FULL if tile.all() else masks.PARTIAL
+        if exact:
+            assert code == truth, (m, i, j, code, truth)
+        else:
+            assert code == truth or code == masks.PARTIAL, (m, i, j, code, truth)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
+def test_structural_summaries_are_exact(data, T, S, bq, bk):
+    m = data.draw(structural_masks())
+    check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
+def test_any_summary_is_sound(data, T, S, bq, bk):
+    check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), LENGTHS, LENGTHS)
+def test_and_or_laws(data, T, S):
+    a, b, c = (data.draw(any_mask(T, S, depth=1)) for _ in range(3))
+    da, db, dc = (dense(m, T, S) for m in (a, b, c))
+    np.testing.assert_array_equal(dense(a & b, T, S), da & db)
+    np.testing.assert_array_equal(dense(a | b, T, S), da | db)
+    np.testing.assert_array_equal(dense(a & b, T, S), dense(b & a, T, S))
+    np.testing.assert_array_equal(dense(a | b, T, S), dense(b | a, T, S))
+    np.testing.assert_array_equal(dense((a & b) & c, T, S), dense(a & (b & c), T, S))
+    np.testing.assert_array_equal(dense(a & (b | c), T, S), dense((a & b) | (a & c), T, S))
+    np.testing.assert_array_equal(dense(a | (a & b), T, S), da)
+    np.testing.assert_array_equal(dense(a & masks.Full(), T, S), da)
+    np.testing.assert_array_equal(dense(a | masks.Full(), T, S), np.ones((T, S), bool))
+
+
+def test_bottom_right_alignment():
+    causal = dense(masks.Causal(), 2, 5)
+    np.testing.assert_array_equal(causal, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    window = dense(masks.SlidingWindow(1, 0), 2, 5)
+    np.testing.assert_array_equal(window, [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
+    chunked = dense(masks.ChunkedCausal(2), 4, 4)
+    np.testing.assert_array_equal(chunked, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+
+
+def test_segments_default_to_self_attention():
+    ids = jnp.array([[0, 0, 1, 1, 1]])
+    d = dense(masks.Segments(ids), 5, 5)
+    np.testing.assert_array_equal(d, np.asarray(ids[0][:, None] == ids[0][None, :]))
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: masks.SlidingWindow(-1, 0),
+    lambda: masks.SlidingWindow(2.5, 0),
+    lambda: masks.ChunkedCausal(0),
+])
+def test_bad_mask_arguments(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_masks_combine_only_with_masks():
+    with pytest.raises(TypeError, match="masks combine only with masks"):
+        masks.Causal() & jnp.ones((3, 3), bool)
