@@ -247,3 +247,13 @@ def test_memory_is_linear_in_length():
     assert large < 6 * small, (small, large)
     dense_large = temp_bytes(ref(mask=masks.Causal()), 4096)
     assert dense_large > 10 * large, (dense_large, large)
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "chunked", "causal&segments"])
+def test_gradients_match_jax_nn(name):
+    """Every row keeps at least one key here, so jax.nn's masking convention agrees with ours."""
+    q, k, v = random_qkv(KEY, B=2, T=24, Hq=4, Hkv=2, D=8)
+    mask = {"causal": masks.Causal(), "window": masks.SlidingWindow(3, 3), "chunked": masks.ChunkedCausal(8),
+            "causal&segments": masks.Causal() & masks.Segments(segment_ids(2, 24))}[name]
+    assert_grads_close(xla(mask=mask), lambda q, k, v: jax_nn(q, k, v, mask=mask), (q, k, v), (0, 1, 2),
+                       names="qkv")
