@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from attnjax.tiling import take_tile
+from attnjax.tiling import check_broadcastable, rank4, take_tile
 
 
 class Bias:
@@ -39,22 +39,13 @@ class ArrayBias(Bias):
     array: jax.Array
     differentiable = True
 
-    def rank4(self) -> jax.Array:
-        a = self.array
-        return a.reshape((1,) * (4 - a.ndim) + a.shape)
-
     def check(self, batch, num_heads, T, S):
-        a = self.array
-        expected = (batch, num_heads, T, S)
-        if not 2 <= a.ndim <= 4 or any(d not in (1, e) for d, e in zip(self.rank4().shape, expected)):
-            raise ValueError(
-                f"bias has shape {tuple(a.shape)}, expected one broadcastable to "
-                f"[B, H, T, S] = {list(expected)}")
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"bias must be a float array, got {a.dtype}")
+        check_broadcastable("bias", self.array, (batch, num_heads, T, S))
+        if not jnp.issubdtype(self.array.dtype, jnp.floating):
+            raise TypeError(f"bias must be a float array, got {self.array.dtype}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        return take_tile(self.rank4(), q_idx, kv_idx).astype(jnp.float32)
+        return take_tile(rank4(self.array), q_idx, kv_idx).astype(jnp.float32)
 
 
 def as_bias(bias) -> Bias | None:

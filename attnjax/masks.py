@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.tiling import num_tiles, take_tile
+from attnjax.tiling import check_broadcastable, num_tiles, rank4, take_tile
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Block-summary codes: no pair allowed / some pairs allowed / every pair allowed."""
@@ -261,26 +262,17 @@ class Explicit(Mask):
 
     mask: Array
 
-    def _rank4(self):
-        m = jnp.asarray(self.mask)
-        return m.reshape((1,) * (4 - m.ndim) + m.shape)
-
     def check(self, batch, num_heads, T, S):
         m = jnp.asarray(self.mask)
         if m.dtype != jnp.bool_:
             raise TypeError(f"Explicit mask must be bool, got {m.dtype}")
-        expected = (batch, num_heads, T, S)
-        if not 2 <= m.ndim <= 4 or any(
-                d not in (1, e) for d, e in zip(self._rank4().shape, expected)):
-            raise ValueError(
-                f"Explicit mask has shape {tuple(m.shape)}, expected one broadcastable to "
-                f"[B, H, T, S] = {list(expected)}")
+        check_broadcastable("Explicit mask", m, (batch, num_heads, T, S))
 
     def tile(self, q_idx, kv_idx, T, S):
-        return take_tile(self._rank4(), q_idx, kv_idx)
+        return take_tile(rank4(self.mask), q_idx, kv_idx)
 
     def block_summary(self, T, S, block_q, block_kv):
-        m = self._rank4()
+        m = rank4(self.mask)
         any_ = _tile_reduce(m, T, S, block_q, block_kv, jnp.any, False)
         all_ = _tile_reduce(m, T, S, block_q, block_kv, jnp.all, True)
         return jnp.where(~any_, EMPTY, jnp.where(all_, FULL, PARTIAL)).astype(jnp.int8)
@@ -298,15 +290,9 @@ def _tile_reduce(m: Array, T: int, S: int, block_q: int, block_kv: int, reduce, 
     return jnp.broadcast_to(reduced, (bm, hm, num_tiles(T, block_q), num_tiles(S, block_kv)))
 
 
-def _combine(a: Summary, b: Summary, op) -> Summary:
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return getattr(np, op)(a, b)
-    return getattr(jnp, op)(a, b)
-
-
-@_data
-class And(Mask):
-    """Allowed where both masks allow."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Combination(Mask):
+    """Two masks joined elementwise by ``_op``; summaries join by ``_summary_op``."""
 
     a: Mask
     b: Mask
@@ -316,30 +302,29 @@ class And(Mask):
         self.b.check(batch, num_heads, T, S)
 
     def tile(self, q_idx, kv_idx, T, S):
-        return self.a.tile(q_idx, kv_idx, T, S) & self.b.tile(q_idx, kv_idx, T, S)
+        return self._op(self.a.tile(q_idx, kv_idx, T, S), self.b.tile(q_idx, kv_idx, T, S))
 
     def block_summary(self, T, S, block_q, block_kv):
-        return _combine(self.a.block_summary(T, S, block_q, block_kv),
-                        self.b.block_summary(T, S, block_q, block_kv), "minimum")
+        a = self.a.block_summary(T, S, block_q, block_kv)
+        b = self.b.block_summary(T, S, block_q, block_kv)
+        xp = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jnp
+        return getattr(xp, self._summary_op)(a, b)
 
 
 @_data
-class Or(Mask):
-    """Allowed where either mask allows."""
+class And(_Combination):
+    """Allowed where both masks allow (summary: EMPTY wins, FULL only if both are)."""
 
-    a: Mask
-    b: Mask
+    _op = staticmethod(operator.and_)
+    _summary_op = "minimum"
 
-    def check(self, batch, num_heads, T, S):
-        self.a.check(batch, num_heads, T, S)
-        self.b.check(batch, num_heads, T, S)
 
-    def tile(self, q_idx, kv_idx, T, S):
-        return self.a.tile(q_idx, kv_idx, T, S) | self.b.tile(q_idx, kv_idx, T, S)
+@_data
+class Or(_Combination):
+    """Allowed where either mask allows (summary: FULL wins, EMPTY only if both are)."""
 
-    def block_summary(self, T, S, block_q, block_kv):
-        return _combine(self.a.block_summary(T, S, block_q, block_kv),
-                        self.b.block_summary(T, S, block_q, block_kv), "maximum")
+    _op = staticmethod(operator.or_)
+    _summary_op = "maximum"
 
 
 __all__ = [

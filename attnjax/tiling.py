@@ -32,3 +32,16 @@ def take_tile(x: jax.Array, q_idx: jax.Array, kv_idx: jax.Array) -> jax.Array:
     if x.shape[-1] != 1:
         x = jnp.take(x, kv_idx, axis=-1, mode="clip")
     return x
+
+
+def rank4(x: jax.Array) -> jax.Array:
+    """Prepend unit dims so an array broadcastable to ``[B, H, T, S]`` has rank 4."""
+    x = jnp.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def check_broadcastable(name: str, x: jax.Array, expected: tuple) -> None:
+    """``ValueError`` unless ``x`` (rank 2 to 4) broadcasts to ``expected`` = ``(B, H, T, S)``."""
+    if not 2 <= x.ndim <= 4 or any(d not in (1, e) for d, e in zip(rank4(x).shape, expected)):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected one broadcastable to "
+                         f"[B, H, T, S] = {list(expected)}")

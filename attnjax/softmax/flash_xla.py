@@ -27,7 +27,7 @@ from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import EMPTY, FULL, PARTIAL, Mask
 from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
-from attnjax.tiling import num_tiles, pad_axis
+from attnjax.tiling import num_tiles, pad_axis, rank4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +192,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     bias_grad = isinstance(bias, ArrayBias)
     if bias_grad:
-        bias4 = bias.rank4()
+        bias4 = rank4(bias.array)
         dbias0 = jnp.zeros(_padded_bias_shape(bias4.shape, T, bq, st.spec.S, bk), jnp.float32)
     else:
         dbias0 = jnp.zeros((), jnp.float32)
