@@ -1,0 +1,1 @@
+"""Runnable studies and benchmarks of attnjax (``python -m experiments.main``)."""

@@ -1,0 +1,181 @@
+"""Shared helpers for experiments: compile, time, estimate memory, write results, print tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GIB = 2 ** 30
+MODES = ("fwd", "fwd_bwd")
+"""What is timed: the forward, or the forward and the gradients wrt q, k, v."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """XLA's compiled memory analysis of one function, in bytes.
+
+    ``peak`` = arguments + outputs + temporaries - aliased buffers; ``extra`` = temporaries, the
+    memory the computation needs beyond its inputs and outputs.
+    """
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output + self.temp - self.alias
+
+    @property
+    def extra(self) -> int:
+        return self.temp
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), peak=self.peak, extra=self.extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Median wall time of ``repeats`` runs after warmup, in seconds."""
+
+    median_s: float
+    repeats: int
+
+
+def compile_fn(fn: Callable, *args) -> jax.stages.Compiled:
+    """``jax.jit(fn)`` lowered and compiled for ``args``; compiling allocates nothing."""
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory_of(compiled: jax.stages.Compiled) -> Memory:
+    """The compiled executable's memory analysis (no run needed)."""
+    m = compiled.memory_analysis()
+    return Memory(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+                  temp=m.temp_size_in_bytes, alias=m.alias_size_in_bytes)
+
+
+def time_thunks(thunks: Mapping[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1,
+                max_seconds: Optional[float] = None) -> dict[str, Timing]:
+    """Median time of each zero-argument function, interleaved round by round.
+
+    Interleaving spreads background load evenly over the functions, so their ratios are fairer
+    than back-to-back loops. After ``warmup`` rounds, up to ``repeats`` timed rounds run; rounds
+    stop early (at least one is kept) once the timed rounds pass ``max_seconds`` in total.
+    """
+    for _ in range(warmup):
+        for thunk in thunks.values():
+            jax.block_until_ready(thunk())
+    samples: dict[str, list[float]] = {name: [] for name in thunks}
+    start = time.perf_counter()
+    for _ in range(max(repeats, 1)):
+        for name, thunk in thunks.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(thunk())
+            samples[name].append(time.perf_counter() - t0)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return {name: Timing(statistics.median(s), len(s)) for name, s in samples.items()}
+
+
+def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
+            max_seconds: Optional[float] = None) -> Timing:
+    """Median time of the jitted ``fn(*args)``, compile excluded."""
+    compiled = compile_fn(fn, *args)
+    return time_thunks({"fn": lambda: compiled(*args)}, repeats=repeats, warmup=warmup,
+                       max_seconds=max_seconds)["fn"]
+
+
+def random_qkv(key: jax.Array, batch: int, seq_len: int, heads: int, head_dim: int,
+               dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Standard-normal q, k, v of shape ``[batch, seq_len, heads, head_dim]``."""
+    shape = (batch, seq_len, heads, head_dim)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in jax.random.split(key, 3))
+
+
+def grad_fn(fn: Callable) -> Callable:
+    """``(q, k, v, w) -> (dq, dk, dv)``: the gradients of ``sum(fn(q, k, v) * w)``."""
+
+    def loss(q, k, v, w):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def mode_fn(fn: Callable, mode: str) -> Callable:
+    """``fn`` itself for ``"fwd"``; its ``grad_fn`` for ``"fwd_bwd"``."""
+    return fn if mode == "fwd" else grad_fn(fn)
+
+
+def mode_inputs(q: jax.Array, k: jax.Array, v: jax.Array, mode: str) -> tuple:
+    """Arguments of ``mode_fn``: ``(q, k, v)``, plus a float32 cotangent ``w`` of ones for ``"fwd_bwd"``."""
+    return (q, k, v) if mode == "fwd" else (q, k, v, jnp.ones(q.shape, jnp.float32))
+
+
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_x(ax, xs: Sequence[int]) -> None:
+    """Label a log-scale x axis at exactly ``xs`` (the measured lengths), with no minor ticks."""
+    ax.set_xticks(list(xs), [str(x) for x in xs])
+    ax.set_xticks([], minor=True)
+
+
+def jsonable_args(args) -> dict:
+    """An argparse namespace as a JSON-ready dict (paths become strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def device_info() -> dict:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "jax_version": jax.__version__}
+
+
+def write_json(data: Any, name: str, out_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``data`` to ``out_dir/name`` (indented JSON) and return the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table whose columns are padded so it also reads well in a terminal."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    units = ("B", "KiB", "MiB", "GiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.1f} {units[i]}"
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"1k,2048"`` -> ``[1024, 2048]`` (``k`` means 1024)."""
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
