@@ -126,3 +126,10 @@ def test_output_finite_for_every_registered_mechanism():
         for name in entry.implementations:
             out = call(mechanism=entry.name, implementation=name, mask=masks.Causal())
             assert np.all(np.isfinite(np.asarray(out))), (entry.name, name)
+
+
+def test_check_qkv_is_usable_on_its_own():
+    from attnjax.checks import check_qkv
+    check_qkv(Q, K, V)
+    with pytest.raises(ValueError, match="v must have rank 4"):
+        check_qkv(Q, K, V[0])
