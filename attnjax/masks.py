@@ -327,7 +327,33 @@ class Or(_Combination):
     _summary_op = "maximum"
 
 
+def block_schedule(mask: Optional[Mask], T: int, S: int, block_q: int, block_kv: int):
+    """The work plan of a blocked kernel: which key tiles each query tile visits, and how.
+
+    Returns:
+      codes: int32 ``[nq, nk]``, the block summary reduced over batch and heads (EMPTY only if
+        empty for all, FULL only if full for all); the last key tile is at most PARTIAL when
+        ``S`` is not a multiple of ``block_kv`` (its padding must be masked).
+      lo, hi: int32 ``[nq]``, the span ``[lo, hi)`` of non-empty key tiles per query tile
+        (``lo == hi`` when a query tile sees nothing). Empty tiles inside the span stay EMPTY.
+    """
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    if mask is None:
+        codes = jnp.full((nq, nk), FULL, jnp.int32)
+    else:
+        summary = jnp.asarray(mask.block_summary(T, S, block_q, block_kv))
+        nonempty = jnp.any(summary != EMPTY, axis=(0, 1))
+        full = jnp.all(summary == FULL, axis=(0, 1))
+        codes = jnp.where(nonempty, jnp.where(full, FULL, PARTIAL), EMPTY).astype(jnp.int32)
+    if S % block_kv:
+        codes = codes.at[:, -1].min(PARTIAL)
+    nonempty = codes != EMPTY
+    lo = jnp.argmax(nonempty, axis=1).astype(jnp.int32)
+    hi = (nk - jnp.argmax(nonempty[:, ::-1], axis=1)).astype(jnp.int32)
+    return codes, lo, jnp.where(nonempty.any(axis=1), hi, lo)
+
+
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "Full", "Causal", "SlidingWindow", "ChunkedCausal",
-    "Segments", "Explicit", "And", "Or", "query_positions",
+    "Segments", "Explicit", "And", "Or", "query_positions", "block_schedule",
 ]

@@ -127,3 +127,16 @@ def test_bad_mask_arguments(bad):
 def test_masks_combine_only_with_masks():
     with pytest.raises(TypeError, match="masks combine only with masks"):
         masks.Causal() & jnp.ones((3, 3), bool)
+
+
+def test_block_schedule_skips_work():
+    codes, lo, hi = masks.block_schedule(masks.Causal(), 64, 64, 16, 16)
+    np.testing.assert_array_equal(np.asarray(hi - lo), [1, 2, 3, 4])
+    assert codes[1, 0] == masks.FULL and codes[1, 1] == masks.PARTIAL and codes[0, 1] == masks.EMPTY
+    _, lo, hi = masks.block_schedule(masks.SlidingWindow(16, 0), 64, 64, 16, 16)
+    np.testing.assert_array_equal(np.asarray(lo), [0, 0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(hi - lo), [1, 2, 2, 2])
+    codes, _, _ = masks.block_schedule(None, 20, 20, 16, 16)
+    np.testing.assert_array_equal(np.asarray(codes), [[masks.FULL, masks.PARTIAL]] * 2)
+    codes, lo, hi = masks.block_schedule(masks.Explicit(jnp.zeros((8, 8), bool)), 8, 8, 4, 4)
+    np.testing.assert_array_equal(np.asarray(hi - lo), [0, 0])

@@ -223,17 +223,6 @@ def test_jit_and_vmap():
     assert_close(vm(q, k, v, seg), ref(mask=masks.Segments(seg))(q, k, v), name="vmap over segment ids")
 
 
-def test_block_summary_skips_work():
-    from attnjax.softmax.flash_xla import _schedule, _Static
-    from attnjax.softmax.scores import ScoreSpec
-    st = _Static(ScoreSpec(T=64, S=64, num_kv_heads=1, scale=1.0), block_q=16, block_kv=16)
-    codes, lo, hi = _schedule(masks.Causal(), st)
-    np.testing.assert_array_equal(np.asarray(hi - lo), [1, 2, 3, 4])
-    assert np.asarray(codes[1, 0]) == masks.FULL and np.asarray(codes[1, 1]) == masks.PARTIAL
-    codes, lo, hi = _schedule(masks.SlidingWindow(16, 0), st)
-    np.testing.assert_array_equal(np.asarray(hi - lo), [1, 2, 2, 2])
-
-
 def test_memory_is_linear_in_length():
     """Compiled temp memory of the blocked path grows ~linearly; the reference's quadratically."""
     def temp_bytes(fn, L):

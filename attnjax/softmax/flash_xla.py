@@ -25,7 +25,7 @@ from jax import lax
 
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
-from attnjax.masks import EMPTY, FULL, PARTIAL, Mask
+from attnjax.masks import Mask, block_schedule
 from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
@@ -63,26 +63,6 @@ def flash_attention_xla(
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     out, lse = _flash(q, k, v, as_bias(bias), sinks, mask, seed, static)
     return (out, lse) if return_lse else out
-
-
-def _schedule(mask: Optional[Mask], st: _Static):
-    """Per (q tile, kv tile) code, reduced over batch and heads, and each q tile's kv-tile span."""
-    T, S = st.spec.T, st.spec.S
-    nq, nk = num_tiles(T, st.block_q), num_tiles(S, st.block_kv)
-    if mask is None:
-        codes = jnp.full((nq, nk), FULL, jnp.int32)
-    else:
-        summary = jnp.asarray(mask.block_summary(T, S, st.block_q, st.block_kv))
-        nonempty = jnp.any(summary != EMPTY, axis=(0, 1))
-        full = jnp.all(summary == FULL, axis=(0, 1))
-        codes = jnp.where(nonempty, jnp.where(full, FULL, PARTIAL), EMPTY).astype(jnp.int32)
-    if S % st.block_kv:
-        codes = codes.at[:, -1].min(PARTIAL)
-    nonempty = codes != EMPTY
-    lo = jnp.argmax(nonempty, axis=1)
-    hi = nk - jnp.argmax(nonempty[:, ::-1], axis=1)
-    hi = jnp.where(nonempty.any(axis=1), hi, lo)
-    return codes, lo, hi
 
 
 def _q_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
@@ -126,7 +106,7 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
     B, T, Hq, _ = q.shape
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
     bq, bk = st.block_q, st.block_kv
-    codes, lo, hi = _schedule(mask, st)
+    codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
     Dv = v.shape[-1]
 
@@ -185,7 +165,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     B, T, Hq, D = q.shape
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
     bq, bk = st.block_q, st.block_kv
-    codes, lo, hi = _schedule(mask, st)
+    codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_lse = d_lse.astype(jnp.float32)
