@@ -32,9 +32,9 @@ def test_mechanism_by_name_or_config():
     assert_close(by_config, call(mechanism="softmax"))
 
 
-def test_pallas_not_available_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="no 'pallas' implementation"):
-        call(implementation="pallas")
+def test_missing_implementation_raises_not_implemented():
+    with pytest.raises(NotImplementedError, match="no 'recurrent' implementation"):
+        call(implementation="recurrent")
 
 
 def test_auto_falls_back_on_not_implemented():
@@ -116,7 +116,7 @@ def test_bad_input_gets_a_clear_error(case):
 
 def test_registry_lists_softmax_with_its_implementations():
     entry = {e.name: e for e in registry.entries()}["softmax"]
-    assert entry.implementations == ("reference", "xla")
+    assert entry.implementations == ("reference", "xla", "pallas")
     assert entry.family == "softmax" and "Vaswani" in entry.paper
     assert registry.list() == registry.entries()
 

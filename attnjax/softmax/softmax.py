@@ -76,7 +76,11 @@ def softmax_attention_reference(
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class Softmax:
-    """Exact softmax attention. ``block_q``/``block_kv`` set the tile sizes of the ``xla`` path."""
+    """Exact softmax attention.
+
+    ``block_q``/``block_kv`` set the tile sizes of the ``xla`` path; the Pallas kernels pick
+    their own per backend (``pallas_kernels.flash``).
+    """
 
     block_q: int = 512
     block_kv: int = 512
@@ -90,4 +94,11 @@ class Softmax:
         return {
             "reference": softmax_attention_reference,
             "xla": functools.partial(flash_attention_xla, block_q=self.block_q, block_kv=self.block_kv),
+            "pallas": _pallas,
         }
+
+
+def _pallas(q, k, v, **kwargs):
+    """The Pallas flash kernel (``pallas_kernels.flash``), imported on first use."""
+    from pallas_kernels.flash.ops import flash_attention
+    return flash_attention(q, k, v, **kwargs)

@@ -1,0 +1,534 @@
+"""FlashAttention-2 in Pallas with the GPU (Triton) lowering, forward and backward (custom_vjp).
+
+Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
+
+Shapes: q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` -> out ``[B, T, Hq, Dv]``
+(q's dtype) and optionally lse ``[B, T, Hq]`` (float32, ``-inf`` on empty rows). At its boundary
+the kernel transposes to ``[B, H, L, D]``, pads T and S to multiples of the blocks and the head
+dims to powers of two (Triton needs power-of-two tiles; D=192 runs padded to 256).
+
+Math: ``s = cap·tanh((scale·q·kᵀ + b)/cap)`` with ``b`` an array bias or ALiBi computed in-kernel
+from positions, masked where the mask forbids; ``out_i = Σ_j w_ij v_j / l_i`` with the weights of
+a ``common.WeightFunction`` (softmax: ``w = exp(s − m)`` with an online running max ``m`` and
+``l`` including the per-head sink ``exp(sink − m)``).
+
+Kernels (grid = independent programs, one per tile of work):
+  * forward: grid ``(T/bq, B, Hq)``; one program owns a query tile and loops over key tiles
+    ``[lo, hi)`` of ``masks.block_schedule`` (empty tiles skipped, full tiles skip the element
+    mask); K/V of head ``h // (Hq/Hkv)`` are read by the index map (GQA without repeating K/V).
+    It writes ``out`` and the row statistic ``lse = m + log l``.
+  * backward, two kernels as in FA2 §3.2 (no atomics): ``dK/dV`` with grid ``(S/bk, B, Hkv)``
+    loops over the query heads of its group and the query tiles that see its key tile (the
+    transposed schedule), so the GQA group sum happens in registers; ``dQ`` (and the array-bias
+    gradient) with grid ``(T/bq, B, Hq)`` loops over key tiles. Both recompute ``P`` from the
+    saved lse; ``δ_i = dO_i·O_i`` is a cheap XLA reduction. ``dS = P ⊙ (dO·Vᵀ − δ + dlse)``
+    (times the soft-cap derivative); dsinks ``= Σ_rows −exp(sink − lse)·(δ − dlse)`` in XLA.
+
+Masks evaluated in-kernel: Full, Causal, SlidingWindow, ChunkedCausal (from iotas), Segments
+(segment-id blocks are kernel inputs), Explicit (int8 mask blocks are kernel inputs) and their
+``&``/``|`` combinations; anything else raises NotImplementedError. Dropout raises
+NotImplementedError. An array bias gets its gradient (the dQ kernel writes a float32
+``[B, Hq, T, S]`` logit gradient, reduced over broadcast axes in XLA; O(T·S) memory, like the
+bias itself). ALiBi slopes are constants (no gradient, as in the xla path).
+
+Tested (CPU, interpret mode) against ``attnjax.softmax.softmax_attention_reference`` in
+``tests/test_flash_pallas.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from attnjax.masks import EMPTY, FULL
+from attnjax.tiling import num_tiles
+from pallas_kernels.flash import common
+from pallas_kernels.flash.common import FlashStatic, WeightFunction
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_KV = 64
+MAX_BLOCK = 128
+"""Larger tiles don't fit a GPU SM's registers/shared memory; bigger requests (e.g. the 512 x 512
+tiles of ``attnjax.softmax.Softmax``, tuned for the xla path) are clipped to this."""
+
+
+def compiler_params(D_pad: int, Dv_pad: int, block_q: int, block_kv: int, num_warps=None, num_stages=None):
+    """Triton ``CompilerParams``: 4 warps for small tiles/head dims, 8 for large; fewer pipeline
+    stages for wide heads (shared memory per stage grows with the head dim)."""
+    from jax.experimental.pallas import triton as plgpu
+    width = max(D_pad, Dv_pad)
+    if num_warps is None:
+        num_warps = 4 if (width <= 64 or block_q * block_kv <= 64 * 64) else 8
+    if num_stages is None:
+        num_stages = 3 if width <= 128 else 2
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _pow2_floor(block: int, name: str) -> int:
+    if not isinstance(block, int) or block <= 0:
+        raise ValueError(f"{name} must be a positive int, got {block!r}")
+    return 1 << (block.bit_length() - 1)
+
+
+def _dot(a, b, *, contract_a: int = 1, contract_b: int = 1):
+    """2-D matmul with float32 accumulation; contracting axes picked so no explicit transpose."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                           preferred_element_type=jnp.float32, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry.
+# ----------------------------------------------------------------------------------------------
+
+
+def flash_attention_gpu(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, bias=None, scale: Optional[float] = None,
+    logits_soft_cap: Optional[float] = None, sinks: Optional[jax.Array] = None, dropout_rate: float = 0.0,
+    rng: Optional[jax.Array] = None, return_lse: bool = False, block_q: int = DEFAULT_BLOCK_Q,
+    block_kv: int = DEFAULT_BLOCK_KV, interpret: bool = False, weight_fn: WeightFunction = common.SOFTMAX,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+):
+    """Flash attention with the Pallas Triton lowering (``interpret=True`` runs it on CPU).
+
+    Args: as ``attnjax.softmax.softmax_attention_reference``; ``block_q``/``block_kv`` are powers
+    of two (others are rounded down to one), clipped to ``MAX_BLOCK`` and for short sequences (min 16); ``weight_fn`` is the score-to-weight function
+    (``common.SOFTMAX`` by default; ``common.SigmoidWeight`` gives sigmoid attention).
+    Returns ``out`` or ``(out, lse)``.
+    Raises NotImplementedError for dropout, unsupported mask kinds or bias types, head dims > 256.
+    """
+    common.validate(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                    dropout_rate=dropout_rate, rng=rng, weight_fn=weight_fn, return_lse=return_lse)
+    B, T, Hq, D = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bq = common.pick_block(_pow2_floor(min(block_q, MAX_BLOCK), "block_q"), T)
+    bk = common.pick_block(_pow2_floor(min(block_kv, MAX_BLOCK), "block_kv"), S)
+    T_pad, S_pad = num_tiles(T, bq) * bq, num_tiles(S, bk) * bk
+    D_pad, Dv_pad = max(16, common.next_power_of_2(D)), max(16, common.next_power_of_2(Dv))
+    plan, mask_data = common.plan_mask(mask, T, S, T_pad, S_pad)
+    bias_kind, bias_obj = common.classify_bias(bias)
+    bias_arr = None
+    if bias_kind == "alibi":
+        bias_arr = jnp.asarray(lax.stop_gradient(bias_obj.slopes), jnp.float32)
+    elif bias_kind == "array":
+        a = jnp.asarray(bias_obj.array)
+        a = a.reshape((1,) * (4 - a.ndim) + a.shape).astype(jnp.float32)
+        a = jnp.broadcast_to(a, a.shape[:2] + (T, S))
+        bias_arr = jnp.pad(a, ((0, 0), (0, 0), (0, T_pad - T), (0, S_pad - S)))
+    st = FlashStatic(
+        T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D_pad,
+        Dv_pad=Dv_pad, block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap), weight_fn=weight_fn,
+        mask_plan=plan, bias_kind=bias_kind,
+        bias_bcast=() if bias_kind != "array" else (bias_arr.shape[0] == 1, bias_arr.shape[1] == 1),
+        has_sinks=sinks is not None, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
+    sched = common.schedule(mask, T, S, bq, bk)
+    qt = jnp.pad(q, ((0, 0), (0, T_pad - T), (0, 0), (0, D_pad - D))).transpose(0, 2, 1, 3)
+    kt = jnp.pad(k, ((0, 0), (0, S_pad - S), (0, 0), (0, D_pad - D))).transpose(0, 2, 1, 3)
+    vt = jnp.pad(v, ((0, 0), (0, S_pad - S), (0, 0), (0, Dv_pad - Dv))).transpose(0, 2, 1, 3)
+    sinks_arr = None if sinks is None else jnp.asarray(sinks, jnp.float32)
+    out, lse = _flash(qt, kt, vt, sinks_arr, bias_arr, mask_data, sched, st)
+    out = out[:, :, :T, :Dv].transpose(0, 2, 1, 3)
+    if return_lse:
+        return out, lse[:, :, :T].transpose(0, 2, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Block specs and in-kernel loading of the optional inputs.
+# ----------------------------------------------------------------------------------------------
+
+
+def _full_spec(x):
+    """The whole (small) array in every program: schedules, sinks, slopes."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+@dataclasses.dataclass
+class _Extras:
+    """Optional kernel inputs in a fixed order, with their specs for a given kernel kind."""
+
+    arrays: list
+    specs: list
+
+
+def _extras(st: FlashStatic, sinks, bias, mask_data, kind: str) -> _Extras:
+    """Specs for sinks, bias (slopes or array), and mask data.
+
+    kind "q": grid (i, b, h) with a query tile and all keys (forward, dQ);
+    kind "kv": grid (j, b, hk) with all queries of the group and one key tile (dK/dV).
+    """
+    arrays, specs = [], []
+    G, bq, bk, T_pad, S_pad = st.group, st.block_q, st.block_kv, st.T_pad, st.S_pad
+    if sinks is not None:
+        arrays.append(sinks)
+        specs.append(_full_spec(sinks))
+    if st.bias_kind == "alibi":
+        arrays.append(bias)
+        specs.append(_full_spec(bias))
+    elif st.bias_kind == "array":
+        arrays.append(bias)
+        specs.append(_bh_tile_spec(bias.shape, kind, G, bq, bk, T_pad, S_pad))
+    for d in mask_data:
+        if isinstance(d, common.SegmentData):
+            one = d.q.shape[0] == 1
+            if kind == "q":
+                specs.append(pl.BlockSpec((None, bq), lambda i, b, h, one=one: (0 if one else b, i)))
+                specs.append(pl.BlockSpec((None, S_pad), lambda i, b, h, one=one: (0 if one else b, 0)))
+            else:
+                specs.append(pl.BlockSpec((None, T_pad), lambda j, b, h, one=one: (0 if one else b, 0)))
+                specs.append(pl.BlockSpec((None, bk), lambda j, b, h, one=one: (0 if one else b, j)))
+            arrays += [d.q, d.kv]
+        else:
+            arrays.append(d.mask)
+            specs.append(_bh_tile_spec(d.mask.shape, kind, G, bq, bk, T_pad, S_pad))
+    return _Extras(arrays, specs)
+
+
+def _bh_tile_spec(shape, kind, G, bq, bk, T_pad, S_pad):
+    """Spec for a ``[Bx, Hx, T_pad, S_pad]`` array with ``Bx ∈ {1, B}``, ``Hx ∈ {1, Hq}``."""
+    b1, h1 = shape[0] == 1, shape[1] == 1
+    if kind == "q":
+        return pl.BlockSpec((None, None, bq, S_pad),
+                            lambda i, b, h: (0 if b1 else b, 0 if h1 else h, i, 0))
+    # kv kind: all query heads of the group (block of G heads) or the single broadcast head.
+    return pl.BlockSpec((None, None if h1 else G, T_pad, bk),
+                        lambda j, b, hk: (0 if b1 else b, 0 if h1 else hk, 0, j))
+
+
+class _Loader:
+    """In-kernel access to the optional inputs of one program.
+
+    ``h``: the query head (traced); for kind "kv", ``g`` picks the head inside the group block.
+    """
+
+    def __init__(self, st: FlashStatic, refs, kind: str):
+        self.st, self.kind = st, kind
+        refs = list(refs)
+        self.sinks = refs.pop(0) if st.has_sinks else None
+        self.bias = refs.pop(0) if st.bias_kind is not None else None
+        self.mask = {}
+        if st.mask_plan is not None:
+            for data_kind, slot in st.mask_plan.data_kinds():
+                if data_kind == "segments":
+                    self.mask[slot] = (refs.pop(0), refs.pop(0))
+                else:
+                    self.mask[slot] = refs.pop(0)
+        assert not refs
+
+    def _bh_tile(self, ref, i, j, g):
+        """Tile (i, j) of a [.., T_pad, S_pad] bias/mask ref in this program's block."""
+        bq, bk = self.st.block_q, self.st.block_kv
+        if self.kind == "q":
+            return ref[:, pl.ds(j * bk, bk)]
+        rows = pl.ds(i * bq, bq)
+        if len(ref.shape) == 3:
+            return ref[g, rows, :]
+        return ref[rows, :]
+
+    def bias_tile(self, h, i, j, g, rows, cols):
+        if self.st.bias_kind == "alibi":
+            return common.alibi_tile(self.bias[h], rows, cols, self.st.T, self.st.S)
+        return self._bh_tile(self.bias, i, j, g)
+
+    def mask_loader(self, i, j, g):
+        bq, bk = self.st.block_q, self.st.block_kv
+
+        def load(data_kind, slot):
+            if data_kind == "segments":
+                q_ref, kv_ref = self.mask[slot]
+                if self.kind == "q":
+                    qs, ks = q_ref[...], kv_ref[pl.ds(j * bk, bk)]
+                else:
+                    qs, ks = q_ref[pl.ds(i * bq, bq)], kv_ref[...]
+                return qs[:, None], ks[None, :]
+            return self._bh_tile(self.mask[slot], i, j, g)
+
+        return load
+
+
+def _scores(st: FlashStatic, q, k, loader: _Loader, h, i, j, g):
+    """Capped logits ``[bq, bk]`` float32 (before masking) and the tile's iotas."""
+    s = _dot(q, k) * st.scale
+    rows, cols = common.tile_iotas(i, j, st.block_q, st.block_kv)
+    if st.bias_kind is not None:
+        s = s + loader.bias_tile(h, i, j, g, rows, cols)
+    return common.apply_soft_cap(s, st.logits_soft_cap), rows, cols
+
+
+def _allowed(st: FlashStatic, loader: _Loader, i, j, g, rows, cols):
+    ok = cols < st.S
+    if st.mask_plan is not None:
+        ok = ok & common.eval_mask(st.mask_plan, rows, cols, st.T, st.S, loader.mask_loader(i, j, g))
+    return ok
+
+
+def _switch(code, carry, partial_fn, full_fn):
+    """EMPTY: carry unchanged; PARTIAL: with the element mask; FULL: without."""
+    return lax.cond(code == EMPTY, lambda c: c,
+                    lambda c: lax.cond(code == FULL, full_fn, partial_fn, c), carry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: FlashStatic):
+    *extra_refs, o_ref, lse_ref = rest
+    fn = st.weight_fn
+    i, h = pl.program_id(0), pl.program_id(2)
+    loader = _Loader(st, extra_refs, "q")
+    bq, bk = st.block_q, st.block_kv
+    q = q_ref[...]
+    if st.has_sinks:
+        sink = loader.sinks[h]
+        m0 = jnp.full((bq,), sink, jnp.float32) if fn.running_max else jnp.zeros((bq,), jnp.float32)
+        l0 = fn.weight(m0, m0 if fn.running_max else jnp.zeros_like(m0))
+    else:
+        m0 = jnp.full((bq,), -jnp.inf if fn.running_max else 0.0, jnp.float32)
+        l0 = jnp.zeros((bq,), jnp.float32)
+    acc0 = jnp.zeros((bq, st.Dv_pad), jnp.float32)
+
+    def visit(j, carry, apply_mask):
+        m, l, acc = carry
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
+        if apply_mask:
+            ok = _allowed(st, loader, i, j, None, rows, cols)
+            s = jnp.where(ok, s, -jnp.inf)
+        if fn.running_max:
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = fn.rescale(m, m_safe)
+            w = fn.weight(s, m_safe[:, None])
+        else:
+            m_new, alpha = m, None
+            w = fn.weight(s, jnp.zeros((bq, 1), jnp.float32))
+        if apply_mask:
+            w = jnp.where(ok, w, 0.0)
+        pv = _dot(w.astype(v.dtype), v, contract_a=1, contract_b=0)
+        if alpha is None:
+            return m_new, l + jnp.sum(w, axis=1), acc + pv
+        return m_new, alpha * l + jnp.sum(w, axis=1), alpha[:, None] * acc + pv
+
+    def body(j, carry):
+        return _switch(codes_ref[i, j], carry, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
+
+    m, l, acc = lax.fori_loop(lo_ref[i], hi_ref[i], body, (m0, l0, acc0))
+    if fn.normalized:
+        nonempty = l > 0
+        safe_l = jnp.where(nonempty, l, 1.0)
+        out = jnp.where(nonempty[:, None], acc / safe_l[:, None], 0.0)
+        log_l = jnp.log(safe_l)
+        lse = jnp.where(nonempty, m + log_l if fn.running_max else log_l, -jnp.inf)
+    else:
+        out, lse = acc, jnp.zeros((bq,), jnp.float32)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
+    B, Hq = qt.shape[0], qt.shape[1]
+    G, bq = st.group, st.block_q
+    ex = _extras(st, sinks, bias, mask_data, "q")
+    in_specs = [
+        pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        _full_spec(sched.lo), _full_spec(sched.hi), _full_spec(sched.codes),
+    ] + ex.specs
+    out_shape = [jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv_pad), qt.dtype),
+                 jax.ShapeDtypeStruct((B, Hq, st.T_pad), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, interpret=st.interpret, name="attnjax_flash_fwd",
+        compiler_params=compiler_params(st.D_pad, st.Dv_pad, bq, st.block_kv, st.num_warps, st.num_stages),
+    )(qt, kt, vt, sched.lo, sched.hi, sched.codes, *ex.arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels.
+# ----------------------------------------------------------------------------------------------
+
+
+def _recompute(st: FlashStatic, s, mb, nb, dterm, dp, ok):
+    """``P`` and ``dS`` (w.r.t. the raw, pre-cap logits) of one tile from the saved statistic."""
+    fn = st.weight_fn
+    w = fn.weight(s, mb[:, None])
+    scale_n = jnp.exp(-nb)[:, None]
+    p = w * scale_n
+    dpds = fn.dweight(s, w) * scale_n
+    if ok is not None:
+        p = jnp.where(ok, p, 0.0)
+        dpds = jnp.where(ok, dpds, 0.0)
+    ds = dpds * (dp - dterm[:, None]) if fn.normalized else dpds * dp
+    if st.logits_soft_cap is not None:
+        ds = ds * common.soft_cap_grad(s, st.logits_soft_cap)
+    return p, ds
+
+
+def _dkdv_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, qlo_ref, qhi_ref, codes_ref, *rest,
+                 st: FlashStatic):
+    *extra_refs, dk_ref, dv_ref = rest
+    j, hk = pl.program_id(0), pl.program_id(2)
+    G, bq = st.group, st.block_q
+    loader = _Loader(st, extra_refs, "kv")
+    k, v = k_ref[...], v_ref[...]
+
+    def visit(g, i, carry, apply_mask):
+        dk, dv = carry
+        rows_ = pl.ds(i * bq, bq)
+        q, do = q_ref[g, rows_, :], do_ref[g, rows_, :]
+        s, rows, cols = _scores(st, q, k, loader, hk * G + g, i, j, g)
+        ok = _allowed(st, loader, i, j, g, rows, cols) if apply_mask else None
+        dp = _dot(do, v)
+        p, ds = _recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], dp, ok)
+        dv = dv + _dot(p.astype(do.dtype), do, contract_a=0, contract_b=0)
+        dk = dk + _dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
+        return dk, dv
+
+    def head(g, carry):
+        def body(i, c):
+            return _switch(codes_ref[i, j], c, lambda c_: visit(g, i, c_, True), lambda c_: visit(g, i, c_, False))
+        return lax.fori_loop(qlo_ref[j], qhi_ref[j], body, carry)
+
+    init = (jnp.zeros((st.block_kv, st.D_pad), jnp.float32), jnp.zeros((st.block_kv, st.Dv_pad), jnp.float32))
+    dk, dv = lax.fori_loop(0, G, head, init)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest,
+               st: FlashStatic):
+    bias_grad = st.bias_kind == "array"
+    if bias_grad:
+        *extra_refs, dq_ref, dbias_ref = rest
+    else:
+        *extra_refs, dq_ref = rest
+    i, h = pl.program_id(0), pl.program_id(2)
+    bk = st.block_kv
+    loader = _Loader(st, extra_refs, "q")
+    q, do = q_ref[...], do_ref[...]
+    mb, nb, dterm = mb_ref[...], nb_ref[...], dterm_ref[...]
+
+    if bias_grad:  # tiles the loop doesn't visit have zero logit gradient
+        def zero(j, c):
+            dbias_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((st.block_q, bk), jnp.float32)
+            return c
+        lax.fori_loop(0, st.num_kv_tiles, zero, 0)
+
+    def visit(j, dq, apply_mask):
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
+        ok = _allowed(st, loader, i, j, None, rows, cols) if apply_mask else None
+        dp = _dot(do, v)
+        _, ds = _recompute(st, s, mb, nb, dterm, dp, ok)
+        if bias_grad:
+            dbias_ref[:, pl.ds(j * bk, bk)] = ds
+        return dq + _dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
+
+    def body(j, dq):
+        return _switch(codes_ref[i, j], dq, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
+
+    dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros((st.block_q, st.D_pad), jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _backward(st: FlashStatic, residuals, cotangents):
+    qt, kt, vt, sinks, bias, mask_data, sched, out, lse = residuals
+    d_out, d_lse = cotangents
+    fn = st.weight_fn
+    B, Hq = qt.shape[:2]
+    Hkv, G, bq, bk = st.num_kv_heads, st.group, st.block_q, st.block_kv
+    d_out = d_out.astype(qt.dtype)
+    if fn.normalized:
+        delta = jnp.einsum("bhtd,bhtd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+        dterm = delta - d_lse.astype(jnp.float32)
+    else:
+        dterm = jnp.zeros(lse.shape, jnp.float32)
+    # Padded query rows: their dO is 0; a +inf offset also makes their recomputed P exactly 0.
+    row_valid = jnp.arange(st.T_pad) < st.T
+    stat = common.backward_stat(fn, lse)
+    mb, nb = common.backward_offsets(fn, stat)
+    if fn.running_max:
+        mb = jnp.where(row_valid, mb, jnp.inf)
+    cparams = compiler_params(st.D_pad, st.Dv_pad, bq, bk, st.num_warps, st.num_stages)
+
+    # dK, dV: grid over key tiles and kv heads; the group's query heads come as one block.
+    ex = _extras(st, sinks, bias, mask_data, "kv")
+    row_spec = pl.BlockSpec((None, G, st.T_pad), lambda j, b, hk: (b, hk, 0))
+    in_specs = [
+        pl.BlockSpec((None, G, st.T_pad, st.D_pad), lambda j, b, hk: (b, hk, 0, 0)),
+        pl.BlockSpec((None, G, st.T_pad, st.Dv_pad), lambda j, b, hk: (b, hk, 0, 0)),
+        row_spec, row_spec, row_spec,
+        pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0)),
+        _full_spec(sched.q_lo), _full_spec(sched.q_hi), _full_spec(sched.codes),
+    ] + ex.specs
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, Hkv), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
+                   pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
+        interpret=st.interpret, name="attnjax_flash_dkdv", compiler_params=cparams,
+    )(qt, d_out, mb, nb, dterm, kt, vt, sched.q_lo, sched.q_hi, sched.codes, *ex.arrays)
+
+    # dQ (and the array bias's logit gradient): grid over query tiles and query heads.
+    ex = _extras(st, sinks, bias, mask_data, "q")
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    in_specs = [
+        pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
+        row_spec, row_spec, row_spec,
+        pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        _full_spec(sched.lo), _full_spec(sched.hi), _full_spec(sched.codes),
+    ] + ex.specs
+    out_specs = [pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct(qt.shape, qt.dtype)]
+    if st.bias_kind == "array":
+        out_specs.append(pl.BlockSpec((None, None, bq, st.S_pad), lambda i, b, h: (b, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.S_pad), jnp.float32))
+    res = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, interpret=st.interpret, name="attnjax_flash_dq",
+        compiler_params=cparams,
+    )(qt, d_out, mb, nb, dterm, kt, vt, sched.lo, sched.hi, sched.codes, *ex.arrays)
+    dq = res[0]
+
+    d_bias = None
+    if st.bias_kind == "array":
+        b1, h1 = st.bias_bcast
+        d_bias = res[1].sum(axis=tuple(a for a, one in ((0, b1), (1, h1)) if one), keepdims=True)
+    d_sinks = None
+    if st.has_sinks:  # softmax only (validated): P_sink = exp(sink − lse), dsink = Σ −P_sink·(δ − dlse)
+        p_sink = jnp.exp(sinks[None, :, None] - jnp.where(jnp.isfinite(lse), lse, jnp.inf))
+        d_sinks = jnp.sum(-p_sink * jnp.where(row_valid, dterm, 0.0), axis=(0, 2))
+    return dq, dk, dv, d_sinks, d_bias, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(qt, kt, vt, sinks, bias, mask_data, sched, st):
+    return _forward(qt, kt, vt, sinks, bias, mask_data, sched, st)
+
+
+def _flash_fwd(qt, kt, vt, sinks, bias, mask_data, sched, st):
+    out, lse = _forward(qt, kt, vt, sinks, bias, mask_data, sched, st)
+    return (out, lse), (qt, kt, vt, sinks, bias, mask_data, sched, out, lse)
+
+
+_flash.defvjp(_flash_fwd, _backward)
+
+
+__all__ = ["flash_attention_gpu", "compiler_params", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]
