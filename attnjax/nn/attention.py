@@ -18,6 +18,7 @@ from flax.typing import Dtype
 
 from attnjax import masks, registry
 from attnjax.api import attention
+from attnjax.nn.checks import check_implementation, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.positional import RoPE
 
 
@@ -80,28 +81,17 @@ class MultiHeadAttention(nnx.Module):
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         context_dim = d_model if context_dim is None else context_dim
-        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                            ("context_dim", context_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        head_dim = resolve_head_dim(d_model, num_heads, head_dim)
+        check_positive(num_kv_heads=num_kv_heads, context_dim=context_dim)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads}) "
-                                 "unless head_dim is given")
-            head_dim = d_model // num_heads
-        if not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         if rope is not None:
             if not isinstance(rope, RoPE):
                 raise TypeError(f"rope must be an attnjax.positional.RoPE or None, got {type(rope).__name__}")
             rope.frequencies(head_dim)  # raises ValueError if rotary_dim doesn't fit head_dim
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-        if implementation not in registry.IMPLEMENTATIONS + ("auto",):
-            raise ValueError(f"implementation must be one of {registry.IMPLEMENTATIONS + ('auto',)}, "
-                             f"got {implementation!r}")
+        check_implementation(implementation)
 
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.context_dim = head_dim, context_dim
@@ -138,10 +128,10 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           ``[B, T, d_model]``.
         """
-        _check_input("x", x, self.d_model)
+        check_input("x", x, self.d_model)
         cross = context is not None
         if cross:
-            _check_input("context", context, self.context_dim)
+            check_input("context", context, self.context_dim)
             if positions is not None:
                 raise ValueError("positions are for RoPE, which cross-attention (context given) does not apply")
         else:
@@ -181,10 +171,7 @@ class MultiHeadAttention(nnx.Module):
           ``(y_t [B, 1, d_model], cache)`` with the token's key and value written at ``cache.length``.
         """
         self._check_decodable()
-        _check_input("x_t", x_t, self.d_model)
-        if x_t.shape[1] != 1 or x_t.shape[0] != cache.k.shape[0]:
-            raise ValueError(f"x_t must have shape [B, 1, d_model] = {[cache.k.shape[0], 1, self.d_model]} "
-                             f"for this cache, got {list(x_t.shape)}")
+        check_step("x_t", x_t, self.d_model, cache.k.shape[0])
         dtype = cache.k.dtype
         q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
         if self.rope is not None:
@@ -207,7 +194,3 @@ class MultiHeadAttention(nnx.Module):
             raise NotImplementedError(
                 f"KV-cache decoding is implemented for mechanism 'softmax' only, not {self.mechanism.name!r}")
 
-
-def _check_input(name: str, x: jax.Array, features: int) -> None:
-    if x.ndim != 3 or x.shape[-1] != features:
-        raise ValueError(f"{name} must have shape [batch, seq, {features}], got {list(x.shape)}")

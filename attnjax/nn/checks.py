@@ -1,0 +1,48 @@
+"""Argument checks shared by the NNX modules, with messages that name the argument."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from attnjax import registry
+
+
+def check_positive(**values: object) -> None:
+    """``ValueError`` unless every value is a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def resolve_head_dim(d_model: int, num_heads: int, head_dim: Optional[int]) -> int:
+    """``head_dim`` if given, else ``d_model // num_heads`` (which must divide evenly)."""
+    check_positive(d_model=d_model, num_heads=num_heads)
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of num_heads ({num_heads}) "
+                             "unless head_dim is given")
+        head_dim = d_model // num_heads
+    check_positive(head_dim=head_dim)
+    return head_dim
+
+
+def check_implementation(implementation: str) -> None:
+    """``ValueError`` unless ``implementation`` is a known implementation name or "auto"."""
+    allowed = registry.IMPLEMENTATIONS + ("auto",)
+    if implementation not in allowed:
+        raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}")
+
+
+def check_input(name: str, x: jax.Array, features: int) -> None:
+    """``ValueError`` unless ``x`` is ``[batch, seq, features]``."""
+    if x.ndim != 3 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have shape [batch, seq, {features}], got {list(x.shape)}")
+
+
+def check_step(name: str, x_t: jax.Array, features: int, batch: int) -> None:
+    """``ValueError`` unless ``x_t`` is one decoding step ``[batch, 1, features]``."""
+    if x_t.ndim != 3 or x_t.shape != (batch, 1, features):
+        raise ValueError(f"{name} must have shape [B, 1, d_model] = {[batch, 1, features]} for this cache, "
+                         f"got {list(x_t.shape)}")
