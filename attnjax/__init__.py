@@ -4,9 +4,10 @@
     out = aj.attention(q, k, v, mechanism="softmax", mask=aj.masks.Causal())
 """
 
-from attnjax import masks, nn, positional, registry, softmax
+from attnjax import softmax  # noqa: I001 - registers first: the baseline heads every table
+from attnjax import linear, masks, nn, positional, registry
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
-__all__ = ["attention", "masks", "nn", "positional", "registry", "softmax", "Bias", "ArrayBias"]
+__all__ = ["attention", "linear", "masks", "nn", "positional", "registry", "softmax", "Bias", "ArrayBias"]
 __version__ = "0.1.0"

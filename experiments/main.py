@@ -44,8 +44,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=5.0, help="stop repeating a measurement after this")
     p.add_argument("--check-len", type=int, default=640, help="sequence length of the correctness checks")
+    p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
+                   help="comma-separated registry names (default: every registered mechanism)")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     return p.parse_args(argv)
+
+
+def selected_entries(names: Optional[Sequence[str]]) -> list[registry.Entry]:
+    """Registry entries by name, in registry order (all of them when ``names`` is None)."""
+    entries = registry.entries()
+    if names is None:
+        return entries
+    unknown = set(names) - {e.name for e in entries}
+    if unknown:
+        raise SystemExit(f"unknown mechanisms {sorted(unknown)}; registered: {[e.name for e in entries]}")
+    return [e for e in entries if e.name in names]
 
 
 def mask_for(entry: registry.Entry) -> Optional[masks.Mask]:
@@ -204,7 +217,7 @@ def failures(checks: dict) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run checks and timings for every registered mechanism; write JSON and plot; return results."""
     args = parse_args(argv)
-    entries = registry.entries()
+    entries = selected_entries(args.mechanisms)
     checks = run_checks(entries, args)
     timings = run_timings(entries, args)
     print(summary_table(checks, timings))

@@ -1,5 +1,21 @@
-"""Flax NNX modules over the functional core; usable from Linen through ``flax.nnx.bridge``."""
+"""Flax NNX modules over the functional core; usable from Linen through ``flax.nnx.bridge``.
 
+``LAYERS`` maps names to token mixers (``[B, T, d] -> [B, T, d]`` with ``init_cache``/``decode``)
+and ``BLOCKS`` to residual blocks, so experiments can pick layers by name. Softmax-family
+mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
+"""
+
+from attnjax.nn import based, transnormer
 from attnjax.nn.attention import KVCache, MultiHeadAttention
+from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
+from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttention, TransNormerBlock, srms_norm,
+                                    transnormer_decay)
 
-__all__ = ["MultiHeadAttention", "KVCache"]
+LAYERS = {**transnormer.LAYERS, **based.LAYERS}
+BLOCKS = {**transnormer.BLOCKS, **based.BLOCKS}
+
+__all__ = [
+    "MultiHeadAttention", "KVCache", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE", "SGLU",
+    "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
+    "BasedCache", "LAYERS", "BLOCKS",
+]
