@@ -7,7 +7,7 @@ from typing import Optional, Union
 import jax
 
 from attnjax import registry
-from attnjax.checks import check_options, check_qkv
+from attnjax.checks import check_implementation, check_options, check_qkv
 from attnjax.masks import Mask
 
 AUTO_ORDER = ("pallas", "xla", "reference")
@@ -48,9 +48,7 @@ def attention(
       ValueError/TypeError for bad input; NotImplementedError when the requested
       implementation can't serve the request.
     """
-    if implementation not in registry.IMPLEMENTATIONS + ("auto",):
-        raise ValueError(f"unknown implementation {implementation!r}; expected one of "
-                         f"{registry.IMPLEMENTATIONS + ('auto',)}")
+    check_implementation(implementation)
     config = registry.resolve(mechanism)
     check_qkv(q, k, v)
     check_options(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,

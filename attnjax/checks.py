@@ -8,6 +8,14 @@ import jax
 import jax.numpy as jnp
 
 
+def check_implementation(implementation: str) -> None:
+    """``ValueError`` unless ``implementation`` is a known implementation name or "auto"."""
+    from attnjax.registry import IMPLEMENTATIONS
+    allowed = IMPLEMENTATIONS + ("auto",)
+    if implementation not in allowed:
+        raise ValueError(f"unknown implementation {implementation!r}; expected one of {allowed}")
+
+
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """Check the ``[B, T, H, D]`` layout contract shared by every mechanism.
 

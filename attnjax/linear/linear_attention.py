@@ -33,14 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.checks import check_qkv
+from attnjax.checks import check_implementation, check_qkv
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
 from attnjax.positional import alibi_slopes
 
 NORMALIZER_EPS = 1e-6
 """Added to the normalizer ``σ φ(q)·z`` when ``normalize=True``."""
-
-LINEAR_IMPLEMENTATIONS = ("reference", "recurrent", "xla", "pallas", "auto")
 
 
 class _Inputs(NamedTuple):
@@ -86,8 +84,7 @@ def linear_attention(
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, or ``(out, final_state)``.
     """
-    if implementation not in LINEAR_IMPLEMENTATIONS:
-        raise ValueError(f"unknown implementation {implementation!r}; expected one of {LINEAR_IMPLEMENTATIONS}")
+    check_implementation(implementation)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     x = _prepare(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay, scale=scale,

@@ -18,7 +18,8 @@ from flax.typing import Dtype
 
 from attnjax import masks, registry
 from attnjax.api import attention
-from attnjax.nn.checks import check_implementation, check_input, check_positive, check_step, resolve_head_dim
+from attnjax.checks import check_implementation
+from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.positional import RoPE
 
 

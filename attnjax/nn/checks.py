@@ -6,7 +6,6 @@ from typing import Optional
 
 import jax
 
-from attnjax import registry
 
 
 def check_positive(**values: object) -> None:
@@ -26,13 +25,6 @@ def resolve_head_dim(d_model: int, num_heads: int, head_dim: Optional[int]) -> i
         head_dim = d_model // num_heads
     check_positive(head_dim=head_dim)
     return head_dim
-
-
-def check_implementation(implementation: str) -> None:
-    """``ValueError`` unless ``implementation`` is a known implementation name or "auto"."""
-    allowed = registry.IMPLEMENTATIONS + ("auto",)
-    if implementation not in allowed:
-        raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}")
 
 
 def check_input(name: str, x: jax.Array, features: int) -> None:
