@@ -122,8 +122,9 @@ def test_registry_lists_softmax_with_its_implementations():
 
 
 def test_output_finite_for_every_registered_mechanism():
+    """Every XLA path of every mechanism (Pallas paths have their own interpret-mode tests)."""
     for entry in registry.entries():
-        for name in entry.implementations:
+        for name in set(entry.implementations) - {"pallas"}:
             out = call(mechanism=entry.name, implementation=name, mask=masks.Causal())
             assert np.all(np.isfinite(np.asarray(out))), (entry.name, name)
 

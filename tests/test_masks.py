@@ -70,14 +70,14 @@ def check_summary(m, T, S, bq, bk, exact):
             assert code == truth or code == masks.PARTIAL, (m, i, j, code, truth)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_structural_summaries_are_exact(data, T, S, bq, bk):
     m = data.draw(structural_masks())
     check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_any_summary_is_sound(data, T, S, bq, bk):
     check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)
