@@ -41,6 +41,10 @@ MODES = common.MODES
 TARGET_SLOPE = 1.1
 ACCELERATORS = ("gpu", "tpu")
 
+SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_seconds": 1.0,
+         "slope_min_len": 256}
+"""``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
@@ -65,7 +69,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also fit the slope over T >= this, where fixed overheads matter less")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     p.add_argument("--name", default=f"bench_linear_{jax.default_backend()}", help="output file stem")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) and a _smoke file stem: checks it runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE, name=f"{args.name}_smoke")
+        args = p.parse_args(argv)
     if args.with_pallas is None:
         args.with_pallas = jax.default_backend() in ACCELERATORS
     return args

@@ -34,6 +34,9 @@ MODES = common.MODES
 MEMORY_TARGET_LEN, MEMORY_TARGET_GIB = 32768, 1.0
 TIME_TARGET_LEN, TIME_TARGET_RATIO = 4096, 1.5
 
+SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_seconds": 1.0}
+"""``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
@@ -55,7 +58,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time a path only if its estimated peak memory is below this")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     p.add_argument("--name", default=f"bench_softmax_{jax.default_backend()}", help="output file stem")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) and a _smoke file stem: checks it runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE, name=f"{args.name}_smoke")
+        args = p.parse_args(argv)
+    return args
 
 
 def path_fns(block_q: int, block_kv: int) -> dict[str, Callable]:

@@ -12,6 +12,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from attnjax import registry
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 2 ** 30
@@ -50,6 +53,17 @@ class Timing:
 
     median_s: float
     repeats: int
+
+
+def selected_entries(names: Optional[Sequence[str]]) -> list[registry.Entry]:
+    """``attnjax.registry`` entries by name, in registry order (all of them when ``names`` is None)."""
+    entries = registry.entries()
+    if names is None:
+        return entries
+    unknown = set(names) - {e.name for e in entries}
+    if unknown:
+        raise SystemExit(f"unknown mechanisms {sorted(unknown)}; registered: {[e.name for e in entries]}")
+    return [e for e in entries if e.name in names]
 
 
 def compile_fn(fn: Callable, *args) -> jax.stages.Compiled:
@@ -96,10 +110,28 @@ def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
 
 
 def random_qkv(key: jax.Array, batch: int, seq_len: int, heads: int, head_dim: int,
-               dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Standard-normal q, k, v of shape ``[batch, seq_len, heads, head_dim]``."""
-    shape = (batch, seq_len, heads, head_dim)
-    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in jax.random.split(key, 3))
+               dtype=jnp.float32, *, kv_len: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Standard-normal q ``[batch, seq_len, heads, head_dim]`` and k, v ``[batch, kv_len, heads, head_dim]``.
+
+    ``kv_len`` defaults to ``seq_len`` (self-attention); another value gives cross-attention inputs.
+    """
+    kv_len = seq_len if kv_len is None else kv_len
+    shapes = [(batch, n, heads, head_dim) for n in (seq_len, kv_len, kv_len)]
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype)
+                 for k, shape in zip(jax.random.split(key, 3), shapes))
+
+
+def host_random_qkv(seed: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype=jnp.float32, *,
+                    kv_len: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Like ``random_qkv``, but drawn on the host with numpy from an integer ``seed``.
+
+    ``jax.random`` compiles a kernel for every new shape; harnesses that visit many shapes (CAB,
+    the main job) save those compilations this way.
+    """
+    kv_len = seq_len if kv_len is None else kv_len
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((batch, n, heads, head_dim), np.float32).astype(jnp.dtype(dtype)))
+                 for n in (seq_len, kv_len, kv_len))
 
 
 def grad_fn(fn: Callable) -> Callable:
@@ -119,6 +151,64 @@ def mode_fn(fn: Callable, mode: str) -> Callable:
 def mode_inputs(q: jax.Array, k: jax.Array, v: jax.Array, mode: str) -> tuple:
     """Arguments of ``mode_fn``: ``(q, k, v)``, plus a float32 cotangent ``w`` of ones for ``"fwd_bwd"``."""
     return (q, k, v) if mode == "fwd" else (q, k, v, jnp.ones(q.shape, jnp.float32))
+
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+"""Pass bound on ``relative_error`` (max|actual - reference| / max|reference|) per input dtype."""
+
+
+def relative_error(actual, expected) -> float:
+    """``max|actual - expected| / max|expected|`` as a float (non-finite ``actual`` gives ``inf``)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    return float(np.max(np.abs(actual - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+
+
+FWD_BWD_FLOP_FACTOR = 3.5
+"""Forward+backward FLOPs over forward FLOPs, FlashAttention-2's benchmark convention: the backward
+is 2.5x the forward (5 matmuls against 2: the recomputed ``QK^T``, ``dV``, ``dP``, ``dQ``, ``dK``)."""
+
+
+def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, *, causal: bool,
+                    mode: str = "fwd", head_dim_v: Optional[int] = None) -> float:
+    """Useful FLOPs of dense softmax attention (Dao 2023, FlashAttention-2, section 4.1).
+
+    Forward: ``2·B·H·T·S·D`` for ``QK^T`` plus ``2·B·H·T·S·Dv`` for ``PV``, i.e. ``4·B·H·T·S·D`` when
+    ``Dv = D``; halved for a causal mask (the work above the diagonal is not useful). ``"fwd_bwd"``
+    multiplies by ``FWD_BWD_FLOP_FACTOR``. For a subquadratic mechanism this is its *dense-equivalent*
+    work, so its achieved rate can exceed the hardware's.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    flops = 2.0 * batch * heads * q_len * kv_len * (head_dim + head_dim_v)
+    flops = flops / 2 if causal else flops
+    return flops * FWD_BWD_FLOP_FACTOR if mode == "fwd_bwd" else flops
+
+
+def matmul_for_flops(flops: float, dtype=jnp.float32) -> tuple[Callable, tuple, float]:
+    """A square ``jnp.matmul`` with about ``flops`` FLOPs: ``(fn, (a, b), exact FLOPs = 2·n³)``.
+
+    The reference rate: a plain matmul of the same work on the same device.
+    """
+    n = max(1, round((flops / 2) ** (1 / 3)))
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype))) for _ in range(2))
+    return jnp.matmul, (a, b), 2.0 * n ** 3
+
+
+def machine_load() -> dict:
+    """The 1, 5 and 15 minute load averages next to the CPU count: how busy the host was."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": one, "load_5m": five, "load_15m": fifteen, "cpu_count": os.cpu_count()}
+
+
+def load_note(before: dict, after: dict) -> str:
+    """One markdown line saying how loaded the host was before and after a measurement."""
+    return (f"Host load average (1 min) {before['load_1m']:.1f} before and {after['load_1m']:.1f} after the run, "
+            f"on {after['cpu_count']} CPUs (other jobs shared the machine: compare ratios measured in one run, "
+            "not absolute times).")
 
 
 def pyplot():

@@ -1,6 +1,8 @@
 """Smoke tests of the experiments: the main job at tiny sizes, and the benchmark's memory estimate."""
 
+import dataclasses
 import json
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -13,26 +15,85 @@ def test_main_job_checks_and_times_mechanisms(tmp_path):
     """One mechanism per family at tiny sizes (every mechanism's paths have their own tests)."""
     names = ["softmax", "lightning"]
     main_job.main(["--seq-lens", "64,128", "--repeats", "1", "--check-len", "40", "--heads", "2",
-                   "--head-dim", "16", "--mechanisms", ",".join(names), "--out", str(tmp_path)])
+                   "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "main.json").read_text())
     assert set(results["mechanisms"]) == set(names)
-    for entry in main_job.selected_entries(names):
+    for entry in common.selected_entries(names):
         checks = results["mechanisms"][entry.name]["checks"]
         assert set(checks) == set(entry.implementations) - {"reference"}
         for impl, check in checks.items():
             assert check.get("passed"), f"{entry.name}/{impl}: {check}"
     seconds = results["timings"]["seconds"]["fwd_bwd"]
+    assert set(seconds) == {main_job.BASELINE, "softmax/xla", "lightning/xla"}  # what "auto" picks on CPU
     assert all(len(s) == 2 and all(t is not None and t > 0 for t in s) for s in seconds.values())
     assert (tmp_path / "main_scaling.png").stat().st_size > 0
+    assert "| lightning/xla" in (tmp_path / "main.md").read_text()
+
+
+def test_main_job_runs_cab_at_its_sizes():
+    args = main_job.parse_args(["--seq-lens", "64", "--cab-seq-lens", "64", "--heads", "2", "--head-dim", "16",
+                                "--repeats", "1"])
+    results, cab_args = main_job.run_cab(common.selected_entries(["softmax"]), args)
+    assert cab_args.seq_lens == [64] and cab_args.heads == 2 and [p.name for p in cab_args.efficiency_patterns] == [
+        "causal_self"]
+    assert {p: r["status"] for p, r in results["softmax"]["patterns"].items()} == dict.fromkeys(
+        ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross"), "ok")
+    assert results["softmax"]["efficiency"]["causal_self"]["skipped"] == "the baseline itself"
+    assert main_job.run_cab(common.selected_entries(["softmax"]), args, deadline=0.0)[0] == {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneQuery:
+    """Takes one query per head only (like Aaren): the main job must skip it, not crash. Not registered."""
+
+    name: ClassVar[str] = "one_query"
+    family: ClassVar[str] = "test"
+    paper: ClassVar[str] = "none"
+    supports: ClassVar[frozenset] = frozenset({"mask"})
+
+    def implementations(self):
+        def attend(q, k, v, **_):
+            if q.shape[1] != 1:
+                raise NotImplementedError("one query per head")
+            return v
+        return {"reference": attend, "xla": attend}
+
+
+def test_main_job_skips_a_mechanism_whose_reference_refuses_the_inputs():
+    entry = registry.Entry(name="one_query", family="test", paper="none", config=_OneQuery,
+                           implementations=("reference", "xla"), supports=_OneQuery.supports)
+    args = main_job.parse_args(["--check-len", "8", "--heads", "1", "--head-dim", "4"])
+    checks = main_job.check_entry(entry, args)
+    assert "one query per head" in checks["reference"]["skipped"] and "skipped" in checks["xla"]
+    assert main_job.failures({"one_query": checks}) == []
+    assert main_job.timed_implementations(entry, checks, "all") == ()
+    assert "not timed" in main_job.check_notes({"one_query": checks}, [main_job.BASELINE])[-1]
+    past = main_job.run_checks([entry], args, deadline=0.0)
+    assert "--max-minutes" in past["one_query"]["reference"]["skipped"]
 
 
 def test_selected_entries_default_to_the_registry():
-    assert main_job.selected_entries(None) == registry.entries()
+    assert common.selected_entries(None) == registry.entries()
 
 
 def test_failures_lists_failed_checks_only():
-    checks = {"a": {"xla": {"passed": True}, "pallas": {"skipped": "cpu"}}, "b": {"xla": {"passed": False}}}
-    assert main_job.failures(checks) == ["b/xla"]
+    checks = {"a": {"xla": {"passed": True}, "pallas": {"skipped": "cpu"}}, "b": {"xla": {"passed": False}},
+              "c": {"xla": {"error": "ValueError: x", "passed": False}}}
+    assert main_job.failures(checks) == ["b/xla", "c/xla"]
+
+
+def test_reference_checks_shrink_to_the_memory_budget():
+    # The softmax reference's gradients need 157 KiB at T=64 and 570 KiB at T=128 (B=2, H=1, D=8).
+    args = main_job.parse_args(["--check-len", "128", "--heads", "1", "--head-dim", "8", "--check-memory-gib", "3e-4"])
+    entry = common.selected_entries(["softmax"])[0]
+    (q, *_), expected = main_job.reference_outputs(entry, args)
+    assert q.shape[1] == main_job.MIN_CHECK_LEN == 64 and expected["out"].shape == q.shape
+    args.check_memory_gib = 1e-5
+    assert "MemoryError" in main_job.check_entry(entry, args)["reference"]["skipped"]
+
+
+def test_timing_stops_at_the_time_budget():
+    assert main_job.predicted_seconds((512, 0.5), 1024) == 2.0 and main_job.predicted_seconds(None, 64) is None
 
 
 def test_bench_memory_estimate_separates_dense_from_blocked():

@@ -282,13 +282,17 @@ def _recurrent(x: _Inputs):
 
 
 def _chunked(x: _Inputs, C: int):
-    """Lightning Attention-2 in XLA: chunks of ``C``; intra-chunk quadratic, inter-chunk via states.
+    """Lightning Attention-2 in XLA: a ``lax.scan`` over chunks of ``C`` carrying the f32 state.
 
     Per chunk with inclusive cumulative log decay ``L_r`` (padding tokens decay by 0):
     ``o_r = Σ_{s≤r} e^(L_r−L_s) (q_r·k_s) v_s + e^(L_r) q_r S_prev`` and
     ``S = e^(L_{C−1}) S_prev + Σ_s e^(L_{C−1}−L_s) k_sᵀ v_s``. With segments, intra pairs must share a
     run, ``S_prev`` reaches only queries of the run open at the chunk start, and the state keeps
     only the chunk's last run. Exponents are ≤ 0 or masked to −inf, so nothing overflows.
+
+    One step holds one chunk's ``C × C`` scores, so memory is O(T·(F + E)) plus O(C²) per step; the
+    step is rematerialized in the backward pass (``jax.checkpoint``), which then keeps only the
+    per-chunk states ``[N, B, Hkv, G, F, E]`` instead of every chunk's scores.
     """
     fq, fk, v, a, runs, state0 = x
     B, T, Hkv, G, F = fq.shape
@@ -297,42 +301,43 @@ def _chunked(x: _Inputs, C: int):
     pad = N * C - T
 
     def chunks(t):
-        return jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)).reshape(B, N, C, *t.shape[2:])
+        """``[B, T, Hkv, ..., X] -> [N, B, Hkv, ..., C, X]``, zero padded to ``N·C`` tokens."""
+        t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)).reshape(B, N, C, *t.shape[2:])
+        return jnp.moveaxis(t, (1, 2), (0, -2))
 
-    fq, fk, v = chunks(fq), chunks(fk), chunks(v)
-    valid = (jnp.arange(N * C) < T).astype(jnp.float32).reshape(N, C, 1, 1)
-    cum = jnp.cumsum(valid * a, axis=1)                                         # [N, C, Hkv, G]
-    total = cum[:, -1]                                                          # [N, Hkv, G]
+    valid = (jnp.arange(N * C) < T).astype(jnp.float32).reshape(N, 1, 1, C)
+    cum = jnp.cumsum(valid * a[..., None], axis=-1)                             # [N, Hkv, G, C]
     causal = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
     if runs is None:
-        intra_ok = causal[None, None]                                           # [1, 1, C, C]
-        last_ok = inter_ok = jnp.ones((1, 1, C), bool)
-        keep = jnp.ones((1, N), bool)
+        segments = None
     else:
         r = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge").reshape(B, N, C)
-        carry = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), r[:, :-1, -1]], axis=1)  # run open at chunk start
-        intra_ok = causal & (r[..., :, None] == r[..., None, :])
-        last_ok = r == r[..., -1:]
-        inter_ok = r == carry[..., None]
-        keep = r[..., -1] == carry
-
-    log_m = jnp.where(intra_ok[..., None, None], cum[:, :, None] - cum[:, None, :], -jnp.inf)   # [B,N,C,C,Hkv,G]
-    scores = jnp.einsum("bnrhgf,bnshf->bnrshg", fq, fk) * jnp.exp(log_m)
-    out = jnp.einsum("bnrshg,bnshe->bnrhge", scores, v)
-
-    w_end = jnp.exp(jnp.where(last_ok[..., None, None], total[:, None] - cum, -jnp.inf))        # [B,N,C,Hkv,G]
-    updates = jnp.einsum("bnshgf,bnshe->nbhgfe", fk[:, :, :, :, None] * w_end[..., None], v)
+        opening = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), r[:, :-1, -1]], axis=1)  # run open at chunk start
+        segments = (r.swapaxes(0, 1), opening.T)                                  # [N, B, C], [N, B]
 
     def step(s, inputs):
-        update, decay, keep_n = inputs
-        new = jnp.where(keep_n[:, None, None, None, None], jnp.exp(decay)[..., None, None] * s, 0.0) + update
-        return new, s
+        q, k, u, log_cum, seg = inputs            # [B, Hkv, G, C, F], [B, Hkv, C, F], [B, Hkv, C, E], [Hkv, G, C]
+        total = log_cum[..., -1:]                                               # [Hkv, G, 1]
+        intra_ok, inter_ok, last_ok, keep = causal, True, True, True
+        if seg is not None:
+            run, open_run = seg                                                 # [B, C], [B]
+            intra_ok = causal & (run[:, None, None, :, None] == run[:, None, None, None, :])
+            inter_ok = (run == open_run[:, None])[:, None, None]                # [B, 1, 1, C]
+            last_ok = (run == run[:, -1:])[:, None, None]
+            keep = (run[:, -1] == open_run)[:, None, None, None, None]
+        log_m = jnp.where(intra_ok, log_cum[..., :, None] - log_cum[..., None, :], -jnp.inf)  # [B|1, Hkv, G, C, C]
+        scores = jnp.einsum("bhgrf,bhsf->bhgrs", q, k) * jnp.exp(log_m)
+        w_in = jnp.where(inter_ok, jnp.exp(log_cum), 0.0)[..., None]            # [B|1, Hkv, G, C, 1]
+        out = jnp.einsum("bhgrs,bhse->bhgre", scores, u) + jnp.einsum("bhgrf,bhgfe->bhgre", q, s) * w_in
+        w_end = jnp.where(last_ok, jnp.exp(total - log_cum), 0.0)[..., None]   # [B|1, Hkv, G, C, 1]
+        update = jnp.einsum("bhgsf,bhse->bhgfe", k[:, :, None] * w_end, u)
+        s = jnp.where(keep, jnp.exp(total)[..., None] * s, 0.0) + update
+        return s, out
 
     s0 = jnp.zeros((B, Hkv, G, F, E), jnp.float32) if state0 is None else state0
-    state, before = jax.lax.scan(step, s0, (updates, total, keep.T))           # before: [N, B, Hkv, G, F, E]
-    w_in = jnp.where(inter_ok[..., None, None], jnp.exp(cum), 0.0)              # [B|1, N, C, Hkv, G]
-    out = out + jnp.einsum("bnrhgf,nbhgfe->bnrhge", fq * w_in[..., None], before)
-    return out.reshape(B, N * C, Hkv, G, E)[:, :T], state
+    xs = (chunks(fq), chunks(fk), chunks(v), cum, segments)
+    state, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), s0, xs)  # out: [N, B, Hkv, G, C, E]
+    return jnp.moveaxis(out, (0, 4), (1, 2)).reshape(B, N * C, Hkv, G, E)[:, :T], state
 
 
 def _pallas(x: _Inputs, causal: bool, chunk_size: int, dtype):

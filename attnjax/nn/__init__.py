@@ -5,17 +5,20 @@ and ``BLOCKS`` to residual blocks, so experiments can pick layers by name. Softm
 mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
 """
 
-from attnjax.nn import based, transnormer
-from attnjax.nn.attention import KVCache, MultiHeadAttention
+from attnjax.nn import aaren, based, transnormer
+from attnjax.nn.aaren import Aaren
+from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
+from attnjax.nn.selective import SelectiveAttention
+from attnjax.nn.simplicial import SimplicialAttention
 from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttention, TransNormerBlock, srms_norm,
                                     transnormer_decay)
 
-LAYERS = {**transnormer.LAYERS, **based.LAYERS}
+LAYERS = {**transnormer.LAYERS, **based.LAYERS, **aaren.LAYERS}
 BLOCKS = {**transnormer.BLOCKS, **based.BLOCKS}
 
 __all__ = [
-    "MultiHeadAttention", "KVCache", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE", "SGLU",
+    "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE", "SGLU",
     "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
     "BasedCache", "LAYERS", "BLOCKS",
 ]

@@ -9,17 +9,18 @@ Need", 2017), with grouped-query attention when ``num_kv_heads < num_heads`` (Ai
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from attnjax import masks, registry
+from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.checks import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
 
 
@@ -37,6 +38,82 @@ class KVCache:
     k: jax.Array
     v: jax.Array
     length: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """Run a module's softmax attention sequence-parallel over the mesh axis ``axis``.
+
+    The tokens of ``x`` are sharded over ``axis`` in ``layout`` order (``parallel.to_layout``;
+    "contiguous" is the natural order). Two ways to run a model with it, no model code changes:
+
+    - inside ``jax.shard_map`` over a mesh with ``axis`` (the model sees its local ``[B, T/W, d]``
+      shard): attention calls the per-device ``scheme`` on ``axis`` directly;
+    - on global arrays, under ``jax.set_mesh(mesh)`` or with ``mesh=`` given: the projections run
+      on global arrays and attention is wrapped in ``shard_map`` (sequence over ``axis``, batch over
+      ``batch_axis``, heads over ``head_axis``).
+
+    In both, RoPE positions default to the global positions of the tokens under ``layout``.
+
+    Attributes:
+      axis: mesh axis name that shards the sequence.
+      layout: "contiguous", "zigzag" or "striped" (``attnjax.parallel.layouts``).
+      scheme: "ring" (default), "allgather" or "ulysses" (``attnjax.parallel.SCHEMES``).
+      mesh: mesh for the global-array mode (default: the one set by ``jax.set_mesh``).
+      batch_axis, head_axis: mesh axes sharding batch and heads in the global-array mode.
+    """
+
+    axis: str
+    layout: str = "contiguous"
+    scheme: str = "ring"
+    mesh: Any = None
+    batch_axis: Any = None
+    head_axis: Any = None
+
+    def __post_init__(self):
+        if not isinstance(self.axis, str):
+            raise TypeError(f"SequenceParallel.axis must be a mesh axis name (str), got {self.axis!r}")
+        layouts.check_layout(self.layout, 1)
+        if self.scheme not in parallel.SCHEMES:
+            raise ValueError(f"unknown sequence-parallel scheme {self.scheme!r}; expected one of "
+                             f"{tuple(parallel.SCHEMES)}")
+
+    @classmethod
+    def coerce(cls, value) -> Optional["SequenceParallel"]:
+        """``None``, a ``SequenceParallel``, an axis name, or a tuple ``(axis, layout[, scheme])``."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, tuple) and 1 <= len(value) <= 3:
+            return cls(*value)
+        raise TypeError("sequence_parallel must be None, a SequenceParallel, a mesh axis name or a tuple "
+                        f"(axis, layout[, scheme]), got {value!r}")
+
+    def _mesh(self):
+        """The mesh of the global-array mode; ValueError if there is none with ``axis``."""
+        mesh = self.mesh if self.mesh is not None else sharding.ambient_mesh()
+        if mesh is None or self.axis not in tuple(mesh.axis_names):
+            found = None if mesh is None else tuple(mesh.axis_names)
+            raise ValueError(
+                f"sequence_parallel axis {self.axis!r} is not bound: call the module inside jax.shard_map over "
+                f"a mesh with that axis, under jax.set_mesh(mesh), or give SequenceParallel(mesh=...) "
+                f"(mesh axes found: {found})")
+        return mesh
+
+    def positions(self, length: int) -> jax.Array:
+        """Global positions of ``length`` tokens of ``x`` (local in ``shard_map``, else global)."""
+        if sharding.is_manual_axis(self.axis):
+            world = sharding.axis_size(self.axis)
+            return layouts.local_positions(self.layout, world, jax.lax.axis_index(self.axis), length)
+        return jnp.asarray(layouts.permutation(self.layout, self._mesh().shape[self.axis], length))
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs) -> jax.Array:
+        """The scheme's attention of ``q [B, T, Hq, D]`` over ``k``, ``v`` (local or global arrays)."""
+        if sharding.is_manual_axis(self.axis):
+            return parallel.SCHEMES[self.scheme](q, k, v, axis_name=self.axis, layout=self.layout, **kwargs)
+        return parallel.SHARDED[self.scheme](q, k, v, mesh=self._mesh(), seq_axis=self.axis, layout=self.layout,
+                                             batch_axis=self.batch_axis, head_axis=self.head_axis, **kwargs)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -57,6 +134,12 @@ class MultiHeadAttention(nnx.Module):
       cache = layer.init_cache(B, max_len)
       y_t, cache = layer.decode(x_t, cache)                 # x_t, y_t: [B, 1, 64]
 
+    Sequence parallelism (ring attention over mesh axis "sp" with W devices, zigzag layout)::
+
+      layer = MultiHeadAttention(64, 8, sequence_parallel=("sp", "zigzag"), rngs=nnx.Rngs(0))
+      with jax.set_mesh(mesh):                              # or call the model inside jax.shard_map
+          y = layer(parallel.to_layout(x, "zigzag", W), mask=masks.Causal())   # y in zigzag order
+
     Args:
       d_model: features of ``x`` and of the output.
       num_heads: query heads ``Hq``.
@@ -68,6 +151,9 @@ class MultiHeadAttention(nnx.Module):
       mechanism: a registry name or config object, passed to ``attnjax.attention``.
       dropout_rate: attention-weight dropout probability, in ``[0, 1)``.
       implementation: "auto", "reference", "xla" or "pallas", passed to ``attnjax.attention``.
+      sequence_parallel: ``None``, or a ``SequenceParallel`` (or its shorthand ``("sp", "zigzag")``)
+        to run self-attention sequence-parallel (ring attention by default) over that mesh axis;
+        softmax mechanism only, no attention dropout; ``decode`` is unaffected.
       dtype: computation dtype of the projections (default: inferred from inputs and params).
       param_dtype: dtype of the parameters.
       rngs: ``params`` initializes the projections; ``dropout`` (or ``default``) seeds dropout.
@@ -77,7 +163,8 @@ class MultiHeadAttention(nnx.Module):
         self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
         head_dim: Optional[int] = None, context_dim: Optional[int] = None, qkv_bias: bool = False,
         rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
-        dropout_rate: float = 0.0, implementation: str = "auto", dtype: Optional[Dtype] = None,
+        dropout_rate: float = 0.0, implementation: str = "auto",
+        sequence_parallel: Union[None, str, tuple, SequenceParallel] = None, dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -98,6 +185,13 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim, self.context_dim = head_dim, context_dim
         self.rope = rope
         self.mechanism = registry.resolve(mechanism)
+        self.sequence_parallel = SequenceParallel.coerce(sequence_parallel)
+        if self.sequence_parallel is not None:
+            if self.mechanism.name != "softmax":
+                raise NotImplementedError(f"sequence_parallel runs softmax attention; mechanism "
+                                          f"{self.mechanism.name!r} has no sequence-parallel path here")
+            if dropout_rate > 0:
+                raise NotImplementedError("sequence_parallel attention has no attention dropout; use dropout_rate=0")
         self.dropout_rate = dropout_rate
         self.implementation = implementation
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -123,8 +217,9 @@ class MultiHeadAttention(nnx.Module):
           x: ``[B, T, d_model]`` queries (and keys/values in self-attention).
           context: ``[B, S, context_dim]`` keys/values for cross-attention, or ``None``.
           mask: an ``attnjax.masks`` value over ``[B, Hq, T, S]`` (bottom-right aligned if T != S).
-          positions: int ``[B, T]`` or ``[T]`` RoPE positions of ``x`` (default ``arange(T)``);
-            self-attention only, since RoPE is not applied in cross-attention.
+          positions: int ``[B, T]`` or ``[T]`` RoPE positions of ``x`` (default ``arange(T)``, or
+            the layout's global positions under ``sequence_parallel``); self-attention only, since
+            RoPE is not applied in cross-attention.
           deterministic: ``True`` disables dropout; ``None`` uses ``self.deterministic``.
         Returns:
           ``[B, T, d_model]``.
@@ -137,10 +232,18 @@ class MultiHeadAttention(nnx.Module):
                 raise ValueError("positions are for RoPE, which cross-attention (context given) does not apply")
         else:
             context = x
+        sp = self.sequence_parallel
+        if sp is not None and cross:
+            raise NotImplementedError("sequence_parallel is for self-attention; cross-attention (context given) "
+                                      "is not sequence-parallel")
         q, k, v = self.query(x), self.key(context), self.value(context)
+        if positions is None and not cross:
+            positions = jnp.arange(x.shape[1]) if sp is None else sp.positions(x.shape[1])
+        q, v = self.scale_qv(q, v, positions)
         if self.rope is not None and not cross:
-            positions = jnp.arange(x.shape[1]) if positions is None else positions
             q, k = self.rope(q, positions), self.rope(k, positions)
+        if sp is not None:
+            return self.out(sp.attend(q, k, v, mask=mask, implementation=self.implementation))
         deterministic = self.deterministic if deterministic is None else deterministic
         rate = 0.0 if deterministic else self.dropout_rate
         out = attention(q, k, v, mechanism=self.mechanism, mask=mask, dropout_rate=rate,
@@ -175,8 +278,9 @@ class MultiHeadAttention(nnx.Module):
         check_step("x_t", x_t, self.d_model, cache.k.shape[0])
         dtype = cache.k.dtype
         q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
+        position = cache.length[None]
+        q, v = self.scale_qv(q, v, position)
         if self.rope is not None:
-            position = cache.length[None]
             q, k = self.rope(q, position), self.rope(k, position)
         start = (0, cache.length, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
@@ -184,6 +288,14 @@ class MultiHeadAttention(nnx.Module):
         filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
         out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, implementation=self.implementation)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
+
+    def scale_qv(self, q: jax.Array, v: jax.Array, positions: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Per-token rescaling of the projected ``q [B, T, Hq, D]`` and ``v [B, S, Hkv, Dv]`` before
+        RoPE and attention: the identity here, a hook for subclasses (``SelectiveAttention``).
+
+        ``positions`` are the query positions, ``None`` in cross-attention.
+        """
+        return q, v
 
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by ``nnx.view``: ``deterministic=True`` disables dropout."""

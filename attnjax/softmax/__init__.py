@@ -1,6 +1,25 @@
-"""Exact softmax attention and its alternatives."""
+"""Exact softmax attention and its alternatives (one file per mechanism)."""
 
 from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.softmax import Softmax, softmax_attention_reference
+from attnjax.softmax.softmax import Softmax, softmax_attention_reference  # noqa: I001 - registers first
 
-__all__ = ["Softmax", "softmax_attention_reference", "flash_attention_xla"]
+from attnjax.softmax.aaren import (Aaren, AarenState, aaren_combine, aaren_init_state, aaren_recurrent,
+                                   aaren_reference, aaren_scan, aaren_step)
+from attnjax.softmax.reversed import (Reversed, TransposedMask, dependency_mask, dependency_parents,
+                                      reversed_attention_reference, reversed_attention_weights,
+                                      reversed_attention_xla, tree_parents)
+from attnjax.softmax.selective import Selective, selective_attention, selective_temperature
+from attnjax.softmax.simplicial import Simplicial, simplicial_attention_reference, simplicial_attention_windowed
+from attnjax.softmax.stick_breaking import (StickBreaking, stick_breaking_attention_reference,
+                                            stick_breaking_attention_xla, stick_breaking_weights)
+
+__all__ = [
+    "Softmax", "softmax_attention_reference", "flash_attention_xla",
+    "Aaren", "AarenState", "aaren_combine", "aaren_init_state", "aaren_recurrent", "aaren_reference", "aaren_scan",
+    "aaren_step",
+    "Reversed", "TransposedMask", "dependency_mask", "dependency_parents", "reversed_attention_reference",
+    "reversed_attention_weights", "reversed_attention_xla", "tree_parents",
+    "Selective", "selective_attention", "selective_temperature",
+    "Simplicial", "simplicial_attention_reference", "simplicial_attention_windowed",
+    "StickBreaking", "stick_breaking_attention_reference", "stick_breaking_attention_xla", "stick_breaking_weights",
+]

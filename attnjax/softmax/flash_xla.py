@@ -1,12 +1,17 @@
-"""Blocked softmax attention in XLA: FlashAttention-2's algorithm with a custom VJP.
+"""Blocked softmax-family attention in XLA: FlashAttention-2's algorithm with a custom VJP.
 
 Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 
-Forward: for each query tile, an online softmax over key tiles keeps a running max ``m``,
-normalizer ``l`` and accumulator in float32, and saves ``lse = m + log l`` per row. Backward:
-for each query tile, the logits are recomputed tile by tile from ``lse``; with
-``δ_i = dO_i·O_i``, ``dS = P ⊙ (dO Vᵀ - δ + dlse)`` gives ``dQ``, ``dK``, ``dV`` (and the array
-bias's gradient), accumulated in float32. Memory is O(T·tile), never O(T·S).
+The score-to-weight step is a ``attnjax.softmax.weights.WeightFunction`` (the same extension
+point as the Pallas kernels): softmax by default, sigmoid attention (no running max, no
+normalizer) and softplus attention (a running max in the log domain) from the same code.
+
+Forward: for each query tile, an online pass over key tiles keeps a running max ``m`` of the
+transformed logits ``u`` (when the weight function has one), normalizer ``l`` and accumulator in
+float32, and saves the row statistic (softmax: ``lse = m + log l``). Backward: for each query
+tile, the weights are recomputed tile by tile from that statistic; with ``δ_i = dO_i·O_i``,
+``dS = dP/ds ⊙ (dO Vᵀ - δ + dlse)`` (unnormalized: ``dP/ds ⊙ dO Vᵀ``) gives ``dQ``, ``dK``,
+``dV`` (and the array bias's gradient), accumulated in float32. Memory is O(T·tile), never O(T·S).
 
 The mask's block summary decides the work: each query tile loops only over the span of key
 tiles that are not empty, skips empty tiles inside that span, and leaves out the element mask
@@ -26,7 +31,8 @@ from jax import lax
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap
+from attnjax.softmax.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
 
@@ -35,30 +41,38 @@ class _Static:
     spec: ScoreSpec
     block_q: int
     block_kv: int
+    weight_fn: WeightFunction = SOFTMAX
 
 
 def flash_attention_xla(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[Mask] = None, bias=None,
     scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
     sinks: Optional[jax.Array] = None, dropout_rate: float = 0.0, rng: Optional[jax.Array] = None,
-    return_lse: bool = False, block_q: int = 512, block_kv: int = 512,
+    return_lse: bool = False, block_q: int = 512, block_kv: int = 512, weight_fn: WeightFunction = SOFTMAX,
 ):
-    """Memory-efficient softmax attention (same arguments and results as the reference).
+    """Memory-efficient softmax-family attention (same arguments and results as the reference).
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``.
       mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse: as in
         ``attnjax.softmax.softmax_attention_reference``.
       block_q, block_kv: tile sizes (clipped to T and S); T and S need not be multiples.
+      weight_fn: the score-to-weight function (``weights.SOFTMAX``; ``weights.SigmoidWeight``,
+        ``weights.SoftplusWeight``). Sinks need one that supports them; ``return_lse`` needs a
+        normalized one (it returns the row statistic, see ``weights.WeightFunction``).
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse [B, T, Hq]`` (float32) if asked.
     Gradients flow to q, k, v, sinks and an array bias (ALiBi slopes are constants).
     """
+    if sinks is not None and not weight_fn.supports_sinks:
+        raise NotImplementedError(f"weight function {weight_fn.name!r} does not support sinks")
+    if return_lse and not weight_fn.normalized:
+        raise NotImplementedError(f"weight function {weight_fn.name!r} has no row normalizer to return")
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
                      logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
-    static = _Static(spec, block_q=min(block_q, T), block_kv=min(block_kv, S))
+    static = _Static(spec, block_q=min(block_q, T), block_kv=min(block_kv, S), weight_fn=weight_fn)
     seed = dropout_seed(rng) if dropout_rate > 0 else None
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     out, lse = _flash(q, k, v, as_bias(bias), sinks, mask, seed, static)
@@ -105,7 +119,7 @@ def _flash(q, k, v, bias, sinks, mask, seed, st):
 def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
     B, T, Hq, _ = q.shape
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
-    bq, bk = st.block_q, st.block_kv
+    bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
     Dv = v.shape[-1]
@@ -114,9 +128,9 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
         i, qi = args
         q_idx = i * bq + jnp.arange(bq)
         if sinks is None:
-            m0 = jnp.full((B, Hkv, G, bq), -jnp.inf, jnp.float32)
+            m0 = jnp.full((B, Hkv, G, bq), -jnp.inf if fn.running_max else 0.0, jnp.float32)
             l0 = jnp.zeros((B, Hkv, G, bq), jnp.float32)
-        else:
+        else:  # softmax only (checked): the sink is a logit with no value
             m0 = jnp.broadcast_to(sinks.reshape(1, Hkv, G, 1), (B, Hkv, G, bq))
             l0 = jnp.ones((B, Hkv, G, bq), jnp.float32)
         acc0 = jnp.zeros((B, Hkv, G, bq, Dv), jnp.float32)
@@ -129,24 +143,34 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
             _, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
             if apply_mask:
                 s = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe[..., None])
-            alpha = jnp.exp(m - m_safe)
-            l = alpha * l + p.sum(-1)
+            u = fn.transform(s)
+            if fn.running_max:
+                m_new = jnp.maximum(m, u.max(-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = fn.weight(u, m_safe[..., None])
+                alpha = fn.rescale(m, m_safe)
+                l = alpha * l + p.sum(-1)
+            else:
+                m_new, alpha = m, None
+                p = fn.weight(u, 0.0)
+                if fn.normalized:
+                    l = l + p.sum(-1)
             if seed is not None:
                 p = p * dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
             pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-            return m_new, l, alpha[..., None] * acc + pv
+            return m_new, l, (acc + pv if alpha is None else alpha[..., None] * acc + pv)
 
         def body(j, carry):
             branches = [lambda c: c, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
             return lax.switch(codes[i, j], branches, carry)
 
         m, l, acc = lax.fori_loop(lo[i], hi[i], body, (m0, l0, acc0))
+        if not fn.normalized:
+            return acc.astype(q.dtype), jnp.zeros(l.shape, jnp.float32)
         safe_l = jnp.where(l > 0, l, 1.0)
         out = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)
-        lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+        log_l = jnp.log(safe_l)
+        lse = jnp.where(l > 0, m + log_l if fn.running_max else log_l, -jnp.inf)
         return out.astype(q.dtype), lse
 
     nq = num_tiles(T, bq)
@@ -164,12 +188,15 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     d_out, d_lse = cotangents
     B, T, Hq, D = q.shape
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
-    bq, bk = st.block_q, st.block_kv
+    bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
-    delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if fn.normalized:
+        delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    else:  # no normalizer: dS = dP/ds ⊙ dO·Vᵀ, without the row term
+        delta = jnp.zeros(lse.shape, jnp.float32)
     d_lse = d_lse.astype(jnp.float32)
-    safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    stat = backward_stat(fn, lse)
     bias_grad = isinstance(bias, ArrayBias)
     if bias_grad:
         bias4 = rank4(bias.array)
@@ -179,8 +206,11 @@ def _flash_bwd(st: _Static, residuals, cotangents):
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
-        i, qi, doi, lse_i, delta_i, dlse_i = xs
+        i, qi, doi, stat_i, delta_i, dlse_i = xs
         q_idx = i * bq + jnp.arange(bq)
+        m_b, n_b = backward_offsets(fn, stat_i)
+        norm_only = fn.normalized and not fn.running_max
+        inv_norm = jnp.exp(-n_b)[..., None] if norm_only else None
 
         def visit(j, inner, apply_mask):
             dqi, dk, dv, dbias = inner
@@ -188,16 +218,19 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
             raw, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
-            p = jnp.exp(s - lse_i[..., None])
+            p = fn.weight(fn.transform(s), m_b[..., None])
             if apply_mask:
                 p = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), p, 0.0)
+            dpds = fn.dweight(s, p)
+            if norm_only:
+                p, dpds = p * inv_norm, dpds * inv_norm
             dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
             p_drop = p
             if seed is not None:
                 keep = dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
                 p_drop, dp = p * keep, dp * keep
             dvj = jnp.einsum("bhgqk,bhgqd->bhkd", p_drop.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
+            ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
             if bias_grad:
@@ -218,7 +251,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         return (dk, dv, dbias), dqi
 
     nq = num_tiles(T, bq)
-    xs = (jnp.arange(nq), _q_tiles(q, bq, Hkv), _q_tiles(d_out, bq, Hkv), _row_tiles(safe_lse, bq, Hkv),
+    xs = (jnp.arange(nq), _q_tiles(q, bq, Hkv), _q_tiles(d_out, bq, Hkv), _row_tiles(stat, bq, Hkv),
           _row_tiles(delta, bq, Hkv), _row_tiles(d_lse, bq, Hkv))
     carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)

@@ -2,13 +2,13 @@
 
 - ``ops.flash_attention``: the dispatch (GPU Triton kernel, TPU Mosaic kernel, CPU interpret).
 - ``gpu``: the Triton-lowering kernels; ``tpu``: the Mosaic kernels.
-- ``common``: backend-independent pieces (weight-function extension point, in-kernel mask plans,
-  block schedule, static config, validation).
+- ``common``: backend-independent pieces (the weight-function extension point re-exported from
+  ``attnjax.softmax.weights``, in-kernel mask plans, block schedule, static config, validation).
 
 Reference in attnjax: ``attnjax.softmax.softmax_attention_reference``.
 """
 
-from pallas_kernels.flash.common import SOFTMAX, SigmoidWeight, SoftmaxWeight, WeightFunction
+from pallas_kernels.flash.common import SOFTMAX, SigmoidWeight, SoftmaxWeight, SoftplusWeight, WeightFunction
 from pallas_kernels.flash.ops import flash_attention
 
-__all__ = ["flash_attention", "WeightFunction", "SoftmaxWeight", "SigmoidWeight", "SOFTMAX"]
+__all__ = ["flash_attention", "WeightFunction", "SoftmaxWeight", "SigmoidWeight", "SoftplusWeight", "SOFTMAX"]

@@ -3,10 +3,11 @@
 Shared by ``pallas_kernels.flash.gpu`` and ``pallas_kernels.flash.tpu``; nothing here calls
 ``pallas_call``. Four parts:
 
-1. ``WeightFunction``: the score-to-weight extension point. The kernel skeleton (tiles, masks,
-   online accumulation, FA2 backward) is written once against it; softmax is ``SOFTMAX``, and
-   sigmoid attention (``SigmoidWeight``) is a second instance. Softplus attention (l1-normalized
-   softplus) fits the same interface (``running_max=False, normalized=True``).
+1. ``WeightFunction``: the score-to-weight extension point, defined in
+   ``attnjax.softmax.weights`` and re-exported here so that the kernels and the blocked XLA path
+   share one definition. The kernel skeleton (tiles, masks, online accumulation, FA2 backward)
+   is written once against it: softmax is ``SOFTMAX``; sigmoid attention (``SigmoidWeight``)
+   and softplus attention (``SoftplusWeight``) are further instances.
 2. ``MaskPlan``: an ``attnjax.masks`` value compiled into a static tree that a kernel evaluates
    on a 2-D tile from iotas (Causal, SlidingWindow, ChunkedCausal, Full) or from data tiles it
    loads (Segments ids, Explicit bool blocks). Combinations with ``&``/``|`` nest.
@@ -16,14 +17,14 @@ Shared by ``pallas_kernels.flash.gpu`` and ``pallas_kernels.flash.tpu``; nothing
 4. ``FlashStatic``/``validate``/``pick_blocks``: static per-call description and input checks.
 
 Math (FlashAttention-2, Dao 2023): logits ``s = cap·tanh((scale·q·kᵀ + b)/cap)`` (cap optional),
-weights ``w = f(s)`` per ``WeightFunction``, ``out = Σ_j w_ij v_j / l_i`` with ``l_i = Σ_j w_ij``
+weights ``w = weight(transform(s), m)`` per ``WeightFunction``, ``out = Σ_j w_ij v_j / l_i`` with ``l_i = Σ_j w_ij``
 (when normalized). Tested against ``attnjax.softmax.softmax_attention_reference``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,112 +33,10 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.positional import ALiBi
+from attnjax.softmax.weights import (
+    SOFTMAX, SigmoidWeight, SoftmaxWeight, SoftplusWeight, WeightFunction, backward_offsets, backward_stat,
+)
 from attnjax.tiling import num_tiles
-
-# ----------------------------------------------------------------------------------------------
-# 1. Score-to-weight extension point.
-# ----------------------------------------------------------------------------------------------
-
-
-class WeightFunction:
-    """How a logit tile becomes weights; the kernels call only these methods.
-
-    Class attributes:
-      running_max: keep an online row max ``m`` and rescale the accumulator by
-        ``rescale(m_old, m_new)`` when it grows (softmax). If False, ``m`` is 0 throughout.
-      normalized: divide each row by ``l = Σ_j w_ij`` (plus the sink's weight). If False the
-        output is ``Σ_j w_ij v_j`` and there is no row statistic (no ``return_lse``, no sinks).
-      supports_sinks: whether a per-head sink logit may join the normalizer.
-
-    Row statistic saved for the backward pass ("lse", float32 ``[B, T, H]``):
-      running_max and normalized: ``m + log l`` (the log-sum-exp for softmax);
-      normalized only: ``log l``; neither: zeros (unused). Empty rows: ``-inf``.
-
-    Backward (recompute, FA2): from the statistic ``r`` the kernels form
-      ``P = weight(s, m_b) · exp(-n_b)`` and ``dP/ds = dweight(s, weight(s, m_b)) · exp(-n_b)``
-    with ``(m_b, n_b) = (r, 0)`` if running_max else ``(0, r)`` if normalized else ``(0, 0)``
-    (see ``backward_offsets``), then
-      ``dS = dP/ds ⊙ (dO·Vᵀ − δ + dr)`` (normalized, ``δ_i = dO_i·O_i``) or ``dP/ds ⊙ dO·Vᵀ``.
-    All methods are elementwise on float32 2-D tiles and must lower in Triton and Mosaic.
-    """
-
-    running_max: ClassVar[bool]
-    normalized: ClassVar[bool]
-    supports_sinks: ClassVar[bool] = False
-    name: ClassVar[str]
-
-    def weight(self, s: jax.Array, m: jax.Array) -> jax.Array:
-        """Unnormalized weight of logits ``s`` [bq, bk] given the row offset ``m`` [bq, 1]."""
-        raise NotImplementedError
-
-    def dweight(self, s: jax.Array, w: jax.Array) -> jax.Array:
-        """``d weight / d s`` at ``s``, given ``w = weight(s, m)`` (same offset ``m``)."""
-        raise NotImplementedError
-
-    def rescale(self, m_old: jax.Array, m_new: jax.Array) -> jax.Array:
-        """Factor that moves accumulators from offset ``m_old`` to ``m_new`` (running_max only)."""
-        raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftmaxWeight(WeightFunction):
-    """``w = exp(s − m)``, normalized, with a running max: exact softmax attention."""
-
-    running_max: ClassVar[bool] = True
-    normalized: ClassVar[bool] = True
-    supports_sinks: ClassVar[bool] = True
-    name: ClassVar[str] = "softmax"
-
-    def weight(self, s, m):
-        return jnp.exp(s - m)
-
-    def dweight(self, s, w):
-        return w
-
-    def rescale(self, m_old, m_new):
-        return jnp.exp(m_old - m_new)
-
-
-@dataclasses.dataclass(frozen=True)
-class SigmoidWeight(WeightFunction):
-    """``w = sigmoid(s + bias)``, unnormalized, no running max (Ramapuram et al. 2024,
-    "Theory, Analysis, and Best Practices for Sigmoid Self-Attention"; ``bias = −log T`` there)."""
-
-    bias: float = 0.0
-    running_max: ClassVar[bool] = False
-    normalized: ClassVar[bool] = False
-    name: ClassVar[str] = "sigmoid"
-
-    def weight(self, s, m):
-        return jax.nn.sigmoid(s + self.bias)
-
-    def dweight(self, s, w):
-        return w * (1.0 - w)
-
-
-SOFTMAX = SoftmaxWeight()
-
-
-def backward_offsets(fn: WeightFunction, stat: jax.Array):
-    """``(m_b, n_b)`` for the backward's ``P = weight(s, m_b)·exp(−n_b)`` (see WeightFunction)."""
-    zero = jnp.zeros_like(stat)
-    if fn.running_max:
-        return stat, zero
-    if fn.normalized:
-        return zero, stat
-    return zero, zero
-
-
-def backward_stat(fn: WeightFunction, lse: jax.Array) -> jax.Array:
-    """The forward's row statistic made safe for recomputation.
-
-    Empty rows (``-inf``) become ``+inf`` when it is a running max, so every recomputed weight
-    ``exp(s − inf)`` is exactly 0; for normalized-only functions they become 0 (their weights
-    are masked to 0 anyway). Pad query rows with ``+inf`` for the same reason.
-    """
-    finite = jnp.isfinite(lse)
-    return jnp.where(finite, lse, jnp.inf if fn.running_max else 0.0)
-
 
 # ----------------------------------------------------------------------------------------------
 # 2. Masks compiled for in-kernel evaluation on 2-D tiles.
@@ -435,7 +334,8 @@ def validate(q, k, v, *, mask, bias, scale, logits_soft_cap, sinks, dropout_rate
 
 
 __all__ = [
-    "WeightFunction", "SoftmaxWeight", "SigmoidWeight", "SOFTMAX", "backward_offsets", "backward_stat",
+    "WeightFunction", "SoftmaxWeight", "SigmoidWeight", "SoftplusWeight", "SOFTMAX", "backward_offsets",
+    "backward_stat",
     "MaskPlan", "SegmentData", "ExplicitData", "plan_mask", "eval_mask", "tile_iotas",
     "Schedule", "schedule", "FlashStatic", "next_power_of_2", "pick_block", "classify_bias", "validate",
     "SUPPORTED_HEAD_DIMS",

@@ -99,7 +99,8 @@ def flash_attention_gpu(
 
     Args: as ``attnjax.softmax.softmax_attention_reference``; ``block_q``/``block_kv`` are powers
     of two (others are rounded down to one), clipped to ``MAX_BLOCK`` and for short sequences (min 16); ``weight_fn`` is the score-to-weight function
-    (``common.SOFTMAX`` by default; ``common.SigmoidWeight`` gives sigmoid attention).
+    (``common.SOFTMAX`` by default; ``common.SigmoidWeight`` gives sigmoid attention and
+    ``common.SoftplusWeight`` softplus attention).
     Returns ``out`` or ``(out, lse)``.
     Raises NotImplementedError for dropout, unsupported mask kinds or bias types, head dims > 256.
     """
@@ -304,14 +305,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
         if apply_mask:
             ok = _allowed(st, loader, i, j, None, rows, cols)
             s = jnp.where(ok, s, -jnp.inf)
+        u = fn.transform(s)
         if fn.running_max:
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            m_new = jnp.maximum(m, jnp.max(u, axis=1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = fn.rescale(m, m_safe)
-            w = fn.weight(s, m_safe[:, None])
+            w = fn.weight(u, m_safe[:, None])
         else:
             m_new, alpha = m, None
-            w = fn.weight(s, jnp.zeros((bq, 1), jnp.float32))
+            w = fn.weight(u, jnp.zeros((bq, 1), jnp.float32))
         if apply_mask:
             w = jnp.where(ok, w, 0.0)
         pv = _dot(w.astype(v.dtype), v, contract_a=1, contract_b=0)
@@ -364,7 +366,7 @@ def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
 def _recompute(st: FlashStatic, s, mb, nb, dterm, dp, ok):
     """``P`` and ``dS`` (w.r.t. the raw, pre-cap logits) of one tile from the saved statistic."""
     fn = st.weight_fn
-    w = fn.weight(s, mb[:, None])
+    w = fn.weight(fn.transform(s), mb[:, None])
     scale_n = jnp.exp(-nb)[:, None]
     p = w * scale_n
     dpds = fn.dweight(s, w) * scale_n

@@ -212,13 +212,14 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
         if masked:
             ok = _allowed(data_refs, i, jk, st)
             s = jnp.where(ok, s, -jnp.inf)
+        u = fn.transform(s)
         m_prev, l_prev = _rows(m_sc), _rows(l_sc)
         m_new, m_use, alpha = m_prev, m_prev, 1.0
         if fn.running_max:
-            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+            m_new = jnp.maximum(m_prev, u.max(axis=1, keepdims=True))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen no key yet
             alpha = fn.rescale(m_prev, m_use)
-        p = fn.weight(s, m_use)
+        p = fn.weight(u, m_use)
         if masked:
             p = jnp.where(ok, p, 0.0)
         v = v_ref[...]
@@ -253,7 +254,7 @@ def _dlogits(q, k, v, do, stat_ref, dterm_ref, iq, jk, h, data_refs, slopes_ref,
     fn = st.weight_fn
     s = _logits(q, k, iq, jk, h, slopes_ref, st)
     m_b, n_b = common.backward_offsets(fn, _rows(stat_ref))
-    w = fn.weight(s, m_b)
+    w = fn.weight(fn.transform(s), m_b)
     p, dpds = w, fn.dweight(s, w)
     if fn.normalized and not fn.running_max:  # weights normalized by exp(n_b), not by a max
         inv_norm = jnp.exp(-n_b)

@@ -1,0 +1,98 @@
+"""Aaren as a Flax NNX token mixer (Feng et al., "Attention as an RNN", 2024).
+
+``y_t = W_o · concat_h Σ_{j≤t} softmax_j(q_h·k_j^h / √D) v_j^h`` with ``k = x W_k``, ``v = x W_v`` and
+``q_h`` a learned query per head (Aaren's learned token, the same at every step). Training runs
+the parallel prefix scan (``attnjax.softmax.aaren.aaren_scan`` through ``attnjax.attention``);
+decoding folds one token at a time into a constant-size state (``aaren_step``), with no KV cache.
+
+``MultiHeadAttention(mechanism="aaren")`` cannot express this: there the queries are projections
+of the tokens, and Aaren's scan needs one query shared by every position.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype
+
+from attnjax.api import attention
+from attnjax.checks import check_implementation
+from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_step
+
+
+class Aaren(nnx.Module):
+    """Aaren: attention over every prefix from a learned query per head, causal by construction.
+
+    Example::
+
+      layer = Aaren(64, 4, rngs=nnx.Rngs(0))
+      y = layer(x)                                  # x, y: [B, T, 64]; y[:, t] depends on x[:, :t+1]
+      state = layer.init_cache(B)
+      y_t, state = layer.decode(x_t, state)         # x_t, y_t: [B, 1, 64], O(1) memory per step
+
+    Args:
+      d_model: features of ``x`` and of the output.
+      num_heads: learned queries ``H``.
+      num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); must divide ``num_heads`` (GQA).
+      head_dim: features per head ``D`` (default ``d_model // num_heads``).
+      use_bias: bias in the key/value projections (the output projection has none).
+      implementation: "auto", "xla" (prefix scan), "recurrent" or "reference", for ``attnjax.attention``.
+      dtype: computation dtype of the projections; param_dtype: dtype of the parameters.
+      rngs: ``params`` initializes the projections and the queries (standard normal).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, use_bias: bool = False, implementation: str = "auto",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = resolve_head_dim(d_model, num_heads, head_dim)
+        check_positive(num_kv_heads=num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        check_implementation(implementation)
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
+        self.implementation = implementation
+
+        def linear(in_features, out_features, axis=-1, bias=use_bias):
+            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=bias, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+
+        self.query = nnx.Param(jax.random.normal(rngs.params(), (num_heads, head_dim), param_dtype))
+        self.key = linear(d_model, (num_kv_heads, head_dim))
+        self.value = linear(d_model, (num_kv_heads, head_dim))
+        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), bias=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``; output ``t`` attends over tokens ``0..t``."""
+        check_input("x", x, self.d_model)
+        k, v = self.key(x), self.value(x)
+        q = jnp.broadcast_to(self.query[...].astype(k.dtype), (x.shape[0], 1, self.num_heads, self.head_dim))
+        return self.out(attention(q, k, v, mechanism="aaren", implementation=self.implementation))
+
+    def init_cache(self, batch: int) -> AarenState:
+        """The empty float32 state: ``m = -inf``, ``w = 0`` ``[batch, H]`` and ``u = 0`` ``[batch, H, D]``."""
+        return aaren_init_state(batch, self.num_heads, self.head_dim)
+
+    def decode(self, x_t: jax.Array, cache: AarenState) -> tuple[jax.Array, AarenState]:
+        """One step: fold ``x_t``'s key and value into the state, read the output.
+
+        Equal, position by position, to ``self(x)``.
+
+        Args:
+          x_t: ``[B, 1, d_model]``, the next token.
+          cache: an ``AarenState`` from ``init_cache`` or the previous ``decode``.
+        Returns:
+          ``(y_t [B, 1, d_model], state)``.
+        """
+        check_step("x_t", x_t, self.d_model, cache.m.shape[0])
+        k, v = self.key(x_t)[:, 0], self.value(x_t)[:, 0]
+        state, o = aaren_step(cache, k, v, self.query[...].astype(k.dtype))
+        return self.out(o[:, None]), state
+
+
+LAYERS = {"aaren": Aaren}
+"""Token mixers by name: ``[B, T, d_model] -> [B, T, d_model]`` with ``init_cache(batch)``/``decode``."""

@@ -1,0 +1,228 @@
+"""E3: byte-level language modelling on the Python standard library's own ``.py`` sources.
+
+The corpus is the running interpreter's standard library (``sysconfig.get_paths()["stdlib"]``, without
+``site-packages``): real text on every machine, no download. Files are read as bytes in sorted path
+order, each followed by a NUL byte, and split into train and validation by a hash of the relative path
+(``valid_fraction`` of the files), so the split is fixed and the two sides share no file.
+
+Per mechanism, a small ``experiments.train.LanguageModel`` (256 byte tokens) trains at context ``T``
+on random train windows. Validation reports bits per byte (mean cross-entropy / ln 2) on the same
+validation bytes cut into windows of ``T``, ``2T`` and ``4T``: the longer windows give more context
+(interpolation would improve) but put positions beyond the trained range (extrapolation may break).
+``last T`` scores only the last ``T`` positions of each window, the ones that are farthest out.
+
+    python -m experiments.lm_bytes                               # CPU default, a few minutes
+    python -m experiments.lm_bytes --d-model 256 --num-layers 4 --seq-len 512 --steps 5000 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from experiments import common, train
+
+SEPARATOR = b"\x00"
+"""Byte appended after each file (never in Python source)."""
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+"""Directories under the stdlib root that are not the standard library."""
+CONTEXT_MULTIPLES = (1, 2, 4)
+"""Evaluation window lengths, as multiples of the training context."""
+SMOKE = dict(seq_len=16, d_model=16, num_layers=1, num_heads=2, steps=3, batch_size=2, warmup_steps=1,
+             eval_windows=2, based_window=8)
+"""Defaults under ``--smoke`` (explicit flags still win): a tiny model, a few steps, for tests."""
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def source_files(root: Union[str, Path]) -> list[str]:
+    """Relative POSIX paths of the ``.py`` files under ``root``, sorted, skipping ``EXCLUDED_DIRS``."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                  if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts))
+
+
+def in_validation(relative_path: str, valid_fraction: float) -> bool:
+    """Whether a file is held out: the first 8 bytes of SHA-256 of its relative path, as a fraction, < ``valid_fraction``."""
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < valid_fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Train and validation bytes (uint8 arrays) and the files they came from."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    train_files: tuple[str, ...]
+    valid_files: tuple[str, ...]
+
+
+def load_corpus(root: Optional[Union[str, Path]] = None, valid_fraction: float = 0.05) -> Corpus:
+    """Read every stdlib source file under ``root`` (default ``stdlib_root()``) and split it by path hash."""
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    root = stdlib_root() if root is None else Path(root)
+    files = source_files(root)
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}")
+    sides: dict[bool, list[str]] = {False: [], True: []}
+    for f in files:
+        sides[in_validation(f, valid_fraction)].append(f)
+    if not sides[True] or not sides[False]:
+        raise ValueError(f"valid_fraction={valid_fraction} leaves one side empty ({len(files)} files under {root})")
+
+    def read(names):
+        return np.frombuffer(b"".join((root / n).read_bytes() + SEPARATOR for n in names), np.uint8)
+
+    return Corpus(read(sides[False]), read(sides[True]), tuple(sides[False]), tuple(sides[True]))
+
+
+def train_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: Union[int, Sequence[int]]) -> train.Batch:
+    """Random windows of ``data``: ``inputs [B, T]`` and next-byte ``targets [B, T]`` (int32), determined by ``seed``."""
+    if len(data) <= seq_len + 1:
+        raise ValueError(f"data has {len(data)} bytes, too few for windows of {seq_len + 1}")
+    starts = np.random.default_rng(seed).integers(0, len(data) - seq_len - 1, batch_size)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(data: np.ndarray, window: int, num_windows: int) -> np.ndarray:
+    """``[num_windows, window + 1]`` uint8 windows at evenly spaced offsets of ``data`` (deterministic)."""
+    if len(data) < window + 1:
+        raise ValueError(f"data has {len(data)} bytes, too few for a window of {window + 1}")
+    starts = np.linspace(0, len(data) - window - 1, num_windows).astype(np.int64)
+    return data[starts[:, None] + np.arange(window + 1)]
+
+
+def split_windows(windows: np.ndarray, length: int, score_last: Optional[int] = None) -> train.Batch:
+    """Cut ``[N, W + 1]`` windows into ``[N·W/length, length]`` inputs and next-byte targets.
+
+    Every piece scores its own ``length`` targets, so each cut scores the same ``N·W`` bytes. With
+    ``score_last``, only each piece's last ``score_last`` targets count (the others are ``IGNORE``).
+    """
+    n, w = windows.shape[0], windows.shape[1] - 1
+    if w % length:
+        raise ValueError(f"window {w} is not a multiple of length {length}")
+    data = windows.astype(np.int32)
+    inputs = data[:, :-1].reshape(n * w // length, length)
+    targets = data[:, 1:].reshape(n * w // length, length).copy()
+    if score_last is not None:
+        targets[:, :length - score_last] = train.IGNORE
+    return inputs, targets
+
+
+def bits_per_byte(model: train.LanguageModel, windows: np.ndarray, length: int, score_last: Optional[int] = None,
+                  batch_size: int = 16) -> float:
+    """Validation bits per byte: summed cross-entropy / (ln 2 · scored bytes) over ``split_windows``."""
+    inputs, targets = split_windows(windows, length, score_last)
+    rows = max(batch_size * windows.shape[1] // (length + 1), 1)
+    batches = [(inputs[i:i + rows], targets[i:i + rows]) for i in range(0, len(inputs), rows)]
+    return train.evaluate(model, batches)["bits"]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line flags; the defaults run in a few minutes on a 2-core CPU."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mechanisms", type=lambda s: s.split(","),
+                   default=["softmax", "lightning", "based_linear", "transnormer", "based"],
+                   help=f"comma-separated mixers: {', '.join(train.mixer_names())}")
+    p.add_argument("--seq-len", type=int, default=128, help="training context T")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--mlp-ratio", type=int, default=4)
+    p.add_argument("--based-window", type=int, default=32, help="sliding window of the 'based' block")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--valid-fraction", type=float, default=0.05)
+    p.add_argument("--eval-windows", type=int, default=32, help="validation windows of 4T bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", type=Path, default=None, help="source tree (default: the stdlib)")
+    p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (tests)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
+    p.add_argument("--name", default=None, help="output file stem (default lm_bytes_<platform>)")
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**SMOKE)
+    args = p.parse_args(argv)
+    unknown = set(args.mechanisms) - set(train.mixer_names())
+    if unknown:
+        p.error(f"unknown mechanisms {sorted(unknown)}; known: {train.mixer_names()}")
+    return args
+
+
+def model_config(args: argparse.Namespace, mechanism: str) -> train.ModelConfig:
+    """The byte LM for one mechanism (the ``based`` block gets ``--based-window``)."""
+    options = {"window": args.based_window} if mechanism == "based" else {}
+    return train.ModelConfig(vocab_size=256, mixer=mechanism, d_model=args.d_model, num_layers=args.num_layers,
+                             num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, mixer_options=options)
+
+
+def run_one(args: argparse.Namespace, corpus: Corpus, windows: np.ndarray, mechanism: str) -> dict:
+    """Train one byte LM and measure validation bits per byte at each ``CONTEXT_MULTIPLES`` of T."""
+    config = model_config(args, mechanism)
+    model = train.LanguageModel(config, rngs=nnx.Rngs(args.seed))
+    train_config = train.TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                                     weight_decay=args.weight_decay)
+    start = time.perf_counter()
+    history = train.train(model, lambda step: train_batch(corpus.train, args.batch_size, args.seq_len,
+                                                          (args.seed, step)),
+                          train_config, desc=mechanism, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    T = args.seq_len
+    bpb = {f"{m}T": bits_per_byte(model, windows, m * T) for m in CONTEXT_MULTIPLES}
+    last = {f"{m}T": bits_per_byte(model, windows, m * T, score_last=T) for m in CONTEXT_MULTIPLES if m > 1}
+    return {"mechanism": mechanism, "bpb": bpb, "bpb_last_T": last, "params": train.num_params(model),
+            "train_seconds": seconds, "final_train_bpb": history[-1]["loss"] / math.log(2), "history": history}
+
+
+def table(rows: Sequence[dict], seq_len: int) -> str:
+    """Markdown: validation bits per byte per mechanism at T, 2T, 4T (all positions, and the last T)."""
+    headers = ["mechanism", "params"] + [f"bpb @ {m}T={m * seq_len}" for m in CONTEXT_MULTIPLES] + [
+        f"last T @ {m}T" for m in CONTEXT_MULTIPLES if m > 1]
+    lines = [[r["mechanism"], f"{r['params']:,}"] + [f"{r['bpb'][f'{m}T']:.3f}" for m in CONTEXT_MULTIPLES]
+             + [f"{r['bpb_last_T'][f'{m}T']:.3f}" for m in CONTEXT_MULTIPLES if m > 1] for r in rows]
+    return common.markdown_table(headers, lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    """Train every mechanism, print the table, write ``<name>.json`` and ``<name>.md`` to ``--out``."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    corpus = load_corpus(args.root, args.valid_fraction)
+    windows = eval_windows(corpus.valid, max(CONTEXT_MULTIPLES) * args.seq_len, args.eval_windows)
+    rows = [run_one(args, corpus, windows, m) for m in tqdm(args.mechanisms, desc="lm_bytes",
+                                                             disable=args.no_progress, dynamic_ncols=True)]
+    info = common.device_info()
+    name = args.name or f"lm_bytes_{info['platform']}"
+    md = table(rows, args.seq_len)
+    print(md)
+    corpus_info = {"train_bytes": len(corpus.train), "valid_bytes": len(corpus.valid),
+                   "train_files": len(corpus.train_files), "valid_files": len(corpus.valid_files),
+                   "scored_bytes_per_eval": int(windows.shape[0] * (windows.shape[1] - 1))}
+    common.write_json({"args": common.jsonable_args(args), "device": info, "corpus": corpus_info,
+                       "wall_seconds": time.perf_counter() - start, "results": rows}, f"{name}.json", args.out)
+    (Path(args.out) / f"{name}.md").write_text(md + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Backend-independent pieces of the Pallas stick-breaking kernels (GPU Triton, TPU Mosaic).
+
+The tile math (``forward_tile``/``backward_tile``, the request checks and the remainder) lives in
+``attnjax.softmax.stick_breaking`` and is shared with the blocked XLA path; masks are compiled by
+``pallas_kernels.flash.common.plan_mask`` and evaluated by its ``eval_mask``. This module adds the
+static call description, input checks, the schedule (the flash schedule with diagonal tiles made
+PARTIAL: stick-breaking excludes key position == query position) and the per-backend reverse
+cumulative sum ``Σ_{k≥j}`` along a tile row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attnjax import masks as _masks
+from attnjax.checks import check_options, check_qkv
+from attnjax.softmax.stick_breaking import check_request, strict_codes
+from pallas_kernels.flash.common import MaskPlan, eval_mask, tile_iotas
+
+
+@dataclasses.dataclass(frozen=True)
+class StickBreakingStatic:
+    """Everything static about one kernel call (hashable: a custom_vjp nondiff argument).
+
+    ``T, S``: true lengths; ``T_pad, S_pad``: padded to whole tiles; ``D_pad, Dv_pad``: padded head
+    dims (GPU: powers of two, at least 16).
+    """
+
+    T: int
+    S: int
+    T_pad: int
+    S_pad: int
+    num_q_heads: int
+    num_kv_heads: int
+    D: int
+    Dv: int
+    D_pad: int
+    Dv_pad: int
+    block_q: int
+    block_kv: int
+    scale: float
+    logits_soft_cap: Optional[float]
+    mask_plan: Optional[MaskPlan]
+    interpret: bool = False
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.T_pad // self.block_q
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.S_pad // self.block_kv
+
+
+def validate(q, k, v, *, mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse) -> None:
+    """Input checks shared by the backends: ValueError/TypeError for bad input, NotImplementedError
+    for what stick-breaking does not define (non-causal masks, sinks, dropout, lse) and for what
+    the kernels don't serve (a bias, head dims > 256, dtypes other than f32/bf16/f16)."""
+    check_qkv(q, k, v)
+    check_options(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                  dropout_rate=dropout_rate, rng=rng)
+    check_request(q, k, mask=mask, sinks=sinks, dropout_rate=dropout_rate, return_lse=return_lse)
+    if bias is not None:
+        raise NotImplementedError("the Pallas stick-breaking kernel takes no bias; use implementation='xla'")
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        raise NotImplementedError(f"the Pallas stick-breaking kernel supports head dims up to 256, got "
+                                  f"D={q.shape[-1]}, Dv={v.shape[-1]}")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"the Pallas stick-breaking kernel supports float32/bfloat16/float16, got {q.dtype}")
+
+
+def schedule(mask: _masks.Mask, st: StickBreakingStatic):
+    """``(codes [nq, nk], lo [nq], hi [nq])`` int32: the key tiles ``[lo, hi)`` each query tile walks
+    (right to left), EMPTY tiles skipped, FULL tiles (no diagonal pair, no padding) unmasked."""
+    codes, lo, hi = _masks.block_schedule(mask, st.T, st.S, st.block_q, st.block_kv)
+    return strict_codes(codes, st.T, st.S, st.block_q, st.block_kv).astype(jnp.int32), lo, hi
+
+
+def allowed(st: StickBreakingStatic, i, j, load) -> jax.Array:
+    """Bool ``[bq, bk]`` on tile ``(i, j)``: the mask, key position < query position, key < S.
+
+    ``load`` is ``eval_mask``'s loader of the tile's Segments/Explicit data.
+    """
+    rows, cols = tile_iotas(i, j, st.block_q, st.block_kv)
+    ok = (cols < st.S) & (cols < rows + (st.S - st.T))
+    return ok & eval_mask(st.mask_plan, rows, cols, st.T, st.S, load)
+
+
+def cumsum_reverse_cumsum(x: jax.Array) -> jax.Array:
+    """``Σ_{k≥j} x_k`` along the last axis as ``total − cumsum + x`` (Triton lowers only the forward
+    cumsum). Error ~ eps·Σ|x_row|, which matters only where the weight is already tiny."""
+    return jnp.sum(x, axis=-1, keepdims=True) - jnp.cumsum(x, axis=-1) + x
+
+
+def matmul_reverse_cumsum(x: jax.Array) -> jax.Array:
+    """``Σ_{k≥j} x_k`` along the last axis of a 2-D tile as ``x @ U`` with ``U_kj = [k ≥ j]`` (MXU;
+    float32 at HIGHEST precision)."""
+    n = x.shape[-1]
+    upper = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+             >= jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(jnp.float32)
+    return jax.lax.dot(x, upper, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+__all__ = ["StickBreakingStatic", "validate", "schedule", "allowed", "cumsum_reverse_cumsum",
+           "matmul_reverse_cumsum"]

@@ -1,0 +1,80 @@
+"""One process of the multi-host test: ``python -m tests.multihost_worker PROCESS_ID NUM_PROCESSES PORT OUT``.
+
+Each process owns ``--xla_force_host_platform_device_count`` CPU devices (set by the launcher in
+``XLA_FLAGS``), joins the others through ``jax.distributed.initialize`` on localhost with the gloo
+CPU collectives, builds one global mesh over every process's devices, and runs LASP-2 and ring
+attention (forward and gradients) on global arrays built identically in every process. Process 0
+writes the gathered results to ``OUT`` (``.npz``) for ``tests/test_multihost.py`` to compare with a
+single-process run of the same code (``multihost_case``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from attnjax import masks, parallel
+
+SHAPE = dict(B=2, T=32, Hq=4, Hkv=2, D=8)
+DECAY = np.array([0.9, 0.8, 0.95, 0.7], np.float32)
+
+
+def inputs() -> tuple[np.ndarray, ...]:
+    """The global q, k, v and a cotangent w, the same in every process (NumPy, seeded)."""
+    rng = np.random.default_rng(0)
+    B, T, Hq, Hkv, D = (SHAPE[n] for n in ("B", "T", "Hq", "Hkv", "D"))
+    shapes = [(B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, Hq, D)]
+    return tuple(rng.standard_normal(s).astype(np.float32) for s in shapes)
+
+
+def multihost_case(mesh: Mesh, arrays) -> dict[str, jax.Array]:
+    """LASP-2 (with decay) and causal ring attention on a ``("data", "seq")`` mesh: outputs and
+    gradients of ``sum(out * w)`` wrt q, k, v. The same code serves one process or many."""
+    decay = jnp.asarray(DECAY)
+    schemes = {
+        "lasp2": lambda q, k, v: parallel.lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
+                                                        decay=decay),
+        "ring": lambda q, k, v: parallel.ring_attention_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
+                                                                mask=masks.Causal()),
+    }
+    results = {}
+    for name, fn in schemes.items():
+        def loss(q, k, v, w, fn=fn):
+            out = fn(q, k, v)
+            return jnp.sum(out * w), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(*arrays)
+        results[f"{name}/out"] = out
+        results.update({f"{name}/d{n}": g for n, g in zip("qkv", grads)})
+    return results
+
+
+def global_arrays(mesh: Mesh, host_arrays) -> tuple[jax.Array, ...]:
+    """Global arrays sharded ``[data, seq, ...]`` over ``mesh``, each process filling its own shards."""
+    sharding = NamedSharding(mesh, P("data", "seq"))
+    return tuple(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]) for x in host_arrays)
+
+
+def main(process_id: int, num_processes: int, port: int, out: str) -> None:
+    if "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=60)
+    devices = np.array(jax.devices())                     # every process's devices, process by process
+    per_process = devices.reshape(num_processes, 2, -1)   # [process, data, local]
+    mesh = Mesh(per_process.transpose(1, 0, 2).reshape(2, -1), ("data", "seq"))   # "seq" spans the processes
+    results = multihost_case(mesh, global_arrays(mesh, inputs()))
+    gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in results.items()}
+    if process_id == 0:
+        np.savez(out, num_devices=devices.size, local_devices=jax.local_device_count(), **gathered)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

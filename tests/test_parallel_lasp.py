@@ -1,0 +1,165 @@
+"""LASP-2 and LASP-2H on 8 fake CPU devices against single-device linear / softmax attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import attnjax as aj
+from attnjax.linear import linear_attention
+from attnjax.parallel import comm
+from attnjax.parallel.lasp2 import lasp2, lasp2_sharded
+from attnjax.parallel.lasp2h import lasp2h_attention, lasp2h_sharded
+from tests.helpers import assert_close, random_qkv
+
+DECAY = jnp.array([0.9, 0.8, 0.95, 0.7], jnp.float32)
+INTRA = "reference"
+"""The intra-chunk path of the tests that check the distribution rather than the chunked Lightning
+path (which the first test runs): it compiles much faster."""
+
+
+@pytest.fixture(scope="module")
+def mesh_2x4():
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "seq"))
+
+
+@pytest.fixture(scope="module")
+def mesh_8():
+    return Mesh(np.array(jax.devices()[:8]), ("seq",))
+
+
+def value_and_grads(fn, args, argnums):
+    """``(out, grads of sum(out * w))`` from one jitted function (w: fixed random cotangent)."""
+    w = jax.random.normal(jax.random.PRNGKey(123), jax.eval_shape(fn, *args).shape, jnp.float32)
+
+    def loss(*a):
+        out = fn(*a)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    (_, out), g = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(*args)
+    return out, g
+
+
+def assert_same(fn, ref, args, argnums, names, rtol=None):
+    out, g = value_and_grads(fn, args, argnums)
+    out_ref, g_ref = value_and_grads(ref, args, argnums)
+    assert_close(out, out_ref, rtol=rtol, name="out")
+    for a, e, n in zip(g, g_ref, names):
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(e)):
+            assert_close(x, y, rtol=rtol, name=f"d{n}{jax.tree_util.keystr(path)}")
+
+
+def test_decay_gqa_on_data_by_sequence_mesh_matches_linear_attention(mesh_2x4):
+    q, k, v = random_qkv(jax.random.PRNGKey(0), B=2, T=32, Hq=4, Hkv=2, D=8)
+
+    def sharded(q, k, v, lam):
+        return lasp2_sharded(q, k, v, mesh=mesh_2x4, seq_axis="seq", batch_axis="data", decay=lam, chunk_size=4)
+
+    def single(q, k, v, lam):
+        return linear_attention(q, k, v, decay=lam, implementation="reference")
+
+    assert_same(sharded, single, (q, k, v, DECAY), (0, 1, 2, 3), "qkv" + "λ")
+
+
+def test_non_causal_normalized_feature_map_gqa_matches_linear_attention(mesh_8):
+    q, k, v = random_qkv(jax.random.PRNGKey(2), B=1, T=16, Hq=4, Hkv=2, D=8)
+    kw = dict(causal=False, normalize=True, feature_map="elu+1")
+    assert_same(lambda q, k, v: lasp2_sharded(q, k, v, mesh=mesh_8, seq_axis="seq", implementation=INTRA, **kw),
+                lambda q, k, v: linear_attention(q, k, v, implementation="reference", **kw), (q, k, v), (0, 1, 2),
+                "qkv")
+
+
+def test_heads_sharded_alibi_decay_bf16_forward(mesh_2x4):
+    mesh = Mesh(mesh_2x4.devices, ("heads", "seq"))
+    q, k, v = random_qkv(jax.random.PRNGKey(3), B=1, T=32, Hq=4, D=8, dtype=jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", head_axis="heads",
+                                                decay="alibi", implementation=INTRA))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    expected = jax.jit(lambda q, k, v: linear_attention(q, k, v, decay="alibi", implementation="reference"))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert_close(out, expected, rtol=2e-2)
+
+
+def test_checked_shard_map_matches_and_has_one_all_gather_per_direction_independent_of_length(mesh_8):
+    """Called in ``jax.shard_map`` with the varying-axes check on (the default). The compiled
+    forward has one all-gather, forward + backward two, of the ``[B, H, D, Dv]`` float32 states
+    (the cost model's bytes), whatever T."""
+    spec = P(None, "seq", None, None)
+    sharded = jax.shard_map(lambda q, k, v: lasp2(q, k, v, axis_name="seq", implementation=INTRA), mesh=mesh_8,
+                            in_specs=(spec,) * 3, out_specs=spec)
+    single = lambda q, k, v: linear_attention(q, k, v, implementation="reference")  # noqa: E731
+    model = comm.traffic("lasp2", comm.Workload(1, 32, 2, 2, 8, dtype_bytes=4), 8, "linear")
+    state_bytes = 1 * 2 * 8 * 8 * 4
+    assert model.bytes_fwd == model.bytes_bwd == 7 * state_bytes
+    for T in (32, 64):
+        q, k, v = random_qkv(jax.random.PRNGKey(T), B=1, T=T, Hq=2, D=8)
+        forward = jax.jit(sharded).lower(q, k, v).compile()
+        assert [(c.kind, c.sent_bytes) for c in comm.collectives(forward)] == [("all-gather", model.bytes_fwd)]
+    assert_close(forward(q, k, v), jax.jit(single)(q, k, v))
+    loss = lambda f: lambda q, k, v, w: jnp.sum(f(q, k, v) * w)  # noqa: E731
+    step = jax.jit(jax.grad(loss(sharded), (0, 1, 2))).lower(q, k, v, q).compile()
+    gathers = comm.collectives(step)
+    assert [(c.kind, c.sent_bytes) for c in gathers] == [("all-gather", model.bytes_fwd)] * 2   # forward, backward
+    expected = jax.jit(jax.grad(loss(single), (0, 1, 2)))(q, k, v, q)
+    for a, e, n in zip(step(q, k, v, q), expected, "qkv"):
+        assert_close(a, e, name=f"d{n}")
+
+
+def hybrid_params(key, d_model=16, heads=2, layers="LSLS"):
+    keys = jax.random.split(key, len(layers))
+    scale = d_model ** -0.5
+    return [{"wqkv": jax.random.normal(k, (3, d_model, heads, d_model // heads)) * scale,
+             "wo": jax.random.normal(jax.random.fold_in(k, 1), (heads, d_model // heads, d_model)) * scale}
+            for k in keys]
+
+
+def hybrid_model(params, x, decay, layers, linear_layer, softmax_layer):
+    """Pre-norm residual stack: 'L' layers are Lightning (decay), 'S' layers causal softmax."""
+    for p, kind in zip(params, layers):
+        h = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        q, k, v = jnp.einsum("btd,cdhe->cbthe", h, p["wqkv"])
+        o = linear_layer(q, k, v, decay) if kind == "L" else softmax_layer(q, k, v)
+        x = x + jnp.einsum("bthe,hed->btd", o, p["wo"])
+    return x
+
+
+def test_hybrid_lightning_softmax_model_under_one_sequence_sharding_equals_unsharded(mesh_2x4):
+    layers = "LS"
+    params = hybrid_params(jax.random.PRNGKey(5), layers=layers)
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 16, 16))
+    decay = jnp.array([0.9, 0.75])
+
+    def sharded(params, x, decay):
+        def local(params, x, decay):
+            return hybrid_model(params, x, decay, layers,
+                                lambda q, k, v, lam: lasp2(q, k, v, axis_name="seq", decay=lam, implementation=INTRA),
+                                lambda q, k, v: lasp2h_attention(q, k, v, axis_name="seq", implementation=INTRA))
+        tokens = P("data", "seq", None)
+        return aj.parallel.shard_map(local, mesh=mesh_2x4, in_specs=(P(), tokens, P()), out_specs=tokens)(
+            params, x, decay)
+
+    def single(params, x, decay):
+        return hybrid_model(params, x, decay, layers,
+                            lambda q, k, v, lam: linear_attention(q, k, v, decay=lam, implementation="reference"),
+                            lambda q, k, v: aj.attention(q, k, v, mask=aj.masks.Causal(), implementation="reference"))
+
+    assert_same(sharded, single, (params, x, decay), (0, 1, 2), ["params", "x", "decay"], rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors(mesh_2x4, mesh_8):
+    q, k, v = random_qkv(jax.random.PRNGKey(8), B=2, T=12, Hq=2, D=8)
+    with pytest.raises(ValueError, match="not divisible"):
+        lasp2_sharded(q, k, v, mesh=mesh_8, seq_axis="seq")
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        lasp2_sharded(q, k, v, mesh=mesh_2x4, seq_axis="sp")
+    with pytest.raises(ValueError, match="not divisible"):
+        lasp2h_sharded(q, k, v, mesh=mesh_8, seq_axis="seq")
+    spec = P(None, "seq", None, None)
+    wrong_axis = jax.shard_map(lambda q, k, v: lasp2(q, k, v, axis_name="sp"), mesh=mesh_2x4,
+                               in_specs=(spec,) * 3, out_specs=spec)
+    with pytest.raises(ValueError, match="'sp' is not an axis"):
+        wrong_axis(q[:, :8], k[:, :8], v[:, :8])
+    with pytest.raises(ValueError, match="decay"):
+        lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay="cosine")
