@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -57,7 +58,7 @@ def source_files(root: Union[str, Path]) -> list[str]:
 
 
 def in_validation(relative_path: str, valid_fraction: float) -> bool:
-    """Whether a file is held out: the first 8 bytes of SHA-256 of its relative path, as a fraction, < ``valid_fraction``."""
+    """Whether a file is held out: SHA-256 of its relative path, first 8 bytes as a fraction, < ``valid_fraction``."""
     digest = hashlib.sha256(relative_path.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < valid_fraction
 
@@ -93,7 +94,7 @@ def load_corpus(root: Optional[Union[str, Path]] = None, valid_fraction: float =
 
 
 def train_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: Union[int, Sequence[int]]) -> train.Batch:
-    """Random windows of ``data``: ``inputs [B, T]`` and next-byte ``targets [B, T]`` (int32), determined by ``seed``."""
+    """Random windows of ``data``: ``inputs [B, T]`` and next-byte ``targets [B, T]`` (int32), set by ``seed``."""
     if len(data) <= seq_len + 1:
         raise ValueError(f"data has {len(data)} bytes, too few for windows of {seq_len + 1}")
     starts = np.random.default_rng(seed).integers(0, len(data) - seq_len - 1, batch_size)
@@ -153,7 +154,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--valid-fraction", type=float, default=0.05)
-    p.add_argument("--eval-windows", type=int, default=32, help="validation windows of 4T bytes")
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows of 4T bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", type=Path, default=None, help="source tree (default: the stdlib)")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (tests)")
@@ -203,24 +204,45 @@ def table(rows: Sequence[dict], seq_len: int) -> str:
     return common.markdown_table(headers, lines)
 
 
+def report(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
+    """The markdown page: command, settings, corpus, machine and load, and the bits-per-byte table."""
+    corpus, device = run_info["corpus"], run_info["device"]
+    return "\n".join([
+        f"# Byte-level LM on the Python standard library — {device['platform']}", "",
+        "`" + " ".join(["python -m experiments.lm_bytes", *argv]) + "`", "",
+        f"Corpus: {corpus['train_files']} train files ({corpus['train_bytes'] / 2 ** 20:.1f} MiB) and "
+        f"{corpus['valid_files']} validation files ({corpus['valid_bytes'] / 2 ** 20:.1f} MiB) of this interpreter's "
+        f"stdlib, split by path hash. Model: d_model {args.d_model}, {args.num_layers} blocks, {args.num_heads} heads, "
+        f"MLP ratio {args.mlp_ratio}, RoPE in the attention layers, BASED window {args.based_window}. Training: "
+        f"T = {args.seq_len}, {args.steps} AdamW steps of {args.batch_size} windows (lr {args.lr}, warmup "
+        f"{args.warmup_steps}, cosine). Validation bits per byte over the same {corpus['scored_bytes_per_eval']:,} "
+        f"bytes cut into windows of T, 2T and 4T; `last T @ kT` scores only the last T positions of each kT "
+        f"window (positions beyond the trained context).", "",
+        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
+        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
+        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        table(rows, args.seq_len), ""])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Train every mechanism, print the table, write ``<name>.json`` and ``<name>.md`` to ``--out``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     corpus = load_corpus(args.root, args.valid_fraction)
     windows = eval_windows(corpus.valid, max(CONTEXT_MULTIPLES) * args.seq_len, args.eval_windows)
     rows = [run_one(args, corpus, windows, m) for m in tqdm(args.mechanisms, desc="lm_bytes",
                                                              disable=args.no_progress, dynamic_ncols=True)]
-    info = common.device_info()
-    name = args.name or f"lm_bytes_{info['platform']}"
-    md = table(rows, args.seq_len)
-    print(md)
     corpus_info = {"train_bytes": len(corpus.train), "valid_bytes": len(corpus.valid),
                    "train_files": len(corpus.train_files), "valid_files": len(corpus.valid_files),
                    "scored_bytes_per_eval": int(windows.shape[0] * (windows.shape[1] - 1))}
-    common.write_json({"args": common.jsonable_args(args), "device": info, "corpus": corpus_info,
-                       "wall_seconds": time.perf_counter() - start, "results": rows}, f"{name}.json", args.out)
-    (Path(args.out) / f"{name}.md").write_text(md + "\n")
+    run_info = {"device": common.device_info(), "corpus": corpus_info, "wall_seconds": time.perf_counter() - start,
+                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    name = args.name or f"lm_bytes_{run_info['device']['platform']}"
+    md = report(rows, args, argv, run_info)
+    print(md)
+    common.write_json({"args": common.jsonable_args(args), **run_info, "results": rows}, f"{name}.json", args.out)
+    (Path(args.out) / f"{name}.md").write_text(md)
     return rows
 
 

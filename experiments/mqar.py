@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,8 @@ from tqdm import tqdm
 
 from experiments import common, train
 
-QUICK_FLAGS = ["--d-models", "64", "--kv-pairs", "8", "--seq-len", "64", "--steps", "250", "--batch-size", "32",
-               "--test-examples", "256"]
+QUICK_FLAGS = ["--d-models", "64", "--kv-pairs", "8", "--seq-len", "64", "--steps", "200", "--batch-size", "32",
+               "--warmup-steps", "20", "--test-examples", "256"]
 """The ``compare(quick=True)`` setting: one width, one pair count, a short run."""
 SMOKE = dict(d_models=[16], kv_pairs=[2, 4], seq_len=16, vocab_size=32, num_layers=1, steps=3, batch_size=4,
              warmup_steps=1, test_examples=8)
@@ -111,25 +112,33 @@ def mqar_batch(config: MQARConfig, batch_size: int, seed: Union[int, Sequence[in
     return inputs.astype(np.int32), targets.astype(np.int32)
 
 
+def parse_mechanism(spec: str) -> tuple[str, Optional[int]]:
+    """``"based_linear:8"`` -> ``("based_linear", 8)``; ``"softmax"`` -> ``("softmax", None)`` (default head_dim)."""
+    name, _, head_dim = spec.partition(":")
+    return name, int(head_dim) if head_dim else None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults run in a few minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mechanisms", type=lambda s: s.split(","), default=["softmax", "lightning", "based_linear"],
-                   help=f"comma-separated mixers: {', '.join(train.mixer_names())}")
-    p.add_argument("--d-models", type=common.parse_ints, default=[32, 64], help="model widths")
+    p.add_argument("--mechanisms", type=lambda s: s.split(","),
+                   default=["softmax", "lightning", "based_linear:8", "based_linear"],
+                   help=f"comma-separated mixers, each optionally name:head_dim: {', '.join(train.mixer_names())}")
+    p.add_argument("--d-models", type=common.parse_ints, default=[64], help="model widths")
     p.add_argument("--kv-pairs", type=common.parse_ints, default=[4, 8, 16], help="key-value pairs per sequence")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--power-a", type=float, default=0.01)
     p.add_argument("--random-non-queries", action="store_true", help="random filler tokens instead of 0")
     p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=16, help="heads = d_model / head_dim, for every mechanism")
+    p.add_argument("--head-dim", type=int, default=16,
+                   help="features per head (heads = d_model / head_dim); a mechanism given as name:D uses D")
     p.add_argument("--mlp-ratio", type=int, default=0, help="0: no MLP (Zoology's MQAR models)")
     p.add_argument("--short-conv", type=int, default=3, help="causal conv kernel before each block (0: none)")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--test-examples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**SMOKE)
     args = p.parse_args(argv)
-    unknown = set(args.mechanisms) - set(train.mixer_names())
+    unknown = {parse_mechanism(m)[0] for m in args.mechanisms} - set(train.mixer_names())
     if unknown:
         p.error(f"unknown mechanisms {sorted(unknown)}; known: {train.mixer_names()}")
     return args
@@ -150,9 +159,11 @@ def run_one(args: argparse.Namespace, mechanism: str, d_model: int, num_kv_pairs
     """Train one model on one MQAR task and measure its test accuracy on the answer positions."""
     task = MQARConfig(vocab_size=args.vocab_size, seq_len=args.seq_len, num_kv_pairs=num_kv_pairs,
                       power_a=args.power_a, random_non_queries=args.random_non_queries)
-    model_config = train.ModelConfig(vocab_size=args.vocab_size, mixer=mechanism, d_model=d_model,
-                                     num_layers=args.num_layers, num_heads=max(d_model // args.head_dim, 1),
-                                     mlp_ratio=args.mlp_ratio, short_conv=args.short_conv)
+    name, head_dim = parse_mechanism(mechanism)
+    head_dim = head_dim or args.head_dim
+    model_config = train.ModelConfig(vocab_size=args.vocab_size, mixer=name, d_model=d_model,
+                                     num_layers=args.num_layers, num_heads=max(d_model // head_dim, 1),
+                                     head_dim=head_dim, mlp_ratio=args.mlp_ratio, short_conv=args.short_conv)
     train_config = train.TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
                                      weight_decay=args.weight_decay)
     model = train.LanguageModel(model_config, rngs=nnx.Rngs(args.seed))
@@ -164,6 +175,7 @@ def run_one(args: argparse.Namespace, mechanism: str, d_model: int, num_kv_pairs
     batches = [(test[0][i:i + 256], test[1][i:i + 256]) for i in range(0, args.test_examples, 256)]
     result = train.evaluate(model, batches)
     return {"mechanism": mechanism, "d_model": d_model, "num_kv_pairs": num_kv_pairs,
+            "num_heads": model_config.num_heads, "head_dim": head_dim,
             "accuracy": result["accuracy"], "test_loss": result["loss"],
             "state_size": train.decode_state_size(model_config, args.seq_len),
             "params": train.num_params(model), "train_seconds": seconds,
@@ -182,8 +194,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def compare(mechanisms: Sequence[str], *, quick: bool = True, seed: int = 0) -> list[dict]:
     """Train each mechanism on one MQAR task and return its row (accuracy, state size, ...).
 
-    ``quick=True``: d_model 64, 8 pairs, T = 64, 250 steps (about half a minute per mechanism on two
-    idle CPU cores); ``quick=False``: this module's default sweep for those mechanisms.
+    ``quick=True``: d_model 64, 8 pairs, T = 64, 200 steps of batch 32 (``QUICK_FLAGS``);
+    ``quick=False``: this module's default sweep for those mechanisms.
     """
     flags = (QUICK_FLAGS if quick else []) + ["--mechanisms", ",".join(mechanisms), "--seed", str(seed),
                                               "--no-progress"]
@@ -197,7 +209,8 @@ def table(rows: Sequence[dict]) -> str:
     lines = []
     for mechanism, d_model in dict.fromkeys((r["mechanism"], r["d_model"]) for r in rows):
         row = by_key[mechanism, d_model, pairs[0]]
-        lines.append([mechanism, d_model, f"{row['state_size']:,}", f"{row['params']:,}"]
+        state = "?" if row["state_size"] is None else f"{row['state_size']:,}"
+        lines.append([mechanism, d_model, state, f"{row['params']:,}"]
                      + [f"{by_key[mechanism, d_model, n]['accuracy']:.3f}" if (mechanism, d_model, n) in by_key
                         else "" for n in pairs])
     return common.markdown_table(["mechanism", "d_model", "state floats", "params"]
@@ -223,7 +236,7 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax = axes[0][-1]
     for mechanism in mechanisms:
-        sel = [r for r in rows if r["mechanism"] == mechanism]
+        sel = [r for r in rows if r["mechanism"] == mechanism and r["state_size"] is not None]
         ax.scatter([r["state_size"] for r in sel], [r["accuracy"] for r in sel], color=colors[mechanism],
                    label=mechanism, s=[12 * r["num_kv_pairs"] ** 0.5 for r in sel])
     ax.set_xscale("log")
@@ -236,18 +249,42 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
+    """The markdown page: command, settings, machine and load, the accuracy table, and how to read it."""
+    solved = []
+    for mechanism, d_model in dict.fromkeys((r["mechanism"], r["d_model"]) for r in rows):
+        ok = [r["num_kv_pairs"] for r in rows if (r["mechanism"], r["d_model"]) == (mechanism, d_model)
+              and r["accuracy"] >= 0.9]
+        solved.append(f"{mechanism} (d_model {d_model}): {max(ok) if ok else 'none'}")
+    return "\n".join([
+        f"# MQAR (Zoology) — {run_info['device']['platform']}", "",
+        "`" + " ".join(["python -m experiments.mqar", *argv]) + "`", "",
+        f"T = {args.seq_len}, vocab {args.vocab_size}, {args.num_layers} blocks, MLP ratio {args.mlp_ratio}, "
+        f"short conv {args.short_conv}, {args.steps} AdamW steps of {args.batch_size} fresh sequences (lr {args.lr}, "
+        f"warmup {args.warmup_steps}, cosine), random non-queries: {args.random_non_queries}; accuracy on the answer "
+        f"tokens of {args.test_examples} held-out sequences. Heads = d_model / head_dim (head_dim {args.head_dim}, "
+        f"or D in `name:D`). State floats: what the model keeps per sequence to decode the next token "
+        f"(KV cache at T for softmax; the fixed-size state of linear attention), summed over blocks.", "",
+        f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
+        f"{run_info['device']['jax_version']}; load average {run_info['load_start']:.1f} at start, "
+        f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",
+        table(rows), "",
+        "Largest N with accuracy >= 0.9: " + "; ".join(solved) + ".", ""])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Run the sweep, print the table, write ``<name>.json``, ``<name>.md`` and ``<name>.png`` to ``--out``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     rows = run(args)
-    info = common.device_info()
-    name = args.name or f"mqar_{info['platform']}"
-    md = table(rows)
+    run_info = {"device": common.device_info(), "wall_seconds": time.perf_counter() - start,
+                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    name = args.name or f"mqar_{run_info['device']['platform']}"
+    md = report(rows, args, argv, run_info)
     print(md)
-    common.write_json({"args": common.jsonable_args(args), "device": info,
-                       "wall_seconds": time.perf_counter() - start, "results": rows}, f"{name}.json", args.out)
-    (Path(args.out) / f"{name}.md").write_text(md + "\n")
+    common.write_json({"args": common.jsonable_args(args), **run_info, "results": rows}, f"{name}.json", args.out)
+    (Path(args.out) / f"{name}.md").write_text(md)
     plot(rows, Path(args.out) / f"{name}.png")
     return rows
 

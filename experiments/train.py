@@ -55,6 +55,8 @@ class ModelConfig:
       d_model: residual width.
       num_layers: residual blocks.
       num_heads: attention heads per block.
+      head_dim: features per head of the registry-mechanism blocks (default ``d_model // num_heads``);
+        for a feature-map mechanism it is also the dimension the feature map expands (BASED's ``feature_dim``).
       mlp_ratio: MLP hidden width ``mlp_ratio · d_model`` of the registry-mechanism blocks (and BASED);
         ``0`` drops the MLP from the registry-mechanism blocks (BASED then uses its default ``4·d_model``).
       rope: rotary positions in the ``MultiHeadAttention`` (and BASED sliding-window) layers.
@@ -69,6 +71,7 @@ class ModelConfig:
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
+    head_dim: Optional[int] = None
     mlp_ratio: int = 4
     rope: bool = True
     tie_embeddings: bool = True
@@ -115,9 +118,9 @@ class AttentionBlock(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, mechanism: registry.Mechanism, mlp_dim: int, rope: bool,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, head_dim: Optional[int] = None):
         self.norm_attention = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attention = ajnn.MultiHeadAttention(d_model, num_heads, mechanism=mechanism,
+        self.attention = ajnn.MultiHeadAttention(d_model, num_heads, head_dim=head_dim, mechanism=mechanism,
                                                  rope=RoPE() if rope else None, rngs=rngs)
         self.norm_mlp = nnx.LayerNorm(d_model, rngs=rngs) if mlp_dim else None
         self.mlp = MLP(d_model, mlp_dim, rngs=rngs) if mlp_dim else None
@@ -157,7 +160,8 @@ def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Modul
                                     **config.mixer_options)
     if config.mixer in ajnn.BLOCKS:
         return ajnn.BLOCKS[config.mixer](d, heads, rngs=rngs, **config.mixer_options)
-    return AttentionBlock(d, heads, mechanism=config.mechanism(), mlp_dim=mlp_dim, rope=config.rope, rngs=rngs)
+    return AttentionBlock(d, heads, mechanism=config.mechanism(), mlp_dim=mlp_dim, rope=config.rope, rngs=rngs,
+                          head_dim=config.head_dim)
 
 
 class LanguageModel(nnx.Module):
@@ -199,30 +203,34 @@ def _cache_size(module: nnx.Module, *args) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache) if x.ndim > 0)
 
 
-def decode_state_size(config: ModelConfig, seq_len: int) -> int:
-    """Floats per sequence that the model keeps to decode token ``seq_len + 1``, summed over layers.
+def decode_state_size(config: ModelConfig, seq_len: int) -> Optional[int]:
+    """Floats per sequence that the model keeps to decode token ``seq_len + 1``, summed over blocks.
 
-    Softmax-style mechanisms keep keys and values, ``2 · seq_len · H · D`` per layer (it grows);
-    linear ones keep the state ``S = Σ φ(k_t)ᵀ v_t`` (plus the normalizer column), whose size does not
-    depend on ``seq_len``; BASED blocks keep both a linear state and a ``window``-token KV buffer.
-    This is the "recurrent state size" axis of Zoology (Arora et al. 2023) and BASED (Arora et al. 2024).
+    Softmax-family mechanisms keep keys and values, ``2 · seq_len · H · D`` per block (it grows);
+    feature-map linear attention keeps the state ``S = Σ φ(k_t)ᵀ v_t`` (plus the normalizer column),
+    whose size does not depend on ``seq_len``; ``attnjax.nn.BLOCKS`` report their ``init_cache`` (BASED:
+    a linear state and a ``window``-token KV buffer). This is the "recurrent state size" axis of Zoology
+    (Arora et al. 2023) and BASED (Arora et al. 2024). ``None`` for a mechanism of another kind.
     """
     model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+    mechanism = config.mechanism()
     total = 0
     for block in model.blocks:
-        if isinstance(block, AttentionBlock):
-            mha, mechanism = block.attention, config.mechanism()
-            if mechanism.family == "linear":
-                q = jax.ShapeDtypeStruct((1, 1, mha.num_heads, mha.head_dim), jnp.float32)
-                kv = jax.ShapeDtypeStruct((1, 1, mha.num_kv_heads, mha.head_dim), jnp.float32)
-                _, state = jax.eval_shape(lambda q, k, v: linear_attention(
-                    q, k, v, feature_map=mechanism.feature_map, normalize=mechanism.normalize, return_state=True),
-                    q, kv, kv)
-                total += int(np.prod(state.shape))
-            else:
-                total += 2 * seq_len * mha.num_kv_heads * mha.head_dim
-        else:
+        if not isinstance(block, AttentionBlock):
             total += _cache_size(block)
+            continue
+        mha = block.attention
+        if hasattr(mechanism, "feature_map"):
+            q = jax.ShapeDtypeStruct((1, 1, mha.num_heads, mha.head_dim), jnp.float32)
+            kv = jax.ShapeDtypeStruct((1, 1, mha.num_kv_heads, mha.head_dim), jnp.float32)
+            _, state = jax.eval_shape(lambda q, k, v: linear_attention(
+                q, k, v, feature_map=mechanism.feature_map, normalize=mechanism.normalize, return_state=True),
+                q, kv, kv)
+            total += int(np.prod(state.shape))
+        elif mechanism.family == "softmax":
+            total += 2 * seq_len * mha.num_kv_heads * mha.head_dim
+        else:
+            return None
     return total
 
 

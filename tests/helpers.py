@@ -53,7 +53,7 @@ def grads(fn: Callable, args: Sequence, argnums: Sequence[int], key=None):
     """Gradients of ``sum(fn(*args) * w)`` for a fixed random cotangent ``w``."""
     key = jax.random.PRNGKey(123) if key is None else key
     out = fn(*args)
-    w = jnp.asarray(numpy_rng(key).standard_normal(jnp.shape(out), np.float32))
+    w = jax.random.normal(key, jnp.shape(out), jnp.float32)
 
     def loss(*a):
         return jnp.sum(fn(*a).astype(jnp.float32) * w)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments import bench_alternatives
 
 
@@ -10,6 +12,7 @@ def test_alternatives_come_from_the_registry():
     assert {"sigmoid", "softplus"} <= names and "softmax" not in names
 
 
+@pytest.mark.slow
 def test_bench_alternatives_smoke_reports_ratios_to_softmax(tmp_path):
     bench_alternatives.main(["--smoke", "--mechanisms", "sigmoid", "--no-with-pallas", "--out", str(tmp_path),
                              "--name", "tiny"])

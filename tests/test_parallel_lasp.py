@@ -63,6 +63,7 @@ def test_decay_gqa_on_data_by_sequence_mesh_matches_linear_attention(mesh_2x4):
     assert_same(sharded, single, (q, k, v, DECAY), (0, 1, 2, 3), "qkv" + "λ")
 
 
+@pytest.mark.slow
 def test_non_causal_normalized_feature_map_gqa_matches_linear_attention(mesh_8):
     q, k, v = random_qkv(jax.random.PRNGKey(2), B=1, T=16, Hq=4, Hkv=2, D=8)
     kw = dict(causal=False, normalize=True, feature_map="elu+1")
