@@ -231,6 +231,7 @@ def test_simplicial_bf16():
     assert_close(lse, ref_lse)
 
 
+@pytest.mark.slow
 def test_simplicial_registry_entry():
     """The standard signature is the one-key-set form ``k' = k``, ``v' = v``."""
     q, k, v, _, _ = simplicial_inputs()

@@ -84,7 +84,7 @@ CASES = [
     ("softplus", "pallas_gpu", "window&segments", jnp.bfloat16, dict(logits_soft_cap=5.0)),
     pytest.param("sigmoid", "pallas_gpu", "window", jnp.bfloat16, {}, marks=pytest.mark.slow),
     pytest.param("softplus", "pallas_gpu", "causal", jnp.float32, {}, marks=pytest.mark.slow),
-    ("softplus", "pallas_tpu", "causal", jnp.float32, {}),
+    pytest.param("softplus", "pallas_tpu", "causal", jnp.float32, {}, marks=pytest.mark.slow),
 ]
 
 

@@ -157,6 +157,7 @@ def test_pallas_gpu_interpret_bf16_cross():
     check(gpu(mask=masks.ChunkedCausal(8)), ref(mask=masks.ChunkedCausal(8)), args, rtol=TOLERANCE[jnp.bfloat16])
 
 
+@pytest.mark.slow
 def test_pallas_tpu_interpret_matches_reference():
     args = random_qkv(jax.random.PRNGKey(4), B=1, T=37, Hq=2, Hkv=1, D=16)
     options = dict(mask=masks.SlidingWindow(20, 0), logits_soft_cap=3.0)
