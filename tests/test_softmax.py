@@ -78,7 +78,8 @@ def test_gqa_and_mqa(Hq, Hkv):
     assert_close(ref(mask=masks.Causal())(q, k, v), jax_nn(q, k, v, mask=masks.Causal()), name="vs jax.nn")
 
 
-@pytest.mark.parametrize("T_,S_", [(1, 30), (7, 40), (40, 7), (33, 33)])
+@pytest.mark.parametrize("T_,S_", [pytest.param(1, 30, marks=pytest.mark.slow), (7, 40), (40, 7),
+                                    pytest.param(33, 33, marks=pytest.mark.slow)])
 def test_cross_lengths_bottom_right_alignment(T_, S_):
     q, k, v = random_qkv(KEY, B=1, T=T_, S=S_, Hq=2, D=8)
     mask = masks.Causal()
