@@ -10,15 +10,18 @@ Study: train a small 2-block ``experiments.train.LanguageModel`` per (mechanism,
 samples every step, then report answer accuracy on a held-out test set, with each model's decoding
 state size (``train.decode_state_size``), as a markdown table, JSON and a plot.
 
-    python -m experiments.mqar                                   # CPU default, a few minutes
+    python -m experiments.mqar                  # CPU default: 12 runs, about 15 minutes on 2 cores
     python -m experiments.mqar --mechanisms softmax,lightning,based_linear,linear \\
         --d-models 64,128,256 --kv-pairs 8,16,32,64 --seq-len 256 --vocab-size 8192 --steps 4000
 
-Deviations from the paper's setup, for CPU budgets (flags restore it): a vocabulary of 256 instead of
-8192; a few hundred steps on fresh samples instead of 64 epochs over 100k examples; and a short causal
-convolution before each block (``--short-conv 3``, as in the H3/BASED hybrids Zoology also trains), which
-spares every mechanism the slow emergence of a previous-token head, so that the accuracy measures
-associative memory rather than optimization luck (``--short-conv 0`` removes it).
+``compare`` runs one small task per mechanism (about a minute for three), for the main job.
+
+Deviations from the paper's setup, for CPU budgets (flags restore most of it): a vocabulary of 256
+instead of 8192; a few hundred steps on fresh samples instead of 64 epochs over 100k examples; RoPE
+instead of learned absolute positions; and a short causal convolution before each block
+(``--short-conv 3``, as in the H3/BASED hybrids Zoology also trains), which spares every mechanism
+the slow emergence of a previous-token head, so that a short run measures associative memory rather
+than optimization luck (``--short-conv 0`` removes it).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 from experiments import common, train
 
-QUICK_FLAGS = ["--d-models", "64", "--kv-pairs", "8", "--seq-len", "64", "--steps", "200", "--batch-size", "32",
+QUICK_FLAGS = ["--d-models", "64", "--kv-pairs", "8", "--seq-len", "32", "--steps", "200", "--batch-size", "64",
                "--warmup-steps", "20", "--test-examples", "256"]
 """The ``compare(quick=True)`` setting: one width, one pair count, a short run."""
 SMOKE = dict(d_models=[16], kv_pairs=[2, 4], seq_len=16, vocab_size=32, num_layers=1, steps=3, batch_size=4,
@@ -119,7 +122,7 @@ def parse_mechanism(spec: str) -> tuple[str, Optional[int]]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command-line flags; the defaults run in a few minutes on a 2-core CPU."""
+    """Command-line flags; the defaults take about 15 minutes on a 2-core CPU (``compare`` about one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", type=lambda s: s.split(","),
                    default=["softmax", "lightning", "based_linear:8", "based_linear"],
@@ -188,13 +191,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for mechanism, d_model, pairs in tqdm(grid, desc="mqar", disable=args.no_progress, dynamic_ncols=True):
         rows.append(run_one(args, mechanism, d_model, pairs))
+        if not args.no_progress:
+            tqdm.write(f"{mechanism} d_model={d_model} N={pairs}: accuracy {rows[-1]['accuracy']:.3f} "
+                       f"({rows[-1]['train_seconds']:.0f} s)")
     return rows
 
 
 def compare(mechanisms: Sequence[str], *, quick: bool = True, seed: int = 0) -> list[dict]:
     """Train each mechanism on one MQAR task and return its row (accuracy, state size, ...).
 
-    ``quick=True``: d_model 64, 8 pairs, T = 64, 200 steps of batch 32 (``QUICK_FLAGS``);
+    ``quick=True``: d_model 64, 8 pairs, T = 32, 200 steps of batch 64 (``QUICK_FLAGS``; about a minute for
+    softmax, lightning and based_linear on two CPU cores);
     ``quick=False``: this module's default sweep for those mechanisms.
     """
     flags = (QUICK_FLAGS if quick else []) + ["--mechanisms", ",".join(mechanisms), "--seed", str(seed),
@@ -240,6 +247,7 @@ def plot(rows: Sequence[dict], path: Path) -> None:
         ax.scatter([r["state_size"] for r in sel], [r["accuracy"] for r in sel], color=colors[mechanism],
                    label=mechanism, s=[12 * r["num_kv_pairs"] ** 0.5 for r in sel])
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set(title="accuracy vs decoding state (size ~ pairs)", xlabel="state floats per sequence",
            ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)

@@ -298,7 +298,7 @@ def _train_step(graphdef, config, params, rest, opt_state, inputs, targets):
 
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = make_optimizer(config).update(grads, opt_state, params)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
@@ -330,7 +330,7 @@ def _checkpoint_manager(directory: Union[str, Path], max_to_keep: Optional[int] 
 
 def save_checkpoint(directory: Union[str, Path], step: int, model: nnx.Module, opt_state=None) -> None:
     """Save the model's state (and the optax state) as checkpoint ``step`` under ``directory``."""
-    items = {"model": ocp.args.StandardSave(nnx.state(model).to_pure_dict())}
+    items = {"model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model)))}
     if opt_state is not None:
         items["optimizer"] = ocp.args.StandardSave(opt_state)
     with _checkpoint_manager(directory) as manager:
@@ -358,7 +358,7 @@ def restore_checkpoint(directory: Union[str, Path], model: nnx.Module, opt_state
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
         state = nnx.state(model)
-        args = {"model": ocp.args.StandardRestore(state.to_pure_dict())}
+        args = {"model": ocp.args.StandardRestore(nnx.to_pure_dict(state))}
         if opt_state is not None:
             args["optimizer"] = ocp.args.StandardRestore(opt_state)
         restored = manager.restore(step, args=ocp.args.Composite(**args))
