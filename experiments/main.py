@@ -11,10 +11,12 @@ For each entry of ``attnjax.registry.entries()``:
    ``jax.nn.dot_product_attention(implementation="xla")`` at a few sequence lengths, forward and
    forward+backward, as ratios to jax.nn measured in this run; a path whose predicted single run
    exceeds ``--time-budget-s`` is not timed at longer lengths;
-3. CAB patterns (``experiments.cab``, small sizes): which of noncausal/causal self/cross attention
+3. MQAR (``experiments.mqar.compare``, quick setting): a short associative-recall run of
+   ``--mqar-mechanisms`` (softmax, lightning and BASED's linear part by default);
+4. CAB patterns (``experiments.cab``, small sizes): which of noncausal/causal self/cross attention
    each mechanism serves, checked by running it; with ``--cab-seq-lens``, also its efficiency length
    against softmax xla (the full CAB run is ``python -m experiments.cab``);
-4. a summary (printed and ``main.md``), ``main.json`` and a log-log plot ``main_scaling.png`` in ``--out``.
+5. a summary (printed and ``main.md``), ``main.json`` and a log-log plot ``main_scaling.png`` in ``--out``.
 
 A mechanism whose reference needs more than ``--check-memory-gib`` at ``--check-len`` (a cubic
 reference, say) is checked at half the length, and so on. No new mechanism or length is started
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 import attnjax
 from attnjax import api, masks, registry
-from experiments import cab, common
+from experiments import cab, common, mqar
 
 BASELINE = "jax.nn/xla"
 MODES = common.MODES
@@ -64,6 +66,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--check-len", type=int, default=640, help="sequence length of the correctness checks")
     p.add_argument("--check-memory-gib", type=float, default=2.0,
                    help="halve a mechanism's check length while its reference needs more memory than this")
+    p.add_argument("--mqar-mechanisms", type=lambda s: [m for m in s.split(",") if m],
+                   default=["softmax", "lightning", "based_linear"],
+                   help="comma-separated mechanisms for the short MQAR comparison (empty: skip it)")
     p.add_argument("--cab", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the CAB pattern checks and efficiency lengths (experiments.cab)")
     p.add_argument("--cab-seq-lens", type=common.parse_ints, default=None,
@@ -364,6 +369,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sections.append((f"Checks against the reference (T={args.check_len} unless noted) and time / jax.nn "
                      f"(B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, causal where supported)",
                      summary_table(checks, timings, args.check_len) + ("\n\n" + "\n".join(notes) if notes else "")))
+
+    if args.mqar_mechanisms:
+        if time.perf_counter() < deadline:
+            rows = mqar.compare(args.mqar_mechanisms, quick=True)
+            lap("mqar")
+            results["mqar"] = rows
+            quick = mqar.parse_args(mqar.QUICK_FLAGS)
+            sections.append((f"MQAR recall (d_model {quick.d_models[0]}, T={quick.seq_len}, {quick.steps} steps; "
+                             "the full sweep is python -m experiments.mqar)", mqar.table(rows)))
+        else:
+            sections.append(("MQAR recall", "Not run (past --max-minutes)."))
 
     if args.cab:
         cab_results, cab_args = run_cab(entries, args, deadline)

@@ -7,15 +7,19 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from attnjax import registry
-from experiments import bench_softmax, common
+from experiments import bench_softmax, common, mqar
 from experiments import main as main_job
 
 
-def test_main_job_checks_and_times_mechanisms(tmp_path):
-    """One mechanism per family at tiny sizes (every mechanism's paths have their own tests)."""
+def test_main_job_checks_and_times_mechanisms(tmp_path, monkeypatch):
+    """One mechanism per family at tiny sizes (every mechanism's paths have their own tests); MQAR at a toy size."""
     names = ["softmax", "lightning"]
+    monkeypatch.setattr(mqar, "QUICK_FLAGS", ["--d-models", "16", "--kv-pairs", "2", "--seq-len", "16", "--steps", "3",
+                                              "--batch-size", "4", "--warmup-steps", "1", "--test-examples", "8",
+                                              "--vocab-size", "32", "--num-layers", "1"])
     main_job.main(["--seq-lens", "64,128", "--repeats", "1", "--check-len", "40", "--heads", "2",
-                   "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--out", str(tmp_path)])
+                   "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--out", str(tmp_path),
+                   "--mqar-mechanisms", "softmax,lightning"])
     results = json.loads((tmp_path / "main.json").read_text())
     assert set(results["mechanisms"]) == set(names)
     for entry in common.selected_entries(names):
@@ -28,6 +32,8 @@ def test_main_job_checks_and_times_mechanisms(tmp_path):
     assert all(len(s) == 2 and all(t is not None and t > 0 for t in s) for s in seconds.values())
     assert (tmp_path / "main_scaling.png").stat().st_size > 0
     assert "| lightning/xla" in (tmp_path / "main.md").read_text()
+    assert [r["mechanism"] for r in results["mqar"]] == ["softmax", "lightning"]
+    assert "## MQAR recall (d_model 16, T=16, 3 steps" in (tmp_path / "main.md").read_text()
 
 
 def test_main_job_runs_cab_at_its_sizes():
