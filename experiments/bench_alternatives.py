@@ -39,7 +39,6 @@ from experiments.bench_softmax import compile_path, inputs
 FAMILY = "softmax"
 BASELINE = "softmax/xla"
 MODES = common.MODES
-ACCELERATORS = ("gpu", "tpu")
 IMPLEMENTATIONS = ("xla", "pallas")
 SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 16, "repeats": 1, "max_seconds": 1.0}
 """``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
@@ -47,36 +46,20 @@ SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 16, "repeats": 1, "max_secon
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=common.parse_ints, default=[1024, 2048, 4096],
-                   help="comma-separated sequence lengths (1k = 1024)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = common.benchmark_parser(__doc__, [1024, 2048, 4096])
     p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
                    help=f"comma-separated subset of the {FAMILY!r}-family alternatives (default: all registered)")
     p.add_argument("--skip", type=lambda s: s.split(","), default=[],
                    help="comma-separated alternatives to leave out (say why with --note)")
     p.add_argument("--note", default="", help="a sentence for the markdown report (e.g. why a mechanism is skipped)")
-    p.add_argument("--with-pallas", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the pallas paths (default: on GPU/TPU only; on CPU they run in interpret "
-                        "mode, which is meaningless to time)")
+    common.add_pallas_flag(p, "the pallas paths")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
                    help="time a path only if its estimated peak memory is below this")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
-    p.add_argument("--name", default=f"bench_alternatives_{jax.default_backend()}", help="output file stem")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) and a _smoke file stem: checks it runs")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE, name=f"{args.name}_smoke")
-        args = p.parse_args(argv)
-    if args.with_pallas is None:
-        args.with_pallas = jax.default_backend() in ACCELERATORS
-    return args
+    common.add_output_flags(p, "bench_alternatives")
+    return common.parse_benchmark_args(p, argv, SMOKE)
 
 
 def alternatives() -> list[registry.Entry]:
@@ -185,7 +168,7 @@ def table(rows: list[dict]) -> str:
 def pallas_note(with_pallas: bool) -> str:
     """What the output says about the pallas paths."""
     backend = jax.default_backend()
-    if backend in ACCELERATORS:
+    if backend in common.ACCELERATORS:
         return f"Pallas paths compiled for {backend}." if with_pallas else "Pallas paths left out (--no-with-pallas)."
     if with_pallas:
         return (f"Pallas paths ran in Pallas interpret mode on {backend}: their times are NOT meaningful "
@@ -243,15 +226,9 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
     ax_m.set(title="peak memory (compiled) / softmax xla", xlabel="T", ylabel="ratio")
     for ax in (ax_t, ax_m):
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-        common.label_x(ax, args.seq_lens)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"softmax alternatives, causal, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
-                 f"{jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
+                                f"softmax alternatives, causal, B={args.batch}, H={args.heads}, D={args.head_dim}, "
+                                f"{args.dtype}, {jax.devices()[0].device_kind}", path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

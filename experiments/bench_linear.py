@@ -39,7 +39,6 @@ ORDER = {LIGHTNING: 1, SOFTMAX: 2, PALLAS: 1}
 """Expected growth exponent of each path's time in T, used only to predict whether the next T fits the budget."""
 MODES = common.MODES
 TARGET_SLOPE = 1.1
-ACCELERATORS = ("gpu", "tpu")
 
 SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_seconds": 1.0,
          "slope_min_len": 256}
@@ -48,18 +47,9 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=common.parse_ints,
-                   default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
-                   help="comma-separated sequence lengths (1k = 1024)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = common.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--chunk-size", type=int, default=64, help="chunk length of the Lightning paths")
-    p.add_argument("--with-pallas", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the Pallas Lightning kernel (default: on GPU/TPU only; on CPU it "
-                        "runs in interpret mode, which is meaningless to time)")
+    common.add_pallas_flag(p, "the Pallas Lightning kernel")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
@@ -67,16 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time a path at T only if its predicted single-run time is below this")
     p.add_argument("--slope-min-len", type=int, default=4096,
                    help="also fit the slope over T >= this, where fixed overheads matter less")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
-    p.add_argument("--name", default=f"bench_linear_{jax.default_backend()}", help="output file stem")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) and a _smoke file stem: checks it runs")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE, name=f"{args.name}_smoke")
-        args = p.parse_args(argv)
-    if args.with_pallas is None:
-        args.with_pallas = jax.default_backend() in ACCELERATORS
-    return args
+    common.add_output_flags(p, "bench_linear")
+    return common.parse_benchmark_args(p, argv, SMOKE)
 
 
 def path_fns(chunk_size: int, with_pallas: bool) -> dict[str, Callable]:
@@ -97,7 +79,7 @@ def path_fns(chunk_size: int, with_pallas: bool) -> dict[str, Callable]:
 def pallas_note(with_pallas: bool) -> str:
     """What the output says about the Pallas Lightning kernel."""
     backend = jax.default_backend()
-    if backend in ACCELERATORS:
+    if backend in common.ACCELERATORS:
         return f"`{PALLAS}` is compiled for {backend}." if with_pallas else f"`{PALLAS}` left out (--no-with-pallas)."
     if with_pallas:
         return (f"`{PALLAS}` ran in Pallas interpret mode on {backend}: its times are NOT meaningful "
@@ -307,16 +289,10 @@ def plot(rows: list[dict], fits: dict, args: argparse.Namespace, path: Path) -> 
                         color=color, label=f"{name} {mode.replace('_', '+')}")
     ax_t.set(title="median time (points) and least-squares fit (lines)", xlabel="T", ylabel="seconds")
     ax_m.set(title="peak memory (compiled memory analysis)", xlabel="T", ylabel="GiB")
-    for ax in (ax_t, ax_m):
-        common.label_x(ax, args.seq_lens)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"causal attention, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
-                 f"{jax.devices()[0].device_kind}: Lightning (chunk {args.chunk_size}) vs blocked softmax")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.finish_figure(
+        fig, (ax_t, ax_m), args.seq_lens,
+        f"causal attention, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
+        f"{jax.devices()[0].device_kind}: Lightning (chunk {args.chunk_size}) vs blocked softmax", path)
 
 
 def cpu_model() -> str:

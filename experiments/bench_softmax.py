@@ -41,13 +41,7 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
     default = attnjax.softmax.Softmax()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=common.parse_ints, default=[1024, 2048, 4096, 8192, 16384, 32768],
-                   help="comma-separated sequence lengths (1k = 1024)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = common.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS), help=f"subset of {PATHS}")
     p.add_argument("--block-q", type=int, default=default.block_q, help="tile size of the xla path")
     p.add_argument("--block-kv", type=int, default=default.block_kv, help="tile size of the xla path")
@@ -56,14 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
                    help="time a path only if its estimated peak memory is below this")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
-    p.add_argument("--name", default=f"bench_softmax_{jax.default_backend()}", help="output file stem")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) and a _smoke file stem: checks it runs")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE, name=f"{args.name}_smoke")
-        args = p.parse_args(argv)
-    return args
+    common.add_output_flags(p, "bench_softmax")
+    return common.parse_benchmark_args(p, argv, SMOKE)
 
 
 def path_fns(block_q: int, block_kv: int) -> dict[str, Callable]:
@@ -204,16 +192,9 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
     ax_m.axhline(args.memory_budget_gib, color="gray", lw=0.8, ls=":", label="run budget")
     ax_t.set(title="median time (timed paths only)", xlabel="T", ylabel="seconds")
     ax_m.set(title="estimated peak memory (compiled)", xlabel="T", ylabel="GiB")
-    for ax in (ax_t, ax_m):
-        common.label_x(ax, args.seq_lens)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"causal softmax attention, H={args.heads}, D={args.head_dim}, {args.dtype}, "
-                 f"{jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
+                                f"causal softmax attention, H={args.heads}, D={args.head_dim}, {args.dtype}, "
+                                f"{jax.devices()[0].device_kind}", path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

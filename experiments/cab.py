@@ -47,7 +47,6 @@ from attnjax import api, masks, registry
 from experiments import common
 
 BASELINE_MECHANISM, BASELINE_IMPLEMENTATION = "softmax", "xla"
-ACCELERATORS = ("gpu", "tpu")
 CAUSALITY_TOLERANCE = 1e-5
 """Relative change of earlier outputs above which a perturbation of later keys counts as seen."""
 DECLINED, REJECTED = (NotImplementedError,), (ValueError, TypeError)
@@ -115,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=f"cab_{jax.default_backend()}", help="output file stem")
     args = p.parse_args(argv)
     if args.with_pallas is None:
-        args.with_pallas = jax.default_backend() in ACCELERATORS
+        args.with_pallas = jax.default_backend() in common.ACCELERATORS
     if list(args.seq_lens) != sorted(args.seq_lens):
         p.error(f"--seq-lens must be ascending, got {args.seq_lens}")
     return args

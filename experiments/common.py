@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -19,6 +20,8 @@ from attnjax import registry
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 2 ** 30
 MODES = ("fwd", "fwd_bwd")
+ACCELERATORS = ("gpu", "tpu")
+"""Backends where Pallas kernels compile for real (on CPU they only run in interpret mode)."""
 """What is timed: the forward, or the forward and the gradients wrt q, k, v."""
 
 
@@ -219,6 +222,60 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def benchmark_parser(doc: str, seq_lens: Sequence[int], *, heads: int = 8, head_dim: int = 64
+                     ) -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark shares: ``--seq-lens``, ``--batch``, ``--heads``, ``--head-dim``,
+    ``--dtype``. Add the benchmark's own flags, then ``add_output_flags`` and ``parse_benchmark_args``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=parse_ints, default=list(seq_lens),
+                   help="comma-separated sequence lengths (1k = 1024)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+def add_pallas_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--with-pallas/--no-with-pallas``: time ``what`` too; by default only on GPU/TPU."""
+    p.add_argument("--with-pallas", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also time {what} (default: on GPU/TPU only; on CPU Pallas runs in interpret mode, "
+                        "which is meaningless to time)")
+
+
+def add_output_flags(p: argparse.ArgumentParser, stem: str) -> None:
+    """``--out``, ``--name`` (default ``<stem>_<backend>``) and ``--smoke``."""
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    p.add_argument("--name", default=f"{stem}_{jax.default_backend()}", help="output file stem")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and a _smoke file stem: checks it runs")
+
+
+def parse_benchmark_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], smoke: Mapping[str, Any]
+                         ) -> argparse.Namespace:
+    """Parse; under ``--smoke`` the ``smoke`` defaults apply (explicit flags still win) and the stem gets
+    ``_smoke``; an unset ``--with-pallas`` becomes "on GPU/TPU only"."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**smoke, name=f"{args.name}_smoke")
+        args = p.parse_args(argv)
+    if getattr(args, "with_pallas", False) is None:
+        args.with_pallas = jax.default_backend() in ACCELERATORS
+    return args
+
+
+def finish_figure(fig, axes, xs: Sequence[int], title: str, path: Path) -> Path:
+    """Label each axis at the lengths ``xs``, add grids and legends and the title, save to ``path``, close."""
+    for ax in axes:
+        label_x(ax, xs)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
 
 
 def label_x(ax, xs: Sequence[int]) -> None:
