@@ -50,15 +50,16 @@ def assert_close(actual, expected, *, atol: float | None = None, rtol: float | N
 
 
 def grads(fn: Callable, args: Sequence, argnums: Sequence[int], key=None):
-    """Gradients of ``sum(fn(*args) * w)`` for a fixed random cotangent ``w``."""
+    """Gradients of ``sum(fn(*args) * w)`` for a fixed random cotangent ``w``, compiled (the gradient of an
+    un-jitted function runs op by op, several times slower in interpret-mode kernels)."""
     key = jax.random.PRNGKey(123) if key is None else key
-    out = fn(*args)
-    w = jax.random.normal(key, jnp.shape(out), jnp.float32)
+    out = jax.eval_shape(fn, *args)
+    w = jax.random.normal(key, out.shape, jnp.float32)
 
     def loss(*a):
         return jnp.sum(fn(*a).astype(jnp.float32) * w)
 
-    return jax.grad(loss, argnums=tuple(argnums))(*args)
+    return jax.jit(jax.grad(loss, argnums=tuple(argnums)))(*args)
 
 
 def assert_grads_close(fn_actual: Callable, fn_expected: Callable, args: Sequence, argnums: Sequence[int],

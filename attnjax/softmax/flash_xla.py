@@ -31,7 +31,7 @@ from jax import lax
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap
+from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
 from attnjax.softmax.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
@@ -69,9 +69,8 @@ def flash_attention_xla(
     if return_lse and not weight_fn.normalized:
         raise NotImplementedError(f"weight function {weight_fn.name!r} has no row normalizer to return")
     B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
-                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+    S = k.shape[1]
+    spec = score_spec(q, k, scale, logits_soft_cap, dropout_rate)
     static = _Static(spec, block_q=min(block_q, T), block_kv=min(block_kv, S), weight_fn=weight_fn)
     seed = dropout_seed(rng) if dropout_rate > 0 else None
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
@@ -187,7 +186,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     q, k, v, bias, sinks, mask, seed, out, lse = residuals
     d_out, d_lse = cotangents
     B, T, Hq, D = q.shape
-    Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
+    Hkv = st.spec.num_kv_heads
     bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)

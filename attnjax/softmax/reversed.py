@@ -52,7 +52,8 @@ from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
 from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+from attnjax.softmax.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
+                                    to_groups)
 from attnjax.tiling import pad_axis, rank4
 
 
@@ -74,11 +75,9 @@ def _column_softmax(q, k, mask, bias, scale, logits_soft_cap, sinks, dropout_rat
     """Column-normalized weights ``[B, Hkv, G, T, S]`` and the ScoreSpec."""
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
-                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
-    q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
-    qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
-    s = soft_cap(raw_logits(qg, k.transpose(0, 2, 1, 3), q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
+    spec = score_spec(q, k, scale, logits_soft_cap, dropout_rate)
+    qg, kt, _, q_idx, kv_idx = dense_operands(q, k, k)
+    s = soft_cap(raw_logits(qg, kt, q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
     s = jnp.where(allowed(mask, q_idx, kv_idx, spec), s, -jnp.inf)
     if sinks is not None:
         sink = to_groups(jnp.asarray(sinks, jnp.float32)[None, :, None, None], Hkv)
@@ -138,7 +137,7 @@ def reversed_attention_xla(
     if logits_soft_cap is not None:
         raise NotImplementedError("reversed_attention_xla has no logits_soft_cap; use implementation='reference'")
     B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    S = k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     bias = as_bias(bias)
     dense_bias = None if bias is None else rank4(bias.dense(T, S))
@@ -203,7 +202,7 @@ def dependency_parents(
     """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale)
+    spec = score_spec(q, k, scale)
     bq = min(block_q, T)
     bias = as_bias(bias)
     kt, kv_idx = k.transpose(0, 2, 1, 3), jnp.arange(S)

@@ -31,6 +31,23 @@ class ScoreSpec:
     dropout_rate: float = 0.0
 
 
+def score_spec(q: jax.Array, k: jax.Array, scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+               dropout_rate: float = 0.0) -> ScoreSpec:
+    """The ``ScoreSpec`` of ``q [B, T, Hq, D]`` against ``k [B, S, Hkv, D]``; ``scale`` defaults to ``1/sqrt(D)``."""
+    return ScoreSpec(T=q.shape[1], S=k.shape[1], num_kv_heads=k.shape[2],
+                     scale=q.shape[-1] ** -0.5 if scale is None else scale, logits_soft_cap=logits_soft_cap,
+                     dropout_rate=dropout_rate)
+
+
+def dense_operands(q: jax.Array, k: jax.Array, v: jax.Array):
+    """Whole-sequence operands of a dense (reference) path in the internal layout.
+
+    Returns ``(qg [B, Hkv, G, T, D], kt [B, Hkv, S, D], vt [B, Hkv, S, Dv], q_idx [T], kv_idx [S])``.
+    """
+    qg = to_groups(q.transpose(0, 2, 1, 3), k.shape[2])
+    return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
+
+
 def to_groups(x: jax.Array, num_kv_heads: int) -> jax.Array:
     """``[Bx, Hx, ...]`` with ``Hx`` in {1, Hq} -> ``[Bx, Hkv or 1, G or 1, ...]``."""
     if x.shape[1] == 1:

@@ -26,7 +26,7 @@ from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
 from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+from attnjax.softmax.scores import allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap
 from attnjax.softmax.weights import SigmoidWeight
 
 
@@ -67,13 +67,9 @@ def sigmoid_attention_reference(
     """
     check_unnormalized("sigmoid", sinks, return_lse)
     B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
-                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+    spec = score_spec(q, k, scale, logits_soft_cap, dropout_rate)
     b = sigmoid_weight(k, sigmoid_bias).bias
-    q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
-    qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qg, kt, vt, q_idx, kv_idx = dense_operands(q, k, v)
     s = soft_cap(raw_logits(qg, kt, q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
     w = jnp.where(allowed(mask, q_idx, kv_idx, spec), jax.nn.sigmoid(s + b), 0.0)
     if dropout_rate > 0:

@@ -37,7 +37,8 @@ from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, soft_cap, to_groups
+from attnjax.softmax.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
+                                    to_groups)
 from attnjax.softmax.sigmoid import check_unnormalized
 from attnjax.softmax.weights import SoftplusWeight, softplus
 from attnjax.tiling import num_tiles
@@ -118,11 +119,8 @@ def softplus_attention_reference(
     _check_config(power, train_length)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    spec = ScoreSpec(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else scale,
-                     logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
-    q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
-    qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    spec = score_spec(q, k, scale, logits_soft_cap, dropout_rate)
+    qg, kt, vt, q_idx, kv_idx = dense_operands(q, k, v)
     s = raw_logits(qg, kt, q_idx, kv_idx, None, spec)
     lam = length_scale(mask, T, S, train_length)
     if lam is not None:

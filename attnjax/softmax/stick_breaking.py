@@ -66,7 +66,7 @@ from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.masks import FULL, PARTIAL, Mask, block_schedule
 from attnjax.softmax.flash_xla import (_add_bias_tile, _add_slice, _kv_layout, _padded_bias_shape, _q_tiles,
                                        _row_tiles, _untile)
-from attnjax.softmax.scores import ScoreSpec, allowed, raw_logits, soft_cap, to_groups
+from attnjax.softmax.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.tiling import num_tiles, rank4
 
 # ----------------------------------------------------------------------------------------------
@@ -193,12 +193,6 @@ def backward_tile(z: jax.Array, da: jax.Array, c: jax.Array, s: jax.Array, dterm
     return a, dz, c + jnp.sum(sp, axis=-1, keepdims=True), s + jnp.sum(ada, axis=-1, keepdims=True)
 
 
-def _spec(q, k, scale, logits_soft_cap) -> ScoreSpec:
-    D = q.shape[-1]
-    return ScoreSpec(T=q.shape[1], S=k.shape[1], num_kv_heads=k.shape[2], scale=D ** -0.5 if scale is None else scale,
-                     logits_soft_cap=logits_soft_cap)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reference.
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +217,7 @@ def stick_breaking_weights(
     check_request(q, k, mask=mask, sinks=None, dropout_rate=0.0, return_lse=False)
     B, T, Hq, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    spec = _spec(q, k, scale, logits_soft_cap)
+    spec = score_spec(q, k, scale, logits_soft_cap)
     q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
     qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
     z = soft_cap(raw_logits(qg, k.transpose(0, 2, 1, 3), q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
@@ -295,7 +289,7 @@ def stick_breaking_attention_xla(
     Gradients flow to q, k, v and an array bias (ALiBi slopes are constants).
     """
     check_request(q, k, mask=mask, sinks=sinks, dropout_rate=dropout_rate, return_lse=return_lse)
-    spec = _spec(q, k, scale, logits_soft_cap)
+    spec = score_spec(q, k, scale, logits_soft_cap)
     st = _Static(spec, block_q=min(block_q, spec.T), block_kv=min(block_kv, spec.S))
     o, row_softplus = _stick_breaking(q, k, v, as_bias(bias), mask, st)
     out, r = with_remainder(o, row_softplus, v, q.dtype)

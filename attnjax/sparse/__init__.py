@@ -1,0 +1,31 @@
+"""Block-sparse attention: one engine driven by block lists, and the selectors that build them."""
+
+from attnjax.sparse.lists import BlockSparse, allowed_blocks, density, from_block_mask, to_block_mask, transpose
+from attnjax.sparse.engine import (BlockSelector, block_sparse_attention,  # noqa: I001 - after lists
+                                   block_sparse_attention_reference)
+from attnjax.sparse.static import (Dilated, SparseWindow, StaticSelector, Streaming, dilated_blocks,
+                                   sliding_window_blocks, streaming_blocks)
+from attnjax.sparse.power import Power, power_blocks
+from attnjax.sparse.radial import Radial, radial_blocks
+from attnjax.sparse.s2 import S2, s2_blocks
+from attnjax.sparse.moa import (MoA, attention_influence, min_loss_assignment, moa_block_mask, moa_profile,
+                                moa_spans)
+from attnjax.sparse.xattention import (XAttention, antidiagonal_scores, cumulative_threshold_select,
+                                       sink_and_diagonal_blocks)
+from attnjax.sparse.seer import (AttnGate, Seer, attention_recall, block_max_attention, block_max_attention_reference,
+                                 distillation_step, gate_loss, select_threshold, select_topk)
+from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
+from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
+
+__all__ = [
+    "BlockSparse", "allowed_blocks", "density", "from_block_mask", "to_block_mask", "transpose",
+    "BlockSelector", "block_sparse_attention", "block_sparse_attention_reference",
+    "StaticSelector", "SparseWindow", "Dilated", "Streaming", "Power", "Radial", "S2",
+    "sliding_window_blocks", "dilated_blocks", "streaming_blocks", "power_blocks", "radial_blocks", "s2_blocks",
+    "MoA", "attention_influence", "min_loss_assignment", "moa_block_mask", "moa_profile", "moa_spans",
+    "XAttention", "antidiagonal_scores", "cumulative_threshold_select", "sink_and_diagonal_blocks",
+    "Seer", "AttnGate", "attention_recall", "block_max_attention", "block_max_attention_reference",
+    "distillation_step", "gate_loss", "select_threshold", "select_topk",
+    "Moba", "Vmoba", "vmoba_permutation",
+    "Paro", "choose_permutation", "quantized_attention_reference",
+]

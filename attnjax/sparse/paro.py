@@ -1,0 +1,324 @@
+"""PAROAttention (catalog B6): pattern-aware token reordering, block selection, INT8 attention.
+
+Zhao et al. 2025, "PAROAttention: Pattern-Aware ReOrdering for Efficient Sparse and Quantized
+Attention in Visual Generation Models" (arXiv:2506.16054; kernels: ``jamescsq47/PAROAtten``).
+
+Visual tokens come from a ``(frames, height, width)`` grid flattened to a sequence. A head whose
+attention is local along one axis gives a scattered map in frame-major order but a block-diagonal
+one once that axis is innermost. PARO picks, per head and offline from calibration inputs, one of
+the six axis orders (``AXIS_ORDERS``, as in the public ``permute_qk``: FHW, FWH, HFW, HWF, WFH,
+WHF), then sparsifies and quantizes block by block in that order.
+
+- ``choose_permutation``: for each order, permute the tokens, compute the block attention mass
+  map (dense, calibration-time) and its *concentration*: the share of each query block's mass in
+  its top ``⌈density·nk⌉`` key blocks, i.e. what a block-sparse pass at that density keeps. The
+  paper scores orders by block sparsity (for the sparse kernel) and by within-block incoherence
+  (for quantization); the public code with that metric is not available here, so this module uses
+  the sparsity side only, measured as kept mass.
+- ``Paro``: the registered selector. Per KV head, one order (a query head uses its KV head's, so
+  K/V shared by a GQA group are permuted once and consistently). Tokens are permuted, each query
+  block keeps its ``⌈density·nk⌉`` key blocks of largest attention mass, the engine runs, and the
+  output is permuted back.
+- ``quantized_attention_reference``: INT8 Q·Kᵀ and INT8 P·V with int32 accumulation and per-block
+  scales, dequantized, as in PARO's SageAttention-based kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import ClassVar, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from attnjax import registry
+from attnjax.masks import Mask
+from attnjax.nn.checks import check_positive
+from attnjax.softmax.scores import allowed, dense_operands, score_spec
+from attnjax.sparse.engine import PATHS, BlockSelector, selected_attention
+from attnjax.sparse.lists import BlockSparse, allowed_blocks
+from attnjax.sparse.seer import select_topk
+from attnjax.tiling import num_tiles, pad_axis
+
+PAPER = ("Zhao et al. 2025, PAROAttention: Pattern-Aware ReOrdering for Efficient Sparse and Quantized "
+         "Attention in Visual Generation Models")
+
+AXIS_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+"""The six orders of the grid axes (0 = frames, 1 = height, 2 = width), outermost first."""
+
+
+# ----------------------------------------------------------------------------- token permutations
+
+def grid_permutation(grid: Tuple[int, int, int], order: Tuple[int, int, int]) -> np.ndarray:
+    """Token order of a frame-major ``(F, H, W)`` grid read with axes ``order`` (outermost first).
+
+    ``perm[i]`` is the original index of the token at position ``i``: ``x_permuted = x[:, perm]``.
+    """
+    return np.arange(int(np.prod(grid))).reshape(grid).transpose(order).ravel()
+
+
+def permute_tokens(x: jax.Array, perm) -> jax.Array:
+    """``y[:, i, h] = x[:, perm[h, i], h]`` for ``x [B, N, H, ...]``; ``perm`` is ``[N]`` (every head) or ``[H, N]``."""
+    if perm.ndim == 1:
+        return jnp.take(x, jnp.asarray(perm), axis=1)
+    idx = jnp.asarray(perm).T.reshape((1,) + perm.T.shape + (1,) * (x.ndim - 3))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def inverse_permutation(perm):
+    """The inverse of each permutation along the last axis (NumPy in, NumPy out)."""
+    return np.argsort(perm, axis=-1) if isinstance(perm, np.ndarray) else jnp.argsort(perm, axis=-1)
+
+
+def permuted_selector_attention(selector: BlockSelector, implementation: str, q, k, v, *, mask=None,
+                                return_lse: bool = False, **options):
+    """A selector's path on permuted tokens: permute q, k, v, select and attend, permute back.
+
+    ``selector.token_permutation(q, k)`` gives ``[N]`` (all heads) or ``[Hkv, N]`` (per KV head;
+    query head ``h`` uses row ``h // G``). Self-attention only, and no fine mask: a mask is
+    defined on the original order.
+    """
+    if mask is not None:
+        raise NotImplementedError(f"{type(selector).__name__} permutes the tokens of its grid; a fine mask "
+                                  "(defined on the original order) is not supported")
+    Hq, Hkv = q.shape[2], k.shape[2]
+    perm = selector.token_permutation(q, k)
+    q_perm = perm if perm.ndim == 1 else perm.repeat(Hq // Hkv, axis=0)
+    result = selected_attention(selector, implementation, permute_tokens(q, q_perm), permute_tokens(k, perm),
+                                 permute_tokens(v, perm), mask=None, return_lse=return_lse, **options)
+    back = inverse_permutation(q_perm)
+    if return_lse:
+        out, lse = result
+        return permute_tokens(out, back), permute_tokens(lse, back)
+    return permute_tokens(result, back)
+
+
+# ----------------------------------------------------------------------------- block mass
+
+def block_attention_mass(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *,
+                         mask: Optional[Mask] = None, scale: Optional[float] = None) -> jax.Array:
+    """Attention mass per tile, from the dense ``[B, Hq, T, S]`` map (calibration-time cost).
+
+    ``M[b, h, i, n] = (1/|i|) Σ_{t ∈ block i, s ∈ block n} softmax_s(scale·q_t·k_s | mask)`` with
+    ``|i|`` the valid rows of query block ``i``: float32 ``[B, Hq, nq, nk]``, each row summing to 1
+    (0 for rows that see no key). No gradient flows to q or k.
+    """
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    B, T, Hq, _ = q.shape
+    S = k.shape[1]
+    spec = score_spec(q, k, scale)
+    qg, kt, _, q_idx, kv_idx = dense_operands(q, k, k[..., :1])
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, preferred_element_type=jnp.float32) * spec.scale
+    ok = allowed(mask, q_idx, kv_idx, spec)
+    m = jnp.max(jnp.where(ok, s, -jnp.inf), -1, keepdims=True)
+    e = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    total = e.sum(-1, keepdims=True)
+    p = (e / jnp.where(total > 0, total, 1.0)).reshape(B, Hq, T, S)
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    tiles = pad_axis(pad_axis(p, 2, block_q), 3, block_kv).reshape(B, Hq, nq, block_q, nk, block_kv)
+    rows = np.minimum(block_q, T - np.arange(nq) * block_q).astype(np.float32)
+    return tiles.sum((3, 5)) / rows[:, None]
+
+
+def budget(density: float, num_kv_blocks: int) -> int:
+    """Key blocks per query block at ``density``: ``⌈density·nk⌉``, at least 1."""
+    return min(num_kv_blocks, max(1, math.ceil(density * num_kv_blocks)))
+
+
+def block_concentration(mass: jax.Array, density: float) -> jax.Array:
+    """Share of each query block's mass in its top ``budget(density, nk)`` key blocks.
+
+    ``mass [..., nq, nk] -> [..., nq]``; a row with no mass counts as fully concentrated (1).
+    """
+    top, _ = lax.top_k(mass, budget(density, mass.shape[-1]))
+    total = mass.sum(-1)
+    return jnp.where(total > 0, top.sum(-1) / jnp.where(total > 0, total, 1.0), 1.0)
+
+
+def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], block_q: int,
+                       block_kv: Optional[int] = None, *, density: float = 0.25,
+                       scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+    """PARO's offline choice of an axis order per KV head, from calibration inputs.
+
+    For each order in ``AXIS_ORDERS``: permute the tokens of q and k, compute
+    ``block_attention_mass`` and its ``block_concentration`` at ``density``, averaged over the batch,
+    the query blocks and the query heads of the KV head's group. The order with the highest
+    concentration wins (ties: the earlier order).
+
+    Args:
+      q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` with ``N = F·H·W`` tokens in frame-major order.
+      grid: ``(F, H, W)``.
+      block_q, block_kv: tile sizes (``block_kv`` defaults to ``block_q``).
+      density: share of key blocks a query block keeps.
+      scale: logit scale, default ``1/sqrt(D)``.
+    Returns:
+      ``(orders, concentration)``: int32 ``[Hkv]`` indices into ``AXIS_ORDERS`` and float32
+      ``[6, Hkv]``, the concentration of every candidate.
+    """
+    block_kv = block_q if block_kv is None else block_kv
+    check_grid(grid, q.shape[1], k.shape[1])
+    Hq, Hkv = q.shape[2], k.shape[2]
+    scores = []
+    for order in AXIS_ORDERS:
+        perm = grid_permutation(grid, order)
+        mass = block_attention_mass(permute_tokens(q, perm), permute_tokens(k, perm), block_q, block_kv, scale=scale)
+        per_head = block_concentration(mass, density).mean((0, 2))
+        scores.append(per_head.reshape(Hkv, Hq // Hkv).mean(-1))
+    concentration = jnp.stack(scores)
+    return jnp.argmax(concentration, axis=0).astype(jnp.int32), concentration
+
+
+def check_grid(grid: Tuple[int, int, int], T: int, S: int) -> int:
+    """``N = F·H·W``; ``ValueError`` unless a self-attention call has ``T = S = N`` tokens."""
+    N = int(np.prod(grid))
+    if T != N or S != N:
+        raise ValueError(f"a token grid {tuple(grid)} needs T = S = {N}, got T={T}, S={S}")
+    return N
+
+
+# ----------------------------------------------------------------------------- the selector
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class Paro(BlockSelector):
+    """PAROAttention's reordered block-sparse attention (Zhao et al. 2025); see the module docstring.
+
+    Each query block keeps its ``budget(density, nk)`` key blocks of largest attention mass
+    (``block_attention_mass`` of the actual q and k, an oracle of the paper's calibrated static
+    mask: it costs a dense pass, so this selector is not faster than dense attention; its use is
+    the quality of the reordered block pattern). Blocks the mask rules out are never listed.
+
+    With ``grid=(F, H, W)`` (self-attention, ``T = S = F·H·W``) the tokens are permuted per KV head
+    before selection and the output is permuted back; ``orders`` gives each KV head's index into
+    ``AXIS_ORDERS`` (e.g. from ``choose_permutation`` on calibration inputs), or ``None`` to choose
+    them from each call's own inputs. ``select`` takes q and k already in that order. A fine mask
+    is not supported with a grid. With ``grid=None`` no tokens move (any T, S, masks allowed).
+    Selection uses the logit scale ``1/sqrt(D)`` (``select`` does not see a custom ``scale``).
+
+    Attributes:
+      block_q, block_kv: tile sizes (default 64).
+      grid: ``(frames, height, width)`` or ``None``.
+      orders: per-KV-head order indices (a tuple of ``Hkv`` ints in ``[0, 6)``), or ``None``.
+      density: share of key blocks each query block keeps; the static list length is the budget.
+    """
+
+    name: ClassVar[str] = "paro"
+    paper: ClassVar[str] = PAPER
+
+    block_q: int = 64
+    block_kv: int = 64
+    grid: Optional[Tuple[int, int, int]] = None
+    orders: Optional[Tuple[int, ...]] = None
+    density: float = 0.25
+
+    def __post_init__(self):
+        check_positive(block_q=self.block_q, block_kv=self.block_kv)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"Paro.density must be in (0, 1], got {self.density!r}")
+        if self.grid is not None:
+            if not isinstance(self.grid, tuple) or len(self.grid) != 3:
+                raise ValueError(f"Paro.grid must be (frames, height, width) or None, got {self.grid!r}")
+            check_positive(frames=self.grid[0], height=self.grid[1], width=self.grid[2])
+        if self.orders is not None:
+            if self.grid is None:
+                raise ValueError("Paro.orders needs a grid")
+            if not isinstance(self.orders, tuple) or any(o not in range(len(AXIS_ORDERS)) for o in self.orders):
+                raise ValueError(f"Paro.orders must be a tuple of ints in [0, {len(AXIS_ORDERS)}), got {self.orders!r}")
+
+    def token_permutation(self, q: jax.Array, k: jax.Array):
+        """Per-KV-head token orders ``[Hkv, N]``: NumPy from ``orders``, else chosen from q and k."""
+        check_grid(self.grid, q.shape[1], k.shape[1])
+        table = np.stack([grid_permutation(self.grid, order) for order in AXIS_ORDERS])
+        if self.orders is not None:
+            if len(self.orders) != k.shape[2]:
+                raise ValueError(f"Paro.orders has {len(self.orders)} entries, expected one per KV head ({k.shape[2]})")
+            return table[np.asarray(self.orders)]
+        orders, _ = choose_permutation(q, k, self.grid, self.block_q, self.block_kv, density=self.density)
+        return jnp.asarray(table)[orders]
+
+    def implementations(self):
+        if self.grid is None:
+            return super().implementations()
+        return {name: functools.partial(permuted_selector_attention, self, name) for name in PATHS}
+
+    def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
+        T, S = q.shape[1], k.shape[1]
+        mass = block_attention_mass(q, k, self.block_q, self.block_kv, mask=mask)
+        ok = allowed_blocks(mask, T, S, self.block_q, self.block_kv)
+        K = budget(self.density, num_tiles(S, self.block_kv))
+        return select_topk(mass, K, ok, block_q=self.block_q, block_kv=self.block_kv)
+
+
+# ----------------------------------------------------------------------------- INT8 attention
+
+def quantize_int8(x: jax.Array, axes: Tuple[int, ...]) -> Tuple[jax.Array, jax.Array]:
+    """Symmetric INT8: ``x ≈ q·s`` with ``s = max|x| / 127`` over ``axes`` (kept as size 1), ``q = round(x/s)``."""
+    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    s = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8), s
+
+
+def quantized_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[Mask] = None, scale: Optional[float] = None,
+    block_q: int = 64, block_kv: int = 64,
+) -> jax.Array:
+    """Softmax attention with INT8 ``Q·Kᵀ`` and INT8 ``P·V`` (PAROAttention's quantized attention).
+
+    - K is smoothed first (its mean over tokens subtracted, per head and channel, as SageAttention,
+      on which PARO's kernels build): it shifts each row's logits by a constant, so softmax is unchanged.
+    - Q and K: symmetric INT8 with one scale per (head, block of ``block_q`` / ``block_kv`` tokens);
+      ``S = (Q_int·K_intᵀ)·s_q·s_k·scale`` with the integer product accumulated in int32.
+    - P: ``P̃ = exp(S - rowmax) ∈ [0, 1]`` quantized with the static scale 1/127.
+    - V: symmetric INT8 with one scale per (head, key block, channel).
+    - ``O = Σ_n (P̃_int[:, n]·V_int[n])·s_v[n] / 127`` accumulated in int32 per key block, divided by
+      the row sum of the dequantized ``P̃``.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``.
+      mask: optional ``attnjax.masks`` value; scale: logit scale, default ``1/sqrt(D)``.
+      block_q, block_kv: token blocks that share a quantization scale.
+    Returns:
+      ``[B, T, Hq, Dv]`` in q's dtype; a row with no allowed key is 0.
+    """
+    check_positive(block_q=block_q, block_kv=block_kv)
+    B, T, Hq, _ = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    spec = score_spec(q, k, scale)
+    qg, kt, vt, q_idx, kv_idx = dense_operands(q, k, v)
+    qg, kt, vt = qg.astype(jnp.float32), kt.astype(jnp.float32), vt.astype(jnp.float32)
+    kt = kt - kt.mean(axis=2, keepdims=True)
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+
+    q_blocks = pad_axis(qg, 3, block_q).reshape(B, Hkv, -1, nq, block_q, qg.shape[-1])
+    q_int, s_q = quantize_int8(q_blocks, (4, 5))
+    q_int = q_int.reshape(B, Hkv, -1, nq * block_q, qg.shape[-1])[:, :, :, :T]
+    s_q = jnp.repeat(s_q.reshape(B, Hkv, -1, nq), block_q, axis=-1)[..., :T, None]
+    k_int, s_k = quantize_int8(pad_axis(kt, 2, block_kv).reshape(B, Hkv, nk, block_kv, -1), (3, 4))
+    k_int = k_int.reshape(B, Hkv, nk * block_kv, -1)[:, :, :S]
+    s_k = jnp.repeat(s_k.reshape(B, Hkv, 1, 1, nk), block_kv, axis=-1)[..., :S]
+
+    s_int = jnp.einsum("bhgqd,bhkd->bhgqk", q_int, k_int, preferred_element_type=jnp.int32)
+    s = s_int.astype(jnp.float32) * s_q * s_k * spec.scale
+    ok = allowed(mask, q_idx, kv_idx, spec)
+    m = jnp.max(jnp.where(ok, s, -jnp.inf), -1, keepdims=True)
+    p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    p_int = jnp.round(p * 127.0).astype(jnp.int8)
+
+    v_int, s_v = quantize_int8(pad_axis(vt, 2, block_kv).reshape(B, Hkv, nk, block_kv, Dv), (3,))
+    p_blocks = pad_axis(p_int, 4, block_kv).reshape(*p_int.shape[:4], nk, block_kv)
+    o_int = jnp.einsum("bhgqnk,bhnkd->bhgqnd", p_blocks, v_int, preferred_element_type=jnp.int32)
+    o = jnp.einsum("bhgqnd,bhnd->bhgqd", o_int.astype(jnp.float32), s_v[:, :, :, 0]) / 127.0
+    rowsum = p_int.astype(jnp.float32).sum(-1, keepdims=True) / 127.0
+    out = jnp.where(rowsum > 0, o / jnp.where(rowsum > 0, rowsum, 1.0), 0.0)
+    return out.reshape(B, Hq, T, Dv).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+__all__ = [
+    "AXIS_ORDERS", "Paro", "block_attention_mass", "block_concentration", "budget", "check_grid", "choose_permutation",
+    "grid_permutation", "inverse_permutation", "permute_tokens", "permuted_selector_attention",
+    "quantize_int8", "quantized_attention_reference",
+]

@@ -1,0 +1,254 @@
+"""Block-sparse benchmark: each selector's density and its time against dense blocked softmax.
+
+For every registered selector (family "sparse", default config) and for 2-D neighbourhood
+attention, at each sequence length T, in one run:
+
+- **density**: the tiles the lists visit, as a fraction of the tiles the dense baseline computes
+  (the lower triangle of the ``block × block`` tile grid for causal selectors; all tiles for
+  neighbourhood attention, which is not causal);
+- **engine** time: ``block_sparse_attention(..., implementation=--implementation)`` on lists
+  computed beforehand (what a kernel costs at that density);
+- **selected** time: the whole mechanism, ``attnjax.attention(mechanism=config)``, selection
+  included (content-based selectors score blocks first; the oracle ``seer`` even runs a dense
+  pass);
+- **baseline**: dense blocked softmax ``flash_attention_xla`` with the same mask, as a ratio
+  ``baseline / engine`` (the speedup). Target (issue 7): speedup ≥ 0.7 × (1 / density) wherever
+  density ≤ 0.25.
+
+Inputs are random normal, so content-based selectors (XAttention, Seer, MoBA, …) choose from
+unstructured attention; their density here is what their default thresholds give on such data.
+Causal selectors run with ``mask=Causal()``. Neighbourhood attention runs on a 2-D grid
+(``--na-kernel``) of ``T`` tokens, as square as ``T`` allows.
+
+    python -m experiments.bench_sparse --seq-lens 8k,16k,32k --heads 4 --head-dim 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from attnjax import masks, registry
+from attnjax.api import attention
+from attnjax.local import Neighborhood, NeighborhoodMask
+from attnjax.softmax import flash_attention_xla
+from attnjax.sparse import BlockSparse, block_sparse_attention, density
+from experiments import common
+
+TARGET_FACTOR, TARGET_DENSITY = 0.7, 0.25
+SMOKE = {"seq_lens": [512, 1024], "heads": 2, "head_dim": 16, "repeats": 1, "max_seconds": 1.0,
+         "mechanisms": ["sparse_window", "moba"]}
+"""``--smoke`` defaults: tiny sizes and two selectors, checks that it runs (explicit flags still win)."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
+    p = common.benchmark_parser(__doc__, [8192, 16384, 32768], heads=4)
+    p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
+                   help="comma-separated selectors and/or 'neighborhood' (default: every sparse selector and "
+                        "neighborhood)")
+    p.add_argument("--implementation", default="xla", choices=["xla", "pallas"], help="engine path to time")
+    p.add_argument("--na-kernel", type=int, default=13, help="neighbourhood kernel size per axis (2-D grid)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a measurement after this")
+    p.add_argument("--time-budget-s", type=float, default=30.0,
+                   help="time a path at the next T only while its predicted single run (linear in T·density·T) fits")
+    common.add_output_flags(p, "bench_sparse")
+    return common.parse_benchmark_args(p, argv, SMOKE)
+
+
+def grid_2d(T: int) -> tuple[int, int]:
+    """The most square ``(rows, cols)`` with ``rows · cols == T``."""
+    rows = max(r for r in range(1, math.isqrt(T) + 1) if T % r == 0)
+    return rows, T // rows
+
+
+def cases(args: argparse.Namespace) -> dict[str, registry.Mechanism]:
+    """Mechanism name -> config to benchmark: every sparse selector's default, and 2-D neighbourhood."""
+    names = args.mechanisms or [e.name for e in registry.entries() if e.family == "sparse"] + ["neighborhood"]
+    selectors = {e.name: e.config() for e in registry.entries() if e.family == "sparse"}
+    unknown = set(names) - set(selectors) - {"neighborhood"}
+    if unknown:
+        raise SystemExit(f"unknown --mechanisms {sorted(unknown)}; choose from {sorted(selectors)} or neighborhood")
+    return {n: selectors.get(n) for n in names}
+
+
+def setup(name: str, config, q, k, T: int, na_kernel: int):
+    """``(config, mask, lists)`` of one case at length ``T``; neighbourhood gets its 2-D grid here."""
+    if name == "neighborhood":
+        grid = grid_2d(T)
+        return Neighborhood(kernel_size=na_kernel, grid=grid), None, NeighborhoodMask(grid, na_kernel).block_lists()
+    mask = masks.Causal()
+    return config, mask, config.select(q, k, mask=mask)
+
+
+def relative_density(blocks: BlockSparse, causal: bool) -> float:
+    """Visited tiles over the tiles the dense baseline computes (lower triangle when causal)."""
+    nq, nk = blocks.num_q_blocks, blocks.num_kv_blocks
+    baseline = (nk * (nk + 1) / 2 - (nk - nq) * (nk - nq + 1) / 2) if causal else nq * nk
+    return float(density(blocks)) * nq * nk / baseline
+
+
+def mechanism_fn(config, mask, implementation: str) -> Callable:
+    """``(q, k, v) -> out``: ``attnjax.attention`` with this mechanism, mask and implementation."""
+    return lambda q, k, v: attention(q, k, v, mechanism=config, mask=mask, implementation=implementation)
+
+
+def path_fns(name: str, config, mask, blocks: BlockSparse, implementation: str) -> dict[str, Callable]:
+    """``(q, k, v) -> out`` of the engine on given lists, the whole mechanism, and the dense baseline.
+
+    Neighbourhood attention's lists are static and free to build, so its engine path is the mechanism itself.
+    """
+    selected = mechanism_fn(config, mask, implementation)
+    if name == "neighborhood":
+        engine = selected
+    else:
+        def engine(q, k, v):
+            return block_sparse_attention(q, k, v, blocks, mask=mask, implementation=implementation)
+    return {"engine": engine, "selected": selected, "dense": lambda q, k, v: flash_attention_xla(q, k, v, mask=mask)}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One case per (mechanism, T): density, times per path, speedups and the target verdict."""
+    configs = cases(args)
+    rows, last = [], {}
+    dense_times: dict[tuple, float] = {}
+    bar = tqdm(total=len(args.seq_lens) * len(configs), desc="bench_sparse", unit="case")
+    for T in args.seq_lens:
+        q, k, v = common.host_random_qkv(T, args.batch, T, args.heads, args.head_dim, args.dtype)
+        for name, config in configs.items():
+            bar.set_postfix(T=T, mechanism=name)
+            cfg, mask, blocks = setup(name, config, q, k, T, args.na_kernel)
+            fns = path_fns(name, cfg, mask, blocks, args.implementation)
+            row = {"mechanism": name, "T": T, "causal": mask is not None,
+                   "density_of_all_tiles": float(density(blocks)),
+                   "density": relative_density(blocks, causal=mask is not None), "seconds": {}}
+            for path, fn in fns.items():
+                key = (name if path != "dense" else f"dense/{row['causal']}", path)
+                predicted = None if key not in last else last[key][1] * (T / last[key][0]) ** 2
+                if predicted is not None and predicted > args.time_budget_s:
+                    row["seconds"][path] = None
+                    continue
+                if path == "dense" and (T, row["causal"]) in dense_times:
+                    row["seconds"][path] = dense_times[T, row["causal"]]
+                    continue
+                timing = common.time_fn(fn, q, k, v, repeats=args.repeats, max_seconds=args.max_seconds)
+                row["seconds"][path] = timing.median_s
+                last[key] = (T, timing.median_s)
+                if path == "dense":
+                    dense_times[T, row["causal"]] = timing.median_s
+            rows.append(finish_row(row))
+            bar.update()
+    bar.close()
+    return rows
+
+
+def finish_row(row: dict) -> dict:
+    """Add speedups (dense / path) and the target verdict to a row of times."""
+    sec = row["seconds"]
+    for path in ("engine", "selected"):
+        row[f"speedup_{path}"] = sec["dense"] / sec[path] if sec.get("dense") and sec.get(path) else None
+    row["target_speedup"] = TARGET_FACTOR / row["density"] if row["density"] > 0 else None
+    if row["density"] > TARGET_DENSITY:
+        row["target"] = "n/a (density > 0.25)"
+    elif row["speedup_engine"] is None:
+        row["target"] = "not timed"
+    else:
+        row["target"] = "met" if row["speedup_engine"] >= row["target_speedup"] else "missed"
+    return row
+
+
+def timing_rows(cases: Sequence[dict], args: argparse.Namespace) -> list[dict]:
+    """One row per timed (mechanism, T, path), in the shape ``experiments.bench`` reads: ``T``, ``mode``,
+    ``path``, ``median_s``, ``causal`` and ``flops`` (the FLOPs of the tiles the path computes: dense
+    causal or full for the baseline, ``density`` times that for the sparse paths)."""
+    rows = []
+    for c in cases:
+        dense_flops = common.attention_flops(args.batch, args.heads, c["T"], c["T"], args.head_dim, causal=c["causal"],
+                                             mode="fwd")
+        for path, seconds in c["seconds"].items():
+            if seconds is None:
+                continue
+            label = "dense/xla" if path == "dense" else f"{c['mechanism']}/{path}"
+            flops = dense_flops if path == "dense" else dense_flops * c["density"]
+            rows.append({"T": c["T"], "mode": "fwd", "path": label, "median_s": seconds, "causal": c["causal"],
+                         "flops": flops})
+    return list({(r["T"], r["path"]): r for r in rows}.values())
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.1f} ms"
+
+
+def _x(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load: tuple[dict, dict]) -> str:
+    """The report: settings, one table row per (mechanism, T), and the target summary."""
+    table = common.markdown_table(
+        ["mechanism", "T", "density", "engine", "selected", "dense xla", "speedup (engine)", "speedup (selected)",
+         "target 0.7/density", "verdict"],
+        [[r["mechanism"], r["T"], f"{r['density']:.3f}", _ms(r["seconds"]["engine"]), _ms(r["seconds"]["selected"]),
+          _ms(r["seconds"]["dense"]), _x(r["speedup_engine"]), _x(r["speedup_selected"]),
+          _x(r["target_speedup"]), r["target"]] for r in rows])
+    judged = [r for r in rows if r["target"] in ("met", "missed")]
+    met = [r for r in judged if r["target"] == "met"]
+    return "\n".join([
+        f"# Block-sparse engine vs dense blocked softmax ({device['platform']})", "",
+        f"Device: `{device['device_kind']}`, {device['cpu_count']} CPUs, jax {device['jax_version']}. "
+        f"B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, random normal inputs; engine path "
+        f"`{args.implementation}`; each selector's default config (block 64); causal selectors under `Causal()`, "
+        f"neighbourhood attention on a 2-D grid with kernel {args.na_kernel} (not causal). Density: visited tiles / "
+        "tiles the dense baseline computes. Speedup: dense `flash_attention_xla` time / path time, in this run.",
+        "", common.load_note(*load), "",
+        "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "",
+        f"Target (speedup of the engine ≥ 0.7 × 1/density wherever density ≤ 0.25): met in {len(met)} of "
+        f"{len(judged)} judged cases.", ""])
+
+
+def plot(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
+    """Speedup of the engine against 1/density, with the target line."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, name in enumerate(dict.fromkeys(r["mechanism"] for r in rows)):
+        pts = [(1 / r["density"], r["speedup_engine"]) for r in rows
+               if r["mechanism"] == name and r["speedup_engine"] and r["density"] > 0]
+        if pts:
+            ax.loglog(*zip(*pts), "o-", color=f"C{i % 10}", label=name)
+    xs = np.array([1.0, max([1 / r["density"] for r in rows if r["density"] > 0] + [4.0])])
+    ax.loglog(xs, TARGET_FACTOR * xs, "k--", lw=0.8, label="target 0.7/density")
+    ax.loglog(xs, xs, "k:", lw=0.8, label="ideal 1/density")
+    ax.set(xlabel="1 / density", ylabel="speedup over dense xla",
+           title=f"block-sparse engine ({args.implementation}), T in {list(args.seq_lens)}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the benchmark; write JSON, markdown and PNG; print the table."""
+    args = parse_args(argv)
+    device, load_before = common.device_info(), common.machine_load()
+    cases = run(args)
+    report = markdown(cases, args, device, (load_before, common.machine_load()))
+    print(report)
+    results = {"device": device, "settings": common.jsonable_args(args), "cases": cases,
+               "rows": timing_rows(cases, args)}
+    out = Path(args.out)
+    common.write_json(results, f"{args.name}.json", out)
+    (out / f"{args.name}.md").write_text(report)
+    plot(cases, args, out / f"{args.name}.png")
+    print(f"wrote {out / args.name}.{{json,md,png}}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
