@@ -40,8 +40,7 @@ from attnjax.checks import check_implementation
 from attnjax.masks import block_schedule
 from attnjax.parallel.layouts import default_block, local_positions, mask_at_positions
 from attnjax.parallel.sharding import AxisNames, check_local_inputs, sequence_parallel_call, vary_like
-from attnjax.softmax.flash_xla import _flash_bwd, _Static, flash_attention_xla
-from attnjax.softmax.scores import ScoreSpec
+from attnjax.softmax.flash_xla import flash_attention_xla, flash_attention_xla_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +187,16 @@ def _ring_bwd(st: _Ring, residuals, cotangents):
     T = q.shape[1]
     rank = lax.axis_index(st.axis_name)
     q_pos = local_positions(st.layout, st.world, rank, T)
-    spec = ScoreSpec(T=T, S=T, num_kv_heads=k.shape[2], scale=st.scale, logits_soft_cap=st.logits_soft_cap)
-    flash = _Static(spec, block_q=st.block_q, block_kv=st.block_kv)
 
     def step(s, carry):
         dq, dk, dv, kb, vb, ids = carry
         mask = _step_mask(st, q_pos, (rank - s) % st.world, segment_ids, ids)
 
         def backward(acc):  # the blocked backward with the global out and lse: P = exp(s - L)
-            block_residuals = (q, kb, vb, None, None, mask, None, out, lse)
-            dq_s, dk_s, dv_s, *_ = _flash_bwd(flash, block_residuals, (d_out, d_lse))
-            return tuple(a + g.astype(jnp.float32) for a, g in zip(acc, (dq_s, dk_s, dv_s)))
+            grads = flash_attention_xla_backward(q, kb, vb, out, lse, d_out, d_lse, mask=mask, scale=st.scale,
+                                                 logits_soft_cap=st.logits_soft_cap, block_q=st.block_q,
+                                                 block_kv=st.block_kv)
+            return tuple(a + g.astype(jnp.float32) for a, g in zip(acc, grads))
 
         return lax.cond(_has_work(mask, T, st), backward, lambda acc: acc, (dq, dk, dv))
 

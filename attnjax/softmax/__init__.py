@@ -1,6 +1,6 @@
 """Exact softmax attention and its alternatives (one file per mechanism)."""
 
-from attnjax.softmax.flash_xla import flash_attention_xla
+from attnjax.softmax.flash_xla import flash_attention_xla, flash_attention_xla_backward
 from attnjax.softmax.softmax import Softmax, softmax_attention_reference  # noqa: I001 - registers first
 
 from attnjax.softmax import weights
@@ -19,7 +19,7 @@ from attnjax.softmax.stick_breaking import (StickBreaking, stick_breaking_attent
                                             stick_breaking_attention_xla, stick_breaking_weights)
 
 __all__ = [
-    "Softmax", "softmax_attention_reference", "flash_attention_xla", "weights",
+    "Softmax", "softmax_attention_reference", "flash_attention_xla", "flash_attention_xla_backward", "weights",
     "Aaren", "AarenState", "aaren_combine", "aaren_init_state", "aaren_recurrent", "aaren_reference", "aaren_scan",
     "aaren_step",
     "Reversed", "TransposedMask", "dependency_mask", "dependency_parents", "reversed_attention_reference",

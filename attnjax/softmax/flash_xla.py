@@ -78,6 +78,25 @@ def flash_attention_xla(
     return (out, lse) if return_lse else out
 
 
+def flash_attention_xla_backward(
+    q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+    d_lse: Optional[jax.Array] = None, *, mask: Optional[Mask] = None, scale: Optional[float] = None,
+    logits_soft_cap: Optional[float] = None, block_q: int = 512, block_kv: int = 512,
+):
+    """The blocked softmax backward for given forward statistics: ``(dq, dk, dv)`` in the dtypes of q, k, v.
+
+    ``out [B, T, Hq, Dv]`` and ``lse [B, T, Hq]`` may come from a larger computation than these keys
+    (ring attention passes the global ones while ``k``, ``v`` are one rank's block); then
+    ``P = exp(s − lse)`` is this block's share and ``dS = P ⊙ (dO·Vᵀ − δ + dlse)`` with
+    ``δ_i = dO_i·out_i`` (FlashAttention-2, Dao 2023). ``d_lse`` defaults to zeros.
+    """
+    spec = score_spec(q, k, scale, logits_soft_cap)
+    st = _Static(spec, block_q=min(block_q, q.shape[1]), block_kv=min(block_kv, k.shape[1]))
+    d_lse = jnp.zeros(lse.shape, jnp.float32) if d_lse is None else d_lse
+    dq, dk, dv, *_ = _flash_bwd(st, (q, k, v, None, None, mask, None, out, lse), (d_out, d_lse))
+    return dq, dk, dv
+
+
 def _q_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
     """``[B, T, Hq, E]`` -> ``[nq, B, Hkv, G, block, E]`` (zero-padded)."""
     B, _, H, E = x.shape
