@@ -209,7 +209,7 @@ def test_packed_segments_equal_separate_sequences():
 @pytest.mark.parametrize("segments", [False, True])
 def test_split_in_halves_equals_whole(segments):
     """The cut falls inside a segment; the state carries across the call boundary."""
-    T, half = 37, 20
+    half = 20
     q, k, v, state = inputs(normalize=True, feature_map="elu+1")
     ids = jnp.asarray([[0] * 10 + [1] * 15 + [2] * 12, [5] * 30 + [6] * 7]) if segments else None
     kw = dict(decay=DECAY, normalize=True, feature_map="elu+1", chunk_size=16)

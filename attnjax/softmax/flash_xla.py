@@ -32,8 +32,9 @@ from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
+from attnjax.softmax.tiles import add_bias_tile, add_slice, bias_grad_init, kv_tiles, q_tiles, row_tiles, untile
 from attnjax.softmax.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
-from attnjax.tiling import num_tiles, pad_axis, rank4
+from attnjax.tiling import num_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,30 +98,12 @@ def flash_attention_xla_backward(
     return dq, dk, dv
 
 
-def _q_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
-    """``[B, T, Hq, E]`` -> ``[nq, B, Hkv, G, block, E]`` (zero-padded)."""
-    B, _, H, E = x.shape
-    x = pad_axis(x, 1, block)
-    x = x.reshape(B, -1, block, num_kv_heads, H // num_kv_heads, E)
-    return x.transpose(1, 0, 3, 4, 2, 5)
 
 
-def _row_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
-    """``[B, T, Hq]`` -> ``[nq, B, Hkv, G, block]`` (zero-padded)."""
-    return _q_tiles(x[..., None], block, num_kv_heads)[..., 0]
 
 
-def _untile(x: jax.Array, T: int) -> jax.Array:
-    """Inverse of ``_q_tiles``/``_row_tiles``: ``[nq, B, Hkv, G, bq, ...]`` -> ``[B, T, Hq, ...]``."""
-    nq, B, Hkv, G, bq = x.shape[:5]
-    x = jnp.moveaxis(x, 4, 1)  # [nq, bq, B, Hkv, G, ...]
-    x = jnp.moveaxis(x, (0, 1), (1, 2))  # [B, nq, bq, Hkv, G, ...]
-    return x.reshape(B, nq * bq, Hkv * G, *x.shape[5:])[:, :T]
 
 
-def _kv_layout(x: jax.Array, block: int) -> jax.Array:
-    """``[B, S, Hkv, E]`` -> ``[B, Hkv, S_padded, E]``."""
-    return pad_axis(x, 1, block).transpose(0, 2, 1, 3)
 
 
 def _tile_logits(qi, kj, q_idx, kv_idx, bias, st: _Static):
@@ -139,7 +122,7 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
     bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
-    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
     Dv = v.shape[-1]
 
     def q_tile(args):
@@ -192,8 +175,8 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
         return out.astype(q.dtype), lse
 
     nq = num_tiles(T, bq)
-    out, lse = lax.map(q_tile, (jnp.arange(nq), _q_tiles(q, bq, Hkv)))
-    return _untile(out, T), _untile(lse, T)
+    out, lse = lax.map(q_tile, (jnp.arange(nq), q_tiles(q, bq, Hkv)))
+    return untile(out, T), untile(lse, T)
 
 
 def _flash_fwd(q, k, v, bias, sinks, mask, seed, st):
@@ -208,7 +191,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     Hkv = st.spec.num_kv_heads
     bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
-    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
     if fn.normalized:
         delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     else:  # no normalizer: dS = dP/ds ⊙ dO·Vᵀ, without the row term
@@ -216,11 +199,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     d_lse = d_lse.astype(jnp.float32)
     stat = backward_stat(fn, lse)
     bias_grad = isinstance(bias, ArrayBias)
-    if bias_grad:
-        bias4 = rank4(bias.array)
-        dbias0 = jnp.zeros(_padded_bias_shape(bias4.shape, T, bq, st.spec.S, bk), jnp.float32)
-    else:
-        dbias0 = jnp.zeros((), jnp.float32)
+    bias4, dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
@@ -252,12 +231,12 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
             if bias_grad:
-                dbias = _add_bias_tile(dbias, ds, bias4.shape, i * bq, j * bk)
+                dbias = add_bias_tile(dbias, ds, bias4.shape, i * bq, j * bk)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            dk = _add_slice(dk, dkj, j * bk)
-            dv = _add_slice(dv, dvj, j * bk)
+            dk = add_slice(dk, dkj, j * bk)
+            dv = add_slice(dv, dvj, j * bk)
             return dqi, dk, dv, dbias
 
         def body(j, inner):
@@ -269,12 +248,12 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         return (dk, dv, dbias), dqi
 
     nq = num_tiles(T, bq)
-    xs = (jnp.arange(nq), _q_tiles(q, bq, Hkv), _q_tiles(d_out, bq, Hkv), _row_tiles(stat, bq, Hkv),
-          _row_tiles(delta, bq, Hkv), _row_tiles(d_lse, bq, Hkv))
+    xs = (jnp.arange(nq), q_tiles(q, bq, Hkv), q_tiles(d_out, bq, Hkv), row_tiles(stat, bq, Hkv),
+          row_tiles(delta, bq, Hkv), row_tiles(d_lse, bq, Hkv))
     carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
     S = st.spec.S
-    dq = _untile(dq, T).astype(q.dtype)
+    dq = untile(dq, T).astype(q.dtype)
     dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
     dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
     d_bias = None
@@ -288,26 +267,10 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     return dq, dk, dv, d_bias, d_sinks, None, None
 
 
-def _add_slice(acc: jax.Array, update: jax.Array, start) -> jax.Array:
-    """``acc[:, :, start:start+n] += update`` along the sequence axis (axis 2)."""
-    current = lax.dynamic_slice_in_dim(acc, start, update.shape[2], axis=2)
-    return lax.dynamic_update_slice_in_dim(acc, current + update, start, axis=2)
 
 
-def _padded_bias_shape(shape, T, bq, S, bk):
-    Bb, Hb, Tb, Sb = shape
-    return (Bb, Hb, num_tiles(T, bq) * bq if Tb > 1 else 1, num_tiles(S, bk) * bk if Sb > 1 else 1)
 
 
-def _add_bias_tile(dbias: jax.Array, ds: jax.Array, bias_shape, q_start, kv_start) -> jax.Array:
-    """Add a ``[B, Hkv, G, bq, bk]`` logit gradient into the (padded) bias gradient."""
-    B, Hkv, G, bq, bk = ds.shape
-    ds = ds.reshape(B, Hkv * G, bq, bk)
-    axes = tuple(a for a, d in enumerate(bias_shape) if d == 1 and ds.shape[a] != 1)
-    ds = ds.sum(axis=axes, keepdims=True)
-    starts = (0, 0, q_start if bias_shape[2] > 1 else 0, kv_start if bias_shape[3] > 1 else 0)
-    current = lax.dynamic_slice(dbias, starts, ds.shape)
-    return lax.dynamic_update_slice(dbias, current + ds, starts)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -64,10 +64,9 @@ from attnjax import masks as _masks
 from attnjax import registry
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.masks import FULL, PARTIAL, Mask, block_schedule
-from attnjax.softmax.flash_xla import (_add_bias_tile, _add_slice, _kv_layout, _padded_bias_shape, _q_tiles,
-                                       _row_tiles, _untile)
+from attnjax.softmax.tiles import add_bias_tile, add_slice, bias_grad_init, kv_tiles, q_tiles, row_tiles, untile
 from attnjax.softmax.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
-from attnjax.tiling import num_tiles, rank4
+from attnjax.tiling import num_tiles
 
 # ----------------------------------------------------------------------------------------------
 # Request checks and shared pieces (also used by pallas_kernels.stick_breaking).
@@ -335,7 +334,7 @@ def _forward(q, k, v, bias: Optional[Bias], mask, st: _Static):
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
     bq, bk = st.block_q, st.block_kv
     codes, lo, hi = _schedule(mask, st)
-    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
 
     def q_tile(args):
         i, qi = args
@@ -353,8 +352,8 @@ def _forward(q, k, v, bias: Optional[Bias], mask, st: _Static):
         c, acc = _walk_left(codes, lo, hi, i, visit, (c0, acc0))
         return acc, c[..., 0]
 
-    o, c = lax.map(q_tile, (jnp.arange(num_tiles(T, bq)), _q_tiles(q, bq, Hkv)))
-    return _untile(o, T), _untile(c, T)
+    o, c = lax.map(q_tile, (jnp.arange(num_tiles(T, bq)), q_tiles(q, bq, Hkv)))
+    return untile(o, T), untile(c, T)
 
 
 def _fwd(q, k, v, bias, mask, st):
@@ -369,15 +368,11 @@ def _bwd(st: _Static, residuals, cotangents):
     Hkv, G = st.spec.num_kv_heads, Hq // st.spec.num_kv_heads
     bq, bk = st.block_q, st.block_kv
     codes, lo, hi = _schedule(mask, st)
-    kt, vt = _kv_layout(k, bk), _kv_layout(v, bk)
+    kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
     # dz = A⊙dA − σ(z)⊙(δ − dc − Σ_{j>m} A⊙dA), δ_i = dO_i·o_i (module docstring).
     dterm = jnp.einsum("bthd,bthd->bth", d_o, o) - d_c
     bias_grad = isinstance(bias, ArrayBias)
-    if bias_grad:
-        bias4 = rank4(bias.array)
-        dbias0 = jnp.zeros(_padded_bias_shape(bias4.shape, T, bq, st.spec.S, bk), jnp.float32)
-    else:
-        dbias0 = jnp.zeros((), jnp.float32)
+    bias4, dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
@@ -392,12 +387,12 @@ def _bwd(st: _Static, residuals, cotangents):
             if st.spec.logits_soft_cap is not None:
                 dz = dz * (1.0 - jnp.square(z / st.spec.logits_soft_cap))
             if bias_grad:
-                dbias = _add_bias_tile(dbias, dz, bias4.shape, i * bq, j * bk)
+                dbias = add_bias_tile(dbias, dz, bias4.shape, i * bq, j * bk)
             dz = (dz * st.spec.scale).astype(qi.dtype)
             dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", dz, kj, preferred_element_type=jnp.float32)
-            dk = _add_slice(dk, jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32), j * bk)
+            dk = add_slice(dk, jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32), j * bk)
             dvj = jnp.einsum("bhgqk,bhgqd->bhkd", a.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            dv = _add_slice(dv, dvj, j * bk)
+            dv = add_slice(dv, dvj, j * bk)
             return c, s, dqi, dk, dv, dbias
 
         zeros_row = jnp.zeros((B, Hkv, G, bq, 1), jnp.float32)
@@ -405,12 +400,12 @@ def _bwd(st: _Static, residuals, cotangents):
         _, _, dqi, dk, dv, dbias = _walk_left(codes, lo, hi, i, visit, init)
         return (dk, dv, dbias), dqi
 
-    xs = (jnp.arange(num_tiles(T, bq)), _q_tiles(q, bq, Hkv), _q_tiles(d_o.astype(q.dtype), bq, Hkv),
-          _row_tiles(dterm, bq, Hkv))
+    xs = (jnp.arange(num_tiles(T, bq)), q_tiles(q, bq, Hkv), q_tiles(d_o.astype(q.dtype), bq, Hkv),
+          row_tiles(dterm, bq, Hkv))
     carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
     S = st.spec.S
-    dq = _untile(dq, T).astype(q.dtype)
+    dq = untile(dq, T).astype(q.dtype)
     dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
     dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
     d_bias = None

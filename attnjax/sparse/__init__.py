@@ -2,7 +2,8 @@
 
 from attnjax.sparse.lists import BlockSparse, allowed_blocks, density, from_block_mask, to_block_mask, transpose
 from attnjax.sparse.engine import (BlockSelector, block_sparse_attention,  # noqa: I001 - after lists
-                                   block_sparse_attention_reference)
+                                   block_sparse_attention_reference, selected_attention)
+from attnjax.sparse.gather import block_sparse_attention_xla
 from attnjax.sparse.static import (Dilated, SparseWindow, StaticSelector, Streaming, dilated_blocks,
                                    sliding_window_blocks, streaming_blocks)
 from attnjax.sparse.power import Power, power_blocks
@@ -19,7 +20,8 @@ from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_re
 
 __all__ = [
     "BlockSparse", "allowed_blocks", "density", "from_block_mask", "to_block_mask", "transpose",
-    "BlockSelector", "block_sparse_attention", "block_sparse_attention_reference",
+    "BlockSelector", "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla",
+    "selected_attention",
     "StaticSelector", "SparseWindow", "Dilated", "Streaming", "Power", "Radial", "S2",
     "sliding_window_blocks", "dilated_blocks", "streaming_blocks", "power_blocks", "radial_blocks", "s2_blocks",
     "MoA", "attention_influence", "min_loss_assignment", "moa_block_mask", "moa_profile", "moa_spans",

@@ -23,7 +23,6 @@ from typing import ClassVar, Optional
 
 import jax
 
-from attnjax import registry
 from attnjax.api import auto_order
 from attnjax.checks import check_implementation, check_qkv
 from attnjax.masks import Mask

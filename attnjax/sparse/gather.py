@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.masks import Mask
-from attnjax.softmax.flash_xla import _kv_layout, _q_tiles, _row_tiles, _untile
-from attnjax.softmax.scores import soft_cap, to_groups
+from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles, untile
+from attnjax.softmax.scores import ScoreSpec, score_spec, soft_cap, to_groups
 from attnjax.softmax.weights import SOFTMAX, backward_stat
 from attnjax.sparse.lists import BlockSparse
 from attnjax.tiling import pad_axis
@@ -43,11 +43,7 @@ TILE_ELEMENTS_PER_STEP = 2 ** 18
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    T: int
-    S: int
-    num_kv_heads: int
-    scale: float
-    logits_soft_cap: Optional[float]
+    spec: ScoreSpec
     block_q: int
     block_kv: int
     chunk: int
@@ -74,12 +70,10 @@ def block_sparse_attention_xla(
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``. Differentiable in q, k, v (and through lse).
     """
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    B, _, Hq, _ = q.shape
     bq, bk = blocks.block_q, blocks.block_kv
     chunk = max(1, min(blocks.num_q_blocks, TILE_ELEMENTS_PER_STEP // (B * Hq * bq * bk)))
-    st = _Static(T=T, S=S, num_kv_heads=Hkv, scale=D ** -0.5 if scale is None else float(scale),
-                 logits_soft_cap=logits_soft_cap, block_q=bq, block_kv=bk, chunk=chunk)
+    st = _Static(score_spec(q, k, scale, logits_soft_cap), block_q=bq, block_kv=bk, chunk=chunk)
     indices = jnp.asarray(blocks.indices, jnp.int32)
     counts = jnp.asarray(blocks.counts, jnp.int32)
     out, lse = _sparse(q, k, v, indices, counts, mask, st)
@@ -114,9 +108,9 @@ def _chunk_lists(indices: jax.Array, counts: jax.Array, st: _Static) -> dict:
     counts = pad_axis(counts, 2, c)
     Bl, Hl, nq_pad, K = indices.shape
     split = indices.reshape(Bl, Hl, -1, c, K)
-    grouped = to_groups(split, st.num_kv_heads).transpose(3, 5, 4, 0, 1, 2)
+    grouped = to_groups(split, st.spec.num_kv_heads).transpose(3, 5, 4, 0, 1, 2)
     flat = split.transpose(2, 4, 0, 1, 3)
-    counts = to_groups(counts.reshape(Bl, Hl, -1, c), st.num_kv_heads).transpose(3, 4, 0, 1, 2)
+    counts = to_groups(counts.reshape(Bl, Hl, -1, c), st.spec.num_kv_heads).transpose(3, 4, 0, 1, 2)
     return dict(grouped=grouped, flat=flat, counts=counts, first=jnp.arange(0, nq_pad, c))
 
 
@@ -138,7 +132,7 @@ def _fine_mask(mask: Mask, first: jax.Array, flat_ids: jax.Array, st: _Static) -
     Bl, Hl, c = flat_ids.shape
 
     def one(b, h, i, block):
-        t = mask.tile(i * bq + jnp.arange(bq), block * bk + jnp.arange(bk), st.T, st.S)
+        t = mask.tile(i * bq + jnp.arange(bq), block * bk + jnp.arange(bk), st.spec.T, st.spec.S)
         if Bl > 1 and t.shape[0] > 1:
             t = lax.dynamic_index_in_dim(t, b, axis=0)
         if Hl > 1 and t.shape[1] > 1:
@@ -150,17 +144,17 @@ def _fine_mask(mask: Mask, first: jax.Array, flat_ids: jax.Array, st: _Static) -
     tiles = jax.vmap(per_head, (0, None, None, 0))(jnp.arange(Bl), jnp.arange(Hl), first + jnp.arange(c), flat_ids)
     Bm, Hm = tiles.shape[3:5]
     tiles = tiles.transpose(0, 3, 1, 4, 2, 5, 6).reshape(Bl * Bm, Hl * Hm, c, bq, bk)
-    return jnp.moveaxis(to_groups(tiles, st.num_kv_heads), 3, 0)
+    return jnp.moveaxis(to_groups(tiles, st.spec.num_kv_heads), 3, 0)
 
 
 def _slot(j, qt, kb, vb, lists: dict, mask, st: _Static):
     """Slot ``j`` of one chunk: the gathered ids, K and V tiles, capped logits and the valid pairs."""
     ids = lists["grouped"][j]
     kj, vj = _gather(kb, ids), _gather(vb, ids)
-    s = jnp.einsum("nbhgqd,nbhgkd->nbhgqk", qt, kj, preferred_element_type=jnp.float32) * st.scale
-    s = soft_cap(s, st.logits_soft_cap)
+    s = jnp.einsum("nbhgqd,nbhgkd->nbhgqk", qt, kj, preferred_element_type=jnp.float32) * st.spec.scale
+    s = soft_cap(s, st.spec.logits_soft_cap)
     kv_pos = ids[..., None] * st.block_kv + jnp.arange(st.block_kv)
-    valid = ((kv_pos < st.S) & (j < lists["counts"])[..., None])[..., None, :]
+    valid = ((kv_pos < st.spec.S) & (j < lists["counts"])[..., None])[..., None, :]
     if mask is not None:
         valid = valid & _fine_mask(mask, lists["first"], lists["flat"][j], st)
     return ids, kj, vj, s, valid
@@ -168,13 +162,13 @@ def _slot(j, qt, kb, vb, lists: dict, mask, st: _Static):
 
 def _key_blocks(x: jax.Array, block: int) -> jax.Array:
     """``[B, S, Hkv, E]`` -> ``[B, Hkv, nk, block, E]`` (zero-padded)."""
-    xt = _kv_layout(x, block)
+    xt = kv_tiles(x, block)
     return xt.reshape(xt.shape[0], xt.shape[1], -1, block, xt.shape[-1])
 
 
 def _forward(q, k, v, indices, counts, mask, st: _Static):
-    T, Hkv, Dv = st.T, st.num_kv_heads, v.shape[-1]
-    qt = _q_tiles(q, st.block_q, Hkv)  # [nq, B, Hkv, G, bq, D]
+    T, Hkv, Dv = st.spec.T, st.spec.num_kv_heads, v.shape[-1]
+    qt = q_tiles(q, st.block_q, Hkv)  # [nq, B, Hkv, G, bq, D]
     kb, vb = _key_blocks(k, st.block_kv), _key_blocks(v, st.block_kv)
 
     def chunk(xs):
@@ -201,7 +195,7 @@ def _forward(q, k, v, indices, counts, mask, st: _Static):
 
     nq = qt.shape[0]
     out, lse = lax.map(chunk, (_chunked(qt, st.chunk), _chunk_lists(indices, counts, st)))
-    return _untile(_unchunked(out, nq), T), _untile(_unchunked(lse, nq), T)
+    return untile(_unchunked(out, nq), T), untile(_unchunked(lse, nq), T)
 
 
 def _sparse_fwd(q, k, v, indices, counts, mask, st):
@@ -212,12 +206,12 @@ def _sparse_fwd(q, k, v, indices, counts, mask, st):
 def _sparse_bwd(st: _Static, residuals, cotangents):
     q, k, v, indices, counts, mask, out, lse = residuals
     d_out, d_lse = cotangents
-    B, T, Hkv, bq = q.shape[0], st.T, st.num_kv_heads, st.block_q
+    B, T, Hkv, bq = q.shape[0], st.spec.T, st.spec.num_kv_heads, st.block_q
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)  # rows that see nothing: lse is constant
-    qt = _q_tiles(q, bq, Hkv)
-    stat = _row_tiles(backward_stat(SOFTMAX, lse), bq, Hkv)[..., None]
-    row_term = _row_tiles(d_lse - delta, bq, Hkv)[..., None]
+    qt = q_tiles(q, bq, Hkv)
+    stat = row_tiles(backward_stat(SOFTMAX, lse), bq, Hkv)[..., None]
+    row_term = row_tiles(d_lse - delta, bq, Hkv)[..., None]
     kb, vb = _key_blocks(k, st.block_kv), _key_blocks(v, st.block_kv)
     lists = _chunk_lists(indices, counts, st)
     shared = lists["grouped"].shape[-1] == 1 and qt.shape[3] > 1  # one list for all G heads of a group
@@ -239,9 +233,9 @@ def _sparse_bwd(st: _Static, residuals, cotangents):
             p = jnp.where(valid, jnp.exp(s - stat_c), 0.0)
             dp = jnp.einsum("nbhgqd,nbhgkd->nbhgqk", doc, vj, preferred_element_type=jnp.float32)
             ds = p * (dp + row_c)
-            if st.logits_soft_cap is not None:
-                ds = ds * (1.0 - jnp.square(s / st.logits_soft_cap))
-            ds = (ds * st.scale).astype(q.dtype)
+            if st.spec.logits_soft_cap is not None:
+                ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
+            ds = (ds * st.spec.scale).astype(q.dtype)
             dq = dq + jnp.einsum("nbhgqk,nbhgkd->nbhgqd", ds, kj, preferred_element_type=jnp.float32)
             dk = scatter(dk, ids, jnp.einsum(reduce_g, ds, qc, preferred_element_type=jnp.float32))
             dv = scatter(dv, ids, jnp.einsum(reduce_g, p.astype(doc.dtype), doc, preferred_element_type=jnp.float32))
@@ -250,13 +244,13 @@ def _sparse_bwd(st: _Static, residuals, cotangents):
         dq, dk, dv = lax.fori_loop(0, jnp.max(lists_c["counts"]), body, (jnp.zeros(qc.shape, jnp.float32), *carry))
         return (dk, dv), dq
 
-    xs = tuple(_chunked(x, st.chunk) for x in (qt, _q_tiles(d_out, bq, Hkv), stat, row_term)) + (lists,)
+    xs = tuple(_chunked(x, st.chunk) for x in (qt, q_tiles(d_out, bq, Hkv), stat, row_term)) + (lists,)
     carry0 = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
     (dk, dv), dq = lax.scan(chunk, carry0, xs)
-    S = st.S
+    S = st.spec.S
     dk = dk.reshape(B, Hkv, -1, k.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
     dv = dv.reshape(B, Hkv, -1, v.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
-    dq = _untile(_unchunked(dq, qt.shape[0]), T)
+    dq = untile(_unchunked(dq, qt.shape[0]), T)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 

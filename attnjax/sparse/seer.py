@@ -36,8 +36,9 @@ from attnjax import registry
 from attnjax.masks import Mask, block_schedule
 from attnjax.nn.checks import check_positive
 from attnjax.positional import RoPE
-from attnjax.softmax.flash_xla import _kv_layout, _q_tiles, _row_tiles, flash_attention_xla
+from attnjax.softmax.flash_xla import flash_attention_xla
 from attnjax.softmax.scores import allowed, raw_logits, score_spec
+from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles
 from attnjax.sparse.engine import BlockSelector, block_sparse_attention
 from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles, pad_axis
@@ -110,7 +111,7 @@ def block_max_attention(
     _, lse = flash_attention_xla(q, k, v_dummy, mask=mask, scale=spec.scale, return_lse=True)
     nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
     codes, lo, hi = block_schedule(mask, T, S, block_q, block_kv)
-    kt = _kv_layout(k, block_kv)
+    kt = kv_tiles(k, block_kv)
     G = Hq // Hkv
 
     def q_tile(args):
@@ -132,7 +133,7 @@ def block_max_attention(
 
         return lax.fori_loop(lo[i], hi[i], body, jnp.zeros((B, Hkv, G, nk), jnp.float32))
 
-    tiles = lax.map(q_tile, (jnp.arange(nq), _q_tiles(q, block_q, Hkv), _row_tiles(lse, block_q, Hkv)))
+    tiles = lax.map(q_tile, (jnp.arange(nq), q_tiles(q, block_q, Hkv), row_tiles(lse, block_q, Hkv)))
     tile_max = tiles.transpose(1, 2, 3, 0, 4).reshape(B, Hq, nq, nk)
     return _normalize_rows(tile_max)
 

@@ -28,7 +28,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax import masks as _masks
 from attnjax.bias import ArrayBias, Bias, as_bias
@@ -36,7 +35,6 @@ from attnjax.positional import ALiBi
 from attnjax.softmax.weights import (
     SOFTMAX, SigmoidWeight, SoftmaxWeight, SoftplusWeight, WeightFunction, backward_offsets, backward_stat,
 )
-from attnjax.tiling import num_tiles
 
 # ----------------------------------------------------------------------------------------------
 # 2. Masks compiled for in-kernel evaluation on 2-D tiles.
