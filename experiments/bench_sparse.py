@@ -56,6 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--na-kernel", type=int, default=13, help="neighbourhood kernel size per axis (2-D grid)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a measurement after this")
+    p.add_argument("--memory-budget-gib", type=float, default=8.0,
+                   help="run a path only if its compiled peak memory is below this")
     p.add_argument("--time-budget-s", type=float, default=30.0,
                    help="time a path at the next T only while its predicted single run (linear in T·density·T) fits")
     common.add_output_flags(p, "bench_sparse")
@@ -137,7 +139,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if path == "dense" and (T, row["causal"]) in dense_times:
                     row["seconds"][path] = dense_times[T, row["causal"]]
                     continue
-                timing = common.time_fn(fn, q, k, v, repeats=args.repeats, max_seconds=args.max_seconds)
+                compiled = common.compile_fn(fn, q, k, v)
+                peak = common.memory_of(compiled).peak
+                if peak > args.memory_budget_gib * common.GIB:
+                    row["seconds"][path] = None
+                    row.setdefault("not_run", {})[path] = f"needs {common.format_bytes(peak)}"
+                    continue
+                timing = common.time_thunks({path: lambda: compiled(q, k, v)}, repeats=args.repeats,
+                                            max_seconds=args.max_seconds)[path]
                 row["seconds"][path] = timing.median_s
                 last[key] = (T, timing.median_s)
                 if path == "dense":

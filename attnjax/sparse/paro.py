@@ -41,6 +41,7 @@ from attnjax.nn.checks import check_positive
 from attnjax.softmax.scores import allowed, dense_operands, score_spec
 from attnjax.sparse.engine import PATHS, BlockSelector, selected_attention
 from attnjax.sparse.lists import BlockSparse, allowed_blocks
+from attnjax.sparse.pooling import pooled_attention
 from attnjax.sparse.seer import select_topk
 from attnjax.tiling import num_tiles, pad_axis
 
@@ -101,27 +102,17 @@ def permuted_selector_attention(selector: BlockSelector, implementation: str, q,
 
 def block_attention_mass(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *,
                          mask: Optional[Mask] = None, scale: Optional[float] = None) -> jax.Array:
-    """Attention mass per tile, from the dense ``[B, Hq, T, S]`` map (calibration-time cost).
+    """Attention mass per tile, averaged over the query block's rows (blocked, O(T·block) memory).
 
     ``M[b, h, i, n] = (1/|i|) Σ_{t ∈ block i, s ∈ block n} softmax_s(scale·q_t·k_s | mask)`` with
     ``|i|`` the valid rows of query block ``i``: float32 ``[B, Hq, nq, nk]``, each row summing to 1
-    (0 for rows that see no key). No gradient flows to q or k.
+    (0 for rows that see no key); ``attnjax.sparse.pooling.pooled_attention`` with ``pool="sum"``.
+    No gradient flows to q or k.
     """
-    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
-    B, T, Hq, _ = q.shape
-    S = k.shape[1]
-    spec = score_spec(q, k, scale)
-    qg, kt, _, q_idx, kv_idx = dense_operands(q, k, k[..., :1])
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt, preferred_element_type=jnp.float32) * spec.scale
-    ok = allowed(mask, q_idx, kv_idx, spec)
-    m = jnp.max(jnp.where(ok, s, -jnp.inf), -1, keepdims=True)
-    e = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    total = e.sum(-1, keepdims=True)
-    p = (e / jnp.where(total > 0, total, 1.0)).reshape(B, Hq, T, S)
-    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
-    tiles = pad_axis(pad_axis(p, 2, block_q), 3, block_kv).reshape(B, Hq, nq, block_q, nk, block_kv)
-    rows = np.minimum(block_q, T - np.arange(nq) * block_q).astype(np.float32)
-    return tiles.sum((3, 5)) / rows[:, None]
+    T = q.shape[1]
+    mass = pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="sum", mask=mask, scale=scale)
+    rows = np.minimum(block_q, T - np.arange(num_tiles(T, block_q)) * block_q).astype(np.float32)
+    return mass / rows[:, None]
 
 
 def budget(density: float, num_kv_blocks: int) -> int:

@@ -31,16 +31,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from attnjax import masks as _masks
 from attnjax import registry
-from attnjax.masks import Mask, block_schedule
+from attnjax.masks import Mask
 from attnjax.nn.checks import check_positive
 from attnjax.positional import RoPE
 from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import allowed, raw_logits, score_spec
-from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles
 from attnjax.sparse.engine import BlockSelector, block_sparse_attention
 from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.sparse.pooling import pooled_attention, pooled_attention_reference
 from attnjax.tiling import num_tiles, pad_axis
 
 PAPER = "Gao et al. 2024, SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs"
@@ -63,21 +61,8 @@ def block_max_attention_reference(
 
     Returns float32 ``[B, Hq, nq, nk]``, each query-block row summing to 1 (0 if it sees nothing).
     """
-    B, T, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    k_rep = jnp.repeat(k, Hq // Hkv, axis=2)
-    s = jnp.einsum("bthd,bshd->bhts", q, k_rep, preferred_element_type=jnp.float32) * scale
-    ok = jnp.ones((1, 1, T, S), bool) if mask is None else jnp.asarray(mask.dense(T, S))
-    ok = jnp.broadcast_to(ok, s.shape)
-    m = jnp.max(jnp.where(ok, s, -jnp.inf), -1, keepdims=True)
-    e = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = e.sum(-1, keepdims=True)
-    p = jnp.where(l > 0, e / jnp.where(l > 0, l, 1.0), 0.0)
-    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
-    p = pad_axis(pad_axis(p, 2, block_q), 3, block_kv)
-    tile_max = p.reshape(B, Hq, nq, block_q, nk, block_kv).max(axis=(3, 5))
-    return _normalize_rows(tile_max)
+    return _normalize_rows(pooled_attention_reference(q, k, block_q=block_q, block_kv=block_kv, pool="max",
+                                                      mask=mask, scale=scale))
 
 
 def block_max_attention(
@@ -88,10 +73,9 @@ def block_max_attention(
 
     ``G[b, h, i, j] = M[i, j] / Σ_j' M[i, j']`` with ``M[i, j] = max_{t∈block i, s∈block j} P[t, s]``
     and ``P = softmax_s(scale·q_t·k_s | mask)`` (per query head; GQA reads KV head ``h // G``).
-    Blocked: the row log-sum-exp comes from ``flash_attention_xla(..., return_lse=True)``, then
-    each query tile walks its non-empty key tiles (``masks.block_schedule``) and keeps
-    ``max exp(s - lse)`` per tile, so memory is O(T·block), never O(T·S). As in the public
-    kernel (``attn_pooling_kernel.py``), the maximum is over every row of the query block.
+    Blocked (``attnjax.sparse.pooling.pooled_attention`` with ``pool="max"``): memory O(T·block),
+    never O(T·S). As in the public kernel (``attn_pooling_kernel.py``), the maximum is over every
+    row of the query block.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
@@ -103,39 +87,8 @@ def block_max_attention(
       training target: no gradient flows to q or k.
     """
     check_positive(block_q=block_q, block_kv=block_kv)
-    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
-    B, T, Hq, _ = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    spec = score_spec(q, k, scale)
-    v_dummy = jnp.zeros((B, S, Hkv, 1), q.dtype)
-    _, lse = flash_attention_xla(q, k, v_dummy, mask=mask, scale=spec.scale, return_lse=True)
-    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
-    codes, lo, hi = block_schedule(mask, T, S, block_q, block_kv)
-    kt = kv_tiles(k, block_kv)
-    G = Hq // Hkv
-
-    def q_tile(args):
-        i, qi, lse_i = args
-        q_idx = i * block_q + jnp.arange(block_q)
-        lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
-        row_ok = (q_idx < T)[:, None] & jnp.isfinite(lse_i)[..., None]
-
-        def visit(j, acc):
-            kv_idx = j * block_kv + jnp.arange(block_kv)
-            kj = lax.dynamic_slice_in_dim(kt, j * block_kv, block_kv, axis=2)
-            s = raw_logits(qi, kj, q_idx, kv_idx, None, spec)
-            ok = allowed(mask, q_idx, kv_idx, spec) & row_ok
-            p = jnp.where(ok, jnp.exp(s - lse_safe), 0.0)
-            return acc.at[..., j].set(p.max(axis=(-1, -2)))
-
-        def body(j, acc):
-            return lax.cond(codes[i, j] != _masks.EMPTY, lambda a: visit(j, a), lambda a: a, acc)
-
-        return lax.fori_loop(lo[i], hi[i], body, jnp.zeros((B, Hkv, G, nk), jnp.float32))
-
-    tiles = lax.map(q_tile, (jnp.arange(nq), q_tiles(q, block_q, Hkv), row_tiles(lse, block_q, Hkv)))
-    tile_max = tiles.transpose(1, 2, 3, 0, 4).reshape(B, Hq, nq, nk)
-    return _normalize_rows(tile_max)
+    return _normalize_rows(pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="max", mask=mask,
+                                            scale=scale))
 
 
 def attention_recall(
