@@ -51,7 +51,7 @@ MIN_CHECK_LEN = 64
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults finish in a few minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=common.parse_ints, default=[256, 512, 1024, 2048],
+    p.add_argument("--seq-lens", type=common.parse_ints, default=[256, 512, 1024],
                    help="comma-separated sequence lengths to time (1k = 1024)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)

@@ -35,7 +35,6 @@ arXiv:2506.23858; public code ``KwaiVGI/VMoBA``, ``src/vmoba.py``) changes three
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar, Optional, Tuple
 
 import jax
@@ -46,9 +45,9 @@ from jax import lax
 from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.nn.checks import check_positive
-from attnjax.sparse.engine import PATHS, BlockSelector
+from attnjax.sparse.engine import BlockSelector
 from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
-from attnjax.sparse.paro import check_grid, permuted_selector_attention
+from attnjax.sparse.paro import GridPermutedSelector, check_grid
 from attnjax.sparse.seer import select_topk
 from attnjax.sparse.static import block_distance
 from attnjax.tiling import num_tiles, pad_axis
@@ -219,7 +218,7 @@ def _tiles_to_partition(n_tiles: int, block: int, part: int) -> np.ndarray:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class Vmoba(BlockSelector):
+class Vmoba(GridPermutedSelector):
     """VMoBA block selection (Wu et al. 2025) for the block-sparse engine; see the module docstring.
 
     With ``grid=None`` the tokens form a plain sequence and the partition blocks are the engine's
@@ -291,11 +290,6 @@ class Vmoba(BlockSelector):
         """The shared token order ``[N]`` (static) that ``permuted_selector_attention`` applies."""
         check_grid(self.grid, q.shape[1], k.shape[1])
         return self.permutation()[0]
-
-    def implementations(self):
-        if self.grid is None:
-            return super().implementations()
-        return {name: functools.partial(permuted_selector_attention, self, name) for name in PATHS}
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
         T, S = q.shape[1], k.shape[1]

@@ -98,6 +98,16 @@ def permuted_selector_attention(selector: BlockSelector, implementation: str, q,
     return permute_tokens(result, back)
 
 
+class GridPermutedSelector(BlockSelector):
+    """A selector with a ``grid`` field: with a grid, its paths run ``permuted_selector_attention``
+    (tokens reordered by ``token_permutation`` around the engine); without one, the plain engine paths."""
+
+    def implementations(self):
+        if self.grid is None:
+            return super().implementations()
+        return {name: functools.partial(permuted_selector_attention, self, name) for name in PATHS}
+
+
 # ----------------------------------------------------------------------------- block mass
 
 def block_attention_mass(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *,
@@ -175,7 +185,7 @@ def check_grid(grid: Tuple[int, int, int], T: int, S: int) -> int:
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class Paro(BlockSelector):
+class Paro(GridPermutedSelector):
     """PAROAttention's reordered block-sparse attention (Zhao et al. 2025); see the module docstring.
 
     Each query block keeps its ``budget(density, nk)`` key blocks of largest attention mass
@@ -230,11 +240,6 @@ class Paro(BlockSelector):
             return table[np.asarray(self.orders)]
         orders, _ = choose_permutation(q, k, self.grid, self.block_q, self.block_kv, density=self.density)
         return jnp.asarray(table)[orders]
-
-    def implementations(self):
-        if self.grid is None:
-            return super().implementations()
-        return {name: functools.partial(permuted_selector_attention, self, name) for name in PATHS}
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
         T, S = q.shape[1], k.shape[1]
