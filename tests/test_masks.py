@@ -77,13 +77,13 @@ def test_structural_summaries_are_exact(data, T, S, bq, bk):
     check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_any_summary_is_sound(data, T, S, bq, bk):
     check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS)
 def test_and_or_laws(data, T, S):
     a, b, c = (data.draw(any_mask(T, S, depth=1)) for _ in range(3))
