@@ -251,11 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                "mechanisms": [{"name": e.name, "paper": e.paper, "implementations": list(e.implementations)}
                               for e in entries],
                "rows": rows}
-    out = Path(args.out)
-    common.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(report)
-    plot(rows, args, out / f"{args.name}.png")
-    print(f"wrote {out / args.name}.{{json,md,png}}")
+    common.save_benchmark(results, report, args, lambda path: plot(rows, args, path))
     return results
 
 

@@ -315,11 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(report)
     results = {"device": device, "settings": common.jsonable_args(args), "pallas": pallas_note(args.with_pallas),
                "rows": rows, "slopes": fits, "target": goal}
-    out = Path(args.out)
-    common.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(report)
-    plot(rows, fits, args, out / f"{args.name}.png")
-    print(f"wrote {out / args.name}.{{json,md,png}}")
+    common.save_benchmark(results, report, args, lambda path: plot(rows, fits, args, path))
     return results
 
 

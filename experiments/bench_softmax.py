@@ -209,11 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = markdown_report(rows, goals, args, device)
     print(report)
     results = {"device": device, "settings": common.jsonable_args(args), "rows": rows, "targets": goals}
-    out = Path(args.out)
-    common.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(report)
-    plot(rows, args, out / f"{args.name}.png")
-    print(f"wrote {out / args.name}.{{json,md,png}}")
+    common.save_benchmark(results, report, args, lambda path: plot(rows, args, path))
     return results
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -251,11 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(report)
     results = {"device": device, "settings": common.jsonable_args(args), "cases": cases,
                "rows": timing_rows(cases, args)}
-    out = Path(args.out)
-    common.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(report)
-    plot(cases, args, out / f"{args.name}.png")
-    print(f"wrote {out / args.name}.{{json,md,png}}")
+    common.save_benchmark(results, report, args, lambda path: plot(cases, args, path))
     return results
 
 

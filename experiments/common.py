@@ -265,6 +265,15 @@ def parse_benchmark_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str
     return args
 
 
+def save_benchmark(results: dict, report: str, args, plot: Callable[[Path], Any]) -> None:
+    """Write ``<out>/<name>.json`` (``results``), ``.md`` (``report``) and ``.png`` (``plot(path)``)."""
+    out = Path(args.out)
+    write_json(results, f"{args.name}.json", out)
+    (out / f"{args.name}.md").write_text(report)
+    plot(out / f"{args.name}.png")
+    print(f"wrote {out / args.name}.{{json,md,png}}")
+
+
 def finish_figure(fig, axes, xs: Sequence[int], title: str, path: Path) -> Path:
     """Label each axis at the lengths ``xs``, add grids and legends and the title, save to ``path``, close."""
     for ax in axes:

@@ -32,7 +32,8 @@ from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
-from attnjax.softmax.tiles import add_bias_tile, add_slice, bias_grad_init, kv_tiles, q_tiles, row_tiles, untile
+from attnjax.softmax.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+                                   row_tiles, untile)
 from attnjax.softmax.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.tiling import num_tiles
 
@@ -252,14 +253,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
           row_tiles(delta, bq, Hkv), row_tiles(d_lse, bq, Hkv))
     carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
-    S = st.spec.S
-    dq = untile(dq, T).astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
-    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    d_bias = None
-    if bias_grad:
-        Bb, Hb, Tb, Sb = bias4.shape
-        d_bias = ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+    dq, dk, dv, d_bias = finish_grads(dq, dk, dv, dbias, q, k, v, bias)
     d_sinks = None
     if sinks is not None:
         p_sink = jnp.exp(sinks[None, None, :] - lse)  # [B, T, Hq]; lse is finite with sinks

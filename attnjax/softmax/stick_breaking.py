@@ -64,7 +64,8 @@ from attnjax import masks as _masks
 from attnjax import registry
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.masks import FULL, PARTIAL, Mask, block_schedule
-from attnjax.softmax.tiles import add_bias_tile, add_slice, bias_grad_init, kv_tiles, q_tiles, row_tiles, untile
+from attnjax.softmax.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+                                   row_tiles, untile)
 from attnjax.softmax.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.tiling import num_tiles
 
@@ -404,14 +405,7 @@ def _bwd(st: _Static, residuals, cotangents):
           row_tiles(dterm, bq, Hkv))
     carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
-    S = st.spec.S
-    dq = untile(dq, T).astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
-    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    d_bias = None
-    if bias_grad:
-        Tb, Sb = bias4.shape[2:]
-        d_bias = ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+    dq, dk, dv, d_bias = finish_grads(dq, dk, dv, dbias, q, k, v, bias)
     return dq, dk, dv, d_bias, None
 
 

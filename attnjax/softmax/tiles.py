@@ -73,5 +73,22 @@ def bias_grad_init(bias, T: int, block_q: int, S: int, block_kv: int):
     return bias4, jnp.zeros(padded_bias_shape(bias4.shape, T, block_q, S, block_kv), jnp.float32)
 
 
+def finish_grads(dq_tiles: jax.Array, dk: jax.Array, dv: jax.Array, dbias: jax.Array, q: jax.Array, k: jax.Array,
+                 v: jax.Array, bias):
+    """Tiled float32 gradients back to the inputs' layouts and dtypes: ``(dq, dk, dv, d_bias)``.
+
+    ``dq_tiles [nq, B, Hkv, G, bq, D]``, ``dk``/``dv [B, Hkv, S_padded, E]``, ``dbias`` from
+    ``bias_grad_init`` (``d_bias`` is an ``ArrayBias`` for an array bias, else None).
+    """
+    T, S = q.shape[1], k.shape[1]
+    dq = untile(dq_tiles, T).astype(q.dtype)
+    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+    if not isinstance(bias, ArrayBias):
+        return dq, dk, dv, None
+    Tb, Sb = rank4(bias.array).shape[2:]
+    return dq, dk, dv, ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+
+
 __all__ = ["q_tiles", "row_tiles", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "add_bias_tile",
-           "bias_grad_init"]
+           "bias_grad_init", "finish_grads"]
