@@ -229,8 +229,25 @@ def schedule(mask: Optional[_masks.Mask], T: int, S: int, block_q: int, block_kv
 # ----------------------------------------------------------------------------------------------
 
 
+class TileCounts:
+    """Derived sizes of a kernel's static description (fields ``num_q_heads``, ``num_kv_heads``,
+    ``T_pad``, ``S_pad``, ``block_q``, ``block_kv``)."""
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.T_pad // self.block_q
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.S_pad // self.block_kv
+
+
 @dataclasses.dataclass(frozen=True)
-class FlashStatic:
+class FlashStatic(TileCounts):
     """Everything static about one kernel call (hashable: a custom_vjp nondiff argument).
 
     ``T, S``: true lengths; ``T_pad, S_pad``: padded to multiples of the blocks; ``D_pad,
@@ -259,18 +276,6 @@ class FlashStatic:
     interpret: bool = False
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def num_q_tiles(self) -> int:
-        return self.T_pad // self.block_q
-
-    @property
-    def num_kv_tiles(self) -> int:
-        return self.S_pad // self.block_kv
 
 
 def next_power_of_2(n: int) -> int:

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from attnjax import masks as _masks
 from attnjax.checks import check_options, check_qkv
 from attnjax.softmax.stick_breaking import check_request, strict_codes
-from pallas_kernels.flash.common import MaskPlan, eval_mask, tile_iotas
+from pallas_kernels.flash.common import MaskPlan, TileCounts, eval_mask, tile_iotas
 
 
 @dataclasses.dataclass(frozen=True)
-class StickBreakingStatic:
+class StickBreakingStatic(TileCounts):
     """Everything static about one kernel call (hashable: a custom_vjp nondiff argument).
 
     ``T, S``: true lengths; ``T_pad, S_pad``: padded to whole tiles; ``D_pad, Dv_pad``: padded head
@@ -48,18 +48,6 @@ class StickBreakingStatic:
     interpret: bool = False
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def num_q_tiles(self) -> int:
-        return self.T_pad // self.block_q
-
-    @property
-    def num_kv_tiles(self) -> int:
-        return self.S_pad // self.block_kv
 
 
 def validate(q, k, v, *, mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse) -> None:
