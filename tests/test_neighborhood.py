@@ -4,7 +4,6 @@ Masks and block lists against a brute-force window enumeration; the engine path 
 dense reference, forward and grads.
 """
 
-import importlib.util
 import math
 
 import jax
@@ -22,9 +21,6 @@ from attnjax.sparse.lists import density, to_block_mask
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
-HAS_XLA = importlib.util.find_spec("attnjax.sparse.gather") is not None
-ENGINE = "xla" if HAS_XLA else "reference"
-"""The engine path under test: its xla path (gather.py) when present, else its dense reference."""
 
 
 def brute_axis(L, k, d, s, causal):
@@ -207,7 +203,7 @@ def assert_jit_close_with_grads(fn_actual, fn_expected, args, names="qkv"):
         assert_close(actual, expected, name=f"d{name}")
 
 
-@pytest.mark.parametrize("name, implementation", [("1d", ENGINE), ("2d", ENGINE), ("2d", "reference")])
+@pytest.mark.parametrize("name, implementation", [("1d", "xla"), ("2d", "xla"), ("2d", "reference")])
 def test_engine_matches_direct_reference(name, implementation):
     case = CASES[name]
     q, k, v = grid_qkv(case["spatial"], Dv=4 if name == "3d" else 8)
@@ -222,13 +218,13 @@ def test_engine_matches_direct_reference(name, implementation):
 def test_engine_forward_and_grads_match_direct_reference(name):
     case = CASES[name]
     q, k, v = grid_qkv(case["spatial"], Dv=4 if name == "3d" else 8)
-    assert_jit_close_with_grads(*engine_and_reference(case, ENGINE), (q, k, v))
+    assert_jit_close_with_grads(*engine_and_reference(case, "xla"), (q, k, v))
 
 
 def test_engine_bf16():
     case = CASES["2d"]
     q, k, v = grid_qkv(case["spatial"], dtype=jnp.bfloat16)
-    engine, reference = engine_and_reference(case, ENGINE)
+    engine, reference = engine_and_reference(case, "xla")
     out = engine(q, k, v)
     assert out.dtype == jnp.bfloat16
     assert_close(out, reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)),
@@ -239,7 +235,7 @@ def test_cross_queries_mask_and_lse_on_tokens():
     """Queries = the last T of S grid positions, an extra causal mask, the log-sum-exp."""
     q, k, v = random_qkv(KEY, B=1, T=21, S=30, Hq=2, Hkv=1, D=8)
     params = dict(kernel_size=(3, 4), dilation=(1, 2), grid=(5, 6), mask=masks.Causal(), return_lse=True)
-    out, lse = jax.jit(lambda q, k, v: neighborhood_attention(q, k, v, tile_shape=(2, 4), implementation=ENGINE,
+    out, lse = jax.jit(lambda q, k, v: neighborhood_attention(q, k, v, tile_shape=(2, 4), implementation="xla",
                                                               **params))(q, k, v)
     ref_out, ref_lse = jax.jit(lambda q, k, v: neighborhood_attention_reference(q, k, v, **params))(q, k, v)
     assert_close(out, ref_out)
@@ -259,7 +255,6 @@ def test_registered_mechanism_reshapes_tokens_into_the_grid():
         aj.attention(*flat, mechanism=config, implementation="reference", sinks=jnp.zeros(4))
 
 
-@pytest.mark.skipif(not HAS_XLA, reason="attnjax.sparse.gather (the engine's xla path) is not there")
 def test_registered_default_on_odd_cross_lengths_with_mask_xla():
     q, k, v = random_qkv(KEY, B=2, T=29, S=37, Hq=4, Hkv=2, D=8)
     kwargs = dict(mechanism="neighborhood", mask=masks.Causal(), return_lse=True)

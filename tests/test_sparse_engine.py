@@ -91,8 +91,10 @@ FINE_MASKS = {
                                   for n in FINE_MASKS])
 def test_fine_masks(name, monkeypatch):
     """GQA, T=37, S=45, Dv != D; the lists vary over batch and heads, so batch- and head-dependent
-    masks pick each tile's own row. Chunks of 2 query blocks (the last one padded)."""
-    monkeypatch.setattr(gather, "TILE_ELEMENTS_PER_STEP", 2 * 2 * 4 * BQ * BK)
+    masks pick each tile's own row. Chunks of 2 query blocks (the last one padded), steps of 2
+    list slots (the last one padded)."""
+    monkeypatch.setattr(gather, "KEYS_PER_STEP", 2 * BK)
+    monkeypatch.setattr(gather, "TILE_ELEMENTS_PER_STEP", 2 * 2 * 4 * BQ * 2 * BK)
     q, k, v = random_qkv(KEY, B=2, T=T, S=S, Hq=4, Hkv=2, D=8, Dv=12)
     check(q, k, v, random_blocks((2, 4), seed=1, p=0.7), mask=FINE_MASKS[name]())
 
@@ -139,7 +141,8 @@ def test_dynamic_lists_built_under_jit():
 
 def test_empty_rows_and_return_lse_with_its_gradient(monkeypatch):
     """Query block 1 lists nothing: output 0, lse -inf, finite grads; elsewhere lse and its
-    gradient match the reference. One query block per chunk."""
+    gradient match the reference. One query block per chunk, one list slot per step."""
+    monkeypatch.setattr(gather, "KEYS_PER_STEP", BK)
     monkeypatch.setattr(gather, "TILE_ELEMENTS_PER_STEP", 4 * BQ * BK)
     q, k, v = random_qkv(KEY, B=1, T=T, S=S, Hq=4, Hkv=2, D=8)
     blocks = random_blocks((1, 4), seed=5, p=0.7)

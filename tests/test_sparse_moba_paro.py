@@ -1,6 +1,5 @@
 """MoBA / VMoBA / PAROAttention selectors (catalog B5, B6) and PARO's INT8 attention."""
 
-import importlib.util
 import math
 
 import jax
@@ -327,8 +326,6 @@ def test_default_configs_run_on_odd_lengths():
         assert_close(out, outs[-1])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("attnjax.sparse.gather") is None,
-                    reason="attnjax/sparse/gather.py (the engine's xla path) is not written yet")
 @pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n != "moba" else n for n in SELECTORS])
 def test_xla_path_matches_reference(name):
     sel, mask = SELECTORS[name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -210,8 +209,6 @@ def test_seer_default_config_and_trained_gate_under_jit():
         Seer(block_q=16, block_kv=16, gate=_gate())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("attnjax.sparse.gather") is None,
-                    reason="attnjax/sparse/gather.py (the engine's xla path) is not there yet")
 def test_seer_xla_matches_reference():
     q, k, v = random_qkv(KEY, B=1, T=24, Hq=4, Hkv=2, D=16)
     seer = Seer(block_q=8, block_kv=8, top_k=2)

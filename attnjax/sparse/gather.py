@@ -6,12 +6,14 @@ lists for each (batch, query head, query block), as in block-sparse FlashAttenti
 "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", 2022).
 
 Forward: query blocks are taken in chunks (about ``TILE_ELEMENTS_PER_STEP`` logits per step), and
-each chunk loops over the list slots ``j`` below its largest count. At slot ``j`` every query block
-``(b, h, i)`` of the chunk gathers its key/value tile ``indices[b, h, i, j]`` (from KV head
-``h // G``: GQA never repeats K/V, and lists shared by all heads gather once per KV head), computes
-the ``[bq, bk]`` logit tile, masks padded keys, unused slots (``j ≥ count``) and the fine mask, and
-updates the running max ``m``, normalizer ``l`` and accumulator in float32. Only one slot's tiles
-are live at a time: memory is O(B·H·T·Dv) plus one step's tiles, never O(K·T·bk).
+each chunk walks its lists in steps of ``slots`` list slots (up to ``KEYS_PER_STEP`` keys), below
+its largest count. At step ``j`` every query block ``(b, h, i)`` of the chunk gathers the key/value
+tiles ``indices[b, h, i, j·slots : (j+1)·slots]`` side by side (from KV head ``h // G``: GQA never
+repeats K/V, and query heads that share a list stack their rows into one product), computes the
+``[bq, slots·bk]`` logits, adds ``-inf`` for padded keys, unused slots (``≥ count``) and pairs the
+fine mask forbids, and updates the running max ``m``, normalizer ``l`` and accumulator in float32
+(a list that fits in one step is a plain softmax, with no loop). Only one step's tiles are live at
+a time: memory is O(B·H·T·Dv) plus one step's tiles, never O(K·T·bk).
 
 Backward (custom VJP, recompute): the same loop rebuilds ``P = exp(s − lse)`` tile by tile; with
 ``δ_i = dO_i·O_i``, ``dS = P ⊙ (dO·Vᵀ − δ + dlse)`` (times ``1 − (s/cap)²`` under a soft cap).
@@ -34,11 +36,16 @@ from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles, untile
 from attnjax.softmax.scores import ScoreSpec, score_spec, soft_cap, to_groups
 from attnjax.softmax.weights import SOFTMAX, backward_stat
 from attnjax.sparse.lists import BlockSparse
-from attnjax.tiling import pad_axis
+from attnjax.tiling import num_tiles, pad_axis
 
 TILE_ELEMENTS_PER_STEP = 2 ** 18
 """Logit elements one loop step works on: query blocks are processed in chunks of about this many
-``bq × bk`` tile elements (over batch and heads), so a step's tiles stay cache-sized on CPU."""
+``bq × (slots·bk)`` tile elements (over batch and heads), so a step's tiles stay cache-sized on CPU."""
+
+KEYS_PER_STEP = 1024
+"""Keys one query block gathers per loop step at most: ``slots`` list slots are taken together, so
+each step multiplies against a ``slots·bk``-wide key tile and the online-softmax rescale is paid
+once per step rather than once per listed block; lists of up to this many keys take one step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,8 @@ class _Static:
     block_kv: int
     chunk: int
     """Query blocks per chunk; each chunk loops over its own largest count of slots."""
+    slots: int
+    """List slots gathered per loop step (the lists are split into ``ceil(K / slots)`` steps)."""
 
 
 def block_sparse_attention_xla(
@@ -72,8 +81,10 @@ def block_sparse_attention_xla(
     """
     B, _, Hq, _ = q.shape
     bq, bk = blocks.block_q, blocks.block_kv
-    chunk = max(1, min(blocks.num_q_blocks, TILE_ELEMENTS_PER_STEP // (B * Hq * bq * bk)))
-    st = _Static(score_spec(q, k, scale, logits_soft_cap), block_q=bq, block_kv=bk, chunk=chunk)
+    K = blocks.max_blocks
+    slots = num_tiles(K, max(1, num_tiles(K * bk, KEYS_PER_STEP)))  # K split evenly into steps
+    chunk = max(1, min(blocks.num_q_blocks, TILE_ELEMENTS_PER_STEP // (B * Hq * bq * slots * bk)))
+    st = _Static(score_spec(q, k, scale, logits_soft_cap), block_q=bq, block_kv=bk, chunk=chunk, slots=slots)
     indices = jnp.asarray(blocks.indices, jnp.int32)
     counts = jnp.asarray(blocks.counts, jnp.int32)
     out, lse = _sparse(q, k, v, indices, counts, mask, st)
@@ -85,54 +96,77 @@ def _sparse(q, k, v, indices, counts, mask, st):
     return _forward(q, k, v, indices, counts, mask, st)
 
 
-def _chunked(x: jax.Array, chunk: int) -> jax.Array:
-    """``[nq, ...]`` -> ``[nc, chunk, ...]``, zero-padded."""
-    x = pad_axis(x, 0, chunk)
-    return x.reshape(-1, chunk, *x.shape[1:])
+def _chunk_rows(x: jax.Array, i, st: _Static) -> jax.Array:
+    """Chunk ``i``'s query tiles ``[c, B, Hkv, G, bq, ...]`` of ``x [B, T_pad, Hq, ...]`` (padded to whole chunks)."""
+    rows = st.chunk * st.block_q
+    part = lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)
+    tile = q_tiles if part.ndim == 4 else row_tiles
+    return tile(part, st.block_q, st.spec.num_kv_heads)
 
 
-def _unchunked(x: jax.Array, nq: int) -> jax.Array:
-    """Inverse of ``_chunked``."""
-    return x.reshape(-1, *x.shape[2:])[:nq]
+def _put_rows(acc: jax.Array, tiles: jax.Array, i, st: _Static) -> jax.Array:
+    """Write chunk ``i``'s tiles ``[c, B, Hkv, G, bq, ...]`` into ``acc [B, T_pad, Hq, ...]``."""
+    rows = st.chunk * st.block_q
+    return lax.dynamic_update_slice_in_dim(acc, untile(tiles, rows).astype(acc.dtype), i * rows, axis=1)
+
+
+def _pad_rows(x: jax.Array, st: _Static) -> jax.Array:
+    """``[B, T, Hq, ...]`` zero-padded along T to whole chunks of ``chunk·bq`` rows."""
+    return pad_axis(x, 1, st.chunk * st.block_q)
 
 
 def _chunk_lists(indices: jax.Array, counts: jax.Array, st: _Static) -> dict:
-    """The lists cut into chunks of query blocks (padded blocks have count 0), leading axis ``nc``.
+    """The lists cut into chunks of query blocks and steps of ``slots`` list slots.
 
-    ``grouped`` int32 ``[nc, K, c, Bl, Hkv|1, G|1]`` (gathers), ``flat`` ``[nc, K, Bl, Hl, c]``
+    Padded query blocks have count 0 and padded slots lie past every count. ``grouped`` int32
+    ``[nc, steps, c, Bl, Hkv|1, G|1, slots]`` (gathers), ``flat`` ``[nc, steps, Bl, Hl, c, slots]``
     (the fine mask works on query heads), ``counts`` ``[nc, c, Bl, Hkv|1, G|1]``, ``first`` ``[nc]``
     (the chunk's first query block).
     """
-    c = st.chunk
-    indices = pad_axis(indices, 2, c)
+    c, r = st.chunk, st.slots
+    indices = pad_axis(pad_axis(indices, 3, r), 2, c)
     counts = pad_axis(counts, 2, c)
     Bl, Hl, nq_pad, K = indices.shape
-    split = indices.reshape(Bl, Hl, -1, c, K)
-    grouped = to_groups(split, st.spec.num_kv_heads).transpose(3, 5, 4, 0, 1, 2)
-    flat = split.transpose(2, 4, 0, 1, 3)
+    split = indices.reshape(Bl, Hl, -1, c, K // r, r)
+    grouped = to_groups(split, st.spec.num_kv_heads).transpose(3, 5, 4, 0, 1, 2, 6)
+    flat = split.transpose(2, 4, 0, 1, 3, 5)
     counts = to_groups(counts.reshape(Bl, Hl, -1, c), st.spec.num_kv_heads).transpose(3, 4, 0, 1, 2)
     return dict(grouped=grouped, flat=flat, counts=counts, first=jnp.arange(0, nq_pad, c))
 
 
+def _num_steps(counts: jax.Array, st: _Static) -> jax.Array:
+    """Loop steps a chunk needs: its largest count, in steps of ``slots``."""
+    return (jnp.max(counts) + st.slots - 1) // st.slots
+
+
 def _gather(x: jax.Array, ids: jax.Array) -> jax.Array:
-    """Key tiles ``x[b, hk, ids[n, b, hk, g]]`` of ``x [B, Hkv, nk, bk, E]``: ``[c, B, Hkv, G', bk, E]``."""
-    B, Hkv = x.shape[:2]
-    ids = jnp.broadcast_to(ids, (ids.shape[0], B, Hkv, ids.shape[3]))
-    return x[jnp.arange(B)[None, :, None, None], jnp.arange(Hkv)[None, None, :, None], ids]
+    """Key tiles ``x[b, hk, ids[n, b, hk, g, r]]`` of ``x [B, Hkv, nk, bk, E]``, side by side:
+    ``[c, B, Hkv, G', r·bk, E]``."""
+    B, Hkv, _, bk, E = x.shape
+    c, _, _, G, r = ids.shape
+    ids = jnp.broadcast_to(ids, (c, B, Hkv, G, r))
+    tiles = x[jnp.arange(B)[None, :, None, None, None], jnp.arange(Hkv)[None, None, :, None, None], ids]
+    return tiles.reshape(c, B, Hkv, G, r * bk, E)
+
+
+def _key_positions(ids: jax.Array, block_kv: int) -> jax.Array:
+    """Positions of the keys in the tiles ``ids [..., r]`` side by side: ``[..., r·bk]``."""
+    pos = ids[..., None] * block_kv + jnp.arange(block_kv)
+    return pos.reshape(*ids.shape[:-1], -1)
 
 
 def _fine_mask(mask: Mask, first: jax.Array, flat_ids: jax.Array, st: _Static) -> jax.Array:
-    """``mask.tile`` on each query block's gathered key tile: bool ``[c, Bx, Hkv|1, G|1, bq, bk]``.
+    """``mask.tile`` on each query block's gathered keys: bool ``[c, Bx, Hkv|1, G|1, bq, r·bk]``.
 
-    ``flat_ids`` int ``[Bl, Hl, c]`` for query blocks ``first + [0, c)``. Each tile is one
-    ``mask.tile`` call; where both the lists and the mask vary over batch (or heads), the call's
-    own row is picked.
+    ``flat_ids`` int ``[Bl, Hl, c, r]`` for query blocks ``first + [0, c)``. Each query block is
+    one ``mask.tile`` call; where both the lists and the mask vary over batch (or heads), the
+    call's own row is picked.
     """
-    bq, bk = st.block_q, st.block_kv
-    Bl, Hl, c = flat_ids.shape
+    bq = st.block_q
+    Bl, Hl, c, _ = flat_ids.shape
 
-    def one(b, h, i, block):
-        t = mask.tile(i * bq + jnp.arange(bq), block * bk + jnp.arange(bk), st.spec.T, st.spec.S)
+    def one(b, h, i, ids):
+        t = mask.tile(i * bq + jnp.arange(bq), _key_positions(ids, st.block_kv), st.spec.T, st.spec.S)
         if Bl > 1 and t.shape[0] > 1:
             t = lax.dynamic_index_in_dim(t, b, axis=0)
         if Hl > 1 and t.shape[1] > 1:
@@ -143,21 +177,58 @@ def _fine_mask(mask: Mask, first: jax.Array, flat_ids: jax.Array, st: _Static) -
     per_head = jax.vmap(per_block, (None, 0, None, 0))
     tiles = jax.vmap(per_head, (0, None, None, 0))(jnp.arange(Bl), jnp.arange(Hl), first + jnp.arange(c), flat_ids)
     Bm, Hm = tiles.shape[3:5]
-    tiles = tiles.transpose(0, 3, 1, 4, 2, 5, 6).reshape(Bl * Bm, Hl * Hm, c, bq, bk)
+    tiles = tiles.transpose(0, 3, 1, 4, 2, 5, 6).reshape(Bl * Bm, Hl * Hm, c, *tiles.shape[-2:])
     return jnp.moveaxis(to_groups(tiles, st.spec.num_kv_heads), 3, 0)
 
 
-def _slot(j, qt, kb, vb, lists: dict, mask, st: _Static):
-    """Slot ``j`` of one chunk: the gathered ids, K and V tiles, capped logits and the valid pairs."""
+def _logit_bias(valid: jax.Array) -> jax.Array:
+    """``0`` where ``valid``, ``-inf`` elsewhere: added to the logits, a masked pair's weight is 0."""
+    return jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+def _fold(x: jax.Array, lists_per_group: int) -> jax.Array:
+    """``[c, B, Hkv, G, rows, ...]`` -> ``[c·B·Hkv·G', (G/G')·rows, ...]`` for ``G'`` lists per KV head.
+
+    Each leading index is one product against one gathered key tile: query heads that share a
+    list (``G' = 1``, e.g. GQA with per-KV-head or shared lists) stack their rows into it.
+    """
+    c, B, Hkv, G, rows = x.shape[:5]
+    return x.reshape(c * B * Hkv * lists_per_group, (G // lists_per_group) * rows, *x.shape[5:])
+
+
+def _unfold(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of ``_fold`` for a chunk shaped like ``like`` ``[c, B, Hkv, G, bq, ...]``."""
+    return x.reshape(*like.shape[:5], *x.shape[2:])
+
+
+def _slot(j, qf, q_shape, kb, vb, lists: dict, mask, st: _Static):
+    """Step ``j`` of one chunk (list slots ``[j·slots, (j+1)·slots)``).
+
+    ``qf`` is the chunk's folded queries ``[n, M, D]`` (``_fold``) of a ``[c, B, Hkv, G, bq, D]``
+    chunk. Returns the gathered ids ``[c, Bl, Hkv|1, G', slots]``, the folded K and V tiles
+    ``[n, W, ·]`` (``W = slots·bk``), the capped logits ``[n, M, W]`` and the additive bias of the
+    valid pairs (listed slots, keys before ``S``, the fine mask), same shape.
+    """
     ids = lists["grouped"][j]
-    kj, vj = _gather(kb, ids), _gather(vb, ids)
-    s = jnp.einsum("nbhgqd,nbhgkd->nbhgqk", qt, kj, preferred_element_type=jnp.float32) * st.spec.scale
+    groups = ids.shape[3]
+    kf, vf = _fold(_gather(kb, ids), groups), _fold(_gather(vb, ids), groups)
+    s = jnp.einsum("nqd,nkd->nqk", qf, kf, preferred_element_type=jnp.float32) * st.spec.scale
     s = soft_cap(s, st.spec.logits_soft_cap)
-    kv_pos = ids[..., None] * st.block_kv + jnp.arange(st.block_kv)
-    valid = ((kv_pos < st.spec.S) & (j < lists["counts"])[..., None])[..., None, :]
+    listed = j * st.slots + jnp.arange(st.slots) < lists["counts"][..., None]
+    valid = (_key_positions(ids, st.block_kv) < st.spec.S) & jnp.repeat(listed, st.block_kv, axis=-1)
+    valid = valid[..., None, :]
     if mask is not None:
         valid = valid & _fine_mask(mask, lists["first"], lists["flat"][j], st)
-    return ids, kj, vj, s, valid
+    valid = jnp.broadcast_to(valid, (*q_shape[:5], valid.shape[-1]))
+    return ids, kf, vf, s, _fold(_logit_bias(valid), groups)
+
+
+def _steps(body, lists: dict, carry, st: _Static):
+    """``body(j, carry)`` over the chunk's steps: a loop up to its largest count, or one call when
+    the lists fit in a single step (``K ≤ slots``)."""
+    if lists["grouped"].shape[0] == 1:
+        return body(0, carry)
+    return lax.fori_loop(0, _num_steps(lists["counts"], st), body, carry)
 
 
 def _key_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -167,35 +238,42 @@ def _key_blocks(x: jax.Array, block: int) -> jax.Array:
 
 
 def _forward(q, k, v, indices, counts, mask, st: _Static):
-    T, Hkv, Dv = st.spec.T, st.spec.num_kv_heads, v.shape[-1]
-    qt = q_tiles(q, st.block_q, Hkv)  # [nq, B, Hkv, G, bq, D]
+    B, T, Hq, _ = q.shape
+    Dv = v.shape[-1]
+    q_pad = _pad_rows(q, st)
     kb, vb = _key_blocks(k, st.block_kv), _key_blocks(v, st.block_kv)
+    lists = _chunk_lists(indices, counts, st)
 
-    def chunk(xs):
-        qc, lists = xs
-        stats = qc.shape[:5]
+    def chunk(i, carry):
+        out, lse = carry
+        qc = _chunk_rows(q_pad, i, st)  # [c, B, Hkv, G, bq, D]
+        lists_c = jax.tree.map(lambda x: x[i], lists)
+        qf = _fold(qc, lists_c["grouped"].shape[-2])
 
-        def body(j, carry):
-            m, l, acc = carry
-            _, _, vj, s, valid = _slot(j, qc, kb, vb, lists, mask, st)
-            s = jnp.where(valid, s, -jnp.inf)
+        def body(j, inner):
+            m, l, acc = inner
+            _, _, vf, s, bias = _slot(j, qf, qc.shape, kb, vb, lists_c, mask, st)
+            s = s + bias
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("nbhgqk,nbhgkd->nbhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), vf, preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        carry0 = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
+        stats = qf.shape[:2]
+        inner0 = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
                   jnp.zeros(stats + (Dv,), jnp.float32))
-        m, l, acc = lax.fori_loop(0, jnp.max(lists["counts"]), body, carry0)
+        m, l, acc = _steps(body, lists_c, inner0, st)
         safe_l = jnp.where(l > 0, l, 1.0)
-        out = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0).astype(q.dtype)
-        return out, jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+        out_c = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)
+        lse_c = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+        return _put_rows(out, _unfold(out_c, qc), i, st), _put_rows(lse, _unfold(lse_c, qc), i, st)
 
-    nq = qt.shape[0]
-    out, lse = lax.map(chunk, (_chunked(qt, st.chunk), _chunk_lists(indices, counts, st)))
-    return untile(_unchunked(out, nq), T), untile(_unchunked(lse, nq), T)
+    T_pad = q_pad.shape[1]
+    carry0 = (jnp.zeros((B, T_pad, Hq, Dv), q.dtype), jnp.zeros((B, T_pad, Hq), jnp.float32))
+    out, lse = lax.fori_loop(0, T_pad // (st.chunk * st.block_q), chunk, carry0)
+    return out[:, :T], lse[:, :T]
 
 
 def _sparse_fwd(q, k, v, indices, counts, mask, st):
@@ -206,52 +284,54 @@ def _sparse_fwd(q, k, v, indices, counts, mask, st):
 def _sparse_bwd(st: _Static, residuals, cotangents):
     q, k, v, indices, counts, mask, out, lse = residuals
     d_out, d_lse = cotangents
-    B, T, Hkv, bq = q.shape[0], st.spec.T, st.spec.num_kv_heads, st.block_q
+    B, T, Hkv, bk = q.shape[0], st.spec.T, st.spec.num_kv_heads, st.block_kv
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)  # rows that see nothing: lse is constant
-    qt = q_tiles(q, bq, Hkv)
-    stat = row_tiles(backward_stat(SOFTMAX, lse), bq, Hkv)[..., None]
-    row_term = row_tiles(d_lse - delta, bq, Hkv)[..., None]
-    kb, vb = _key_blocks(k, st.block_kv), _key_blocks(v, st.block_kv)
+    rows = tuple(_pad_rows(x, st) for x in (q, d_out, backward_stat(SOFTMAX, lse), d_lse - delta))
+    kb, vb = _key_blocks(k, bk), _key_blocks(v, bk)
     lists = _chunk_lists(indices, counts, st)
-    shared = lists["grouped"].shape[-1] == 1 and qt.shape[3] > 1  # one list for all G heads of a group
-    reduce_g = "nbhgqk,nbhgqd->nbhkd" if shared else "nbhgqk,nbhgqd->nbhgkd"
-    b_idx, h_idx = jnp.arange(B)[None, :, None, None], jnp.arange(Hkv)[None, None, :, None]
+    b_idx, h_idx = jnp.arange(B)[None, :, None, None, None], jnp.arange(Hkv)[None, None, :, None, None]
 
     def scatter(acc, ids, tile):
-        if shared:
-            tile = tile[:, :, :, None]
-        ids = jnp.broadcast_to(ids, (ids.shape[0], B, Hkv, ids.shape[3]))
-        return acc.at[b_idx, h_idx, ids].add(tile)
+        """Add the folded key-tile gradients ``[n, W, E]`` into ``acc [B, Hkv, nk, bk, E]`` at ``ids``."""
+        c, _, _, groups, r = ids.shape
+        ids = jnp.broadcast_to(ids, (c, B, Hkv, groups, r))
+        return acc.at[b_idx, h_idx, ids].add(tile.reshape(c, B, Hkv, groups, r, bk, -1))
 
-    def chunk(carry, xs):
-        qc, doc, stat_c, row_c, lists_c = xs
+    def chunk(i, carry):
+        dq_all, dk, dv = carry
+        qc, doc, stat_c, row_c = (_chunk_rows(x, i, st) for x in rows)
+        lists_c = jax.tree.map(lambda x: x[i], lists)
+        groups = lists_c["grouped"].shape[-2]
+        qf, dof = _fold(qc, groups), _fold(doc, groups)
+        stat_f, row_f = _fold(stat_c[..., None], groups), _fold(row_c[..., None], groups)
 
         def body(j, inner):
             dq, dk, dv = inner
-            ids, kj, vj, s, valid = _slot(j, qc, kb, vb, lists_c, mask, st)
-            p = jnp.where(valid, jnp.exp(s - stat_c), 0.0)
-            dp = jnp.einsum("nbhgqd,nbhgkd->nbhgqk", doc, vj, preferred_element_type=jnp.float32)
-            ds = p * (dp + row_c)
+            ids, kf, vf, s, bias = _slot(j, qf, qc.shape, kb, vb, lists_c, mask, st)
+            p = jnp.exp(s + bias - stat_f)
+            dp = jnp.einsum("nqd,nkd->nqk", dof, vf, preferred_element_type=jnp.float32)
+            ds = p * (dp + row_f)
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
             ds = (ds * st.spec.scale).astype(q.dtype)
-            dq = dq + jnp.einsum("nbhgqk,nbhgkd->nbhgqd", ds, kj, preferred_element_type=jnp.float32)
-            dk = scatter(dk, ids, jnp.einsum(reduce_g, ds, qc, preferred_element_type=jnp.float32))
-            dv = scatter(dv, ids, jnp.einsum(reduce_g, p.astype(doc.dtype), doc, preferred_element_type=jnp.float32))
+            dq = dq + jnp.einsum("nqk,nkd->nqd", ds, kf, preferred_element_type=jnp.float32)
+            dk = scatter(dk, ids, jnp.einsum("nqk,nqd->nkd", ds, qf, preferred_element_type=jnp.float32))
+            dv = scatter(dv, ids, jnp.einsum("nqk,nqd->nkd", p.astype(doc.dtype), dof,
+                                             preferred_element_type=jnp.float32))
             return dq, dk, dv
 
-        dq, dk, dv = lax.fori_loop(0, jnp.max(lists_c["counts"]), body, (jnp.zeros(qc.shape, jnp.float32), *carry))
-        return (dk, dv), dq
+        dq, dk, dv = _steps(body, lists_c, (jnp.zeros(qf.shape, jnp.float32), dk, dv), st)
+        return _put_rows(dq_all, _unfold(dq, qc), i, st), dk, dv
 
-    xs = tuple(_chunked(x, st.chunk) for x in (qt, q_tiles(d_out, bq, Hkv), stat, row_term)) + (lists,)
-    carry0 = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-    (dk, dv), dq = lax.scan(chunk, carry0, xs)
+    T_pad = rows[0].shape[1]
+    carry0 = (jnp.zeros(rows[0].shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
+              jnp.zeros(vb.shape, jnp.float32))
+    dq, dk, dv = lax.fori_loop(0, T_pad // (st.chunk * st.block_q), chunk, carry0)
     S = st.spec.S
     dk = dk.reshape(B, Hkv, -1, k.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
     dv = dv.reshape(B, Hkv, -1, v.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
-    dq = untile(_unchunked(dq, qt.shape[0]), T)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq[:, :T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
