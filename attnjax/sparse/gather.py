@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.masks import Mask
-from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles, untile
+from attnjax.softmax.tiles import q_tiles, row_tiles, untile
 from attnjax.softmax.scores import ScoreSpec, score_spec, soft_cap, to_groups
 from attnjax.softmax.weights import SOFTMAX, backward_stat
 from attnjax.sparse.lists import BlockSparse
@@ -139,14 +139,19 @@ def _num_steps(counts: jax.Array, st: _Static) -> jax.Array:
     return (jnp.max(counts) + st.slots - 1) // st.slots
 
 
-def _gather(x: jax.Array, ids: jax.Array) -> jax.Array:
-    """Key tiles ``x[b, hk, ids[n, b, hk, g, r]]`` of ``x [B, Hkv, nk, bk, E]``, side by side:
-    ``[c, B, Hkv, G', r·bk, E]``."""
-    B, Hkv, _, bk, E = x.shape
+def _tile_index(x: jax.Array, ids: jax.Array) -> tuple:
+    """The index of key tiles ``ids [c, Bl, Hkv|1, G', r]`` in ``x [B, nk, bk, Hkv, E]``: selecting
+    it gives ``[c, B, Hkv, G', r, bk, E]``."""
+    B, _, _, Hkv, _ = x.shape
     c, _, _, G, r = ids.shape
     ids = jnp.broadcast_to(ids, (c, B, Hkv, G, r))
-    tiles = x[jnp.arange(B)[None, :, None, None, None], jnp.arange(Hkv)[None, None, :, None, None], ids]
-    return tiles.reshape(c, B, Hkv, G, r * bk, E)
+    return jnp.arange(B)[None, :, None, None, None], ids, slice(None), jnp.arange(Hkv)[None, None, :, None, None]
+
+
+def _gather(x: jax.Array, ids: jax.Array) -> jax.Array:
+    """Key tiles ``ids [c, Bl, Hkv|1, G', r]`` of ``x [B, nk, bk, Hkv, E]`` side by side: ``[c, B, Hkv, G', r·bk, E]``."""
+    tiles = x[_tile_index(x, ids)]
+    return tiles.reshape(*tiles.shape[:4], -1, x.shape[-1])
 
 
 def _key_positions(ids: jax.Array, block_kv: int) -> jax.Array:
@@ -232,9 +237,9 @@ def _steps(body, lists: dict, carry, st: _Static):
 
 
 def _key_blocks(x: jax.Array, block: int) -> jax.Array:
-    """``[B, S, Hkv, E]`` -> ``[B, Hkv, nk, block, E]`` (zero-padded)."""
-    xt = kv_tiles(x, block)
-    return xt.reshape(xt.shape[0], xt.shape[1], -1, block, xt.shape[-1])
+    """``[B, S, Hkv, E]`` -> ``[B, nk, block, Hkv, E]`` (zero-padded; no transpose: tiles are gathered in place)."""
+    x = pad_axis(x, 1, block)
+    return x.reshape(x.shape[0], -1, block, *x.shape[2:])
 
 
 def _forward(q, k, v, indices, counts, mask, st: _Static):
@@ -290,13 +295,11 @@ def _sparse_bwd(st: _Static, residuals, cotangents):
     rows = tuple(_pad_rows(x, st) for x in (q, d_out, backward_stat(SOFTMAX, lse), d_lse - delta))
     kb, vb = _key_blocks(k, bk), _key_blocks(v, bk)
     lists = _chunk_lists(indices, counts, st)
-    b_idx, h_idx = jnp.arange(B)[None, :, None, None, None], jnp.arange(Hkv)[None, None, :, None, None]
 
     def scatter(acc, ids, tile):
-        """Add the folded key-tile gradients ``[n, W, E]`` into ``acc [B, Hkv, nk, bk, E]`` at ``ids``."""
+        """Add the folded key-tile gradients ``[n, W, E]`` into ``acc [B, nk, bk, Hkv, E]`` at ``ids``."""
         c, _, _, groups, r = ids.shape
-        ids = jnp.broadcast_to(ids, (c, B, Hkv, groups, r))
-        return acc.at[b_idx, h_idx, ids].add(tile.reshape(c, B, Hkv, groups, r, bk, -1))
+        return acc.at[_tile_index(acc, ids)].add(tile.reshape(c, B, Hkv, groups, r, bk, -1))
 
     def chunk(i, carry):
         dq_all, dk, dv = carry
@@ -329,8 +332,8 @@ def _sparse_bwd(st: _Static, residuals, cotangents):
               jnp.zeros(vb.shape, jnp.float32))
     dq, dk, dv = lax.fori_loop(0, T_pad // (st.chunk * st.block_q), chunk, carry0)
     S = st.spec.S
-    dk = dk.reshape(B, Hkv, -1, k.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
-    dv = dv.reshape(B, Hkv, -1, v.shape[-1]).transpose(0, 2, 1, 3)[:, :S]
+    dk = dk.reshape(B, -1, Hkv, k.shape[-1])[:, :S]
+    dv = dv.reshape(B, -1, Hkv, v.shape[-1])[:, :S]
     return dq[:, :T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
