@@ -229,29 +229,12 @@ def schedule(mask: Optional[_masks.Mask], T: int, S: int, block_q: int, block_kv
 # ----------------------------------------------------------------------------------------------
 
 
-class TileCounts:
-    """Derived sizes of a kernel's static description (fields ``num_q_heads``, ``num_kv_heads``,
-    ``T_pad``, ``S_pad``, ``block_q``, ``block_kv``)."""
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def num_q_tiles(self) -> int:
-        return self.T_pad // self.block_q
-
-    @property
-    def num_kv_tiles(self) -> int:
-        return self.S_pad // self.block_kv
-
-
 @dataclasses.dataclass(frozen=True)
-class FlashStatic(TileCounts):
-    """Everything static about one kernel call (hashable: a custom_vjp nondiff argument).
+class KernelStatic:
+    """The static sizes every attention kernel call shares, and the tile counts derived from them.
 
-    ``T, S``: true lengths; ``T_pad, S_pad``: padded to multiples of the blocks; ``D_pad,
-    Dv_pad``: padded head dims (GPU: powers of two); ``bias_kind`` in None/"alibi"/"array".
+    ``T, S``: true lengths; ``T_pad, S_pad``: padded to whole tiles; ``D_pad, Dv_pad``: padded head
+    dims (GPU: powers of two).
     """
 
     T: int
@@ -268,6 +251,26 @@ class FlashStatic(TileCounts):
     block_kv: int
     scale: float
     logits_soft_cap: Optional[float]
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.T_pad // self.block_q
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.S_pad // self.block_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashStatic(KernelStatic):
+    """Everything static about one flash kernel call (hashable: a custom_vjp nondiff argument):
+    the shared sizes plus the weight function, the mask plan and ``bias_kind`` in
+    None/"alibi"/"array"."""
+
     weight_fn: WeightFunction
     mask_plan: Optional[MaskPlan]
     bias_kind: Optional[str]

@@ -94,13 +94,9 @@ def flash_attention_tpu(
     if bias_kind == "array":
         raise NotImplementedError("flash_attention_tpu supports bias=None or positional.ALiBi, not an array "
                                   "bias; use implementation='xla'")
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(block, int) or block <= 0 or block % SUBLANES:
-            raise ValueError(f"{name} must be a positive multiple of {SUBLANES}, got {block!r}")
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bq, bk = min(block_q, _round_up(T, SUBLANES)), min(block_kv, _round_up(S, SUBLANES))
-    T_pad, S_pad = _round_up(T, bq), _round_up(S, bk)
+    bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
     plan, mask_data = common.plan_mask(mask, T, S, T_pad, S_pad)
     st = FlashStatic(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D, Dv_pad=Dv,
@@ -112,6 +108,17 @@ def flash_attention_tpu(
     schedules, widths = _plans(mask, st)
     out, lse = _flash(q, k, v, sinks, slopes, _tpu_layout(mask_data, st), schedules, st, widths)
     return (out, lse) if return_lse else out
+
+
+def tpu_tiles(block_q: int, block_kv: int, T: int, S: int) -> tuple[int, int, int, int]:
+    """``(bq, bk, T_pad, S_pad)`` for the Mosaic kernels: the blocks (positive multiples of
+    ``SUBLANES``, ValueError otherwise) clipped to the lengths rounded up to ``SUBLANES``, and the
+    lengths padded to whole tiles."""
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+        if not isinstance(block, int) or block <= 0 or block % SUBLANES:
+            raise ValueError(f"{name} must be a positive multiple of {SUBLANES}, got {block!r}")
+    bq, bk = min(block_q, _round_up(T, SUBLANES)), min(block_kv, _round_up(S, SUBLANES))
+    return bq, bk, _round_up(T, bq), _round_up(S, bk)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -502,4 +509,4 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-__all__ = ["flash_attention_tpu", "LANES", "SUBLANES"]
+__all__ = ["flash_attention_tpu", "tpu_tiles", "LANES", "SUBLANES"]

@@ -19,31 +19,15 @@ import jax.numpy as jnp
 from attnjax import masks as _masks
 from attnjax.checks import check_options, check_qkv
 from attnjax.softmax.stick_breaking import check_request, strict_codes
-from pallas_kernels.flash.common import MaskPlan, TileCounts, eval_mask, tile_iotas
+from pallas_kernels.flash.common import KernelStatic, MaskPlan, eval_mask, tile_iotas
 
 
 @dataclasses.dataclass(frozen=True)
-class StickBreakingStatic(TileCounts):
-    """Everything static about one kernel call (hashable: a custom_vjp nondiff argument).
+class StickBreakingStatic(KernelStatic):
+    """Everything static about one stick-breaking kernel call (hashable: a custom_vjp nondiff
+    argument): the shared sizes (head dims padded on GPU to powers of two, at least 16) plus the
+    mask plan."""
 
-    ``T, S``: true lengths; ``T_pad, S_pad``: padded to whole tiles; ``D_pad, Dv_pad``: padded head
-    dims (GPU: powers of two, at least 16).
-    """
-
-    T: int
-    S: int
-    T_pad: int
-    S_pad: int
-    num_q_heads: int
-    num_kv_heads: int
-    D: int
-    Dv: int
-    D_pad: int
-    Dv_pad: int
-    block_q: int
-    block_kv: int
-    scale: float
-    logits_soft_cap: Optional[float]
     mask_plan: Optional[MaskPlan]
     interpret: bool = False
     num_warps: Optional[int] = None

@@ -40,9 +40,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL
 from attnjax.softmax.stick_breaking import backward_tile, forward_tile
-from attnjax.tiling import num_tiles
 from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.tpu import LANES, SUBLANES
+from pallas_kernels.flash.tpu import LANES, tpu_tiles
 from pallas_kernels.stick_breaking import common
 from pallas_kernels.stick_breaking.common import StickBreakingStatic
 
@@ -54,13 +53,9 @@ def stick_breaking_core_tpu(q, k, v, mask, *, scale: Optional[float] = None, log
                             block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK, interpret: bool = False):
     """``(o [B, T, Hq, Dv], row_softplus [B, T, Hq])``, both float32, differentiable (as
     ``gpu.stick_breaking_core_gpu``); inputs already validated. Blocks: multiples of 8."""
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(block, int) or block <= 0 or block % SUBLANES:
-            raise ValueError(f"{name} must be a positive multiple of {SUBLANES}, got {block!r}")
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bq, bk = min(block_q, _round_up(T, SUBLANES)), min(block_kv, _round_up(S, SUBLANES))
-    T_pad, S_pad = _round_up(T, bq), _round_up(S, bk)
+    bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
     plan, mask_data = flash_common.plan_mask(mask, T, S, T_pad, S_pad)
     if mask_data:
         raise NotImplementedError("the TPU stick-breaking kernel evaluates structural masks only (Causal, "
@@ -77,10 +72,6 @@ def stick_breaking_core_tpu(q, k, v, mask, *, scale: Optional[float] = None, log
     kt, vt = _heads_major(k, S_pad), _heads_major(v, S_pad)
     o, c = _core(qt, kt, vt, (codes.reshape(-1), lo, hi), st, width)
     return o[:, :, :T].transpose(0, 2, 1, 3), c[:, :, :T, 0].transpose(0, 2, 1)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return num_tiles(n, multiple) * multiple
 
 
 def _heads_major(x: jax.Array, length: int) -> jax.Array:
