@@ -1,4 +1,5 @@
-"""Smoke test of the block-sparse benchmark at tiny sizes, and its density and verdict rules."""
+"""Smoke tests of the block-sparse benchmark and the tile-throughput study at tiny sizes, and the
+benchmark's density and verdict rules."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from attnjax.sparse import from_block_mask
-from experiments import bench_sparse
+from experiments import bench_sparse, tile_rates
 
 
 def test_bench_sparse_writes_cases_and_timing_rows(tmp_path):
@@ -39,3 +40,11 @@ def test_verdict_only_where_density_is_low():
     assert bench_sparse.finish_row(dict(row, density=0.1))["target"] == "missed"  # 5x < 7x
     assert bench_sparse.finish_row(dict(row, density=0.5))["target"].startswith("n/a")
     assert bench_sparse.grid_2d(12) == (3, 4) and bench_sparse.grid_2d(13) == (1, 13)
+
+
+def test_tile_rates_smoke(tmp_path):
+    results = tile_rates.main(["--smoke", "--out", str(tmp_path)])
+    shapes = [(r["rows"], r["keys"]) for r in results["rows"]]
+    assert shapes == [(16, 16), (16, 48), (32, 16), (32, 48)]
+    assert all(r["gflops"] > 0 for r in results["rows"]) and max(r["relative"] for r in results["rows"]) == 1.0
+    assert (tmp_path / "tile_rates_cpu_smoke.png").stat().st_size > 0
