@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnjax import masks
-from attnjax.sparse import BlockSparse, allowed_blocks, density, from_block_mask, to_block_mask, transpose
+from attnjax.sparse import (BlockSparse, allowed_blocks, density, from_block_ids, from_block_mask, to_block_mask,
+                            transpose)
 
 
 def _random_block_mask(seed, shape=(2, 3, 5, 7), p=0.35):
@@ -31,6 +32,24 @@ def test_static_lists_round_trip_and_padding(seed, p):
     assert blocks.is_static and blocks.max_blocks == max(1, bm.sum(-1).max())
     np.testing.assert_array_equal(to_block_mask(blocks), bm)
     np.testing.assert_array_equal(blocks.counts, bm.sum(-1))
+    _check_padding_contract(blocks, bm)
+
+
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_lists_from_chosen_ids_equal_lists_from_their_mask(under_jit):
+    """Distinct ids in random order, some not counted (and rows with none): the same lists as the
+    block mask they mark, with K kept."""
+    rng = np.random.default_rng(4)
+    nk, K = 9, 4
+    ids = np.argsort(rng.random((2, 3, 5, nk)), axis=-1)[..., :K].astype(np.int32)
+    valid = rng.random(ids.shape) < 0.6
+    valid[0, 0, 0] = False
+    bm = ((ids[..., None] == np.arange(nk)) & valid[..., None]).any(-2)
+    build = lambda i, v: from_block_ids(i, v, 16, 8, nk)  # noqa: E731
+    blocks = jax.jit(build)(jnp.asarray(ids), jnp.asarray(valid)) if under_jit else build(ids, valid)
+    assert blocks.max_blocks == K and blocks.is_static != under_jit
+    np.testing.assert_array_equal(np.asarray(blocks.counts), valid.sum(-1))
+    np.testing.assert_array_equal(np.asarray(to_block_mask(blocks)), bm)
     _check_padding_contract(blocks, bm)
 
 

@@ -1,6 +1,7 @@
 """Block-sparse attention: one engine driven by block lists, and the selectors that build them."""
 
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, density, from_block_mask, to_block_mask, transpose
+from attnjax.sparse.lists import (BlockSparse, allowed_blocks, density, from_block_ids, from_block_mask, to_block_mask,
+                                  transpose)
 from attnjax.sparse.engine import (BlockSelector, block_sparse_attention,  # noqa: I001 - after lists
                                    block_sparse_attention_reference, selected_attention)
 from attnjax.sparse.gather import block_sparse_attention_xla
@@ -19,7 +20,7 @@ from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
 
 __all__ = [
-    "BlockSparse", "allowed_blocks", "density", "from_block_mask", "to_block_mask", "transpose",
+    "BlockSparse", "allowed_blocks", "density", "from_block_ids", "from_block_mask", "to_block_mask", "transpose",
     "BlockSelector", "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla",
     "selected_attention",
     "StaticSelector", "SparseWindow", "Dilated", "Streaming", "Power", "Radial", "S2",

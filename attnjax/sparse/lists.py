@@ -121,12 +121,30 @@ def from_block_mask(block_mask: Array, block_q: int, block_kv: int, max_blocks: 
     if not 1 <= max_blocks <= nk:
         raise ValueError(f"max_blocks must be in [1, {nk}], got {max_blocks}")
     order = xp.argsort(~bm, axis=-1, stable=True)[..., :max_blocks].astype(xp.int32)
-    counts = xp.minimum(counts_all, max_blocks)
-    slot = xp.arange(max_blocks, dtype=xp.int32)
+    return _padded_lists(order, xp.minimum(counts_all, max_blocks), block_q, block_kv, nk)
+
+
+def from_block_ids(ids: Array, valid: Array, block_q: int, block_kv: int, num_kv_blocks: int) -> BlockSparse:
+    """Lists from chosen key-block ids ``[Bl, Hl, nq, K]`` (distinct within a row, in any order) and
+    which of them count (bool ``valid``, same shape); ``K`` stays the list length.
+
+    Sorts the ``K`` ids of each row, where ``from_block_mask`` sorts all ``nk`` blocks: the cheap
+    way to turn a top-k selection into lists under jit.
+    """
+    xp = _xp(ids)
+    order = xp.sort(xp.where(valid, ids, num_kv_blocks), axis=-1).astype(xp.int32)
+    return _padded_lists(order, valid.sum(-1), block_q, block_kv, num_kv_blocks)
+
+
+def _padded_lists(order: Array, counts: Array, block_q: int, block_kv: int, num_kv_blocks: int) -> BlockSparse:
+    """``BlockSparse`` from rows whose first ``counts`` entries are the ascending valid ids: the
+    slots past the count repeat the last valid id (0 in an empty row)."""
+    xp = _xp(order)
+    counts = counts.astype(xp.int32)
     last = xp.take_along_axis(order, xp.maximum(counts - 1, 0)[..., None], axis=-1)
     last = xp.where(counts[..., None] > 0, last, 0)
-    indices = xp.where(slot < counts[..., None], order, last).astype(xp.int32)
-    return BlockSparse(indices, counts.astype(xp.int32), block_q, block_kv, nk)
+    indices = xp.where(xp.arange(order.shape[-1]) < counts[..., None], order, last).astype(xp.int32)
+    return BlockSparse(indices, counts, block_q, block_kv, num_kv_blocks)
 
 
 def to_block_mask(blocks: BlockSparse) -> Array:
@@ -169,4 +187,4 @@ def density(blocks: BlockSparse) -> float:
     return counts.sum() / (counts.size * blocks.num_kv_blocks)
 
 
-__all__ = ["BlockSparse", "from_block_mask", "to_block_mask", "transpose", "allowed_blocks", "density"]
+__all__ = ["BlockSparse", "from_block_mask", "from_block_ids", "to_block_mask", "transpose", "allowed_blocks", "density"]

@@ -59,12 +59,12 @@ POOLS = ("mean", "max")
 
 # ----------------------------------------------------------------------------- the gate
 
-def key_block_means(k: jax.Array, block_kv: int) -> jax.Array:
-    """Mean key of each block over its valid tokens: ``[B, S, Hkv, D]`` -> float32 ``[B, nk, Hkv, D]``."""
-    B, S, Hkv, D = k.shape
-    nk = num_tiles(S, block_kv)
-    sums = pad_axis(k.astype(jnp.float32), 1, block_kv).reshape(B, nk, block_kv, Hkv, D).sum(2)
-    sizes = np.minimum(block_kv, S - np.arange(nk) * block_kv).astype(np.float32)
+def block_means(x: jax.Array, block: int) -> jax.Array:
+    """Mean token of each block over its valid tokens: ``[B, L, H, D]`` -> float32 ``[B, ceil(L/block), H, D]``."""
+    B, L, H, D = x.shape
+    n = num_tiles(L, block)
+    sums = pad_axis(x.astype(jnp.float32), 1, block).reshape(B, n, block, H, D).sum(2)
+    sizes = np.minimum(block, L - np.arange(n) * block).astype(np.float32)
     return sums / sizes[None, :, None, None]
 
 
@@ -72,22 +72,25 @@ def block_gate(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, pool: st
     """MoBA's gate pooled over query blocks: float32 ``[B, Hq, nq, nk]``.
 
     ``g[b, h, i, n] = pool_{t ∈ block i} q[b, t, h] · mean(k[b, block n, h // G])`` over the valid
-    (unpadded) queries of block ``i``; ``pool`` is "mean" or "max". No gradient flows through it.
+    (unpadded) queries of block ``i``; ``pool`` is "mean" or "max". The mean is computed as
+    ``mean(q[block i]) · mean(k[block n])`` (``block_q`` times fewer products than per token).
+    No gradient flows through it.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     q, k = lax.stop_gradient(q), lax.stop_gradient(k)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
+    key_means = block_means(k, block_kv)
+    if pool == "mean":
+        q_means = block_means(q, block_q).reshape(B, -1, Hkv, Hq // Hkv, D)
+        return jnp.einsum("bikgd,bnkd->bkgin", q_means, key_means).reshape(B, Hq, q_means.shape[1], -1)
     nq = num_tiles(T, block_q)
-    means = key_block_means(k, block_kv)
     qg = q.astype(jnp.float32).reshape(B, T, Hkv, Hq // Hkv, D)
-    s = jnp.einsum("btkgd,bnkd->bkgtn", qg, means).reshape(B, Hq, T, -1)
+    s = jnp.einsum("btkgd,bnkd->bkgtn", qg, key_means).reshape(B, Hq, T, -1)
     tiles = pad_axis(s, 2, block_q).reshape(B, Hq, nq, block_q, -1)
     valid = (np.arange(nq * block_q) < T).reshape(1, 1, nq, block_q, 1)
-    if pool == "max":
-        return jnp.where(valid, tiles, -jnp.inf).max(3)
-    return jnp.where(valid, tiles, 0.0).sum(3) / valid.sum(3)
+    return jnp.where(valid, tiles, -jnp.inf).max(3)
 
 
 def own_blocks(T: int, S: int, block_q: int, block_kv: int) -> np.ndarray:
@@ -309,6 +312,6 @@ class Vmoba(GridPermutedSelector):
 
 
 __all__ = [
-    "Moba", "Vmoba", "block_gate", "key_block_means", "own_blocks", "threshold_select", "vmoba_permutation",
+    "Moba", "Vmoba", "block_gate", "block_means", "own_blocks", "threshold_select", "vmoba_permutation",
     "PARTITIONS",
 ]

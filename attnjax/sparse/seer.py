@@ -37,7 +37,7 @@ from attnjax.nn.checks import check_positive
 from attnjax.positional import RoPE
 from attnjax.softmax.flash_xla import flash_attention_xla
 from attnjax.sparse.engine import BlockSelector, block_sparse_attention
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_ids
 from attnjax.sparse.pooling import pooled_attention, pooled_attention_reference
 from attnjax.tiling import num_tiles, pad_axis
 
@@ -286,8 +286,7 @@ def _masked_top(scores: jax.Array, k: int, mask: Optional[jax.Array]):
 
 def _lists(ids: jax.Array, keep: jax.Array, nk: int, block_q: int, block_kv: int) -> BlockSparse:
     """Dynamic lists from chosen block ids ``[..., K]`` and which slots to keep."""
-    block_mask = jnp.any((ids[..., None] == jnp.arange(nk)) & keep[..., None], axis=-2)
-    return from_block_mask(block_mask, block_q, block_kv, max_blocks=ids.shape[-1])
+    return from_block_ids(ids, keep, block_q, block_kv, nk)
 
 
 def select_topk(scores: jax.Array, k: int, mask: Optional[jax.Array] = None, *, block_q: int,
