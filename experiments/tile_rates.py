@@ -97,17 +97,12 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
 
 def plot(rows: Sequence[dict], path) -> None:
     """Rate against keys W, one line per row count M."""
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = common.pyplot().subplots(figsize=(6, 4))
     for i, m in enumerate(sorted({r["rows"] for r in rows})):
         pts = sorted((r["keys"], r["gflops"]) for r in rows if r["rows"] == m)
         ax.semilogx(*zip(*pts), "o-", color=f"C{i}", label=f"M = {m}")
-    ax.set(xlabel="keys per tile W", ylabel="GFLOP/s (matmul FLOPs)", title="attention tile throughput")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set(xlabel="keys per tile W", ylabel="GFLOP/s (matmul FLOPs)")
+    common.finish_figure(fig, [ax], sorted({r["keys"] for r in rows}), "attention tile throughput", path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
