@@ -40,7 +40,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=common.parse_ints, default=[64, 128, 256, 512], help="tile rows M")
-    p.add_argument("--keys", type=common.parse_ints, default=[64, 192, 576, 1024], help="tile keys W")
+    p.add_argument("--keys", type=common.parse_ints, default=[64, 192, 512, 1024], help="tile keys W")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--flops", type=float, default=2e9, help="matmul FLOPs per timed call")
     p.add_argument("--logits-per-step", type=int, default=2 ** 18, help="logits of the tiles one map step works on")
