@@ -26,6 +26,7 @@ Causal selectors run with ``mask=Causal()``. Neighbourhood attention runs on a 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -53,6 +54,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "neighborhood)")
     p.add_argument("--implementation", default="xla", choices=["xla", "pallas"], help="engine path to time")
     p.add_argument("--na-kernel", type=int, default=13, help="neighbourhood kernel size per axis (2-D grid)")
+    p.add_argument("--block", type=int, default=None,
+                   help="block size for every selector (block_q = block_kv; their other fields keep their defaults) "
+                        "and 8 x (block/8) neighbourhood tiles (default: each one's own default, 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a measurement after this")
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
@@ -70,20 +74,29 @@ def grid_2d(T: int) -> tuple[int, int]:
 
 
 def cases(args: argparse.Namespace) -> dict[str, registry.Mechanism]:
-    """Mechanism name -> config to benchmark: every sparse selector's default, and 2-D neighbourhood."""
+    """Mechanism name -> config to benchmark: every sparse selector's default (with ``--block``, at
+    that block size), and 2-D neighbourhood."""
     names = args.mechanisms or [e.name for e in registry.entries() if e.family == "sparse"] + ["neighborhood"]
     selectors = {e.name: e.config() for e in registry.entries() if e.family == "sparse"}
     unknown = set(names) - set(selectors) - {"neighborhood"}
     if unknown:
         raise SystemExit(f"unknown --mechanisms {sorted(unknown)}; choose from {sorted(selectors)} or neighborhood")
+    if args.block:
+        selectors = {n: dataclasses.replace(c, block_q=args.block, block_kv=args.block) for n, c in selectors.items()}
     return {n: selectors.get(n) for n in names}
 
 
-def setup(name: str, config, q, k, T: int, na_kernel: int):
+def na_tile(args: argparse.Namespace) -> Optional[tuple[int, int]]:
+    """The 2-D neighbourhood tile: ``8 × (block / 8)`` under ``--block``, else the default."""
+    return (8, args.block // 8) if args.block else None
+
+
+def setup(name: str, config, q, k, T: int, args: argparse.Namespace):
     """``(config, mask, lists)`` of one case at length ``T``; neighbourhood gets its 2-D grid here."""
     if name == "neighborhood":
-        grid = grid_2d(T)
-        return Neighborhood(kernel_size=na_kernel, grid=grid), None, NeighborhoodMask(grid, na_kernel).block_lists()
+        grid, tile = grid_2d(T), na_tile(args)
+        return (Neighborhood(kernel_size=args.na_kernel, grid=grid, tile_shape=tile), None,
+                NeighborhoodMask(grid, args.na_kernel, tile_shape=tile).block_lists())
     mask = masks.Causal()
     return config, mask, config.select(q, k, mask=mask)
 
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         q, k, v = common.host_random_qkv(T, args.batch, T, args.heads, args.head_dim, args.dtype)
         for name, config in configs.items():
             bar.set_postfix(T=T, mechanism=name)
-            cfg, mask, blocks = setup(name, config, q, k, T, args.na_kernel)
+            cfg, mask, blocks = setup(name, config, q, k, T, args)
             fns = path_fns(name, cfg, mask, blocks, args.implementation)
             row = {"mechanism": name, "T": T, "causal": mask is not None,
                    "density_of_all_tiles": float(density(blocks)),
@@ -211,7 +224,8 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
         f"# Block-sparse engine vs dense blocked softmax ({device['platform']})", "",
         f"Device: `{device['device_kind']}`, {device['cpu_count']} CPUs, jax {device['jax_version']}. "
         f"B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, random normal inputs; engine path "
-        f"`{args.implementation}`; each selector's default config (block 64); causal selectors under `Causal()`, "
+        f"`{args.implementation}`; each selector's default config at block {args.block or 64}; causal selectors "
+        "under `Causal()`, "
         f"neighbourhood attention on a 2-D grid with kernel {args.na_kernel} (not causal). Density: visited tiles / "
         "tiles the dense baseline computes. Speedup: dense `flash_attention_xla` time / path time, in this run.",
         "", common.load_note(*load), "",

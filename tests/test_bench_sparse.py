@@ -48,3 +48,12 @@ def test_tile_rates_smoke(tmp_path):
     assert shapes == [(16, 16), (16, 48), (32, 16), (32, 48)]
     assert all(r["gflops"] > 0 for r in results["rows"]) and max(r["relative"] for r in results["rows"]) == 1.0
     assert (tmp_path / "tile_rates_cpu_smoke.png").stat().st_size > 0
+
+
+def test_block_flag_sets_every_selector_and_the_neighbourhood_tile():
+    args = bench_sparse.parse_args(["--block", "128", "--mechanisms", "sparse_window,moba,neighborhood"])
+    configs = bench_sparse.cases(args)
+    assert configs["sparse_window"].block_q == configs["moba"].block_kv == 128
+    assert configs["sparse_window"].window_blocks == type(configs["sparse_window"])().window_blocks
+    assert bench_sparse.na_tile(args) == (8, 16)
+    assert bench_sparse.na_tile(bench_sparse.parse_args([])) is None
