@@ -244,7 +244,7 @@ def _computed_once(fn, always: jax.Array) -> jax.Array:
     XLA fuses elementwise producers into each of their consumers and recomputes them per element;
     a fine mask's index arithmetic (neighbourhood coordinates: chains of integer divisions) would
     then be evaluated again in every pass over the logits. A conditional's result is materialized,
-    which made 2-D neighbourhood attention 1.5x faster on CPU.
+    which makes 2-D neighbourhood attention 1.4x faster on CPU (T = 16k, kernel 13).
     """
     out = jax.eval_shape(fn)
     return lax.cond(always, fn, lambda: jnp.zeros(out.shape, out.dtype))
