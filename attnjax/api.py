@@ -1,4 +1,10 @@
-"""``attnjax.attention``: one entry point for every registered mechanism and implementation."""
+"""``attnjax.attention``: one entry point for every registered mechanism and implementation.
+
+Inputs are checked here, once: shapes and dtypes (``attnjax.checks``), then the mechanism's
+``supports`` gate, the one place that refuses an option a mechanism does not define. An
+implementation is then called with only the options in use (a mechanism that supports no bias never
+sees a ``bias`` argument), through the one fallback loop (``attnjax.dispatch``).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,9 @@ from typing import Optional, Union
 import jax
 
 from attnjax import registry
-from attnjax.checks import check_implementation, check_options, check_qkv
+from attnjax.checks import check_options, check_qkv
+from attnjax.dispatch import check_implementation, dispatch
 from attnjax.masks import Mask
-
-AUTO_ORDER = ("pallas", "xla", "reference")
-
-
-def auto_order(backend: Optional[str] = None) -> tuple:
-    """Implementations "auto" tries, best first. On CPU, Pallas (interpret mode) is never picked."""
-    backend = backend or jax.default_backend()
-    return AUTO_ORDER if backend in ("gpu", "tpu") else AUTO_ORDER[1:]
 
 
 def attention(
@@ -55,22 +54,14 @@ def attention(
                   dropout_rate=dropout_rate, rng=rng)
     _check_supported(config, q, k, mask=mask, bias=bias, logits_soft_cap=logits_soft_cap, sinks=sinks,
                      dropout_rate=dropout_rate, return_lse=return_lse)
-    kwargs = dict(mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                  dropout_rate=dropout_rate, rng=rng, return_lse=return_lse)
-    available = config.implementations()
-    if implementation != "auto":
-        if implementation not in available:
-            raise NotImplementedError(
-                f"mechanism {config.name!r} has no {implementation!r} implementation; available: {list(available)}")
-        return available[implementation](q, k, v, **kwargs)
-    errors = []
-    for name in auto_order():
-        if name in available:
-            try:
-                return available[name](q, k, v, **kwargs)
-            except NotImplementedError as e:
-                errors.append(f"{name}: {e}")
-    raise NotImplementedError(f"no implementation of {config.name!r} serves this request: {errors}")
+    used = {name: value for name, value in (("mask", mask), ("bias", bias), ("scale", scale),
+                                            ("logits_soft_cap", logits_soft_cap), ("sinks", sinks))
+            if value is not None}
+    if dropout_rate > 0:
+        used.update(dropout_rate=dropout_rate, rng=rng)
+    if return_lse:
+        used["return_lse"] = True
+    return dispatch(config.implementations(), implementation, q, k, v, what=f"mechanism {config.name!r}", **used)
 
 
 def _check_supported(config, q, k, *, mask, bias, logits_soft_cap, sinks, dropout_rate, return_lse) -> None:

@@ -7,13 +7,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-
-def check_implementation(implementation: str) -> None:
-    """``ValueError`` unless ``implementation`` is a known implementation name or "auto"."""
-    from attnjax.registry import IMPLEMENTATIONS
-    allowed = IMPLEMENTATIONS + ("auto",)
-    if implementation not in allowed:
-        raise ValueError(f"unknown implementation {implementation!r}; expected one of {allowed}")
+from attnjax.bias import as_bias
+from attnjax.masks import Mask
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -48,13 +43,11 @@ def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_
     B, T, Hq, _ = q.shape
     S = k.shape[1]
     if mask is not None:
-        from attnjax.masks import Mask
         if not isinstance(mask, Mask):
             raise TypeError(f"mask must be an attnjax.masks value (e.g. masks.Causal()), got {type(mask).__name__}; "
                             "wrap a boolean array as masks.Explicit(array)")
         mask.check(B, Hq, T, S)
     if bias is not None:
-        from attnjax.bias import as_bias
         as_bias(bias).check(B, Hq, T, S)
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
@@ -66,3 +59,10 @@ def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     if dropout_rate > 0 and rng is None:
         raise ValueError(f"dropout_rate={dropout_rate} needs an rng (a jax.random key)")
+
+
+def check_positive(**values: object) -> None:
+    """``ValueError`` unless every value is a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

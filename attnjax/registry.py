@@ -2,7 +2,7 @@
 
 A mechanism is a frozen config class with class-level metadata (``name``, ``family``, ``paper``,
 ``supports``) and an ``implementations()`` method that maps implementation names (see
-``IMPLEMENTATIONS``) to functions with the ``attnjax.attention`` signature. ``register`` adds the class
+``attnjax.dispatch.IMPLEMENTATIONS``) to functions with the ``attnjax.attention`` signature. ``register`` adds the class
 here; tests, benchmarks, experiments and the README's table all iterate over ``entries()``.
 """
 
@@ -11,10 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, ClassVar, Mapping, Protocol, Union
 
-IMPLEMENTATIONS = ("reference", "recurrent", "xla", "pallas")
-"""Every implementation name. "reference": naive and obviously correct; "recurrent": one token at
-a time (recurrent mechanisms); "xla": blocked/chunked with O(T) memory; "pallas": a kernel.
-"auto" tries pallas (GPU/TPU), xla, reference, in that order (``attnjax.api.auto_order``)."""
 
 OPTIONS = ("mask", "bias", "logits_soft_cap", "sinks", "dropout", "return_lse", "gqa", "cross")
 """Options of ``attnjax.attention`` that a mechanism may support."""

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 import attnjax
-from attnjax import api, masks, registry
+from attnjax import dispatch, masks, registry
 from experiments import common
 
 BASELINE_MECHANISM, BASELINE_IMPLEMENTATION = "softmax", "xla"
@@ -286,7 +286,7 @@ def check_entry(entry: registry.Entry, args: argparse.Namespace) -> dict:
 def efficiency_implementation(run: dict) -> Optional[str]:
     """What ``implementation="auto"`` picks on this backend among those that ran the pattern."""
     ran = _with(run["implementations"], "ok")
-    return next((i for i in api.auto_order() if i in ran), None)
+    return next((i for i in dispatch.auto_order() if i in ran), None)
 
 
 def _predicted(last: Optional[tuple[int, float]], seq_len: int) -> float:

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import attnjax
-from attnjax import api, masks, registry
+from attnjax import dispatch, masks, registry
 from experiments import cab, common, mqar
 
 BASELINE = "jax.nn/xla"
@@ -178,14 +178,14 @@ def run_checks(entries: Sequence[registry.Entry], args: argparse.Namespace, dead
 
 def timed_implementations(entry: registry.Entry, checks: dict, which: str) -> tuple:
     """Implementations to time: those whose check was not skipped (Pallas is left out on CPU, where it
-    runs in interpret mode); with ``which="auto"`` only the first of them in ``api.auto_order()``."""
+    runs in interpret mode); with ``which="auto"`` only the first of them in ``dispatch.auto_order()``."""
     on_cpu = jax.default_backend() == "cpu"
     if "reference" in checks:
         return ()
     usable = [i for i in entry.implementations if not (on_cpu and i == "pallas") and "skipped" not in checks.get(i, {})]
     if which == "all":
         return tuple(usable)
-    return tuple(i for i in api.auto_order() if i in usable)[:1]
+    return tuple(i for i in dispatch.auto_order() if i in usable)[:1]
 
 
 def candidates(entries: Sequence[registry.Entry], checks: dict, which: str) -> dict[str, Callable]:

@@ -15,9 +15,9 @@ import pytest
 
 import attnjax as aj
 from attnjax import masks
-from attnjax.api import auto_order
+from attnjax.dispatch import auto_order
 from attnjax.positional import ALiBi, alibi_slopes
-from pallas_kernels.flash import SigmoidWeight, common, flash_attention, gpu
+from pallas_kernels.flash import SigmoidWeight, common, flash_attention_pallas, gpu
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
@@ -25,7 +25,7 @@ BLOCKS = dict(block_q=16, block_kv=16)
 
 
 def pallas(**kw):
-    return functools.partial(flash_attention, **BLOCKS, **kw)
+    return functools.partial(flash_attention_pallas, **BLOCKS, **kw)
 
 
 def ref(**kw):
@@ -222,18 +222,18 @@ def test_api_pallas_on_cpu_and_auto_skips_it():
 def test_unsupported_requests_raise_not_implemented():
     q, k, v = random_qkv(KEY, B=1, T=20, Hq=2, D=8)
     with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attention(q, k, v, dropout_rate=0.1, rng=jax.random.PRNGKey(0))
+        flash_attention_pallas(q, k, v, dropout_rate=0.1, rng=jax.random.PRNGKey(0))
 
     class Odd(masks.Mask):
         def tile(self, q_idx, kv_idx, T, S):
             return (q_idx[:, None] % 2 == kv_idx[None, :] % 2)[None, None]
 
     with pytest.raises(NotImplementedError, match="Odd"):
-        flash_attention(q, k, v, mask=Odd())
+        flash_attention_pallas(q, k, v, mask=Odd())
     with pytest.raises(NotImplementedError, match="head dims"):
-        flash_attention(*random_qkv(KEY, B=1, T=4, Hq=1, D=320))
+        flash_attention_pallas(*random_qkv(KEY, B=1, T=4, Hq=1, D=320))
     with pytest.raises(ValueError, match="k head_dim"):
-        flash_attention(q, k[..., :4], v)
+        flash_attention_pallas(q, k[..., :4], v)
     # "auto" falls back to xla when the kernel refuses (only relevant where auto tries pallas).
     out = aj.attention(q, k, v, dropout_rate=0.1, rng=jax.random.PRNGKey(0))
     assert out.shape == q.shape
@@ -241,7 +241,7 @@ def test_unsupported_requests_raise_not_implemented():
 
 def test_block_and_compiler_choices():
     assert common.pick_block(128, 37) == 64 and common.pick_block(128, 5) == 16
-    st = jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, block_q=512, block_kv=100),
+    st = jax.eval_shape(lambda q, k, v: flash_attention_pallas(q, k, v, block_q=512, block_kv=100),
                         *random_qkv(KEY, B=1, T=300, Hq=1, D=8))
     assert st.shape == (1, 300, 1, 8)
     assert common.schedule(masks.Causal(), 64, 64, 16, 16).q_lo.tolist() == [0, 1, 2, 3]
@@ -254,7 +254,7 @@ def test_block_and_compiler_choices():
 def test_triton_lowering_on_gpu():
     q, k, v = random_qkv(KEY, B=2, T=300, S=300, Hq=8, Hkv=2, D=64, dtype=jnp.bfloat16)
     for mask in (None, masks.Causal(), masks.SlidingWindow(64, 0) & masks.Segments(segment_ids(2, 300))):
-        fp = functools.partial(flash_attention, mask=mask, sinks=jnp.linspace(-1, 1, 8), backend="gpu")
+        fp = functools.partial(flash_attention_pallas, mask=mask, sinks=jnp.linspace(-1, 1, 8), backend="gpu")
         out, g = out_and_grads(fp, (q, k, v), (0, 1, 2))
         exact, g_exact = out_and_grads(ref(mask=mask, sinks=jnp.linspace(-1, 1, 8)),
                                        tuple(x.astype(jnp.float32) for x in (q, k, v)), (0, 1, 2))

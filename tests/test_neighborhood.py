@@ -17,7 +17,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.local.neighborhood import (Neighborhood, NeighborhoodMask, neighborhood_attention,
                                         neighborhood_attention_reference)
-from attnjax.sparse.lists import density, to_block_mask
+from attnjax.blocked.lists import density, to_block_mask
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)

@@ -19,7 +19,8 @@ from flax import nnx
 import attnjax as aj
 from attnjax import masks
 from attnjax.positional import ALiBi, alibi_slopes
-from attnjax.softmax import sigmoid, softplus, weights
+from attnjax.blocked import weights
+from attnjax.softmax import sigmoid, softplus
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)

@@ -11,7 +11,7 @@ from attnjax import masks
 from attnjax.sparse import gather
 from attnjax.sparse.engine import block_sparse_attention, block_sparse_attention_reference
 from attnjax.sparse.gather import block_sparse_attention_xla
-from attnjax.sparse.lists import BlockSparse, from_block_mask
+from attnjax.blocked.lists import BlockSparse, from_block_mask
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)

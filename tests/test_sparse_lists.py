@@ -1,4 +1,4 @@
-"""Block lists (attnjax.sparse.lists): conversions, padding contract, transposition, mask behaviour."""
+"""Block lists (attnjax.blocked.lists): conversions, padding contract, transposition, mask behaviour."""
 
 import jax
 import jax.numpy as jnp

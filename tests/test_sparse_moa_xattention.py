@@ -11,7 +11,7 @@ import pytest
 import attnjax
 from attnjax import masks
 from attnjax.softmax.softmax import softmax_attention_reference
-from attnjax.sparse.lists import allowed_blocks, density, to_block_mask
+from attnjax.blocked.lists import allowed_blocks, density, to_block_mask
 from attnjax.sparse.moa import MoA, attention_influence, min_loss_assignment, moa_profile, moa_spans
 from attnjax.sparse.xattention import XAttention, antidiagonal_scores, cumulative_threshold_select
 from tests.helpers import assert_close, assert_grads_close, random_qkv

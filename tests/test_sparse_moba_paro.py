@@ -10,7 +10,7 @@ import pytest
 import attnjax as aj
 from attnjax import masks
 from attnjax.softmax.softmax import softmax_attention_reference
-from attnjax.sparse.lists import to_block_mask
+from attnjax.blocked.lists import to_block_mask
 from attnjax.sparse.moba import Moba, Vmoba, threshold_select, vmoba_permutation
 from attnjax.sparse.paro import (AXIS_ORDERS, Paro, block_attention_mass, block_concentration, choose_permutation,
                                  grid_permutation, inverse_permutation, permute_tokens,

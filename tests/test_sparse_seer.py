@@ -14,9 +14,10 @@ import attnjax
 from attnjax import masks
 from attnjax.positional import RoPE
 from attnjax.softmax.softmax import softmax_attention_reference
-from attnjax.sparse.lists import allowed_blocks, to_block_mask
-from attnjax.sparse.seer import (AttnGate, Seer, attention_recall, block_max_attention, block_max_attention_reference,
-                                 distillation_step, gate_loss, select_threshold, select_topk)
+from attnjax.blocked.lists import allowed_blocks, to_block_mask
+from attnjax.nn.seer_gate import AttnGate, distillation_step, gate_loss
+from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, block_max_attention_reference,
+                                 select_threshold, select_topk)
 from tests.helpers import assert_close, numpy_rng, random_qkv
 
 KEY = jax.random.PRNGKey(0)

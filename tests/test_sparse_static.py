@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import attnjax
 from attnjax import masks, registry
 from attnjax.softmax.softmax import softmax_attention_reference
-from attnjax.sparse.lists import allowed_blocks, density, to_block_mask
+from attnjax.blocked.lists import allowed_blocks, density, to_block_mask
 from attnjax.sparse.power import Power, power_blocks
 from attnjax.sparse.radial import Radial, radial_blocks
 from attnjax.sparse.s2 import S2, s2_blocks

@@ -19,7 +19,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.positional import ALiBi, alibi_slopes
 from attnjax.softmax import stick_breaking as sb
-from pallas_kernels.stick_breaking import stick_breaking_attention
+from pallas_kernels.stick_breaking import stick_breaking_attention_pallas
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
@@ -35,11 +35,11 @@ def xla(**kw):
 
 
 def gpu(**kw):
-    return functools.partial(stick_breaking_attention, block_q=16, block_kv=16, backend="cpu", **kw)
+    return functools.partial(stick_breaking_attention_pallas, block_q=16, block_kv=16, backend="cpu", **kw)
 
 
 def tpu(**kw):
-    return functools.partial(stick_breaking_attention, block_q=16, block_kv=16, backend="tpu", interpret=True, **kw)
+    return functools.partial(stick_breaking_attention_pallas, block_q=16, block_kv=16, backend="tpu", interpret=True, **kw)
 
 
 def out_and_grads(fn, args, argnums=(0, 1, 2)):
@@ -171,7 +171,7 @@ def test_kernels_lower_for_hardware(platform):
     backend = "gpu" if platform == "cuda" else "tpu"
 
     def loss(q, k, v):
-        out = stick_breaking_attention(q, k, v, mask=CAUSAL, logits_soft_cap=30.0, backend=backend, interpret=False)
+        out = stick_breaking_attention_pallas(q, k, v, mask=CAUSAL, logits_soft_cap=30.0, backend=backend, interpret=False)
         return out.astype(jnp.float32).sum()
 
     lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, v).lower(lowering_platforms=(platform,))
@@ -184,7 +184,7 @@ def test_triton_kernels_on_gpu():
     args = random_qkv(KEY, B=2, T=300, Hq=8, Hkv=2, D=64, dtype=jnp.bfloat16)
     exact = tuple(x.astype(jnp.float32) for x in args)
     for mask in (CAUSAL, masks.SlidingWindow(64, 0) & masks.Segments(segment_ids(2, 300))):
-        out, g = out_and_grads(functools.partial(stick_breaking_attention, mask=mask, backend="gpu"), args)
+        out, g = out_and_grads(functools.partial(stick_breaking_attention_pallas, mask=mask, backend="gpu"), args)
         out_e, g_e = out_and_grads(ref(mask=mask), exact)
         assert_close(out, out_e, rtol=TOLERANCE[jnp.bfloat16], name="out")
         for a, e, n in zip(g, g_e, "qkv"):
@@ -267,8 +267,8 @@ def test_sweep_against_reference(impl, dtype, mask_name):
     if impl == "tpu" and mask_name == "causal&segments":
         pytest.skip("the TPU kernel evaluates structural masks only")
     fn = {"xla": functools.partial(sb.stick_breaking_attention_xla, block_q=32, block_kv=64),
-          "gpu": functools.partial(stick_breaking_attention, block_q=32, block_kv=64, backend="cpu"),
-          "tpu": functools.partial(stick_breaking_attention, block_q=32, block_kv=64, backend="tpu", interpret=True),
+          "gpu": functools.partial(stick_breaking_attention_pallas, block_q=32, block_kv=64, backend="cpu"),
+          "tpu": functools.partial(stick_breaking_attention_pallas, block_q=32, block_kv=64, backend="tpu", interpret=True),
           }[impl]
     args = random_qkv(jax.random.PRNGKey(5), B=2, T=130, Hq=4, Hkv=2, D=32, dtype=dtype)
     check(functools.partial(fn, mask=mask), ref(mask=mask), args, rtol=TOLERANCE[dtype])

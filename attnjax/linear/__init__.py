@@ -1,11 +1,14 @@
 """Linear attention: feature maps, decay (Lightning), states, packed segments; registry entries
-"linear", "lightning", "performer" and "based_linear"."""
+"linear", "lightning", "performer" and "based_linear" (one file each)."""
 
 from attnjax.linear import feature_maps
 from attnjax.linear.feature_maps import FEATURE_MAPS, Performer
-from attnjax.linear.lightning import BasedLinear, Lightning, LinearAttention, PerformerAttention
 from attnjax.linear.linear_attention import (
     NORMALIZER_EPS, linear_attention, linear_attention_step, segment_ids_from_cu_seqlens)
+from attnjax.linear.linear import LinearAttention  # noqa: I001 - registration order is the README's order
+from attnjax.linear.lightning import Lightning
+from attnjax.linear.performer import PerformerAttention
+from attnjax.linear.based_linear import BasedLinear
 
 __all__ = [
     "feature_maps", "FEATURE_MAPS", "Performer", "linear_attention", "linear_attention_step",

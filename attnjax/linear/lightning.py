@@ -1,105 +1,19 @@
-"""Registry entries of the linear-attention family, usable as ``attnjax.attention(mechanism=...)``.
-
-Masks map onto ``linear_attention``: ``None`` is non-causal, ``masks.Causal()`` causal,
-``masks.Segments(ids)`` (alone or ``& Causal()``) packed sequences with the state reset at each id
-change. Decay needs a causal mask. Causal with ``T != S`` follows the library's bottom-right
-alignment (query ``i`` at key position ``i + S − T``): the first ``S − T`` keys become the initial
-state, or the first ``T − S`` queries see no key and get 0. Other masks, bias, sinks, soft cap,
-dropout and ``return_lse`` raise ``NotImplementedError``.
+"""The ``lightning`` registry entry: Lightning Attention-2 (Qin et al. 2024), identity φ with a per-head
+decay ``λ_h = exp(−m_h)`` from the ALiBi slopes. The math and paths are in ``linear_attention``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Union
 
-import jax
-import jax.numpy as jnp
-
-from attnjax import masks, registry
-from attnjax.linear.feature_maps import FeatureMap, Performer
-from attnjax.linear.linear_attention import linear_attention
-
-_SUPPORTS = frozenset({"mask", "gqa", "cross"})
-
-
-def _parse_mask(mask: Optional[masks.Mask], batch: int):
-    """``(causal, segment_ids or None)`` from the masks linear attention can serve."""
-    parts = [mask.a, mask.b] if isinstance(mask, masks.And) else [mask]
-    causal = any(isinstance(m, masks.Causal) for m in parts)
-    segments = [m for m in parts if isinstance(m, masks.Segments)]
-    if mask is not None and len(parts) != causal + len(segments) or len(segments) > 1:
-        raise NotImplementedError(f"linear attention serves no mask, Causal(), Segments(ids) or Causal() & "
-                                  f"Segments(ids); got {mask!r}")
-    if not segments:
-        return causal, None
-    seg = segments[0]
-    if seg.kv_segment_ids is not None and seg.kv_segment_ids is not seg.q_segment_ids:
-        raise NotImplementedError("linear attention needs kv_segment_ids equal to q_segment_ids (self-attention)")
-    ids = seg.q_segment_ids
-    return causal, jnp.broadcast_to(ids, (batch, ids.shape[1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class _LinearMechanism:
-    """Shared fields; see ``linear_attention`` for their meaning."""
-
-    feature_map: Union[str, FeatureMap] = "identity"
-    normalize: bool = False
-    decay: Union[None, str, tuple] = None
-    chunk_size: int = 64
-
-    family: ClassVar[str] = "linear"
-    supports: ClassVar[frozenset] = _SUPPORTS
-
-    def implementations(self):
-        return {name: self._bind(name) for name in ("reference", "recurrent", "xla", "pallas")}
-
-    def _bind(self, implementation: str):
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, bias=None, scale=None,
-                   logits_soft_cap=None, sinks=None, dropout_rate=0.0, rng=None, return_lse=False):
-            used = {"bias": bias is not None, "logits_soft_cap": logits_soft_cap is not None,
-                    "sinks": sinks is not None, "dropout": dropout_rate > 0, "return_lse": return_lse}
-            if any(used.values()):
-                raise NotImplementedError(f"{self.name} does not support {sorted(o for o, on in used.items() if on)}")
-            causal, segment_ids = _parse_mask(mask, q.shape[0])
-            if self.decay is not None and not causal:
-                raise NotImplementedError(f"{self.name} has a decay, which needs a causal mask (masks.Causal())")
-            decay = jnp.asarray(self.decay, jnp.float32) if isinstance(self.decay, tuple) else self.decay
-            call = functools.partial(linear_attention, feature_map=self.feature_map, causal=causal,
-                                     normalize=self.normalize, decay=decay, scale=scale, chunk_size=self.chunk_size,
-                                     segment_ids=segment_ids, implementation=implementation)
-            return _bottom_right(call, q, k, v) if causal and q.shape[1] != k.shape[1] else call(q, k, v)
-        return attend
-
-
-def _bottom_right(call, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal attention with ``T != S``, query ``i`` at key position ``i + S − T``."""
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    if T > S:
-        out = call(q[:, T - S:], k, v)
-        return jnp.concatenate([jnp.zeros((B, T - S, *out.shape[2:]), out.dtype), out], axis=1)
-    _, state = call(jnp.zeros((B, S - T, *q.shape[2:]), q.dtype), k[:, :S - T], v[:, :S - T], return_state=True)
-    return call(q, k[:, S - T:], v[:, S - T:], initial_state=state)
+from attnjax import registry
+from attnjax.linear.mechanism import LinearMechanism
 
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
-class LinearAttention(_LinearMechanism):
-    """Normalized linear attention with φ = elu + 1."""
-
-    feature_map: Union[str, FeatureMap] = "elu+1"
-    normalize: bool = True
-
-    name: ClassVar[str] = "linear"
-    paper: ClassVar[str] = "Katharopoulos et al. 2020, Transformers are RNNs"
-
-
-@registry.register
-@dataclasses.dataclass(frozen=True)
-class Lightning(_LinearMechanism):
+class Lightning(LinearMechanism):
     """Lightning Attention-2: identity φ, unnormalized, per-head decay ``exp(-alibi_slope_h)``.
 
     ``decay`` may also be a tuple of ``Hq`` floats in (0, 1] or None.
@@ -109,27 +23,3 @@ class Lightning(_LinearMechanism):
 
     name: ClassVar[str] = "lightning"
     paper: ClassVar[str] = "Qin et al. 2024, Lightning Attention-2"
-
-
-@registry.register
-@dataclasses.dataclass(frozen=True)
-class PerformerAttention(_LinearMechanism):
-    """Performer: normalized FAVOR+ positive orthogonal random features (fixed seed, see ``Performer``)."""
-
-    feature_map: Union[str, FeatureMap] = Performer()
-    normalize: bool = True
-
-    name: ClassVar[str] = "performer"
-    paper: ClassVar[str] = "Choromanski et al. 2021, Rethinking Attention with Performers"
-
-
-@registry.register
-@dataclasses.dataclass(frozen=True)
-class BasedLinear(_LinearMechanism):
-    """BASED's linear part: normalized 2nd-order Taylor map ``[1, x, x⊗x/√2]`` (no sliding window)."""
-
-    feature_map: Union[str, FeatureMap] = "taylor"
-    normalize: bool = True
-
-    name: ClassVar[str] = "based_linear"
-    paper: ClassVar[str] = "Arora et al. 2024, BASED (Zoology)"

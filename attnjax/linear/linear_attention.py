@@ -23,7 +23,7 @@ Implementations: ``reference`` (quadratic, masked decay matrix ``M_ij = λ^(i−
 Lightning Attention-2: a scan over chunks, intra-chunk ``[(QKᵀ)⊙M]V`` plus inter-chunk ``Q·S``,
 memory O(T·(Dk' + Dv)) plus one chunk's ``C × C`` scores),
 ``pallas`` (``pallas_kernels.lightning``: causal, no segments; the features and V enter the kernel
-in q's dtype) and ``auto`` (= ``xla``). All accumulate in float32 with decays in log space.
+in q's dtype) and ``auto`` (pallas on GPU/TPU where it serves, else ``xla``). All accumulate in float32 with decays in log space.
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.checks import check_implementation, check_qkv
+from attnjax.checks import check_qkv
+from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
 from attnjax.positional import alibi_slopes
+from pallas_kernels.lightning import lightning_attention_pallas
 
 NORMALIZER_EPS = 1e-6
 """Added to the normalizer ``σ φ(q)·z`` when ``normalize=True``."""
 
 
-class _Inputs(NamedTuple):
+class LinearInputs(NamedTuple):
     """Prepared float32 operands, grouped by KV head (``G = Hq // Hkv`` query heads per KV head)."""
 
     fq: jax.Array                 # [B, T, Hkv, G, F]: σ·φ(q) (or φ(√σ q) for softmax kernels)
@@ -81,28 +83,23 @@ def linear_attention(
       cu_seqlens: int ``[N + 1]`` cumulative sequence lengths (``0, ..., T``), batch 1 only.
       initial_state: float ``[B, Hq, Dk', Dv]`` (``Dv + 1`` with ``normalize``); default zeros.
       return_state: also return the float32 final state, same shape as ``initial_state``.
-      implementation: "reference", "recurrent", "xla", "pallas" or "auto" (= "xla"; never Pallas,
-        which ``attnjax.attention`` picks first on GPU/TPU through the registry).
+      implementation: "reference", "recurrent", "xla", "pallas" or "auto" (``attnjax.dispatch``:
+        pallas on GPU/TPU when it serves the request, then xla).
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, or ``(out, final_state)``.
     """
-    check_implementation(implementation)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    x = _prepare(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay, scale=scale,
-                 segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state)
-    if implementation == "reference":
-        out, state = _reference(x, causal)
-    elif implementation == "recurrent":
-        if not causal:
-            raise NotImplementedError("the recurrent implementation is causal only; use 'xla' or 'reference'")
-        out, state = _recurrent(x)
-    elif implementation == "pallas":
-        out, state = _pallas(x, causal, chunk_size, q.dtype)
-    elif causal:
-        out, state = _chunked(x, min(chunk_size, q.shape[1]))
-    else:
-        out, state = _noncausal(x, min(chunk_size, q.shape[1]))
+    x = prepare_inputs(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay,
+                       scale=scale, segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state)
+    C = min(chunk_size, q.shape[1])
+    paths = {
+        "reference": lambda: _reference(x, causal),
+        "recurrent": lambda: _recurrent(x) if causal else _refuse_noncausal(),
+        "xla": lambda: _chunked(x, C) if causal else _noncausal(x, C),
+        "pallas": lambda: _pallas(x, causal, chunk_size, q.dtype),
+    }
+    out, state = dispatch(paths, implementation, what="linear attention")
     out = _finish(out, normalize).astype(q.dtype)
     return (out, state.reshape(state.shape[0], -1, *state.shape[3:])) if return_state else out
 
@@ -136,8 +133,8 @@ def segment_ids_from_cu_seqlens(cu_seqlens: jax.Array, length: int) -> jax.Array
     return (jnp.searchsorted(jnp.asarray(cu_seqlens), jnp.arange(length), side="right") - 1)[None].astype(jnp.int32)
 
 
-def _prepare(q, k, v, *, feature_map, causal, normalize, decay, scale, segment_ids, cu_seqlens,
-             initial_state) -> _Inputs:
+def prepare_inputs(q, k, v, *, feature_map, causal, normalize, decay, scale, segment_ids, cu_seqlens,
+             initial_state) -> LinearInputs:
     """Validate, apply the feature map and scale, resolve decay and segments, group heads."""
     check_qkv(q, k, v)
     B, T, Hq, D = q.shape
@@ -171,7 +168,7 @@ def _prepare(q, k, v, *, feature_map, causal, normalize, decay, scale, segment_i
         if not jnp.issubdtype(initial_state.dtype, jnp.floating):
             raise TypeError(f"initial_state must be floating-point, got {initial_state.dtype}")
         state = initial_state.astype(jnp.float32).reshape(B, Hkv, G, F, E)
-    return _Inputs(fq.reshape(B, T, Hkv, G, F), fk, vf, log_decay, runs, state)
+    return LinearInputs(fq.reshape(B, T, Hkv, G, F), fk, vf, log_decay, runs, state)
 
 
 def _log_decay(decay, num_heads: int, causal: bool) -> jax.Array:
@@ -227,13 +224,17 @@ def _runs(segment_ids, cu_seqlens, B: int, T: int, S: int) -> Optional[jax.Array
     return jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
 
 
+def _refuse_noncausal():
+    raise NotImplementedError("the recurrent implementation is causal only; use 'xla' or 'reference'")
+
+
 def _finish(out: jax.Array, normalize: bool) -> jax.Array:
     """``[B, T, Hkv, G, E] -> [B, T, Hq, Dv]``, dividing by the normalizer column if present."""
     out = out.reshape(*out.shape[:2], -1, out.shape[-1])
     return out[..., :-1] / (out[..., -1:] + NORMALIZER_EPS) if normalize else out
 
 
-def _reference(x: _Inputs, causal: bool):
+def _reference(x: LinearInputs, causal: bool):
     """Quadratic form: ``o = [(σ φ(Q) φ(K)ᵀ) ⊙ M] V`` with ``M_ij = λ^(i−j)`` on allowed pairs."""
     fq, fk, v, a, runs, state0 = x
     B, T, Hkv, G, _ = fq.shape
@@ -263,7 +264,7 @@ def _reference(x: _Inputs, causal: bool):
     return out, state
 
 
-def _recurrent(x: _Inputs):
+def _recurrent(x: LinearInputs):
     """One token at a time: ``S ← λ S (reset at segment starts) + φ(k_t)ᵀ v_t``, ``o_t = σ φ(q_t) S``."""
     fq, fk, v, a, runs, state0 = x
     B, T, Hkv, G, F = fq.shape
@@ -283,7 +284,7 @@ def _recurrent(x: _Inputs):
     return out.swapaxes(0, 1), state
 
 
-def _chunked(x: _Inputs, C: int):
+def _chunked(x: LinearInputs, C: int):
     """Lightning Attention-2 in XLA: a ``lax.scan`` over chunks of ``C`` carrying the f32 state.
 
     Per chunk with inclusive cumulative log decay ``L_r`` (padding tokens decay by 0):
@@ -342,12 +343,10 @@ def _chunked(x: _Inputs, C: int):
     return jnp.moveaxis(out, (0, 4), (1, 2)).reshape(B, N * C, Hkv, G, E)[:, :T], state
 
 
-def _pallas(x: _Inputs, causal: bool, chunk_size: int, dtype):
+def _pallas(x: LinearInputs, causal: bool, chunk_size: int, dtype):
     """``pallas_kernels.lightning`` (causal, no segments); features and V in q's dtype, state f32."""
     if not causal or x.runs is not None:
         raise NotImplementedError("the Pallas lightning kernel serves causal attention without segments only")
-    from pallas_kernels.lightning import lightning_attention_pallas
-
     B, T, Hkv, G, F = x.fq.shape
     state0 = None if x.state is None else x.state.reshape(B, Hkv * G, F, -1)
     out, state = lightning_attention_pallas(
@@ -356,7 +355,7 @@ def _pallas(x: _Inputs, causal: bool, chunk_size: int, dtype):
     return out.astype(jnp.float32).reshape(B, T, Hkv, G, -1), state.reshape(B, Hkv, G, F, -1)
 
 
-def _noncausal(x: _Inputs, C: int):
+def _noncausal(x: LinearInputs, C: int):
     """``o = σ φ(Q) (S_0 + φ(K)ᵀ V)``, right product first. With segments: a forward and a backward
     causal chunked pass (no decay) minus the double-counted diagonal."""
     fq, fk, v, a, runs, state0 = x
@@ -366,7 +365,7 @@ def _noncausal(x: _Inputs, C: int):
         state = jnp.broadcast_to(state, (*state.shape[:2], fq.shape[3], *state.shape[3:]))
         return jnp.einsum("bthgf,bhgfe->bthge", fq, state), state
     forward, state = _chunked(x, C)
-    flipped = _Inputs(fq[:, ::-1], fk[:, ::-1], v[:, ::-1], a, runs[:, ::-1], None)
+    flipped = LinearInputs(fq[:, ::-1], fk[:, ::-1], v[:, ::-1], a, runs[:, ::-1], None)
     backward, _ = _chunked(flipped, C)
     diagonal = jnp.einsum("bthgf,bthf,bthe->bthge", fq, fk, v)
     return forward + backward[:, ::-1] - diagonal, state

@@ -40,7 +40,7 @@ from attnjax import masks, registry
 from attnjax.checks import check_qkv
 from attnjax.softmax.softmax import softmax_attention_reference
 from attnjax.sparse.engine import block_sparse_attention
-from attnjax.sparse.lists import BlockSparse
+from attnjax.blocked.lists import BlockSparse
 from attnjax.tiling import num_tiles
 
 Axes = Union[int, Sequence[int]]

@@ -9,6 +9,7 @@ from attnjax.nn import aaren, based, transnormer
 from attnjax.nn.aaren import Aaren
 from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
+from attnjax.nn.seer_gate import AttnGate, distillation_step, gate_loss
 from attnjax.nn.selective import SelectiveAttention
 from attnjax.nn.simplicial import SimplicialAttention
 from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttention, TransNormerBlock, srms_norm,
@@ -18,7 +19,8 @@ LAYERS = {**transnormer.LAYERS, **based.LAYERS, **aaren.LAYERS}
 BLOCKS = {**transnormer.BLOCKS, **based.BLOCKS}
 
 __all__ = [
-    "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE", "SGLU",
+    "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
+    "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE", "SGLU",
     "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
     "BasedCache", "LAYERS", "BLOCKS",
 ]

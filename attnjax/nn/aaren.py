@@ -19,7 +19,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.api import attention
-from attnjax.checks import check_implementation
+from attnjax.dispatch import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_step
 

@@ -18,7 +18,7 @@ from flax.typing import Dtype
 
 from attnjax import masks, parallel, registry
 from attnjax.api import attention
-from attnjax.checks import check_implementation
+from attnjax.dispatch import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE

@@ -27,7 +27,7 @@ from attnjax import masks
 from attnjax.api import attention
 from attnjax.linear import linear_attention, linear_attention_step
 from attnjax.nn.attention import KVCache, MultiHeadAttention
-from attnjax.checks import check_implementation
+from attnjax.dispatch import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.transnormer import LinearCache
 from attnjax.positional import RoPE

@@ -6,13 +6,7 @@ from typing import Optional
 
 import jax
 
-
-
-def check_positive(**values: object) -> None:
-    """``ValueError`` unless every value is a positive int."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+from attnjax.checks import check_positive
 
 
 def resolve_head_dim(d_model: int, num_heads: int, head_dim: Optional[int]) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.typing import Dtype
 
-from attnjax.checks import check_implementation
+from attnjax.dispatch import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.linear import linear_attention, linear_attention_step
 from attnjax.positional import alibi_slopes

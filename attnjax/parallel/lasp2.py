@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from attnjax.linear.feature_maps import FeatureMap
-from attnjax.linear.linear_attention import NORMALIZER_EPS, _prepare, linear_attention
+from attnjax.linear.linear_attention import NORMALIZER_EPS, prepare_inputs, linear_attention
 from attnjax.parallel.sharding import AxisNames, SequenceSharding, axis_size, shard_map
 from attnjax.positional import alibi_slopes
 
@@ -62,7 +62,7 @@ def lasp2(
     the same size backward; neither depends on ``C``.
     """
     axis_size(axis_name)
-    x = _prepare(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay, scale=scale,
+    x = prepare_inputs(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay, scale=scale,
                  segment_ids=None, cu_seqlens=None, initial_state=None)
     B, C, Hkv, G, _ = x.fq.shape
     log_decay = x.log_decay if decay is not None else jnp.zeros((Hkv, 1), jnp.float32)

@@ -36,11 +36,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import masks
-from attnjax.checks import check_implementation
+from attnjax.dispatch import check_implementation
 from attnjax.masks import block_schedule
 from attnjax.parallel.layouts import default_block, local_positions, mask_at_positions
 from attnjax.parallel.sharding import AxisNames, check_local_inputs, sequence_parallel_call, vary_like
-from attnjax.softmax.flash_xla import flash_attention_xla, flash_attention_xla_backward
+from attnjax.blocked.flash_xla import flash_attention_xla, flash_attention_xla_backward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Exact softmax attention and its alternatives (one file per mechanism)."""
 
-from attnjax.softmax.flash_xla import flash_attention_xla, flash_attention_xla_backward
+from attnjax.blocked.flash_xla import flash_attention_xla, flash_attention_xla_backward
 from attnjax.softmax.softmax import Softmax, softmax_attention_reference  # noqa: I001 - registers first
 
-from attnjax.softmax import weights
+from attnjax.blocked import weights
 from attnjax.softmax.aaren import (Aaren, AarenState, aaren_combine, aaren_init_state, aaren_recurrent,
                                    aaren_reference, aaren_scan, aaren_step)
 from attnjax.softmax.reversed import (Reversed, TransposedMask, dependency_mask, dependency_parents,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks, registry
-from attnjax.softmax.scores import soft_cap
+from attnjax.blocked.scores import soft_cap
 from attnjax.softmax.softmax import softmax_attention_reference
 
 

@@ -51,8 +51,8 @@ from attnjax import registry
 from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
-from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
+from attnjax.blocked.flash_xla import flash_attention_xla
+from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
                                     to_groups)
 from attnjax.tiling import pad_axis, rank4
 

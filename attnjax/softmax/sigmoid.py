@@ -25,9 +25,10 @@ from attnjax import registry
 from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
-from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap
-from attnjax.softmax.weights import SigmoidWeight
+from attnjax.blocked.flash_xla import flash_attention_xla
+from attnjax.blocked.scores import allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap
+from attnjax.blocked.weights import SigmoidWeight
+from pallas_kernels.flash.ops import flash_attention_pallas
 
 
 def default_bias(num_keys: int) -> float:
@@ -102,12 +103,11 @@ def sigmoid_attention_pallas(
     """FlashSigmoid: the Pallas flash kernels (``pallas_kernels.flash``) with ``SigmoidWeight``.
 
     Arguments and result as ``sigmoid_attention_reference``; ``block_q``, ``block_kv``,
-    ``backend`` and ``interpret`` go to ``pallas_kernels.flash.flash_attention`` (on CPU the GPU
+    ``backend`` and ``interpret`` go to ``pallas_kernels.flash.flash_attention_pallas`` (on CPU the GPU
     kernel runs in interpret mode). Dropout raises NotImplementedError.
     """
-    from pallas_kernels.flash.ops import flash_attention
     check_unnormalized("sigmoid", sinks, return_lse)
-    return flash_attention(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+    return flash_attention_pallas(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
                            dropout_rate=dropout_rate, rng=rng, block_q=block_q, block_kv=block_kv,
                            backend=backend, interpret=interpret, weight_fn=sigmoid_weight(k, sigmoid_bias))
 

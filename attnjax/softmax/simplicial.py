@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from attnjax import masks, registry
 from attnjax.checks import check_qkv
-from attnjax.softmax.scores import to_groups
+from attnjax.blocked.scores import to_groups
 from attnjax.tiling import num_tiles, pad_axis
 
 

@@ -20,9 +20,10 @@ from attnjax import registry
 from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
-from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
+from attnjax.blocked.flash_xla import flash_attention_xla
+from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
                                     to_groups)
+from pallas_kernels.flash.ops import flash_attention_pallas
 
 
 def softmax_attention_reference(
@@ -92,11 +93,6 @@ class Softmax:
         return {
             "reference": softmax_attention_reference,
             "xla": functools.partial(flash_attention_xla, block_q=self.block_q, block_kv=self.block_kv),
-            "pallas": _pallas,
+            "pallas": flash_attention_pallas,
         }
 
-
-def _pallas(q, k, v, **kwargs):
-    """The Pallas flash kernel (``pallas_kernels.flash``), imported on first use."""
-    from pallas_kernels.flash.ops import flash_attention
-    return flash_attention(q, k, v, **kwargs)

@@ -36,12 +36,13 @@ from attnjax import registry
 from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
-from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
+from attnjax.blocked.flash_xla import flash_attention_xla
+from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
                                     to_groups)
 from attnjax.softmax.sigmoid import check_unnormalized
-from attnjax.softmax.weights import SoftplusWeight, softplus
+from attnjax.blocked.weights import SoftplusWeight, softplus
 from attnjax.tiling import num_tiles
+from pallas_kernels.flash.ops import flash_attention_pallas
 
 DEFAULT_TRAIN_LENGTH = 1024
 """``n_train`` of the default config; set it to the model's training context length."""
@@ -178,13 +179,12 @@ def softplus_attention_pallas(
     """Softplus attention by the Pallas flash kernels (``pallas_kernels.flash``) with ``SoftplusWeight``.
 
     Arguments and result as ``softplus_attention_reference``; ``block_q``, ``block_kv``,
-    ``backend`` and ``interpret`` go to ``pallas_kernels.flash.flash_attention`` (on CPU the GPU
+    ``backend`` and ``interpret`` go to ``pallas_kernels.flash.flash_attention_pallas`` (on CPU the GPU
     kernel runs in interpret mode). Dropout raises NotImplementedError.
     """
-    from pallas_kernels.flash.ops import flash_attention
     check_unnormalized("softplus", sinks, return_lse)
     _check_config(power, train_length)
-    return flash_attention(_length_scaled_queries(q, k, mask, train_length), k, v, mask=mask, bias=bias,
+    return flash_attention_pallas(_length_scaled_queries(q, k, mask, train_length), k, v, mask=mask, bias=bias,
                            scale=scale, logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate, rng=rng,
                            block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret,
                            weight_fn=SoftplusWeight(power=float(power)))

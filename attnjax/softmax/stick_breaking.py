@@ -57,141 +57,18 @@ from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from attnjax import masks as _masks
 from attnjax import registry
 from attnjax.bias import ArrayBias, Bias, as_bias
-from attnjax.masks import FULL, PARTIAL, Mask, block_schedule
-from attnjax.softmax.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+from attnjax.masks import Mask, block_schedule
+from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    row_tiles, untile)
-from attnjax.softmax.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
+from attnjax.blocked.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.tiling import num_tiles
-
-# ----------------------------------------------------------------------------------------------
-# Request checks and shared pieces (also used by pallas_kernels.stick_breaking).
-# ----------------------------------------------------------------------------------------------
-
-
-def implies_causal(mask: Optional[Mask]) -> bool:
-    """Whether every pair ``mask`` allows has key position ≤ query position (decided statically)."""
-    if isinstance(mask, (_masks.Causal, _masks.ChunkedCausal)):
-        return True
-    if isinstance(mask, _masks.SlidingWindow):
-        return mask.right == 0
-    if isinstance(mask, _masks.And):
-        return implies_causal(mask.a) or implies_causal(mask.b)
-    if isinstance(mask, _masks.Or):
-        return implies_causal(mask.a) and implies_causal(mask.b)
-    return False
-
-
-def check_request(q: jax.Array, k: jax.Array, *, mask, sinks, dropout_rate: float, return_lse: bool) -> None:
-    """Refuse what stick-breaking attention does not define.
-
-    Raises:
-      NotImplementedError: a mask that does not imply causality (including ``None``), sinks,
-        dropout, ``return_lse`` (there is no normalizer).
-      ValueError: ``T > S`` (a query row would have no position and no own value).
-    """
-    if not implies_causal(mask):
-        raise NotImplementedError(
-            f"stick-breaking attention is causal only, got mask={mask!r}: pass mask=masks.Causal() (or "
-            "SlidingWindow(left, 0) / ChunkedCausal(c), optionally & another mask such as Segments)")
-    if sinks is not None:
-        raise NotImplementedError("stick-breaking attention has no normalizer, so no sinks")
-    if dropout_rate > 0:
-        raise NotImplementedError("stick-breaking attention has no attention dropout")
-    if return_lse:
-        raise NotImplementedError("stick-breaking attention has no log-sum-exp; use return_remainder=True for "
-                                  "the un-allocated stick")
-    T, S = q.shape[1], k.shape[1]
-    if T > S:
-        raise ValueError(f"stick-breaking attention needs T <= S (queries are the last T of S positions), got "
-                         f"q {q.shape}, k {k.shape}")
-
-
-def softplus(x: jax.Array) -> jax.Array:
-    """``log(1 + e^x)`` computed stably; elementwise ops that lower in XLA, Triton and Mosaic."""
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def with_remainder(o: jax.Array, row_softplus: jax.Array, v: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``out_i = o_i + r_i v_{i+S−T}`` with ``r_i = exp(−row_softplus_i)``, the un-allocated stick.
-
-    Args:
-      o: ``[B, T, Hq, Dv]`` float32, ``Σ_j A_ij v_j``; row_softplus: ``[B, T, Hq]`` float32,
-        ``Σ_k softplus(z_ik)`` over the row's keys; v: ``[B, S, Hkv, Dv]``; dtype: output dtype.
-    Returns:
-      ``(out [B, T, Hq, Dv] in dtype, r [B, T, Hq] float32)``. K/V are not repeated for GQA.
-    """
-    B, T, Hq, Dv = o.shape
-    S, Hkv = v.shape[1], v.shape[2]
-    r = jnp.exp(-row_softplus)
-    own = v[:, S - T:].astype(jnp.float32)[:, :, :, None, :]  # [B, T, Hkv, 1, Dv]
-    out = o.reshape(B, T, Hkv, Hq // Hkv, Dv) + r.reshape(B, T, Hkv, Hq // Hkv, 1) * own
-    return out.reshape(B, T, Hq, Dv).astype(dtype), r
-
-
-def strict_codes(codes: jax.Array, T: int, S: int, block_q: int, block_kv: int) -> jax.Array:
-    """``block_schedule`` codes with FULL lowered to PARTIAL on tiles that hold a diagonal pair.
-
-    A causal mask's FULL tiles may contain ``key position == query position``, which
-    stick-breaking excludes, so those tiles need the element mask.
-    """
-    nq, nk = codes.shape
-    first_q = np.arange(nq)[:, None] * block_q + (S - T)
-    last_k = np.minimum(np.arange(nk) * block_kv + block_kv, S)[None, :] - 1
-    return jnp.where((codes == FULL) & jnp.asarray(last_k >= first_q), PARTIAL, codes)
-
-
-def _strictly_earlier(q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
-    """``key position < query position`` as ``[tq, tk]``."""
-    return kv_idx[None, :] < _masks.query_positions(q_idx, T, S)[:, None]
-
-
-def _masked(x: jax.Array, ok: Optional[jax.Array]) -> jax.Array:
-    return x if ok is None else jnp.where(ok, x, 0.0)
-
-
-def xla_reverse_cumsum(x: jax.Array) -> jax.Array:
-    """``y_j = Σ_{k≥j} x_k`` along the last axis."""
-    return lax.cumsum(x, axis=x.ndim - 1, reverse=True)
-
-
-def forward_tile(z: jax.Array, c: jax.Array, ok: Optional[jax.Array], reverse_cumsum=xla_reverse_cumsum):
-    """One key tile of the right-to-left walk (module docstring), float32.
-
-    Args:
-      z: logits ``[..., tq, tk]``; c: ``[..., tq, 1]``, Σ softplus(z) of the keys right of the tile;
-      ok: allowed pairs (None: all); reverse_cumsum: a backend's ``Σ_{k≥j}`` along the last axis.
-    Returns:
-      ``A = exp(z − c − Σ_{k≥j in tile} softplus(z_k))`` (0 where not allowed) and the carry for
-      the next tile on the left, ``c + Σ_tile softplus(z)``.
-    """
-    sp = _masked(softplus(z), ok)
-    a = _masked(jnp.exp(z - (c + reverse_cumsum(sp))), ok)
-    return a, c + jnp.sum(sp, axis=-1, keepdims=True)
-
-
-def backward_tile(z: jax.Array, da: jax.Array, c: jax.Array, s: jax.Array, dterm: jax.Array,
-                  ok: Optional[jax.Array], reverse_cumsum=xla_reverse_cumsum):
-    """The backward's step on one key tile (module docstring), float32.
-
-    Args:
-      z, c, ok, reverse_cumsum: as in ``forward_tile``; da: ``dO·vᵀ`` ``[..., tq, tk]``;
-      s: ``[..., tq, 1]``, Σ A⊙dA of the keys right of the tile; dterm: ``[..., tq, 1]``, ``δ − dc``.
-    Returns:
-      ``(A, dZ, c_next, s_next)`` with ``dZ = A⊙dA − σ(z)⊙(dterm − Σ_{k>j} A⊙dA)``.
-    """
-    sp = _masked(softplus(z), ok)
-    a = _masked(jnp.exp(z - (c + reverse_cumsum(sp))), ok)
-    ada = a * da
-    later = s + reverse_cumsum(ada) - ada
-    dz = ada - _masked(jax.nn.sigmoid(z), ok) * (dterm - later)
-    return a, dz, c + jnp.sum(sp, axis=-1, keepdims=True), s + jnp.sum(ada, axis=-1, keepdims=True)
-
+from pallas_kernels.stick_breaking.ops import stick_breaking_attention_pallas
+from pallas_kernels.stick_breaking.tiles import (backward_tile, check_request, forward_tile, strict_codes,
+                                                 strictly_earlier, with_remainder)
 
 # ----------------------------------------------------------------------------------------------
 # Reference.
@@ -221,7 +98,7 @@ def stick_breaking_weights(
     q_idx, kv_idx = jnp.arange(T), jnp.arange(S)
     qg = to_groups(q.transpose(0, 2, 1, 3), Hkv)
     z = soft_cap(raw_logits(qg, k.transpose(0, 2, 1, 3), q_idx, kv_idx, as_bias(bias), spec), logits_soft_cap)
-    ok = allowed(mask, q_idx, kv_idx, spec) & _strictly_earlier(q_idx, kv_idx, T, S)
+    ok = allowed(mask, q_idx, kv_idx, spec) & strictly_earlier(q_idx, kv_idx, T, S)
     sp = jnp.where(ok, jax.nn.softplus(z), 0.0)
     later = jnp.cumsum(sp[..., ::-1], axis=-1)[..., ::-1] - sp  # Σ_{j<k} softplus(z_ik), ok keys only
     a = jnp.where(ok, jnp.exp(-jax.nn.softplus(-z) - later), 0.0)
@@ -310,7 +187,7 @@ def _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask: bool, st: _Static):
     z = soft_cap(raw_logits(qi, kj, q_idx, kv_idx, bias, st.spec), st.spec.logits_soft_cap)
     ok = None
     if apply_mask:
-        ok = allowed(mask, q_idx, kv_idx, st.spec) & _strictly_earlier(q_idx, kv_idx, st.spec.T, st.spec.S)
+        ok = allowed(mask, q_idx, kv_idx, st.spec) & strictly_earlier(q_idx, kv_idx, st.spec.T, st.spec.S)
     return kj, vj, z, ok
 
 
@@ -438,11 +315,6 @@ class StickBreaking:
         return {
             "reference": stick_breaking_attention_reference,
             "xla": functools.partial(stick_breaking_attention_xla, block_q=self.block_q, block_kv=self.block_kv),
-            "pallas": _pallas,
+            "pallas": stick_breaking_attention_pallas,
         }
 
-
-def _pallas(q, k, v, **kwargs):
-    """The Pallas kernel (``pallas_kernels.stick_breaking``), imported on first use."""
-    from pallas_kernels.stick_breaking.ops import stick_breaking_attention
-    return stick_breaking_attention(q, k, v, **kwargs)

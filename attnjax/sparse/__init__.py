@@ -1,6 +1,6 @@
 """Block-sparse attention: one engine driven by block lists, and the selectors that build them."""
 
-from attnjax.sparse.lists import (BlockSparse, allowed_blocks, density, from_block_ids, from_block_mask, to_block_mask,
+from attnjax.blocked.lists import (BlockSparse, allowed_blocks, density, from_block_ids, from_block_mask, to_block_mask,
                                   transpose)
 from attnjax.sparse.engine import (BlockSelector, block_sparse_attention,  # noqa: I001 - after lists
                                    block_sparse_attention_reference, selected_attention)
@@ -14,8 +14,8 @@ from attnjax.sparse.moa import (MoA, attention_influence, min_loss_assignment, m
                                 moa_spans)
 from attnjax.sparse.xattention import (XAttention, antidiagonal_scores, cumulative_threshold_select,
                                        sink_and_diagonal_blocks)
-from attnjax.sparse.seer import (AttnGate, Seer, attention_recall, block_max_attention, block_max_attention_reference,
-                                 distillation_step, gate_loss, select_threshold, select_topk)
+from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, block_max_attention_reference,
+                                 select_threshold, select_topk)
 from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
 
@@ -27,8 +27,8 @@ __all__ = [
     "sliding_window_blocks", "dilated_blocks", "streaming_blocks", "power_blocks", "radial_blocks", "s2_blocks",
     "MoA", "attention_influence", "min_loss_assignment", "moa_block_mask", "moa_profile", "moa_spans",
     "XAttention", "antidiagonal_scores", "cumulative_threshold_select", "sink_and_diagonal_blocks",
-    "Seer", "AttnGate", "attention_recall", "block_max_attention", "block_max_attention_reference",
-    "distillation_step", "gate_loss", "select_threshold", "select_topk",
+    "Seer", "attention_recall", "block_max_attention", "block_max_attention_reference", "select_threshold",
+    "select_topk",
     "Moba", "Vmoba", "vmoba_permutation",
     "Paro", "choose_permutation", "quantized_attention_reference",
 ]

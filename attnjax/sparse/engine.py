@@ -23,11 +23,13 @@ from typing import ClassVar, Optional
 
 import jax
 
-from attnjax.api import auto_order
-from attnjax.checks import check_implementation, check_qkv
+from attnjax.blocked.lists import BlockSparse
+from attnjax.checks import check_qkv
+from attnjax.dispatch import dispatch
 from attnjax.masks import Mask
 from attnjax.softmax.softmax import softmax_attention_reference
-from attnjax.sparse.lists import BlockSparse
+from attnjax.sparse.gather import block_sparse_attention_xla
+from pallas_kernels.block_sparse import block_sparse_attention_pallas
 
 PATHS = ("reference", "xla", "pallas")
 
@@ -42,17 +44,8 @@ def block_sparse_attention_reference(
                                        return_lse=return_lse)
 
 
-def _xla(*args, **kwargs):
-    from attnjax.sparse.gather import block_sparse_attention_xla
-    return block_sparse_attention_xla(*args, **kwargs)
-
-
-def _pallas(*args, **kwargs):
-    from pallas_kernels.block_sparse import block_sparse_attention_pallas
-    return block_sparse_attention_pallas(*args, **kwargs)
-
-
-_PATHS = {"reference": block_sparse_attention_reference, "xla": _xla, "pallas": _pallas}
+_PATHS = {"reference": block_sparse_attention_reference, "xla": block_sparse_attention_xla,
+          "pallas": block_sparse_attention_pallas}
 
 
 def block_sparse_attention(
@@ -72,7 +65,6 @@ def block_sparse_attention(
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
     """
-    check_implementation(implementation)
     check_qkv(q, k, v)
     if not isinstance(blocks, BlockSparse):
         raise TypeError(f"blocks must be an attnjax.sparse.BlockSparse, got {type(blocks).__name__}")
@@ -82,15 +74,7 @@ def block_sparse_attention(
     if mask is not None:
         mask.check(B, Hq, T, S)
     kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
-    if implementation != "auto":
-        return _PATHS[implementation](q, k, v, blocks, **kwargs)
-    errors = []
-    for name in auto_order():
-        try:
-            return _PATHS[name](q, k, v, blocks, **kwargs)
-        except NotImplementedError as e:
-            errors.append(f"{name}: {e}")
-    raise NotImplementedError(f"no block-sparse path serves this request: {errors}")
+    return dispatch(_PATHS, implementation, q, k, v, blocks, what="block-sparse attention", **kwargs)
 
 
 class BlockSelector:
@@ -114,13 +98,8 @@ class BlockSelector:
 
 
 def selected_attention(selector: BlockSelector, implementation: str, q, k, v, *, mask=None, scale=None,
-                       logits_soft_cap=None, return_lse=False, **unused):
+                       logits_soft_cap=None, return_lse=False):
     """``attnjax.attention`` signature (after the two bound arguments): ``selector.select``, then the engine."""
-    for option in ("bias", "sinks", "rng"):
-        if unused.get(option) is not None:
-            raise NotImplementedError(f"block-sparse selectors do not support {option}")
-    if unused.get("dropout_rate", 0.0):
-        raise NotImplementedError("block-sparse selectors do not support dropout")
     blocks = selector.select(q, k, mask=mask)
     return block_sparse_attention(q, k, v, blocks, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
                                   return_lse=return_lse, implementation=implementation)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.masks import Mask
-from attnjax.softmax.tiles import q_tiles, row_tiles, untile
-from attnjax.softmax.scores import ScoreSpec, score_spec, soft_cap, to_groups
-from attnjax.softmax.weights import SOFTMAX, backward_stat
-from attnjax.sparse.lists import BlockSparse
+from attnjax.blocked.tiles import q_tiles, row_tiles, untile
+from attnjax.blocked.scores import ScoreSpec, score_spec, soft_cap, to_groups
+from attnjax.blocked.weights import SOFTMAX, backward_stat
+from attnjax.blocked.lists import BlockSparse
 from attnjax.tiling import num_tiles, pad_axis
 
 TILE_ELEMENTS_PER_STEP = 2 ** 18

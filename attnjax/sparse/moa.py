@@ -31,9 +31,9 @@ import numpy as np
 
 from attnjax import registry
 from attnjax.masks import Causal, Mask, query_positions
-from attnjax.softmax.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
+from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
 from attnjax.sparse.engine import BlockSelector
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
 PAPER = "Fu et al., MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression, 2024"

@@ -44,9 +44,9 @@ from jax import lax
 
 from attnjax import registry
 from attnjax.masks import Mask
-from attnjax.nn.checks import check_positive
+from attnjax.checks import check_positive
 from attnjax.sparse.engine import BlockSelector
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.sparse.paro import GridPermutedSelector, check_grid
 from attnjax.sparse.seer import select_topk
 from attnjax.sparse.static import block_distance

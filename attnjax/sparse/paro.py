@@ -37,10 +37,10 @@ from jax import lax
 
 from attnjax import registry
 from attnjax.masks import Mask
-from attnjax.nn.checks import check_positive
-from attnjax.softmax.scores import allowed, dense_operands, score_spec
+from attnjax.checks import check_positive
+from attnjax.blocked.scores import allowed, dense_operands, score_spec
 from attnjax.sparse.engine import PATHS, BlockSelector, selected_attention
-from attnjax.sparse.lists import BlockSparse, allowed_blocks
+from attnjax.blocked.lists import BlockSparse, allowed_blocks
 from attnjax.sparse.pooling import pooled_attention
 from attnjax.sparse.seer import select_topk
 from attnjax.tiling import num_tiles, pad_axis

@@ -18,9 +18,9 @@ from jax import lax
 
 from attnjax import masks as _masks
 from attnjax.masks import Mask, block_schedule
-from attnjax.softmax.flash_xla import flash_attention_xla
-from attnjax.softmax.scores import allowed, dense_operands, raw_logits, score_spec
-from attnjax.softmax.tiles import kv_tiles, q_tiles, row_tiles
+from attnjax.blocked.flash_xla import flash_attention_xla
+from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec
+from attnjax.blocked.tiles import kv_tiles, q_tiles, row_tiles
 from attnjax.tiling import num_tiles, pad_axis
 
 POOLS = ("max", "sum")

@@ -30,7 +30,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from attnjax import registry
-from attnjax.nn.checks import check_positive
+from attnjax.checks import check_positive
 from attnjax.sparse.static import StaticSelector, block_distance, check_nonnegative
 from attnjax.tiling import num_tiles
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from attnjax import registry
-from attnjax.nn.checks import check_positive
+from attnjax.checks import check_positive
 from attnjax.sparse.static import StaticSelector, block_distance, check_nonnegative
 from attnjax.tiling import num_tiles
 

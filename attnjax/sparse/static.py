@@ -31,9 +31,9 @@ import numpy as np
 
 from attnjax import registry
 from attnjax.masks import Mask
-from attnjax.nn.checks import check_positive
+from attnjax.checks import check_positive
 from attnjax.sparse.engine import BlockSelector
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from attnjax import registry
 from attnjax.masks import EMPTY, Mask, query_positions
-from attnjax.softmax.scores import to_groups
+from attnjax.blocked.scores import to_groups
 from attnjax.sparse.engine import BlockSelector
-from attnjax.sparse.lists import BlockSparse, allowed_blocks, from_block_mask
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
 PAPER = "Xu et al., XAttention: Block Sparse Attention with Antidiagonal Scoring, 2025"

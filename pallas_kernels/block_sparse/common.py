@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from attnjax import masks as _masks
-from attnjax.sparse.lists import BlockSparse, transpose
+from attnjax.blocked.lists import BlockSparse, transpose
 from attnjax.tiling import num_tiles
 from pallas_kernels.flash import common as flash_common
 from pallas_kernels.flash.common import FlashStatic

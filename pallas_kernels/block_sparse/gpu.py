@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.sparse.lists import BlockSparse
+from attnjax.blocked.lists import BlockSparse
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import SparseStatic
 from pallas_kernels.flash import common as flash_common

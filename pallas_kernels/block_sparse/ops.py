@@ -11,7 +11,7 @@ from typing import Optional
 import jax
 
 from attnjax.masks import Mask
-from attnjax.sparse.lists import BlockSparse
+from attnjax.blocked.lists import BlockSparse
 from pallas_kernels.block_sparse import gpu, tpu
 
 

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL
-from attnjax.sparse.lists import BlockSparse
+from attnjax.blocked.lists import BlockSparse
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import SparseStatic
 from pallas_kernels.flash import common as flash_common

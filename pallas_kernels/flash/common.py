@@ -4,7 +4,7 @@ Shared by ``pallas_kernels.flash.gpu`` and ``pallas_kernels.flash.tpu``; nothing
 ``pallas_call``. Four parts:
 
 1. ``WeightFunction``: the score-to-weight extension point, defined in
-   ``attnjax.softmax.weights`` and re-exported here so that the kernels and the blocked XLA path
+   ``attnjax.blocked.weights`` and re-exported here so that the kernels and the blocked XLA path
    share one definition. The kernel skeleton (tiles, masks, online accumulation, FA2 backward)
    is written once against it: softmax is ``SOFTMAX``; sigmoid attention (``SigmoidWeight``)
    and softplus attention (``SoftplusWeight``) are further instances.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from attnjax import masks as _masks
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.positional import ALiBi
-from attnjax.softmax.weights import (
+from attnjax.blocked.weights import (
     SOFTMAX, SigmoidWeight, SoftmaxWeight, SoftplusWeight, WeightFunction, backward_offsets, backward_stat,
 )
 

@@ -13,7 +13,7 @@ import jax
 from pallas_kernels.flash import common, gpu, tpu
 
 
-def flash_attention(
+def flash_attention_pallas(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, bias=None, scale: Optional[float] = None,
     logits_soft_cap: Optional[float] = None, sinks: Optional[jax.Array] = None, dropout_rate: float = 0.0,
     rng: Optional[jax.Array] = None, return_lse: bool = False, block_q: Optional[int] = None,
@@ -53,4 +53,4 @@ def flash_attention(
         interpret=(backend == "cpu") if interpret is None else interpret, weight_fn=weight_fn)
 
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention_pallas"]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from attnjax import masks as _masks
 from attnjax.checks import check_options, check_qkv
-from attnjax.softmax.stick_breaking import check_request, strict_codes
+from pallas_kernels.stick_breaking.tiles import check_request, strict_codes
 from pallas_kernels.flash.common import KernelStatic, MaskPlan, eval_mask, tile_iotas
 
 

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attnjax.softmax.stick_breaking import backward_tile, forward_tile
+from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
 from attnjax.tiling import num_tiles
 from pallas_kernels.flash import common as flash_common
 from pallas_kernels.flash.gpu import _dot, _switch, compiler_params

@@ -11,11 +11,11 @@ from typing import Optional
 
 import jax
 
-from attnjax.softmax.stick_breaking import with_remainder
+from pallas_kernels.stick_breaking.tiles import with_remainder
 from pallas_kernels.stick_breaking import common, gpu, tpu
 
 
-def stick_breaking_attention(
+def stick_breaking_attention_pallas(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, bias=None, scale: Optional[float] = None,
     logits_soft_cap: Optional[float] = None, sinks=None, dropout_rate: float = 0.0, rng=None,
     return_lse: bool = False, return_remainder: bool = False, block_q: Optional[int] = None,
@@ -58,4 +58,4 @@ def stick_breaking_attention(
     return (out, r) if return_remainder else out
 
 
-__all__ = ["stick_breaking_attention"]
+__all__ = ["stick_breaking_attention_pallas"]

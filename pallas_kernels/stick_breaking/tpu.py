@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL
-from attnjax.softmax.stick_breaking import backward_tile, forward_tile
+from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
 from pallas_kernels.flash import common as flash_common
 from pallas_kernels.flash.tpu import LANES, tpu_tiles
 from pallas_kernels.stick_breaking import common

@@ -1,6 +1,6 @@
 """Score-to-weight functions: the one extension point of the blocked softmax-family paths.
 
-The blocked XLA path (``attnjax.softmax.flash_xla``) and the Pallas flash kernels
+The blocked XLA path (``attnjax.blocked.flash_xla``) and the Pallas flash kernels
 (``pallas_kernels.flash``) are written once against ``WeightFunction``; softmax, sigmoid
 attention and softplus attention are three instances:
 

@@ -2,7 +2,7 @@
 
 Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 
-The score-to-weight step is a ``attnjax.softmax.weights.WeightFunction`` (the same extension
+The score-to-weight step is a ``attnjax.blocked.weights.WeightFunction`` (the same extension
 point as the Pallas kernels): softmax by default, sigmoid attention (no running max, no
 normalizer) and softplus attention (a running max in the log domain) from the same code.
 
@@ -31,10 +31,10 @@ from jax import lax
 from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
-from attnjax.softmax.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
-from attnjax.softmax.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
+from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    row_tiles, untile)
-from attnjax.softmax.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
+from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.tiling import num_tiles
 
 
