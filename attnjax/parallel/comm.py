@@ -19,7 +19,7 @@ collective-permute     ``n``                        one send (0 if the device on
 The cost model (``SCHEMES``, ``traffic``, ``step_time``) projects one training step of an attention
 layer stack under the four sequence-parallel schemes of ``attnjax.parallel`` from closed-form bytes
 and FLOPs per device; the byte formulas are the ones ``collective_bytes`` measures on the compiled
-layers (``tests/test_parallel_comm.py`` checks them against each other).
+layers (``tests/parallel/test_comm.py`` checks them against each other).
 """
 
 from __future__ import annotations

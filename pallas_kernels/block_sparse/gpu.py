@@ -1,7 +1,7 @@
 """Block-sparse softmax attention in Pallas with the GPU (Triton) lowering, forward and backward.
 
 Reference: ``attnjax.sparse.block_sparse_attention_reference`` (dense softmax under the mask
-``blocks & mask``); tested in interpret mode in ``tests/test_block_sparse_kernel.py``.
+``blocks & mask``); tested in interpret mode in ``tests/kernels/test_block_sparse.py``.
 
 Math (FlashAttention-2, Dao 2023, restricted to the listed tiles): for query block ``i`` of
 (batch ``b``, query head ``h``) with list ``J = indices[b, h, i, :counts[b, h, i]]``,

@@ -1,7 +1,7 @@
 """Thin dispatch for the Pallas block-sparse kernels: the GPU (Triton) or TPU (Mosaic) kernel by
 backend; on CPU the GPU kernel runs in interpret mode (correct, slow).
 
-Reference: ``attnjax.sparse.block_sparse_attention_reference`` (tests/test_block_sparse_kernel.py).
+Reference: ``attnjax.sparse.block_sparse_attention_reference`` (tests/kernels/test_block_sparse.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Block-sparse softmax attention for TPU: Pallas kernels (Mosaic lowering) with a custom VJP.
 
 Reference: ``attnjax.sparse.block_sparse_attention_reference``; tested in TPU interpret mode in
-``tests/test_block_sparse_kernel.py``. The tile math (logits, soft cap, mask plans, the FA-2
+``tests/kernels/test_block_sparse.py``. The tile math (logits, soft cap, mask plans, the FA-2
 backward recomputation ``_dlogits``) and the call plumbing are the flash TPU kernel's
 (``pallas_kernels.flash.tpu``); only the schedule differs: block lists instead of spans.
 

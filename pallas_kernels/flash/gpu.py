@@ -32,7 +32,7 @@ NotImplementedError. An array bias gets its gradient (the dQ kernel writes a flo
 bias itself). ALiBi slopes are constants (no gradient, as in the xla path).
 
 Tested (CPU, interpret mode) against ``attnjax.softmax.softmax_attention_reference`` in
-``tests/test_flash_pallas.py``.
+``tests/kernels/test_flash_gpu.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Thin dispatch for the Pallas flash-attention kernels: picks the GPU (Triton) or TPU (Mosaic)
 kernel by backend; on CPU it runs the GPU kernel in interpret mode (correct, slow).
 
-Reference: ``attnjax.softmax.softmax_attention_reference`` (tests/test_flash_pallas.py).
+Reference: ``attnjax.softmax.softmax_attention_reference`` (tests/kernels/test_flash_gpu.py).
 """
 
 from __future__ import annotations

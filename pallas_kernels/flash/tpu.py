@@ -5,7 +5,7 @@ the mask handling follows the splash-attention design (jax ``pallas/ops/tpu/spla
 the mask is preprocessed into a block schedule that the kernels read by scalar prefetch.
 
 Reference: ``attnjax.softmax.softmax_attention_reference`` (same arguments and results; this is
-the TPU twin of ``attnjax.softmax.flash_attention_xla``). Tested in ``tests/test_flash_tpu.py``.
+the TPU twin of ``attnjax.softmax.flash_attention_xla``). Tested in ``tests/kernels/test_flash_tpu.py``.
 Backend-independent pieces (mask plans, schedule, weight functions, checks) come from
 ``pallas_kernels.flash.common``.
 

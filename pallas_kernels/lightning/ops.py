@@ -17,7 +17,7 @@ The decay gradient is forward mode in ``a = log λ``: the dQ sweep also carries
 The shorter identity ``Σ_t (t+1)(q_t·dq_t − k_t·dk_t) + T⟨S_T, dS_T⟩`` cancels large terms and
 loses ~1e-3 relative accuracy in f32 for strong decay, so it is not used.
 
-Tested in ``tests/test_lightning_kernel.py`` against a naive quadratic masked form, forward and
+Tested in ``tests/kernels/test_lightning.py`` against a naive quadratic masked form, forward and
 backward (q, k, v, decay, initial_state, final_state), and against
 ``attnjax.linear.linear_attention`` when present.
 """

@@ -2,7 +2,7 @@
 
 Tan et al., "Scaling Stick-Breaking Attention: An Efficient Implementation and In-depth Study"
 (2024). Math, conventions and the derivation of the backward: ``attnjax.softmax.stick_breaking``
-(the reference this kernel is tested against, in ``tests/test_stick_breaking.py``).
+(the reference this kernel is tested against, in ``tests/softmax/test_stick_breaking.py``).
 
 Layout: q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` are transposed to
 ``[B, H, L, D]`` at this module's boundary, T and S padded to whole tiles and the head dims to

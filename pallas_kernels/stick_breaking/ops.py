@@ -2,7 +2,7 @@
 backend; on CPU the GPU kernel runs in interpret mode (correct, slow).
 
 Reference: ``attnjax.softmax.stick_breaking.stick_breaking_attention_reference``
-(tests/test_stick_breaking.py).
+(tests/softmax/test_stick_breaking.py).
 """
 
 from __future__ import annotations

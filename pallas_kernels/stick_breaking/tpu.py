@@ -2,7 +2,7 @@
 
 Tan et al., "Scaling Stick-Breaking Attention: An Efficient Implementation and In-depth Study"
 (2024). Math, conventions and the backward's derivation: ``attnjax.softmax.stick_breaking`` (the
-reference; tested in ``tests/test_stick_breaking.py`` in TPU interpret mode).
+reference; tested in ``tests/softmax/test_stick_breaking.py`` in TPU interpret mode).
 
 Forward: grid ``(B, Hq, nq, width)``, the last axis sequential. Step ``t`` of query tile ``i``
 visits key tile ``hi[i] − 1 − t`` of the schedule (from the diagonal back to the first, by scalar

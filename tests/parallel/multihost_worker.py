@@ -1,10 +1,10 @@
-"""One process of the multi-host test: ``python -m tests.multihost_worker PROCESS_ID NUM_PROCESSES PORT OUT``.
+"""One process of the multi-host test: ``python -m tests.parallel.multihost_worker PROCESS_ID NUM_PROCESSES PORT OUT``.
 
 Each process owns ``--xla_force_host_platform_device_count`` CPU devices (set by the launcher in
 ``XLA_FLAGS``), joins the others through ``jax.distributed.initialize`` on localhost with the gloo
 CPU collectives, builds one global mesh over every process's devices, and runs LASP-2 and ring
 attention (forward and gradients) on global arrays built identically in every process. Process 0
-writes the gathered results to ``OUT`` (``.npz``) for ``tests/test_multihost.py`` to compare with a
+writes the gathered results to ``OUT`` (``.npz``) for ``tests/parallel/test_multihost.py`` to compare with a
 single-process run of the same code (``multihost_case``).
 """
 

@@ -108,7 +108,7 @@ def measured_and_modeled(scheme, mesh, **kw):
 
 
 def test_cost_model_bytes_equal_compiled_bytes_allgather():
-    """(LASP-2's bytes are checked in tests/test_parallel_lasp.py.)"""
+    """(LASP-2's bytes are checked in tests/parallel/test_lasp2.py.)"""
     mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
     measured, modeled = measured_and_modeled("allgather", mesh, implementation="reference")
     assert measured == modeled > 0

@@ -1,6 +1,6 @@
 """Multi-host on one machine: 2 processes × 4 CPU devices, ``jax.distributed`` on localhost (gloo).
 
-The workers (``tests/multihost_worker.py``) run LASP-2 and ring attention on a global
+The workers (``tests/parallel/multihost_worker.py``) run LASP-2 and ring attention on a global
 ``("data", "seq")`` mesh whose sequence axis spans both processes, so every sequence collective
 crosses the process boundary; the gathered outputs and gradients must equal a single-process run of
 the same code on 8 devices — which equals the single-device references compared here.
@@ -18,10 +18,10 @@ import numpy as np
 
 from attnjax import attention, masks
 from attnjax.linear import linear_attention
-from tests import multihost_worker
+from tests.parallel import multihost_worker
 from tests.helpers import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 
 
@@ -36,7 +36,7 @@ def launch(out: Path, timeout: float = 240.0) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(PROCESSES), str(port),
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.parallel.multihost_worker", str(i), str(PROCESSES), str(port),
                                str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(PROCESSES)]
     logs = []
@@ -66,7 +66,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 def single_device(q, k, v, w) -> dict:
     """What the sharded schemes compute, from the single-device references (the 8-device results
-    equal these: tests/test_parallel_lasp.py and the ring tests)."""
+    equal these: tests/parallel/test_lasp2.py and the ring tests)."""
     schemes = {
         "lasp2": lambda q, k, v: linear_attention(q, k, v, decay=jnp.asarray(multihost_worker.DECAY),
                                                   implementation="reference"),

@@ -74,7 +74,7 @@ def check(fast, reference, args, dtype):
 # (mechanism, path, mask, dtype, extras): the xla path of both mechanisms in float32 and bfloat16;
 # the Pallas GPU kernel with each mechanism, float32 and bfloat16 between them (both dtypes for both
 # with --runslow); the TPU kernel (slow to interpret) with the weight function new to it
-# (tests/test_flash_tpu.py covers SigmoidWeight there). Causal, sliding-window and segment masks,
+# (tests/kernels/test_flash_tpu.py covers SigmoidWeight there). Causal, sliding-window and segment masks,
 # ALiBi, the soft cap and (xla) dropout are spread over the cases. Kernels run one batch row.
 CASES = [
     ("sigmoid", "xla", "window&segments", jnp.float32, dict(alibi=True, logits_soft_cap=5.0)),
