@@ -2,13 +2,25 @@
 
     import attnjax as aj
     out = aj.attention(q, k, v, mechanism="softmax", mask=aj.masks.Causal())
+
+``attnjax.nn`` (the Flax NNX modules) is imported on first access, so the functional core and
+``pallas_kernels`` import without Flax.
 """
 
+import importlib
+
 from attnjax import softmax  # noqa: I001 - registers first: the baseline heads every table
-from attnjax import linear, local, masks, nn, parallel, positional, registry, sparse
+from attnjax import linear, local, masks, parallel, positional, registry, sparse
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
 __all__ = ["attention", "linear", "local", "masks", "nn", "parallel", "positional", "registry", "softmax", "sparse",
            "Bias", "ArrayBias"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``attnjax.nn`` on first access (PEP 562): Flax is needed by the modules only."""
+    if name == "nn":
+        return importlib.import_module("attnjax.nn")
+    raise AttributeError(f"module 'attnjax' has no attribute {name!r}")

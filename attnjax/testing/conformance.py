@@ -1,0 +1,214 @@
+"""Conformance checks generated from the registry: every fast path against its reference.
+
+In the spirit of tokamax's ``AttentionTestBase``: a mechanism added to ``attnjax.registry`` gets
+these checks without writing any. For a config and one of its implementations, ``cases(config)``
+builds small requests from what the config claims in ``supports`` (odd lengths that are not
+multiples of the tiles, which ``small_tiles`` shrinks to 8; causal when masks are supported; GQA;
+cross-attention with ``T < S``; an array bias, a logit soft cap, sinks, the log-sum-exp; dropout
+in a case of its own), and ``check_against_reference`` runs the request through
+``attnjax.attention`` (the public entry: checks, the ``supports`` gate, dispatch) under ``jax.jit``
+and compares the output and the gradients (q, k, v, and the bias and sinks when present) with the
+``reference`` implementation's. ``check_bf16`` runs a bfloat16 request and ``check_vmap`` a
+``jax.vmap`` over an extra batch axis.
+
+A request that the reference itself does not define (a decayed linear mechanism without a causal
+mask, stick-breaking without one) raises ``CaseNotDefined``; a fast path that refuses a request
+the reference serves raises ``NotImplementedError`` (as "auto" expects). Tests report both as
+skips with the reason; anything else that differs is an ``AssertionError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks
+from attnjax.api import attention
+from attnjax.testing.numerics import assert_close
+
+TILE = 8
+"""Tile, block and chunk size that ``small_tiles`` gives a config (lengths below are not multiples)."""
+
+RTOL = {"float32": 1e-4}
+"""Relative-RMS bound of a fast path against the reference, float32 inputs."""
+
+SEED = 0
+
+
+class CaseNotDefined(Exception):
+    """The reference does not define this request (e.g. a causal-only mechanism without a mask)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One request: shapes ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]``, ``v [B, S, Hkv, Dv]`` and options."""
+
+    name: str
+    B: int = 2
+    T: int = 21
+    S: int = 21
+    Hq: int = 4
+    Hkv: int = 4
+    D: int = 8
+    Dv: int = 8
+    causal: bool = False
+    bias: bool = False
+    logits_soft_cap: Optional[float] = None
+    sinks: bool = False
+    return_lse: bool = False
+    dropout_rate: float = 0.0
+
+
+def cases(config) -> tuple[Case, ...]:
+    """The requests a config is checked on, from its ``supports``.
+
+    ``plain``: no option, odd length. ``claimed``: every option the config claims at once except
+    dropout (causal mask, GQA ``Hq = 2·Hkv``, cross-attention ``T < S``, bias, soft cap, sinks,
+    lse). ``dropout``: causal with dropout, when claimed.
+    """
+    supports = config.supports
+    claimed = Case(
+        "claimed", causal="mask" in supports, Hkv=2 if "gqa" in supports else 4,
+        S=29 if "cross" in supports else 21, bias="bias" in supports,
+        logits_soft_cap=5.0 if "logits_soft_cap" in supports else None, sinks="sinks" in supports,
+        return_lse="return_lse" in supports)
+    out = [Case("plain"), claimed]
+    if "dropout" in supports:
+        out.append(Case("dropout", causal="mask" in supports, dropout_rate=0.25))
+    return tuple(out)
+
+
+def small_tiles(config):
+    """``config`` with its tile fields (``block_q``, ``block_kv``, ``chunk_size``) set to ``TILE``
+    where it has them and accepts the value, so that the checked lengths span several tiles."""
+    if not dataclasses.is_dataclass(config):
+        return config
+    names = {f.name for f in dataclasses.fields(config)} & {"block_q", "block_kv", "chunk_size"}
+    try:
+        return dataclasses.replace(config, **{n: TILE for n in names})
+    except (ValueError, TypeError):
+        return config
+
+
+def inputs(case: Case, dtype=jnp.float32) -> dict:
+    """The arrays of a case, drawn by NumPy from a fixed seed: q, k, v, and bias/sinks/rng when used."""
+    rng = np.random.default_rng(SEED)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+    arrays = {"q": normal(case.B, case.T, case.Hq, case.D), "k": normal(case.B, case.S, case.Hkv, case.D),
+              "v": normal(case.B, case.S, case.Hkv, case.Dv)}
+    if case.bias:
+        arrays["bias"] = normal(1, case.Hq, case.T, case.S)
+    if case.sinks:
+        arrays["sinks"] = normal(case.Hq).astype(jnp.float32)
+    return arrays
+
+
+def _call(config, implementation: str, case: Case) -> Callable:
+    """``f(arrays) -> {"out", "lse"?}`` through ``attnjax.attention``."""
+    options = dict(mechanism=config, implementation=implementation, return_lse=case.return_lse,
+                   mask=masks.Causal() if case.causal else None, logits_soft_cap=case.logits_soft_cap)
+    if case.dropout_rate:
+        options.update(dropout_rate=case.dropout_rate, rng=jax.random.PRNGKey(SEED))
+
+    def f(arrays):
+        result = attention(arrays["q"], arrays["k"], arrays["v"], bias=arrays.get("bias"), sinks=arrays.get("sinks"),
+                           **options)
+        out, lse = result if case.return_lse else (result, None)
+        return {"out": out} if lse is None else {"out": out, "lse": lse}
+
+    return f
+
+
+def outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32) -> dict:
+    """Outputs and the gradients of ``Σ out·w (+ Σ lse·w')`` for fixed random ``w``, compiled once.
+
+    Returns ``{"out", "lse"?, "dq", "dk", "dv", "dbias"?, "dsinks"?}``. Raises ``CaseNotDefined``
+    when the reference refuses the request, ``NotImplementedError`` when this path refuses it.
+    """
+    arrays = inputs(case, dtype)
+    f = _call(config, implementation, case)
+    try:
+        shapes = jax.eval_shape(f, arrays)
+    except NotImplementedError:
+        if implementation == "reference":
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+        raise
+    weights = {n: jnp.asarray(np.random.default_rng(SEED + 1 + i).standard_normal(s.shape, np.float32))
+               for i, (n, s) in enumerate(sorted(shapes.items()))}
+
+    def loss(arrays):
+        results = f(arrays)
+        total = sum(jnp.sum(jnp.where(jnp.isfinite(r), r, 0.0).astype(jnp.float32) * weights[n])
+                    for n, r in results.items())
+        return total, results
+
+    grads, results = jax.jit(jax.grad(loss, has_aux=True))(arrays)
+    return {**results, **{f"d{n}": g for n, g in grads.items()}}
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def reference_outputs(config, case: Case) -> dict:
+    """``outputs_and_grads`` of the reference, cached by ``(repr(config), case)``: shared by every
+    implementation's check of the same request."""
+    key = (repr(config), case)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = outputs_and_grads(config, "reference", case)
+    return _REFERENCE_CACHE[key]
+
+
+def check_against_reference(config, implementation: str, case: Case, *, rtol: Optional[float] = None) -> None:
+    """Assert that ``implementation`` gives the reference's output, lse and gradients on ``case``."""
+    expected = reference_outputs(config, case)
+    actual = outputs_and_grads(config, implementation, case)
+    assert set(actual) == set(expected), f"{config.name}/{implementation}: returns {set(actual)}, reference {set(expected)}"
+    rtol = RTOL["float32"] if rtol is None else rtol
+    for name in sorted(expected):
+        e, a = np.asarray(expected[name]), np.asarray(actual[name])
+        if name == "lse":  # rows that see no key: −inf in both
+            assert np.array_equal(np.isfinite(e), np.isfinite(a)), f"{config.name}/{implementation}: lse infinities differ"
+            e, a = np.where(np.isfinite(e), e, 0.0), np.where(np.isfinite(a), a, 0.0)
+        assert_close(a, e, rtol=rtol, atol=rtol * 1e-2, name=f"{config.name}/{implementation}/{case.name}/{name}")
+
+
+def check_bf16(config, implementation: str, case: Case) -> None:
+    """A bfloat16 request gives a finite bfloat16 output (statistics stay in float32)."""
+    arrays = inputs(case, jnp.bfloat16)
+    try:
+        results = jax.jit(_call(config, implementation, case))(arrays)
+    except NotImplementedError:
+        if implementation == "reference":
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+        raise
+    assert results["out"].dtype == jnp.bfloat16, f"{config.name}/{implementation}: out dtype {results['out'].dtype}"
+    assert bool(jnp.all(jnp.isfinite(results["out"].astype(jnp.float32)))), f"{config.name}/{implementation}: bf16 NaN/inf"
+
+
+def check_vmap(config, implementation: str, case: Case) -> None:
+    """``jax.vmap`` over an extra leading axis equals calling on each slice."""
+    arrays = {n: a for n, a in inputs(case).items() if n in ("q", "k", "v")}
+    f = _call(config, implementation, dataclasses.replace(case, bias=False, sinks=False))
+    stacked = {n: jnp.stack([a, a[::-1]]) for n, a in arrays.items()}
+    try:
+        batched = jax.jit(jax.vmap(f))(stacked)
+    except NotImplementedError:
+        if implementation == "reference":
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+        raise
+    one = jax.jit(f)
+    for i in range(2):
+        single = one({n: a[i] for n, a in stacked.items()})
+        for name in single:
+            assert_close(batched[name][i], single[name], rtol=RTOL["float32"], name=f"{config.name}/vmap/{name}")
+
+
+__all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "check_against_reference", "check_bf16", "check_vmap",
+           "inputs", "outputs_and_grads", "reference_outputs", "small_tiles"]
