@@ -28,7 +28,7 @@ def shard_map(f: Callable, *, mesh, in_specs, out_specs, check_vma: bool = True)
     (whose ``check_rep`` plays the role of ``check_vma``)."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
-    from jax.experimental.shard_map import shard_map as experimental_shard_map
+    from jax.experimental.shard_map import shard_map as experimental_shard_map  # optional dependency: jax < 0.7
     return experimental_shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import attnjax as aj
 from attnjax import masks
@@ -332,7 +333,6 @@ def test_registry_entries_and_module():
     for name in ("linear", "lightning", "performer", "based_linear"):
         assert entries[name].family == "linear"
         assert entries[name].implementations == ("reference", "recurrent", "xla", "pallas")
-    from flax import nnx
     layer = aj.nn.MultiHeadAttention(32, 4, num_kv_heads=2, mechanism="lightning", rngs=nnx.Rngs(0))
     x = jax.random.normal(KEY, (2, 10, 32))
     y = layer(x, mask=masks.Causal(), deterministic=True)

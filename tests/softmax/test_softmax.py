@@ -9,6 +9,7 @@ import pytest
 
 import attnjax as aj
 from attnjax import masks
+from attnjax.dropout import dropout_seed, keep_mask
 from attnjax.positional import ALiBi, alibi_slopes
 from tests.helpers import TOLERANCE, assert_close, assert_grads_close, grads, random_qkv
 
@@ -205,7 +206,6 @@ def test_dropout_deterministic_and_matches_reference():
 
 
 def test_dropout_keep_rate():
-    from attnjax.dropout import dropout_seed, keep_mask
     keep = keep_mask(dropout_seed(jax.random.PRNGKey(0)), jnp.arange(2), jnp.arange(4), jnp.arange(128),
                      jnp.arange(128), 0.25)
     assert abs(float(keep.mean()) - 0.75) < 0.01
