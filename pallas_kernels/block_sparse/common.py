@@ -1,6 +1,6 @@
 """Backend-independent pieces of the Pallas block-sparse kernels (GPU Triton and TPU Mosaic).
 
-The kernels are the flash kernels' tile math (``pallas_kernels.flash``: logits, soft cap, mask
+The kernels are the flash kernels' tile math (``pallas_kernels.common``: logits, soft cap, mask
 plans, FA-2 backward recomputation) driven by ``attnjax.sparse.BlockSparse`` lists instead of a
 dense block schedule. This module adds what is specific to block lists:
 
@@ -8,9 +8,9 @@ dense block schedule. This module adds what is specific to block lists:
   part of the fine mask: a mask with no array leaves (Causal, SlidingWindow, ChunkedCausal,
   Full, or any mask whose ``tile`` is integer arithmetic on the index vectors, e.g. a
   neighborhood mask) that the kernels evaluate by calling ``mask.tile`` on position iotas.
-- ``split_fine_mask``: the fine mask as a flash ``MaskPlan`` (kinds flash knows, with their data:
-  Segments ids, Explicit blocks) AND a structural mask (everything else without data).
-- ``validate``/``static_config``: checks and the static description of one call.
+- ``split_fine_mask``: the fine mask as a ``MaskPlan`` (the kinds ``plan_mask`` knows, with their
+  data: Segments ids, Explicit blocks) AND a structural mask (everything else without data).
+- ``validate``/``static_config``: refusals, list checks and the static description of one call.
 - ``device_lists``/``transposed_lists``/``tile_codes``: the list arrays, the key-major lists of
   the dK/dV pass (``attnjax.sparse.transpose``) and the per-tile EMPTY/PARTIAL/FULL codes of the
   fine mask (FULL tiles skip the element mask, EMPTY listed tiles are skipped).
@@ -30,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attnjax import masks as _masks
+from attnjax import masks
 from attnjax.blocked.lists import BlockSparse, transpose
+from attnjax.blocked.weights import SOFTMAX
 from attnjax.tiling import num_tiles
-from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.common import FlashStatic
+from pallas_kernels.common.mask_plans import plan_mask
+from pallas_kernels.common.refusals import refuse_unserved
+from pallas_kernels.common.statics import FlashStatic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +46,26 @@ class SparseStatic(FlashStatic):
     ``block_q``/``block_kv`` are the lists' block sizes (one kernel tile per listed block).
     """
 
-    structural: Optional[_masks.Mask] = None
+    structural: Optional[masks.Mask] = None
 
 
-def is_structural(mask: _masks.Mask) -> bool:
+def is_structural(mask: masks.Mask) -> bool:
     """True for a registered mask pytree without array leaves (its ``tile`` is pure index math)."""
     leaves = jax.tree_util.tree_leaves(mask)
     return not leaves
 
 
-def _conjuncts(mask: _masks.Mask) -> list:
-    if isinstance(mask, _masks.And):
+def _conjuncts(mask: masks.Mask) -> list:
+    if isinstance(mask, masks.And):
         return _conjuncts(mask.a) + _conjuncts(mask.b)
     return [mask]
 
 
-def split_fine_mask(mask: Optional[_masks.Mask], T: int, S: int, T_pad: int, S_pad: int):
+def split_fine_mask(mask: Optional[masks.Mask], T: int, S: int, T_pad: int, S_pad: int):
     """``(plan, plan_data, structural)`` with ``mask == planned & structural``.
 
-    Each ``&``-conjunct goes to flash's ``plan_mask`` (Full, Causal, SlidingWindow, ChunkedCausal,
-    Segments, Explicit and ``&``/``|`` of them) when it can, else to the structural part when it
+    Each ``&``-conjunct goes to ``pallas_kernels.common.plan_mask`` (Full, Causal, SlidingWindow,
+    ChunkedCausal, Segments, Explicit and ``&``/``|`` of them) when it can, else to the structural part when it
     has no array leaves. Raises NotImplementedError for anything else (e.g. a ``BlockSparse`` or a
     data mask of an unknown kind), so the dispatcher falls back to the xla path.
     """
@@ -72,7 +74,7 @@ def split_fine_mask(mask: Optional[_masks.Mask], T: int, S: int, T_pad: int, S_p
     planned, structural = [], []
     for part in _conjuncts(mask):
         try:
-            flash_common.plan_mask(part, T, S, T_pad, S_pad)
+            plan_mask(part, T, S, T_pad, S_pad)
             planned.append(part)
         except NotImplementedError:
             if not is_structural(part):
@@ -83,18 +85,18 @@ def split_fine_mask(mask: Optional[_masks.Mask], T: int, S: int, T_pad: int, S_p
             structural.append(part)
     plan, data = None, []
     if planned:
-        plan, data = flash_common.plan_mask(_join(planned), T, S, T_pad, S_pad)
+        plan, data = plan_mask(_join(planned), T, S, T_pad, S_pad)
     return plan, data, _join(structural) if structural else None
 
 
-def _join(parts: list) -> _masks.Mask:
+def _join(parts: list) -> masks.Mask:
     out = parts[0]
     for p in parts[1:]:
         out = out & p
     return out
 
 
-def check_structural(mask: _masks.Mask, block_q: int, block_kv: int, T: int, S: int) -> None:
+def check_structural(mask: masks.Mask, block_q: int, block_kv: int, T: int, S: int) -> None:
     """NotImplementedError unless ``mask.tile`` gives one bool ``[1, 1, bq, bk]`` tile for all heads."""
     shape = jax.eval_shape(lambda: mask.tile(jnp.arange(block_q), jnp.arange(block_kv), T, S))
     if shape.shape != (1, 1, block_q, block_kv) or shape.dtype != jnp.bool_:
@@ -112,10 +114,11 @@ def structural_tile(st: SparseStatic, i, j) -> Optional[jax.Array]:
     return st.structural.tile(q_idx, kv_idx, st.T, st.S).reshape(st.block_q, st.block_kv)
 
 
-def validate(q, k, v, blocks: BlockSparse, *, mask, scale, logits_soft_cap, return_lse: bool) -> None:
-    """Flash's checks (shapes, dtypes, head dims ≤ 256, mask shapes) plus the lists' shapes."""
-    flash_common.validate(q, k, v, mask=mask, bias=None, scale=scale, logits_soft_cap=logits_soft_cap, sinks=None,
-                          dropout_rate=0.0, rng=None, weight_fn=flash_common.SOFTMAX, return_lse=return_lse)
+def validate(q, k, v, blocks: BlockSparse) -> None:
+    """NotImplementedError for head dims > 256 or dtypes the kernels don't compute in; TypeError or
+    ValueError for lists that don't fit q and k (shapes and options are checked by the entry point,
+    ``attnjax.sparse.block_sparse_attention``)."""
+    refuse_unserved("block-sparse", q, v)
     if not isinstance(blocks, BlockSparse):
         raise TypeError(f"blocks must be an attnjax.sparse.BlockSparse, got {type(blocks).__name__}")
     B, T, Hq, _ = q.shape
@@ -136,7 +139,7 @@ def static_config(q, k, v, blocks: BlockSparse, mask, *, scale, logits_soft_cap,
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D_pad,
         Dv_pad=Dv_pad, block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        weight_fn=flash_common.SOFTMAX, mask_plan=plan, bias_kind=None, interpret=bool(interpret),
+        weight_fn=SOFTMAX, mask_plan=plan, bias_kind=None, interpret=bool(interpret),
         structural=structural, **compiler)
     return st, data
 
@@ -158,11 +161,11 @@ def transposed_lists(indices, counts, st: FlashStatic):
     return xp.asarray(t.indices).astype(xp.int32), xp.asarray(t.counts).astype(xp.int32)
 
 
-def tile_codes(mask: Optional[_masks.Mask], T: int, S: int, block_q: int, block_kv: int) -> jax.Array:
+def tile_codes(mask: Optional[masks.Mask], T: int, S: int, block_q: int, block_kv: int) -> jax.Array:
     """int32 ``[nq, nk]``: EMPTY/PARTIAL/FULL of the fine mask per tile (reduced over batch and
     heads; a ragged last key tile is at most PARTIAL), from ``attnjax.masks.block_schedule``."""
     with jax.ensure_compile_time_eval():
-        codes, _, _ = _masks.block_schedule(mask, T, S, block_q, block_kv)
+        codes, _, _ = masks.block_schedule(mask, T, S, block_q, block_kv)
     return codes
 
 

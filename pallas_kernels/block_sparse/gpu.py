@@ -10,7 +10,7 @@ Math (FlashAttention-2, Dao 2023, restricted to the listed tiles): for query blo
 normalizer ``l`` in float32; ``lse_i = m_i + log l_i`` (``-inf`` and ``out = 0`` on rows that
 see nothing).
 
-Kernels (the flash kernels' tile helpers, ``pallas_kernels.flash.gpu``, on list-driven loops):
+Kernels (the flash-family tile helpers of ``pallas_kernels.common.gpu_flash`` on list-driven loops):
   * forward: grid ``(nq, B, Hq)``. The lists are index-array inputs read as scalars; the count
     bounds a ``fori_loop`` whose step ``t`` loads key/value tile ``indices[b, h, i, t]`` of KV
     head ``h // (Hq/Hkv)`` with a dynamic slice. Listed tiles that the fine mask leaves EMPTY are
@@ -38,11 +38,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from attnjax.blocked.lists import BlockSparse
+from attnjax.blocked.weights import backward_offsets, backward_stat
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import SparseStatic
-from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.gpu import (MAX_BLOCK, _allowed, _dot, _extras, _full_spec, _Loader, _recompute, _scores,
-                                      _switch, compiler_params)
+from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
+from pallas_kernels.common.gpu_flash import Loader, allowed, extras, recompute, scores
+from pallas_kernels.common.statics import next_power_of_2
 
 
 def block_sparse_attention_gpu(
@@ -58,19 +59,19 @@ def block_sparse_attention_gpu(
         are the lists' ``block_q × block_kv``.
       mask: optional fine mask inside the listed tiles (see ``common.split_fine_mask``).
       scale, logits_soft_cap, return_lse: as ``attnjax.sparse.block_sparse_attention_reference``.
-      num_warps, num_stages: Triton overrides (default: ``pallas_kernels.flash.gpu.compiler_params``).
+      num_warps, num_stages: Triton overrides (default: ``pallas_kernels.common.gpu.compiler_params``).
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, or ``(out, lse [B, T, Hq] float32)``; differentiable in
       q, k, v (and through lse).
     """
-    common.validate(q, k, v, blocks, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    common.validate(q, k, v, blocks)
     bq, bk = blocks.block_q, blocks.block_kv
     if not interpret and any(b & (b - 1) or not 16 <= b <= MAX_BLOCK for b in (bq, bk)):
         raise NotImplementedError(f"the Triton block-sparse kernel needs block sizes that are powers of two in "
                                   f"[16, {MAX_BLOCK}], got block_q={bq}, block_kv={bk}; use implementation='xla'")
     B, T, Hq, D = q.shape
     S, Dv = k.shape[1], v.shape[3]
-    D_pad, Dv_pad = (max(16, flash_common.next_power_of_2(d)) for d in (D, Dv))
+    D_pad, Dv_pad = (max(16, next_power_of_2(d)) for d in (D, Dv))
     st, mask_data = common.static_config(q, k, v, blocks, mask, scale=scale, logits_soft_cap=logits_soft_cap,
                                          D_pad=D_pad, Dv_pad=Dv_pad, interpret=interpret, num_warps=num_warps,
                                          num_stages=num_stages)
@@ -97,7 +98,7 @@ def _owner(list_ref, b, h):
 
 def _tile_allowed(st: SparseStatic, loader, i, j, g, rows, cols):
     """Flash's mask plan and "key < S", AND the structural fine mask."""
-    ok = _allowed(st, loader, i, j, g, rows, cols)
+    ok = allowed(st, loader, i, j, g, rows, cols)
     extra = common.structural_tile(st, i, j)
     return ok if extra is None else ok & extra
 
@@ -106,7 +107,7 @@ def _walk(count, index_of, code_of, visit, carry):
     """``carry`` through the listed tiles: EMPTY codes skipped, FULL ones without the element mask."""
     def body(t, c):
         n = index_of(t)
-        return _switch(code_of(n), c, lambda c_: visit(n, c_, True), lambda c_: visit(n, c_, False))
+        return switch_on_code(code_of(n), c, lambda c_: visit(n, c_, True), lambda c_: visit(n, c_, False))
     return lax.fori_loop(0, count, body, carry)
 
 
@@ -119,7 +120,7 @@ def _fwd_kernel(idx_ref, cnt_ref, codes_ref, q_ref, k_ref, v_ref, *rest, st: Spa
     *extra_refs, o_ref, lse_ref = rest
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lb, lh = _owner(idx_ref, b, h)
-    loader = _Loader(st, extra_refs, "q")
+    loader = Loader(st, extra_refs, "q")
     bq, bk = st.block_q, st.block_kv
     q = q_ref[...]
 
@@ -127,14 +128,14 @@ def _fwd_kernel(idx_ref, cnt_ref, codes_ref, q_ref, k_ref, v_ref, *rest, st: Spa
         m, l, acc = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
+        s, rows, cols = scores(st, q, k, loader, h, i, j, None)
         if apply_mask:
             s = jnp.where(_tile_allowed(st, loader, i, j, None, rows, cols), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen no key yet
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])  # exactly 0 where masked
-        pv = _dot(p.astype(v.dtype), v, contract_a=1, contract_b=0)
+        pv = dot(p.astype(v.dtype), v, contract_a=1, contract_b=0)
         return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
 
     init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
@@ -151,7 +152,7 @@ def _dq_kernel(idx_ref, cnt_ref, codes_ref, q_ref, do_ref, mb_ref, nb_ref, dterm
     *extra_refs, dq_ref = rest
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     lb, lh = _owner(idx_ref, b, h)
-    loader = _Loader(st, extra_refs, "q")
+    loader = Loader(st, extra_refs, "q")
     bk = st.block_kv
     q, do = q_ref[...], do_ref[...]
     mb, nb, dterm = mb_ref[...], nb_ref[...], dterm_ref[...]
@@ -159,10 +160,10 @@ def _dq_kernel(idx_ref, cnt_ref, codes_ref, q_ref, do_ref, mb_ref, nb_ref, dterm
     def visit(j, dq, apply_mask):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
+        s, rows, cols = scores(st, q, k, loader, h, i, j, None)
         ok = _tile_allowed(st, loader, i, j, None, rows, cols) if apply_mask else None
-        _, ds = _recompute(st, s, mb, nb, dterm, _dot(do, v), ok)
-        return dq + _dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
+        _, ds = recompute(st, s, mb, nb, dterm, dot(do, v), ok)
+        return dq + dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
 
     dq = _walk(cnt_ref[lb, lh, i], lambda t: idx_ref[lb, lh, i, t], lambda j: codes_ref[i, j], visit,
                jnp.zeros((st.block_q, st.D_pad), jnp.float32))
@@ -174,7 +175,7 @@ def _dkdv_kernel(idx_ref, cnt_ref, codes_ref, q_ref, do_ref, mb_ref, nb_ref, dte
     *extra_refs, dk_ref, dv_ref = rest
     j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     G, bq = st.group, st.block_q
-    loader = _Loader(st, extra_refs, "kv")
+    loader = Loader(st, extra_refs, "kv")
     k, v = k_ref[...], v_ref[...]
 
     def head(g, carry):
@@ -185,11 +186,11 @@ def _dkdv_kernel(idx_ref, cnt_ref, codes_ref, q_ref, do_ref, mb_ref, nb_ref, dte
             dk, dv = c
             rows_ = pl.ds(i * bq, bq)
             q, do = q_ref[g, rows_, :], do_ref[g, rows_, :]
-            s, rows, cols = _scores(st, q, k, loader, h, i, j, g)
+            s, rows, cols = scores(st, q, k, loader, h, i, j, g)
             ok = _tile_allowed(st, loader, i, j, g, rows, cols) if apply_mask else None
-            p, ds = _recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], _dot(do, v), ok)
-            dv = dv + _dot(p.astype(do.dtype), do, contract_a=0, contract_b=0)
-            dk = dk + _dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
+            p, ds = recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], dot(do, v), ok)
+            dv = dv + dot(p.astype(do.dtype), do, contract_a=0, contract_b=0)
+            dk = dk + dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
             return dk, dv
 
         return _walk(cnt_ref[lb, lh, j], lambda t: idx_ref[lb, lh, j, t], lambda i: codes_ref[i, j], visit, carry)
@@ -213,9 +214,9 @@ def _forward(qt, kt, vt, lists, mask_data, codes, st: SparseStatic):
     B, Hq = qt.shape[:2]
     G, bq = st.group, st.block_q
     idx, cnt = lists
-    ex = _extras(st, None, None, mask_data, "q")
+    ex = extras(st, None, None, mask_data, "q")
     in_specs = [
-        _full_spec(idx), _full_spec(cnt), _full_spec(codes),
+        full_spec(idx), full_spec(cnt), full_spec(codes),
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
@@ -239,16 +240,16 @@ def _backward(st: SparseStatic, residuals, cotangents):
     delta = jnp.einsum("bhtd,bhtd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dterm = delta - d_lse.astype(jnp.float32)
     # Empty rows and padded query rows: a +inf offset makes their recomputed P exactly 0.
-    mb, nb = flash_common.backward_offsets(st.weight_fn, flash_common.backward_stat(st.weight_fn, lse))
+    mb, nb = backward_offsets(st.weight_fn, backward_stat(st.weight_fn, lse))
     mb = jnp.where(jnp.arange(st.T_pad) < st.T, mb, jnp.inf)
     if lists_t is None:
         lists_t = common.transposed_lists(*lists, st)
 
     # dK, dV: grid over key tiles and KV heads; the group's query heads come as one block.
-    ex = _extras(st, None, None, mask_data, "kv")
+    ex = extras(st, None, None, mask_data, "kv")
     row_spec = pl.BlockSpec((None, G, st.T_pad), lambda j, b, hk: (b, hk, 0))
     in_specs = [
-        _full_spec(lists_t[0]), _full_spec(lists_t[1]), _full_spec(codes),
+        full_spec(lists_t[0]), full_spec(lists_t[1]), full_spec(codes),
         pl.BlockSpec((None, G, st.T_pad, st.D_pad), lambda j, b, hk: (b, hk, 0, 0)),
         pl.BlockSpec((None, G, st.T_pad, st.Dv_pad), lambda j, b, hk: (b, hk, 0, 0)),
         row_spec, row_spec, row_spec,
@@ -264,10 +265,10 @@ def _backward(st: SparseStatic, residuals, cotangents):
     )(*lists_t, codes, qt, d_out, mb, nb, dterm, kt, vt, *ex.arrays)
 
     # dQ: the forward's grid and lists.
-    ex = _extras(st, None, None, mask_data, "q")
+    ex = extras(st, None, None, mask_data, "q")
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [
-        _full_spec(lists[0]), _full_spec(lists[1]), _full_spec(codes),
+        full_spec(lists[0]), full_spec(lists[1]), full_spec(codes),
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
         row_spec, row_spec, row_spec,

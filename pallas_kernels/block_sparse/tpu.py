@@ -2,8 +2,9 @@
 
 Reference: ``attnjax.sparse.block_sparse_attention_reference``; tested in TPU interpret mode in
 ``tests/kernels/test_block_sparse.py``. The tile math (logits, soft cap, mask plans, the FA-2
-backward recomputation ``_dlogits``) and the call plumbing are the flash TPU kernel's
-(``pallas_kernels.flash.tpu``); only the schedule differs: block lists instead of spans.
+backward recomputation ``dlogits``; ``pallas_kernels.common.tpu_flash``) and the call plumbing
+(``pallas_kernels.common.tpu``) are the flash TPU kernel's; only the schedule differs: block lists
+instead of spans.
 
 Math (FlashAttention-2, Dao 2023, restricted to listed tiles): ``s = cap·tanh(scale·q·kᵀ/cap)``
 on tile ``(i, j)`` for ``j`` in the list of query block ``i``, masked by the fine mask and
@@ -44,11 +45,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL
 from attnjax.blocked.lists import BlockSparse
+from attnjax.blocked.weights import backward_stat
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import SparseStatic
-from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.tpu import (LANES, SUBLANES, _allowed, _call, _data_specs, _dlogits, _heads_major,
-                                      _logits, _row_stat, _rows, _split_refs, _tiled, _tpu_layout)
+from pallas_kernels.common.tpu import (LANES, SUBLANES, call, data_specs, heads_major, mask_layout, row_stat,
+                                       stat_column, tiled_spec)
+from pallas_kernels.common.tpu_flash import allowed, dlogits, logits, split_refs
 
 
 def block_sparse_attention_tpu(
@@ -61,7 +63,7 @@ def block_sparse_attention_tpu(
     the TPU interpreter (on CPU, for tests).
     Returns: ``out [B, T, Hq, Dv]`` in q's dtype, or ``(out, lse [B, T, Hq] float32)``.
     """
-    common.validate(q, k, v, blocks, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    common.validate(q, k, v, blocks)
     bq, bk = blocks.block_q, blocks.block_kv
     if bq % SUBLANES or bk % SUBLANES:
         raise NotImplementedError(f"the TPU block-sparse kernel needs block sizes that are multiples of {SUBLANES}, "
@@ -72,7 +74,7 @@ def block_sparse_attention_tpu(
     codes = jnp.asarray(common.tile_codes(mask, T, S, bq, bk)).reshape(-1)
     lists = common.device_lists(blocks)
     lists_t = common.transposed_lists(*lists, st) if blocks.is_static else None
-    out, lse = _attention(q, k, v, lists, lists_t, _tpu_layout(mask_data, st), codes, st)
+    out, lse = _attention(q, k, v, lists, lists_t, mask_layout(mask_data, st), codes, st)
     return (out, lse) if return_lse else out
 
 
@@ -118,7 +120,7 @@ def _when_listed(count, t, code, compute):
 
 def _tile_allowed(data_refs, iq, jk, st: SparseStatic):
     """Flash's mask plan and "key < S" on tile ``(iq, jk)``, AND the structural fine mask."""
-    ok = _allowed(data_refs, iq, jk, st)
+    ok = allowed(data_refs, iq, jk, st)
     extra = common.structural_tile(st, iq, jk)
     return ok if extra is None else ok & extra
 
@@ -127,7 +129,7 @@ def _tile_allowed(data_refs, iq, jk, st: SparseStatic):
 
 
 def _fwd_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, *refs, st: SparseStatic, shape):
-    data_refs, _, _, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, st, sinks=False)
+    data_refs, _, _, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, st, sinks=False)
     b, h, i, t = (pl.program_id(a) for a in range(4))
     row = _row(shape, b, h, i)
     jk = idx[row * shape[3] + t]
@@ -139,10 +141,10 @@ def _fwd_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, *refs, st: SparseStatic, s
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def compute(masked):
-        s = _logits(q_ref[...], k_ref[...], i, jk, h, None, st)
+        s = logits(q_ref[...], k_ref[...], i, jk, h, None, st)
         if masked:
             s = jnp.where(_tile_allowed(data_refs, i, jk, st), s, -jnp.inf)
-        m_prev, l_prev = _rows(m_sc), _rows(l_sc)
+        m_prev, l_prev = stat_column(m_sc), stat_column(l_sc)
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen no key yet
         alpha = jnp.exp(m_prev - m_use)
@@ -156,7 +158,7 @@ def _fwd_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, *refs, st: SparseStatic, s
 
     @pl.when(t == shape[3] - 1)
     def _finish():
-        m, l = _rows(m_sc), _rows(l_sc)
+        m, l = stat_column(m_sc), stat_column(l_sc)
         seen = l > 0
         safe_l = jnp.where(seen, l, 1.0)
         o_ref[...] = jnp.where(seen, acc_sc[...] / safe_l, 0.0).astype(o_ref.dtype)
@@ -164,9 +166,9 @@ def _fwd_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, *refs, st: SparseStatic, s
 
 
 def _tile_grads(st: SparseStatic, q, k, v, do, stat_ref, dterm_ref, iq, jk, h, data_refs, masked):
-    """``P`` and ``scale·dS`` of tile ``(iq, jk)`` (flash's ``_dlogits``, which applies the mask
-    plan on PARTIAL tiles), zeroed where the structural fine mask forbids."""
-    p, ds = _dlogits(q, k, v, do, stat_ref, dterm_ref, iq, jk, h, data_refs, None, st, masked)
+    """``P`` and ``scale·dS`` of tile ``(iq, jk)`` (``dlogits``, which applies the mask plan on
+    PARTIAL tiles), zeroed where the structural fine mask forbids."""
+    p, ds = dlogits(q, k, v, do, stat_ref, dterm_ref, iq, jk, h, data_refs, None, st, masked)
     extra = common.structural_tile(st, iq, jk) if masked else None
     if extra is not None:
         p, ds = jnp.where(extra, p, 0.0), jnp.where(extra, ds, 0.0)
@@ -174,7 +176,7 @@ def _tile_grads(st: SparseStatic, q, k, v, do, stat_ref, dterm_ref, iq, jk, h, d
 
 
 def _dq_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: SparseStatic, shape):
-    data_refs, _, _, (dq_ref, dq_sc) = _split_refs(refs, st, sinks=False)
+    data_refs, _, _, (dq_ref, dq_sc) = split_refs(refs, st, sinks=False)
     b, h, i, t = (pl.program_id(a) for a in range(4))
     row = _row(shape, b, h, i)
     jk = idx[row * shape[3] + t]
@@ -198,7 +200,7 @@ def _dq_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
 
 def _dkdv_kernel(idx, cnt, codes, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: SparseStatic,
                  shape):
-    data_refs, _, _, (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(refs, st, sinks=False)
+    data_refs, _, _, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, st, sinks=False)
     b, hk, jk, g, t = (pl.program_id(a) for a in range(5))
     h = hk * st.group + g
     row = _row(shape, b, h, jk)
@@ -240,17 +242,17 @@ def _forward(q, k, v, lists, mask_data, codes, st: SparseStatic):
     B, bq, bk = q.shape[0], st.block_q, st.block_kv
     shape = tuple(lists[0].shape)
     q_tile, kv_tile = _by_q(st.group, shape)
-    out, lse = _call(
+    out, lse = call(
         functools.partial(_fwd_kernel, st=st, shape=shape), (B, st.num_q_heads, st.num_q_tiles, shape[3]),
-        in_specs=[_tiled(bq, st.D, q_tile), _tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile),
-                  *_data_specs(mask_data, q_tile, kv_tile, st)],
-        out_specs=[_tiled(bq, st.Dv, q_tile), _tiled(bq, LANES, q_tile)],
+        in_specs=[tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
+                  *data_specs(mask_data, q_tile, kv_tile, st)],
+        out_specs=[tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile)],
         out_shape=[jax.ShapeDtypeStruct((B, st.num_q_heads, st.T_pad, st.Dv), q.dtype),
                    jax.ShapeDtypeStruct((B, st.num_q_heads, st.T_pad, LANES), jnp.float32)],
         scratch=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                  pltpu.VMEM((bq, st.Dv), jnp.float32)],
         st=st, name="attnjax_block_sparse_tpu_fwd",
-    )(*_flat(lists), codes, _heads_major(q, st.T_pad), _heads_major(k, st.S_pad), _heads_major(v, st.S_pad),
+    )(*_flat(lists), codes, heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
       *[x for arrays in mask_data for x in arrays])
     return out[:, :, :st.T].transpose(0, 2, 1, 3), lse[:, :, :st.T, 0].transpose(0, 2, 1)
 
@@ -269,30 +271,30 @@ def _attention_bwd(st: SparseStatic, residuals, cotangents):
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dterm = delta - d_lse.astype(jnp.float32)
     # Padded query rows and empty rows: a +inf statistic makes their recomputed weights exactly 0.
-    stat = _row_stat(flash_common.backward_stat(st.weight_fn, lse), st, jnp.inf)
-    operands = (_heads_major(q, st.T_pad), _heads_major(k, st.S_pad), _heads_major(v, st.S_pad),
-                _heads_major(d_out.astype(q.dtype), st.T_pad), stat, _row_stat(dterm, st, 0.0),
+    stat = row_stat(backward_stat(st.weight_fn, lse), st, jnp.inf)
+    operands = (heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
+                heads_major(d_out.astype(q.dtype), st.T_pad), stat, row_stat(dterm, st, 0.0),
                 *[x for arrays in mask_data for x in arrays])
 
     def in_specs(q_tile, kv_tile):
-        return [_tiled(bq, st.D, q_tile), _tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile),
-                _tiled(bq, st.Dv, q_tile), _tiled(bq, LANES, q_tile), _tiled(bq, LANES, q_tile),
-                *_data_specs(mask_data, q_tile, kv_tile, st)]
+        return [tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
+                tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile), tiled_spec(bq, LANES, q_tile),
+                *data_specs(mask_data, q_tile, kv_tile, st)]
 
     shape = tuple(lists[0].shape)
     q_tile, kv_tile = _by_q(st.group, shape)
-    dq = _call(
+    dq = call(
         functools.partial(_dq_kernel, st=st, shape=shape), (B, st.num_q_heads, st.num_q_tiles, shape[3]),
-        in_specs(q_tile, kv_tile), _tiled(bq, st.D, q_tile), jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
+        in_specs(q_tile, kv_tile), tiled_spec(bq, st.D, q_tile), jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
         [pltpu.VMEM((bq, st.D), jnp.float32)], st, "attnjax_block_sparse_tpu_dq",
     )(*_flat(lists), codes, *operands)
 
     shape_t = tuple(lists_t[0].shape)
     q_tile, kv_tile = _by_kv(st.group, shape_t)
-    dk, dv = _call(
+    dk, dv = call(
         functools.partial(_dkdv_kernel, st=st, shape=shape_t),
         (B, st.num_kv_heads, st.num_kv_tiles, st.group, shape_t[3]), in_specs(q_tile, kv_tile),
-        [_tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile)],
+        [tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile)],
         [jax.ShapeDtypeStruct(operands[1].shape, k.dtype), jax.ShapeDtypeStruct(operands[2].shape, v.dtype)],
         [pltpu.VMEM((bk, st.D), jnp.float32), pltpu.VMEM((bk, st.Dv), jnp.float32)], st,
         "attnjax_block_sparse_tpu_dkdv",

@@ -3,7 +3,8 @@
 - ``ops.flash_attention_pallas``: the dispatch (GPU Triton kernel, TPU Mosaic kernel, CPU interpret).
 - ``gpu``: the Triton-lowering kernels; ``tpu``: the Mosaic kernels.
 - ``common``: backend-independent pieces (the weight-function extension point re-exported from
-  ``attnjax.blocked.weights``, in-kernel mask plans, block schedule, static config, validation).
+  ``attnjax.blocked.weights``, the block schedule, the refusals). Mask plans, the static config
+  and the flash-family tile math, shared with block-sparse, are in ``pallas_kernels.common``.
 
 Reference in attnjax: ``attnjax.softmax.softmax_attention_reference``.
 """

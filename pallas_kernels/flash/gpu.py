@@ -31,13 +31,15 @@ NotImplementedError. An array bias gets its gradient (the dQ kernel writes a flo
 ``[B, Hq, T, S]`` logit gradient, reduced over broadcast axes in XLA; O(T·S) memory, like the
 bias itself). ALiBi slopes are constants (no gradient, as in the xla path).
 
+The tile pieces (optional inputs and their loader, logits, allowed pairs, the backward's
+recomputation) are ``pallas_kernels.common.gpu_flash``, shared with the block-sparse kernel.
+
 Tested (CPU, interpret mode) against ``attnjax.softmax.softmax_attention_reference`` in
 ``tests/kernels/test_flash_gpu.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -46,41 +48,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnjax.masks import EMPTY, FULL
 from attnjax.tiling import num_tiles
+from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
+from pallas_kernels.common.gpu_flash import Loader, allowed, extras, recompute, scores
+from pallas_kernels.common.mask_plans import plan_mask
+from pallas_kernels.common.statics import FlashStatic, next_power_of_2, pick_block
 from pallas_kernels.flash import common
-from pallas_kernels.flash.common import FlashStatic, WeightFunction
+from pallas_kernels.flash.common import WeightFunction
 
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_KV = 64
-MAX_BLOCK = 128
-"""Larger tiles don't fit a GPU SM's registers/shared memory; bigger requests (e.g. the 512 x 512
-tiles of ``attnjax.softmax.Softmax``, tuned for the xla path) are clipped to this."""
-
-
-def compiler_params(D_pad: int, Dv_pad: int, block_q: int, block_kv: int, num_warps=None, num_stages=None):
-    """Triton ``CompilerParams``: 4 warps for small tiles/head dims, 8 for large; fewer pipeline
-    stages for wide heads (shared memory per stage grows with the head dim)."""
-    from jax.experimental.pallas import triton as plgpu
-    width = max(D_pad, Dv_pad)
-    if num_warps is None:
-        num_warps = 4 if (width <= 64 or block_q * block_kv <= 64 * 64) else 8
-    if num_stages is None:
-        num_stages = 3 if width <= 128 else 2
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _pow2_floor(block: int, name: str) -> int:
     if not isinstance(block, int) or block <= 0:
         raise ValueError(f"{name} must be a positive int, got {block!r}")
     return 1 << (block.bit_length() - 1)
-
-
-def _dot(a, b, *, contract_a: int = 1, contract_b: int = 1):
-    """2-D matmul with float32 accumulation; contracting axes picked so no explicit transpose."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                           preferred_element_type=jnp.float32, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,21 +81,22 @@ def flash_attention_gpu(
     """Flash attention with the Pallas Triton lowering (``interpret=True`` runs it on CPU).
 
     Args: as ``attnjax.softmax.softmax_attention_reference``; ``block_q``/``block_kv`` are powers
-    of two (others are rounded down to one), clipped to ``MAX_BLOCK`` and for short sequences (min 16); ``weight_fn`` is the score-to-weight function
+    of two (others are rounded down to one), clipped to ``pallas_kernels.common.gpu.MAX_BLOCK`` and
+    for short sequences (min 16); ``weight_fn`` is the score-to-weight function
     (``common.SOFTMAX`` by default; ``common.SigmoidWeight`` gives sigmoid attention and
     ``common.SoftplusWeight`` softplus attention).
     Returns ``out`` or ``(out, lse)``.
     Raises NotImplementedError for dropout, unsupported mask kinds or bias types, head dims > 256.
     """
-    common.validate(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                    dropout_rate=dropout_rate, rng=rng, weight_fn=weight_fn, return_lse=return_lse)
+    common.validate(q, v, bias=bias, sinks=sinks, dropout_rate=dropout_rate, weight_fn=weight_fn,
+                    return_lse=return_lse)
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bq = common.pick_block(_pow2_floor(min(block_q, MAX_BLOCK), "block_q"), T)
-    bk = common.pick_block(_pow2_floor(min(block_kv, MAX_BLOCK), "block_kv"), S)
+    bq = pick_block(_pow2_floor(min(block_q, MAX_BLOCK), "block_q"), T)
+    bk = pick_block(_pow2_floor(min(block_kv, MAX_BLOCK), "block_kv"), S)
     T_pad, S_pad = num_tiles(T, bq) * bq, num_tiles(S, bk) * bk
-    D_pad, Dv_pad = max(16, common.next_power_of_2(D)), max(16, common.next_power_of_2(Dv))
-    plan, mask_data = common.plan_mask(mask, T, S, T_pad, S_pad)
+    D_pad, Dv_pad = max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
+    plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     bias_kind, bias_obj = common.classify_bias(bias)
     bias_arr = None
     if bias_kind == "alibi":
@@ -142,141 +126,6 @@ def flash_attention_gpu(
 
 
 # ----------------------------------------------------------------------------------------------
-# Block specs and in-kernel loading of the optional inputs.
-# ----------------------------------------------------------------------------------------------
-
-
-def _full_spec(x):
-    """The whole (small) array in every program: schedules, sinks, slopes."""
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-@dataclasses.dataclass
-class _Extras:
-    """Optional kernel inputs in a fixed order, with their specs for a given kernel kind."""
-
-    arrays: list
-    specs: list
-
-
-def _extras(st: FlashStatic, sinks, bias, mask_data, kind: str) -> _Extras:
-    """Specs for sinks, bias (slopes or array), and mask data.
-
-    kind "q": grid (i, b, h) with a query tile and all keys (forward, dQ);
-    kind "kv": grid (j, b, hk) with all queries of the group and one key tile (dK/dV).
-    """
-    arrays, specs = [], []
-    G, bq, bk, T_pad, S_pad = st.group, st.block_q, st.block_kv, st.T_pad, st.S_pad
-    if sinks is not None:
-        arrays.append(sinks)
-        specs.append(_full_spec(sinks))
-    if st.bias_kind == "alibi":
-        arrays.append(bias)
-        specs.append(_full_spec(bias))
-    elif st.bias_kind == "array":
-        arrays.append(bias)
-        specs.append(_bh_tile_spec(bias.shape, kind, G, bq, bk, T_pad, S_pad))
-    for d in mask_data:
-        if isinstance(d, common.SegmentData):
-            one = d.q.shape[0] == 1
-            if kind == "q":
-                specs.append(pl.BlockSpec((None, bq), lambda i, b, h, one=one: (0 if one else b, i)))
-                specs.append(pl.BlockSpec((None, S_pad), lambda i, b, h, one=one: (0 if one else b, 0)))
-            else:
-                specs.append(pl.BlockSpec((None, T_pad), lambda j, b, h, one=one: (0 if one else b, 0)))
-                specs.append(pl.BlockSpec((None, bk), lambda j, b, h, one=one: (0 if one else b, j)))
-            arrays += [d.q, d.kv]
-        else:
-            arrays.append(d.mask)
-            specs.append(_bh_tile_spec(d.mask.shape, kind, G, bq, bk, T_pad, S_pad))
-    return _Extras(arrays, specs)
-
-
-def _bh_tile_spec(shape, kind, G, bq, bk, T_pad, S_pad):
-    """Spec for a ``[Bx, Hx, T_pad, S_pad]`` array with ``Bx ∈ {1, B}``, ``Hx ∈ {1, Hq}``."""
-    b1, h1 = shape[0] == 1, shape[1] == 1
-    if kind == "q":
-        return pl.BlockSpec((None, None, bq, S_pad),
-                            lambda i, b, h: (0 if b1 else b, 0 if h1 else h, i, 0))
-    # kv kind: all query heads of the group (block of G heads) or the single broadcast head.
-    return pl.BlockSpec((None, None if h1 else G, T_pad, bk),
-                        lambda j, b, hk: (0 if b1 else b, 0 if h1 else hk, 0, j))
-
-
-class _Loader:
-    """In-kernel access to the optional inputs of one program.
-
-    ``h``: the query head (traced); for kind "kv", ``g`` picks the head inside the group block.
-    """
-
-    def __init__(self, st: FlashStatic, refs, kind: str):
-        self.st, self.kind = st, kind
-        refs = list(refs)
-        self.sinks = refs.pop(0) if st.has_sinks else None
-        self.bias = refs.pop(0) if st.bias_kind is not None else None
-        self.mask = {}
-        if st.mask_plan is not None:
-            for data_kind, slot in st.mask_plan.data_kinds():
-                if data_kind == "segments":
-                    self.mask[slot] = (refs.pop(0), refs.pop(0))
-                else:
-                    self.mask[slot] = refs.pop(0)
-        assert not refs
-
-    def _bh_tile(self, ref, i, j, g):
-        """Tile (i, j) of a [.., T_pad, S_pad] bias/mask ref in this program's block."""
-        bq, bk = self.st.block_q, self.st.block_kv
-        if self.kind == "q":
-            return ref[:, pl.ds(j * bk, bk)]
-        rows = pl.ds(i * bq, bq)
-        if len(ref.shape) == 3:
-            return ref[g, rows, :]
-        return ref[rows, :]
-
-    def bias_tile(self, h, i, j, g, rows, cols):
-        if self.st.bias_kind == "alibi":
-            return common.alibi_tile(self.bias[h], rows, cols, self.st.T, self.st.S)
-        return self._bh_tile(self.bias, i, j, g)
-
-    def mask_loader(self, i, j, g):
-        bq, bk = self.st.block_q, self.st.block_kv
-
-        def load(data_kind, slot):
-            if data_kind == "segments":
-                q_ref, kv_ref = self.mask[slot]
-                if self.kind == "q":
-                    qs, ks = q_ref[...], kv_ref[pl.ds(j * bk, bk)]
-                else:
-                    qs, ks = q_ref[pl.ds(i * bq, bq)], kv_ref[...]
-                return qs[:, None], ks[None, :]
-            return self._bh_tile(self.mask[slot], i, j, g)
-
-        return load
-
-
-def _scores(st: FlashStatic, q, k, loader: _Loader, h, i, j, g):
-    """Capped logits ``[bq, bk]`` float32 (before masking) and the tile's iotas."""
-    s = _dot(q, k) * st.scale
-    rows, cols = common.tile_iotas(i, j, st.block_q, st.block_kv)
-    if st.bias_kind is not None:
-        s = s + loader.bias_tile(h, i, j, g, rows, cols)
-    return common.apply_soft_cap(s, st.logits_soft_cap), rows, cols
-
-
-def _allowed(st: FlashStatic, loader: _Loader, i, j, g, rows, cols):
-    ok = cols < st.S
-    if st.mask_plan is not None:
-        ok = ok & common.eval_mask(st.mask_plan, rows, cols, st.T, st.S, loader.mask_loader(i, j, g))
-    return ok
-
-
-def _switch(code, carry, partial_fn, full_fn):
-    """EMPTY: carry unchanged; PARTIAL: with the element mask; FULL: without."""
-    return lax.cond(code == EMPTY, lambda c: c,
-                    lambda c: lax.cond(code == FULL, full_fn, partial_fn, c), carry)
-
-
-# ----------------------------------------------------------------------------------------------
 # Forward kernel.
 # ----------------------------------------------------------------------------------------------
 
@@ -285,7 +134,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
     *extra_refs, o_ref, lse_ref = rest
     fn = st.weight_fn
     i, h = pl.program_id(0), pl.program_id(2)
-    loader = _Loader(st, extra_refs, "q")
+    loader = Loader(st, extra_refs, "q")
     bq, bk = st.block_q, st.block_kv
     q = q_ref[...]
     if st.has_sinks:
@@ -301,9 +150,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
         m, l, acc = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
+        s, rows, cols = scores(st, q, k, loader, h, i, j, None)
         if apply_mask:
-            ok = _allowed(st, loader, i, j, None, rows, cols)
+            ok = allowed(st, loader, i, j, None, rows, cols)
             s = jnp.where(ok, s, -jnp.inf)
         u = fn.transform(s)
         if fn.running_max:
@@ -316,13 +165,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
             w = fn.weight(u, jnp.zeros((bq, 1), jnp.float32))
         if apply_mask:
             w = jnp.where(ok, w, 0.0)
-        pv = _dot(w.astype(v.dtype), v, contract_a=1, contract_b=0)
+        pv = dot(w.astype(v.dtype), v, contract_a=1, contract_b=0)
         if alpha is None:
             return m_new, l + jnp.sum(w, axis=1), acc + pv
         return m_new, alpha * l + jnp.sum(w, axis=1), alpha[:, None] * acc + pv
 
     def body(j, carry):
-        return _switch(codes_ref[i, j], carry, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
+        return switch_on_code(codes_ref[i, j], carry, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
 
     m, l, acc = lax.fori_loop(lo_ref[i], hi_ref[i], body, (m0, l0, acc0))
     if fn.normalized:
@@ -340,12 +189,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
 def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
     B, Hq = qt.shape[0], qt.shape[1]
     G, bq = st.group, st.block_q
-    ex = _extras(st, sinks, bias, mask_data, "q")
+    ex = extras(st, sinks, bias, mask_data, "q")
     in_specs = [
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
-        _full_spec(sched.lo), _full_spec(sched.hi), _full_spec(sched.codes),
+        full_spec(sched.lo), full_spec(sched.hi), full_spec(sched.codes),
     ] + ex.specs
     out_shape = [jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv_pad), qt.dtype),
                  jax.ShapeDtypeStruct((B, Hq, st.T_pad), jnp.float32)]
@@ -363,45 +212,30 @@ def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
 # ----------------------------------------------------------------------------------------------
 
 
-def _recompute(st: FlashStatic, s, mb, nb, dterm, dp, ok):
-    """``P`` and ``dS`` (w.r.t. the raw, pre-cap logits) of one tile from the saved statistic."""
-    fn = st.weight_fn
-    w = fn.weight(fn.transform(s), mb[:, None])
-    scale_n = jnp.exp(-nb)[:, None]
-    p = w * scale_n
-    dpds = fn.dweight(s, w) * scale_n
-    if ok is not None:
-        p = jnp.where(ok, p, 0.0)
-        dpds = jnp.where(ok, dpds, 0.0)
-    ds = dpds * (dp - dterm[:, None]) if fn.normalized else dpds * dp
-    if st.logits_soft_cap is not None:
-        ds = ds * common.soft_cap_grad(s, st.logits_soft_cap)
-    return p, ds
-
-
 def _dkdv_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, qlo_ref, qhi_ref, codes_ref, *rest,
                  st: FlashStatic):
     *extra_refs, dk_ref, dv_ref = rest
     j, hk = pl.program_id(0), pl.program_id(2)
     G, bq = st.group, st.block_q
-    loader = _Loader(st, extra_refs, "kv")
+    loader = Loader(st, extra_refs, "kv")
     k, v = k_ref[...], v_ref[...]
 
     def visit(g, i, carry, apply_mask):
         dk, dv = carry
         rows_ = pl.ds(i * bq, bq)
         q, do = q_ref[g, rows_, :], do_ref[g, rows_, :]
-        s, rows, cols = _scores(st, q, k, loader, hk * G + g, i, j, g)
-        ok = _allowed(st, loader, i, j, g, rows, cols) if apply_mask else None
-        dp = _dot(do, v)
-        p, ds = _recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], dp, ok)
-        dv = dv + _dot(p.astype(do.dtype), do, contract_a=0, contract_b=0)
-        dk = dk + _dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
+        s, rows, cols = scores(st, q, k, loader, hk * G + g, i, j, g)
+        ok = allowed(st, loader, i, j, g, rows, cols) if apply_mask else None
+        dp = dot(do, v)
+        p, ds = recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], dp, ok)
+        dv = dv + dot(p.astype(do.dtype), do, contract_a=0, contract_b=0)
+        dk = dk + dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
         return dk, dv
 
     def head(g, carry):
         def body(i, c):
-            return _switch(codes_ref[i, j], c, lambda c_: visit(g, i, c_, True), lambda c_: visit(g, i, c_, False))
+            return switch_on_code(codes_ref[i, j], c, lambda c_: visit(g, i, c_, True),
+                                  lambda c_: visit(g, i, c_, False))
         return lax.fori_loop(qlo_ref[j], qhi_ref[j], body, carry)
 
     init = (jnp.zeros((st.block_kv, st.D_pad), jnp.float32), jnp.zeros((st.block_kv, st.Dv_pad), jnp.float32))
@@ -419,7 +253,7 @@ def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, h
         *extra_refs, dq_ref = rest
     i, h = pl.program_id(0), pl.program_id(2)
     bk = st.block_kv
-    loader = _Loader(st, extra_refs, "q")
+    loader = Loader(st, extra_refs, "q")
     q, do = q_ref[...], do_ref[...]
     mb, nb, dterm = mb_ref[...], nb_ref[...], dterm_ref[...]
 
@@ -432,16 +266,16 @@ def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, h
     def visit(j, dq, apply_mask):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        s, rows, cols = _scores(st, q, k, loader, h, i, j, None)
-        ok = _allowed(st, loader, i, j, None, rows, cols) if apply_mask else None
-        dp = _dot(do, v)
-        _, ds = _recompute(st, s, mb, nb, dterm, dp, ok)
+        s, rows, cols = scores(st, q, k, loader, h, i, j, None)
+        ok = allowed(st, loader, i, j, None, rows, cols) if apply_mask else None
+        dp = dot(do, v)
+        _, ds = recompute(st, s, mb, nb, dterm, dp, ok)
         if bias_grad:
             dbias_ref[:, pl.ds(j * bk, bk)] = ds
-        return dq + _dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
+        return dq + dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
 
     def body(j, dq):
-        return _switch(codes_ref[i, j], dq, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
+        return switch_on_code(codes_ref[i, j], dq, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
 
     dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros((st.block_q, st.D_pad), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -468,7 +302,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
     cparams = compiler_params(st.D_pad, st.Dv_pad, bq, bk, st.num_warps, st.num_stages)
 
     # dK, dV: grid over key tiles and kv heads; the group's query heads come as one block.
-    ex = _extras(st, sinks, bias, mask_data, "kv")
+    ex = extras(st, sinks, bias, mask_data, "kv")
     row_spec = pl.BlockSpec((None, G, st.T_pad), lambda j, b, hk: (b, hk, 0))
     in_specs = [
         pl.BlockSpec((None, G, st.T_pad, st.D_pad), lambda j, b, hk: (b, hk, 0, 0)),
@@ -476,7 +310,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
         row_spec, row_spec, row_spec,
         pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
         pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0)),
-        _full_spec(sched.q_lo), _full_spec(sched.q_hi), _full_spec(sched.codes),
+        full_spec(sched.q_lo), full_spec(sched.q_hi), full_spec(sched.codes),
     ] + ex.specs
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, Hkv), in_specs=in_specs,
@@ -487,7 +321,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
     )(qt, d_out, mb, nb, dterm, kt, vt, sched.q_lo, sched.q_hi, sched.codes, *ex.arrays)
 
     # dQ (and the array bias's logit gradient): grid over query tiles and query heads.
-    ex = _extras(st, sinks, bias, mask_data, "q")
+    ex = extras(st, sinks, bias, mask_data, "q")
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
@@ -495,7 +329,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
         row_spec, row_spec, row_spec,
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
-        _full_spec(sched.lo), _full_spec(sched.hi), _full_spec(sched.codes),
+        full_spec(sched.lo), full_spec(sched.hi), full_spec(sched.codes),
     ] + ex.specs
     out_specs = [pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0))]
     out_shape = [jax.ShapeDtypeStruct(qt.shape, qt.dtype)]
@@ -533,4 +367,4 @@ def _flash_fwd(qt, kt, vt, sinks, bias, mask_data, sched, st):
 _flash.defvjp(_flash_fwd, _backward)
 
 
-__all__ = ["flash_attention_gpu", "compiler_params", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]
+__all__ = ["flash_attention_gpu", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]

@@ -6,8 +6,10 @@ the mask is preprocessed into a block schedule that the kernels read by scalar p
 
 Reference: ``attnjax.softmax.softmax_attention_reference`` (same arguments and results; this is
 the TPU twin of ``attnjax.softmax.flash_attention_xla``). Tested in ``tests/kernels/test_flash_tpu.py``.
-Backend-independent pieces (mask plans, schedule, weight functions, checks) come from
-``pallas_kernels.flash.common``.
+Backend-independent pieces (schedule, weight functions, refusals) come from
+``pallas_kernels.flash.common``; the Mosaic plumbing (``pallas_kernels.common.tpu``) and the tile
+math (logits, allowed pairs, the backward's ``dlogits``; ``pallas_kernels.common.tpu_flash``) are
+shared with the block-sparse kernel.
 
 Forward: grid ``(B, Hq, nq, width)``, the last axis sequential ("arbitrary"). Step ``j`` of query
 tile ``i`` visits key tile ``lo[i] + j`` of the schedule; the running max ``m``, normalizer ``l``
@@ -44,16 +46,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL, Mask
-from attnjax.tiling import num_tiles
+from pallas_kernels.common.mask_plans import plan_mask
+from pallas_kernels.common.statics import FlashStatic
+from pallas_kernels.common.tpu import (LANES, call, data_specs, heads_major, mask_layout, row_stat, stat_column,
+                                       tiled_spec, tpu_tiles)
+from pallas_kernels.common.tpu_flash import allowed, dlogits, logits, split_refs
 from pallas_kernels.flash import common
-from pallas_kernels.flash.common import FlashStatic, SegmentData, WeightFunction
-
-LANES = 128
-"""Lane width of a TPU vreg: row statistics are stored broadcast over this many lanes."""
-SUBLANES = 8
-"""Sublane count of a TPU vreg (the float32 tile is (8, 128))."""
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+from pallas_kernels.flash.common import WeightFunction
 
 
 def flash_attention_tpu(
@@ -88,8 +87,8 @@ def flash_attention_tpu(
     Raises:
       NotImplementedError: dropout, an array bias, a mask kind the kernel can't evaluate.
     """
-    common.validate(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                    dropout_rate=dropout_rate, rng=rng, weight_fn=weight_fn, return_lse=return_lse)
+    common.validate(q, v, bias=bias, sinks=sinks, dropout_rate=dropout_rate, weight_fn=weight_fn,
+                    return_lse=return_lse)
     bias_kind, bias_obj = common.classify_bias(bias)
     if bias_kind == "array":
         raise NotImplementedError("flash_attention_tpu supports bias=None or positional.ALiBi, not an array "
@@ -97,7 +96,7 @@ def flash_attention_tpu(
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
-    plan, mask_data = common.plan_mask(mask, T, S, T_pad, S_pad)
+    plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     st = FlashStatic(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D, Dv_pad=Dv,
         block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
@@ -106,23 +105,8 @@ def flash_attention_tpu(
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     slopes = None if bias_obj is None else lax.stop_gradient(jnp.asarray(bias_obj.slopes, jnp.float32))
     schedules, widths = _plans(mask, st)
-    out, lse = _flash(q, k, v, sinks, slopes, _tpu_layout(mask_data, st), schedules, st, widths)
+    out, lse = _flash(q, k, v, sinks, slopes, mask_layout(mask_data, st), schedules, st, widths)
     return (out, lse) if return_lse else out
-
-
-def tpu_tiles(block_q: int, block_kv: int, T: int, S: int) -> tuple[int, int, int, int]:
-    """``(bq, bk, T_pad, S_pad)`` for the Mosaic kernels: the blocks (positive multiples of
-    ``SUBLANES``, ValueError otherwise) clipped to the lengths rounded up to ``SUBLANES``, and the
-    lengths padded to whole tiles."""
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(block, int) or block <= 0 or block % SUBLANES:
-            raise ValueError(f"{name} must be a positive multiple of {SUBLANES}, got {block!r}")
-    bq, bk = min(block_q, _round_up(T, SUBLANES)), min(block_kv, _round_up(S, SUBLANES))
-    return bq, bk, _round_up(T, bq), _round_up(S, bk)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return num_tiles(n, multiple) * multiple
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -161,44 +145,11 @@ def _when_tile(codes, lo, hi, row, step, col, num_cols, compute):
     pl.when(live & (code == PARTIAL))(lambda: compute(True))
 
 
-# ----------------------------------------------------------------------------- tile math
-
-
-def _logits(q, k, iq, jk, h, slopes_ref, st: FlashStatic):
-    """``cap·tanh((scale·q·kᵀ + alibi)/cap)`` of tile ``(iq, jk)``, float32 ``[bq, bk]``."""
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
-    if slopes_ref is not None:
-        rows, cols = common.tile_iotas(iq, jk, st.block_q, st.block_kv)
-        s = s + common.alibi_tile(slopes_ref[h], rows, cols, st.T, st.S)
-    return common.apply_soft_cap(s, st.logits_soft_cap)
-
-
-def _allowed(data_refs, iq, jk, st: FlashStatic):
-    """Boolean ``[bq, bk]``: the mask on tile ``(iq, jk)`` and "the key is not padding"."""
-    rows, cols = common.tile_iotas(iq, jk, st.block_q, st.block_kv)
-    in_range = cols < st.S
-    if st.mask_plan is None:
-        return in_range
-
-    def load(kind, slot):
-        if kind == "segments":  # lane-broadcast q ids, sublane-broadcast kv ids
-            q_ids, kv_ids = data_refs[slot]
-            return q_ids[:, :1], kv_ids[:1, :]
-        return data_refs[slot][0][...]
-
-    return common.eval_mask(st.mask_plan, rows, cols, st.T, st.S, load) & in_range
-
-
-def _rows(ref):
-    """A lane-broadcast ``[rows, 128]`` statistic as a ``[rows, 1]`` column."""
-    return ref[:, :1]
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
 def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, width):
-    data_refs, sinks_ref, slopes_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, st)
+    data_refs, sinks_ref, slopes_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, st)
     fn = st.weight_fn
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     jk = _visit(lo, hi, i, j)
@@ -215,12 +166,12 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def compute(masked):
-        s = _logits(q_ref[...], k_ref[...], i, jk, h, slopes_ref, st)
+        s = logits(q_ref[...], k_ref[...], i, jk, h, slopes_ref, st)
         if masked:
-            ok = _allowed(data_refs, i, jk, st)
+            ok = allowed(data_refs, i, jk, st)
             s = jnp.where(ok, s, -jnp.inf)
         u = fn.transform(s)
-        m_prev, l_prev = _rows(m_sc), _rows(l_sc)
+        m_prev, l_prev = stat_column(m_sc), stat_column(l_sc)
         m_new, m_use, alpha = m_prev, m_prev, 1.0
         if fn.running_max:
             m_new = jnp.maximum(m_prev, u.max(axis=1, keepdims=True))
@@ -244,7 +195,7 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
             o_ref[...] = acc.astype(o_ref.dtype)
             lse_ref[...] = jnp.zeros(lse_ref.shape, jnp.float32)
             return
-        m, l = _rows(m_sc), _rows(l_sc)
+        m, l = stat_column(m_sc), stat_column(l_sc)
         seen = l > 0
         safe_l = jnp.where(seen, l, 1.0)
         stat = jnp.log(safe_l) + (m if fn.running_max else 0.0)
@@ -252,32 +203,8 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
         lse_ref[...] = jnp.broadcast_to(jnp.where(seen, stat, -jnp.inf), lse_ref.shape)
 
 
-def _dlogits(q, k, v, do, stat_ref, dterm_ref, iq, jk, h, data_refs, slopes_ref, st: FlashStatic, masked):
-    """Recompute the weights ``P`` of tile ``(iq, jk)`` and ``dS``, the gradient w.r.t. ``q·kᵀ``.
-
-    ``stat_ref`` holds the backward-safe row statistic (``common.backward_stat``) and
-    ``dterm_ref`` holds ``δ - dlse``; see ``common.WeightFunction`` for the general formulas.
-    """
-    fn = st.weight_fn
-    s = _logits(q, k, iq, jk, h, slopes_ref, st)
-    m_b, n_b = common.backward_offsets(fn, _rows(stat_ref))
-    w = fn.weight(fn.transform(s), m_b)
-    p, dpds = w, fn.dweight(s, w)
-    if fn.normalized and not fn.running_max:  # weights normalized by exp(n_b), not by a max
-        inv_norm = jnp.exp(-n_b)
-        p, dpds = p * inv_norm, dpds * inv_norm
-    if masked:
-        ok = _allowed(data_refs, iq, jk, st)
-        p, dpds = jnp.where(ok, p, 0.0), jnp.where(ok, dpds, 0.0)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-    if fn.normalized:
-        dp = dp - _rows(dterm_ref)
-    ds = dpds * dp * common.soft_cap_grad(s, st.logits_soft_cap)
-    return p, ds * st.scale
-
-
 def _dq_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: FlashStatic, width):
-    data_refs, _, slopes_ref, (dq_ref, dq_sc) = _split_refs(refs, st, sinks=False)
+    data_refs, _, slopes_ref, (dq_ref, dq_sc) = split_refs(refs, st, sinks=False)
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     jk = _visit(lo, hi, i, j)
 
@@ -287,7 +214,7 @@ def _dq_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, 
 
     def compute(masked):
         k = k_ref[...]
-        _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], stat_ref, dterm_ref, i, jk, h, data_refs,
+        _, ds = dlogits(q_ref[...], k, v_ref[...], do_ref[...], stat_ref, dterm_ref, i, jk, h, data_refs,
                          slopes_ref, st, masked)
         dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
@@ -300,7 +227,7 @@ def _dq_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, 
 
 def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: FlashStatic,
                  width):
-    data_refs, _, slopes_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(refs, st, sinks=False)
+    data_refs, _, slopes_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, st, sinks=False)
     hk, jk, g, t = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     iq = _visit(lo, hi, jk, t)
     h = hk * st.group + g
@@ -312,7 +239,7 @@ def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
 
     def compute(masked):
         q, do = q_ref[...], do_ref[...]
-        p, ds = _dlogits(q, k_ref[...], v_ref[...], do, stat_ref, dterm_ref, iq, jk, h, data_refs, slopes_ref,
+        p, ds = dlogits(q, k_ref[...], v_ref[...], do, stat_ref, dterm_ref, iq, jk, h, data_refs, slopes_ref,
                          st, masked)
         dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
@@ -325,61 +252,7 @@ def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _split_refs(refs, st: FlashStatic, sinks: bool = True):
-    """``(mask data refs per slot, sinks ref, slopes ref, rest)`` from the refs after the fixed
-    operands; absent optional inputs give ``None``."""
-    refs = list(refs)
-    data_refs = []
-    for kind, _ in () if st.mask_plan is None else st.mask_plan.data_kinds():
-        n = 2 if kind == "segments" else 1
-        data_refs.append(refs[:n])
-        del refs[:n]
-    sinks_ref = refs.pop(0) if sinks and st.has_sinks else None
-    slopes_ref = refs.pop(0) if st.bias_kind == "alibi" else None
-    return data_refs, sinks_ref, slopes_ref, refs
-
-
 # ----------------------------------------------------------------------------- pallas calls
-
-
-def _tpu_layout(mask_data, st: FlashStatic) -> list:
-    """Mask data in TPU-shaped blocks: segment ids as q ``[Bs, T_pad, 128]`` (lane-broadcast)
-    and kv ``[Bs, 8, S_pad]`` (sublane-broadcast); Explicit masks as int8 ``[Bm, Hm, T_pad, S_pad]``."""
-    arrays = []
-    for item in mask_data:
-        if isinstance(item, SegmentData):
-            arrays.append((jnp.broadcast_to(item.q[:, :, None], item.q.shape + (LANES,)),
-                           jnp.broadcast_to(item.kv[:, None, :], (item.kv.shape[0], SUBLANES, st.S_pad))))
-        else:
-            arrays.append((item.mask,))
-    return arrays
-
-
-def _data_specs(mask_data, q_tile, kv_tile, st: FlashStatic) -> list:
-    """BlockSpecs of the mask data, tiled like q (rows) and k (columns); a batch or head
-    dimension of size 1 broadcasts."""
-    def spec(block, batch1, head1, pick):
-        def index(*grid_and_prefetch):
-            b, h, iq = q_tile(*grid_and_prefetch)
-            jk = kv_tile(*grid_and_prefetch)[2]
-            return pick(0 if batch1 else b, 0 if head1 else h, iq, jk)
-        return pl.BlockSpec(block, index)
-
-    specs = []
-    for arrays in mask_data:
-        batch1 = arrays[0].shape[0] == 1
-        if len(arrays) == 2:  # segment ids (q, kv)
-            specs += [spec((None, st.block_q, LANES), batch1, True, lambda b, h, iq, jk: (b, iq, 0)),
-                      spec((None, SUBLANES, st.block_kv), batch1, True, lambda b, h, iq, jk: (b, 0, jk))]
-        else:  # an Explicit mask
-            specs.append(spec((None, None, st.block_q, st.block_kv), batch1, arrays[0].shape[1] == 1,
-                              lambda b, h, iq, jk: (b, h, iq, jk)))
-    return specs
-
-
-def _tiled(block, depth, tile):
-    """BlockSpec of a ``[B, H, L, depth]`` array whose block ``(b, h, tile)`` follows ``tile``."""
-    return pl.BlockSpec((None, None, block, depth), lambda *a: (*tile(*a), 0))
 
 
 def _smem(x):
@@ -408,32 +281,6 @@ def _by_kv(group):
     return q_tile, kv_tile
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, st: FlashStatic, name):
-    semantics = ("parallel",) * 3 + ("arbitrary",) * (len(grid) - 3)
-    # The TPU interpreter (jax 0.10) runs the grid in order anyway and does not extend
-    # dimension_semantics over vmapped grid axes, so interpret mode leaves them out.
-    params = None if st.interpret else pltpu.CompilerParams(dimension_semantics=semantics)
-    return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
-                                               out_specs=out_specs, scratch_shapes=scratch),
-        compiler_params=params, out_shape=out_shape, name=name,
-        interpret=pltpu.InterpretParams() if st.interpret else False,
-    )
-
-
-def _heads_major(x: jax.Array, length: int, value=0.0) -> jax.Array:
-    """``[B, L, H, E]`` -> ``[B, H, length, E]`` (padded with ``value``)."""
-    x = x.transpose(0, 2, 1, 3)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)), constant_values=value)
-
-
-def _row_stat(x: jax.Array, st: FlashStatic, value) -> jax.Array:
-    """``[B, T, H]`` -> lane-broadcast float32 ``[B, H, T_pad, 128]`` (padded with ``value``)."""
-    x = _heads_major(x[..., None].astype(jnp.float32), st.T_pad, value)
-    return jnp.broadcast_to(x, x.shape[:3] + (LANES,))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _flash(q, k, v, sinks, slopes, mask_data, schedules, st, widths):
     return _forward(q, k, v, sinks, slopes, mask_data, schedules, st, widths)
@@ -443,17 +290,17 @@ def _forward(q, k, v, sinks, slopes, mask_data, schedules, st: FlashStatic, widt
     B, Hq, bq, bk = q.shape[0], st.num_q_heads, st.block_q, st.block_kv
     schedule, width = schedules[0], widths[0]
     q_tile, kv_tile = _by_q(st.group)
-    out, lse = _call(
+    out, lse = call(
         functools.partial(_fwd_kernel, st=st, width=width), (B, Hq, st.num_q_tiles, width),
-        in_specs=[_tiled(bq, st.D, q_tile), _tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile),
-                  *_data_specs(mask_data, q_tile, kv_tile, st), *_smem(sinks), *_smem(slopes)],
-        out_specs=[_tiled(bq, st.Dv, q_tile), _tiled(bq, LANES, q_tile)],
+        in_specs=[tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
+                  *data_specs(mask_data, q_tile, kv_tile, st), *_smem(sinks), *_smem(slopes)],
+        out_specs=[tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile)],
         out_shape=[jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv), q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, st.T_pad, LANES), jnp.float32)],
         scratch=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                  pltpu.VMEM((bq, st.Dv), jnp.float32)],
         st=st, name="attnjax_flash_tpu_fwd",
-    )(*schedule, _heads_major(q, st.T_pad), _heads_major(k, st.S_pad), _heads_major(v, st.S_pad),
+    )(*schedule, heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
       *[x for arrays in mask_data for x in arrays], *[x for x in (sinks, slopes) if x is not None])
     return out[:, :, :st.T].transpose(0, 2, 1, 3), lse[:, :, :st.T, 0].transpose(0, 2, 1)
 
@@ -470,29 +317,29 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dterm = delta - d_lse.astype(jnp.float32)
     # Padded query rows: dO = 0, and a +inf statistic makes their recomputed weights exactly 0.
-    stat = _row_stat(common.backward_stat(fn, lse), st, jnp.inf if fn.running_max else 0.0)
-    operands = (_heads_major(q, st.T_pad), _heads_major(k, st.S_pad), _heads_major(v, st.S_pad),
-                _heads_major(d_out.astype(q.dtype), st.T_pad), stat, _row_stat(dterm, st, 0.0),
+    stat = row_stat(common.backward_stat(fn, lse), st, jnp.inf if fn.running_max else 0.0)
+    operands = (heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
+                heads_major(d_out.astype(q.dtype), st.T_pad), stat, row_stat(dterm, st, 0.0),
                 *[x for arrays in mask_data for x in arrays], *([] if slopes is None else [slopes]))
 
     def in_specs(q_tile, kv_tile):
-        return [_tiled(bq, st.D, q_tile), _tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile),
-                _tiled(bq, st.Dv, q_tile), _tiled(bq, LANES, q_tile), _tiled(bq, LANES, q_tile),
-                *_data_specs(mask_data, q_tile, kv_tile, st), *_smem(slopes)]
+        return [tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
+                tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile), tiled_spec(bq, LANES, q_tile),
+                *data_specs(mask_data, q_tile, kv_tile, st), *_smem(slopes)]
 
     (schedule, schedule_t), (width, width_t) = schedules, widths
     q_tile, kv_tile = _by_q(st.group)
-    dq = _call(
+    dq = call(
         functools.partial(_dq_kernel, st=st, width=width), (B, st.num_q_heads, st.num_q_tiles, width),
-        in_specs(q_tile, kv_tile), _tiled(bq, st.D, q_tile), jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
+        in_specs(q_tile, kv_tile), tiled_spec(bq, st.D, q_tile), jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
         [pltpu.VMEM((bq, st.D), jnp.float32)], st, "attnjax_flash_tpu_dq",
     )(*schedule, *operands)
 
     q_tile, kv_tile = _by_kv(st.group)
-    dk, dv = _call(
+    dk, dv = call(
         functools.partial(_dkdv_kernel, st=st, width=width_t),
         (B, st.num_kv_heads, st.num_kv_tiles, st.group, width_t), in_specs(q_tile, kv_tile),
-        [_tiled(bk, st.D, kv_tile), _tiled(bk, st.Dv, kv_tile)],
+        [tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile)],
         [jax.ShapeDtypeStruct(operands[1].shape, k.dtype), jax.ShapeDtypeStruct(operands[2].shape, v.dtype)],
         [pltpu.VMEM((bk, st.D), jnp.float32), pltpu.VMEM((bk, st.Dv), jnp.float32)], st,
         "attnjax_flash_tpu_dkdv",
@@ -509,4 +356,4 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-__all__ = ["flash_attention_tpu", "tpu_tiles", "LANES", "SUBLANES"]
+__all__ = ["flash_attention_tpu"]

@@ -1,9 +1,9 @@
 """Backend-independent pieces of the Pallas stick-breaking kernels (GPU Triton, TPU Mosaic).
 
 The tile math (``forward_tile``/``backward_tile``, the request checks and the remainder) lives in
-``attnjax.softmax.stick_breaking`` and is shared with the blocked XLA path; masks are compiled by
-``pallas_kernels.flash.common.plan_mask`` and evaluated by its ``eval_mask``. This module adds the
-static call description, input checks, the schedule (the flash schedule with diagonal tiles made
+``pallas_kernels.stick_breaking.tiles`` and is shared with the blocked XLA path; masks are compiled
+by ``pallas_kernels.common.plan_mask`` and evaluated by its ``eval_mask``. This module adds the
+static call description, the refusals, the schedule (the flash schedule with diagonal tiles made
 PARTIAL: stick-breaking excludes key position == query position) and the per-backend reverse
 cumulative sum ``Σ_{k≥j}`` along a tile row.
 """
@@ -16,10 +16,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax import masks as _masks
-from attnjax.checks import check_options, check_qkv
+from attnjax import masks
+from pallas_kernels.common.mask_plans import MaskPlan, eval_mask, tile_iotas
+from pallas_kernels.common.refusals import refuse_unserved
+from pallas_kernels.common.statics import KernelStatic
 from pallas_kernels.stick_breaking.tiles import check_request, strict_codes
-from pallas_kernels.flash.common import KernelStatic, MaskPlan, eval_mask, tile_iotas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,27 +35,21 @@ class StickBreakingStatic(KernelStatic):
     num_stages: Optional[int] = None
 
 
-def validate(q, k, v, *, mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse) -> None:
-    """Input checks shared by the backends: ValueError/TypeError for bad input, NotImplementedError
-    for what stick-breaking does not define (non-causal masks, sinks, dropout, lse) and for what
-    the kernels don't serve (a bias, head dims > 256, dtypes other than f32/bf16/f16)."""
-    check_qkv(q, k, v)
-    check_options(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                  dropout_rate=dropout_rate, rng=rng)
+def validate(q, k, v, *, mask, bias, sinks, dropout_rate, return_lse) -> None:
+    """Refusals shared by the backends: NotImplementedError for what stick-breaking does not define
+    (non-causal masks, sinks, dropout, lse; ValueError for T > S) and for what the kernels don't
+    serve (a bias, head dims > 256, dtypes other than f32/bf16/f16). Shapes and options are
+    checked by ``attnjax.attention`` before the kernel is called."""
     check_request(q, k, mask=mask, sinks=sinks, dropout_rate=dropout_rate, return_lse=return_lse)
     if bias is not None:
         raise NotImplementedError("the Pallas stick-breaking kernel takes no bias; use implementation='xla'")
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        raise NotImplementedError(f"the Pallas stick-breaking kernel supports head dims up to 256, got "
-                                  f"D={q.shape[-1]}, Dv={v.shape[-1]}")
-    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise NotImplementedError(f"the Pallas stick-breaking kernel supports float32/bfloat16/float16, got {q.dtype}")
+    refuse_unserved("stick-breaking", q, v)
 
 
-def schedule(mask: _masks.Mask, st: StickBreakingStatic):
+def schedule(mask: masks.Mask, st: StickBreakingStatic):
     """``(codes [nq, nk], lo [nq], hi [nq])`` int32: the key tiles ``[lo, hi)`` each query tile walks
     (right to left), EMPTY tiles skipped, FULL tiles (no diagonal pair, no padding) unmasked."""
-    codes, lo, hi = _masks.block_schedule(mask, st.T, st.S, st.block_q, st.block_kv)
+    codes, lo, hi = masks.block_schedule(mask, st.T, st.S, st.block_q, st.block_kv)
     return strict_codes(codes, st.T, st.S, st.block_q, st.block_kv).astype(jnp.int32), lo, hi
 
 

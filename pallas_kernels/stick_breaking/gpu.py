@@ -21,7 +21,7 @@ tiles without the element mask):
     stick of every key between it and the query, which only a query-major walk has at hand.
 
 The reverse cumsum inside a tile is ``total − cumsum`` (Triton lowers only the forward scan).
-Masks: any mask implying causality that ``flash.common.plan_mask`` compiles (Causal,
+Masks: any mask implying causality that ``pallas_kernels.common.plan_mask`` compiles (Causal,
 SlidingWindow(left, 0), ChunkedCausal, & Segments / Explicit / other structural masks). No bias.
 """
 
@@ -36,16 +36,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
 from attnjax.tiling import num_tiles
-from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.gpu import _dot, _switch, compiler_params
+from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
+from pallas_kernels.common.mask_plans import SegmentData, plan_mask
+from pallas_kernels.common.scores import apply_soft_cap, soft_cap_grad
+from pallas_kernels.common.statics import next_power_of_2, pick_block
 from pallas_kernels.stick_breaking import common
 from pallas_kernels.stick_breaking.common import StickBreakingStatic
+from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_KV = 64
-MAX_BLOCK = 128
 
 
 def stick_breaking_core_gpu(q, k, v, mask, *, scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
@@ -55,18 +56,18 @@ def stick_breaking_core_gpu(q, k, v, mask, *, scale: Optional[float] = None, log
 
     ``o_i = Σ_{j<i} A_ij v_j`` (no remainder) and ``row_softplus_i = Σ_k softplus(z_ik)``; inputs
     already validated (``common.validate``). ``block_q``/``block_kv``: powers of two, clipped to
-    ``MAX_BLOCK`` and for short sequences (min 16).
+    ``pallas_kernels.common.gpu.MAX_BLOCK`` and for short sequences (min 16).
     """
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
         if not isinstance(block, int) or block <= 0 or block & (block - 1):
             raise ValueError(f"{name} must be a positive power of two, got {block!r}")
-    bq = flash_common.pick_block(min(block_q, MAX_BLOCK), T)
-    bk = flash_common.pick_block(min(block_kv, MAX_BLOCK), S)
+    bq = pick_block(min(block_q, MAX_BLOCK), T)
+    bk = pick_block(min(block_kv, MAX_BLOCK), S)
     T_pad, S_pad = num_tiles(T, bq) * bq, num_tiles(S, bk) * bk
-    D_pad, Dv_pad = max(16, flash_common.next_power_of_2(D)), max(16, flash_common.next_power_of_2(Dv))
-    plan, mask_data = flash_common.plan_mask(mask, T, S, T_pad, S_pad)
+    D_pad, Dv_pad = max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
+    plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     st = StickBreakingStatic(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D_pad,
         Dv_pad=Dv_pad, block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
@@ -85,15 +86,11 @@ def stick_breaking_core_gpu(q, k, v, mask, *, scale: Optional[float] = None, log
 # ----------------------------------------------------------------------------------------------
 
 
-def _full_spec(x):
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
 def _mask_specs(mask_data, st: StickBreakingStatic):
     """Arrays and specs of the mask's data leaves for a query-major grid ``(i, b, h)``."""
     arrays, specs = [], []
     for d in mask_data:
-        if isinstance(d, flash_common.SegmentData):
+        if isinstance(d, SegmentData):
             one = d.q.shape[0] == 1
             specs.append(pl.BlockSpec((None, st.block_q), lambda i, b, h, one=one: (0 if one else b, i)))
             specs.append(pl.BlockSpec((None, st.S_pad), lambda i, b, h, one=one: (0 if one else b, 0)))
@@ -127,7 +124,7 @@ def _num_mask_refs(st: StickBreakingStatic) -> int:
 
 
 def _logits(st: StickBreakingStatic, q, k):
-    return flash_common.apply_soft_cap(_dot(q, k) * st.scale, st.logits_soft_cap)
+    return apply_soft_cap(dot(q, k) * st.scale, st.logits_soft_cap)
 
 
 def _walk_left(lo_ref, hi_ref, codes_ref, i, visit, carry):
@@ -136,7 +133,7 @@ def _walk_left(lo_ref, hi_ref, codes_ref, i, visit, carry):
 
     def body(t, c):
         j = hi - 1 - t
-        return _switch(codes_ref[i, j], c, lambda c_: visit(j, c_, True), lambda c_: visit(j, c_, False))
+        return switch_on_code(codes_ref[i, j], c, lambda c_: visit(j, c_, True), lambda c_: visit(j, c_, False))
 
     return lax.fori_loop(0, hi - lo_ref[i], body, carry)
 
@@ -161,7 +158,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Stick
         z = _logits(st, q, k_ref[pl.ds(j * bk, bk), :])
         ok = common.allowed(st, i, j, _mask_loader(st, mask_refs, j)) if apply_mask else None
         a, c = forward_tile(z, c, ok, common.cumsum_reverse_cumsum)
-        return c, acc + _dot(a.astype(v.dtype), v, contract_a=1, contract_b=0)
+        return c, acc + dot(a.astype(v.dtype), v, contract_a=1, contract_b=0)
 
     init = (jnp.zeros((st.block_q, 1), jnp.float32), jnp.zeros((st.block_q, st.Dv_pad), jnp.float32))
     c, acc = _walk_left(lo_ref, hi_ref, codes_ref, i, visit, init)
@@ -178,7 +175,7 @@ def _forward(qt, kt, vt, mask_data, sched, st: StickBreakingStatic):
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
-        _full_spec(lo), _full_spec(hi), _full_spec(codes),
+        full_spec(lo), full_spec(hi), full_spec(codes),
     ] + specs
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
@@ -209,11 +206,11 @@ def _bwd_kernel(q_ref, do_ref, dterm_ref, k_ref, v_ref, lo_ref, hi_ref, codes_re
         k, v = k_ref[rows, :], v_ref[rows, :]
         z = _logits(st, q, k)
         ok = common.allowed(st, i, j, _mask_loader(st, mask_refs, j)) if apply_mask else None
-        a, dz, c, s = backward_tile(z, _dot(do, v), c, s, dterm, ok, common.cumsum_reverse_cumsum)
-        dz = dz * flash_common.soft_cap_grad(z, st.logits_soft_cap) * st.scale
-        plgpu.atomic_add(dk_ref, (rows, slice(None)), _dot(dz.astype(q.dtype), q, contract_a=0, contract_b=0))
-        plgpu.atomic_add(dv_ref, (rows, slice(None)), _dot(a.astype(do.dtype), do, contract_a=0, contract_b=0))
-        return c, s, dq + _dot(dz.astype(k.dtype), k, contract_a=1, contract_b=0)
+        a, dz, c, s = backward_tile(z, dot(do, v), c, s, dterm, ok, common.cumsum_reverse_cumsum)
+        dz = dz * soft_cap_grad(z, st.logits_soft_cap) * st.scale
+        plgpu.atomic_add(dk_ref, (rows, slice(None)), dot(dz.astype(q.dtype), q, contract_a=0, contract_b=0))
+        plgpu.atomic_add(dv_ref, (rows, slice(None)), dot(a.astype(do.dtype), do, contract_a=0, contract_b=0))
+        return c, s, dq + dot(dz.astype(k.dtype), k, contract_a=1, contract_b=0)
 
     zeros_row = jnp.zeros((st.block_q, 1), jnp.float32)
     init = (zeros_row, zeros_row, jnp.zeros((st.block_q, st.D_pad), jnp.float32))
@@ -235,7 +232,7 @@ def _backward(st: StickBreakingStatic, residuals, cotangents):
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-        kv_block(st.D_pad), kv_block(st.Dv_pad), _full_spec(lo), _full_spec(hi), _full_spec(codes),
+        kv_block(st.D_pad), kv_block(st.Dv_pad), full_spec(lo), full_spec(hi), full_spec(codes),
     ] + specs + [kv_block(st.D_pad), kv_block(st.Dv_pad)]
     zeros_k = jnp.zeros((B, Hkv, st.S_pad, st.D_pad), jnp.float32)
     zeros_v = jnp.zeros((B, Hkv, st.S_pad, st.Dv_pad), jnp.float32)
@@ -265,4 +262,4 @@ def _core_fwd(qt, kt, vt, mask_data, sched, st):
 _core.defvjp(_core_fwd, _backward)
 
 
-__all__ = ["stick_breaking_core_gpu", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV", "MAX_BLOCK"]
+__all__ = ["stick_breaking_core_gpu", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]

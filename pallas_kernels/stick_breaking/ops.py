@@ -41,8 +41,7 @@ def stick_breaking_attention_pallas(
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, and ``r`` if asked.
     """
-    common.validate(q, k, v, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
-                    dropout_rate=dropout_rate, rng=rng, return_lse=return_lse)
+    common.validate(q, k, v, mask=mask, bias=bias, sinks=sinks, dropout_rate=dropout_rate, return_lse=return_lse)
     backend = backend or jax.default_backend()
     blocks = {n: b for n, b in (("block_q", block_q), ("block_kv", block_kv)) if b is not None}
     if backend == "tpu":

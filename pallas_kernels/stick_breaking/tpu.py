@@ -39,11 +39,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.masks import FULL, PARTIAL
-from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
-from pallas_kernels.flash import common as flash_common
-from pallas_kernels.flash.tpu import LANES, tpu_tiles
+from pallas_kernels.common.mask_plans import plan_mask
+from pallas_kernels.common.scores import apply_soft_cap, soft_cap_grad
+from pallas_kernels.common.tpu import LANES, call, heads_major, stat_column, tpu_tiles
 from pallas_kernels.stick_breaking import common
 from pallas_kernels.stick_breaking.common import StickBreakingStatic
+from pallas_kernels.stick_breaking.tiles import backward_tile, forward_tile
 
 DEFAULT_BLOCK = 128
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -56,7 +57,7 @@ def stick_breaking_core_tpu(q, k, v, mask, *, scale: Optional[float] = None, log
     B, T, Hq, D = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
-    plan, mask_data = flash_common.plan_mask(mask, T, S, T_pad, S_pad)
+    plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     if mask_data:
         raise NotImplementedError("the TPU stick-breaking kernel evaluates structural masks only (Causal, "
                                   "SlidingWindow, ChunkedCausal); use implementation='xla' for Segments/Explicit")
@@ -68,15 +69,10 @@ def stick_breaking_core_tpu(q, k, v, mask, *, scale: Optional[float] = None, log
     with jax.ensure_compile_time_eval():
         codes, lo, hi = common.schedule(mask, st)
         width = max(int(np.max(np.asarray(hi) - np.asarray(lo))), 1)
-    qt = _heads_major(q, T_pad)
-    kt, vt = _heads_major(k, S_pad), _heads_major(v, S_pad)
+    qt = heads_major(q, T_pad)
+    kt, vt = heads_major(k, S_pad), heads_major(v, S_pad)
     o, c = _core(qt, kt, vt, (codes.reshape(-1), lo, hi), st, width)
     return o[:, :, :T].transpose(0, 2, 1, 3), c[:, :, :T, 0].transpose(0, 2, 1)
-
-
-def _heads_major(x: jax.Array, length: int) -> jax.Array:
-    """``[B, L, H, E]`` -> ``[B, H, length, E]`` (zero-padded)."""
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,35 +95,15 @@ def _when_tile(codes, lo, hi, i, t, j, st: StickBreakingStatic, compute):
 
 def _logits(st: StickBreakingStatic, q, k):
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * st.scale
-    return flash_common.apply_soft_cap(s, st.logits_soft_cap)
+    return apply_soft_cap(s, st.logits_soft_cap)
 
 
 def _no_data(kind, slot):
     raise AssertionError("structural masks only (checked in stick_breaking_core_tpu)")
 
 
-def _rows(ref):
-    return ref[:, :1]
-
-
 def _store_rows(ref, x):
     ref[...] = jnp.broadcast_to(x, ref.shape)
-
-
-def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, st: StickBreakingStatic, name, *, parallel: int,
-          vmem_limit_bytes: Optional[int] = None):
-    """``pallas_call`` with the schedule (codes, lo, hi) as scalar prefetch; the first ``parallel``
-    grid axes are independent, the rest sequential."""
-    semantics = ("parallel",) * parallel + ("arbitrary",) * (len(grid) - parallel)
-    params = None if st.interpret else pltpu.CompilerParams(dimension_semantics=semantics,
-                                                            vmem_limit_bytes=vmem_limit_bytes)
-    return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
-                                               out_specs=out_specs, scratch_shapes=scratch),
-        compiler_params=params, out_shape=out_shape, name=name,
-        interpret=pltpu.InterpretParams() if st.interpret else False,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +123,7 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, o_ref, c_ref, c_sc, acc_sc, 
     def compute(masked):
         z = _logits(st, q_ref[...], k_ref[...])
         ok = common.allowed(st, i, j, _no_data) if masked else None
-        a, c = forward_tile(z, _rows(c_sc), ok, common.matmul_reverse_cumsum)
+        a, c = forward_tile(z, stat_column(c_sc), ok, common.matmul_reverse_cumsum)
         v = v_ref[...]
         acc_sc[...] += lax.dot(a.astype(v.dtype), v, preferred_element_type=jnp.float32)
         _store_rows(c_sc, c)
@@ -170,7 +146,7 @@ def _forward(qt, kt, vt, sched, st: StickBreakingStatic, width):
     def kv_block(b, h, i, t, codes, lo, hi):
         return b, lax.div(h, G), _key_tile(lo, hi, i, t), 0  # lax.div: no sign op in the index map
 
-    return _call(
+    return call(
         functools.partial(_fwd_kernel, st=st, width=width), (B, Hq, st.num_q_tiles, width),
         in_specs=[pl.BlockSpec((None, None, bq, st.D), q_block), pl.BlockSpec((None, None, bk, st.D), kv_block),
                   pl.BlockSpec((None, None, bk, st.Dv), kv_block)],
@@ -208,9 +184,9 @@ def _bwd_kernel(codes, lo, hi, q_ref, do_ref, dterm_ref, k_ref, v_ref, dq_ref, d
         z = _logits(st, q, k)
         ok = common.allowed(st, i, j, _no_data) if masked else None
         da = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-        a, dz, c, s = backward_tile(z, da, _rows(c_sc), _rows(s_sc), _rows(dterm_ref), ok,
+        a, dz, c, s = backward_tile(z, da, stat_column(c_sc), stat_column(s_sc), stat_column(dterm_ref), ok,
                                     common.matmul_reverse_cumsum)
-        dz = dz * flash_common.soft_cap_grad(z, st.logits_soft_cap) * st.scale
+        dz = dz * soft_cap_grad(z, st.logits_soft_cap) * st.scale
         dq_sc[...] += lax.dot(dz.astype(k.dtype), k, preferred_element_type=jnp.float32)
         rows = pl.ds(pl.multiple_of(j * st.block_kv, st.block_kv), st.block_kv)
         dk_ref[rows, :] += lax.dot(dz.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
@@ -243,7 +219,7 @@ def _backward(st: StickBreakingStatic, width, residuals, cotangents):
     def kv_whole(b, hk, g, i, t, codes, lo, hi):
         return b, hk, 0, 0
 
-    dq, dk, dv = _call(
+    dq, dk, dv = call(
         functools.partial(_bwd_kernel, st=st, width=width), (B, Hkv, G, st.num_q_tiles, width),
         in_specs=[pl.BlockSpec((None, None, bq, st.D), q_block), pl.BlockSpec((None, None, bq, st.Dv), q_block),
                   pl.BlockSpec((None, None, bq, LANES), q_block), pl.BlockSpec((None, None, bk, st.D), kv_block),

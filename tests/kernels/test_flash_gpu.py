@@ -17,7 +17,9 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.dispatch import auto_order
 from attnjax.positional import ALiBi, alibi_slopes
-from pallas_kernels.flash import SigmoidWeight, common, flash_attention_pallas, gpu
+from pallas_kernels.common import pick_block
+from pallas_kernels.common.gpu import compiler_params
+from pallas_kernels.flash import SigmoidWeight, common, flash_attention_pallas
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
@@ -232,22 +234,22 @@ def test_unsupported_requests_raise_not_implemented():
         flash_attention_pallas(q, k, v, mask=Odd())
     with pytest.raises(NotImplementedError, match="head dims"):
         flash_attention_pallas(*random_qkv(KEY, B=1, T=4, Hq=1, D=320))
-    with pytest.raises(ValueError, match="k head_dim"):
-        flash_attention_pallas(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="k head_dim"):  # shapes are checked once, at the entry point
+        aj.attention(q, k[..., :4], v, implementation="pallas")
     # "auto" falls back to xla when the kernel refuses (only relevant where auto tries pallas).
     out = aj.attention(q, k, v, dropout_rate=0.1, rng=jax.random.PRNGKey(0))
     assert out.shape == q.shape
 
 
 def test_block_and_compiler_choices():
-    assert common.pick_block(128, 37) == 64 and common.pick_block(128, 5) == 16
+    assert pick_block(128, 37) == 64 and pick_block(128, 5) == 16
     st = jax.eval_shape(lambda q, k, v: flash_attention_pallas(q, k, v, block_q=512, block_kv=100),
                         *random_qkv(KEY, B=1, T=300, Hq=1, D=8))
     assert st.shape == (1, 300, 1, 8)
     assert common.schedule(masks.Causal(), 64, 64, 16, 16).q_lo.tolist() == [0, 1, 2, 3]
-    params = gpu.compiler_params(256, 256, 128, 64)
+    params = compiler_params(256, 256, 128, 64)
     assert params.num_warps == 8 and params.num_stages == 2
-    assert gpu.compiler_params(64, 64, 128, 64).num_warps == 4
+    assert compiler_params(64, 64, 128, 64).num_warps == 4
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU for the real Triton lowering")

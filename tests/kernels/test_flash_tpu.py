@@ -13,6 +13,7 @@ import pytest
 from attnjax import masks
 from attnjax.positional import ALiBi, alibi_slopes
 from attnjax.softmax.softmax import softmax_attention_reference
+from pallas_kernels.common import FlashStatic
 from pallas_kernels.flash import common, tpu
 from pallas_kernels.flash.tpu import flash_attention_tpu
 from tests.helpers import TOLERANCE, assert_close, random_qkv
@@ -149,9 +150,9 @@ def test_explicit_or_window_vmap():
 
 def test_local_masks_shrink_the_grid():
     """A static sliding window needs few key steps per query tile; causal and data masks keep all."""
-    st = common.FlashStatic(T=128, S=128, T_pad=128, S_pad=128, num_q_heads=1, num_kv_heads=1, D=8, Dv=8,
-                            D_pad=8, Dv_pad=8, block_q=32, block_kv=16, scale=1.0, logits_soft_cap=None,
-                            weight_fn=common.SOFTMAX, mask_plan=None, bias_kind=None)
+    st = FlashStatic(T=128, S=128, T_pad=128, S_pad=128, num_q_heads=1, num_kv_heads=1, D=8, Dv=8,
+                     D_pad=8, Dv_pad=8, block_q=32, block_kv=16, scale=1.0, logits_soft_cap=None,
+                     weight_fn=common.SOFTMAX, mask_plan=None, bias_kind=None)
     # 32 queries see 48 keys (3 key tiles); 16 keys are seen by queries in 2 query tiles.
     assert tpu._plans(masks.SlidingWindow(16, 0), st)[1] == (3, 2)
     assert tpu._plans(masks.Causal(), st)[1] == (8, 4)

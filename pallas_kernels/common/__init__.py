@@ -1,0 +1,31 @@
+"""Public scaffolding shared by the Pallas kernels; no kernel imports a private name of another.
+
+- ``statics``: ``KernelStatic`` (sizes every kernel call shares), ``FlashStatic`` (plus the weight
+  function, mask plan, bias kind, sinks), ``next_power_of_2``, ``pick_block``.
+- ``mask_plans``: ``plan_mask`` compiles an ``attnjax.masks`` value into a ``MaskPlan`` (plus its
+  ``SegmentData``/``ExplicitData``) that ``eval_mask`` evaluates on a tile from ``tile_iotas``.
+- ``scores``: ``alibi_tile``, ``apply_soft_cap``, ``soft_cap_grad`` on float32 tiles.
+- ``refusals``: ``refuse_unserved`` (head dims up to 256, float dtypes), raising NotImplementedError.
+- ``gpu``: Triton helpers (``MAX_BLOCK``, ``compiler_params``, ``dot``, ``switch_on_code``,
+  ``full_spec``); ``gpu_flash``: the flash-family tile on Triton (``extras``/``Loader`` for sinks,
+  bias and mask data; ``scores``, ``allowed``, ``recompute``), used by flash and block-sparse.
+- ``tpu``: Mosaic helpers (``LANES``, ``SUBLANES``, ``tpu_tiles``, ``call``, ``tiled_spec``,
+  ``heads_major``, ``row_stat``, ``stat_column``, ``mask_layout``, ``data_specs``); ``tpu_flash``:
+  the flash-family tile on Mosaic (``split_refs``, ``logits``, ``allowed``, ``dlogits``).
+
+The backend modules are exported as modules (their tile functions share names across backends).
+"""
+
+from pallas_kernels.common.mask_plans import ExplicitData, MaskPlan, SegmentData, eval_mask, plan_mask, tile_iotas
+from pallas_kernels.common.refusals import refuse_unserved
+from pallas_kernels.common.scores import alibi_tile, apply_soft_cap, soft_cap_grad
+from pallas_kernels.common.statics import FlashStatic, KernelStatic, next_power_of_2, pick_block
+from pallas_kernels.common import gpu, gpu_flash, tpu, tpu_flash
+
+__all__ = [
+    "KernelStatic", "FlashStatic", "next_power_of_2", "pick_block",
+    "MaskPlan", "SegmentData", "ExplicitData", "plan_mask", "eval_mask", "tile_iotas",
+    "alibi_tile", "apply_soft_cap", "soft_cap_grad",
+    "refuse_unserved",
+    "gpu", "gpu_flash", "tpu", "tpu_flash",
+]

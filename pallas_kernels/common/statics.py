@@ -1,0 +1,89 @@
+"""Static descriptions of one kernel call (hashable: custom_vjp nondiff arguments) and tile sizes.
+
+``KernelStatic`` holds the sizes every attention kernel shares (flash, block-sparse,
+stick-breaking); ``FlashStatic`` adds what the weight-function (flash-family) tile math reads: the
+weight function, the mask plan, the bias kind and sinks. Block sizes come from ``pick_block``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from attnjax.blocked.weights import WeightFunction
+from pallas_kernels.common.mask_plans import MaskPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatic:
+    """The static sizes every attention kernel call shares, and the tile counts derived from them.
+
+    ``T, S``: true lengths; ``T_pad, S_pad``: padded to whole tiles; ``D_pad, Dv_pad``: padded head
+    dims (GPU: powers of two).
+    """
+
+    T: int
+    S: int
+    T_pad: int
+    S_pad: int
+    num_q_heads: int
+    num_kv_heads: int
+    D: int
+    Dv: int
+    D_pad: int
+    Dv_pad: int
+    block_q: int
+    block_kv: int
+    scale: float
+    logits_soft_cap: Optional[float]
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def num_q_tiles(self) -> int:
+        """Query tiles of the padded length."""
+        return self.T_pad // self.block_q
+
+    @property
+    def num_kv_tiles(self) -> int:
+        """Key tiles of the padded length."""
+        return self.S_pad // self.block_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashStatic(KernelStatic):
+    """Everything static about one flash-family kernel call: the shared sizes plus the weight
+    function, the mask plan and ``bias_kind`` in None/"alibi"/"array"."""
+
+    weight_fn: WeightFunction
+    mask_plan: Optional[MaskPlan]
+    bias_kind: Optional[str]
+    bias_bcast: tuple = (False, False)
+    has_sinks: bool = False
+    interpret: bool = False
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def pick_block(block: int, length: int, minimum: int = 16, power_of_two: bool = True) -> int:
+    """A tile size for a sequence of ``length``: ``block`` clipped so a short sequence isn't
+    padded far past its length, never below ``minimum`` (Triton's ``tl.dot`` needs 16).
+    With ``power_of_two`` (GPU), ``block`` must be one and the result is one."""
+    if block <= 0:
+        raise ValueError(f"block size must be positive, got {block}")
+    if power_of_two:
+        if block & (block - 1):
+            raise ValueError(f"block size must be a power of two for this backend, got {block}")
+        return max(minimum, min(block, next_power_of_2(length)))
+    return max(minimum, min(block, length))
+
+
+__all__ = ["KernelStatic", "FlashStatic", "next_power_of_2", "pick_block"]
