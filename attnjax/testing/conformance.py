@@ -64,22 +64,38 @@ class Case:
 
 
 def cases(config) -> tuple[Case, ...]:
-    """The requests a config is checked on, from its ``supports``.
+    """The requests a config is checked on by default, from its ``supports``.
 
-    ``plain``: no option, odd length. ``claimed``: every option the config claims at once except
-    dropout (causal mask, GQA ``Hq = 2·Hkv``, cross-attention ``T < S``, bias, soft cap, sinks,
-    lse). ``dropout``: causal with dropout, when claimed.
+    ``plain``: no option, odd length. ``core``: the shape options every path of a family tends to
+    share (causal mask, GQA ``Hq = 2·Hkv``, cross-attention ``T < S``), so that a path that refuses
+    one of the score options below is still checked. ``claimed``: every option the config claims at
+    once except dropout (adds the bias, soft cap, sinks, lse). ``dropout``: causal with dropout,
+    when claimed. ``option_cases`` has one case per claimed option (the slow sweep).
     """
     supports = config.supports
-    claimed = Case(
-        "claimed", causal="mask" in supports, Hkv=2 if "gqa" in supports else 4,
-        S=29 if "cross" in supports else 21, bias="bias" in supports,
-        logits_soft_cap=5.0 if "logits_soft_cap" in supports else None, sinks="sinks" in supports,
-        return_lse="return_lse" in supports)
-    out = [Case("plain"), claimed]
+    core = Case("core", causal="mask" in supports, Hkv=2 if "gqa" in supports else 4,
+                S=29 if "cross" in supports else 21)
+    claimed = dataclasses.replace(
+        core, name="claimed", bias="bias" in supports, logits_soft_cap=5.0 if "logits_soft_cap" in supports else None,
+        sinks="sinks" in supports, return_lse="return_lse" in supports)
+    out = [Case("plain"), core, claimed]
     if "dropout" in supports:
         out.append(Case("dropout", causal="mask" in supports, dropout_rate=0.25))
     return tuple(out)
+
+
+def option_cases(config) -> tuple[Case, ...]:
+    """One case per option the config claims (causal where masks are supported, so that
+    causal-only mechanisms are defined), for a sweep that pins a failure to one option."""
+    supports = config.supports
+    causal = "mask" in supports
+    one = {"mask": Case("mask", causal=True), "gqa": Case("gqa", causal=causal, Hkv=2),
+           "cross": Case("cross", causal=causal, S=29), "bias": Case("bias", causal=causal, bias=True),
+           "logits_soft_cap": Case("logits_soft_cap", causal=causal, logits_soft_cap=5.0),
+           "sinks": Case("sinks", causal=causal, sinks=True),
+           "return_lse": Case("return_lse", causal=causal, return_lse=True),
+           "dropout": Case("dropout", causal=causal, dropout_rate=0.25)}
+    return tuple(case for option, case in one.items() if option in supports)
 
 
 def small_tiles(config):
@@ -210,5 +226,5 @@ def check_vmap(config, implementation: str, case: Case) -> None:
             assert_close(batched[name][i], single[name], rtol=RTOL["float32"], name=f"{config.name}/vmap/{name}")
 
 
-__all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "check_against_reference", "check_bf16", "check_vmap",
+__all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "option_cases", "check_against_reference", "check_bf16", "check_vmap",
            "inputs", "outputs_and_grads", "reference_outputs", "small_tiles"]

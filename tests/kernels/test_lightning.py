@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from attnjax import linear
 from pallas_kernels.lightning import lightning_attention_pallas
 from tests.helpers import TOLERANCE, assert_close, assert_grads_close, random_qkv
 
@@ -149,7 +150,6 @@ def test_rejects_bad_input():
 
 
 def test_matches_attnjax_linear():
-    from attnjax import linear
     q, k, v, decay, s0 = _inputs(T=37)
     kernel = _kernel_fn("gpu", chunk_size=16)
     xla = jax.jit(lambda q, k, v, decay, s0: linear.linear_attention(
