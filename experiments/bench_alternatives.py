@@ -12,9 +12,9 @@ wrt q, k, v). Reported per path:
   than FlashAttention-2 on H100);
 - ``peak memory / softmax xla``: XLA's compiled memory analysis, at every T.
 
-A mechanism that takes no mask runs unmasked (Aaren's scan is causal by construction); a path
-that can't serve the request is listed as unsupported with its NotImplementedError. Pallas on CPU runs in interpret mode, whose times mean nothing:
-``--with-pallas`` is off there by default (on by default on GPU/TPU).
+A path that can't serve the request is listed as unsupported with its NotImplementedError. Pallas
+on CPU runs in interpret mode, whose times mean nothing: ``--with-pallas`` is off there by default
+(on by default on GPU/TPU).
 
     python -m experiments.bench_alternatives --seq-lens 1k,2k,4k
     python -m experiments.bench_alternatives --seq-lens 8k --head-dim 128 --dtype bfloat16   # GPU
@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 import attnjax
 from attnjax import masks, registry
-from experiments import common
-from experiments.bench_softmax import compile_path, inputs
+from experiments.lib import cli, host, plots, report, workload
+from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
 
 FAMILY = "softmax"
 BASELINE = "softmax/xla"
-MODES = common.MODES
+MODES = workload.MODES
 IMPLEMENTATIONS = ("xla", "pallas")
 SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 16, "repeats": 1, "max_seconds": 1.0}
 """``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
@@ -46,20 +46,20 @@ SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 16, "repeats": 1, "max_secon
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
-    p = common.benchmark_parser(__doc__, [1024, 2048, 4096])
+    p = cli.benchmark_parser(__doc__, [1024, 2048, 4096])
     p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
                    help=f"comma-separated subset of the {FAMILY!r}-family alternatives (default: all registered)")
     p.add_argument("--skip", type=lambda s: s.split(","), default=[],
                    help="comma-separated alternatives to leave out (say why with --note)")
     p.add_argument("--note", default="", help="a sentence for the markdown report (e.g. why a mechanism is skipped)")
-    common.add_pallas_flag(p, "the pallas paths")
+    cli.add_pallas_flag(p, "the pallas paths")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
                    help="time a path only if its estimated peak memory is below this")
-    common.add_output_flags(p, "bench_alternatives")
-    return common.parse_benchmark_args(p, argv, SMOKE)
+    cli.add_output_flags(p, "bench_alternatives")
+    return cli.parse_with_smoke(p, argv, SMOKE)
 
 
 def alternatives() -> list[registry.Entry]:
@@ -70,22 +70,17 @@ def alternatives() -> list[registry.Entry]:
     return [e for e in registry.entries() if e.family == FAMILY and e.name != "softmax"]
 
 
-def bench_mask(entry: registry.Entry) -> Optional[masks.Mask]:
-    """``Causal()``, or None for a mechanism that takes no mask (causal by construction, like
-    Aaren's scan, or not maskable: the report lists which ran unmasked)."""
-    return masks.Causal() if "mask" in entry.supports else None
-
-
 def path_fns(entries: Sequence[registry.Entry], with_pallas: bool) -> dict[str, Callable]:
-    """``(q, k, v) -> out`` for softmax and each alternative, per implementation."""
+    """``(q, k, v) -> out`` for softmax and each alternative, per implementation, causal."""
     implementations = IMPLEMENTATIONS if with_pallas else IMPLEMENTATIONS[:1]
     softmax = next(e for e in registry.entries() if e.name == "softmax")
+    causal = masks.Causal()
     fns = {}
     for entry in [softmax, *entries]:
         for impl in implementations:
             if impl in entry.implementations:
-                fns[f"{entry.name}/{impl}"] = (lambda q, k, v, name=entry.name, impl=impl, mask=bench_mask(entry):
-                                               attnjax.attention(q, k, v, mechanism=name, mask=mask,
+                fns[f"{entry.name}/{impl}"] = (lambda q, k, v, name=entry.name, impl=impl:
+                                               attnjax.attention(q, k, v, mechanism=name, mask=causal,
                                                                  implementation=impl))
     return fns
 
@@ -96,23 +91,23 @@ def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
 
 def measure(seq_len: int, mode: str, fns: dict[str, Callable], args: argparse.Namespace) -> list[dict]:
     """Memory of every path at one length and mode, and the interleaved times of those within budget."""
-    xs = inputs(seq_len, mode, args)
+    xs = workload.benchmark_inputs(seq_len, mode, args)
     rows, thunks = [], {}
     for path, fn in fns.items():
         mechanism, implementation = path.split("/")
         row = {"T": seq_len, "S": seq_len, "causal": True, "mode": mode, "path": path, "mechanism": mechanism,
-               "implementation": implementation, "masked": "mask" in registry.get(mechanism).supports}
+               "implementation": implementation}
         try:
-            compiled = compile_path(fn, mode, xs)
+            compiled = compile_fn(workload.mode_fn(fn, mode), *xs)
         except NotImplementedError as e:
             rows.append(dict(row, unsupported=str(e), run=False, memory=None))
             continue
-        memory = common.memory_of(compiled)
-        runs = memory.peak <= args.memory_budget_gib * common.GIB
+        memory = memory_of(compiled)
+        runs = memory.peak <= args.memory_budget_gib * GIB
         rows.append(dict(row, unsupported=None, run=runs, memory=memory.as_dict()))
         if runs:
             thunks[path] = lambda c=compiled: c(*xs)
-    timings = common.time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    timings = time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
     by_path = {r["path"]: r for r in rows}
     for row in rows:
         t = timings.get(row["path"])
@@ -157,18 +152,18 @@ def table(rows: list[dict]) -> str:
                           f"unsupported: {_first_sentence(r['unsupported'])}", "-", "-"])
             continue
         time_cell = (f"{r['median_s'] * 1e3:.1f} ms (n={r['repeats']})" if r["run"]
-                     else f"not run (needs {common.format_bytes(r['memory']['peak'])})")
-        lines.append([r["T"], r["mode"].replace("_", "+"), r["path"], common.format_bytes(r["memory"]["peak"]),
+                     else f"not run (needs {report.format_bytes(r['memory']['peak'])})")
+        lines.append([r["T"], r["mode"].replace("_", "+"), r["path"], report.format_bytes(r["memory"]["peak"]),
                       _x(r["memory_ratio_to_softmax_xla"]), time_cell, _x(r["ratio_to_softmax_xla"]),
                       _x(r["ratio_to_softmax_same"])])
-    return common.markdown_table(["T", "mode", "path", "peak memory", "memory / softmax xla", "median time",
+    return report.markdown_table(["T", "mode", "path", "peak memory", "memory / softmax xla", "median time",
                                   "time / softmax xla", "time / softmax same impl"], lines)
 
 
 def pallas_note(with_pallas: bool) -> str:
     """What the output says about the pallas paths."""
     backend = jax.default_backend()
-    if backend in common.ACCELERATORS:
+    if backend in cli.ACCELERATORS:
         return f"Pallas paths compiled for {backend}." if with_pallas else "Pallas paths left out (--no-with-pallas)."
     if with_pallas:
         return (f"Pallas paths ran in Pallas interpret mode on {backend}: their times are NOT meaningful "
@@ -181,7 +176,6 @@ def markdown_report(rows: list[dict], entries: Sequence[registry.Entry], args: a
                     load: str) -> str:
     """The markdown file: setup, mechanisms, table."""
     papers = "; ".join(f"`{e.name}`: {e.paper}" for e in entries)
-    unmasked = [e.name for e in entries if bench_mask(e) is None]
     return "\n".join([
         f"# Softmax alternatives vs softmax: time and memory ratios ({device['device_kind']})",
         "",
@@ -200,8 +194,6 @@ def markdown_report(rows: list[dict], entries: Sequence[registry.Entry], args: a
         "",
         f"Mechanisms: {papers}.",
         "",
-        *([f"Run without a mask (they take none; causal by construction or not maskable): "
-           f"{', '.join(f'`{n}`' for n in unmasked)}.", ""] if unmasked else []),
         table(rows),
         "",
     ])
@@ -209,7 +201,7 @@ def markdown_report(rows: list[dict], entries: Sequence[registry.Entry], args: a
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
     """Time and peak-memory ratios to softmax xla vs T, one line per path and mode."""
-    plt = common.pyplot()
+    plt = plots.plt
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8))
     paths = [p for p in dict.fromkeys(r["path"] for r in rows) if p != BASELINE]
     for i, p in enumerate(paths):
@@ -226,7 +218,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
     ax_m.set(title="peak memory (compiled) / softmax xla", xlabel="T", ylabel="ratio")
     for ax in (ax_t, ax_m):
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-    return common.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
+    return plots.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
                                 f"softmax alternatives, causal, B={args.batch}, H={args.heads}, D={args.head_dim}, "
                                 f"{args.dtype}, {jax.devices()[0].device_kind}", path)
 
@@ -239,19 +231,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown mechanisms {sorted(unknown)}; registered: {[e.name for e in entries]}")
     entries = [e for e in entries if (args.mechanisms is None or e.name in args.mechanisms) and e.name not in args.skip]
-    device = common.device_info()
-    before = common.machine_load()
+    device = host.device_info()
+    before = host.machine_load()
     rows = run(args, path_fns(entries, args.with_pallas))
-    after = common.machine_load()
-    load = common.load_note(before, after)
-    report = markdown_report(rows, entries, args, device, load)
-    print(report)
-    results = {"device": device, "settings": common.jsonable_args(args), "load": {"before": before, "after": after},
+    after = host.machine_load()
+    load = host.load_note(before, after)
+    md = markdown_report(rows, entries, args, device, load)
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "load": {"before": before, "after": after},
                "pallas": pallas_note(args.with_pallas),
                "mechanisms": [{"name": e.name, "paper": e.paper, "implementations": list(e.implementations)}
                               for e in entries],
                "rows": rows}
-    common.save_benchmark(results, report, args, lambda path: plot(rows, args, path))
+    report.save_benchmark(results, md, args, lambda path: plot(rows, args, path))
     return results
 
 

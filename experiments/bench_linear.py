@@ -25,19 +25,19 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 import attnjax
 from attnjax import masks
 from attnjax.linear import linear_attention
-from experiments import common
+from experiments.lib import cli, host, plots, report, workload
+from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
 
 LIGHTNING, SOFTMAX, PALLAS = "lightning/xla", "softmax/xla", "lightning/pallas"
 ORDER = {LIGHTNING: 1, SOFTMAX: 2, PALLAS: 1}
 """Expected growth exponent of each path's time in T, used only to predict whether the next T fits the budget."""
-MODES = common.MODES
+MODES = workload.MODES
 TARGET_SLOPE = 1.1
 
 SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_seconds": 1.0,
@@ -47,9 +47,9 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
-    p = common.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p = cli.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--chunk-size", type=int, default=64, help="chunk length of the Lightning paths")
-    common.add_pallas_flag(p, "the Pallas Lightning kernel")
+    cli.add_pallas_flag(p, "the Pallas Lightning kernel")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
@@ -57,8 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time a path at T only if its predicted single-run time is below this")
     p.add_argument("--slope-min-len", type=int, default=4096,
                    help="also fit the slope over T >= this, where fixed overheads matter less")
-    common.add_output_flags(p, "bench_linear")
-    return common.parse_benchmark_args(p, argv, SMOKE)
+    cli.add_output_flags(p, "bench_linear")
+    return cli.parse_with_smoke(p, argv, SMOKE)
 
 
 def path_fns(chunk_size: int, with_pallas: bool) -> dict[str, Callable]:
@@ -79,20 +79,13 @@ def path_fns(chunk_size: int, with_pallas: bool) -> dict[str, Callable]:
 def pallas_note(with_pallas: bool) -> str:
     """What the output says about the Pallas Lightning kernel."""
     backend = jax.default_backend()
-    if backend in common.ACCELERATORS:
+    if backend in cli.ACCELERATORS:
         return f"`{PALLAS}` is compiled for {backend}." if with_pallas else f"`{PALLAS}` left out (--no-with-pallas)."
     if with_pallas:
         return (f"`{PALLAS}` ran in Pallas interpret mode on {backend}: its times are NOT meaningful "
                 "(only that it runs).")
     return (f"`{PALLAS}` not timed: on {backend} the Pallas kernel runs only in interpret mode, which is "
             "meaningless to time (pass --with-pallas to include it anyway; it is on by default on GPU/TPU).")
-
-
-def inputs(seq_len: int, mode: str, args: argparse.Namespace) -> tuple:
-    """``(q, k, v)`` for the forward, ``(q, k, v, w)`` for forward+backward."""
-    qkv = common.random_qkv(jax.random.PRNGKey(seq_len), args.batch, seq_len, args.heads, args.head_dim,
-                            jnp.dtype(args.dtype))
-    return common.mode_inputs(*qkv, mode)
 
 
 def predicted_seconds(path: str, seq_len: int, last: Optional[tuple[int, float]]) -> Optional[float]:
@@ -109,17 +102,17 @@ def measure(seq_len: int, mode: str, fns: dict[str, Callable], last: dict[tuple[
 
     ``last`` maps ``(path, mode)`` to its last timed ``(T, seconds)`` and is updated in place.
     """
-    xs = inputs(seq_len, mode, args)
+    xs = workload.benchmark_inputs(seq_len, mode, args)
     rows, thunks = [], {}
     for path, fn in fns.items():
-        compiled = common.compile_fn(common.mode_fn(fn, mode), *xs)
+        compiled = compile_fn(workload.mode_fn(fn, mode), *xs)
         predicted = predicted_seconds(path, seq_len, last.get((path, mode)))
         runs = predicted is None or predicted <= args.time_budget_s
-        rows.append({"T": seq_len, "mode": mode, "path": path, "memory": common.memory_of(compiled).as_dict(),
+        rows.append({"T": seq_len, "mode": mode, "path": path, "memory": memory_of(compiled).as_dict(),
                      "run": runs, "predicted_s": predicted})
         if runs:
             thunks[path] = lambda c=compiled: c(*xs)
-    timings = common.time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    timings = time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
     base = timings.get(SOFTMAX)
     for row in rows:
         t = timings.get(row["path"])
@@ -204,11 +197,11 @@ def table(rows: list[dict], paths: Sequence[str], args: argparse.Namespace) -> s
                 row = _find(rows, seq_len, mode, path)
                 prev = _find(rows, args.seq_lens[i - 1], mode, path) if i else None
                 line += [_time_cell(row, args.time_budget_s), _growth_cell(row, prev),
-                         common.format_bytes(row["memory"]["peak"])]
+                         report.format_bytes(row["memory"]["peak"])]
             ratio = _find(rows, seq_len, mode, LIGHTNING)["ratio_to_softmax"]
             line.append("n/a" if ratio is None else f"{ratio:.3f}x")
             lines.append(line)
-    return common.markdown_table(headers, lines)
+    return report.markdown_table(headers, lines)
 
 
 def _fit_cell(fit: Optional[dict]) -> str:
@@ -219,7 +212,7 @@ def slope_table(fits: dict, min_len: int) -> str:
     """One line per (path, mode): slope over every timed T, and over T >= ``min_len``."""
     lines = [[path, mode.replace("_", "+"), _fit_cell(by_mode["all"]), _fit_cell(by_mode["from_min_len"])]
              for path, modes in fits.items() for mode, by_mode in modes.items()]
-    return common.markdown_table(["path", "mode", "slope (all timed T)", f"slope (T >= {min_len})"], lines)
+    return report.markdown_table(["path", "mode", "slope (all timed T)", f"slope (T >= {min_len})"], lines)
 
 
 def _verdict(met: Optional[bool]) -> str:
@@ -271,7 +264,7 @@ def _fit_label(path: str, mode: str, by_range: dict, min_len: int) -> str:
 
 def plot(rows: list[dict], fits: dict, args: argparse.Namespace, path: Path) -> Path:
     """Log-log time with fitted lines (slopes in the legend), and peak memory, vs T."""
-    plt = common.pyplot()
+    plt = plots.plt
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8))
     for i, name in enumerate(fits):
         for mode, style in zip(MODES, ("-", "--")):
@@ -285,11 +278,11 @@ def plot(rows: list[dict], fits: dict, args: argparse.Namespace, path: Path) -> 
                 xs = np.array([fit["T_min"], fit["T_max"]], float)
                 ax_t.loglog(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], style, color=color,
                             label=_fit_label(name, mode, by_range, args.slope_min_len))
-            ax_m.loglog([r["T"] for r in sel], [r["memory"]["peak"] / common.GIB for r in sel], "o" + style,
+            ax_m.loglog([r["T"] for r in sel], [r["memory"]["peak"] / GIB for r in sel], "o" + style,
                         color=color, label=f"{name} {mode.replace('_', '+')}")
     ax_t.set(title="median time (points) and least-squares fit (lines)", xlabel="T", ylabel="seconds")
     ax_m.set(title="peak memory (compiled memory analysis)", xlabel="T", ylabel="GiB")
-    return common.finish_figure(
+    return plots.finish_figure(
         fig, (ax_t, ax_m), args.seq_lens,
         f"causal attention, B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, "
         f"{jax.devices()[0].device_kind}: Lightning (chunk {args.chunk_size}) vs blocked softmax", path)
@@ -307,15 +300,15 @@ def cpu_model() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark; write JSON, markdown and PNG; print the report."""
     args = parse_args(argv)
-    device = dict(common.device_info(), cpu_model=cpu_model())
+    device = dict(host.device_info(), cpu_model=cpu_model())
     rows = run(args)
     fits = slopes(rows, list(dict.fromkeys(r["path"] for r in rows)), args.slope_min_len)
     goal = target(fits)
-    report = markdown_report(rows, fits, goal, args, device)
-    print(report)
-    results = {"device": device, "settings": common.jsonable_args(args), "pallas": pallas_note(args.with_pallas),
+    md = markdown_report(rows, fits, goal, args, device)
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "pallas": pallas_note(args.with_pallas),
                "rows": rows, "slopes": fits, "target": goal}
-    common.save_benchmark(results, report, args, lambda path: plot(rows, fits, args, path))
+    report.save_benchmark(results, md, args, lambda path: plot(rows, fits, args, path))
     return results
 
 

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 import attnjax
 from attnjax import masks
-from experiments import common
+from experiments.lib import cli, host, plots, report, workload
+from experiments.lib.measure import GIB, Memory, compile_fn, memory_of, time_thunks
 
 BASELINE = "jax.nn/xla"
 PATHS = ("attnjax/xla", BASELINE, "attnjax/reference")
-MODES = common.MODES
+MODES = workload.MODES
 MEMORY_TARGET_LEN, MEMORY_TARGET_GIB = 32768, 1.0
 TIME_TARGET_LEN, TIME_TARGET_RATIO = 4096, 1.5
 
@@ -41,7 +41,7 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 32, "repeats": 1, "max_
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
     default = attnjax.softmax.Softmax()
-    p = common.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768])
+    p = cli.benchmark_parser(__doc__, [1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS), help=f"subset of {PATHS}")
     p.add_argument("--block-q", type=int, default=default.block_q, help="tile size of the xla path")
     p.add_argument("--block-kv", type=int, default=default.block_kv, help="tile size of the xla path")
@@ -50,8 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="stop repeating a measurement after this many seconds (large T gets fewer repeats)")
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
                    help="time a path only if its estimated peak memory is below this")
-    common.add_output_flags(p, "bench_softmax")
-    return common.parse_benchmark_args(p, argv, SMOKE)
+    cli.add_output_flags(p, "bench_softmax")
+    return cli.parse_with_smoke(p, argv, SMOKE)
 
 
 def path_fns(block_q: int, block_kv: int) -> dict[str, Callable]:
@@ -65,35 +65,28 @@ def path_fns(block_q: int, block_kv: int) -> dict[str, Callable]:
     }
 
 
-def inputs(seq_len: int, mode: str, args: argparse.Namespace) -> tuple:
-    """``(q, k, v)`` for the forward, ``(q, k, v, w)`` for forward+backward."""
-    qkv = common.random_qkv(jax.random.PRNGKey(seq_len), args.batch, seq_len, args.heads, args.head_dim,
-                            jnp.dtype(args.dtype))
-    return common.mode_inputs(*qkv, mode)
-
-
 def compile_path(fn: Callable, mode: str, args: tuple) -> jax.stages.Compiled:
     """The compiled forward, or forward+backward, of one path."""
-    return common.compile_fn(common.mode_fn(fn, mode), *args)
+    return compile_fn(workload.mode_fn(fn, mode), *args)
 
 
-def memory_estimate(fn: Callable, mode: str, args: tuple) -> common.Memory:
+def memory_estimate(fn: Callable, mode: str, args: tuple) -> Memory:
     """Memory one path needs in one mode, from compilation alone (nothing is run)."""
-    return common.memory_of(compile_path(fn, mode, args))
+    return memory_of(compile_path(fn, mode, args))
 
 
 def measure(seq_len: int, mode: str, fns: dict[str, Callable], args: argparse.Namespace) -> list[dict]:
     """Memory of every path at one length and mode, and the time of those within the budget."""
-    xs = inputs(seq_len, mode, args)
+    xs = workload.benchmark_inputs(seq_len, mode, args)
     rows, thunks = [], {}
     for path in args.paths:
         compiled = compile_path(fns[path], mode, xs)
-        memory = common.memory_of(compiled)
-        runs = memory.peak <= args.memory_budget_gib * common.GIB
+        memory = memory_of(compiled)
+        runs = memory.peak <= args.memory_budget_gib * GIB
         rows.append({"T": seq_len, "mode": mode, "path": path, "memory": memory.as_dict(), "run": runs})
         if runs:
             thunks[path] = lambda c=compiled: c(*xs)
-    timings = common.time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    timings = time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
     base = timings.get(BASELINE)
     for row in rows:
         t = timings.get(row["path"])
@@ -119,7 +112,7 @@ def _find(rows: list[dict], seq_len: int, mode: str, path: str) -> Optional[dict
 
 def targets(rows: list[dict]) -> dict:
     """The foundation issue's targets: xla extra memory at 32k, xla/jax.nn time ratio at 4k."""
-    extra = {m: r["memory"]["extra"] / common.GIB for m in MODES
+    extra = {m: r["memory"]["extra"] / GIB for m in MODES
              if (r := _find(rows, MEMORY_TARGET_LEN, m, "attnjax/xla"))}
     ratio = {m: r["ratio_to_jax_nn"] for m in MODES if (r := _find(rows, TIME_TARGET_LEN, m, "attnjax/xla"))}
     return {
@@ -138,9 +131,9 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         if r["run"]:
             time_cell, ratio = f"{r['median_s'] * 1e3:.1f} ms (n={r['repeats']})", r["ratio_to_jax_nn"]
         else:
-            time_cell, ratio = f"not run (needs {common.format_bytes(mem['peak'])})", None
-        out.append([r["T"], r["mode"].replace("_", "+"), r["path"], common.format_bytes(mem["peak"]),
-                    common.format_bytes(mem["extra"]), time_cell, "n/a" if ratio is None else f"{ratio:.2f}x"])
+            time_cell, ratio = f"not run (needs {report.format_bytes(mem['peak'])})", None
+        out.append([r["T"], r["mode"].replace("_", "+"), r["path"], report.format_bytes(mem["peak"]),
+                    report.format_bytes(mem["extra"]), time_cell, "n/a" if ratio is None else f"{ratio:.2f}x"])
     return out
 
 
@@ -151,7 +144,7 @@ def _verdict(met: Optional[bool]) -> str:
 def markdown_report(rows: list[dict], goals: dict, args: argparse.Namespace, device: dict) -> str:
     """The markdown file: setup, table, and targets."""
     mem, tim = goals["xla_extra_memory_gib"], goals["xla_fwd_time_ratio"]
-    table = common.markdown_table(["T", "mode", "path", "peak memory", "extra memory", "median time",
+    table = report.markdown_table(["T", "mode", "path", "peak memory", "extra memory", "median time",
                                    "time / jax.nn"], table_rows(rows))
     return "\n".join([
         f"# Softmax attention: attnjax xla vs jax.nn vs reference ({device['device_kind']})",
@@ -178,7 +171,7 @@ def markdown_report(rows: list[dict], goals: dict, args: argparse.Namespace, dev
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
     """Log-log time (timed paths) and estimated peak memory (every path) vs T."""
-    plt = common.pyplot()
+    plt = plots.plt
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, p in enumerate(args.paths):
         for mode, style in zip(MODES, ("-", "--")):
@@ -187,12 +180,12 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> Path:
             timed = [(r["T"], r["median_s"]) for r in sel if r["run"]]
             if timed:
                 ax_t.loglog(*zip(*timed), "o" + style, color=color, label=label)
-            ax_m.loglog([r["T"] for r in sel], [r["memory"]["peak"] / common.GIB for r in sel], "o" + style,
+            ax_m.loglog([r["T"] for r in sel], [r["memory"]["peak"] / GIB for r in sel], "o" + style,
                         color=color, label=label)
     ax_m.axhline(args.memory_budget_gib, color="gray", lw=0.8, ls=":", label="run budget")
     ax_t.set(title="median time (timed paths only)", xlabel="T", ylabel="seconds")
     ax_m.set(title="estimated peak memory (compiled)", xlabel="T", ylabel="GiB")
-    return common.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
+    return plots.finish_figure(fig, (ax_t, ax_m), args.seq_lens,
                                 f"causal softmax attention, H={args.heads}, D={args.head_dim}, {args.dtype}, "
                                 f"{jax.devices()[0].device_kind}", path)
 
@@ -203,13 +196,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     unknown = set(args.paths) - set(PATHS)
     if unknown:
         raise SystemExit(f"unknown --paths {sorted(unknown)}; choose from {PATHS}")
-    device = common.device_info()
+    device = host.device_info()
     rows = run(args)
     goals = targets(rows)
-    report = markdown_report(rows, goals, args, device)
-    print(report)
-    results = {"device": device, "settings": common.jsonable_args(args), "rows": rows, "targets": goals}
-    common.save_benchmark(results, report, args, lambda path: plot(rows, args, path))
+    md = markdown_report(rows, goals, args, device)
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "rows": rows, "targets": goals}
+    report.save_benchmark(results, md, args, lambda path: plot(rows, args, path))
     return results
 
 

@@ -38,7 +38,7 @@ from attnjax.api import attention
 from attnjax.local import Neighborhood, NeighborhoodMask
 from attnjax.softmax import flash_attention_xla
 from attnjax.sparse import BlockSparse, block_sparse_attention, density
-from experiments import common
+from experiments.lib import cli, flops, host, measure, plots, report, workload
 
 TARGET_FACTOR, TARGET_DENSITY = 0.7, 0.25
 SMOKE = {"seq_lens": [512, 1024], "heads": 2, "head_dim": 16, "repeats": 1, "max_seconds": 1.0,
@@ -48,7 +48,7 @@ SMOKE = {"seq_lens": [512, 1024], "heads": 2, "head_dim": 16, "repeats": 1, "max
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
-    p = common.benchmark_parser(__doc__, [8192, 16384, 32768], heads=4)
+    p = cli.benchmark_parser(__doc__, [8192, 16384, 32768], heads=4)
     p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
                    help="comma-separated selectors and/or 'neighborhood' (default: every sparse selector and "
                         "neighborhood)")
@@ -63,8 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="run a path only if its compiled peak memory is below this")
     p.add_argument("--time-budget-s", type=float, default=30.0,
                    help="time a path at the next T only while its predicted single run (linear in T·density·T) fits")
-    common.add_output_flags(p, "bench_sparse")
-    return common.parse_benchmark_args(p, argv, SMOKE)
+    cli.add_output_flags(p, "bench_sparse")
+    return cli.parse_with_smoke(p, argv, SMOKE)
 
 
 def grid_2d(T: int) -> tuple[int, int]:
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dense_times: dict[tuple, float] = {}
     bar = tqdm(total=len(args.seq_lens) * len(configs), desc="bench_sparse", unit="case")
     for T in args.seq_lens:
-        q, k, v = common.host_random_qkv(T, args.batch, T, args.heads, args.head_dim, args.dtype)
+        q, k, v = workload.host_random_qkv(T, args.batch, T, args.heads, args.head_dim, args.dtype)
         for name, config in configs.items():
             bar.set_postfix(T=T, mechanism=name)
             cfg, mask, blocks = setup(name, config, q, k, T, args)
@@ -151,13 +151,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if path == "dense" and (T, row["causal"]) in dense_times:
                     row["seconds"][path] = dense_times[T, row["causal"]]
                     continue
-                compiled = common.compile_fn(fn, q, k, v)
-                peak = common.memory_of(compiled).peak
-                if peak > args.memory_budget_gib * common.GIB:
+                compiled = measure.compile_fn(fn, q, k, v)
+                peak = measure.memory_of(compiled).peak
+                if peak > args.memory_budget_gib * measure.GIB:
                     row["seconds"][path] = None
-                    row.setdefault("not_run", {})[path] = f"needs {common.format_bytes(peak)}"
+                    row.setdefault("not_run", {})[path] = f"needs {report.format_bytes(peak)}"
                     continue
-                timing = common.time_thunks({path: lambda: compiled(q, k, v)}, repeats=args.repeats,
+                timing = measure.time_thunks({path: lambda: compiled(q, k, v)}, repeats=args.repeats,
                                             max_seconds=args.max_seconds)[path]
                 row["seconds"][path] = timing.median_s
                 last[key] = (T, timing.median_s)
@@ -190,15 +190,15 @@ def timing_rows(cases: Sequence[dict], args: argparse.Namespace) -> list[dict]:
     causal or full for the baseline, ``density`` times that for the sparse paths)."""
     rows = []
     for c in cases:
-        dense_flops = common.attention_flops(args.batch, args.heads, c["T"], c["T"], args.head_dim, causal=c["causal"],
+        dense_flops = flops.attention_flops(args.batch, args.heads, c["T"], c["T"], args.head_dim, causal=c["causal"],
                                              mode="fwd")
         for path, seconds in c["seconds"].items():
             if seconds is None:
                 continue
             label = "dense/xla" if path == "dense" else f"{c['mechanism']}/{path}"
-            flops = dense_flops if path == "dense" else dense_flops * c["density"]
+            work = dense_flops if path == "dense" else dense_flops * c["density"]
             rows.append({"T": c["T"], "mode": "fwd", "path": label, "median_s": seconds, "causal": c["causal"],
-                         "flops": flops})
+                         "flops": work})
     return list({(r["T"], r["path"]): r for r in rows}.values())
 
 
@@ -212,7 +212,7 @@ def _x(ratio: Optional[float]) -> str:
 
 def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load: tuple[dict, dict]) -> str:
     """The report: settings, one table row per (mechanism, T), and the target summary."""
-    table = common.markdown_table(
+    table = report.markdown_table(
         ["mechanism", "T", "density", "engine", "selected", "dense xla", "speedup (engine)", "speedup (selected)",
          "target 0.7/density", "verdict"],
         [[r["mechanism"], r["T"], f"{r['density']:.3f}", _ms(r["seconds"]["engine"]), _ms(r["seconds"]["selected"]),
@@ -228,7 +228,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
         "under `Causal()`, "
         f"neighbourhood attention on a 2-D grid with kernel {args.na_kernel} (not causal). Density: visited tiles / "
         "tiles the dense baseline computes. Speedup: dense `flash_attention_xla` time / path time, in this run.",
-        "", common.load_note(*load), "",
+        "", host.load_note(*load), "",
         "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "",
         f"Target (speedup of the engine ≥ 0.7 × 1/density wherever density ≤ 0.25): met in {len(met)} of "
         f"{len(judged)} judged cases.", ""])
@@ -236,7 +236,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
 
 def plot(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
     """Speedup of the engine against 1/density, with the target line."""
-    plt = common.pyplot()
+    plt = plots.plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, name in enumerate(dict.fromkeys(r["mechanism"] for r in rows)):
         pts = [(1 / r["density"], r["speedup_engine"]) for r in rows
@@ -258,13 +258,13 @@ def plot(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark; write JSON, markdown and PNG; print the table."""
     args = parse_args(argv)
-    device, load_before = common.device_info(), common.machine_load()
+    device, load_before = host.device_info(), host.machine_load()
     cases = run(args)
-    report = markdown(cases, args, device, (load_before, common.machine_load()))
-    print(report)
-    results = {"device": device, "settings": common.jsonable_args(args), "cases": cases,
+    md = markdown(cases, args, device, (load_before, host.machine_load()))
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "cases": cases,
                "rows": timing_rows(cases, args)}
-    common.save_benchmark(results, report, args, lambda path: plot(cases, args, path))
+    report.save_benchmark(results, md, args, lambda path: plot(cases, args, path))
     return results
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 from attnjax import parallel  # noqa: E402
 from attnjax.parallel import comm  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments.lib import cli, host, plots, report  # noqa: E402
 
 PAPER_TOKENS, PAPER_DEVICES = 2048 * 1024, 64
 PAPER_SPEEDUP_OVER_RING = 1.366
@@ -57,19 +57,21 @@ SCHEME_ATTENTION = {"ring": ("linear", "softmax"), "allgather": ("linear", "soft
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line flags; the defaults are the run kept in ``experiments/results``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=common.parse_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
+    p.add_argument("--devices", type=cli.parse_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
                    help="device counts to project")
     p.add_argument("--tokens-per-device", type=int, default=32768, help="weak scaling: tokens per device")
     p.add_argument("--seq-len", type=int, default=PAPER_TOKENS, help="strong scaling: global sequence length")
     p.add_argument("--measure-seq-len", type=int, default=64, help="sequence length of the compiled layers")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the compiled-HLO part")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="output directory")
     p.add_argument("--name", default="comm_model", help="output file stem")
     return p.parse_args(argv)
 
 
 def workload(seq_len: int, dtype_bytes: int = 2) -> comm.Workload:
+    """The attention shapes of ``MODEL`` at ``seq_len`` tokens (bf16 by default)."""
     return comm.Workload(batch=1, seq_len=seq_len, heads=MODEL["heads"], kv_heads=MODEL["kv_heads"],
                          head_dim=MODEL["head_dim"], dtype_bytes=dtype_bytes)
 
@@ -109,6 +111,8 @@ def measure(seq_len: int) -> list[dict]:
 
 
 def project(seq_len: int, world: int, hw: comm.Hardware, scheme: str, attention: str) -> dict:
+    """One training step of ``MODEL`` under ``scheme`` on ``world`` devices: ``comm.step_time``'s terms, or why
+    the scheme cannot run there (``feasible`` False and a ``reason``)."""
     w = workload(seq_len)
     row = {"scheme": scheme, "attention": attention, "world": world, "seq_len": seq_len}
     reason = comm.feasible(scheme, w, world, attention)
@@ -120,6 +124,7 @@ def project(seq_len: int, world: int, hw: comm.Hardware, scheme: str, attention:
 
 
 def projections(args: argparse.Namespace) -> list[dict]:
+    """``project`` for every hardware profile, device count, scaling (weak, strong), scheme and attention."""
     rows = []
     for hw_name, hw in HARDWARE.items():
         for world in args.devices:
@@ -148,21 +153,23 @@ def break_even_bandwidth(hw: comm.Hardware, speedup: float = PAPER_SPEEDUP_OVER_
 
 
 def fmt_time(seconds: float) -> str:
+    """``1.5`` -> ``"1.5 s"``, ``0.0015`` -> ``"1.5 ms"``."""
     return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
 def markdown_report(results: dict, args: argparse.Namespace) -> str:
+    """The markdown file: measured bytes, the paper's setting, break-even bandwidths, scaling tables, the model."""
     lines = ["# Sequence parallelism: communication report and step-time model", ""]
     if results["measured"]:
         m = results["measured"][0]
         lines += [f"## Bytes sent per device, one training step, read from the compiled HLO "
                   f"({m['world']} devices, T={m['seq_len']}, {m['heads']} heads of {m['head_dim']}, float32)", "",
-                  common.markdown_table(
+                  report.markdown_table(
                       ["scheme", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "HLO total",
                        "cost model", "collectives run"],
-                      [[r["scheme"], *(common.format_bytes(r["hlo_bytes"][k]) for k in
+                      [[r["scheme"], *(report.format_bytes(r["hlo_bytes"][k]) for k in
                                        ("all-gather", "reduce-scatter", "all-to-all", "collective-permute")),
-                        common.format_bytes(r["measured"]), common.format_bytes(r["modeled"]),
+                        report.format_bytes(r["measured"]), report.format_bytes(r["modeled"]),
                         sum(r["hlo_counts"].values()) - 1] for r in results["measured"]]),
                   "", "HLO total excludes the loss's scalar all-reduce. The cost model uses the same byte formulas "
                   "at every scale below.", ""]
@@ -171,11 +178,11 @@ def markdown_report(results: dict, args: argparse.Namespace) -> str:
               "Linear-Llama3-1B shapes", ""]
     for hw_name, rows in paper.items():
         lines += [f"**{HARDWARE[hw_name].name}**", "",
-                  common.markdown_table(
+                  report.markdown_table(
                       ["scheme", "attention", "step", "comm (sum)", "compute", "bytes/device", "tokens/s",
                        "LASP-2 speedup"],
                       [[r["scheme"], r["attention"], *((fmt_time(r["step"]), fmt_time(r["comm"]),
-                                                        fmt_time(r["compute"]), common.format_bytes(r["bytes"]),
+                                                        fmt_time(r["compute"]), report.format_bytes(r["bytes"]),
                                                         f"{r['tokens_per_s']:.3g}",
                                                         f"{r['lasp2_speedup']:.2f}x" if "lasp2_speedup" in r else "")
                                                        if r["feasible"] else (r["reason"], "", "", "", "", ""))]
@@ -192,7 +199,7 @@ def markdown_report(results: dict, args: argparse.Namespace) -> str:
                            ("strong", f"{args.seq_len // 1024}K tokens in all")):
         rows = [r for r in results["projections"] if r["scaling"] == scaling and r["hardware"] == "a100"]
         lines += [f"## Tokens/s on the A100 profile, {scaling} scaling ({label}), linear attention", "",
-                  common.markdown_table(["devices"] + list(comm.SCHEMES),
+                  report.markdown_table(["devices"] + list(comm.SCHEMES),
                                         [[world] + [_cell(rows, s, "linear", world) for s in comm.SCHEMES]
                                          for world in args.devices]), ""]
     lines += ["Model (``attnjax.parallel.comm``): per layer and direction, comm = bytes / bandwidth + (W - 1) "
@@ -213,7 +220,8 @@ def _cell(rows: list[dict], scheme: str, attention: str, world: int) -> str:
 
 
 def plot(results: dict, args: argparse.Namespace, path: Path) -> Path:
-    plt = common.pyplot()
+    """Projected tokens/s under weak and strong scaling, and bytes per device per layer, vs devices."""
+    plt = plots.plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     styles = {"ring": "o-", "allgather": "s-", "ulysses": "^-", "lasp2": "D-"}
     for ax, scaling in zip(axes[:2], ("weak", "strong")):
@@ -232,7 +240,7 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> Path:
         what = f"{args.tokens_per_device // 1024}K tokens/device" if scaling == "weak" else \
             f"{args.seq_len // 1024}K tokens"
         ax.set_title(f"A100 profile, {scaling} scaling ({what})")
-        common.label_x(ax, args.devices)
+        plots.label_x(ax, args.devices)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     ax = axes[2]
@@ -245,7 +253,7 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> Path:
     ax.set_xlabel("devices")
     ax.set_ylabel("bytes sent per device per layer (fwd + bwd)")
     ax.set_title("communication volume, weak scaling")
-    common.label_x(ax, args.devices)
+    plots.label_x(ax, args.devices)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -255,6 +263,7 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The measured part (unless ``--no-measure``), the paper's setting, the projections and break-even bandwidths."""
     measured = measure(args.measure_seq_len) if args.measure else []
     paper = {}
     for hw_name, hw in HARDWARE.items():
@@ -262,20 +271,21 @@ def run(args: argparse.Namespace) -> dict:
         lasp2 = next(r for r in rows if r["scheme"] == "lasp2")["step"]
         paper[hw_name] = [dict(r, lasp2_speedup=r["step"] / lasp2) if r["feasible"] and r["attention"] == "linear"
                           else r for r in rows]
-    return {"device": common.device_info(), "args": common.jsonable_args(args), "model": MODEL,
+    return {"device": host.device_info(), "args": report.jsonable_args(args), "model": MODEL,
             "hardware": {k: dataclasses.asdict(v) for k, v in HARDWARE.items()}, "measured": measured,
             "paper": paper, "projections": projections(args),
             "break_even_bandwidth": {k: break_even_bandwidth(hw) for k, hw in HARDWARE.items()}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run; write JSON, markdown and PNG; print the report; return the results."""
     args = parse_args(argv)
     results = run(args)
-    report = markdown_report(results, args)
-    print(report)
+    md = markdown_report(results, args)
+    print(md)
     out = Path(args.out)
-    common.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(report)
+    report.write_json(results, f"{args.name}.json", out)
+    (out / f"{args.name}.md").write_text(md)
     plot(results, args, out / f"{args.name}.png")
     return results
 

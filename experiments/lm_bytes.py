@@ -5,7 +5,7 @@ The corpus is the running interpreter's standard library (``sysconfig.get_paths(
 order, each followed by a NUL byte, and split into train and validation by a hash of the relative path
 (``valid_fraction`` of the files), so the split is fixed and the two sides share no file.
 
-Per mechanism, a small ``experiments.train.LanguageModel`` (256 byte tokens) trains at context ``T``
+Per mechanism, a small ``experiments.lib.model.LanguageModel`` (256 byte tokens) trains at context ``T``
 on random train windows. Validation reports bits per byte (mean cross-entropy / ln 2) on the same
 validation bytes cut into windows of ``T``, ``2T`` and ``4T``: the longer windows give more context
 (interpolation would improve) but put positions beyond the trained range (extrapolation may break).
@@ -32,7 +32,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import common, train
+from experiments.lib import cli, host, report
+from experiments.lib.model import LanguageModel, ModelConfig, mixer_names, num_params
+from experiments.lib.training import IGNORE, Batch, TrainConfig, evaluate, train
 
 SEPARATOR = b"\x00"
 """Byte appended after each file (never in Python source)."""
@@ -93,7 +95,7 @@ def load_corpus(root: Optional[Union[str, Path]] = None, valid_fraction: float =
     return Corpus(read(sides[False]), read(sides[True]), tuple(sides[False]), tuple(sides[True]))
 
 
-def train_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: Union[int, Sequence[int]]) -> train.Batch:
+def train_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: Union[int, Sequence[int]]) -> Batch:
     """Random windows of ``data``: ``inputs [B, T]`` and next-byte ``targets [B, T]`` (int32), set by ``seed``."""
     if len(data) <= seq_len + 1:
         raise ValueError(f"data has {len(data)} bytes, too few for windows of {seq_len + 1}")
@@ -110,7 +112,7 @@ def eval_windows(data: np.ndarray, window: int, num_windows: int) -> np.ndarray:
     return data[starts[:, None] + np.arange(window + 1)]
 
 
-def split_windows(windows: np.ndarray, length: int, score_last: Optional[int] = None) -> train.Batch:
+def split_windows(windows: np.ndarray, length: int, score_last: Optional[int] = None) -> Batch:
     """Cut ``[N, W + 1]`` windows into ``[N·W/length, length]`` inputs and next-byte targets.
 
     Every piece scores its own ``length`` targets, so each cut scores the same ``N·W`` bytes. With
@@ -123,17 +125,17 @@ def split_windows(windows: np.ndarray, length: int, score_last: Optional[int] = 
     inputs = data[:, :-1].reshape(n * w // length, length)
     targets = data[:, 1:].reshape(n * w // length, length).copy()
     if score_last is not None:
-        targets[:, :length - score_last] = train.IGNORE
+        targets[:, :length - score_last] = IGNORE
     return inputs, targets
 
 
-def bits_per_byte(model: train.LanguageModel, windows: np.ndarray, length: int, score_last: Optional[int] = None,
+def bits_per_byte(model: LanguageModel, windows: np.ndarray, length: int, score_last: Optional[int] = None,
                   batch_size: int = 16) -> float:
     """Validation bits per byte: summed cross-entropy / (ln 2 · scored bytes) over ``split_windows``."""
     inputs, targets = split_windows(windows, length, score_last)
     rows = max(batch_size * windows.shape[1] // (length + 1), 1)
     batches = [(inputs[i:i + rows], targets[i:i + rows]) for i in range(0, len(inputs), rows)]
-    return train.evaluate(model, batches)["bits"]
+    return evaluate(model, batches)["bits"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -141,7 +143,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", type=lambda s: s.split(","),
                    default=["softmax", "lightning", "based_linear", "transnormer", "based"],
-                   help=f"comma-separated mixers: {', '.join(train.mixer_names())}")
+                   help=f"comma-separated mixers: {', '.join(mixer_names())}")
     p.add_argument("--seq-len", type=int, default=128, help="training context T")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
@@ -157,41 +159,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows of 4T bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", type=Path, default=None, help="source tree (default: the stdlib)")
-    p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (tests)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
-    p.add_argument("--name", default=None, help="output file stem (default lm_bytes_<platform>)")
-    if "--smoke" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**SMOKE)
-    args = p.parse_args(argv)
-    unknown = set(args.mechanisms) - set(train.mixer_names())
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    cli.add_output_flags(p, "lm_bytes")
+    args = cli.parse_with_smoke(p, argv, SMOKE)
+    unknown = set(args.mechanisms) - set(mixer_names())
     if unknown:
-        p.error(f"unknown mechanisms {sorted(unknown)}; known: {train.mixer_names()}")
+        p.error(f"unknown mechanisms {sorted(unknown)}; known: {mixer_names()}")
     return args
 
 
-def model_config(args: argparse.Namespace, mechanism: str) -> train.ModelConfig:
+def model_config(args: argparse.Namespace, mechanism: str) -> ModelConfig:
     """The byte LM for one mechanism (the ``based`` block gets ``--based-window``)."""
     options = {"window": args.based_window} if mechanism == "based" else {}
-    return train.ModelConfig(vocab_size=256, mixer=mechanism, d_model=args.d_model, num_layers=args.num_layers,
+    return ModelConfig(vocab_size=256, mixer=mechanism, d_model=args.d_model, num_layers=args.num_layers,
                              num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, mixer_options=options)
 
 
 def run_one(args: argparse.Namespace, corpus: Corpus, windows: np.ndarray, mechanism: str) -> dict:
     """Train one byte LM and measure validation bits per byte at each ``CONTEXT_MULTIPLES`` of T."""
     config = model_config(args, mechanism)
-    model = train.LanguageModel(config, rngs=nnx.Rngs(args.seed))
-    train_config = train.TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+    model = LanguageModel(config, rngs=nnx.Rngs(args.seed))
+    train_config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
                                      weight_decay=args.weight_decay)
     start = time.perf_counter()
-    history = train.train(model, lambda step: train_batch(corpus.train, args.batch_size, args.seq_len,
-                                                          (args.seed, step)),
-                          train_config, desc=mechanism, progress=not args.no_progress)
+    history = train(model, lambda step: train_batch(corpus.train, args.batch_size, args.seq_len, (args.seed, step)),
+                    train_config, desc=mechanism, progress=args.progress)
     seconds = time.perf_counter() - start
     T = args.seq_len
     bpb = {f"{m}T": bits_per_byte(model, windows, m * T) for m in CONTEXT_MULTIPLES}
     last = {f"{m}T": bits_per_byte(model, windows, m * T, score_last=T) for m in CONTEXT_MULTIPLES if m > 1}
-    return {"mechanism": mechanism, "bpb": bpb, "bpb_last_T": last, "params": train.num_params(model),
+    return {"mechanism": mechanism, "bpb": bpb, "bpb_last_T": last, "params": num_params(model),
             "train_seconds": seconds, "final_train_bpb": history[-1]["loss"] / math.log(2), "history": history}
 
 
@@ -201,10 +198,10 @@ def table(rows: Sequence[dict], seq_len: int) -> str:
         f"last T @ {m}T" for m in CONTEXT_MULTIPLES if m > 1]
     lines = [[r["mechanism"], f"{r['params']:,}"] + [f"{r['bpb'][f'{m}T']:.3f}" for m in CONTEXT_MULTIPLES]
              + [f"{r['bpb_last_T'][f'{m}T']:.3f}" for m in CONTEXT_MULTIPLES if m > 1] for r in rows]
-    return common.markdown_table(headers, lines)
+    return report.markdown_table(headers, lines)
 
 
-def report(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
+def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
     """The markdown page: command, settings, corpus, machine and load, and the bits-per-byte table."""
     corpus, device = run_info["corpus"], run_info["device"]
     return "\n".join([
@@ -232,21 +229,21 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     corpus = load_corpus(args.root, args.valid_fraction)
     windows = eval_windows(corpus.valid, max(CONTEXT_MULTIPLES) * args.seq_len, args.eval_windows)
     rows = []
-    for mechanism in tqdm(args.mechanisms, desc="lm_bytes", disable=args.no_progress, dynamic_ncols=True):
+    for mechanism in tqdm(args.mechanisms, desc="lm_bytes", disable=not args.progress, dynamic_ncols=True):
         rows.append(run_one(args, corpus, windows, mechanism))
-        if not args.no_progress:
+        if args.progress:
             bpb = ", ".join(f"{k}: {v:.3f}" for k, v in rows[-1]["bpb"].items())
             tqdm.write(f"{mechanism}: bits per byte {bpb} ({rows[-1]['train_seconds']:.0f} s)")
     corpus_info = {"train_bytes": len(corpus.train), "valid_bytes": len(corpus.valid),
                    "train_files": len(corpus.train_files), "valid_files": len(corpus.valid_files),
                    "scored_bytes_per_eval": int(windows.shape[0] * (windows.shape[1] - 1))}
-    run_info = {"device": common.device_info(), "corpus": corpus_info, "wall_seconds": time.perf_counter() - start,
+    run_info = {"device": host.device_info(), "corpus": corpus_info, "wall_seconds": time.perf_counter() - start,
                 "load_start": load_start, "load_end": os.getloadavg()[0]}
-    name = args.name or f"lm_bytes_{run_info['device']['platform']}"
-    md = report(rows, args, argv, run_info)
+    md = markdown(rows, args, argv, run_info)
     print(md)
-    common.write_json({"args": common.jsonable_args(args), **run_info, "results": rows}, f"{name}.json", args.out)
-    (Path(args.out) / f"{name}.md").write_text(md)
+    report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows}, f"{args.name}.json",
+                      args.out)
+    (Path(args.out) / f"{args.name}.md").write_text(md)
     return rows
 
 

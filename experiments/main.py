@@ -11,9 +11,9 @@ For each entry of ``attnjax.registry.entries()``:
    ``jax.nn.dot_product_attention(implementation="xla")`` at a few sequence lengths, forward and
    forward+backward, as ratios to jax.nn measured in this run; a path whose predicted single run
    exceeds ``--time-budget-s`` is not timed at longer lengths;
-3. MQAR (``experiments.mqar.compare``, quick setting): a short associative-recall run of
+3. MQAR (``experiments.lib.mqar_runs.compare``, quick setting): a short associative-recall run of
    ``--mqar-mechanisms`` (softmax, lightning and BASED's linear part by default);
-4. CAB patterns (``experiments.cab``, small sizes): which of noncausal/causal self/cross attention
+4. CAB patterns (``experiments.lib.cab_efficiency.run``, small sizes): which of noncausal/causal self/cross attention
    each mechanism serves, checked by running it; with ``--cab-seq-lens``, also its efficiency length
    against softmax xla (the full CAB run is ``python -m experiments.cab``);
 5. a summary (printed and ``main.md``), ``main.json`` and a log-log plot ``main_scaling.png`` in ``--out``.
@@ -41,22 +41,24 @@ from tqdm import tqdm
 
 import attnjax
 from attnjax import dispatch, masks, registry
-from experiments import cab, common, mqar
+from experiments.lib import (accuracy, cab_efficiency, cab_patterns, cli, host, measure, mqar_runs, outcomes, plots,
+                             report, workload)
+from experiments.lib.cab_patterns import PATTERN_BY_NAME, CABSettings
 
 BASELINE = "jax.nn/xla"
-MODES = common.MODES
+MODES = workload.MODES
 MIN_CHECK_LEN = 64
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults finish in a few minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=common.parse_ints, default=[256, 512, 1024],
+    p.add_argument("--seq-lens", type=cli.parse_ints, default=[256, 512, 1024],
                    help="comma-separated sequence lengths to time (1k = 1024)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=sorted(common.TOLERANCE))
+    p.add_argument("--dtype", default="float32", choices=sorted(accuracy.TOLERANCE))
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=5.0, help="stop repeating a measurement after this")
     p.add_argument("--time-budget-s", type=float, default=2.0,
@@ -71,14 +73,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="comma-separated mechanisms for the short MQAR comparison (empty: skip it)")
     p.add_argument("--cab", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the CAB pattern checks and efficiency lengths (experiments.cab)")
-    p.add_argument("--cab-seq-lens", type=common.parse_ints, default=None,
+    p.add_argument("--cab-seq-lens", type=cli.parse_ints, default=None,
                    help="also measure CAB efficiency lengths (causal self, fwd) at these T (default: not measured "
                         "here; see experiments/cab.py)")
     p.add_argument("--max-minutes", type=float, default=9.0,
                    help="start no new mechanism or length after this many minutes (what is left out is listed)")
     p.add_argument("--mechanisms", type=lambda s: s.split(","), default=None,
                    help="comma-separated registry names (default: every registered mechanism)")
-    p.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="output directory")
     return p.parse_args(argv)
 
 
@@ -104,17 +106,17 @@ def outputs_and_grads(fn: Callable, q, k, v, w, *, memory_budget: Optional[float
     Raises ``MemoryError`` before running if ``memory_budget`` (bytes) is below the compiled peak of
     the forward or the gradients (XLA's memory analysis).
     """
-    fwd, bwd = common.compile_fn(fn, q, k, v), common.compile_fn(common.grad_fn(fn), q, k, v, w)
-    peak = max(common.memory_of(fwd).peak, common.memory_of(bwd).peak)
+    fwd, bwd = measure.compile_fn(fn, q, k, v), measure.compile_fn(workload.grad_fn(fn), q, k, v, w)
+    peak = max(measure.memory_of(fwd).peak, measure.memory_of(bwd).peak)
     if memory_budget is not None and peak > memory_budget:
-        raise MemoryError(f"needs {common.format_bytes(peak)} > {common.format_bytes(memory_budget)}")
+        raise MemoryError(f"needs {report.format_bytes(peak)} > {report.format_bytes(memory_budget)}")
     out, (dq, dk, dv) = fwd(q, k, v), bwd(q, k, v, w)
     return {n: np.asarray(x, np.float32) for n, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv))}
 
 
 def check_inputs(seq_len: int, args: argparse.Namespace) -> tuple:
     """``(q, k, v, w)`` of the correctness checks: batch 2, ``seq_len`` tokens, a random cotangent ``w``."""
-    q, k, v = common.host_random_qkv(0, 2, seq_len, args.heads, args.head_dim, jnp.dtype(args.dtype))
+    q, k, v = workload.host_random_qkv(0, 2, seq_len, args.heads, args.head_dim, jnp.dtype(args.dtype))
     return q, k, v, jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32))
 
 
@@ -126,7 +128,7 @@ def reference_outputs(entry: registry.Entry, args: argparse.Namespace) -> tuple[
         xs = check_inputs(seq_len, args)
         try:
             return xs, outputs_and_grads(attention_fn(entry, "reference"), *xs,
-                                         memory_budget=args.check_memory_gib * common.GIB)
+                                         memory_budget=args.check_memory_gib * measure.GIB)
         except MemoryError:
             if seq_len <= MIN_CHECK_LEN:
                 raise
@@ -142,26 +144,26 @@ def check_entry(entry: registry.Entry, args: argparse.Namespace) -> dict:
     others = [i for i in entry.implementations if i != "reference"]
     try:
         xs, expected = reference_outputs(entry, args)
-    except cab.DECLINED + cab.REJECTED + (MemoryError,) as e:
+    except outcomes.DECLINED + outcomes.REJECTED + (MemoryError,) as e:
         reason = (f"the reference does not take q, k, v [2, T, {args.heads}, {args.head_dim}], mask "
-                  f"{mask_for(entry)}, T <= {args.check_len}: {cab.error_text(e)}")
+                  f"{mask_for(entry)}, T <= {args.check_len}: {outcomes.error_text(e)}")
         return {"reference": {"skipped": reason}, **{i: {"skipped": "no reference to compare with"} for i in others}}
     except Exception as e:  # noqa: BLE001 - a failure of this mechanism, recorded; the demo goes on
-        return {"reference": {"error": cab.error_text(e), "passed": False}}
+        return {"reference": {"error": outcomes.error_text(e), "passed": False}}
     seq_len = xs[0].shape[1]
     results = {}
     for impl in others:
         try:
             actual = outputs_and_grads(attention_fn(entry, impl), *xs)
-        except cab.DECLINED as e:
-            results[impl] = {"skipped": cab.error_text(e)}
+        except outcomes.DECLINED as e:
+            results[impl] = {"skipped": outcomes.error_text(e)}
             continue
         except Exception as e:  # noqa: BLE001 - the reference runs these inputs, so this is a failure
-            results[impl] = {"error": cab.error_text(e), "passed": False}
+            results[impl] = {"error": outcomes.error_text(e), "passed": False}
             continue
-        errors = {n: common.relative_error(actual[n], expected[n]) for n in expected}
+        errors = {n: accuracy.relative_error(actual[n], expected[n]) for n in expected}
         results[impl] = {"T": seq_len, "max_rel_err": errors,
-                         "passed": max(errors.values()) <= common.TOLERANCE[args.dtype]}
+                         "passed": max(errors.values()) <= accuracy.TOLERANCE[args.dtype]}
     return results
 
 
@@ -208,8 +210,8 @@ def time_one_length(fns: dict[str, Callable], seq_len: int, mode: str, args: arg
 
     ``last`` maps a label to its last timed ``(T, seconds)`` in this mode and is updated in place.
     """
-    qkv = common.host_random_qkv(seq_len, args.batch, seq_len, args.heads, args.head_dim, jnp.dtype(args.dtype))
-    inputs = common.mode_inputs(*qkv, mode)
+    qkv = workload.host_random_qkv(seq_len, args.batch, seq_len, args.heads, args.head_dim, jnp.dtype(args.dtype))
+    inputs = workload.mode_inputs(*qkv, mode)
     thunks, skipped = {}, {}
     for label, fn in fns.items():
         predicted = predicted_seconds(last.get(label), seq_len)
@@ -217,12 +219,12 @@ def time_one_length(fns: dict[str, Callable], seq_len: int, mode: str, args: arg
             skipped[label] = f"predicted {predicted:.1f} s per run > {args.time_budget_s:g} s"
             continue
         try:
-            compiled = common.compile_fn(common.mode_fn(fn, mode), *inputs)
+            compiled = measure.compile_fn(workload.mode_fn(fn, mode), *inputs)
         except Exception as e:  # noqa: BLE001 - recorded as not timed; the demo goes on
-            skipped[label] = cab.error_text(e)
+            skipped[label] = outcomes.error_text(e)
             continue
         thunks[label] = lambda c=compiled: c(*inputs)
-    timings = common.time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    timings = measure.time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
     for label, t in timings.items():
         last[label] = (seq_len, t.median_s)
     return {**{label: None for label in skipped}, **{label: t.median_s for label, t in timings.items()}}, skipped
@@ -280,7 +282,7 @@ def summary_table(checks: dict, timings: dict, check_len: int) -> str:
     """The markdown summary: checks and time / jax.nn time per length (fwd, fwd+bwd)."""
     headers = ["mechanism/impl", "check (max rel err)"]
     headers += [f"T={t} {m.replace('_', '+')}" for t in timings["seq_lens"] for m in MODES]
-    return common.markdown_table(headers, summary_rows(checks, timings, check_len))
+    return report.markdown_table(headers, summary_rows(checks, timings, check_len))
 
 
 def check_notes(checks: dict, timed: Sequence[str]) -> list[str]:
@@ -295,7 +297,7 @@ def check_notes(checks: dict, timed: Sequence[str]) -> list[str]:
 
 def plot_scaling(timings: dict, path: Path) -> Path:
     """Log-log time vs T, one line per mechanism/implementation and jax.nn; fwd and fwd+bwd."""
-    plt = common.pyplot()
+    plt = plots.plt
     labels = list(timings["seconds"]["fwd"])
     fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4.2 + 0.2 * -(-len(labels) // 4)), sharey=True,
                              layout="constrained")
@@ -308,10 +310,10 @@ def plot_scaling(timings: dict, path: Path) -> Path:
             if pts:
                 ax.loglog(*zip(*pts), label=label if mode == MODES[0] else None, **style)
         ax.set(title=mode.replace("_", "+"), xlabel="sequence length T", ylabel="median seconds")
-        common.label_x(ax, timings["seq_lens"])
+        plots.label_x(ax, timings["seq_lens"])
         ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=4, fontsize=7)
-    fig.suptitle(f"attention time vs T on {common.device_info()['device_kind']} (causal where supported)")
+    fig.suptitle(f"attention time vs T on {host.device_info()['device_kind']} (causal where supported)")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -324,22 +326,22 @@ def failures(checks: dict) -> list[str]:
 
 
 def run_cab(entries: Sequence[registry.Entry], args: argparse.Namespace,
-            deadline: Optional[float] = None) -> tuple[dict, argparse.Namespace]:
-    """``experiments.cab`` at this job's sizes: the four patterns, and, with ``--cab-seq-lens``, the
-    efficiency length in causal self attention (fwd). Mechanisms not started by the ``deadline`` are left out."""
-    cab_args = cab.parse_args(["--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-                               "--seq-lens", ",".join(map(str, args.cab_seq_lens or args.seq_lens)),
-                               "--efficiency-patterns", "causal_self" if args.cab_seq_lens else "",
-                               "--repeats", str(args.repeats), "--max-seconds", str(args.max_seconds),
-                               "--time-budget-s", str(args.time_budget_s), "--out", str(args.out),
-                               "--mechanisms", ",".join(e.name for e in entries)])
-    return cab.run(cab_args, deadline), cab_args
+            deadline: Optional[float] = None) -> tuple[dict, CABSettings]:
+    """The CAB run (``experiments.lib.cab_efficiency.run``) at this job's sizes: the four patterns, and, with
+    ``--cab-seq-lens``, the efficiency length in causal self attention (fwd). Mechanisms not started by the
+    ``deadline`` are left out."""
+    settings = CABSettings(mechanisms=[e.name for e in entries], batch=args.batch, heads=args.heads,
+                           head_dim=args.head_dim, seq_lens=args.cab_seq_lens or args.seq_lens,
+                           efficiency_patterns=[PATTERN_BY_NAME["causal_self"]] if args.cab_seq_lens else [],
+                           repeats=args.repeats, max_seconds=args.max_seconds, time_budget_s=args.time_budget_s,
+                           with_pallas=jax.default_backend() in cli.ACCELERATORS)
+    return cab_efficiency.run(settings, deadline), settings
 
 
-def report(sections: Sequence[tuple[str, str]], device: dict, load: tuple[dict, dict]) -> str:
+def summary_markdown(sections: Sequence[tuple[str, str]], device: dict, load: tuple[dict, dict]) -> str:
     """The summary markdown: one ``## title`` per section."""
     lines = [f"# attnjax main job ({device['device_kind']}, jax {device['jax_version']})", "",
-             common.load_note(*load), ""]
+             host.load_note(*load), ""]
     for title, body in sections:
         lines += [f"## {title}", "", body, ""]
     return "\n".join(lines)
@@ -348,10 +350,10 @@ def report(sections: Sequence[tuple[str, str]], device: dict, load: tuple[dict, 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run checks, timings and CAB for every registered mechanism; write JSON, markdown and plot; return results."""
     args = parse_args(argv)
-    entries = common.selected_entries(args.mechanisms)
-    device, load_before, started = common.device_info(), common.machine_load(), time.perf_counter()
+    entries = cli.selected_entries(args.mechanisms)
+    device, load_before, started = host.device_info(), host.machine_load(), time.perf_counter()
     deadline = started + 60 * args.max_minutes
-    results = {"device": device, "settings": common.jsonable_args(args), "baseline": BASELINE, "elapsed_s": {}}
+    results = {"device": device, "settings": report.jsonable_args(args), "baseline": BASELINE, "elapsed_s": {}}
     sections = []
 
     def lap(name: str) -> None:
@@ -372,12 +374,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     if args.mqar_mechanisms:
         if time.perf_counter() < deadline:
-            rows = mqar.compare(args.mqar_mechanisms, quick=True)
+            rows = mqar_runs.compare(args.mqar_mechanisms, quick=True)
             lap("mqar")
             results["mqar"] = rows
-            quick = mqar.parse_args(mqar.QUICK_FLAGS)
+            quick = mqar_runs.quick_settings(args.mqar_mechanisms)
             sections.append((f"MQAR recall (d_model {quick.d_models[0]}, T={quick.seq_len}, {quick.steps} steps; "
-                             "the full sweep is python -m experiments.mqar)", mqar.table(rows)))
+                             "the full sweep is python -m experiments.mqar)", mqar_runs.table(rows)))
         else:
             sections.append(("MQAR recall", "Not run (past --max-minutes)."))
 
@@ -385,22 +387,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cab_results, cab_args = run_cab(entries, args, deadline)
         lap("cab")
         left_out = [e.name for e in entries if e.name not in cab_results]
-        results["cab"] = {"settings": common.jsonable_args(cab_args) | {"efficiency_patterns": (
-                              [p.name for p in cab_args.efficiency_patterns])},
-                          "mechanisms": cab_results, "failures": cab.failures(cab_results), "left_out": left_out}
+        results["cab"] = {"settings": cab_args.as_dict(), "mechanisms": cab_results,
+                          "failures": cab_patterns.failures(cab_results), "left_out": left_out}
         sections.append((f"CAB patterns (T={cab_args.check_len}, S={cab_args.cross_len}; "
                          "see experiments/cab.py for the legend)",
-                         cab.pattern_table(cab_results) + (f"\n\nNot run (past --max-minutes): {', '.join(left_out)}"
-                                                           if left_out else "")))
+                         cab_patterns.pattern_table(cab_results)
+                         + (f"\n\nNot run (past --max-minutes): {', '.join(left_out)}" if left_out else "")))
         if cab_args.efficiency_patterns:
             sections.append((f"CAB efficiency length vs softmax xla (causal self, fwd, T in {list(cab_args.seq_lens)})",
-                             cab.efficiency_table(cab_results)))
+                             cab_efficiency.efficiency_table(cab_results)))
 
     results["elapsed_s"]["total"] = time.perf_counter() - started
-    summary = report(sections, device, (load_before, common.machine_load()))
+    summary = summary_markdown(sections, device, (load_before, host.machine_load()))
     print(summary)
     out = Path(args.out)
-    json_path = common.write_json(results, "main.json", out)
+    json_path = report.write_json(results, "main.json", out)
     (out / "main.md").write_text(summary)
     plot_path = plot_scaling(timings, out / "main_scaling.png")
     failed = failures(checks) + results.get("cab", {}).get("failures", [])

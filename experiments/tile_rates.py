@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments import common
+from experiments.lib import cli, host, measure, plots, report
 
 REFERENCE = (512, 512)
 """The dense baseline's tile (``flash_attention_xla``'s ``block_q × block_kv``)."""
@@ -39,14 +39,14 @@ SMOKE = {"rows": [16, 32], "keys": [16, 48], "flops": 2e6, "repeats": 1, "head_d
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=common.parse_ints, default=[64, 128, 256, 512], help="tile rows M")
-    p.add_argument("--keys", type=common.parse_ints, default=[64, 192, 512, 1024], help="tile keys W")
+    p.add_argument("--rows", type=cli.parse_ints, default=[64, 128, 256, 512], help="tile rows M")
+    p.add_argument("--keys", type=cli.parse_ints, default=[64, 192, 512, 1024], help="tile keys W")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--flops", type=float, default=2e9, help="matmul FLOPs per timed call")
     p.add_argument("--logits-per-step", type=int, default=2 ** 18, help="logits of the tiles one map step works on")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median)")
-    common.add_output_flags(p, "tile_rates")
-    return common.parse_benchmark_args(p, argv, SMOKE)
+    cli.add_output_flags(p, "tile_rates")
+    return cli.parse_with_smoke(p, argv, SMOKE)
 
 
 def tile_step(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     shapes = list(itertools.product(args.rows, args.keys))
     shapes += [REFERENCE] if REFERENCE not in shapes and not args.smoke else []
     calls = {shape: tiles_call(*shape, args) for shape in shapes}
-    timings = common.time_thunks({f"{m}x{w}": (lambda c=c: c[0](*c[1])) for (m, w), c in calls.items()},
+    timings = measure.time_thunks({f"{m}x{w}": (lambda c=c: c[0](*c[1])) for (m, w), c in calls.items()},
                                  repeats=args.repeats)
     rows = [{"rows": m, "keys": w, "seconds": timings[f"{m}x{w}"].median_s,
              "gflops": calls[m, w][2] / timings[f"{m}x{w}"].median_s / 1e9} for m, w in shapes]
@@ -85,35 +85,35 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load: tuple[dict, dict]) -> str:
     """The report: settings and one table row per tile shape."""
-    table = common.markdown_table(["rows M", "keys W", "GFLOP/s", "relative to 512x512"],
+    table = report.markdown_table(["rows M", "keys W", "GFLOP/s", "relative to 512x512"],
                                   [[r["rows"], r["keys"], f"{r['gflops']:.1f}", f"{r['relative']:.2f}"] for r in rows])
     return "\n".join([
         f"# Attention tile throughput ({device['platform']})", "",
         f"Device: `{device['device_kind']}`, {device['cpu_count']} CPUs, jax {device['jax_version']}. One step of "
         f"softmax attention (q·kᵀ, exp, p·v) on M × W tiles, D={args.head_dim}, float32, ~{args.flops:.0e} matmul "
         f"FLOPs per timed call, ~{args.logits_per_step} logits per map step; median of {args.repeats}.", "",
-        common.load_note(*load), "", table, ""])
+        host.load_note(*load), "", table, ""])
 
 
 def plot(rows: Sequence[dict], path) -> None:
     """Rate against keys W, one line per row count M."""
-    fig, ax = common.pyplot().subplots(figsize=(6, 4))
+    fig, ax = plots.plt.subplots(figsize=(6, 4))
     for i, m in enumerate(sorted({r["rows"] for r in rows})):
         pts = sorted((r["keys"], r["gflops"]) for r in rows if r["rows"] == m)
         ax.semilogx(*zip(*pts), "o-", color=f"C{i}", label=f"M = {m}")
     ax.set(xlabel="keys per tile W", ylabel="GFLOP/s (matmul FLOPs)")
-    common.finish_figure(fig, [ax], sorted({r["keys"] for r in rows}), "attention tile throughput", path)
+    plots.finish_figure(fig, [ax], sorted({r["keys"] for r in rows}), "attention tile throughput", path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run; write JSON, markdown and PNG; print the table."""
     args = parse_args(argv)
-    device, load_before = common.device_info(), common.machine_load()
+    device, load_before = host.device_info(), host.machine_load()
     rows = run(args)
-    report = markdown(rows, args, device, (load_before, common.machine_load()))
-    print(report)
-    results = {"device": device, "settings": common.jsonable_args(args), "rows": rows}
-    common.save_benchmark(results, report, args, lambda path: plot(rows, path))
+    md = markdown(rows, args, device, (load_before, host.machine_load()))
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "rows": rows}
+    report.save_benchmark(results, md, args, lambda path: plot(rows, path))
     return results
 
 

@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from experiments import bench, common
+from experiments import bench
+from experiments.lib import flops, report
+from experiments.lib.workload import MODES
 
 
 def test_bench_runs_a_module_and_reports_flop_rates(tmp_path):
@@ -16,9 +18,9 @@ def test_bench_runs_a_module_and_reports_flop_rates(tmp_path):
     assert data["modules"]["bench_nonexistent"]["status"] == "missing"
     rows = data["rows"]
     assert {r["path"] for r in rows} == {"attnjax/xla", "jax.nn/xla", "attnjax/reference"}
-    assert {r["mode"] for r in rows} == set(common.MODES) and {r["T"] for r in rows} == {128}
+    assert {r["mode"] for r in rows} == set(MODES) and {r["T"] for r in rows} == {128}
     for r in rows:
-        expected = common.attention_flops(1, 2, 128, 128, 32, causal=True, mode=r["mode"])
+        expected = flops.attention_flops(1, 2, 128, 128, 32, causal=True, mode=r["mode"])
         assert r["flops"] == expected
         assert r["flops_per_s"] == pytest.approx(expected / r["median_s"])
         assert r["fraction_of_matmul"] == pytest.approx(r["flops_per_s"] / r["matmul_flops_per_s"])
@@ -29,24 +31,27 @@ def test_bench_runs_a_module_and_reports_flop_rates(tmp_path):
     assert (tmp_path / "bench_softmax_cpu_smoke.json").exists()  # the module's own results, smoke-named
 
 
-def test_a_failing_module_is_reported_not_raised():
-    assert bench.run_module("bench_softmax", ["--no-such-flag"])["status"] == "error"
+def test_a_failing_module_is_reported_not_raised(tmp_path):
+    assert bench.run_module("bench_softmax", ["--no-such-flag"], tmp_path / "none.json")["status"] == "error"
 
 
 def test_module_names_and_forwarded_flags():
     names = bench.module_names()
     assert names[:3] == list(bench.KNOWN) and "bench" not in names
     args = bench.parse_args(["--smoke", "--heads", "3", "--out", "/x"])
-    assert bench.module_argv(args) == ["--out", "/x", "--smoke", "--heads", "3"]
+    stem = bench.module_stem("bench_softmax", smoke=True)
+    assert stem.startswith("bench_softmax_") and stem.endswith("_smoke")
+    assert bench.module_argv(args, "bench_softmax") == ["--out", "/x", "--name", stem, "--smoke", "--heads", "3"]
+    assert bench.parse_args(["--smoke"]).out == report.SMOKE_DIR  # smoke results are never kept ones
 
 
 def test_attention_flops_formula_and_matmul_size():
-    assert common.attention_flops(2, 3, 5, 7, 4, causal=False) == 4 * 2 * 3 * 5 * 7 * 4
-    assert common.attention_flops(2, 3, 5, 7, 4, causal=True) == 2 * 2 * 3 * 5 * 7 * 4
-    assert common.attention_flops(1, 1, 8, 8, 4, causal=False, mode="fwd_bwd") == 3.5 * 4 * 64 * 4
-    assert common.attention_flops(1, 1, 8, 8, 4, causal=False, head_dim_v=2) == 2 * 64 * (4 + 2)
-    fn, (a, b), flops = common.matmul_for_flops(2 * 100 ** 3)
-    assert a.shape == b.shape == (100, 100) and flops == 2e6 and fn(a, b).shape == (100, 100)
+    assert flops.attention_flops(2, 3, 5, 7, 4, causal=False) == 4 * 2 * 3 * 5 * 7 * 4
+    assert flops.attention_flops(2, 3, 5, 7, 4, causal=True) == 2 * 2 * 3 * 5 * 7 * 4
+    assert flops.attention_flops(1, 1, 8, 8, 4, causal=False, mode="fwd_bwd") == 3.5 * 4 * 64 * 4
+    assert flops.attention_flops(1, 1, 8, 8, 4, causal=False, head_dim_v=2) == 2 * 64 * (4 + 2)
+    fn, (a, b), work = flops.matmul_for_flops(2 * 100 ** 3)
+    assert a.shape == b.shape == (100, 100) and work == 2e6 and fn(a, b).shape == (100, 100)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 from attnjax import registry
 from attnjax.softmax.softmax import softmax_attention_reference
 from experiments import cab
+from experiments.lib import cab_efficiency, cab_patterns, cli
 
 TINY = ["--check-len", "24", "--cross-len", "40", "--heads", "2", "--head-dim", "16", "--repeats", "1"]
 
@@ -19,7 +20,7 @@ def test_cab_runs_softmax_and_lightning_and_their_claims_hold(tmp_path):
                      "--name", "tiny"])
     assert json.loads((tmp_path / "tiny.json").read_text())["failures"] == data["failures"] == []
     softmax, lightning = data["mechanisms"]["softmax"], data["mechanisms"]["lightning"]
-    assert {p: r["status"] for p, r in softmax["patterns"].items()} == dict.fromkeys(cab.PATTERN_BY_NAME, "ok")
+    assert {p: r["status"] for p, r in softmax["patterns"].items()} == dict.fromkeys(cab_patterns.PATTERN_BY_NAME, "ok")
     assert all(r["claimed"] for r in softmax["patterns"].values())
     # Lightning's ALiBi decay needs a causal mask: it declines noncausal inputs, which the registry can't say.
     assert lightning["causal_only"] and not softmax["causal_only"]
@@ -58,14 +59,14 @@ def _entry(config: type) -> registry.Entry:
 
 
 def test_a_mechanism_that_ignores_the_causal_mask_fails_and_unclaimed_cross_is_unsupported():
-    args = cab.parse_args(TINY)
-    result = cab.check_entry(_entry(_Leaky), args)
+    settings = cli.settings_from(cab_patterns.CABSettings, cab.parse_args(TINY))
+    result = cab_patterns.check_entry(_entry(_Leaky), settings)
     statuses = {p: r["status"] for p, r in result["patterns"].items()}
     assert statuses == {"noncausal_self": "ok", "noncausal_cross": "unsupported", "causal_self": "FAIL",
                         "causal_cross": "unsupported"}
     assert "causality leak" in result["patterns"]["causal_self"]["reason"]
     assert "not claimed" in result["patterns"]["noncausal_cross"]["reason"]
-    assert cab.failures({"leaky": result}) == ["leaky/causal_self"]
+    assert cab_patterns.failures({"leaky": result}) == ["leaky/causal_self"]
 
 
 def _run(claimed, **outcomes):
@@ -84,19 +85,19 @@ def _run(claimed, **outcomes):
     (_run(True, reference="ok", xla="error"), False, "FAIL"),
 ])
 def test_verdict_rules(run, causal_only, expected):
-    assert cab.verdict(run, cab.PATTERN_BY_NAME["noncausal_self"], causal_only)[0] == expected
+    assert cab_patterns.verdict(run, cab_patterns.PATTERN_BY_NAME["noncausal_self"], causal_only)[0] == expected
 
 
 def test_patterns_and_future_split():
-    assert [p.short for p in cab.parse_patterns("ns,causal_cross")] == ["NS", "CC"]
-    assert cab.PATTERN_BY_NAME["causal_cross"].needs == {"mask", "cross"}
-    assert cab.PATTERN_BY_NAME["noncausal_self"].needs == frozenset()
-    assert cab.future_split(8, 8) == (4, 5)  # query 4 sees keys 0..4
-    assert cab.future_split(2, 2) is None  # query 1 sees every key
-    assert cab.future_split(4, 10) == (2, 9)  # bottom-right: query 2 sits at key position 8
-    assert cab.future_split(8, 4) == (4, 1)  # queries 0..3 see no key at all, query 4 only key 0
+    assert [p.short for p in cab_patterns.parse_patterns("ns,causal_cross")] == ["NS", "CC"]
+    assert cab_patterns.PATTERN_BY_NAME["causal_cross"].needs == {"mask", "cross"}
+    assert cab_patterns.PATTERN_BY_NAME["noncausal_self"].needs == frozenset()
+    assert cab_patterns.future_split(8, 8) == (4, 5)  # query 4 sees keys 0..4
+    assert cab_patterns.future_split(2, 2) is None  # query 1 sees every key
+    assert cab_patterns.future_split(4, 10) == (2, 9)  # bottom-right: query 2 sits at key position 8
+    assert cab_patterns.future_split(8, 4) == (4, 1)  # queries 0..3 see no key at all, query 4 only key 0
     with pytest.raises(Exception):
-        cab.parse_patterns("diagonal")
+        cab_patterns.parse_patterns("diagonal")
 
 
 def test_attempt_records_instead_of_raising():
@@ -108,13 +109,14 @@ def test_attempt_records_instead_of_raising():
     def crashes(q, k, v):
         raise RuntimeError("boom")
 
-    assert cab.attempt(declines, q, k, v) == (None, {"outcome": "declined", "error": "NotImplementedError: nope"})
-    assert cab.attempt(crashes, q, k, v)[1]["outcome"] == "error"
-    assert cab.attempt(lambda q, k, v: q[:, :2], q, k, v)[1]["error"].startswith("output shape")
+    assert cab_patterns.attempt(declines, q, k, v) == (None, {"outcome": "declined",
+                                                              "error": "NotImplementedError: nope"})
+    assert cab_patterns.attempt(crashes, q, k, v)[1]["outcome"] == "error"
+    assert cab_patterns.attempt(lambda q, k, v: q[:, :2], q, k, v)[1]["error"].startswith("output shape")
 
 
 def test_efficiency_length_is_where_the_mechanism_stays_ahead():
     points = [{"T": 256, "r": 0.9}, {"T": 512, "r": 1.2}, {"T": 1024, "r": 0.8}, {"T": 2048, "r": 0.5}, {"T": 4096}]
-    assert cab.stays_ahead_from(points, "r") == 1024  # the win at 256 alone does not count
-    assert cab.stays_ahead_from(points[:2], "r") is None  # behind at the longest T measured
-    assert cab.stays_ahead_from([], "r") is None
+    assert cab_efficiency.stays_ahead_from(points, "r") == 1024  # the win at 256 alone does not count
+    assert cab_efficiency.stays_ahead_from(points[:2], "r") is None  # behind at the longest T measured
+    assert cab_efficiency.stays_ahead_from([], "r") is None

@@ -7,22 +7,22 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from attnjax import registry
-from experiments import bench_softmax, common, mqar
+from experiments import bench_softmax
 from experiments import main as main_job
+from experiments.lib import cli, measure, mqar_runs, report, workload
 
 
 def test_main_job_checks_and_times_mechanisms(tmp_path, monkeypatch):
     """One mechanism per family at tiny sizes (every mechanism's paths have their own tests); MQAR at a toy size."""
     names = ["softmax", "lightning"]
-    monkeypatch.setattr(mqar, "QUICK_FLAGS", ["--d-models", "16", "--kv-pairs", "2", "--seq-len", "16", "--steps", "3",
-                                              "--batch-size", "4", "--warmup-steps", "1", "--test-examples", "8",
-                                              "--vocab-size", "32", "--num-layers", "1"])
+    monkeypatch.setattr(mqar_runs, "QUICK", dict(d_models=(16,), kv_pairs=(2,), seq_len=16, steps=3, batch_size=4,
+                                                 warmup_steps=1, test_examples=8, vocab_size=32, num_layers=1))
     main_job.main(["--seq-lens", "64,128", "--repeats", "1", "--check-len", "40", "--heads", "2",
                    "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--out", str(tmp_path),
                    "--mqar-mechanisms", "softmax,lightning"])
     results = json.loads((tmp_path / "main.json").read_text())
     assert set(results["mechanisms"]) == set(names)
-    for entry in common.selected_entries(names):
+    for entry in cli.selected_entries(names):
         checks = results["mechanisms"][entry.name]["checks"]
         assert set(checks) == set(entry.implementations) - {"reference"}
         for impl, check in checks.items():
@@ -39,18 +39,18 @@ def test_main_job_checks_and_times_mechanisms(tmp_path, monkeypatch):
 def test_main_job_runs_cab_at_its_sizes():
     args = main_job.parse_args(["--seq-lens", "64", "--cab-seq-lens", "64", "--heads", "2", "--head-dim", "16",
                                 "--repeats", "1"])
-    results, cab_args = main_job.run_cab(common.selected_entries(["softmax"]), args)
+    results, cab_args = main_job.run_cab(cli.selected_entries(["softmax"]), args)
     assert cab_args.seq_lens == [64] and cab_args.heads == 2 and [p.name for p in cab_args.efficiency_patterns] == [
         "causal_self"]
     assert {p: r["status"] for p, r in results["softmax"]["patterns"].items()} == dict.fromkeys(
         ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross"), "ok")
     assert results["softmax"]["efficiency"]["causal_self"]["skipped"] == "the baseline itself"
-    assert main_job.run_cab(common.selected_entries(["softmax"]), args, deadline=0.0)[0] == {}
+    assert main_job.run_cab(cli.selected_entries(["softmax"]), args, deadline=0.0)[0] == {}
 
 
 @dataclasses.dataclass(frozen=True)
 class _OneQuery:
-    """Takes one query per head only (like Aaren): the main job must skip it, not crash. Not registered."""
+    """Takes one query per head only: the main job must skip it, not crash. Not registered."""
 
     name: ClassVar[str] = "one_query"
     family: ClassVar[str] = "test"
@@ -79,7 +79,7 @@ def test_main_job_skips_a_mechanism_whose_reference_refuses_the_inputs():
 
 
 def test_selected_entries_default_to_the_registry():
-    assert common.selected_entries(None) == registry.entries()
+    assert cli.selected_entries(None) == registry.entries()
 
 
 def test_failures_lists_failed_checks_only():
@@ -91,7 +91,7 @@ def test_failures_lists_failed_checks_only():
 def test_reference_checks_shrink_to_the_memory_budget():
     # The softmax reference's gradients need 157 KiB at T=64 and 570 KiB at T=128 (B=2, H=1, D=8).
     args = main_job.parse_args(["--check-len", "128", "--heads", "1", "--head-dim", "8", "--check-memory-gib", "3e-4"])
-    entry = common.selected_entries(["softmax"])[0]
+    entry = cli.selected_entries(["softmax"])[0]
     (q, *_), expected = main_job.reference_outputs(entry, args)
     assert q.shape[1] == main_job.MIN_CHECK_LEN == 64 and expected["out"].shape == q.shape
     args.check_memory_gib = 1e-5
@@ -106,7 +106,7 @@ def test_bench_memory_estimate_separates_dense_from_blocked():
     args = bench_softmax.parse_args(["--heads", "2", "--head-dim", "16"])
     fns = bench_softmax.path_fns(block_q=64, block_kv=64)
     T = 512
-    xs = bench_softmax.inputs(T, "fwd", args)
+    xs = workload.benchmark_inputs(T, "fwd", args)
     dense = bench_softmax.memory_estimate(fns["jax.nn/xla"], "fwd", xs)
     blocked = bench_softmax.memory_estimate(fns["attnjax/xla"], "fwd", xs)
     io = 4 * 512 * 2 * 16 * 4  # q, k, v in, out: [1, T, 2, 16] float32 each
@@ -117,11 +117,11 @@ def test_bench_memory_estimate_separates_dense_from_blocked():
 
 
 def test_time_fn_reports_median_of_repeats():
-    timing = common.time_fn(lambda x: x @ x, jnp.ones((8, 8)), repeats=3)
+    timing = measure.time_fn(lambda x: x @ x, jnp.ones((8, 8)), repeats=3)
     assert timing.repeats == 3 and timing.median_s > 0
 
 
 def test_parse_ints_and_table():
-    assert common.parse_ints("1k,2048,32k") == [1024, 2048, 32768]
-    table = common.markdown_table(["a", "bb"], [[1, "x"]]).splitlines()
+    assert cli.parse_ints("1k,2048,32k") == [1024, 2048, 32768]
+    table = report.markdown_table(["a", "bb"], [[1, "x"]]).splitlines()
     assert table[0] == "| a | bb |" and table[2] == "| 1 | x  |"

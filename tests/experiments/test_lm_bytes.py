@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import lm_bytes, train
+from experiments import lm_bytes
+from experiments.lib.training import IGNORE
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_every_window_length_scores_the_same_bytes():
     np.testing.assert_array_equal(scored[0], scored[1])
     np.testing.assert_array_equal(scored[0], scored[2])
     _, y = lm_bytes.split_windows(windows, 64, score_last=16)
-    assert np.all(y[:, :48] == train.IGNORE) and np.all(y[:, 48:] != train.IGNORE)
+    assert np.all(y[:, :48] == IGNORE) and np.all(y[:, 48:] != IGNORE)
 
 
 def test_cli_smoke_writes_table_and_json(source_tree, tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import train
+from experiments.lib import checkpoints, training
+from experiments.lib import model as lm
 
 V, T, B = 32, 16, 4
 TINY = dict(vocab_size=V, d_model=16, num_layers=1, num_heads=2)
@@ -25,12 +26,12 @@ def params(model):
 def test_model_is_causal():
     """BASED blocks (Taylor linear attention, then sliding-window MHA) after the short convolution:
     changing future tokens leaves the past alone."""
-    config = train.ModelConfig(mixer="based", short_conv=3, mixer_options={"window": 4, "feature_dim": 4}, **TINY)
-    model = train.LanguageModel(config, rngs=nnx.Rngs(0))
+    config = lm.ModelConfig(mixer="based", short_conv=3, mixer_options={"window": 4, "feature_dim": 4}, **TINY)
+    model = lm.LanguageModel(config, rngs=nnx.Rngs(0))
     x, _ = fixed_batch(0)
     y = x.copy()
     y[:, 10:] = (y[:, 10:] + 1) % V
-    a, b = train.logits(model, x), train.logits(model, y)
+    a, b = lm.logits(model, x), lm.logits(model, y)
     assert a.shape == (B, T, V) and a.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(a[:, :10]), np.asarray(b[:, :10]))
     assert float(jnp.abs(a[:, 10:] - b[:, 10:]).max()) > 0
@@ -38,69 +39,69 @@ def test_model_is_causal():
 
 def test_config_rejects_unknown_mixer_and_bad_sizes():
     with pytest.raises(ValueError, match="unknown mixer"):
-        train.ModelConfig(vocab_size=V, mixer="nope")
+        lm.ModelConfig(vocab_size=V, mixer="nope")
     with pytest.raises(ValueError, match="d_model"):
-        train.ModelConfig(vocab_size=V, d_model=0)
+        lm.ModelConfig(vocab_size=V, d_model=0)
 
 
 def test_token_loss_skips_ignored_targets():
     logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
-    total, correct, count = train.token_loss(logits, jnp.asarray([[1, train.IGNORE]]))
+    total, correct, count = training.token_loss(logits, jnp.asarray([[1, training.IGNORE]]))
     np.testing.assert_allclose(float(total), np.log(4.0), rtol=1e-6)
     assert int(correct) == 0 and int(count) == 1
 
 
 def test_decode_state_size_grows_for_softmax_only():
-    soft = train.ModelConfig(mixer="softmax", **TINY)
-    light = train.ModelConfig(mixer="lightning", **TINY)
-    assert train.decode_state_size(soft, 64) == 2 * train.decode_state_size(soft, 32) == 2 * 64 * 16
-    assert train.decode_state_size(light, 64) == train.decode_state_size(light, 32) == 2 * 8 * 8
-    transnormer = train.ModelConfig(mixer="transnormer", **TINY)  # LRPE doubles the key features
-    assert train.decode_state_size(transnormer, 64) == 2 * 16 * 8
-    based = train.ModelConfig(mixer="based", mixer_options={"feature_dim": 4, "window": 8}, **TINY)
-    assert train.decode_state_size(based, 64) == 2 * (1 + 4 + 16) * (8 + 1) + 2 * 8 * 2 * 8
+    soft = lm.ModelConfig(mixer="softmax", **TINY)
+    light = lm.ModelConfig(mixer="lightning", **TINY)
+    assert lm.decode_state_size(soft, 64) == 2 * lm.decode_state_size(soft, 32) == 2 * 64 * 16
+    assert lm.decode_state_size(light, 64) == lm.decode_state_size(light, 32) == 2 * 8 * 8
+    transnormer = lm.ModelConfig(mixer="transnormer", **TINY)  # LRPE doubles the key features
+    assert lm.decode_state_size(transnormer, 64) == 2 * 16 * 8
+    based = lm.ModelConfig(mixer="based", mixer_options={"feature_dim": 4, "window": 8}, **TINY)
+    assert lm.decode_state_size(based, 64) == 2 * (1 + 4 + 16) * (8 + 1) + 2 * 8 * 2 * 8
 
 
-SCHEDULE = train.TrainConfig(steps=12, learning_rate=1e-2, warmup_steps=2, log_every=1)
+SCHEDULE = training.TrainConfig(steps=12, learning_rate=1e-2, warmup_steps=2, log_every=1)
 """One schedule for the training tests, so they share one compiled step."""
 
 
 def test_training_lowers_the_loss():
-    model = train.LanguageModel(train.ModelConfig(mixer="softmax", **TINY), rngs=nnx.Rngs(0))
-    history = train.train(model, fixed_batch, SCHEDULE, progress=False)
+    model = lm.LanguageModel(lm.ModelConfig(mixer="softmax", **TINY), rngs=nnx.Rngs(0))
+    history = training.train(model, fixed_batch, SCHEDULE, progress=False)
     assert [h["step"] for h in history] == list(range(1, 13))
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
 
 
 def test_checkpoint_restore_and_resume(tmp_path):
     """Restore into a freshly initialized model gives identical outputs; a resumed run equals an uninterrupted one."""
-    config = train.ModelConfig(mixer="softmax", **TINY)
-    uninterrupted = train.LanguageModel(config, rngs=nnx.Rngs(0))
-    train.train(uninterrupted, fixed_batch, SCHEDULE, until=4, progress=False)
+    config = lm.ModelConfig(mixer="softmax", **TINY)
+    uninterrupted = lm.LanguageModel(config, rngs=nnx.Rngs(0))
+    training.train(uninterrupted, fixed_batch, SCHEDULE, until=4, progress=False)
 
-    first = train.LanguageModel(config, rngs=nnx.Rngs(0))
-    train.train(first, fixed_batch, SCHEDULE, checkpoint_dir=tmp_path, until=2, progress=False)
-    assert train.latest_step(tmp_path) == 2
+    first = lm.LanguageModel(config, rngs=nnx.Rngs(0))
+    training.train(first, fixed_batch, SCHEDULE, checkpoint_dir=tmp_path, until=2, progress=False)
+    assert checkpoints.latest_step(tmp_path) == 2
 
-    fresh = train.LanguageModel(config, rngs=nnx.Rngs(1))
+    fresh = lm.LanguageModel(config, rngs=nnx.Rngs(1))
     x = fixed_batch(0)[0]
-    assert not np.array_equal(np.asarray(train.logits(fresh, x)), np.asarray(train.logits(first, x)))
-    assert train.restore_checkpoint(tmp_path, fresh) == 2
-    np.testing.assert_array_equal(np.asarray(train.logits(fresh, x)), np.asarray(train.logits(first, x)))
+    assert not np.array_equal(np.asarray(lm.logits(fresh, x)), np.asarray(lm.logits(first, x)))
+    assert checkpoints.restore_checkpoint(tmp_path, fresh) == 2
+    np.testing.assert_array_equal(np.asarray(lm.logits(fresh, x)), np.asarray(lm.logits(first, x)))
 
-    resumed = train.LanguageModel(config, rngs=nnx.Rngs(1))
-    history = train.train(resumed, fixed_batch, SCHEDULE, checkpoint_dir=tmp_path, until=4, progress=False)
-    assert [h["step"] for h in history] == [3, 4] and train.latest_step(tmp_path) == 4
+    resumed = lm.LanguageModel(config, rngs=nnx.Rngs(1))
+    history = training.train(resumed, fixed_batch, SCHEDULE, checkpoint_dir=tmp_path, until=4, progress=False)
+    assert [h["step"] for h in history] == [3, 4] and checkpoints.latest_step(tmp_path) == 4
     for a, b in zip(params(resumed), params(uninterrupted)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
-    step, opt_state = train.restore_checkpoint(tmp_path, fresh, train.init_opt_state(fresh, SCHEDULE))
+    step, opt_state = checkpoints.restore_checkpoint(tmp_path, fresh, training.init_opt_state(fresh, SCHEDULE))
     adam_count = [x for x in jax.tree.leaves(opt_state) if x.ndim == 0]
     assert step == 4 and adam_count and all(int(c) == 4 for c in adam_count)
 
 
 def test_restore_without_checkpoint_raises(tmp_path):
-    model = train.LanguageModel(train.ModelConfig(mixer="softmax", **TINY), rngs=nnx.Rngs(0))
-    assert train.latest_step(tmp_path / "none") is None
+    model = lm.LanguageModel(lm.ModelConfig(mixer="softmax", **TINY), rngs=nnx.Rngs(0))
+    assert checkpoints.latest_step(tmp_path / "none") is None
     with pytest.raises(FileNotFoundError):
-        train.restore_checkpoint(tmp_path, model)
+        checkpoints.restore_checkpoint(tmp_path, model)

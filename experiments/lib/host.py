@@ -1,0 +1,27 @@
+"""What a run measured on: the device and jax version, and how loaded the host was."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def device_info() -> dict:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "jax_version": jax.__version__}
+
+
+def machine_load() -> dict:
+    """The 1, 5 and 15 minute load averages next to the CPU count: how busy the host was."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": one, "load_5m": five, "load_15m": fifteen, "cpu_count": os.cpu_count()}
+
+
+def load_note(before: dict, after: dict) -> str:
+    """One markdown line saying how loaded the host was before and after a measurement."""
+    return (f"Host load average (1 min) {before['load_1m']:.1f} before and {after['load_1m']:.1f} after the run, "
+            f"on {after['cpu_count']} CPUs (other jobs shared the machine: compare ratios measured in one run, "
+            "not absolute times).")

@@ -1,0 +1,229 @@
+"""A small causal language model of ``attnjax.nn`` blocks, picked by mixer name.
+
+The model is a decoder-only transformer (Vaswani et al. 2017; GPT-2's pre-norm layout, Radford et al.
+2019): token embedding, ``num_layers`` residual blocks, a final LayerNorm and a tied (or untied)
+output head. The token mixer is picked by name (``ModelConfig.mixer``):
+
+- any ``attnjax.registry`` name (``"softmax"``, ``"lightning"``, ``"based_linear"``, ...): a pre-norm
+  block ``h = x + MHA(LN(x))``, ``y = h + MLP(LN(h))`` with ``attnjax.nn.MultiHeadAttention(mechanism=name)``,
+  causal mask and RoPE;
+- a name in ``attnjax.nn.BLOCKS`` (``"transnormer"``, ``"based"``): that block as published
+  (TransNormerLLM: SRMSNorm, gated Lightning attention, SGLU; BASED: Taylor linear attention, then
+  sliding-window softmax, then MLP), with ``ModelConfig.mixer_options`` passed to its constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnjax import masks, nn as ajnn, registry
+from attnjax.linear import linear_attention
+from attnjax.positional import RoPE
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a ``LanguageModel``.
+
+    Attributes:
+      vocab_size: tokens ``V``.
+      mixer: a registry mechanism name or a name in ``attnjax.nn.BLOCKS`` (see the module docstring).
+      d_model: residual width.
+      num_layers: residual blocks.
+      num_heads: attention heads per block.
+      head_dim: features per head of the registry-mechanism blocks (default ``d_model // num_heads``);
+        for a feature-map mechanism it is also the dimension the feature map expands (BASED's ``feature_dim``).
+      mlp_ratio: MLP hidden width ``mlp_ratio · d_model`` of the registry-mechanism blocks (and BASED);
+        ``0`` drops the MLP from the registry-mechanism blocks (BASED then uses its default ``4·d_model``).
+      rope: rotary positions in the ``MultiHeadAttention`` (and BASED sliding-window) layers.
+      tie_embeddings: the head is the transposed embedding; else a separate ``[d_model, V]`` matrix.
+      short_conv: kernel size of a causal depthwise convolution sublayer before each block (``0``: none).
+      mixer_options: extra keyword arguments of the ``attnjax.nn.BLOCKS`` block (e.g. BASED's
+        ``feature_dim``, ``window``), or of the registry config (e.g. ``{"chunk_size": 32}``).
+    """
+
+    vocab_size: int
+    mixer: str = "softmax"
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: Optional[int] = None
+    mlp_ratio: int = 4
+    rope: bool = True
+    tie_embeddings: bool = True
+    short_conv: int = 0
+    mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mixer not in mixer_names():
+            raise ValueError(f"unknown mixer {self.mixer!r}; known: {mixer_names()}")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.short_conv < 0:
+            raise ValueError(f"ModelConfig.short_conv must be >= 0, got {self.short_conv}")
+        if self.mlp_ratio < 0:
+            raise ValueError(f"ModelConfig.mlp_ratio must be >= 0, got {self.mlp_ratio}")
+
+    def mechanism(self) -> Optional[registry.Mechanism]:
+        """The registry config of a registry mixer (with ``mixer_options``); ``None`` for an nn block."""
+        if self.mixer in ajnn.BLOCKS:
+            return None
+        return registry.get(self.mixer)(**self.mixer_options)
+
+
+def mixer_names() -> list[str]:
+    """Every name ``ModelConfig.mixer`` accepts: registry mechanisms, then ``attnjax.nn.BLOCKS``."""
+    return [e.name for e in registry.entries()] + sorted(ajnn.BLOCKS)
+
+
+class MLP(nnx.Module):
+    """``y = W_2 gelu(W_1 x)``, hidden width ``hidden``."""
+
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
+        self.up, self.down = nnx.Linear(d_model, hidden, rngs=rngs), nnx.Linear(hidden, d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., d_model] -> [..., d_model]``."""
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class AttentionBlock(nnx.Module):
+    """Pre-norm block ``h = x + MHA(LN(x))``, ``y = h + MLP(LN(h))`` with causal ``MultiHeadAttention``.
+
+    ``mlp_dim=0`` leaves the MLP out (``y = h``), as Zoology's MQAR models do (identity state mixer).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, mechanism: registry.Mechanism, mlp_dim: int, rope: bool,
+                 rngs: nnx.Rngs, head_dim: Optional[int] = None):
+        self.norm_attention = nnx.LayerNorm(d_model, rngs=rngs)
+        self.attention = ajnn.MultiHeadAttention(d_model, num_heads, head_dim=head_dim, mechanism=mechanism,
+                                                 rope=RoPE() if rope else None, rngs=rngs)
+        self.norm_mlp = nnx.LayerNorm(d_model, rngs=rngs) if mlp_dim else None
+        self.mlp = MLP(d_model, mlp_dim, rngs=rngs) if mlp_dim else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
+        h = x + self.attention(self.norm_attention(x), mask=masks.Causal())
+        return h if self.mlp is None else h + self.mlp(self.norm_mlp(h))
+
+
+class ShortConv(nnx.Module):
+    """Residual causal depthwise convolution ``y_t = x_t + Σ_{i<k} w_i ⊙ LN(x)_{t−i} + b``.
+
+    The short convolutions of H3/Hyena/BASED (Zoology's ``BaseConv``, Mamba's ``conv1d``): each token
+    sees the previous ``k − 1`` tokens, so a mixer can bind a value to the key just before it without
+    first learning a previous-token attention head.
+    """
+
+    def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.conv = nnx.Conv(d_model, d_model, kernel_size=(kernel_size,), feature_group_count=d_model,
+                             padding=((kernel_size - 1, 0),), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
+        return x + self.conv(self.norm(x))
+
+
+def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Residual block ``layer_idx`` of a model: ``[B, T, d_model] -> [B, T, d_model]``, causal."""
+    d, heads, mlp_dim = config.d_model, config.num_heads, config.mlp_ratio * config.d_model
+    if config.mixer == "transnormer":
+        return ajnn.BLOCKS["transnormer"](d, heads, layer_idx=layer_idx, num_layers=config.num_layers, rngs=rngs,
+                                          **config.mixer_options)
+    if config.mixer == "based":
+        return ajnn.BLOCKS["based"](d, heads, mlp_dim=mlp_dim or None, rope=RoPE() if config.rope else None, rngs=rngs,
+                                    **config.mixer_options)
+    if config.mixer in ajnn.BLOCKS:
+        return ajnn.BLOCKS[config.mixer](d, heads, rngs=rngs, **config.mixer_options)
+    return AttentionBlock(d, heads, mechanism=config.mechanism(), mlp_dim=mlp_dim, rope=config.rope, rngs=rngs,
+                          head_dim=config.head_dim)
+
+
+class LanguageModel(nnx.Module):
+    """Causal LM: ``logits = head(LN(block_L(... block_1(embed(tokens)))))``.
+
+    With ``config.short_conv``, a ``ShortConv`` sublayer runs before each block.
+    The embedding is initialized with standard deviation ``1/√d_model`` so that, tied, initial
+    logits have unit scale. ``rngs`` only initializes parameters (the model has no dropout).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d = config.d_model
+        self.embed = nnx.Embed(config.vocab_size, d, embedding_init=nnx.initializers.normal(d ** -0.5), rngs=rngs)
+        self.convs = nnx.List([ShortConv(d, config.short_conv, rngs=rngs) for _ in range(config.num_layers)]
+                              if config.short_conv else [])
+        self.blocks = nnx.List([make_block(config, i, rngs) for i in range(config.num_layers)])
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.head = None if config.tie_embeddings else nnx.Linear(d, config.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [B, T]`` int -> float32 ``logits [B, T, vocab_size]`` (position ``t`` predicts ``t + 1``)."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype} {tokens.shape}")
+        h = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            h = block(self.convs[i](h) if self.convs else h)
+        h = self.norm(h)
+        logits = self.embed.attend(h) if self.head is None else self.head(h)
+        return logits.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def logits(model: LanguageModel, tokens: jax.Array) -> jax.Array:
+    """``model(tokens)`` compiled once per model structure and shape: float32 ``[B, T, vocab_size]``."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, jnp.asarray(tokens))
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of scalars in the model's ``nnx.Param`` leaves."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _cache_size(module: nnx.Module, *args) -> int:
+    cache = jax.eval_shape(lambda: module.init_cache(1, *args))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache) if x.ndim > 0)
+
+
+def decode_state_size(config: ModelConfig, seq_len: int) -> Optional[int]:
+    """Floats per sequence that the model keeps to decode token ``seq_len + 1``, summed over blocks.
+
+    Softmax-family mechanisms keep keys and values, ``2 · seq_len · H · D`` per block (it grows);
+    feature-map linear attention keeps the state ``S = Σ φ(k_t)ᵀ v_t`` (plus the normalizer column),
+    whose size does not depend on ``seq_len``; ``attnjax.nn.BLOCKS`` report their ``init_cache`` (BASED:
+    a linear state and a ``window``-token KV buffer). This is the "recurrent state size" axis of Zoology
+    (Arora et al. 2023) and BASED (Arora et al. 2024). ``None`` for a mechanism of another kind.
+    """
+    model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+    mechanism = config.mechanism()
+    total = 0
+    for block in model.blocks:
+        if not isinstance(block, AttentionBlock):
+            total += _cache_size(block)
+            continue
+        mha = block.attention
+        if hasattr(mechanism, "feature_map"):
+            q = jax.ShapeDtypeStruct((1, 1, mha.num_heads, mha.head_dim), jnp.float32)
+            kv = jax.ShapeDtypeStruct((1, 1, mha.num_kv_heads, mha.head_dim), jnp.float32)
+            _, state = jax.eval_shape(lambda q, k, v: linear_attention(
+                q, k, v, feature_map=mechanism.feature_map, normalize=mechanism.normalize, return_state=True),
+                q, kv, kv)
+            total += int(np.prod(state.shape))
+        elif mechanism.family == "softmax":
+            total += 2 * seq_len * mha.num_kv_heads * mha.head_dim
+        else:
+            return None
+    return total
