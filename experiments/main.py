@@ -2,9 +2,9 @@
 
 For each entry of ``attnjax.registry.entries()``:
 
-1. checks: each non-reference implementation against the reference on small random causal
-   inputs (causal when the mechanism takes a mask), forward and gradients (dq, dk, dv): max
-   error relative to the reference's max. A mechanism whose reference does not take these inputs
+1. checks: each non-reference implementation against the reference on random inputs (causal
+   when the mechanism takes a mask), forward and gradients (dq, dk, dv), by the test suite's
+   conformance checks (``attnjax.testing.conformance``) at the demo's sizes: relative RMS error. A mechanism whose reference does not take these inputs
    (other shapes, e.g. one query per head) is skipped with the reason;
 2. timing: the implementation ``implementation="auto"`` picks (``--timed all``: every one; Pallas
    is left out on CPU, where it runs in interpret mode) and
@@ -36,11 +36,11 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 import attnjax
 from attnjax import dispatch, masks, registry
+from attnjax.testing import conformance
 from experiments.lib import (accuracy, cab_efficiency, cab_patterns, cli, host, measure, mqar_runs, outcomes, plots,
                              report, workload)
 from experiments.lib.cab_patterns import PATTERN_BY_NAME, CABSettings
@@ -100,69 +100,56 @@ def jax_nn_fn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
-def outputs_and_grads(fn: Callable, q, k, v, w, *, memory_budget: Optional[float] = None) -> dict[str, np.ndarray]:
-    """Forward output and (dq, dk, dv) of ``sum(out * w)``, as float32 numpy arrays.
-
-    Raises ``MemoryError`` before running if ``memory_budget`` (bytes) is below the compiled peak of
-    the forward or the gradients (XLA's memory analysis).
-    """
-    fwd, bwd = measure.compile_fn(fn, q, k, v), measure.compile_fn(workload.grad_fn(fn), q, k, v, w)
-    peak = max(measure.memory_of(fwd).peak, measure.memory_of(bwd).peak)
-    if memory_budget is not None and peak > memory_budget:
-        raise MemoryError(f"needs {report.format_bytes(peak)} > {report.format_bytes(memory_budget)}")
-    out, (dq, dk, dv) = fwd(q, k, v), bwd(q, k, v, w)
-    return {n: np.asarray(x, np.float32) for n, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv))}
+def check_case(entry: registry.Entry, seq_len: int, args: argparse.Namespace) -> conformance.Case:
+    """The request of the correctness checks: batch 2, ``seq_len`` tokens, causal when masks are supported."""
+    return conformance.Case("main", B=2, T=seq_len, S=seq_len, Hq=args.heads, Hkv=args.heads, D=args.head_dim,
+                            Dv=args.head_dim, causal="mask" in entry.supports)
 
 
-def check_inputs(seq_len: int, args: argparse.Namespace) -> tuple:
-    """``(q, k, v, w)`` of the correctness checks: batch 2, ``seq_len`` tokens, a random cotangent ``w``."""
-    q, k, v = workload.host_random_qkv(0, 2, seq_len, args.heads, args.head_dim, jnp.dtype(args.dtype))
-    return q, k, v, jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32))
-
-
-def reference_outputs(entry: registry.Entry, args: argparse.Namespace) -> tuple[tuple, dict]:
-    """Inputs and reference outputs and gradients at ``--check-len``, halved (down to ``MIN_CHECK_LEN``)
-    while the reference needs more than ``--check-memory-gib`` (a cubic reference, say)."""
-    seq_len = args.check_len
+def reference_outputs(entry: registry.Entry, args: argparse.Namespace) -> tuple[conformance.Case, dict]:
+    """The check's case and the reference's outputs and gradients (``attnjax.testing.conformance``) at
+    ``--check-len``, halved (down to ``MIN_CHECK_LEN``) while the compiled reference needs more than
+    ``--check-memory-gib`` (a cubic reference, say); ``MemoryError`` below that."""
+    seq_len, budget = args.check_len, args.check_memory_gib * measure.GIB
     while True:
-        xs = check_inputs(seq_len, args)
-        try:
-            return xs, outputs_and_grads(attention_fn(entry, "reference"), *xs,
-                                         memory_budget=args.check_memory_gib * measure.GIB)
-        except MemoryError:
-            if seq_len <= MIN_CHECK_LEN:
-                raise
-            seq_len = max(MIN_CHECK_LEN, seq_len // 2)
+        case = check_case(entry, seq_len, args)
+        compiled, arrays = conformance.compiled_outputs_and_grads(entry.config(), "reference", case,
+                                                                  jnp.dtype(args.dtype))
+        peak = measure.memory_of(compiled).peak
+        if peak <= budget:
+            return case, compiled(arrays)
+        if seq_len <= MIN_CHECK_LEN:
+            raise MemoryError(f"needs {report.format_bytes(peak)} > {report.format_bytes(budget)}")
+        seq_len = max(MIN_CHECK_LEN, seq_len // 2)
 
 
 def check_entry(entry: registry.Entry, args: argparse.Namespace) -> dict:
-    """Each non-reference implementation against the reference, forward and gradients.
+    """Each non-reference implementation against the reference, forward and gradients, through the
+    conformance checks of the test suite (``attnjax.testing.conformance.relative_errors``).
 
     ``{impl: {"T", "max_rel_err", "passed"} | {"skipped": reason} | {"error", "passed": False}}``; a
     ``"reference"`` key appears only when the reference itself does not run (then all is skipped).
     """
     others = [i for i in entry.implementations if i != "reference"]
     try:
-        xs, expected = reference_outputs(entry, args)
-    except outcomes.DECLINED + outcomes.REJECTED + (MemoryError,) as e:
+        case, expected = reference_outputs(entry, args)
+    except (conformance.CaseNotDefined, MemoryError) + outcomes.DECLINED + outcomes.REJECTED as e:
         reason = (f"the reference does not take q, k, v [2, T, {args.heads}, {args.head_dim}], mask "
                   f"{mask_for(entry)}, T <= {args.check_len}: {outcomes.error_text(e)}")
         return {"reference": {"skipped": reason}, **{i: {"skipped": "no reference to compare with"} for i in others}}
     except Exception as e:  # noqa: BLE001 - a failure of this mechanism, recorded; the demo goes on
         return {"reference": {"error": outcomes.error_text(e), "passed": False}}
-    seq_len = xs[0].shape[1]
     results = {}
     for impl in others:
         try:
-            actual = outputs_and_grads(attention_fn(entry, impl), *xs)
+            errors = conformance.relative_errors(entry.config(), impl, case, jnp.dtype(args.dtype), expected=expected)
         except outcomes.DECLINED as e:
             results[impl] = {"skipped": outcomes.error_text(e)}
             continue
         except Exception as e:  # noqa: BLE001 - the reference runs these inputs, so this is a failure
             results[impl] = {"error": outcomes.error_text(e), "passed": False}
             continue
-        errors = {n: accuracy.relative_error(actual[n], expected[n]) for n in expected}
-        results[impl] = {"T": seq_len, "max_rel_err": errors,
+        results[impl] = {"T": case.T, "max_rel_err": errors,
                          "passed": max(errors.values()) <= accuracy.TOLERANCE[args.dtype]}
     return results
 

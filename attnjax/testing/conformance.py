@@ -142,19 +142,18 @@ def _call(config, implementation: str, case: Case) -> Callable:
     return f
 
 
-def outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32) -> dict:
-    """Outputs and the gradients of ``Σ out·w (+ Σ lse·w')`` for fixed random ``w``, compiled once.
-
-    Returns ``{"out", "lse"?, "dq", "dk", "dv", "dbias"?, "dsinks"?}``. Raises ``CaseNotDefined``
-    when the reference refuses the request, ``NotImplementedError`` when this path refuses it.
-    """
+def compiled_outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32):
+    """``(compiled, arrays)``: ``compiled(arrays)`` returns the outputs and the gradients of
+    ``Σ out·w (+ Σ lse·w')`` for fixed random ``w`` (one compilation; its ``memory_analysis()`` gives
+    the peak). Raises ``CaseNotDefined`` when the reference refuses the request,
+    ``NotImplementedError`` when this path refuses it."""
     arrays = inputs(case, dtype)
     f = _call(config, implementation, case)
     try:
         shapes = jax.eval_shape(f, arrays)
-    except NotImplementedError:
+    except NotImplementedError as e:
         if implementation == "reference":
-            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}: {e}") from None
         raise
     weights = {n: jnp.asarray(np.random.default_rng(SEED + 1 + i).standard_normal(s.shape, np.float32))
                for i, (n, s) in enumerate(sorted(shapes.items()))}
@@ -165,8 +164,18 @@ def outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32
                     for n, r in results.items())
         return total, results
 
-    grads, results = jax.jit(jax.grad(loss, has_aux=True))(arrays)
-    return {**results, **{f"d{n}": g for n, g in grads.items()}}
+    def outputs_and_grads(arrays):
+        grads, results = jax.grad(loss, has_aux=True)(arrays)
+        return {**results, **{f"d{n}": g for n, g in grads.items()}}
+
+    return jax.jit(outputs_and_grads).lower(arrays).compile(), arrays
+
+
+def outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32) -> dict:
+    """``{"out", "lse"?, "dq", "dk", "dv", "dbias"?, "dsinks"?}`` of one path on one case (see
+    ``compiled_outputs_and_grads``)."""
+    compiled, arrays = compiled_outputs_and_grads(config, implementation, case, dtype)
+    return compiled(arrays)
 
 
 _REFERENCE_CACHE: dict = {}
@@ -181,18 +190,36 @@ def reference_outputs(config, case: Case) -> dict:
     return _REFERENCE_CACHE[key]
 
 
+def _comparable(expected: dict, actual: dict, where: str) -> dict:
+    """Float32 NumPy pairs by output name; −inf lse rows (no key) must agree and are compared as 0."""
+    assert set(actual) == set(expected), f"{where}: returns {sorted(actual)}, reference {sorted(expected)}"
+    pairs = {}
+    for name in sorted(expected):
+        e, a = np.asarray(expected[name], np.float32), np.asarray(actual[name], np.float32)
+        if name == "lse":
+            assert np.array_equal(np.isfinite(e), np.isfinite(a)), f"{where}: lse infinities differ"
+            e, a = np.where(np.isfinite(e), e, 0.0), np.where(np.isfinite(a), a, 0.0)
+        pairs[name] = (a, e)
+    return pairs
+
+
 def check_against_reference(config, implementation: str, case: Case, *, rtol: Optional[float] = None) -> None:
     """Assert that ``implementation`` gives the reference's output, lse and gradients on ``case``."""
-    expected = reference_outputs(config, case)
-    actual = outputs_and_grads(config, implementation, case)
-    assert set(actual) == set(expected), f"{config.name}/{implementation}: returns {set(actual)}, reference {set(expected)}"
+    where = f"{config.name}/{implementation}/{case.name}"
+    pairs = _comparable(reference_outputs(config, case), outputs_and_grads(config, implementation, case), where)
     rtol = RTOL["float32"] if rtol is None else rtol
-    for name in sorted(expected):
-        e, a = np.asarray(expected[name]), np.asarray(actual[name])
-        if name == "lse":  # rows that see no key: −inf in both
-            assert np.array_equal(np.isfinite(e), np.isfinite(a)), f"{config.name}/{implementation}: lse infinities differ"
-            e, a = np.where(np.isfinite(e), e, 0.0), np.where(np.isfinite(a), a, 0.0)
-        assert_close(a, e, rtol=rtol, atol=rtol * 1e-2, name=f"{config.name}/{implementation}/{case.name}/{name}")
+    for name, (a, e) in pairs.items():
+        assert_close(a, e, rtol=rtol, atol=rtol * 1e-2, name=f"{where}/{name}")
+
+
+def relative_errors(config, implementation: str, case: Case, dtype=jnp.float32, expected: Optional[dict] = None
+                    ) -> dict[str, float]:
+    """``‖actual − reference‖ / ‖reference‖`` of each output and gradient (for reports; tests use
+    ``check_against_reference``). ``expected``: the reference's ``outputs_and_grads`` if already computed."""
+    expected = outputs_and_grads(config, "reference", case, dtype) if expected is None else expected
+    pairs = _comparable(expected, outputs_and_grads(config, implementation, case, dtype),
+                        f"{config.name}/{implementation}/{case.name}")
+    return {name: float(np.linalg.norm(a - e) / max(float(np.linalg.norm(e)), 1e-30)) for name, (a, e) in pairs.items()}
 
 
 def check_bf16(config, implementation: str, case: Case) -> None:
@@ -200,9 +227,9 @@ def check_bf16(config, implementation: str, case: Case) -> None:
     arrays = inputs(case, jnp.bfloat16)
     try:
         results = jax.jit(_call(config, implementation, case))(arrays)
-    except NotImplementedError:
+    except NotImplementedError as e:
         if implementation == "reference":
-            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}: {e}") from None
         raise
     assert results["out"].dtype == jnp.bfloat16, f"{config.name}/{implementation}: out dtype {results['out'].dtype}"
     assert bool(jnp.all(jnp.isfinite(results["out"].astype(jnp.float32)))), f"{config.name}/{implementation}: bf16 NaN/inf"
@@ -215,9 +242,9 @@ def check_vmap(config, implementation: str, case: Case) -> None:
     stacked = {n: jnp.stack([a, a[::-1]]) for n, a in arrays.items()}
     try:
         batched = jax.jit(jax.vmap(f))(stacked)
-    except NotImplementedError:
+    except NotImplementedError as e:
         if implementation == "reference":
-            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}") from None
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}: {e}") from None
         raise
     one = jax.jit(f)
     for i in range(2):
@@ -226,5 +253,6 @@ def check_vmap(config, implementation: str, case: Case) -> None:
             assert_close(batched[name][i], single[name], rtol=RTOL["float32"], name=f"{config.name}/vmap/{name}")
 
 
-__all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "option_cases", "check_against_reference", "check_bf16", "check_vmap",
-           "inputs", "outputs_and_grads", "reference_outputs", "small_tiles"]
+__all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "option_cases", "check_against_reference", "check_bf16",
+           "check_vmap", "compiled_outputs_and_grads", "inputs", "outputs_and_grads", "reference_outputs",
+           "relative_errors", "small_tiles"]

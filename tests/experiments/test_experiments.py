@@ -92,8 +92,8 @@ def test_reference_checks_shrink_to_the_memory_budget():
     # The softmax reference's gradients need 157 KiB at T=64 and 570 KiB at T=128 (B=2, H=1, D=8).
     args = main_job.parse_args(["--check-len", "128", "--heads", "1", "--head-dim", "8", "--check-memory-gib", "3e-4"])
     entry = cli.selected_entries(["softmax"])[0]
-    (q, *_), expected = main_job.reference_outputs(entry, args)
-    assert q.shape[1] == main_job.MIN_CHECK_LEN == 64 and expected["out"].shape == q.shape
+    case, expected = main_job.reference_outputs(entry, args)
+    assert case.T == main_job.MIN_CHECK_LEN == 64 and expected["out"].shape == (case.B, case.T, case.Hq, case.Dv)
     args.check_memory_gib = 1e-5
     assert "MemoryError" in main_job.check_entry(entry, args)["reference"]["skipped"]
 
