@@ -2,11 +2,12 @@
 
 ``y_t = W_o · concat_h Σ_{j≤t} softmax_j(q_h·k_j^h / √D) v_j^h`` with ``k = x W_k``, ``v = x W_v`` and
 ``q_h`` a learned query per head (Aaren's learned token, the same at every step). Training runs
-the parallel prefix scan (``attnjax.softmax.aaren.aaren_scan`` through ``attnjax.attention``);
-decoding folds one token at a time into a constant-size state (``aaren_step``), with no KV cache.
+the parallel prefix scan (``attnjax.softmax.aaren.aaren_scan``); decoding folds one token at a
+time into a constant-size state (``aaren_step``), with no KV cache.
 
-``MultiHeadAttention(mechanism="aaren")`` cannot express this: there the queries are projections
-of the tokens, and Aaren's scan needs one query shared by every position.
+Aaren is a layer, not an ``attnjax.attention`` mechanism: its queries are learned tokens, not
+projections of the input, so ``q [B, T, H, D]`` has no meaning for it. The functional core
+(``attnjax.softmax.aaren``) takes one query per head.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from attnjax.api import attention
-from attnjax.dispatch import check_implementation
+from attnjax.dispatch import dispatch
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
-from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_step
+from attnjax.nn.registry import ModuleSpec, register_module
+from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_recurrent, aaren_reference, aaren_scan, aaren_step
+
+PATHS = {"reference": aaren_reference, "recurrent": aaren_recurrent, "xla": aaren_scan}
+"""Implementations of the parallel call: "reference" (dense masked ``[T, T]`` logits), "recurrent"
+(``aaren_step`` under ``lax.scan``) and "xla" (``aaren_scan``, the prefix scan; what "auto" picks)."""
 
 
 class Aaren(nnx.Module):
@@ -40,7 +45,7 @@ class Aaren(nnx.Module):
       num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); must divide ``num_heads`` (GQA).
       head_dim: features per head ``D`` (default ``d_model // num_heads``).
       use_bias: bias in the key/value projections (the output projection has none).
-      implementation: "auto", "xla" (prefix scan), "recurrent" or "reference", for ``attnjax.attention``.
+      implementation: "auto", or a name in ``PATHS``: "xla" (prefix scan), "recurrent" or "reference".
       dtype: computation dtype of the projections; param_dtype: dtype of the parameters.
       rngs: ``params`` initializes the projections and the queries (standard normal).
     """
@@ -53,7 +58,8 @@ class Aaren(nnx.Module):
         check_positive(num_kv_heads=num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        check_implementation(implementation)
+        if implementation != "auto" and implementation not in PATHS:
+            raise ValueError(f"Aaren implementation must be 'auto' or one of {tuple(PATHS)}, got {implementation!r}")
         self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
         self.implementation = implementation
 
@@ -70,8 +76,8 @@ class Aaren(nnx.Module):
         """``x [B, T, d_model] -> [B, T, d_model]``; output ``t`` attends over tokens ``0..t``."""
         check_input("x", x, self.d_model)
         k, v = self.key(x), self.value(x)
-        q = jnp.broadcast_to(self.query[...].astype(k.dtype), (x.shape[0], 1, self.num_heads, self.head_dim))
-        return self.out(attention(q, k, v, mechanism="aaren", implementation=self.implementation))
+        q = self.query[...].astype(k.dtype)
+        return self.out(dispatch(PATHS, self.implementation, q, k, v, what="Aaren"))
 
     def init_cache(self, batch: int) -> AarenState:
         """The empty float32 state: ``m = -inf``, ``w = 0`` ``[batch, H]`` and ``u = 0`` ``[batch, H, D]``."""
@@ -94,5 +100,6 @@ class Aaren(nnx.Module):
         return self.out(o[:, None]), state
 
 
-LAYERS = {"aaren": Aaren}
-"""Token mixers by name: ``[B, T, d_model] -> [B, T, d_model]`` with ``init_cache(batch)``/``decode``."""
+register_module(ModuleSpec(
+    "aaren", Aaren, dict(d_model=16, num_heads=4, num_kv_heads=2), (2, 9, 16), kind="layer",
+    paper="Feng et al. 2024 (Attention as an RNN)", causal=True, decodes=True))

@@ -20,6 +20,7 @@ from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
 
@@ -307,3 +308,8 @@ class MultiHeadAttention(nnx.Module):
             raise NotImplementedError(
                 f"KV-cache decoding is implemented for mechanism 'softmax' only, not {self.mechanism.name!r}")
 
+
+register_module(ModuleSpec(
+    "mha", MultiHeadAttention, dict(d_model=16, num_heads=4, num_kv_heads=2, rope=RoPE(base=100.0)), (2, 9, 16),
+    kind="layer", paper="Vaswani et al. 2017 (Attention Is All You Need); Ainslie et al. 2023 (GQA)",
+    call_kwargs=dict(mask=masks.Causal()), causal=True, decodes=True, cache_kwargs=dict(max_len=9)))

@@ -26,9 +26,10 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.api import attention
 from attnjax.linear import linear_attention, linear_attention_step
-from attnjax.nn.attention import KVCache, MultiHeadAttention
 from attnjax.dispatch import check_implementation
+from attnjax.nn.attention import KVCache, MultiHeadAttention
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.transnormer import LinearCache
 from attnjax.positional import RoPE
 
@@ -212,8 +213,12 @@ class BasedBlock(nnx.Module):
         return self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm_mlp(h))))
 
 
-LAYERS = {"based": BasedLinearAttention, "sliding_window": SlidingWindowAttention}
-"""Token mixers by name: ``[B, T, d_model] -> [B, T, d_model]`` with ``init_cache(batch)``/``decode``."""
-
-BLOCKS = {"based": BasedBlock}
-"""Residual blocks by name, with the same interface."""
+PAPER = "Arora et al. 2024 (BASED: Simple linear attention language models balance the recall-throughput tradeoff)"
+register_module(ModuleSpec("based", BasedLinearAttention, dict(d_model=16, num_heads=2, feature_dim=4, chunk_size=4),
+                           (2, 10, 16), kind="layer", paper=PAPER, causal=True, decodes=True))
+register_module(ModuleSpec("sliding_window", SlidingWindowAttention,
+                           dict(d_model=16, num_heads=2, num_kv_heads=1, window=4, rope=RoPE(base=100.0)),
+                           (2, 10, 16), kind="layer", paper=PAPER, causal=True, decodes=True))
+register_module(ModuleSpec("based", BasedBlock, dict(d_model=16, num_heads=2, feature_dim=4, window=4, mlp_dim=24,
+                                                     chunk_size=4),
+                           (2, 10, 16), kind="block", paper=PAPER, causal=True, decodes=True))

@@ -20,7 +20,8 @@ from jax import lax
 
 from attnjax.blocked.lists import allowed_blocks
 from attnjax.checks import check_positive
-from attnjax.masks import Mask
+from attnjax.masks import Causal, Mask
+from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import RoPE
 from attnjax.sparse.seer import block_max_attention
 from attnjax.tiling import num_tiles, pad_axis
@@ -182,5 +183,15 @@ def distillation_step(
     optimizer.update(gate, grads)
     return loss
 
+
+def _gate_example(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``q [2, 12, 2, 8]`` and ``k [2, 12, 1, 8]`` for the ``AttnGate`` spec."""
+    kq, kk = jax.random.split(key)
+    return jax.random.normal(kq, (2, 12, 2, 8), jnp.float32), jax.random.normal(kk, (2, 12, 1, 8), jnp.float32)
+
+
+register_module(ModuleSpec(
+    "seer_gate", AttnGate, dict(head_dim=8, num_heads=2, num_kv_heads=1, block_q=4, block_kv=4), _gate_example,
+    kind="other", paper="Gao et al. 2024 (SeerAttention)", call_kwargs=dict(mask=Causal())))
 
 __all__ = ["AttnGate", "POOLINGS", "block_pool", "distillation_step", "gate_loss"]

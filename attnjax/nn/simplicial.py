@@ -16,6 +16,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.nn.checks import check_input, check_positive, resolve_head_dim
+from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.simplicial import simplicial_attention_reference, simplicial_attention_windowed
 
 IMPLEMENTATIONS = ("auto", "reference", "xla")
@@ -85,3 +86,9 @@ class SimplicialAttention(nnx.Module):
         else:
             out = simplicial_attention_windowed(*args, block_q=self.block_q, **kwargs)
         return self.out(out)
+
+
+register_module(ModuleSpec(
+    "simplicial", SimplicialAttention, dict(d_model=16, num_heads=2, window1=4, window2=2, block_q=4), (2, 9, 16),
+    kind="layer", paper="Clift et al. 2019 (2-simplicial Transformer); Roy et al. 2025 (Fast and Simplex)",
+    causal=True))

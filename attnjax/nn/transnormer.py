@@ -23,8 +23,9 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.dispatch import check_implementation
-from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.linear import linear_attention, linear_attention_step
+from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import alibi_slopes
 
 
@@ -238,8 +239,17 @@ class TransNormerBlock(nnx.Module):
         return h + self.mlp(srms_norm(h, self.eps)), cache
 
 
-LAYERS = {"transnormer": TransNormerAttention}
-"""Token mixers by name: ``[B, T, d_model] -> [B, T, d_model]`` with ``init_cache(batch)``/``decode``."""
+def _lrpe_example(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x [2, 8, 2, 4]`` and ``positions [8]`` for the ``LRPE`` spec."""
+    return jax.random.normal(key, (2, 8, 2, 4), jnp.float32), jnp.arange(8)
 
-BLOCKS = {"transnormer": TransNormerBlock}
-"""Residual blocks (token mixer + channel mixer) by name, with the same interface."""
+
+PAPER = "Qin et al. 2023 (TransNormerLLM)"
+register_module(ModuleSpec("transnormer", TransNormerAttention, dict(d_model=16, num_heads=2, chunk_size=4),
+                           (2, 10, 16), kind="layer", paper=PAPER, causal=True, decodes=True))
+register_module(ModuleSpec("transnormer", TransNormerBlock, dict(d_model=16, num_heads=2, chunk_size=4, hidden_dim=24),
+                           (2, 10, 16), kind="block", paper=PAPER, causal=True, decodes=True))
+register_module(ModuleSpec("lrpe", LRPE, dict(num_heads=2, head_dim=4), _lrpe_example, kind="other",
+                           paper="Qin et al. 2023 (Linearized Relative Positional Encoding)", takes_rngs=False))
+register_module(ModuleSpec("sglu", SGLU, dict(d_model=16, hidden_dim=24), (2, 8, 16), kind="other", paper=PAPER,
+                           causal=True))

@@ -4,7 +4,7 @@ from attnjax.blocked.flash_xla import flash_attention_xla, flash_attention_xla_b
 from attnjax.softmax.softmax import Softmax, softmax_attention_reference  # noqa: I001 - registers first
 
 from attnjax.blocked import weights
-from attnjax.softmax.aaren import (Aaren, AarenState, aaren_combine, aaren_init_state, aaren_recurrent,
+from attnjax.softmax.aaren import (AarenState, aaren_combine, aaren_init_state, aaren_recurrent,
                                    aaren_reference, aaren_scan, aaren_step)
 from attnjax.softmax.reversed import (Reversed, TransposedMask, dependency_mask, dependency_parents,
                                       reversed_attention_reference, reversed_attention_weights,
@@ -20,7 +20,7 @@ from attnjax.softmax.stick_breaking import (StickBreaking, stick_breaking_attent
 
 __all__ = [
     "Softmax", "softmax_attention_reference", "flash_attention_xla", "flash_attention_xla_backward", "weights",
-    "Aaren", "AarenState", "aaren_combine", "aaren_init_state", "aaren_recurrent", "aaren_reference", "aaren_scan",
+    "AarenState", "aaren_combine", "aaren_init_state", "aaren_recurrent", "aaren_reference", "aaren_scan",
     "aaren_step",
     "Reversed", "TransposedMask", "dependency_mask", "dependency_parents", "reversed_attention_reference",
     "reversed_attention_weights", "reversed_attention_xla", "tree_parents",

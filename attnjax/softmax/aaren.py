@@ -16,6 +16,9 @@ depth) and a new token updates the state in O(1) memory (``aaren_step``). With p
 queries ``q_t`` this is no longer possible: that is ordinary causal attention
 (``mechanism="softmax"``, ``mask=masks.Causal()``).
 
+These are pure functions on arrays, not an ``attnjax.attention`` mechanism: the query is one
+learned token per head, which the layer ``attnjax.nn.aaren.Aaren`` owns.
+
 The max ``m`` is only a reference point: ``o`` and ``log w + m`` do not depend on it, so it is
 held constant for gradients (like the row max of ``softmax_attention_reference``). States,
 logits and sums are float32; outputs take q's dtype.
@@ -24,12 +27,12 @@ logits and sums are float32; outputs take q's dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from attnjax import masks, registry
+from attnjax import masks
 from attnjax.blocked.scores import soft_cap
 from attnjax.softmax.softmax import softmax_attention_reference
 
@@ -196,47 +199,3 @@ def _readout(state: AarenState, dtype, return_lse: bool):
     out = (state.u / jnp.where(w > 0, w, 1.0)).astype(dtype)
     return (out, _lse(state)) if return_lse else out
 
-
-def _registered(fn):
-    """``fn`` under the ``attnjax.attention`` signature; see ``Aaren`` for what it serves."""
-
-    def attend(q, k, v, *, mask=None, bias=None, scale=None, logits_soft_cap=None, sinks=None, dropout_rate=0.0,
-               rng=None, return_lse=False):
-        used = {"mask": mask is not None, "bias": bias is not None, "dropout": dropout_rate > 0}
-        if any(used.values()):
-            raise NotImplementedError(f"aaren does not support {sorted(o for o, on in used.items() if on)}: "
-                                      "its prefix (causal) structure is built in")
-        if q.shape[1] != 1:
-            raise NotImplementedError(
-                f"aaren takes one query per head, q [B, 1, Hq, D], and returns one output per key position "
-                f"[B, S, Hq, Dv]; got q {tuple(q.shape)}. Per-token queries are ordinary causal attention: "
-                "mechanism='softmax' with mask=masks.Causal()")
-        return fn(q, k, v, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks, return_lse=return_lse)
-
-    return attend
-
-
-@registry.register
-@dataclasses.dataclass(frozen=True)
-class Aaren:
-    """Aaren's many-to-many attention (Feng et al. 2024) under the ``attnjax.attention`` signature.
-
-    ``q`` must be ``[B, 1, Hq, D]``: the shared query (Aaren's learned token). The result is
-    ``[B, S, Hq, Dv]``, one output per key position, ``out[:, t] = attention(q, k[:, :t+1], v[:, :t+1])``
-    — not ``[B, T, Hq, Dv]`` as for other mechanisms, since T = 1. A ``mask`` is refused (the
-    prefix structure is built in); ``q`` with ``T > 1`` raises ``NotImplementedError``.
-    ``MultiHeadAttention(mechanism="aaren")`` therefore cannot work (its queries come from the
-    tokens); use the layer ``attnjax.nn.aaren.Aaren``, which owns the learned query.
-
-    Implementations: "reference" (dense masked ``[S, S]`` logits), "xla" (``aaren_scan``, the
-    parallel prefix scan), "recurrent" (``aaren_step`` under ``lax.scan``).
-    """
-
-    name: ClassVar[str] = "aaren"
-    family: ClassVar[str] = "softmax"
-    paper: ClassVar[str] = "Feng et al. 2024 (Attention as an RNN)"
-    supports: ClassVar[frozenset] = frozenset({"gqa", "cross", "sinks", "logits_soft_cap", "return_lse"})
-
-    def implementations(self):
-        return {"reference": _registered(aaren_reference), "recurrent": _registered(aaren_recurrent),
-                "xla": _registered(aaren_scan)}

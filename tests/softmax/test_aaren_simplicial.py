@@ -18,7 +18,8 @@ from attnjax.nn.simplicial import SimplicialAttention
 from attnjax.softmax.aaren import (AarenState, aaren_combine, aaren_init_state, aaren_recurrent, aaren_reference,
                                    aaren_scan, aaren_step)
 from attnjax.softmax.simplicial import Simplicial, simplicial_attention_reference, simplicial_attention_windowed
-from experiments.common import compile_fn, grad_fn, memory_of
+from experiments.lib.measure import compile_fn, memory_of
+from experiments.lib.workload import grad_fn
 from tests.helpers import TOLERANCE, assert_close
 
 AAREN_PATHS = {"scan": aaren_scan, "recurrent": aaren_recurrent}
@@ -138,22 +139,23 @@ def test_aaren_combine_is_associative(a, b, c):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_aaren_registry_entry():
+def test_aaren_is_a_layer_not_a_mechanism():
+    """The functional core takes one query per head, and ``attnjax.attention`` has no "aaren" (use the layer)."""
     q, k, v, _ = aaren_args(jnp.float32, 2, False)
-    ref = jax.jit(lambda q, k, v: aj.attention(q, k, v, mechanism="aaren", implementation="reference"))(q, k, v)
-    assert ref.shape == (2, 29, 4, 6)
-    out, lse = jax.jit(lambda q, k, v: aj.attention(q, k, v, mechanism="aaren", implementation="xla",
-                                                    return_lse=True))(q, k, v)
-    assert_close(out, ref)
-    assert lse.shape == (2, 29, 4)
-    entry = {e.name: e for e in aj.registry.entries()}["aaren"]
-    assert entry.family == "softmax" and set(entry.implementations) == {"reference", "recurrent", "xla"}
-    with pytest.raises(NotImplementedError, match="one query per head"):
-        aj.attention(k, k, v, mechanism="aaren")
-    with pytest.raises(NotImplementedError, match="does not support"):
-        aj.attention(q, k, v, mechanism="aaren", mask=masks.Causal())
     with pytest.raises(ValueError, match="one query per head"):
         aaren_scan(jnp.ones((2, 3, 4, 8)), k, v)
+    with pytest.raises(ValueError, match="unknown mechanism 'aaren'"):
+        aj.attention(k, k, v, mechanism="aaren")
+
+
+def test_aaren_layer_implementations_agree():
+    x = normal(0, (2, 7, 16))
+    outputs = {impl: nnx.jit(lambda m: m(x))(Aaren(16, 4, num_kv_heads=2, implementation=impl, rngs=nnx.Rngs(0)))
+               for impl in ("reference", "recurrent", "xla", "auto")}
+    for impl, y in outputs.items():
+        assert_close(y, outputs["reference"], name=impl)
+    with pytest.raises(ValueError, match="Aaren implementation"):
+        Aaren(16, 4, implementation="pallas", rngs=nnx.Rngs(0))
 
 
 def value_and_grad(layer, x):

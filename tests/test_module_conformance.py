@@ -1,0 +1,152 @@
+"""Every registered NNX module (``attnjax.nn.registry.modules()``): init, forward, ``nnx.jit``, gradients,
+the Linen bridge, an orbax checkpoint round trip, causality and decode == parallel.
+
+Each test runs the spec's tiny example (``spec.build``, ``spec.example_inputs``, ``spec.call_kwargs``),
+so registering a module brings its standard tests with it.
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.nnx import bridge
+
+import attnjax.nn
+from attnjax.nn.registry import BLOCKS, LAYERS, ModuleSpec, modules, register_module
+from tests.helpers import assert_close
+
+SPECS = modules()
+JITTED = {}
+
+
+def parametrize(specs):
+    return pytest.mark.parametrize("spec", specs, ids=lambda spec: f"{spec.kind}-{spec.name}")
+
+
+def call(model, spec: ModuleSpec, inputs) -> jax.Array:
+    """The example call, eager."""
+    return model(*inputs, **spec.call_kwargs)
+
+
+def jit_call(model, spec: ModuleSpec, inputs) -> jax.Array:
+    """The example call under ``nnx.jit``, compiled once per spec (eager calls are slow: op by op)."""
+    key = (spec.kind, spec.name)
+    if key not in JITTED:
+        JITTED[key] = nnx.jit(lambda m, *a: call(m, spec, a))
+    return JITTED[key](model, *inputs)
+
+
+def example(spec: ModuleSpec, seed: int = 0):
+    """The spec's module (parameters from ``seed``) and example inputs."""
+    return spec.build(nnx.Rngs(seed)), spec.example_inputs(jax.random.key(seed + 100))
+
+
+@parametrize(SPECS)
+def test_forward_is_finite_and_jit_matches_eager(spec):
+    model, inputs = example(spec)
+    y = call(model, spec, inputs)
+    if not callable(spec.inputs):
+        assert y.shape == inputs[0].shape, "a layer/block maps [B, T, d] to [B, T, d]"
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert_close(jit_call(model, spec, inputs), y, rtol=1e-5, name="jit")
+
+
+@parametrize(SPECS)
+def test_every_param_gets_a_finite_nonzero_gradient(spec):
+    model, inputs = example(spec)
+    w = jax.random.normal(jax.random.key(1), jax.eval_shape(lambda *a: call(model, spec, a), *inputs).shape)
+
+    def loss(m):
+        return jnp.sum(call(m, spec, inputs).astype(jnp.float32) * w)
+
+    grads = nnx.jit(nnx.grad(loss))(model)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(nnx.state(model, nnx.Param))) > 0
+    for path, g in flat:
+        g = np.asarray(g[...])
+        assert np.all(np.isfinite(g)) and np.any(g != 0), path
+
+
+@parametrize(SPECS)
+def test_linen_bridge(spec):
+    """``to_linen`` inits the module's parameters and applies to the module's output shape (traced only)."""
+    model, inputs = example(spec)
+    linen = bridge.to_linen(spec.module, **spec.kwargs, skip_rng=not spec.takes_rngs)
+    variables = jax.eval_shape(lambda key: linen.init(key, *inputs, **spec.call_kwargs), jax.random.key(0))
+    params = nnx.state(model, nnx.Param)
+    assert jax.tree.map(lambda p: p.shape, variables["params"]) == jax.tree.map(lambda p: p.shape,
+                                                                                 nnx.to_pure_dict(params))
+    y = jax.eval_shape(lambda v, *a: linen.apply(v, *a, **spec.call_kwargs), variables, *inputs)
+    expected = jax.eval_shape(lambda *a: call(model, spec, a), *inputs)
+    assert (y.shape, y.dtype) == (expected.shape, expected.dtype)
+
+
+@parametrize(SPECS)
+def test_orbax_checkpoint_round_trip(spec, tmp_path):
+    model, inputs = example(spec, seed=1)
+    path = tmp_path / "checkpoint"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, nnx.state(model))
+        checkpointer.wait_until_finished()
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
+        restored = nnx.merge(graphdef, checkpointer.restore(path, abstract_state))
+    y, y_restored = jit_call(model, spec, inputs), jit_call(restored, spec, inputs)
+    np.testing.assert_array_equal(np.asarray(y_restored), np.asarray(y))
+
+
+@parametrize([spec for spec in SPECS if spec.causal])
+def test_causal(spec):
+    model, inputs = example(spec)
+    t = inputs[0].shape[1] // 2
+    fresh = spec.example_inputs(jax.random.key(7))
+    changed = tuple(x.at[:, t + 1:].set(f[:, t + 1:]) for x, f in zip(inputs, fresh))
+    y, y_changed = jit_call(model, spec, inputs), jit_call(model, spec, changed)
+    np.testing.assert_array_equal(np.asarray(y[:, :t + 1]), np.asarray(y_changed[:, :t + 1]))
+    assert not np.allclose(y[:, t + 1:], y_changed[:, t + 1:]), "the change after t must reach the output"
+
+
+@parametrize([spec for spec in SPECS if spec.decodes])
+def test_decode_step_by_step_equals_parallel(spec):
+    model, (x,) = example(spec)
+    y = jit_call(model, spec, (x,))
+    step = nnx.jit(lambda m, x_t, cache: m.decode(x_t, cache))
+    cache, steps = model.init_cache(x.shape[0], **spec.cache_kwargs), []
+    for t in range(x.shape[1]):
+        y_t, cache = step(model, x[:, t:t + 1], cache)
+        steps.append(y_t)
+    assert_close(jnp.concatenate(steps, axis=1), y, atol=2e-5, rtol=2e-5, name="decode")
+
+
+def test_every_nnx_module_in_attnjax_nn_is_registered():
+    registered = {spec.module for spec in SPECS}
+    defined = {cls for submodule in vars(attnjax.nn).values() if inspect.ismodule(submodule)
+               for cls in vars(submodule).values()
+               if inspect.isclass(cls) and issubclass(cls, nnx.Module) and cls.__module__ == submodule.__name__}
+    assert defined and not defined - registered, sorted(c.__name__ for c in defined - registered)
+
+
+def test_layer_and_block_views():
+    assert {"transnormer", "based", "sliding_window", "aaren"} <= set(LAYERS)
+    assert set(BLOCKS) == {"transnormer", "based"}
+    assert LAYERS["aaren"] is attnjax.nn.Aaren and BLOCKS["based"] is attnjax.nn.BasedBlock
+    assert all(spec.kind == "layer" for spec in modules("layer")) and len(LAYERS) == len(modules("layer"))
+    with pytest.raises(KeyError, match="no block 'aaren'"):
+        BLOCKS["aaren"]
+
+
+def test_register_module_refuses_a_taken_name_and_bad_specs():
+    spec = modules("layer")[0]
+    assert register_module(spec) is spec  # registering the same spec again is a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_module(ModuleSpec(spec.name, spec.module, {**spec.kwargs, "d_model": 32}, spec.inputs,
+                                   kind=spec.kind, paper=spec.paper))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ModuleSpec("x", spec.module, {}, (1, 2, 3), kind="mixer", paper="")
+    with pytest.raises(TypeError, match="nnx.Module class"):
+        ModuleSpec("x", dict, {}, (1, 2, 3), kind="layer", paper="")
+    with pytest.raises(ValueError, match="decodes needs a single x"):
+        ModuleSpec("x", spec.module, {}, lambda key: (), kind="layer", paper="", decodes=True)
