@@ -10,6 +10,7 @@ import pytest
 
 import attnjax as aj
 from attnjax import masks, registry
+from attnjax.checks import check_qkv
 from tests.helpers import assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
@@ -130,7 +131,6 @@ def test_output_finite_for_every_registered_mechanism():
 
 
 def test_check_qkv_is_usable_on_its_own():
-    from attnjax.checks import check_qkv
     check_qkv(Q, K, V)
     with pytest.raises(ValueError, match="v must have rank 4"):
         check_qkv(Q, K, V[0])

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from attnjax import parallel
 from attnjax.parallel import comm
+from experiments import comm_model
 from tests.helpers import random_qkv
 
 HLO = """HloModule jit_f, is_scheduled=true, num_partitions=8
@@ -148,7 +149,6 @@ def test_cost_model_scaling_and_feasibility():
 
 
 def test_comm_model_experiment_writes_tables_and_plot(tmp_path):
-    from experiments import comm_model
 
     comm_model.main(["--no-measure", "--devices", "8,64", "--tokens-per-device", "4096", "--out", str(tmp_path),
                      "--name", "tiny"])
