@@ -220,11 +220,12 @@ class Segments(Mask):
     q_segment_ids: Array
     kv_segment_ids: Optional[Array] = None
 
-    def _kv(self):
+    def kv_ids(self) -> Array:
+        """The key segment ids ``[Bs, S]``: ``kv_segment_ids``, or the query ids for self-attention."""
         return self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
 
     def check(self, batch, num_heads, T, S):
-        for name, ids, length in (("q_segment_ids", self.q_segment_ids, T), ("kv_segment_ids", self._kv(), S)):
+        for name, ids, length in (("q_segment_ids", self.q_segment_ids, T), ("kv_segment_ids", self.kv_ids(), S)):
             if ids.ndim != 2 or ids.shape[0] not in (1, batch) or ids.shape[1] != length:
                 raise ValueError(
                     f"Segments.{name} has shape {tuple(ids.shape)}, expected ({batch}, {length}) "
@@ -234,12 +235,12 @@ class Segments(Mask):
 
     def tile(self, q_idx, kv_idx, T, S):
         qs = jnp.take(self.q_segment_ids, q_idx, axis=1, mode="clip")
-        ks = jnp.take(self._kv(), kv_idx, axis=1, mode="clip")
+        ks = jnp.take(self.kv_ids(), kv_idx, axis=1, mode="clip")
         return (qs[:, :, None] == ks[:, None, :])[:, None]
 
     def block_summary(self, T, S, block_q, block_kv):
         qmin, qmax = _tile_min_max(self.q_segment_ids, block_q)
-        kmin, kmax = _tile_min_max(self._kv(), block_kv)
+        kmin, kmax = _tile_min_max(self.kv_ids(), block_kv)
         qmin, qmax = qmin[:, :, None], qmax[:, :, None]
         kmin, kmax = kmin[:, None, :], kmax[:, None, :]
         empty = (qmax < kmin) | (kmax < qmin)

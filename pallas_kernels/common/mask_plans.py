@@ -86,7 +86,7 @@ def plan_mask(mask: Optional[masks.Mask], T: int, S: int, T_pad: int, S_pad: int
             return MaskPlan("chunked", (m.chunk,))
         if isinstance(m, masks.Segments):
             qs = jnp.asarray(m.q_segment_ids, jnp.int32)
-            ks = jnp.asarray(m._kv(), jnp.int32)
+            ks = jnp.asarray(m.kv_ids(), jnp.int32)
             bs = max(qs.shape[0], ks.shape[0])
             qs = jnp.broadcast_to(qs, (bs, T))
             ks = jnp.broadcast_to(ks, (bs, S))
