@@ -16,6 +16,7 @@ from attnjax import registry
 from attnjax.checks import check_options, check_qkv
 from attnjax.dispatch import check_implementation, dispatch
 from attnjax.masks import Mask
+from attnjax.meshes import on_auto_axes
 
 
 def attention(
@@ -61,7 +62,9 @@ def attention(
         used.update(dropout_rate=dropout_rate, rng=rng)
     if return_lse:
         used["return_lse"] = True
-    return dispatch(config.implementations(), implementation, q, k, v, what=f"mechanism {config.name!r}", **used)
+    paths = config.implementations()
+    return on_auto_axes(lambda q, k, v, **kw: dispatch(paths, implementation, q, k, v, what=f"mechanism {config.name!r}", **kw),
+                        q, k, v, **used)
 
 
 def _check_supported(config, q, k, *, mask, bias, logits_soft_cap, sinks, dropout_rate, return_lse) -> None:

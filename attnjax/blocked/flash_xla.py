@@ -35,6 +35,7 @@ from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_l
 from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    row_tiles, untile)
 from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
+from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
 
 
@@ -136,6 +137,7 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
             m0 = jnp.broadcast_to(sinks.reshape(1, Hkv, G, 1), (B, Hkv, G, bq))
             l0 = jnp.ones((B, Hkv, G, bq), jnp.float32)
         acc0 = jnp.zeros((B, Hkv, G, bq, Dv), jnp.float32)
+        m0, l0, acc0 = vary_like((m0, l0, acc0), q, k, v, bias, sinks, mask, seed)
 
         def visit(j, carry, apply_mask):
             m, l, acc = carry
@@ -244,14 +246,15 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             branches = [lambda c: c, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
             return lax.switch(codes[i, j], branches, inner)
 
-        dq0 = jnp.zeros(qi.shape, jnp.float32)
+        dq0 = vary_like(jnp.zeros(qi.shape, jnp.float32), residuals, cotangents)
         dqi, dk, dv, dbias = lax.fori_loop(lo[i], hi[i], body, (dq0, dk, dv, dbias))
         return (dk, dv, dbias), dqi
 
     nq = num_tiles(T, bq)
     xs = (jnp.arange(nq), q_tiles(q, bq, Hkv), q_tiles(d_out, bq, Hkv), row_tiles(stat, bq, Hkv),
           row_tiles(delta, bq, Hkv), row_tiles(d_lse, bq, Hkv))
-    carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
+    carry0 = vary_like((jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0),
+                       residuals, cotangents)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
     dq, dk, dv, d_bias = finish_grads(dq, dk, dv, dbias, q, k, v, bias)
     d_sinks = None

@@ -1,0 +1,82 @@
+"""What the library's internals need to run where JAX users run them: inside ``shard_map`` and on
+explicitly sharded arrays.
+
+* Inside ``jax.shard_map`` (default ``check_vma=True``) every value is typed by the manual mesh
+  axes it varies over. A loop carry or a ``lax.switch``/``lax.cond`` branch that starts as a
+  constant (zeros, ``-inf``) must be cast to vary like the per-device inputs it meets:
+  ``vary_like(init, q, k, v)``.
+* On a mesh from ``jax.make_mesh`` (Explicit axes by default) a sharding is part of an array's
+  type, and reshapes/gathers whose output sharding is ambiguous are refused. The blocked paths
+  reshape and gather freely, so ``on_auto_axes`` runs them with the Explicit axes switched to Auto
+  (``jax.sharding.auto_axes``) and gives the outputs the inputs' ``[B, T, H]`` sharding back.
+
+Both are no-ops on plain arrays and on jax versions without these types.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax import lax
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` is typed as varying over (empty outside ``shard_map``).
+
+    jax >= 0.10 spells this ``aval.manual_axis_type.varying``; 0.7-0.9 ``aval.vma``; older jax has none.
+    """
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def vary_like(tree, *refs):
+    """Each array leaf of ``tree`` typed as varying over every manual axis some leaf of ``refs`` varies over.
+
+    Use it on the constant initial value of a loop carry or a constant ``lax.switch``/``lax.cond``
+    branch output inside a path that may run under ``shard_map(check_vma=True)``; autodiff then sums
+    the cotangent over those axes. A no-op outside ``shard_map`` and under ``check_vma=False``.
+    """
+    wanted = frozenset().union(*(varying_axes(r) for r in jax.tree_util.tree_leaves(refs)))
+    if not wanted:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(wanted - varying_axes(x), key=str))
+        if not missing:
+            return x
+        return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def explicit_axes(*arrays) -> tuple:
+    """Mesh axes of type Explicit in the shardings of ``arrays`` (``()`` for plain arrays)."""
+    axes = []
+    for x in jax.tree_util.tree_leaves(arrays):
+        sharding = getattr(jax.typeof(x), "sharding", None) if hasattr(jax, "typeof") else None
+        mesh = getattr(sharding, "mesh", None)
+        for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
+            if "Explicit" in str(kind) and name not in axes:
+                axes.append(name)
+    return tuple(axes)
+
+
+def on_auto_axes(fn: Callable, q: jax.Array, *args, **kwargs):
+    """``fn(q, *args, **kwargs)``, with any Explicit mesh axes of the array arguments switched to Auto.
+
+    Every array output of ``fn`` gets ``q``'s sharding on its leading three dims (``[B, T, H]``)
+    and none on the others: the layout of an attention output ``[B, T, H, Dv]`` and of its
+    log-sum-exp ``[B, T, H]``. Without Explicit axes this is ``fn(q, *args, **kwargs)``.
+    """
+    axes = explicit_axes(q, args, kwargs)
+    if not axes:
+        return fn(q, *args, **kwargs)
+    sharding = jax.typeof(q).sharding
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[:3]))
+    call = jax.sharding.auto_axes(lambda q, args, kwargs: fn(q, *args, **kwargs), axes=axes, out_sharding=out)
+    return call(q, args, kwargs)
+
+
+__all__ = ["varying_axes", "vary_like", "explicit_axes", "on_auto_axes"]
