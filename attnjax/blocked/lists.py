@@ -125,15 +125,66 @@ def from_block_mask(block_mask: Array, block_q: int, block_kv: int, max_blocks: 
 
 
 def from_block_ids(ids: Array, valid: Array, block_q: int, block_kv: int, num_kv_blocks: int) -> BlockSparse:
-    """Lists from chosen key-block ids ``[Bl, Hl, nq, K]`` (distinct within a row, in any order) and
-    which of them count (bool ``valid``, same shape); ``K`` stays the list length.
+    """Lists from chosen key-block ids ``[Bl, Hl, nq, K]`` (in any order) and which of them count
+    (bool ``valid``, same shape); ``K`` stays the list length.
 
     Sorts the ``K`` ids of each row, where ``from_block_mask`` sorts all ``nk`` blocks: the cheap
-    way to turn a top-k selection into lists under jit.
+    way to turn a top-k selection into lists under jit. Row ``(b, h, i)`` lists the set
+    ``{ids[b, h, i, s] : valid[b, h, i, s]}``, ascending, and ``counts`` is its size.
+
+    The valid ids of a row must be distinct and in ``[0, num_kv_blocks)``. When ``ids`` and ``valid``
+    are concrete (NumPy arrays, Python sequences, jax arrays outside a trace) a repeated or
+    out-of-range valid id is a ``ValueError`` naming the first row and slots where it occurs. Traced
+    ids can't be checked, so there the result is defined by deduplication: each distinct valid id
+    in range is listed once (a key block is visited once however often it was chosen) and the
+    others are dropped. NumPy or Python ids give static lists, jax ids dynamic ones.
     """
-    xp = _xp(ids)
-    order = xp.sort(xp.where(valid, ids, num_kv_blocks), axis=-1).astype(xp.int32)
-    return _padded_lists(order, valid.sum(-1), block_q, block_kv, num_kv_blocks)
+    ids = ids if isinstance(ids, jax.Array) else np.asarray(ids)
+    valid = valid if isinstance(valid, jax.Array) else np.asarray(valid, bool)
+    if ids.ndim != 4 or tuple(valid.shape) != tuple(ids.shape):
+        raise ValueError(f"from_block_ids: ids must be [Bl, Hl, nq, K] and valid the same shape, got ids "
+                         f"{tuple(ids.shape)} and valid {tuple(valid.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"from_block_ids: ids must be integers, got {ids.dtype}")
+    concrete_ids, concrete_valid = _concrete(ids), _concrete(valid)
+    if concrete_ids is not None and concrete_valid is not None:
+        _check_distinct_ids(concrete_ids, concrete_valid.astype(bool), num_kv_blocks)
+    xp = np if isinstance(ids, np.ndarray) and isinstance(valid, np.ndarray) else jnp
+    keep = xp.asarray(valid).astype(bool) & (ids >= 0) & (ids < num_kv_blocks)
+    order = xp.sort(xp.where(keep, ids, num_kv_blocks), axis=-1)
+    repeat = xp.concatenate([xp.zeros_like(order[..., :1], bool), order[..., 1:] == order[..., :-1]], axis=-1)
+    order = xp.sort(xp.where(repeat, num_kv_blocks, order), axis=-1).astype(xp.int32)
+    return _padded_lists(order, (order < num_kv_blocks).sum(-1), block_q, block_kv, num_kv_blocks)
+
+
+def _concrete(x: Array) -> Optional[np.ndarray]:
+    """``x`` as a NumPy array, or None when it is traced (its values are unknown)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_distinct_ids(ids: np.ndarray, valid: np.ndarray, num_kv_blocks: int) -> None:
+    """``ValueError`` at the first row of ``from_block_ids`` with a valid id out of range or repeated."""
+    shape = tuple(ids.shape)
+    outside = valid & ((ids < 0) | (ids >= num_kv_blocks))
+    if outside.any():
+        where = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"from_block_ids: ids {shape} has a valid id outside [0, num_kv_blocks={num_kv_blocks}) "
+                         f"at [b, h, i, slot] = {list(where)} (value {int(ids[where])}); "
+                         f"{int(outside.sum())} such entries in all")
+    ordered = np.sort(np.where(valid, ids, num_kv_blocks), axis=-1)
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_kv_blocks)
+    if repeated.any():
+        b, h, i, slot = (int(x) for x in np.argwhere(repeated)[0])
+        block = int(ordered[b, h, i, slot])
+        first, second = (int(x) for x in np.flatnonzero(valid[b, h, i] & (ids[b, h, i] == block))[:2])
+        rows = int(repeated.any(-1).sum())
+        raise ValueError(f"from_block_ids: ids {shape} lists key block {block} more than once in row [b, h, i] = "
+                         f"[{b}, {h}, {i}] (slots {first} and {second}); the valid ids of a row must be distinct "
+                         f"({rows} of {int(np.prod(shape[:-1]))} rows repeat one). Traced ids are deduplicated "
+                         "instead")
 
 
 def _padded_lists(order: Array, counts: Array, block_q: int, block_kv: int, num_kv_blocks: int) -> BlockSparse:
