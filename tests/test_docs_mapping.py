@@ -2,7 +2,7 @@
 under the argument mapping the page gives, and differs where the page says it differs.
 
 The checks run the reference path: the mapping is about semantics, and every fast path is checked
-against the reference, mask by mask, in tests/test_conformance.py.
+against the reference in tests/test_conformance.py.
 """
 
 import functools
