@@ -10,12 +10,13 @@ Alignment when ``T != S`` (one rule for the whole library): queries are the **la
 Query row ``i`` sits at position ``i + (S - T)``; key column ``j`` sits at position ``j``. So
 ``Causal()`` with ``T=1`` lets the single query see every key, and with ``T == S`` it is the usual
 lower triangle. Structural masks (``Causal``, ``SlidingWindow``, ``ChunkedCausal``) are defined on
-these positions; data masks (``Segments``, ``Explicit``) are indexed by row and column.
+these positions; data masks (``Segments``, ``Lengths``, ``Explicit``) are indexed by row and column.
 
 Masks combine with ``&`` (both allow) and ``|`` (either allows)::
 
     mask = masks.Causal() & masks.Segments(segment_ids)
     mask = masks.SlidingWindow(128, 0) | masks.Explicit(global_tokens)
+    mask = masks.Causal() & masks.from_lengths(kv_lengths=lengths)  # padding, as jax.nn's *_seq_lengths
 """
 
 from __future__ import annotations
@@ -93,10 +94,20 @@ def _static(cls):
 
 
 def _data(cls):
-    """Register a mask whose fields are all pytree children (arrays or masks)."""
-    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    """Register a mask whose fields are all pytree children (arrays or masks); its repr shows arrays by
+    dtype and shape only, so error messages that name the mask never embed array values."""
+    cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    cls.__repr__ = _short_repr
     fields = [f.name for f in dataclasses.fields(cls)]
     return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+def _short_repr(mask: Mask) -> str:
+    """``Name(field=value, ...)`` with each array written as ``dtype[shape]``."""
+    def describe(x):
+        return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
+    fields = ", ".join(f"{f.name}={describe(getattr(mask, f.name))}" for f in dataclasses.fields(mask))
+    return f"{type(mask).__name__}({fields})"
 
 
 def _tile_ranges(T: int, S: int, block_q: int, block_kv: int):
@@ -258,15 +269,142 @@ def _tile_min_max(ids: Array, block: int):
 
 
 @_data
+class Lengths(Mask):
+    """Padding from sequence lengths, the value ``from_lengths`` returns (build it there: it checks).
+
+    Row ``t`` of batch ``b`` is a real query iff ``t < q_lengths[b]`` and column ``s`` a real key iff
+    ``s < kv_lengths[b]``; a pair is allowed iff both are real. ``None`` means every row (column) is real.
+
+    Attributes:
+      q_lengths: int ``[Bl]`` or None.
+      kv_lengths: int ``[Bl]`` or None (``Bl`` in ``{1, B}``).
+    """
+
+    q_lengths: Optional[Array] = None
+    kv_lengths: Optional[Array] = None
+
+    def check(self, batch, num_heads, T, S):
+        for name, lengths in (("q_lengths", self.q_lengths), ("kv_lengths", self.kv_lengths)):
+            if lengths is not None and _checked_lengths(name, lengths).shape[0] not in (1, batch):
+                raise ValueError(f"from_lengths: {name} has shape {tuple(jnp.shape(lengths))}, expected "
+                                 f"({batch},) for batch={batch}")
+
+    def tile(self, q_idx, kv_idx, T, S):
+        real_q = _below(q_idx, self.q_lengths)
+        real_k = _below(kv_idx, self.kv_lengths)
+        return (real_q[:, :, None] & real_k[:, None, :])[:, None]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        q_any, q_all = _tiles_below(T, block_q, self.q_lengths)
+        k_any, k_all = _tiles_below(S, block_kv, self.kv_lengths)
+        empty = ~(q_any[:, :, None] & k_any[:, None, :])
+        full = q_all[:, :, None] & k_all[:, None, :]
+        code = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+        return code[:, None]
+
+    def segments(self, T: int, S: int) -> Segments:
+        """The same mask as ``Segments`` ids ``[Bl, T]``, ``[Bl, S]``, for paths that evaluate segment ids.
+
+        Real queries and keys get id 1, padded queries 2 and padded keys 0, so padding matches nothing.
+        """
+        q_ids = jnp.where(_below(jnp.arange(T), self.q_lengths), 1, 2)
+        kv_ids = jnp.where(_below(jnp.arange(S), self.kv_lengths), 1, 0)
+        return Segments(q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32))
+
+
+def _below(idx: Array, lengths: Optional[Array]) -> Array:
+    """``idx < lengths[b]`` as bool ``[Bl, n]`` (``[1, n]`` of True when ``lengths`` is None)."""
+    if lengths is None:
+        return jnp.ones((1, idx.shape[0]), bool)
+    return idx[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def _tiles_below(length: int, block: int, lengths: Optional[Array]):
+    """Per tile of ``length`` rows: whether any / every row index is below ``lengths[b]``, ``[Bl, n]``."""
+    first = np.arange(num_tiles(length, block)) * block
+    last = np.minimum(first + block, length) - 1
+    return _below(jnp.asarray(first), lengths), _below(jnp.asarray(last), lengths)
+
+
+def _checked_lengths(name: str, lengths) -> Array:
+    """``lengths`` as an array, or raise unless it is rank-1 integers."""
+    lengths = jnp.asarray(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"from_lengths: {name} must have shape [B], got shape {tuple(lengths.shape)}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"from_lengths: {name} must be integers, got dtype {lengths.dtype}")
+    return lengths
+
+
+def from_lengths(q_lengths: Optional[Array] = None, kv_lengths: Optional[Array] = None) -> Mask:
+    """Padding from per-example lengths, as ``jax.nn.dot_product_attention(query_seq_lengths=,
+    key_value_seq_lengths=)``.
+
+    Key ``s`` of example ``b`` is allowed iff ``s < kv_lengths[b]``; query rows ``t >= q_lengths[b]``
+    are padding and see no key, so their output is 0 (and gives zero gradients), as in ``jax.nn``.
+    Rows and columns are counted from the start (no bottom-right offset). Combine with ``&``/``|``
+    like any mask, e.g. ``Causal() & from_lengths(kv_lengths=lens)`` or ``& Segments(ids)``.
+
+    The value is a ``Lengths`` mask: its tiles compare indices with the lengths (no ``[B, T, S]``
+    array), and its block summary is exact, so blocked paths skip tiles that are all padding for
+    every example (as they skip ``Segments`` tiles). The Pallas kernels evaluate it as
+    ``Lengths.segments`` ids (two int32 arrays ``[B, T]``, ``[B, S]``, the cost of ``Segments``).
+
+    Args:
+      q_lengths: int ``[B]`` (or ``[1]``), the number of real query rows; None: all ``T``.
+      kv_lengths: int ``[B]`` (or ``[1]``), the number of real keys; None: all ``S``.
+
+    Returns:
+      ``Lengths(q_lengths, kv_lengths)``, or ``Full()`` when both are None.
+
+    Raises:
+      ValueError: a lengths array that is not rank 1, or two batch sizes that differ.
+      TypeError: lengths that are not integers.
+    """
+    checked = {name: _checked_lengths(name, lengths)
+               for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)) if lengths is not None}
+    if not checked:
+        return Full()
+    batches = {x.shape[0] for x in checked.values()} - {1}
+    if len(batches) > 1:
+        raise ValueError(f"from_lengths: q_lengths {tuple(checked['q_lengths'].shape)} and kv_lengths "
+                         f"{tuple(checked['kv_lengths'].shape)} have different batch sizes")
+    return Lengths(**checked)
+
+
+@_data
 class Explicit(Mask):
-    """A boolean array broadcastable to ``[B, H, T, S]`` (rank 2 to 4; True = attend)."""
+    """A boolean array broadcastable to ``[B, H, T, S]`` (True = attend).
+
+    Shapes follow NumPy broadcasting from the right, the rule of ``jax.nn.dot_product_attention``'s
+    ``mask``: rank 4 is ``[B, H, T, S]``, rank 3 ``[H, T, S]`` and rank 2 ``[T, S]`` (any dim may be 1).
+    A rank-2 array is therefore never read as ``[B, S]``: for a key-padding mask ``[B, S]`` use
+    ``Explicit.keys(key_mask)`` (or ``from_lengths(kv_lengths=...)``, whose tiles need no array).
+    """
 
     mask: Array
+
+    @classmethod
+    def keys(cls, key_mask: Array) -> Explicit:
+        """A key-padding mask from bool ``[B, S]`` (True = real key), the same for every head and query.
+
+        Equal to ``Explicit(key_mask[:, None, None, :])``. Raises ValueError for another rank and
+        TypeError for a non-bool array.
+        """
+        m = jnp.asarray(key_mask)
+        if m.ndim != 2:
+            raise ValueError(f"Explicit.keys takes a [B, S] key mask, got shape {tuple(m.shape)}")
+        if m.dtype != jnp.bool_:
+            raise TypeError(f"Explicit.keys takes a bool key mask, got {m.dtype}")
+        return cls(m[:, None, None, :])
 
     def check(self, batch, num_heads, T, S):
         m = jnp.asarray(self.mask)
         if m.dtype != jnp.bool_:
             raise TypeError(f"Explicit mask must be bool, got {m.dtype}")
+        if m.ndim == 2 and m.shape == (batch, S) and m.shape[0] not in (1, T):
+            raise ValueError(f"Explicit mask has shape {tuple(m.shape)}: a rank-2 mask is [T, S] = [{T}, {S}]; "
+                             f"for a [B, S] = [{batch}, {S}] key mask use masks.Explicit.keys(mask)")
         check_broadcastable("Explicit mask", m, (batch, num_heads, T, S))
 
     def tile(self, q_idx, kv_idx, T, S):
@@ -356,5 +494,5 @@ def block_schedule(mask: Optional[Mask], T: int, S: int, block_q: int, block_kv:
 
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "Full", "Causal", "SlidingWindow", "ChunkedCausal",
-    "Segments", "Explicit", "And", "Or", "query_positions", "block_schedule",
+    "Segments", "Lengths", "from_lengths", "Explicit", "And", "Or", "query_positions", "block_schedule",
 ]

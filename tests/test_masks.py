@@ -27,11 +27,16 @@ def structural_masks():
 
 @st.composite
 def data_masks(draw, T, S):
-    kind = draw(st.sampled_from(["segments", "explicit"]))
+    kind = draw(st.sampled_from(["segments", "lengths", "explicit"]))
     if kind == "segments":
         q = np.sort(draw(st.lists(st.integers(0, 3), min_size=T, max_size=T)))
         k = np.sort(draw(st.lists(st.integers(0, 3), min_size=S, max_size=S)))
         return masks.Segments(jnp.asarray(q)[None], jnp.asarray(k)[None])
+    if kind == "lengths":
+        q_len = draw(st.one_of(st.none(), st.integers(-1, T + 1)))
+        k_len = draw(st.one_of(st.none(), st.integers(-1, S + 1)))
+        return masks.from_lengths(None if q_len is None else jnp.asarray([q_len]),
+                                  None if k_len is None else jnp.asarray([k_len]))
     bits = draw(st.lists(st.booleans(), min_size=T * S, max_size=T * S))
     return masks.Explicit(jnp.asarray(bits).reshape(T, S))
 
@@ -75,6 +80,15 @@ def check_summary(m, T, S, bq, bk, exact):
 def test_structural_summaries_are_exact(data, T, S, bq, bk):
     m = data.draw(structural_masks())
     check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
+
+
+@settings(max_examples=20, deadline=None)
+@given(LENGTHS, LENGTHS, BLOCKS, BLOCKS, st.integers(-1, 25), st.integers(-1, 25))
+def test_lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
+    m = masks.from_lengths(jnp.asarray([q_len]), jnp.asarray([k_len]))
+    rows, cols = np.arange(T) < q_len, np.arange(S) < k_len
+    np.testing.assert_array_equal(dense(m, T, S), rows[:, None] & cols[None, :])
+    check_summary(m, T, S, bq, bk, exact=True)
 
 
 @settings(max_examples=50, deadline=None)
@@ -122,6 +136,20 @@ def test_segments_default_to_self_attention():
 def test_bad_mask_arguments(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+def test_explicit_rank_2_is_t_by_s():
+    key_mask = jnp.asarray([[True, True, False], [True, False, False]])
+    np.testing.assert_array_equal(masks.Explicit(key_mask).dense(2, 3)[0, 0], key_mask)
+    np.testing.assert_array_equal(np.broadcast_to(masks.Explicit.keys(key_mask).dense(4, 3)[:, 0], (2, 4, 3)),
+                                  np.broadcast_to(np.asarray(key_mask)[:, None, :], (2, 4, 3)))
+    with pytest.raises(ValueError, match=r"rank-2 mask is \[T, S\] = \[4, 3\].*Explicit\.keys"):
+        masks.Explicit(key_mask).check(2, 1, 4, 3)
+
+
+def test_data_mask_repr_hides_values():
+    text = repr(masks.Causal() & masks.from_lengths(jnp.arange(7), None) | masks.Explicit(jnp.ones((3, 4), bool)))
+    assert text == "Or(a=And(a=Causal(), b=Lengths(q_lengths=int32[7], kv_lengths=None)), b=Explicit(mask=bool[3, 4]))"
 
 
 def test_masks_combine_only_with_masks():

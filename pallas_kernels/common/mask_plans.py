@@ -68,8 +68,8 @@ def plan_mask(mask: Optional[masks.Mask], T: int, S: int, T_pad: int, S_pad: int
     """Compile ``mask`` into ``(MaskPlan or None, [SegmentData | ExplicitData, ...])``.
 
     Raises NotImplementedError for mask kinds the kernels can't evaluate in-kernel (anything
-    other than Full, Causal, SlidingWindow, ChunkedCausal, Segments, Explicit and their
-    ``&``/``|`` combinations, e.g. a future BlockSparse or Neighborhood).
+    other than Full, Causal, SlidingWindow, ChunkedCausal, Segments, Lengths (as its ``segments``),
+    Explicit and their ``&``/``|`` combinations, e.g. a future BlockSparse or Neighborhood).
     """
     if mask is None:
         return None, []
@@ -84,6 +84,8 @@ def plan_mask(mask: Optional[masks.Mask], T: int, S: int, T_pad: int, S_pad: int
             return MaskPlan("window", (m.left, m.right))
         if isinstance(m, masks.ChunkedCausal):
             return MaskPlan("chunked", (m.chunk,))
+        if isinstance(m, masks.Lengths):
+            return build(m.segments(T, S))
         if isinstance(m, masks.Segments):
             qs = jnp.asarray(m.q_segment_ids, jnp.int32)
             ks = jnp.asarray(m.kv_ids(), jnp.int32)
