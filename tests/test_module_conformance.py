@@ -2,7 +2,9 @@
 the Linen bridge, an orbax checkpoint round trip, causality and decode == parallel.
 
 Each test runs the spec's tiny example (``spec.build``, ``spec.example_inputs``, ``spec.call_kwargs``),
-so registering a module brings its standard tests with it.
+so registering a module brings its standard tests with it. Decoding runs one generation loop written
+against ``MultiHeadAttention``'s API only, so every decoding layer swaps in for it unchanged (the
+signatures themselves are checked in ``tests/nn/test_layer_signatures.py``).
 """
 
 import inspect
@@ -16,6 +18,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 import attnjax.nn
+from attnjax import masks
 from attnjax.nn.registry import BLOCKS, LAYERS, ModuleSpec, modules, register_module
 from tests.helpers import assert_close
 
@@ -109,16 +112,32 @@ def test_causal(spec):
     assert not np.allclose(y[:, t + 1:], y_changed[:, t + 1:]), "the change after t must reach the output"
 
 
-@parametrize([spec for spec in SPECS if spec.decodes])
-def test_decode_step_by_step_equals_parallel(spec):
-    model, (x,) = example(spec)
-    y = jit_call(model, spec, (x,))
+def layout(tree) -> tuple:
+    """A pytree's structure and its leaves' shapes and dtypes."""
+    return jax.tree.structure(tree), [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+
+
+def generate(layer, x: jax.Array, max_len: int) -> jax.Array:
+    """``layer``'s outputs on ``x [B, T, d]`` token by token, using ``MultiHeadAttention``'s API only:
+    ``init_cache(batch, max_len)``, then ``decode(x_t, cache) -> (y_t, cache)``. Each step's cache has
+    the structure, shapes and dtypes of the one before (so the loop also runs under ``lax.scan``)."""
     step = nnx.jit(lambda m, x_t, cache: m.decode(x_t, cache))
-    cache, steps = model.init_cache(x.shape[0], **spec.cache_kwargs), []
+    cache, steps = layer.init_cache(x.shape[0], max_len), []
     for t in range(x.shape[1]):
-        y_t, cache = step(model, x[:, t:t + 1], cache)
+        y_t, new = step(layer, x[:, t:t + 1], cache)
+        assert layout(new) == layout(cache)
         steps.append(y_t)
-    assert_close(jnp.concatenate(steps, axis=1), y, atol=2e-5, rtol=2e-5, name="decode")
+        cache = new
+    return jnp.concatenate(steps, axis=1)
+
+
+@parametrize([spec for spec in SPECS if spec.decodes])
+def test_generation_loop_for_multi_head_attention_equals_parallel_causal_call(spec):
+    """Swap-in: the loop written for ``MultiHeadAttention`` gives ``layer(x, mask=masks.Causal())``."""
+    model, (x,) = example(spec)
+    assert spec.call_kwargs == {"mask": masks.Causal()}  # so jit_call is layer(x, mask=masks.Causal())
+    y = jit_call(model, spec, (x,))
+    assert_close(generate(model, x, max_len=x.shape[1] + 3), y, atol=2e-5, rtol=2e-5, name="decode")
 
 
 def test_every_nnx_module_in_attnjax_nn_is_registered():
@@ -148,5 +167,12 @@ def test_register_module_refuses_a_taken_name_and_bad_specs():
         ModuleSpec("x", spec.module, {}, (1, 2, 3), kind="mixer", paper="")
     with pytest.raises(TypeError, match="nnx.Module class"):
         ModuleSpec("x", dict, {}, (1, 2, 3), kind="layer", paper="")
-    with pytest.raises(ValueError, match="decodes needs a single x"):
-        ModuleSpec("x", spec.module, {}, lambda key: (), kind="layer", paper="", decodes=True)
+    with pytest.raises(ValueError, match="decodes needs a causal layer or block with a single x"):
+        ModuleSpec("x", spec.module, {}, lambda key: (), kind="layer", paper="", causal=True, decodes=True)
+    with pytest.raises(ValueError, match="decodes needs a causal layer"):
+        ModuleSpec("x", spec.module, {}, (1, 2, 3), kind="layer", paper="", decodes=True)
+    with pytest.raises(ValueError, match="call_kwargs is for kind 'other'"):
+        ModuleSpec("x", spec.module, {}, (1, 2, 3), kind="layer", paper="", call_kwargs={"mask": None})
+    causal, other = (ModuleSpec("x", spec.module, {}, (1, 2, 3), kind=kind, paper="", causal=True)
+                     for kind in ("block", "other"))
+    assert causal.call_kwargs == {"mask": masks.Causal()} and other.call_kwargs == {}

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from attnjax import masks
 from attnjax.dispatch import dispatch
-from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_recurrent, aaren_reference, aaren_scan, aaren_step
 
@@ -35,9 +36,12 @@ class Aaren(nnx.Module):
     Example::
 
       layer = Aaren(64, 4, rngs=nnx.Rngs(0))
-      y = layer(x)                                  # x, y: [B, T, 64]; y[:, t] depends on x[:, :t+1]
-      state = layer.init_cache(B)
+      y = layer(x, mask=masks.Causal())             # x, y: [B, T, 64]; y[:, t] depends on x[:, :t+1]
+      state = layer.init_cache(B, max_len)          # max_len is ignored: the state is O(1)
       y_t, state = layer.decode(x_t, state)         # x_t, y_t: [B, 1, 64], O(1) memory per step
+
+    ``__call__``, ``init_cache`` and ``decode`` take ``MultiHeadAttention``'s arguments, so the layer
+    swaps into a model or a generation loop written for it.
 
     Args:
       d_model: features of ``x`` and of the output.
@@ -72,16 +76,28 @@ class Aaren(nnx.Module):
         self.value = linear(d_model, (num_kv_heads, head_dim))
         self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), bias=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [B, T, d_model] -> [B, T, d_model]``; output ``t`` attends over tokens ``0..t``."""
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``; output ``t`` attends over tokens ``0..t``.
+
+        ``mask``: ``None`` or ``masks.Causal()`` (the same, causal, result); the layer is causal by
+        construction and refuses any other mask with ``NotImplementedError``.
+        """
         check_input("x", x, self.d_model)
+        check_causal_mask("Aaren", mask)
         k, v = self.key(x), self.value(x)
         q = self.query[...].astype(k.dtype)
         return self.out(dispatch(PATHS, self.implementation, q, k, v, what="Aaren"))
 
-    def init_cache(self, batch: int) -> AarenState:
-        """The empty float32 state: ``m = -inf``, ``w = 0`` ``[batch, H]`` and ``u = 0`` ``[batch, H, D]``."""
-        return aaren_init_state(batch, self.num_heads, self.head_dim)
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> AarenState:
+        """The empty state: ``m = -inf``, ``w = 0`` ``[batch, H]`` and ``u = 0`` ``[batch, H, D]``.
+
+        ``MultiHeadAttention.init_cache``'s arguments: ``max_len`` (a positive int) is checked and
+        otherwise ignored, since the state does not grow; ``dtype`` is the state's (default float32,
+        the library's running-state precision), kept by ``decode``.
+        """
+        check_positive(batch=batch, max_len=max_len)
+        state = aaren_init_state(batch, self.num_heads, self.head_dim)
+        return state if dtype is None else jax.tree.map(lambda a: a.astype(dtype), state)
 
     def decode(self, x_t: jax.Array, cache: AarenState) -> tuple[jax.Array, AarenState]:
         """One step: fold ``x_t``'s key and value into the state, read the output.
@@ -97,7 +113,7 @@ class Aaren(nnx.Module):
         check_step("x_t", x_t, self.d_model, cache.m.shape[0])
         k, v = self.key(x_t)[:, 0], self.value(x_t)[:, 0]
         state, o = aaren_step(cache, k, v, self.query[...].astype(k.dtype))
-        return self.out(o[:, None]), state
+        return self.out(o[:, None]), jax.tree.map(lambda new, old: new.astype(old.dtype), state, cache)
 
 
 register_module(ModuleSpec(

@@ -149,7 +149,10 @@ class MultiHeadAttention(nnx.Module):
       context_dim: features of ``context`` in cross-attention (default ``d_model``).
       qkv_bias: add a bias to the q/k/v projections (the output projection has none).
       rope: rotary embedding applied to q and k in self-attention and decoding; ``None`` for none.
-      mechanism: a registry name or config object, passed to ``attnjax.attention``.
+      mechanism: a registry name or config object, passed to ``attnjax.attention``. Checked here:
+        an unknown name raises ``ValueError`` (with the registered names); a mechanism without the
+        ``supports`` this configuration needs ("gqa" when ``num_kv_heads < num_heads``, "dropout"
+        when ``dropout_rate > 0``) or without the named ``implementation`` raises ``NotImplementedError``.
       dropout_rate: attention-weight dropout probability, in ``[0, 1)``.
       implementation: "auto", "reference", "xla" or "pallas", passed to ``attnjax.attention``.
       sequence_parallel: ``None``, or a ``SequenceParallel`` (or its shorthand ``("sp", "zigzag")``)
@@ -186,6 +189,11 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim, self.context_dim = head_dim, context_dim
         self.rope = rope
         self.mechanism = registry.resolve(mechanism)
+        if implementation != "auto" and implementation not in self.mechanism.implementations():
+            raise NotImplementedError(f"mechanism {self.mechanism.name!r} has no {implementation!r} implementation; "
+                                      f"available: {list(self.mechanism.implementations())}")
+        self.require_support(*(option for option, used in (("gqa", num_kv_heads != num_heads),
+                                                            ("dropout", dropout_rate > 0)) if used))
         self.sequence_parallel = SequenceParallel.coerce(sequence_parallel)
         if self.sequence_parallel is not None:
             if self.mechanism.name != "softmax":
@@ -214,9 +222,12 @@ class MultiHeadAttention(nnx.Module):
     ) -> jax.Array:
         """Self-attention of ``x`` (``context=None``) or cross-attention from ``x`` to ``context``.
 
+        The call every layer in ``attnjax.nn`` shares: ``layer(x, mask=masks.Causal())`` is the
+        parallel form of ``init_cache(batch, max_len)`` and ``decode`` (``tests/nn/test_layer_signatures.py``).
+
         Args:
-          x: ``[B, T, d_model]`` queries (and keys/values in self-attention).
-          context: ``[B, S, context_dim]`` keys/values for cross-attention, or ``None``.
+          x: ``[B, T, d_model]`` floating-point queries (and keys/values in self-attention).
+          context: ``[B, S, context_dim]`` floating-point keys/values for cross-attention, or ``None``.
           mask: an ``attnjax.masks`` value over ``[B, Hq, T, S]`` (bottom-right aligned if T != S).
           positions: int ``[B, T]`` or ``[T]`` RoPE positions of ``x`` (default ``arange(T)``, or
             the layout's global positions under ``sequence_parallel``); self-attention only, since
@@ -254,9 +265,12 @@ class MultiHeadAttention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
         """An empty ``KVCache`` for ``decode``: zeros ``[batch, max_len, Hkv, D]`` and length 0.
 
-        ``dtype`` defaults to ``dtype`` of the module, else ``param_dtype``.
+        Every decoding layer in ``attnjax.nn`` takes these arguments. ``batch`` and ``max_len`` (the
+        most tokens ``decode`` will see) are positive ints; ``dtype`` defaults to ``dtype`` of the
+        module, else ``param_dtype``.
         """
         self._check_decodable()
+        check_positive(batch=batch, max_len=max_len)
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
         shape = (batch, max_len, self.num_kv_heads, self.head_dim)
@@ -298,6 +312,15 @@ class MultiHeadAttention(nnx.Module):
         """
         return q, v
 
+    def require_support(self, *options: str) -> None:
+        """``NotImplementedError`` unless the mechanism ``supports`` every option (``registry.OPTIONS``)
+        that this module will pass to ``attnjax.attention``; modules call it at construction."""
+        missing = sorted(set(options) - set(self.mechanism.supports))
+        if missing:
+            raise NotImplementedError(f"{type(self).__name__} needs {missing} from its mechanism, which "
+                                      f"{self.mechanism.name!r} does not support (it supports "
+                                      f"{sorted(self.mechanism.supports)})")
+
     def set_view(self, deterministic: Optional[bool] = None):
         """Used by ``nnx.view``: ``deterministic=True`` disables dropout."""
         if deterministic is not None:
@@ -312,4 +335,4 @@ class MultiHeadAttention(nnx.Module):
 register_module(ModuleSpec(
     "mha", MultiHeadAttention, dict(d_model=16, num_heads=4, num_kv_heads=2, rope=RoPE(base=100.0)), (2, 9, 16),
     kind="layer", paper="Vaswani et al. 2017 (Attention Is All You Need); Ainslie et al. 2023 (GQA)",
-    call_kwargs=dict(mask=masks.Causal()), causal=True, decodes=True, cache_kwargs=dict(max_len=9)))
+    causal=True, decodes=True))

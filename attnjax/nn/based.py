@@ -28,7 +28,7 @@ from attnjax.api import attention
 from attnjax.linear import linear_attention, linear_attention_step
 from attnjax.dispatch import check_implementation
 from attnjax.nn.attention import KVCache, MultiHeadAttention
-from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.transnormer import LinearCache
 from attnjax.positional import RoPE
@@ -40,6 +40,9 @@ class BasedLinearAttention(nnx.Module):
     ``y_s = Σ_{t≤s} φ(q_s)·φ(k_t) v_t / Σ_{t≤s} φ(q_s)·φ(k_t)`` with ``q = x W_q``, ``k = x W_k`` of
     ``feature_dim`` features per head and ``φ(q)·φ(k) = 1 + q·k/√F + (q·k)²/(2F) ≈ exp(q·k/√F)``
     (zoology's ``TaylorExp`` scaling). The state per head is ``[1 + F + F², D + 1]``.
+
+    ``__call__``, ``init_cache`` and ``decode`` take ``MultiHeadAttention``'s arguments, so the layer
+    swaps into a model or a generation loop written for it.
 
     Args:
       d_model: features of ``x`` and of the output.
@@ -68,37 +71,47 @@ class BasedLinearAttention(nnx.Module):
         self.value = linear(d_model, (num_heads, head_dim))
         self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Causal token mixing of ``x [B, T, d_model]``; returns ``[B, T, d_model]``."""
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """Causal token mixing of ``x [B, T, d_model]``; returns ``[B, T, d_model]``.
+
+        ``mask``: ``None`` or ``masks.Causal()`` (the same, causal, result); the layer is causal by
+        construction and refuses any other mask with ``NotImplementedError``.
+        """
         check_input("x", x, self.d_model)
+        check_causal_mask("BasedLinearAttention", mask)
         o = linear_attention(self.query(x), self.key(x), self.value(x), feature_map="taylor", causal=True,
                              normalize=True, chunk_size=self.chunk_size, implementation=self.implementation)
         return self.out(o)
 
-    def init_cache(self, batch: int) -> LinearCache:
-        """An empty ``LinearCache``: a zero float32 state ``[batch, H, 1 + F + F², D + 1]``.
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> LinearCache:
+        """An empty ``LinearCache``: a zero state ``[batch, H, 1 + F + F², D + 1]`` and length 0.
 
         The last value column is the normalizer ``Σ φ(k_t)`` (``attnjax.linear`` convention).
+        ``MultiHeadAttention.init_cache``'s arguments: ``max_len`` (a positive int) is checked and
+        otherwise ignored, since the state does not grow; ``dtype`` is the state's (default float32,
+        the library's running-state precision), kept by ``decode``.
         """
+        check_positive(batch=batch, max_len=max_len)
         dk = 1 + self.feature_dim + self.feature_dim ** 2
         shape = (batch, self.num_heads, dk, self.head_dim + 1)
-        return LinearCache(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.int32))
+        return LinearCache(jnp.zeros(shape, jnp.float32 if dtype is None else dtype), jnp.zeros((), jnp.int32))
 
     def decode(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
         """One step on ``x_t [B, 1, d_model]``; equal, position by position, to ``self(x)``."""
         check_step("x_t", x_t, self.d_model, cache.state.shape[0])
         q, k, v = self.query(x_t), self.key(x_t), self.value(x_t)
         o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache.state, feature_map="taylor", normalize=True)
-        return self.out(o[:, None]), LinearCache(state, cache.length + 1)
+        return self.out(o[:, None]), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
 
 
 class SlidingWindowAttention(MultiHeadAttention):
     """Causal softmax attention over the last ``window`` tokens, with a ring-buffer KV cache.
 
     ``MultiHeadAttention`` with the mask ``masks.SlidingWindow(window − 1, 0)``: the query at
-    position ``p`` sees keys ``p − window + 1 .. p``. ``decode`` keeps only the last ``window``
-    keys/values: token ``p`` goes to slot ``p mod window`` (softmax ignores the order of the keys,
-    and RoPE is applied before caching, at absolute positions).
+    position ``p`` sees keys ``p − window + 1 .. p``. ``decode`` keeps only the last
+    ``min(window, max_len)`` keys/values: token ``p`` goes to slot ``p mod`` that size (softmax
+    ignores the order of the keys, and RoPE is applied before caching, at absolute positions).
+    Calls and caches take ``MultiHeadAttention``'s arguments.
 
     Args:
       d_model, num_heads: as in ``MultiHeadAttention``.
@@ -113,23 +126,34 @@ class SlidingWindowAttention(MultiHeadAttention):
         if "context_dim" in kwargs:
             raise ValueError("SlidingWindowAttention is self-attention only; context_dim is not accepted")
         super().__init__(d_model, num_heads, rngs=rngs, **kwargs)
+        self.require_support("mask")
         self.window = window
 
-    def __call__(self, x: jax.Array, *, positions: Optional[jax.Array] = None,
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None, positions: Optional[jax.Array] = None,
                  deterministic: Optional[bool] = None) -> jax.Array:
-        """Windowed causal self-attention of ``x [B, T, d_model]``; ``positions`` are RoPE positions."""
-        return super().__call__(x, mask=masks.SlidingWindow(self.window - 1, 0), positions=positions,
+        """Windowed causal self-attention of ``x [B, T, d_model]``.
+
+        Args:
+          x: ``[B, T, d_model]``.
+          mask: ``None``, or a mask combined (``&``) with the window, e.g. ``masks.Segments`` for packed
+            sequences; ``masks.Causal()`` changes nothing (the window is causal).
+          positions, deterministic: as in ``MultiHeadAttention``.
+        """
+        window = masks.SlidingWindow(self.window - 1, 0)
+        return super().__call__(x, mask=window if mask is None else window & mask, positions=positions,
                                 deterministic=deterministic)
 
-    def init_cache(self, batch: int, dtype: Optional[Dtype] = None) -> KVCache:
-        """An empty ring buffer: ``KVCache`` with ``[batch, window, Hkv, D]`` zeros and length 0."""
-        return super().init_cache(batch, self.window, dtype)
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
+        """An empty ring buffer: ``KVCache`` with ``[batch, min(window, max_len), Hkv, D]`` zeros, length 0."""
+        check_positive(max_len=max_len)
+        return super().init_cache(batch, min(self.window, max_len), dtype)
 
     def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One step: write the token at slot ``length mod window``, attend to the filled slots.
+        """One step: write the token at slot ``length mod size`` (``size = min(window, max_len)``),
+        attend to the filled slots.
 
-        Equal, position by position, to ``self(x, deterministic=True)`` at any length.
-        ``cache.length`` counts every token decoded so far (it is not reduced modulo the window).
+        Equal, position by position, to ``self(x, deterministic=True)`` for up to ``max_len`` tokens.
+        ``cache.length`` counts every token decoded so far (it is not reduced modulo the size).
         """
         self._check_decodable()
         check_step("x_t", x_t, self.d_model, cache.k.shape[0])
@@ -137,10 +161,11 @@ class SlidingWindowAttention(MultiHeadAttention):
         q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
         if self.rope is not None:
             q, k = self.rope(q, cache.length[None]), self.rope(k, cache.length[None])
-        start = (0, cache.length % self.window, 0, 0)
+        size = cache.k.shape[1]
+        start = (0, cache.length % size, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
-        filled = masks.Explicit((jnp.arange(self.window) <= cache.length)[None, None, None, :])
+        filled = masks.Explicit((jnp.arange(size) <= cache.length)[None, None, None, :])
         out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, implementation=self.implementation)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
@@ -182,6 +207,7 @@ class BasedBlock(nnx.Module):
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         mlp_dim = 4 * d_model if mlp_dim is None else mlp_dim
         check_positive(d_model=d_model, mlp_dim=mlp_dim)
+        self.d_model = d_model
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_attention = BasedLinearAttention(d_model, num_heads, feature_dim=feature_dim, chunk_size=chunk_size,
                                                      implementation=implementation, **common)
@@ -191,18 +217,26 @@ class BasedBlock(nnx.Module):
         self.norm_linear, self.norm_window, self.norm_mlp = (nnx.LayerNorm(d_model, **common) for _ in range(3))
         self.mlp_in, self.mlp_out = nnx.Linear(d_model, mlp_dim, **common), nnx.Linear(mlp_dim, d_model, **common)
 
-    def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None) -> jax.Array:
-        """``x [B, T, d_model] -> [B, T, d_model]``, causal; ``deterministic`` as in ``MultiHeadAttention``."""
-        h = x + self.linear_attention(self.norm_linear(x))
-        h = h + self.window_attention(self.norm_window(h), deterministic=deterministic)
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None,
+                 deterministic: Optional[bool] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal.
+
+        ``mask``: ``None`` or ``masks.Causal()`` (the same, causal, result; the linear mixer refuses
+        others); ``deterministic`` as in ``MultiHeadAttention``.
+        """
+        check_input("x", x, self.d_model)
+        h = x + self.linear_attention(self.norm_linear(x), mask=mask)
+        h = h + self.window_attention(self.norm_window(h), mask=mask, deterministic=deterministic)
         return h + self._mlp(h)
 
-    def init_cache(self, batch: int) -> BasedCache:
-        """Empty linear state and ring buffer."""
-        return BasedCache(self.linear_attention.init_cache(batch), self.window_attention.init_cache(batch))
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> BasedCache:
+        """Empty linear state and ring buffer (``init_cache`` of each mixer with these arguments)."""
+        return BasedCache(self.linear_attention.init_cache(batch, max_len, dtype),
+                          self.window_attention.init_cache(batch, max_len, dtype))
 
     def decode(self, x_t: jax.Array, cache: BasedCache) -> tuple[jax.Array, BasedCache]:
         """One step on ``x_t [B, 1, d_model]``; equal, position by position, to ``self(x, deterministic=True)``."""
+        check_step("x_t", x_t, self.d_model, cache.linear.state.shape[0])
         a, linear = self.linear_attention.decode(self.norm_linear(x_t), cache.linear)
         h = x_t + a
         a, window = self.window_attention.decode(self.norm_window(h), cache.window)

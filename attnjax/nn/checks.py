@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
+from attnjax import masks
 from attnjax.checks import check_positive
 
 
@@ -21,14 +23,32 @@ def resolve_head_dim(d_model: int, num_heads: int, head_dim: Optional[int]) -> i
     return head_dim
 
 
+def check_features(name: str, x: jax.Array) -> None:
+    """``TypeError`` unless ``x`` holds floating-point features (not, e.g., integer token ids)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array of features (embed token ids first), "
+                        f"got dtype {dtype}")
+
+
 def check_input(name: str, x: jax.Array, features: int) -> None:
-    """``ValueError`` unless ``x`` is ``[batch, seq, features]``."""
+    """``TypeError`` unless ``x`` is floating point, ``ValueError`` unless it is ``[batch, seq, features]``."""
+    check_features(name, x)
     if x.ndim != 3 or x.shape[-1] != features:
         raise ValueError(f"{name} must have shape [batch, seq, {features}], got {list(x.shape)}")
 
 
 def check_step(name: str, x_t: jax.Array, features: int, batch: int) -> None:
-    """``ValueError`` unless ``x_t`` is one decoding step ``[batch, 1, features]``."""
+    """``TypeError`` unless ``x_t`` is floating point, ``ValueError`` unless it is one decoding step
+    ``[batch, 1, features]``."""
+    check_features(name, x_t)
     if x_t.ndim != 3 or x_t.shape != (batch, 1, features):
         raise ValueError(f"{name} must have shape [B, 1, d_model] = {[batch, 1, features]} for this cache, "
                          f"got {list(x_t.shape)}")
+
+
+def check_causal_mask(layer: str, mask: Optional[masks.Mask]) -> None:
+    """``NotImplementedError`` unless ``mask`` is ``None`` or ``masks.Causal()``: what a layer that is
+    causal by construction (a recurrence, a prefix scan) computes either way."""
+    if mask is not None and not isinstance(mask, masks.Causal):
+        raise NotImplementedError(f"{layer} takes mask=None or masks.Causal() only, got {type(mask).__name__}")

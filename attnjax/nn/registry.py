@@ -6,6 +6,10 @@ module conformance suite (``tests/test_module_conformance.py``) runs every spec 
 forward, ``nnx.jit``, gradients, the Linen bridge, an orbax checkpoint round trip, causality and
 decode == parallel. ``LAYERS`` and ``BLOCKS`` are live name -> class views of the registry.
 
+Layers and blocks share ``MultiHeadAttention``'s call and cache signature, so one loop drives any of
+them: ``layer(x, mask=masks.Causal())`` in parallel, or ``cache = layer.init_cache(batch, max_len)``
+then ``y_t, cache = layer.decode(x_t, cache)`` token by token.
+
 Example::
 
     for spec in modules():
@@ -21,6 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from attnjax import masks
 
 KINDS = ("layer", "block", "other")
 """``layer``: a token mixer ``[B, T, d] -> [B, T, d]``; ``block``: a residual block (mixer and channel
@@ -43,12 +49,13 @@ class ModuleSpec:
         with the sequence on axis 1.
       kind: one of ``KINDS``.
       paper: the reference the module implements.
-      call_kwargs: keyword arguments of the example call, e.g. ``{"mask": masks.Causal()}``.
+      call_kwargs: keyword arguments of the example call, for kind "other" (e.g. ``{"mask": masks.Causal()}``
+        for ``AttnGate``). Layers and blocks share ``MultiHeadAttention``'s call, so theirs is set here:
+        ``{"mask": masks.Causal()}`` when ``causal``, else ``{}``.
       causal: as called with ``call_kwargs``, outputs at position ``t`` depend on inputs at positions
         ``<= t`` only (axis 1 of every input and of the output).
-      decodes: ``init_cache(B, **cache_kwargs)`` then ``decode(x[:, t:t+1], cache)`` for ``t = 0..T-1``
-        gives the parallel call's outputs, step by step. Needs a single ``x`` (a shape in ``inputs``).
-      cache_kwargs: ``init_cache`` arguments after the batch, e.g. ``{"max_len": T}``.
+      decodes: ``init_cache(B, max_len)`` (any ``max_len >= T``) then ``decode(x[:, t:t+1], cache)`` for
+        ``t = 0..T-1`` gives the parallel call's outputs, step by step. A causal layer or block only.
       takes_rngs: the constructor takes ``rngs`` (``False`` for parameter-only parts like ``LRPE``).
     """
 
@@ -58,10 +65,9 @@ class ModuleSpec:
     inputs: Union[tuple[int, int, int], InputBuilder]
     kind: str
     paper: str
-    call_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    call_kwargs: Optional[Mapping[str, Any]] = None
     causal: bool = False
     decodes: bool = False
-    cache_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     takes_rngs: bool = True
 
     def __post_init__(self):
@@ -72,8 +78,16 @@ class ModuleSpec:
         if not callable(self.inputs) and len(self.inputs) != 3:
             raise ValueError(f"ModuleSpec {self.name!r}: inputs must be a shape (B, T, d) or a function "
                              f"key -> inputs, got {self.inputs!r}")
-        if self.decodes and callable(self.inputs):
-            raise ValueError(f"ModuleSpec {self.name!r}: decodes needs a single x, i.e. inputs as a shape (B, T, d)")
+        if self.kind != "other":
+            if self.call_kwargs is not None:
+                raise ValueError(f"ModuleSpec {self.name!r}: a {self.kind} is called like MultiHeadAttention "
+                                 "(mask=masks.Causal() when causal); call_kwargs is for kind 'other'")
+            object.__setattr__(self, "call_kwargs", {"mask": masks.Causal()} if self.causal else {})
+        elif self.call_kwargs is None:
+            object.__setattr__(self, "call_kwargs", {})
+        if self.decodes and (self.kind == "other" or not self.causal or callable(self.inputs)):
+            raise ValueError(f"ModuleSpec {self.name!r}: decodes needs a causal layer or block with a single x "
+                             "(inputs as a shape (B, T, d))")
         if "rngs" in self.kwargs:
             raise ValueError(f"ModuleSpec {self.name!r}: kwargs must not hold rngs (build passes them)")
 

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax import masks
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.selective import DEFAULT_POSITION_SCALE, default_positions, selective_temperature, temper
@@ -85,5 +84,4 @@ def _value(param: Optional[nnx.Param]) -> Optional[jax.Array]:
 
 register_module(ModuleSpec(
     "selective", SelectiveAttention, dict(d_model=16, num_heads=2), (2, 9, 16), kind="layer",
-    paper="Zhang et al. 2024 (Selective Attention, NeurIPS)", call_kwargs=dict(mask=masks.Causal()), causal=True,
-    decodes=True, cache_kwargs=dict(max_len=9)))
+    paper="Zhang et al. 2024 (Selective Attention, NeurIPS)", causal=True, decodes=True))

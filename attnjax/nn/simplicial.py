@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from attnjax.nn.checks import check_input, check_positive, resolve_head_dim
+from attnjax import masks
+from attnjax.nn.checks import check_causal_mask, check_input, check_positive, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.simplicial import simplicial_attention_reference, simplicial_attention_windowed
 
@@ -29,7 +30,7 @@ class SimplicialAttention(nnx.Module):
     Example::
 
       layer = SimplicialAttention(64, 4, window1=512, window2=32, rngs=nnx.Rngs(0))
-      y = layer(x)                                  # x, y: [B, T, 64], causal
+      y = layer(x, mask=masks.Causal())             # x, y: [B, T, 64], causal
 
     Args:
       d_model: features of ``x`` and of the output.
@@ -76,11 +77,16 @@ class SimplicialAttention(nnx.Module):
         self.key1, self.value1, self.key2, self.value2 = (linear(d_model, (num_kv_heads, head_dim)) for _ in range(4))
         self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [B, T, d_model] -> [B, T, d_model]``."""
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``.
+
+        ``mask``: ``None`` (the layer's ``causal`` setting) or ``masks.Causal()`` (causal either way),
+        as in ``MultiHeadAttention``'s call; any other mask raises ``NotImplementedError``.
+        """
         check_input("x", x, self.d_model)
+        check_causal_mask("SimplicialAttention", mask)
         args = (self.query(x), self.key1(x), self.value1(x), self.key2(x), self.value2(x))
-        kwargs = dict(causal=self.causal, window1=self.window1, window2=self.window2)
+        kwargs = dict(causal=self.causal or mask is not None, window1=self.window1, window2=self.window2)
         if self.implementation == "reference":
             out = simplicial_attention_reference(*args, **kwargs)
         else:

@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from flax.typing import Dtype
 
+from attnjax import masks
 from attnjax.dispatch import check_implementation
 from attnjax.linear import linear_attention, linear_attention_step
-from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import alibi_slopes
 
@@ -35,7 +36,8 @@ class LinearCache:
     """Recurrent state of a linear-attention layer, for ``decode``.
 
     Attributes:
-      state: float32 ``[B, H, Dk', Dv]``, the (decayed) sum of ``φ(k_t)ᵀ v_t`` so far.
+      state: ``[B, H, Dk', Dv]`` (float32 unless ``init_cache`` was given a ``dtype``), the (decayed)
+        sum of ``φ(k_t)ᵀ v_t`` so far.
       length: int32 scalar, the number of tokens decoded so far, i.e. the position of the next token.
     """
 
@@ -119,9 +121,12 @@ class TransNormerAttention(nnx.Module):
     Example::
 
       layer = TransNormerAttention(64, 4, layer_idx=0, num_layers=12, rngs=nnx.Rngs(0))
-      y = layer(x)                                  # x, y: [B, T, 64], causal
-      cache = layer.init_cache(B)
+      y = layer(x, mask=masks.Causal())             # x, y: [B, T, 64], causal by construction
+      cache = layer.init_cache(B, max_len)          # max_len is ignored: the state is O(1)
       y_t, cache = layer.decode(x_t, cache)         # x_t, y_t: [B, 1, 64]
+
+    ``__call__``, ``init_cache`` and ``decode`` take ``MultiHeadAttention``'s arguments, so the layer
+    swaps into a model or a generation loop written for it.
 
     Args:
       d_model: features of ``x`` and of the output.
@@ -158,18 +163,30 @@ class TransNormerAttention(nnx.Module):
         self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1))
         self.lrpe = LRPE(num_heads, head_dim, param_dtype=param_dtype) if lrpe else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Causal token mixing of ``x [B, T, d_model]``; returns ``[B, T, d_model]``."""
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """Causal token mixing of ``x [B, T, d_model]``; returns ``[B, T, d_model]``.
+
+        ``mask``: ``None`` or ``masks.Causal()`` (the same, causal, result); the layer is causal by
+        construction and refuses any other mask with ``NotImplementedError``.
+        """
         check_input("x", x, self.d_model)
+        check_causal_mask("TransNormerAttention", mask)
         q, k, v, u = self._project(x, jnp.arange(x.shape[1]))
         o = linear_attention(q, k, v, feature_map="identity", causal=True, decay=self._decay(), scale=1.0,
                              chunk_size=self.chunk_size, implementation=self.implementation)
         return self._output(o, u)
 
-    def init_cache(self, batch: int) -> LinearCache:
-        """An empty ``LinearCache``: a zero float32 state ``[batch, H, Dk', D]`` and length 0."""
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> LinearCache:
+        """An empty ``LinearCache``: a zero state ``[batch, H, Dk', D]`` and length 0.
+
+        ``MultiHeadAttention.init_cache``'s arguments: ``max_len`` (a positive int) is checked and
+        otherwise ignored, since the state does not grow; ``dtype`` is the state's (default float32,
+        the library's running-state precision), kept by ``decode``.
+        """
+        check_positive(batch=batch, max_len=max_len)
         dk = 2 * self.head_dim if self.lrpe is not None else self.head_dim
-        return LinearCache(jnp.zeros((batch, self.num_heads, dk, self.head_dim), jnp.float32), jnp.zeros((), jnp.int32))
+        state = jnp.zeros((batch, self.num_heads, dk, self.head_dim), jnp.float32 if dtype is None else dtype)
+        return LinearCache(state, jnp.zeros((), jnp.int32))
 
     def decode(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
         """One step: ``S = λ S + k_tᵀ v_t``, ``o_t = q_t S``, then norm, gate and projection.
@@ -186,7 +203,7 @@ class TransNormerAttention(nnx.Module):
         q, k, v, u = self._project(x_t, cache.length[None])
         o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache.state, feature_map="identity",
                                          decay=self._decay(), scale=1.0)
-        return self._output(o[:, None], u), LinearCache(state, cache.length + 1)
+        return self._output(o[:, None], u), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
 
     def _decay(self) -> jax.Array:
         return jnp.asarray(self.decay, jnp.float32)
@@ -221,19 +238,21 @@ class TransNormerBlock(nnx.Module):
         common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = TransNormerAttention(d_model, num_heads, eps=eps, **common, **attention_kwargs)
         self.mlp = SGLU(d_model, hidden_dim, **common)
-        self.eps = eps
+        self.d_model, self.eps = d_model, eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
-        h = x + self.attention(srms_norm(x, self.eps))
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal; ``mask`` as in ``TransNormerAttention``."""
+        check_input("x", x, self.d_model)
+        h = x + self.attention(srms_norm(x, self.eps), mask=mask)
         return h + self.mlp(srms_norm(h, self.eps))
 
-    def init_cache(self, batch: int) -> LinearCache:
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> LinearCache:
         """The attention's empty ``LinearCache`` (the SGLU is per token and needs none)."""
-        return self.attention.init_cache(batch)
+        return self.attention.init_cache(batch, max_len, dtype)
 
     def decode(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
         """One step on ``x_t [B, 1, d_model]``; equal, position by position, to ``self(x)``."""
+        check_step("x_t", x_t, self.d_model, cache.state.shape[0])
         a, cache = self.attention.decode(srms_norm(x_t, self.eps), cache)
         h = x_t + a
         return h + self.mlp(srms_norm(h, self.eps)), cache

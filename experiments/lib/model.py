@@ -193,8 +193,8 @@ def num_params(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _cache_size(module: nnx.Module, *args) -> int:
-    cache = jax.eval_shape(lambda: module.init_cache(1, *args))
+def _cache_size(module: nnx.Module, max_len: int) -> int:
+    cache = jax.eval_shape(lambda: module.init_cache(1, max_len))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache) if x.ndim > 0)
 
 
@@ -203,16 +203,16 @@ def decode_state_size(config: ModelConfig, seq_len: int) -> Optional[int]:
 
     Softmax-family mechanisms keep keys and values, ``2 · seq_len · H · D`` per block (it grows);
     feature-map linear attention keeps the state ``S = Σ φ(k_t)ᵀ v_t`` (plus the normalizer column),
-    whose size does not depend on ``seq_len``; ``attnjax.nn.BLOCKS`` report their ``init_cache`` (BASED:
-    a linear state and a ``window``-token KV buffer). This is the "recurrent state size" axis of Zoology
-    (Arora et al. 2023) and BASED (Arora et al. 2024). ``None`` for a mechanism of another kind.
+    whose size does not depend on ``seq_len``; ``attnjax.nn.BLOCKS`` report their ``init_cache(1, seq_len)``
+    (BASED: a linear state and a ``min(window, seq_len)``-token KV buffer). This is the "recurrent state size"
+    axis of Zoology (Arora et al. 2023) and BASED (Arora et al. 2024). ``None`` for a mechanism of another kind.
     """
     model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
     mechanism = config.mechanism()
     total = 0
     for block in model.blocks:
         if not isinstance(block, AttentionBlock):
-            total += _cache_size(block)
+            total += _cache_size(block, seq_len)
             continue
         mha = block.attention
         if hasattr(mechanism, "feature_map"):

@@ -11,7 +11,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 from attnjax import masks
-from attnjax.nn import KVCache, MultiHeadAttention
+from attnjax.nn import KVCache, MultiHeadAttention, SlidingWindowAttention
 from attnjax.positional import RoPE
 from attnjax.softmax import Softmax
 from tests.helpers import assert_close
@@ -208,3 +208,55 @@ def test_bad_call_inputs():
         m(inputs(d=12))
     with pytest.raises(ValueError, match="context"):
         m(inputs(), inputs(d=16))
+    token_ids = jnp.zeros((B, T), jnp.int32)
+    with pytest.raises(TypeError, match=r"x must be a floating-point array .*embed token ids first.* int32"):
+        m(token_ids)
+    with pytest.raises(TypeError, match=r"context must be a floating-point array .* int8"):
+        m(inputs(), jnp.zeros((B, T, 12), jnp.int8))
+    with pytest.raises(TypeError, match=r"x_t must be a floating-point array .* uint8"):
+        m.decode(jnp.zeros((B, 1, D_MODEL), jnp.uint8), m.init_cache(B, 4))
+
+
+@pytest.mark.parametrize("batch, max_len, name", [(B, 0, "max_len"), (B, -1, "max_len"), (0, 4, "batch"),
+                                                  (-B, 4, "batch"), (B, 4.0, "max_len")])
+def test_init_cache_refuses_non_positive_sizes(batch, max_len, name):
+    value = max_len if name == "max_len" else batch
+    with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value}"):
+        layer().init_cache(batch, max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoGQANoMask(Softmax):
+    """Softmax without the "gqa" and "mask" options: a mechanism a GQA or windowed module can't use."""
+
+    name: ClassVar[str] = "no_gqa_no_mask"
+    supports: ClassVar[frozenset] = frozenset({"cross"})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_kv_heads=2, mechanism=NoGQANoMask()), r"MultiHeadAttention needs \['gqa'\] from its mechanism, "
+                                                   r"which 'no_gqa_no_mask' does not support"),
+    (dict(dropout_rate=0.1, mechanism="stick_breaking"), r"needs \['dropout'\] .* 'stick_breaking'"),
+    (dict(num_kv_heads=1, dropout_rate=0.1, mechanism=NoGQANoMask()), r"needs \['dropout', 'gqa'\]"),
+    (dict(mechanism="reversed", implementation="pallas"), "'reversed' has no 'pallas' implementation"),
+    (dict(implementation="recurrent"), "'softmax' has no 'recurrent' implementation"),
+])
+def test_unusable_mechanism_is_refused_at_construction(kwargs, match):
+    with pytest.raises(NotImplementedError, match=match):
+        layer(**kwargs)
+
+
+def test_usable_mechanisms_construct():
+    layer(mechanism=NoGQANoMask())  # no GQA, no dropout: nothing it lacks is needed
+    layer(num_kv_heads=2, mechanism="stick_breaking")
+    layer(dropout_rate=0.1, mechanism="sigmoid", implementation="pallas")
+
+
+def test_sliding_window_needs_a_mechanism_with_masks():
+    with pytest.raises(NotImplementedError, match=r"SlidingWindowAttention needs \['mask'\]"):
+        SlidingWindowAttention(D_MODEL, HEADS, window=2, mechanism=NoGQANoMask(), rngs=nnx.Rngs(0))
+
+
+def test_unknown_mechanism_name_lists_the_registered_names():
+    with pytest.raises(ValueError, match=r"unknown mechanism 'sofmax'.*'softmax'"):
+        layer(mechanism="sofmax")

@@ -107,7 +107,7 @@ def test_transnormer_attention_matches_naive(lrpe, implementation):
     x = inputs()
     y = m(x)
     assert y.shape == (B, T, D_MODEL)
-    assert m.init_cache(B).state.shape == (B, HEADS, (16 if lrpe else 8), 8)
+    assert m.init_cache(B, T).state.shape == (B, HEADS, (16 if lrpe else 8), 8)
     assert_close(y, naive_transnormer(m, x), rtol=1e-5, name="y")
 
 
@@ -137,7 +137,7 @@ def test_based_linear_matches_zoology_formula(implementation):
     m = BasedLinearAttention(D_MODEL, HEADS, feature_dim=4, chunk_size=4, implementation=implementation,
                              rngs=nnx.Rngs(0))
     x = inputs()
-    assert m.init_cache(B).state.shape == (B, HEADS, 1 + 4 + 16, 8 + 1)
+    assert m.init_cache(B, T).state.shape == m.init_cache(B, 100 * T).state.shape == (B, HEADS, 1 + 4 + 16, 8 + 1)
     assert_close(m(x), naive_based_linear(m, x), rtol=1e-5, name="y")
 
 
@@ -152,7 +152,7 @@ def test_sliding_window_matches_naive():
     p = jax.nn.softmax(jnp.where((t <= s) & (t > s - WINDOW), logits, -jnp.inf), axis=-1)
     expected = jnp.einsum("bhst,bthk,hkd->bsd", p, v, m.out.kernel[...])
     assert_close(m(x), expected, rtol=1e-5, name="y")
-    assert m.init_cache(B).k.shape == (B, WINDOW, 2, 4)
+    assert m.init_cache(B, T).k.shape == (B, WINDOW, 2, 4)
 
 
 # --- every layer and block: input checks, a training step, bf16, the Linen bridge, dropout -----
@@ -160,10 +160,10 @@ def test_sliding_window_matches_naive():
 def test_decode_checks_input():
     m = make("transnormer")
     with pytest.raises(ValueError, match="x_t"):
-        m.decode(inputs(T=2), m.init_cache(B))
+        m.decode(inputs(T=2), m.init_cache(B, T))
     m = make("sliding_window")
     with pytest.raises(ValueError, match="x_t"):
-        m.decode(inputs(T=1), m.init_cache(B + 1))
+        m.decode(inputs(T=1), m.init_cache(B + 1, T))
 
 
 @pytest.mark.parametrize("name", ["transnormer_block", "based_block"])
@@ -193,7 +193,7 @@ def test_bfloat16(name):
     x = inputs().astype(jnp.bfloat16)
     y = m(x)
     assert y.dtype == jnp.bfloat16 and m.query.kernel.dtype == jnp.float32
-    y_t, cache = m.decode(x[:, :1], m.init_cache(B))
+    y_t, cache = m.decode(x[:, :1], m.init_cache(B, T))
     assert y_t.dtype == jnp.bfloat16 and cache.state.dtype == jnp.float32
     assert_close(y_t, y[:, :1], rtol=2e-2, name="first step")
 

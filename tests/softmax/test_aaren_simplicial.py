@@ -175,7 +175,7 @@ def test_aaren_layer_decode_equals_call_under_jit_and_grad():
     assert float(jnp.abs(grads.query[...]).max()) > 0
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
     decode = nnx.jit(lambda m, x_t, s: m.decode(x_t, s))
-    state = layer.init_cache(2)
+    state = layer.init_cache(2, x.shape[1])
     for t in range(x.shape[1]):
         y_t, state = decode(layer, x[:, t:t + 1], state)
         assert_close(y_t, y[:, t:t + 1], name=f"y_{t}")
