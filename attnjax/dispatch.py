@@ -9,6 +9,7 @@ serves it. ``attnjax.attention``, the block-sparse engine and ``linear_attention
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -28,10 +29,13 @@ def auto_order(backend: Optional[str] = None) -> tuple:
 
 
 def check_implementation(implementation: str) -> None:
-    """``ValueError`` unless ``implementation`` is a known implementation name or "auto"."""
+    """``ValueError`` (naming the closest name) unless ``implementation`` is a known implementation
+    name or "auto"."""
     allowed = IMPLEMENTATIONS + ("auto",)
     if implementation not in allowed:
-        raise ValueError(f"unknown implementation {implementation!r}; expected one of {allowed}")
+        close = difflib.get_close_matches(str(implementation), allowed, n=1)
+        hint = f" did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown implementation {implementation!r};{hint} expected one of {allowed}")
 
 
 def dispatch(paths: Mapping[str, Callable], implementation: str, *args, what: str, **kwargs):
@@ -50,11 +54,12 @@ def dispatch(paths: Mapping[str, Callable], implementation: str, *args, what: st
         if implementation not in paths:
             raise NotImplementedError(f"{what} has no {implementation!r} implementation; available: {list(paths)}")
         return paths[implementation](*args, **kwargs)
-    errors = []
+    reasons: dict[str, list] = {}
     for name in auto_order():
         if name in paths:
             try:
                 return paths[name](*args, **kwargs)
             except NotImplementedError as e:
-                errors.append(f"{name}: {e}")
-    raise NotImplementedError(f"no implementation of {what} serves this request: {errors}")
+                reasons.setdefault(str(e), []).append(name)
+    tried = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())
+    raise NotImplementedError(f"no implementation of {what} serves this request ({tried or 'no path to try'})")

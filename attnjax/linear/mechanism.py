@@ -54,6 +54,8 @@ class LinearMechanism:
 
     family: ClassVar[str] = "linear"
     supports: ClassVar[frozenset] = SUPPORTS
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ("lasp2",)
 
     def implementations(self):
         return {name: self._bind(name) for name in ("reference", "recurrent", "xla", "pallas")}

@@ -452,6 +452,8 @@ class Neighborhood:
     paper: ClassVar[str] = ("Hassani et al. 2023 (NAT); Faster Neighborhood Attention (Hassani et al. 2024); "
                             "Generalized Neighborhood Attention (Hassani et al. 2025)")
     supports: ClassVar[frozenset] = frozenset({"mask", "logits_soft_cap", "return_lse", "gqa", "cross"})
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
 
     def implementations(self):
         return {name: functools.partial(_registered, self, name) for name in ("reference", "xla", "pallas")}

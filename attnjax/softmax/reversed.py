@@ -273,6 +273,8 @@ class Reversed:
     paper: ClassVar[str] = "Ding et al. 2023, Visual Dependency Transformers (CVPR)"
     supports: ClassVar[frozenset] = frozenset(
         {"mask", "bias", "logits_soft_cap", "sinks", "dropout", "gqa", "cross"})
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
 
     def implementations(self):
         return {

@@ -161,6 +161,8 @@ class Selective:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Zhang et al. 2024, Selective Attention (NeurIPS)"
     supports: ClassVar[frozenset] = frozenset(registry.OPTIONS)
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ()
 
     def __post_init__(self):
         if not (math.isfinite(self.position_scale) and self.position_scale >= 0):

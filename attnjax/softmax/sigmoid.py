@@ -129,6 +129,12 @@ class Sigmoid:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Ramapuram et al. 2024 (FlashSigmoid)"
     supports: ClassVar[frozenset] = frozenset({"mask", "bias", "logits_soft_cap", "dropout", "gqa", "cross"})
+    sequence_parallel: ClassVar[tuple] = ()
+
+    @property
+    def decodes(self) -> bool:
+        """A fixed ``bias`` decodes from a KV cache; the default ``−log n`` changes with the cache length."""
+        return self.bias is not None
 
     def implementations(self):
         return {

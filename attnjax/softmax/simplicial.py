@@ -194,6 +194,8 @@ class Simplicial:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Clift et al. 2019 (2-simplicial Transformer); Roy et al. 2025 (Fast and Simplex)"
     supports: ClassVar[frozenset] = frozenset({"mask", "gqa", "cross", "return_lse"})
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ()
 
     def implementations(self):
         return {"reference": self._bind(simplicial_attention_reference),

@@ -88,6 +88,8 @@ class Softmax:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Vaswani et al. 2017; FlashAttention-2 (Dao 2023)"
     supports: ClassVar[frozenset] = frozenset(registry.OPTIONS)
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ("ring", "allgather", "ulysses", "lasp2h")
 
     def implementations(self):
         return {

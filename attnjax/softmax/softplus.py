@@ -209,6 +209,8 @@ class Softplus:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Gao & Spratling 2025 (arXiv:2501.13428)"
     supports: ClassVar[frozenset] = frozenset({"mask", "bias", "logits_soft_cap", "dropout", "gqa", "cross"})
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ()
 
     def __post_init__(self):
         _check_config(self.power, self.train_length)

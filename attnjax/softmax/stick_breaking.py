@@ -310,6 +310,8 @@ class StickBreaking:
     family: ClassVar[str] = "softmax"
     paper: ClassVar[str] = "Tan et al. 2024 (Scaling Stick-Breaking Attention); Shen et al. 2023 (ModuleFormer)"
     supports: ClassVar[frozenset] = frozenset({"mask", "bias", "logits_soft_cap", "gqa", "cross"})
+    decodes: ClassVar[bool] = True
+    sequence_parallel: ClassVar[tuple] = ()
 
     def implementations(self):
         return {

@@ -88,6 +88,8 @@ class BlockSelector:
 
     family: ClassVar[str] = "sparse"
     supports: ClassVar[frozenset] = frozenset({"mask", "logits_soft_cap", "return_lse", "gqa", "cross"})
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
         """The block lists for these queries and keys."""

@@ -88,6 +88,12 @@ class MoA(BlockSelector):
     name: ClassVar[str] = "moa"
     paper: ClassVar[str] = PAPER
 
+    @property
+    def decodes(self) -> bool:
+        """A KV cache decodes with fixed spans (``betas`` all 0) and query tiles inside key blocks
+        (``block_q`` divides ``block_kv``); spans that grow with the key length change with the cache."""
+        return self.block_kv % self.block_q == 0 and not any(self.betas)
+
     def __post_init__(self):
         for field in ("block_q", "block_kv"):
             value = getattr(self, field)

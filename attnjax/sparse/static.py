@@ -132,6 +132,12 @@ def streaming_blocks(T: int, S: int, block_q: int, block_kv: int, sink_blocks: i
 class StaticSelector(BlockSelector):
     """A selector whose blocks depend only on shapes and config: subclasses implement ``pattern``."""
 
+    @property
+    def decodes(self) -> bool:
+        """Each query tile lies in one key block when ``block_q`` divides ``block_kv``, so a token's keys
+        don't depend on its tile-mates and a one-token query against a KV cache gives its row."""
+        return self.block_kv % self.block_q == 0
+
     def pattern(self, T: int, S: int, num_heads: int = 1) -> np.ndarray:
         """The symmetric block pattern, bool ``[nq, nk]`` or per head ``[num_heads, nq, nk]``."""
         raise NotImplementedError(f"{type(self).__name__} must implement pattern()")
