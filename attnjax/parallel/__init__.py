@@ -1,8 +1,9 @@
 """Sequence parallelism with ``shard_map``: the sequence is sharded over one named mesh axis.
 
-Each scheme is a function called inside ``shard_map`` on per-device shards (``axis_name=``), with
-a ``*_sharded`` wrapper that builds the ``shard_map`` from a ``Mesh`` (sequence over ``seq_axis``,
-optionally batch over ``batch_axis`` and heads over ``head_axis``):
+Each scheme is a function called inside the user's ``jax.shard_map`` (default ``check_vma=True``)
+on per-device shards (``axis_name=``), with a ``*_sharded`` wrapper that builds the ``shard_map``
+from a mesh (``jax.make_mesh``, Explicit or Auto axes, or ``jax.sharding.Mesh``; sequence over
+``seq_axis``, optionally batch over ``batch_axis`` and heads over ``head_axis``):
 
 - ``ring_attention``: K/V rotate around the ring (``ppermute``), online-softmax merge, custom
   backward rotating dK/dV; zigzag/striped layouts balance causal work (``layouts``).

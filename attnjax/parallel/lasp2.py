@@ -32,7 +32,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from attnjax.linear.feature_maps import FeatureMap
 from attnjax.linear.linear_attention import NORMALIZER_EPS, prepare_inputs, linear_attention
-from attnjax.parallel.sharding import AxisNames, SequenceSharding, axis_size, shard_map
+from attnjax.meshes import vary_like
+from attnjax.parallel.sharding import AxisNames, SequenceSharding, axis_size
 from attnjax.positional import alibi_slopes
 
 
@@ -94,7 +95,7 @@ def lasp2_sharded(
     Args:
       q, k, v: global ``[B, T, H, D]`` arrays in natural (contiguous) order; ``T`` must divide by
         the ``seq_axis`` size, ``B`` by the ``batch_axis`` size and the heads by the ``head_axis`` size.
-      mesh: a ``jax.sharding.Mesh`` with those axes.
+      mesh: a mesh with those axes (``jax.make_mesh``, Explicit or Auto axes, or ``jax.sharding.Mesh``).
       seq_axis, batch_axis, head_axis: mesh axes sharding the sequence, batch and heads.
       decay: as in ``lasp2``, for all ``Hq`` heads (sharded with the heads).
       **kwargs: the other arguments of ``lasp2``.
@@ -106,33 +107,13 @@ def lasp2_sharded(
     tokens = seq.tokens_spec
     body = functools.partial(lasp2, axis_name=seq_axis, **kwargs)
     if decay is None:
-        return shard_map(body, mesh=mesh, in_specs=(tokens,) * 3, out_specs=tokens)(q, k, v)
+        return seq.run(body, (q, k, v), (tokens,) * 3)
     if isinstance(decay, str):
         if decay != "alibi":
             raise ValueError(f"decay must be None, 'alibi' or a float array [Hq], got {decay!r}")
         decay = jnp.exp(-jnp.asarray(alibi_slopes(q.shape[2])))
-    return shard_map(lambda q, k, v, lam: body(q, k, v, decay=lam), mesh=mesh,
-                     in_specs=(tokens,) * 3 + (PartitionSpec(tokens[2]),), out_specs=tokens)(q, k, v, decay)
-
-
-def vary_like(x: jax.Array, reference: jax.Array) -> jax.Array:
-    """``x`` marked as varying over every manual mesh axis ``reference`` varies over.
-
-    Under ``shard_map(check_vma=True)`` a replicated value must be cast before it meets per-device
-    values in a ``custom_vjp`` or a loop carry; autodiff then sums its cotangent over those axes.
-    A no-op under ``check_vma=False``, where nothing is typed as varying.
-    """
-    missing = tuple(sorted(_varying_axes(reference) - _varying_axes(x)))
-    if not missing:
-        return x
-    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The mesh axes ``x`` is typed as varying over (jax >= 0.10: ``manual_axis_type``; earlier: ``vma``)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+    return seq.run(lambda q, k, v, lam: body(q, k, v, decay=lam), (q, k, v, jnp.asarray(decay)),
+                   (tokens,) * 3 + (PartitionSpec(tokens[2]),))
 
 
 def _hop_weights(log_decay: jax.Array, target, source, chunk: int, causal: bool) -> jax.Array:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks
+from attnjax.meshes import explicit_axes
 from attnjax.tiling import num_tiles
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -101,13 +102,24 @@ def permutation(layout: str, world: int, seq_len: int) -> np.ndarray:
 
 
 def to_layout(x: jax.Array, layout: str, world: int, axis: int = 1) -> jax.Array:
-    """Reorder ``x`` along ``axis`` (global order) into ``layout`` order for ``world`` ranks."""
-    return jnp.take(x, permutation(layout, world, x.shape[axis]), axis=axis)
+    """Reorder ``x`` along ``axis`` (global order) into ``layout`` order for ``world`` ranks.
+
+    An explicitly sharded ``x`` (a ``jax.make_mesh`` mesh) keeps its sharding: each rank's shard
+    of the result holds that rank's positions (``local_positions``).
+    """
+    return _reorder(x, permutation(layout, world, x.shape[axis]), axis)
 
 
 def from_layout(x: jax.Array, layout: str, world: int, axis: int = 1) -> jax.Array:
-    """Inverse of ``to_layout``: ``from_layout(to_layout(x, l, w), l, w) == x``."""
-    return jnp.take(x, np.argsort(permutation(layout, world, x.shape[axis])), axis=axis)
+    """Inverse of ``to_layout``: ``from_layout(to_layout(x, l, w), l, w) == x`` (sharding kept too)."""
+    return _reorder(x, np.argsort(permutation(layout, world, x.shape[axis])), axis)
+
+
+def _reorder(x, order: np.ndarray, axis: int) -> jax.Array:
+    """``x`` indexed by ``order`` along ``axis``, the result sharded like ``x`` if ``x`` has Explicit axes."""
+    x = jnp.asarray(x)
+    index = (slice(None),) * (axis % x.ndim) + (order,)
+    return x.at[index].get(out_sharding=jax.typeof(x).sharding if explicit_axes(x) else None)
 
 
 def layout_of(positions, world: int) -> Optional[str]:

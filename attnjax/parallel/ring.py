@@ -38,8 +38,9 @@ from jax import lax
 from attnjax import masks
 from attnjax.dispatch import check_implementation
 from attnjax.masks import block_schedule
+from attnjax.meshes import vary_like
 from attnjax.parallel.layouts import default_block, local_positions, mask_at_positions
-from attnjax.parallel.sharding import AxisNames, check_local_inputs, sequence_parallel_call, vary_like
+from attnjax.parallel.sharding import AxisNames, check_local_inputs, sequence_parallel_call
 from attnjax.blocked.flash_xla import flash_attention_xla, flash_attention_xla_backward
 
 

@@ -1,5 +1,6 @@
-"""``shard_map`` wrappers for sequence-parallel attention: a ``Mesh`` plus the mesh axes that shard
-the batch, the sequence and the heads, with clear errors for unknown axes and bad divisibility.
+"""``shard_map`` wrappers for sequence-parallel attention: a mesh (``jax.make_mesh`` with Explicit or
+Auto axes, or ``jax.sharding.Mesh``) plus the mesh axes that shard the batch, the sequence and the
+heads, with clear errors for unknown axes and bad divisibility.
 
 Every scheme in ``attnjax.parallel`` is a function called inside ``shard_map`` on per-device
 shards ``q [B/nb, T/W, Hq/nh, D]`` (``W`` = size of the sequence axis). ``sequence_parallel_call``
@@ -15,6 +16,7 @@ from typing import Callable, Sequence, Union
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax.checks import check_qkv
@@ -63,26 +65,6 @@ def check_local_inputs(q, k, v, *, axis_name: str, layout: str, mask, segment_id
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise TypeError(f"segment_ids must be integers, got {segment_ids.dtype}")
     return world, mask
-
-
-def vary_like(x: jax.Array, *refs) -> jax.Array:
-    """``x`` typed as varying over every manual mesh axis that some leaf of ``refs`` varies over.
-
-    Inside ``shard_map(check_vma=True)``, a loop carry or ``lax.cond`` branch that starts as a
-    constant (zeros) must carry the varying axes of the per-device values it meets. A no-op outside
-    ``shard_map`` and under ``check_vma=False``.
-    """
-    wanted = frozenset().union(*(_varying_axes(r) for r in jax.tree_util.tree_leaves(refs)))
-    missing = tuple(sorted(wanted - _varying_axes(x), key=str))
-    if not missing:
-        return x
-    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
-
-
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
 
 
 def is_manual_axis(axis_name: str) -> bool:
@@ -175,20 +157,17 @@ class SequenceSharding:
         if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected [B, T] = ({B}, {T})")
 
-    def run(self, fn: Callable, q, k, v, segment_ids=None):
-        """``fn(q, k, v, segment_ids)`` on each device's shards, under ``shard_map`` over the mesh.
+    def run(self, fn: Callable, args: tuple, in_specs: tuple):
+        """``fn(*args)`` on each device's shards, under ``shard_map`` over the mesh; the output is
+        sharded as ``tokens_spec``.
 
-        The varying-axes check is off: the blocked softmax path (``flash_attention_xla``) starts its
-        loop carries as unvarying constants, which that check rejects inside ``shard_map``.
+        On a mesh with Explicit axes (``jax.make_mesh``'s default) ``jax.shard_map`` takes only inputs
+        already sharded as its ``in_specs``, so each argument is resharded to its spec first
+        (``jax.reshard``; under ``jit`` the inputs must live on the mesh, or run under ``jax.set_mesh``).
         """
-        tokens, ids = self.tokens_spec, self.ids_spec
-        if segment_ids is None:
-            mapped = shard_map(lambda q, k, v: fn(q, k, v, None), mesh=self.mesh,
-                               in_specs=(tokens, tokens, tokens), out_specs=tokens, check_vma=False)
-            return mapped(q, k, v)
-        mapped = shard_map(fn, mesh=self.mesh, in_specs=(tokens, tokens, tokens, ids), out_specs=tokens,
-                           check_vma=False)
-        return mapped(q, k, v, segment_ids)
+        if any(kind == jax.sharding.AxisType.Explicit for kind in getattr(self.mesh, "axis_types", ())):
+            args = tuple(jax.reshard(x, NamedSharding(self.mesh, spec)) for x, spec in zip(args, in_specs))
+        return shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=self.tokens_spec)(*args)
 
 
 def sequence_parallel_call(fn: Callable, q, k, v, *, mesh, seq_axis: str, batch_axis: AxisNames = None,
@@ -207,11 +186,14 @@ def sequence_parallel_call(fn: Callable, q, k, v, *, mesh, seq_axis: str, batch_
     if positions is not None:
         check_positions(positions, layout, sharding.world)
 
-    def local(q, k, v, ids):
+    def local(q, k, v, ids=None):
         return fn(q, k, v, axis_name=seq_axis, layout=layout, segment_ids=ids, **kwargs)
 
-    return sharding.run(local, q, k, v, segment_ids)
+    tokens = sharding.tokens_spec
+    if segment_ids is None:
+        return sharding.run(local, (q, k, v), (tokens,) * 3)
+    return sharding.run(local, (q, k, v, segment_ids), (tokens,) * 3 + (sharding.ids_spec,))
 
 
-__all__ = ["shard_map", "axis_size", "check_local_inputs", "vary_like", "is_manual_axis", "ambient_mesh",
+__all__ = ["shard_map", "axis_size", "check_local_inputs", "is_manual_axis", "ambient_mesh",
            "SequenceSharding", "sequence_parallel_call"]

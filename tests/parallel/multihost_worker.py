@@ -2,8 +2,9 @@
 
 Each process owns ``--xla_force_host_platform_device_count`` CPU devices (set by the launcher in
 ``XLA_FLAGS``), joins the others through ``jax.distributed.initialize`` on localhost with the gloo
-CPU collectives, builds one global mesh over every process's devices, and runs LASP-2 and ring
-attention (forward and gradients) on global arrays built identically in every process. Process 0
+CPU collectives, builds one global mesh over every process's devices with ``jax.make_mesh`` (Explicit
+axes, JAX's default), and runs LASP-2 and ring attention (forward and gradients, ``shard_map``'s
+default ``check_vma``) on global arrays built identically in every process. Process 0
 writes the gathered results to ``OUT`` (``.npz``) for ``tests/parallel/test_multihost.py`` to compare with a
 single-process run of the same code (``multihost_case``).
 """
@@ -68,7 +69,9 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
                                process_id=process_id, initialization_timeout=60)
     devices = np.array(jax.devices())                     # every process's devices, process by process
     per_process = devices.reshape(num_processes, 2, -1)   # [process, data, local]
-    mesh = Mesh(per_process.transpose(1, 0, 2).reshape(2, -1), ("data", "seq"))   # "seq" spans the processes
+    order = per_process.transpose(1, 0, 2).reshape(-1)    # [data, (process, local)]: "seq" spans the processes
+    mesh = jax.make_mesh((2, devices.size // 2), ("data", "seq"), devices=list(order))   # CPU keeps this order
+    assert {d.process_index for d in mesh.devices[0]} == set(range(num_processes)), "seq must span the processes"
     results = multihost_case(mesh, global_arrays(mesh, inputs()))
     gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in results.items()}
     if process_id == 0:

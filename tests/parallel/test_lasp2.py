@@ -1,10 +1,11 @@
-"""LASP-2 and LASP-2H on 8 fake CPU devices against single-device linear / softmax attention."""
+"""LASP-2 and LASP-2H on 8 fake CPU devices against single-device linear / softmax attention:
+inside the user's ``jax.shard_map`` (default ``check_vma``) and through the wrappers, on meshes
+from ``jax.make_mesh`` (Explicit axes unless a test says Auto)."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import attnjax as aj
@@ -22,12 +23,18 @@ path (which the first test runs): it compiles much faster."""
 
 @pytest.fixture(scope="module")
 def mesh_2x4():
-    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "seq"))
+    return jax.make_mesh((2, 4), ("data", "seq"))
 
 
 @pytest.fixture(scope="module")
 def mesh_8():
-    return Mesh(np.array(jax.devices()[:8]), ("seq",))
+    return jax.make_mesh((8,), ("seq",))
+
+
+def put(tree, mesh, *spec):
+    """Every array of ``tree`` sharded over ``mesh`` as ``P(*spec)``, as ``jax.shard_map`` on an
+    Explicit mesh expects its inputs."""
+    return jax.device_put(tree, NamedSharding(mesh, P(*spec)))
 
 
 def value_and_grads(fn, args, argnums):
@@ -42,8 +49,9 @@ def value_and_grads(fn, args, argnums):
     return out, g
 
 
-def assert_same(fn, ref, args, argnums, names, rtol=None):
-    out, g = value_and_grads(fn, args, argnums)
+def assert_same(fn, ref, args, argnums, names, rtol=None, fn_args=None):
+    """``fn(*fn_args)`` (default ``args``) equals ``ref(*args)``, forward and gradients."""
+    out, g = value_and_grads(fn, args if fn_args is None else fn_args, argnums)
     out_ref, g_ref = value_and_grads(ref, args, argnums)
     assert_close(out, out_ref, rtol=rtol, name="out")
     for a, e, n in zip(g, g_ref, names):
@@ -52,6 +60,7 @@ def assert_same(fn, ref, args, argnums, names, rtol=None):
 
 
 def test_decay_gqa_on_data_by_sequence_mesh_matches_linear_attention(mesh_2x4):
+    """The wrapper on an Explicit mesh, with unsharded inputs."""
     q, k, v = random_qkv(jax.random.PRNGKey(0), B=2, T=32, Hq=4, Hkv=2, D=8)
 
     def sharded(q, k, v, lam):
@@ -72,8 +81,9 @@ def test_non_causal_normalized_feature_map_gqa_matches_linear_attention(mesh_8):
                 "qkv")
 
 
-def test_heads_sharded_alibi_decay_bf16_forward(mesh_2x4):
-    mesh = Mesh(mesh_2x4.devices, ("heads", "seq"))
+def test_heads_sharded_alibi_decay_bf16_forward():
+    """The wrapper on a ``jax.make_mesh`` mesh with Auto axes."""
+    mesh = jax.make_mesh((2, 4), ("heads", "seq"), axis_types=(AxisType.Auto,) * 2)
     q, k, v = random_qkv(jax.random.PRNGKey(3), B=1, T=32, Hq=4, D=8, dtype=jnp.bfloat16)
     out = jax.jit(lambda q, k, v: lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", head_axis="heads",
                                                 decay="alibi", implementation=INTRA))(q, k, v)
@@ -95,16 +105,17 @@ def test_checked_shard_map_matches_and_has_one_all_gather_per_direction_independ
     state_bytes = 1 * 2 * 8 * 8 * 4
     assert model.bytes_fwd == model.bytes_bwd == 7 * state_bytes
     for T in (32, 64):
-        q, k, v = random_qkv(jax.random.PRNGKey(T), B=1, T=T, Hq=2, D=8)
-        forward = jax.jit(sharded).lower(q, k, v).compile()
+        qkv = random_qkv(jax.random.PRNGKey(T), B=1, T=T, Hq=2, D=8)
+        sharded_qkv = put(qkv, mesh_8, *spec)
+        forward = jax.jit(sharded).lower(*sharded_qkv).compile()
         assert [(c.kind, c.sent_bytes) for c in comm.collectives(forward)] == [("all-gather", model.bytes_fwd)]
-    assert_close(forward(q, k, v), jax.jit(single)(q, k, v))
+    assert_close(forward(*sharded_qkv), jax.jit(single)(*qkv))
     loss = lambda f: lambda q, k, v, w: jnp.sum(f(q, k, v) * w)  # noqa: E731
-    step = jax.jit(jax.grad(loss(sharded), (0, 1, 2))).lower(q, k, v, q).compile()
+    step = jax.jit(jax.grad(loss(sharded), (0, 1, 2))).lower(*sharded_qkv, sharded_qkv[0]).compile()
     gathers = comm.collectives(step)
     assert [(c.kind, c.sent_bytes) for c in gathers] == [("all-gather", model.bytes_fwd)] * 2   # forward, backward
-    expected = jax.jit(jax.grad(loss(single), (0, 1, 2)))(q, k, v, q)
-    for a, e, n in zip(step(q, k, v, q), expected, "qkv"):
+    expected = jax.jit(jax.grad(loss(single), (0, 1, 2)))(*qkv, qkv[0])
+    for a, e, n in zip(step(*sharded_qkv, sharded_qkv[0]), expected, "qkv"):
         assert_close(a, e, name=f"d{n}")
 
 
@@ -127,6 +138,8 @@ def hybrid_model(params, x, decay, layers, linear_layer, softmax_layer):
 
 
 def test_hybrid_lightning_softmax_model_under_one_sequence_sharding_equals_unsharded(mesh_2x4):
+    """LASP-2 and LASP-2H layers inside the user's ``jax.shard_map`` (default ``check_vma``), inputs
+    sharded over an Explicit mesh: the model's output and its gradients equal the unsharded model's."""
     layers = "LS"
     params = hybrid_params(jax.random.PRNGKey(5), layers=layers)
     x = jax.random.normal(jax.random.PRNGKey(6), (2, 16, 16))
@@ -138,7 +151,7 @@ def test_hybrid_lightning_softmax_model_under_one_sequence_sharding_equals_unsha
                                 lambda q, k, v, lam: lasp2(q, k, v, axis_name="seq", decay=lam, implementation=INTRA),
                                 lambda q, k, v: lasp2h_attention(q, k, v, axis_name="seq", implementation=INTRA))
         tokens = P("data", "seq", None)
-        return aj.parallel.shard_map(local, mesh=mesh_2x4, in_specs=(P(), tokens, P()), out_specs=tokens)(
+        return jax.shard_map(local, mesh=mesh_2x4, in_specs=(P(), tokens, P()), out_specs=tokens)(
             params, x, decay)
 
     def single(params, x, decay):
@@ -146,7 +159,9 @@ def test_hybrid_lightning_softmax_model_under_one_sequence_sharding_equals_unsha
                             lambda q, k, v, lam: linear_attention(q, k, v, decay=lam, implementation="reference"),
                             lambda q, k, v: aj.attention(q, k, v, mask=aj.masks.Causal(), implementation="reference"))
 
-    assert_same(sharded, single, (params, x, decay), (0, 1, 2), ["params", "x", "decay"], rtol=1e-4)
+    args = (params, x, decay)
+    sharded_args = (put(params, mesh_2x4), put(x, mesh_2x4, "data", "seq"), put(decay, mesh_2x4))
+    assert_same(sharded, single, args, (0, 1, 2), ["params", "x", "decay"], rtol=1e-4, fn_args=sharded_args)
 
 
 def test_bad_inputs_raise_clear_errors(mesh_2x4, mesh_8):
@@ -161,6 +176,6 @@ def test_bad_inputs_raise_clear_errors(mesh_2x4, mesh_8):
     wrong_axis = jax.shard_map(lambda q, k, v: lasp2(q, k, v, axis_name="sp"), mesh=mesh_2x4,
                                in_specs=(spec,) * 3, out_specs=spec)
     with pytest.raises(ValueError, match="'sp' is not an axis"):
-        wrong_axis(q[:, :8], k[:, :8], v[:, :8])
+        wrong_axis(*put((q[:, :8], k[:, :8], v[:, :8]), mesh_2x4, *spec))
     with pytest.raises(ValueError, match="decay"):
         lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay="cosine")

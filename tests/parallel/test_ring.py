@@ -1,5 +1,9 @@
 """Ring attention, all-gather and Ulysses context parallelism, layouts, and the module option,
-on the 8 fake CPU devices, against the single-device softmax reference (forward and gradients)."""
+on the 8 fake CPU devices, against the single-device softmax reference (forward and gradients).
+
+As a JAX user runs them: meshes from ``jax.make_mesh`` (Explicit axes) with inputs sharded over
+them, the per-device schemes inside the user's ``jax.jit(jax.shard_map(...))`` with its default
+``check_vma``, and the ``*_sharded`` wrappers on Explicit and Auto meshes."""
 
 import collections
 import functools
@@ -9,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax import masks, parallel
@@ -25,12 +29,17 @@ LAYOUTS = layouts.LAYOUTS
 
 @pytest.fixture(scope="module")
 def mesh():
-    return Mesh(np.array(jax.devices()[:W]), ("sp",))
+    return jax.make_mesh((W,), ("sp",))
 
 
 @pytest.fixture(scope="module")
 def mesh2d():
-    return Mesh(np.array(jax.devices()[:W]).reshape(2, 4), ("data", "sp"))
+    return jax.make_mesh((2, 4), ("data", "sp"))
+
+
+def _put(x, mesh, *spec):
+    """``x`` sharded over ``mesh`` as ``P(*spec)``: what ``jax.shard_map`` on an Explicit mesh expects."""
+    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,19 +70,30 @@ def _out_and_grads(fn, q, k, v):
     return run(q, k, v)
 
 
-def _check_scheme(sharded, mesh, layout, mask, *, world=W, Hq=4, Hkv=2, ids=False, rtol=None, **kw):
-    """``sharded`` on laid-out inputs equals the reference in natural order, forward and grads."""
-    q, k, v = _qkv(Hq, Hkv)
-    segment_ids = PACKED_IDS if ids else None
-    to, back = (functools.partial(f, layout=layout, world=world) for f in (layouts.to_layout, layouts.from_layout))
+def _check_scheme(scheme, mesh, layout, mask, *, batch_axis=None, Hq=4, Hkv=2, ids=False, rtol=None, **kw):
+    """``scheme`` equals the reference, forward and grads, on inputs in natural order sharded over
+    ``mesh`` (batch over ``batch_axis``, sequence over "sp"), put in ``layout`` order and back with
+    ``to_layout``/``from_layout`` inside the jitted function.
 
-    def parallel_fn(q, k, v):
-        laid_ids = None if segment_ids is None else to(segment_ids)
-        out = sharded(to(q), to(k), to(v), mesh=mesh, seq_axis="sp", layout=layout, mask=mask,
-                      segment_ids=laid_ids, **kw)
-        return back(out)
+    ``scheme`` is a per-device function (``parallel.SCHEMES``), run inside the user's
+    ``jax.shard_map`` with its defaults, or a ``*_sharded`` wrapper.
+    """
+    spec = P(batch_axis, "sp")
+    q, k, v = (_put(x, mesh, *spec) for x in _qkv(Hq, Hkv))
+    to, back = (functools.partial(f, layout=layout, world=mesh.shape["sp"])
+                for f in (layouts.to_layout, layouts.from_layout))
+    laid_ids = to(_put(PACKED_IDS, mesh, *spec)) if ids else None
+    if scheme in parallel.SCHEMES.values():
+        def local(q, k, v, segment_ids):
+            return scheme(q, k, v, axis_name="sp", layout=layout, mask=mask, segment_ids=segment_ids, **kw)
 
-    out, grads = _out_and_grads(parallel_fn, q, k, v)
+        run = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    else:
+        def run(q, k, v, segment_ids):
+            return scheme(q, k, v, mesh=mesh, seq_axis="sp", batch_axis=batch_axis, layout=layout, mask=mask,
+                          segment_ids=segment_ids, **kw)
+
+    out, grads = _out_and_grads(lambda q, k, v: back(run(to(q), to(k), to(v), laid_ids)), q, k, v)
     ref, ref_grads = _reference(mask, ids, Hq, Hkv)
     assert_close(out, ref, rtol=rtol, name=f"{layout} out")
     for name, g, e in zip("qkv", grads, ref_grads):
@@ -106,6 +126,26 @@ def test_layout_definitions():
     np.testing.assert_array_equal(layouts.local_positions("zigzag", 4, 1, 4), [2, 3, 12, 13])  # chunks 1 and 6
     np.testing.assert_array_equal(layouts.local_positions("striped", 4, 1, 4), [1, 5, 9, 13])
     np.testing.assert_array_equal(layouts.local_positions("contiguous", 4, 1, 4), [4, 5, 6, 7])
+
+
+def test_layout_roundtrip_on_explicitly_sharded_arrays(mesh2d):
+    """On a ``jax.make_mesh`` mesh (Explicit axes), eagerly and under jit: the values are reordered,
+    the sharding is kept, and rank r's shard of the laid-out sequence holds its local positions."""
+    x = _put(jnp.arange(2 * 32 * 3).reshape(2, 32, 3), mesh2d, "data", "sp", None)
+    eager = (layouts.to_layout, layouts.from_layout)
+    jitted = tuple(jax.jit(f, static_argnums=(1, 2)) for f in eager)
+    for layout in LAYOUTS:
+        perm = layouts.permutation(layout, 4, 32)
+        for to, back in (eager, jitted):
+            laid = to(x, layout, 4)
+            assert laid.sharding == x.sharding, (layout, laid.sharding)
+            np.testing.assert_array_equal(laid, np.asarray(x)[:, perm])
+            shards = {s.index[1].start: np.asarray(s.data)[0, :, 0] // 3 % 32 for s in laid.addressable_shards}
+            for rank in range(4):
+                np.testing.assert_array_equal(shards[rank * 8], layouts.local_positions(layout, 4, rank, 8))
+            back_again = back(laid, layout, 4)
+            assert back_again.sharding == x.sharding
+            np.testing.assert_array_equal(back_again, x)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -153,19 +193,24 @@ def flash_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_ring_causal_matches_reference(mesh, layout, flash_calls):
-    """Forward and grads vs the reference; and step skipping: with the contiguous layout rank r
-    runs r + 1 of the W steps (the others hold only future keys), zigzag and striped run all W."""
-    _check_scheme(parallel.ring_attention_sharded, mesh, layout, masks.Causal())
-    expected = {r: r + 1 for r in range(W)} if layout == "contiguous" else {r: W for r in range(W)}
-    assert dict(flash_calls) == expected
+@pytest.mark.parametrize("layout, mask", [("contiguous", masks.Causal()), ("zigzag", masks.Causal()),
+                                          ("striped", masks.Full())])
+def test_ring_in_user_shard_map_matches_reference(mesh, layout, mask, flash_calls):
+    """Per-device ``ring_attention`` in the user's ``jax.shard_map`` (default ``check_vma``) on a
+    ``jax.make_mesh`` mesh: forward and grads vs the reference; and step skipping: causal in the
+    contiguous layout, rank r runs r + 1 of the W steps (the others hold only future keys); zigzag
+    (load-balanced causal) and non-causal run all W."""
+    _check_scheme(parallel.ring_attention, mesh, layout, mask)
+    contiguous_causal = layout == "contiguous" and isinstance(mask, masks.Causal)
+    assert dict(flash_calls) == {r: r + 1 if contiguous_causal else W for r in range(W)}
 
 
-def test_ring_2d_mesh_non_causal_segment_ids(mesh2d):
-    """2 (data) x 4 (sequence) mesh, non-causal, packed sequences whose segment ids travel with K/V."""
-    _check_scheme(parallel.ring_attention_sharded, mesh2d, "zigzag", masks.Full(), world=4, ids=True,
-                  batch_axis="data")
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_ring_sharded_on_make_mesh_2d_non_causal_segment_ids(axis_type):
+    """The wrapper on a 2 (data) x 4 (sequence) ``jax.make_mesh`` mesh with Explicit or Auto axes,
+    non-causal, packed sequences whose segment ids travel with K/V."""
+    mesh = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(axis_type,) * 2)
+    _check_scheme(parallel.ring_attention_sharded, mesh, "zigzag", masks.Full(), ids=True, batch_axis="data")
 
 
 @pytest.mark.slow
@@ -200,10 +245,11 @@ def test_ring_bf16_soft_cap_head_axis(mesh2d):
 def test_ring_lse_and_its_gradient(mesh):
     """``return_lse=True`` inside shard_map: the lse over all N keys, and gradients through it."""
     q, k, v = _qkv()
+    sharded = tuple(_put(x, mesh, None, "sp") for x in (q, k, v))
     spec = P(None, "sp")
-    ring_lse = parallel.shard_map(
+    ring_lse = jax.shard_map(
         lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="sp", layout="zigzag", return_lse=True),
-        mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, spec), check_vma=False)
+        mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, spec))
     to, back = (functools.partial(f, layout="zigzag", world=W) for f in (layouts.to_layout, layouts.from_layout))
 
     def parallel_loss(q, k, v):
@@ -219,10 +265,10 @@ def test_ring_lse_and_its_gradient(mesh):
             return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
-    (out, lse), (ref, ref_lse) = jax.jit(parallel_loss)(q, k, v), reference_loss(q, k, v)
+    (out, lse), (ref, ref_lse) = jax.jit(parallel_loss)(*sharded), reference_loss(q, k, v)
     assert_close(out, ref, name="out")
     assert_close(lse, ref_lse, name="lse")
-    (value, grads), (ref_value, ref_grads) = scalar(parallel_loss)(q, k, v), scalar(reference_loss)(q, k, v)
+    (value, grads), (ref_value, ref_grads) = scalar(parallel_loss)(*sharded), scalar(reference_loss)(q, k, v)
     assert_close(value, ref_value, name="loss")
     for name, g, e in zip("qkv", grads, ref_grads):
         assert_close(g, e, name=f"d{name}")
@@ -231,14 +277,13 @@ def test_ring_lse_and_its_gradient(mesh):
 # ---------------------------------------------------------------- all-gather and Ulysses
 
 
-def test_allgather_matches_reference(mesh):
-    _check_scheme(parallel.allgather_attention_sharded, mesh, "zigzag", masks.Causal(), ids=True)
+def test_allgather_in_user_shard_map_matches_reference(mesh):
+    _check_scheme(parallel.allgather_attention, mesh, "zigzag", masks.Causal(), ids=True)
 
 
-def test_ulysses_2d_mesh_gqa(mesh2d):
+def test_ulysses_in_user_shard_map_2d_mesh_gqa(mesh2d):
     """Ulysses over the 4-device sequence axis of a 2 x 4 mesh: 8 q heads, 4 kv heads (GQA)."""
-    _check_scheme(parallel.ulysses_attention_sharded, mesh2d, "striped", masks.Causal(), world=4, Hq=8, Hkv=4,
-                  batch_axis="data")
+    _check_scheme(parallel.ulysses_attention, mesh2d, "striped", masks.Causal(), Hq=8, Hkv=4, batch_axis="data")
 
 
 @pytest.mark.slow
@@ -269,12 +314,13 @@ def test_bad_inputs(mesh):
         run(q, k, v, seq_axis="sp", mask=masks.Segments(jnp.zeros((2, 32), jnp.int32)))
     with pytest.raises(ValueError, match=r"q heads \(4\) must be divisible by 8 .* over which the scheme splits"):
         parallel.ulysses_attention_sharded(q, k, v, mesh=mesh, seq_axis="sp")
-    ulysses = parallel.shard_map(lambda q, k, v: parallel.ulysses_attention(q, k, v, axis_name="sp"), mesh=mesh,
-                                 in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
+    q = k = v = _put(q, mesh, None, "sp")
+    ulysses = jax.shard_map(lambda q, k, v: parallel.ulysses_attention(q, k, v, axis_name="sp"), mesh=mesh,
+                            in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
     with pytest.raises(ValueError, match="must both be divisible by 8"):
         ulysses(q, k, v)
-    inside = parallel.shard_map(lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq"), mesh=mesh,
-                                in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
+    inside = jax.shard_map(lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq"), mesh=mesh,
+                           in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
     with pytest.raises(ValueError, match="axis_name 'seq' is not an axis of the enclosing shard_map"):
         inside(q, k, v)
 
@@ -305,28 +351,43 @@ def _causal_call(layer, x):
 
 
 def test_module_sequence_parallel_global_arrays(mesh):
-    """Under jax.set_mesh the module wraps its attention in shard_map; x is in zigzag order."""
+    """Under jax.set_mesh (a ``jax.make_mesh`` mesh, Explicit axes) the module wraps its attention in
+    shard_map; x is sharded over the sequence, in zigzag order."""
     sp_layer, layer = _module_pair(("sp", "zigzag"))
     x = _inputs()[0].reshape(2, 32, 64)[..., :32]
     expected = _causal_call(layer, x)
     with jax.set_mesh(mesh):
-        y = _causal_call(sp_layer, layouts.to_layout(x, "zigzag", W))
+        y = _causal_call(sp_layer, layouts.to_layout(_put(x, mesh, None, "sp"), "zigzag", W))
     assert_close(layouts.from_layout(y, "zigzag", W), expected)
 
 
 def test_module_sequence_parallel_inside_shard_map(mesh):
-    """A model called inside the user's shard_map: local shards, RoPE at global positions."""
+    """A model called inside the user's ``jax.shard_map`` (default ``check_vma``): local shards, RoPE at
+    global positions; the output and the parameter gradients (summed over the devices by the
+    replicated in_spec's transpose) equal the unsharded layer's."""
     sp_layer, layer = _module_pair(SequenceParallel("sp", layout="striped", scheme="ring"))
     x = _inputs()[0].reshape(2, 32, 64)[..., 32:]
+    w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
     graphdef, state = nnx.split(sp_layer)
+    ref_graphdef, ref_state = nnx.split(layer)
 
     def local(state, x):
         return nnx.merge(graphdef, state)(x, mask=masks.Causal())
 
-    fn = jax.jit(parallel.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "sp")), out_specs=P(None, "sp"),
-                                    check_vma=False))
-    y = fn(state, layouts.to_layout(x, "striped", W))
+    tokens = P(None, "sp")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), tokens), out_specs=tokens)
+    laid_w = layouts.to_layout(_put(w, mesh, *tokens), "striped", W)
+
+    @jax.jit
+    def run(state, x):
+        return jax.value_and_grad(lambda state: jnp.sum(sharded(state, x) * laid_w))(state), sharded(state, x)
+
+    (_, grads), y = run(_put(state, mesh), layouts.to_layout(_put(x, mesh, *tokens), "striped", W))
     assert_close(layouts.from_layout(y, "striped", W), _causal_call(layer, x))
+    ref_grads = jax.jit(jax.grad(lambda state: jnp.sum(nnx.merge(ref_graphdef, state)(x, mask=masks.Causal()) * w)))(
+        ref_state)
+    for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
+        assert_close(g, e, name=f"d{jax.tree_util.keystr(path)}")
 
 
 def test_module_sequence_parallel_errors():
