@@ -13,6 +13,7 @@ import jax
 from attnjax.masks import Mask
 from attnjax.blocked.lists import BlockSparse
 from pallas_kernels.block_sparse import gpu, tpu
+from pallas_kernels.common.interpret import default_interpret
 
 
 def block_sparse_attention_pallas(
@@ -54,7 +55,7 @@ def block_sparse_attention_pallas(
     if backend not in ("gpu", "cpu", "cuda", "rocm"):
         raise NotImplementedError(f"no Pallas block-sparse kernel for backend {backend!r}")
     return gpu.block_sparse_attention_gpu(q, k, v, blocks, **kwargs,
-                                          interpret=(backend == "cpu") if interpret is None else bool(interpret))
+                                          interpret=default_interpret(interpret, backend, "block_sparse"))
 
 
 __all__ = ["block_sparse_attention_pallas"]

@@ -6,6 +6,8 @@
   ``SegmentData``/``ExplicitData``) that ``eval_mask`` evaluates on a tile from ``tile_iotas``.
 - ``scores``: ``alibi_tile``, ``apply_soft_cap``, ``soft_cap_grad`` on float32 tiles.
 - ``refusals``: ``refuse_unserved`` (head dims up to 256, float dtypes), raising NotImplementedError.
+- ``interpret``: ``default_interpret`` (interpret mode exactly on CPU unless asked), warning
+  ``InterpretModeWarning`` once per kernel.
 - ``gpu``: Triton helpers (``MAX_BLOCK``, ``compiler_params``, ``dot``, ``switch_on_code``,
   ``full_spec``); ``gpu_flash``: the flash-family tile on Triton (``extras``/``Loader`` for sinks,
   bias and mask data; ``scores``, ``allowed``, ``recompute``), used by flash and block-sparse.
@@ -16,6 +18,7 @@
 The backend modules are exported as modules (their tile functions share names across backends).
 """
 
+from pallas_kernels.common.interpret import InterpretModeWarning, default_interpret
 from pallas_kernels.common.mask_plans import ExplicitData, MaskPlan, SegmentData, eval_mask, plan_mask, tile_iotas
 from pallas_kernels.common.refusals import refuse_unserved
 from pallas_kernels.common.scores import alibi_tile, apply_soft_cap, soft_cap_grad
@@ -27,5 +30,6 @@ __all__ = [
     "MaskPlan", "SegmentData", "ExplicitData", "plan_mask", "eval_mask", "tile_iotas",
     "alibi_tile", "apply_soft_cap", "soft_cap_grad",
     "refuse_unserved",
+    "InterpretModeWarning", "default_interpret",
     "gpu", "gpu_flash", "tpu", "tpu_flash",
 ]

@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 
+from pallas_kernels.common.interpret import default_interpret
 from pallas_kernels.flash import common, gpu, tpu
 
 
@@ -50,7 +51,7 @@ def flash_attention_pallas(
     return gpu.flash_attention_gpu(
         q, k, v, **kwargs, block_q=gpu.DEFAULT_BLOCK_Q if block_q is None else block_q,
         block_kv=gpu.DEFAULT_BLOCK_KV if block_kv is None else block_kv,
-        interpret=(backend == "cpu") if interpret is None else interpret, weight_fn=weight_fn)
+        interpret=default_interpret(interpret, backend, "flash"), weight_fn=weight_fn)
 
 
 __all__ = ["flash_attention_pallas"]

@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common.interpret import default_interpret
 from pallas_kernels.lightning import gpu, tpu
 
 _BACKENDS = {"gpu": gpu, "tpu": tpu}
@@ -63,7 +64,7 @@ def lightning_attention_pallas(q, k, v, decay, *, scale=None, initial_state=None
     backend = ("tpu" if platform == "tpu" else "gpu") if backend is None else backend
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {backend!r}")
-    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    interpret = default_interpret(interpret, platform, "lightning")
     scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
     s0 = jnp.zeros((B, H, Dk, Dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     return _lightning(q, k, v, jnp.asarray(decay, jnp.float32), s0, scale, int(chunk_size), backend, interpret)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 
+from pallas_kernels.common.interpret import default_interpret
 from pallas_kernels.stick_breaking.tiles import with_remainder
 from pallas_kernels.stick_breaking import common, gpu, tpu
 
@@ -49,7 +50,7 @@ def stick_breaking_attention_pallas(
                                            interpret=bool(interpret), **blocks)
     elif backend in ("gpu", "cuda", "rocm", "cpu"):
         o, c = gpu.stick_breaking_core_gpu(q, k, v, mask, scale=scale, logits_soft_cap=logits_soft_cap,
-                                           interpret=(backend == "cpu") if interpret is None else bool(interpret),
+                                           interpret=default_interpret(interpret, backend, "stick_breaking"),
                                            **blocks)
     else:
         raise NotImplementedError(f"no Pallas stick-breaking kernel for backend {backend!r}")
