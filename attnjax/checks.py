@@ -6,6 +6,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.bias import as_bias
 from attnjax.masks import Mask
@@ -49,6 +50,9 @@ def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_
         mask.check(B, Hq, T, S)
     if bias is not None:
         as_bias(bias).check(B, Hq, T, S)
+    for name, value in (("scale", scale), ("logits_soft_cap", logits_soft_cap), ("dropout_rate", dropout_rate)):
+        if value is not None:
+            check_scalar(name, value)
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -65,4 +69,26 @@ def check_positive(**values: object) -> None:
     """``ValueError`` unless every value is a positive int."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{name} must be a positive int, got {describe(value)}")
+
+
+def describe(value: object) -> str:
+    """``value`` for an error message: ``repr`` of a Python value, ``dtype[shape] array`` of an array
+    (never its values)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {value.dtype}{list(value.shape)} array"
+    return repr(value)
+
+
+def check_scalar(name: str, value: object) -> None:
+    """``ValueError``/``TypeError`` naming ``name`` unless ``value`` is a concrete real number (a Python
+    number or a 0-d array with a known value): options such as ``scale`` are static."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got {describe(value)}")
+    try:
+        float(value)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(f"{name} must be a concrete number, got a traced value ({describe(value)}); under jit pass "
+                        "it as a Python float (a static argument)") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.checks import check_qkv
+from attnjax.checks import check_qkv, check_scalar
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
 from attnjax.positional import alibi_slopes
@@ -144,6 +144,7 @@ def prepare_inputs(q, k, v, *, feature_map, causal, normalize, decay, scale, seg
         raise ValueError(f"causal linear attention needs as many keys as queries, got q {q.shape}, k {k.shape}")
     phi = get_feature_map(feature_map)
     scale = D ** -0.5 if scale is None else scale
+    check_scalar("scale", scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if is_softmax_kernel(phi):
@@ -183,11 +184,12 @@ def _log_decay(decay, num_heads: int, causal: bool) -> jax.Array:
         return -jnp.asarray(alibi_slopes(num_heads))
     if jnp.shape(decay) != (num_heads,):
         raise ValueError(f"decay must have shape [Hq] = ({num_heads},), got {jnp.shape(decay)}")
-    if not jnp.issubdtype(jnp.result_type(decay), jnp.floating):
-        raise TypeError(f"decay must be a float array, got {jnp.result_type(decay)}")
+    if not jnp.issubdtype(jnp.asarray(decay).dtype, jnp.floating):
+        raise TypeError(f"decay must be a float array, got {jnp.asarray(decay).dtype}")
     values = _concrete(decay)
     if values is not None and not np.all((values > 0) & (values <= 1)):
-        raise ValueError(f"decay λ must satisfy 0 < λ <= 1, got {values}")
+        raise ValueError(f"decay [Hq] = {values.shape} must satisfy 0 < λ <= 1, got values in "
+                         f"[{values.min():g}, {values.max():g}]")
     return jnp.log(jnp.asarray(decay, jnp.float32))
 
 
@@ -210,7 +212,8 @@ def _runs(segment_ids, cu_seqlens, B: int, T: int, S: int) -> Optional[jax.Array
             raise ValueError(f"cu_seqlens must be a 1-D int array [N + 1], got {getattr(cu_seqlens, 'shape', None)}")
         values = _concrete(cu_seqlens)
         if values is not None and (values[0] != 0 or values[-1] != T or np.any(np.diff(values) < 0)):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {values}")
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {values.size} values from {values[0]} to "
+                             f"{values[-1]}{'' if np.all(np.diff(values) >= 0) else ', falling somewhere'}")
         segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, T)
     if segment_ids is None:
         return None
