@@ -23,6 +23,10 @@ from attnjax.testing import conformance
 
 ENTRIES = {e.name: e for e in registry.entries()}
 
+# At these lengths (T ≈ 21, tiles of 8) most block selectors' defaults list every allowed block; the
+# rule behind that warning is tested in tests/sparse/test_dense_selection.py.
+pytestmark = pytest.mark.filterwarnings("ignore::attnjax.sparse.DenseSelectionWarning")
+
 
 def _config(name: str):
     return conformance.small_tiles(ENTRIES[name].config())

@@ -2,8 +2,8 @@
 
 from attnjax.blocked.lists import (BlockSparse, allowed_blocks, density, from_block_ids, from_block_mask, to_block_mask,
                                   transpose)
-from attnjax.sparse.engine import (BlockSelector, block_sparse_attention,  # noqa: I001 - after lists
-                                   block_sparse_attention_reference, selected_attention)
+from attnjax.sparse.engine import (BlockSelector, DenseSelectionWarning,  # noqa: I001 - after lists
+                                   block_sparse_attention, block_sparse_attention_reference, selected_attention)
 from attnjax.sparse.gather import block_sparse_attention_xla
 from attnjax.sparse.static import (Dilated, SparseWindow, StaticSelector, Streaming, dilated_blocks,
                                    sliding_window_blocks, streaming_blocks)
@@ -21,7 +21,8 @@ from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_re
 
 __all__ = [
     "BlockSparse", "allowed_blocks", "density", "from_block_ids", "from_block_mask", "to_block_mask", "transpose",
-    "BlockSelector", "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_xla",
+    "BlockSelector", "DenseSelectionWarning", "block_sparse_attention", "block_sparse_attention_reference",
+    "block_sparse_attention_xla",
     "selected_attention",
     "StaticSelector", "SparseWindow", "Dilated", "Streaming", "Power", "Radial", "S2",
     "sliding_window_blocks", "dilated_blocks", "streaming_blocks", "power_blocks", "radial_blocks", "s2_blocks",

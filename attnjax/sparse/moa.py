@@ -32,7 +32,7 @@ import numpy as np
 from attnjax import registry
 from attnjax.masks import Causal, Mask, query_positions
 from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
-from attnjax.sparse.engine import BlockSelector
+from attnjax.sparse.engine import BlockSelector, covers_allowed
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
@@ -134,6 +134,10 @@ class MoA(BlockSelector):
             return from_block_mask(pattern & ok, self.block_q, self.block_kv)
         max_blocks = max(1, int(pattern.sum(-1).max()))
         return from_block_mask(jnp.logical_and(pattern, ok), self.block_q, self.block_kv, max_blocks=max_blocks)
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when every head's span covers every block the mask allows (``covers_allowed``)."""
+        return covers_allowed(self.block_mask(T, S), mask, T, S, self.block_q, self.block_kv)
 
 
 def attention_influence(

@@ -45,7 +45,7 @@ from jax import lax
 from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.checks import check_positive
-from attnjax.sparse.engine import BlockSelector
+from attnjax.sparse.engine import BlockSelector, covers_allowed, fits_top_k
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.sparse.paro import GridPermutedSelector, check_grid
 from attnjax.sparse.seer import select_topk
@@ -134,8 +134,18 @@ class Moba(BlockSelector):
         gate = block_gate(q, k, self.block_q, self.block_kv, self.query_pool)
         own = own_blocks(T, S, self.block_q, self.block_kv)
         ok = allowed_blocks(mask, T, S, self.block_q, self.block_kv)
-        K = min(num_tiles(S, self.block_kv), max(self.top_k, int(own.sum(-1).max(initial=0))))
+        K = self.list_length(T, S)
         return select_topk(jnp.where(own, jnp.inf, gate), K, ok, block_q=self.block_q, block_kv=self.block_kv)
+
+    def list_length(self, T: int, S: int) -> int:
+        """``K = min(nk, max(top_k, own blocks per query block))``: blocks listed per query block."""
+        own = own_blocks(T, S, self.block_q, self.block_kv)
+        return min(num_tiles(S, self.block_kv), max(self.top_k, int(own.sum(-1).max(initial=0))))
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when no query-block row allows more than ``list_length(T, S)`` blocks: the top-k then
+        takes them all (e.g. ``top_k · block_kv ≥ S``)."""
+        return fits_top_k(self.list_length(T, S), mask, T, S, self.block_q, self.block_kv)
 
 
 # ----------------------------------------------------------------------------- VMoBA partitions
@@ -296,11 +306,7 @@ class Vmoba(GridPermutedSelector):
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
         T, S = q.shape[1], k.shape[1]
-        if self.grid is None:
-            part_q, part_k = self.block_q, self.block_kv
-        else:
-            check_grid(self.grid, T, S)
-            part_q = part_k = self.permutation()[1]
+        part_q, part_k = self.partition_blocks(T, S)
         gate = block_gate(q, k, part_q, part_k, self.query_pool)
         own = own_blocks(T, S, part_q, part_k)
         ok = jnp.asarray(allowed_blocks(mask, T, S, part_q, part_k))
@@ -309,6 +315,20 @@ class Vmoba(GridPermutedSelector):
         keep = keep[:, :, _tiles_to_partition(nq, self.block_q, part_q)]
         keep = keep[..., _tiles_to_partition(nk, self.block_kv, part_k)]
         return from_block_mask(keep, self.block_q, self.block_kv, max_blocks=nk)
+
+    def partition_blocks(self, T: int, S: int) -> Tuple[int, int]:
+        """Tokens per partition block, query and key side: the tiles without a grid, ``P`` with one."""
+        if self.grid is None:
+            return self.block_q, self.block_kv
+        check_grid(self.grid, T, S)
+        P = self.permutation()[1]
+        return P, P
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when the own partition blocks, always kept, are every block the mask allows (e.g. one
+        partition block per side); otherwise the threshold decides from the gate scores (data)."""
+        part_q, part_k = self.partition_blocks(T, S)
+        return covers_allowed(own_blocks(T, S, part_q, part_k), mask, T, S, part_q, part_k)
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.checks import check_positive
 from attnjax.blocked.scores import allowed, dense_operands, score_spec
-from attnjax.sparse.engine import PATHS, BlockSelector, selected_attention
+from attnjax.sparse.engine import PATHS, BlockSelector, fits_top_k, selected_attention
 from attnjax.blocked.lists import BlockSparse, allowed_blocks
 from attnjax.sparse.pooling import pooled_attention
 from attnjax.sparse.seer import select_topk
@@ -247,6 +247,11 @@ class Paro(GridPermutedSelector):
         ok = allowed_blocks(mask, T, S, self.block_q, self.block_kv)
         K = budget(self.density, num_tiles(S, self.block_kv))
         return select_topk(mass, K, ok, block_q=self.block_q, block_kv=self.block_kv)
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when no query-block row allows more than ``budget(density, nk)`` blocks."""
+        return fits_top_k(budget(self.density, num_tiles(S, self.block_kv)), mask, T, S, self.block_q,
+                          self.block_kv)
 
 
 # ----------------------------------------------------------------------------- INT8 attention

@@ -31,7 +31,7 @@ from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.checks import check_positive
 from attnjax.blocked.flash_xla import flash_attention_xla
-from attnjax.sparse.engine import BlockSelector, block_sparse_attention
+from attnjax.sparse.engine import BlockSelector, block_sparse_attention, fits_top_k
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_ids
 from attnjax.sparse.pooling import pooled_attention, pooled_attention_reference
 from attnjax.tiling import num_tiles
@@ -221,6 +221,13 @@ class Seer(BlockSelector):
         if self.threshold is None:
             return select_topk(scores, K, ok, **kw)
         return select_threshold(scores, self.threshold, K, ok, **kw)
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """Top-k: True when no query-block row allows more than ``min(top_k, nk)`` blocks. With a
+        threshold the scores decide (data); only when no row allows more than one block is every
+        row sure to be whole (the best block is always kept)."""
+        K = min(self.top_k, num_tiles(S, self.block_kv)) if self.threshold is None else 1
+        return fits_top_k(K, mask, T, S, self.block_q, self.block_kv)
 
 
 __all__ = [

@@ -32,7 +32,7 @@ import numpy as np
 from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.checks import check_positive
-from attnjax.sparse.engine import BlockSelector
+from attnjax.sparse.engine import BlockSelector, covers_allowed
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
@@ -146,6 +146,11 @@ class StaticSelector(BlockSelector):
         """``pattern(T, S, Hq)`` ANDed with the blocks ``mask`` allows (causal masks make it causal)."""
         T, S, num_heads = q.shape[1], k.shape[1], q.shape[2]
         return lists_from_pattern(self.pattern(T, S, num_heads), mask, T, S, self.block_q, self.block_kv)
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when ``pattern(T, S, num_heads)`` holds every block the mask allows (``covers_allowed``):
+        e.g. a window of ``w`` blocks once ``nk ≤ w + 1`` under ``Causal()``."""
+        return covers_allowed(self.pattern(T, S, num_heads), mask, T, S, self.block_q, self.block_kv)
 
     def __post_init__(self):
         check_positive(block_q=self.block_q, block_kv=self.block_kv)

@@ -33,7 +33,7 @@ import numpy as np
 from attnjax import registry
 from attnjax.masks import EMPTY, Mask, query_positions
 from attnjax.blocked.scores import to_groups
-from attnjax.sparse.engine import BlockSelector
+from attnjax.sparse.engine import BlockSelector, covers_allowed, fits_top_k
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
 
@@ -232,6 +232,14 @@ class XAttention(BlockSelector):
         """Dynamic lists ``[B, Hq, nq, K]`` with ``K = min(max_blocks, nk)``."""
         indices, counts = _xattention_lists(q, k, mask, self)
         return BlockSparse(indices, counts, self.block_q, self.block_kv, num_tiles(k.shape[1], self.block_kv))
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when the forced blocks (sink, diagonal) are every block the mask allows and no row
+        allows more than ``max_blocks``; otherwise the threshold decides from the scores (data)."""
+        forced = sink_and_diagonal_blocks(T, S, self.block_q, self.block_kv, self.keep_sink, self.keep_diagonal)
+        cap = num_tiles(S, self.block_kv) if self.max_blocks is None else self.max_blocks
+        return (covers_allowed(forced, mask, T, S, self.block_q, self.block_kv)
+                and fits_top_k(cap, mask, T, S, self.block_q, self.block_kv))
 
 
 @functools.partial(jax.jit, static_argnums=3)

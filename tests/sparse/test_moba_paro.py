@@ -11,6 +11,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.softmax.softmax import softmax_attention_reference
 from attnjax.blocked.lists import to_block_mask
+from attnjax.sparse.engine import DenseSelectionWarning
 from attnjax.sparse.moba import Moba, Vmoba, threshold_select, vmoba_permutation
 from attnjax.sparse.paro import (AXIS_ORDERS, Paro, block_attention_mass, block_concentration, choose_permutation,
                                  grid_permutation, inverse_permutation, permute_tokens,
@@ -318,10 +319,13 @@ def test_permuted_selector_gradients_equal_masked_reference(name):
 
 
 def test_default_configs_run_on_odd_lengths():
-    """Defaults (64-token blocks) on T = 37, causal, GQA: one block each, so exactly dense attention."""
+    """Defaults (64-token blocks) on T = 37, causal, GQA: one block each, so exactly dense attention,
+    and each selector says so."""
     q, k, v = random_qkv(KEY, B=1, T=37, Hq=4, Hkv=2, D=8)
-    outs = jax.jit(lambda q, k, v: [aj.attention(q, k, v, mechanism=m, mask=masks.Causal())
-                                    for m in ("moba", "vmoba", "paro", "softmax")])(q, k, v)
+    with pytest.warns(DenseSelectionWarning) as record:
+        outs = jax.jit(lambda q, k, v: [aj.attention(q, k, v, mechanism=m, mask=masks.Causal())
+                                        for m in ("moba", "vmoba", "paro", "softmax")])(q, k, v)
+    assert {str(w.message).split("'")[1] for w in record} == {"moba", "vmoba", "paro"}
     for out in outs[:-1]:
         assert_close(out, outs[-1])
 

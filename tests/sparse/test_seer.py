@@ -16,6 +16,7 @@ from attnjax.positional import RoPE
 from attnjax.softmax.softmax import softmax_attention_reference
 from attnjax.blocked.lists import allowed_blocks, to_block_mask
 from attnjax.nn.seer_gate import AttnGate, distillation_step, gate_loss
+from attnjax.sparse.engine import DenseSelectionWarning
 from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, block_max_attention_reference,
                                  select_threshold, select_topk)
 from tests.helpers import assert_close, numpy_rng, random_qkv
@@ -202,7 +203,8 @@ def test_seer_default_config_and_trained_gate_under_jit():
         out = attnjax.attention(q, k, v, mechanism="seer", mask=causal, implementation="reference")
         return out, softmax_attention_reference(q, k, v, mask=causal), seer.select(q, k, mask=causal)
 
-    out, dense, blocks = run(q, k, v)
+    with pytest.warns(DenseSelectionWarning, match="mechanism 'seer' selects every block at T=37"):
+        out, dense, blocks = run(q, k, v)
     assert_close(out, dense, name="default = dense at T < 64")
     assert blocks.indices.shape == (2, 4, 5, 3) and not blocks.is_static
     assert np.all(np.asarray(blocks.counts) >= 1)

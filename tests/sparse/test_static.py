@@ -202,7 +202,7 @@ SMALL = [
     Dilated(block_q=8, block_kv=8, span_blocks=3, dilation=2),
     Streaming(block_q=8, block_kv=8, sink_blocks=1, window_blocks=1),
     Power(block_q=8, block_kv=8, window_blocks=0),
-    Radial(block_q=8, block_kv=8, frame_shape=(2, 4), min_window=2),
+    Radial(block_q=8, block_kv=8, frame_shape=(1, 2), min_window=2),  # sparse at T = 37 (tiles hold 4 frames)
     S2(block_q=8, block_kv=8, num_shards=2, window_blocks=0),
 ]
 SMALL_IDS = [type(s).name for s in SMALL]
