@@ -35,6 +35,7 @@ from jax import lax
 from attnjax import registry
 from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
+from attnjax.checks import describe
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.flash_xla import flash_attention_xla
 from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
@@ -93,7 +94,7 @@ def _check_config(power: float, train_length: Optional[int]) -> None:
     if not power > 0:
         raise ValueError(f"softplus attention power must be positive, got {power}")
     if train_length is not None and (not isinstance(train_length, int) or train_length < 2):
-        raise ValueError(f"train_length must be an int >= 2 or None, got {train_length!r}")
+        raise ValueError(f"train_length must be an int >= 2 or None, got {describe(train_length)}")
 
 
 def softplus_attention_reference(

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import registry
+from attnjax.checks import describe
 from attnjax.masks import Causal, Mask, query_positions
 from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
 from attnjax.sparse.engine import BlockSelector, covers_allowed
@@ -98,9 +99,9 @@ class MoA(BlockSelector):
         for field in ("block_q", "block_kv"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MoA.{field} must be a positive int, got {value!r}")
+                raise ValueError(f"MoA.{field} must be a positive int, got {describe(value)}")
         if not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"MoA.sink must be a non-negative int, got {self.sink!r}")
+            raise ValueError(f"MoA.sink must be a non-negative int, got {describe(self.sink)}")
         object.__setattr__(self, "alphas", tuple(float(a) for a in np.atleast_1d(self.alphas)))
         object.__setattr__(self, "betas", tuple(float(b) for b in np.atleast_1d(self.betas)))
         la, lb = len(self.alphas), len(self.betas)

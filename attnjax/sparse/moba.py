@@ -44,7 +44,7 @@ from jax import lax
 
 from attnjax import registry
 from attnjax.masks import Mask
-from attnjax.checks import check_positive
+from attnjax.checks import check_positive, describe
 from attnjax.sparse.engine import BlockSelector, covers_allowed, fits_top_k
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.sparse.paro import GridPermutedSelector, check_grid
@@ -274,7 +274,7 @@ class Vmoba(GridPermutedSelector):
         for name, size in (("chunk_2d", 2), ("chunk_3d", 3)):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != size:
-                raise ValueError(f"Vmoba.{name} must be a tuple of {size} ints, got {value!r}")
+                raise ValueError(f"Vmoba.{name} must be a tuple of {size} ints, got {describe(value)}")
             check_positive(**{f"{name}[{i}]": c for i, c in enumerate(value)})
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"Vmoba.threshold must be in (0, 1], got {self.threshold!r}")

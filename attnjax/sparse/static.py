@@ -31,7 +31,7 @@ import numpy as np
 
 from attnjax import registry
 from attnjax.masks import Mask
-from attnjax.checks import check_positive
+from attnjax.checks import check_positive, describe
 from attnjax.sparse.engine import BlockSelector, covers_allowed
 from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.tiling import num_tiles
@@ -41,7 +41,7 @@ def check_nonnegative(**values: object) -> None:
     """``ValueError`` unless every value is a non-negative int."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            raise ValueError(f"{name} must be a non-negative int, got {describe(value)}")
 
 
 def own_key_blocks(T: int, S: int, block_q: int, block_kv: int) -> tuple[np.ndarray, np.ndarray]:

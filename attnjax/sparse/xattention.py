@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import registry
+from attnjax.checks import describe
 from attnjax.masks import EMPTY, Mask, query_positions
 from attnjax.blocked.scores import to_groups
 from attnjax.sparse.engine import BlockSelector, covers_allowed, fits_top_k
@@ -219,7 +220,7 @@ class XAttention(BlockSelector):
         for field in ("block_q", "block_kv", "stride"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"XAttention.{field} must be a positive int, got {value!r}")
+                raise ValueError(f"XAttention.{field} must be a positive int, got {describe(value)}")
         if self.block_q % self.stride or self.block_kv % self.stride:
             raise ValueError(f"XAttention block sizes ({self.block_q}, {self.block_kv}) must be multiples "
                              f"of stride={self.stride}")
