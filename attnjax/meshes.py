@@ -5,6 +5,7 @@ explicitly sharded arrays.
   axes it varies over. A loop carry or a ``lax.switch``/``lax.cond`` branch that starts as a
   constant (zeros, ``-inf``) must be cast to vary like the per-device inputs it meets:
   ``vary_like(init, q, k, v)``.
+  A Pallas call's ``out_shape`` says the same of its outputs: ``varying_structs``.
 * On a mesh from ``jax.make_mesh`` (Explicit axes by default) a sharding is part of an array's
   type, and reshapes/gathers whose output sharding is ambiguous are refused. The blocked paths
   reshape and gather freely, so ``on_auto_axes`` runs them with the Explicit axes switched to Auto
@@ -51,6 +52,25 @@ def vary_like(tree, *refs):
     return jax.tree_util.tree_map(cast, tree)
 
 
+def varying_structs(structs, *refs):
+    """Each ``jax.ShapeDtypeStruct`` leaf of ``structs`` typed as varying like ``refs``.
+
+    A Pallas call's ``out_shape`` inside ``shard_map(check_vma=True)`` must say which manual axes
+    its outputs vary over; a kernel's outputs vary like its operands.
+    """
+    wanted = frozenset().union(*(varying_axes(r) for r in jax.tree_util.tree_leaves(refs)))
+    if not wanted:
+        return structs
+    manual_type = getattr(jax.sharding, "ManualAxisType", None)
+
+    def typed(s):
+        if manual_type is not None:
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=manual_type(varying=wanted))
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, vma=wanted)
+
+    return jax.tree_util.tree_map(typed, structs)
+
+
 def explicit_axes(*arrays) -> tuple:
     """Mesh axes of type Explicit in the shardings of ``arrays`` (``()`` for plain arrays)."""
     axes = []
@@ -79,4 +99,4 @@ def on_auto_axes(fn: Callable, q: jax.Array, *args, **kwargs):
     return call(q, args, kwargs)
 
 
-__all__ = ["varying_axes", "vary_like", "explicit_axes", "on_auto_axes"]
+__all__ = ["varying_axes", "vary_like", "varying_structs", "explicit_axes", "on_auto_axes"]

@@ -37,6 +37,7 @@ import numpy as np
 from attnjax.checks import check_qkv, check_scalar
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
+from attnjax.meshes import vary_like
 from attnjax.positional import alibi_slopes
 from pallas_kernels.lightning import lightning_attention_pallas
 
@@ -282,7 +283,7 @@ def _recurrent(x: LinearInputs):
         s = s + jnp.einsum("bhf,bhe->bhfe", k_t, v_t)[:, :, None]
         return s, jnp.einsum("bhgf,bhgfe->bhge", q_t, s)
 
-    s0 = jnp.zeros((B, Hkv, G, F, E), jnp.float32) if state0 is None else state0
+    s0 = vary_like(jnp.zeros((B, Hkv, G, F, E), jnp.float32) if state0 is None else state0, fq, fk, v, a, runs)
     state, out = jax.lax.scan(step, s0, (fq.swapaxes(0, 1), fk.swapaxes(0, 1), v.swapaxes(0, 1), keep))
     return out.swapaxes(0, 1), state
 
@@ -340,7 +341,7 @@ def _chunked(x: LinearInputs, C: int):
         s = jnp.where(keep, jnp.exp(total)[..., None] * s, 0.0) + update
         return s, out
 
-    s0 = jnp.zeros((B, Hkv, G, F, E), jnp.float32) if state0 is None else state0
+    s0 = vary_like(jnp.zeros((B, Hkv, G, F, E), jnp.float32) if state0 is None else state0, fq, fk, v, a, runs)
     xs = (chunks(fq), chunks(fk), chunks(v), cum, segments)
     state, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), s0, xs)  # out: [N, B, Hkv, G, C, E]
     return jnp.moveaxis(out, (0, 4), (1, 2)).reshape(B, N * C, Hkv, G, E)[:, :T], state

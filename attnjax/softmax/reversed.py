@@ -54,6 +54,7 @@ from attnjax.masks import Mask
 from attnjax.blocked.flash_xla import flash_attention_xla
 from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
                                     to_groups)
+from attnjax.meshes import vary_like
 from attnjax.tiling import pad_axis, rank4
 
 
@@ -155,7 +156,7 @@ def _column_lse(q, k, mask, dense_bias, scale, sinks, block_q, block_kv) -> jax.
     B, T, Hq, _ = q.shape
     group = Hq // k.shape[2]
     transposed_queries = jnp.repeat(k, group, axis=2)  # query head h = hk·G + g reads kv head hk
-    no_values = jnp.zeros((B, T, Hq, 1), q.dtype)
+    no_values = vary_like(jnp.zeros((B, T, Hq, 1), q.dtype), q, k)
     _, lse = flash_attention_xla(
         transposed_queries, q, no_values, mask=None if mask is None else TransposedMask(mask),
         bias=None if dense_bias is None else jnp.swapaxes(dense_bias, -1, -2), scale=scale, sinks=sinks,
@@ -222,7 +223,8 @@ def dependency_parents(
         return (jnp.where(better, tile_best, best), jnp.where(better, tile_parent, parent)), None
 
     G = Hq // Hkv
-    init = (jnp.full((B, Hkv, G, S), -jnp.inf, jnp.float32), jnp.full((B, Hkv, G, S), -1, jnp.int32))
+    init = vary_like((jnp.full((B, Hkv, G, S), -jnp.inf, jnp.float32), jnp.full((B, Hkv, G, S), -1, jnp.int32)),
+                     q, k, bias, mask)
     (_, parent), _ = jax.lax.scan(tile, init, (jnp.arange(tiles.shape[0]), tiles))
     return parent.reshape(B, Hq, S).transpose(0, 2, 1)
 

@@ -65,6 +65,7 @@ from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    row_tiles, untile)
 from attnjax.blocked.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
+from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
 from pallas_kernels.stick_breaking.ops import stick_breaking_attention_pallas
 from pallas_kernels.stick_breaking.tiles import (backward_tile, check_request, forward_tile, strict_codes,
@@ -227,7 +228,7 @@ def _forward(q, k, v, bias: Optional[Bias], mask, st: _Static):
 
         c0 = jnp.zeros((B, Hkv, G, bq, 1), jnp.float32)
         acc0 = jnp.zeros((B, Hkv, G, bq, v.shape[-1]), jnp.float32)
-        c, acc = _walk_left(codes, lo, hi, i, visit, (c0, acc0))
+        c, acc = _walk_left(codes, lo, hi, i, visit, vary_like((c0, acc0), q, k, v, bias, mask))
         return acc, c[..., 0]
 
     o, c = lax.map(q_tile, (jnp.arange(num_tiles(T, bq)), q_tiles(q, bq, Hkv)))
@@ -274,13 +275,15 @@ def _bwd(st: _Static, residuals, cotangents):
             return c, s, dqi, dk, dv, dbias
 
         zeros_row = jnp.zeros((B, Hkv, G, bq, 1), jnp.float32)
-        init = (zeros_row, zeros_row, jnp.zeros(qi.shape, jnp.float32), dk, dv, dbias)
+        init = (*vary_like((zeros_row, zeros_row, jnp.zeros(qi.shape, jnp.float32)), residuals, cotangents),
+                dk, dv, dbias)
         _, _, dqi, dk, dv, dbias = _walk_left(codes, lo, hi, i, visit, init)
         return (dk, dv, dbias), dqi
 
     xs = (jnp.arange(num_tiles(T, bq)), q_tiles(q, bq, Hkv), q_tiles(d_o.astype(q.dtype), bq, Hkv),
           row_tiles(dterm, bq, Hkv))
-    carry0 = (jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0)
+    carry0 = vary_like((jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32), dbias0),
+                       residuals, cotangents)
     (dk, dv, dbias), dq = lax.scan(q_tile, carry0, xs)
     dq, dk, dv, d_bias = finish_grads(dq, dk, dv, dbias, q, k, v, bias)
     return dq, dk, dv, d_bias, None

@@ -36,6 +36,7 @@ from attnjax.blocked.tiles import q_tiles, row_tiles, untile
 from attnjax.blocked.scores import ScoreSpec, score_spec, soft_cap, to_groups
 from attnjax.blocked.weights import SOFTMAX, backward_stat
 from attnjax.blocked.lists import BlockSparse
+from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles, pad_axis
 
 TILE_ELEMENTS_PER_STEP = 2 ** 18
@@ -232,22 +233,22 @@ def _slot(j, qf, q_shape, kb, vb, lists: dict, mask, st: _Static):
     valid = (_key_positions(ids, st.block_kv) < st.spec.S) & jnp.repeat(listed, st.block_kv, axis=-1)
     valid = valid[..., None, :]
     if mask is not None:
-        fine = functools.partial(_fine_mask, mask, lists["first"], lists["flat"][j], st)
-        valid = valid & _computed_once(fine, lists["first"] >= 0)
+        fine = functools.partial(_fine_mask, st=st)
+        valid = valid & _computed_once(fine, lists["first"] >= 0, mask, lists["first"], lists["flat"][j])
     valid = jnp.broadcast_to(valid, (*q_shape[:5], valid.shape[-1]))
     return ids, kf, vf, s, _fold(_logit_bias(valid), groups)
 
 
-def _computed_once(fn, always: jax.Array) -> jax.Array:
-    """``fn()``, written once to its own buffer (``always`` is a traced predicate that is true).
+def _computed_once(fn, always: jax.Array, *operands) -> jax.Array:
+    """``fn(*operands)``, written once to its own buffer (``always`` is a traced predicate that is true).
 
     XLA fuses elementwise producers into each of their consumers and recomputes them per element;
     a fine mask's index arithmetic (neighbourhood coordinates: chains of integer divisions) would
     then be evaluated again in every pass over the logits. A conditional's result is materialized,
     which makes 2-D neighbourhood attention 1.4x faster on CPU (T = 16k, kernel 13).
     """
-    out = jax.eval_shape(fn)
-    return lax.cond(always, fn, lambda: jnp.zeros(out.shape, out.dtype))
+    out = jax.eval_shape(fn, *operands)
+    return lax.cond(always, fn, lambda *ops: vary_like(jnp.zeros(out.shape, out.dtype), always, ops), *operands)
 
 
 def _steps(body, lists: dict, carry, st: _Static):
@@ -289,8 +290,8 @@ def _forward(q, k, v, indices, counts, mask, st: _Static):
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
         stats = qf.shape[:2]
-        inner0 = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
-                  jnp.zeros(stats + (Dv,), jnp.float32))
+        inner0 = vary_like((jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
+                            jnp.zeros(stats + (Dv,), jnp.float32)), q, k, v, indices, counts, mask)
         m, l, acc = _steps(body, lists_c, inner0, st)
         safe_l = jnp.where(l > 0, l, 1.0)
         out_c = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)
@@ -298,7 +299,8 @@ def _forward(q, k, v, indices, counts, mask, st: _Static):
         return _put_rows(out, _unfold(out_c, qc), i, st), _put_rows(lse, _unfold(lse_c, qc), i, st)
 
     T_pad = q_pad.shape[1]
-    carry0 = (jnp.zeros((B, T_pad, Hq, Dv), q.dtype), jnp.zeros((B, T_pad, Hq), jnp.float32))
+    carry0 = vary_like((jnp.zeros((B, T_pad, Hq, Dv), q.dtype), jnp.zeros((B, T_pad, Hq), jnp.float32)),
+                       q, k, v, indices, counts, mask)
     out, lse = lax.fori_loop(0, T_pad // (st.chunk * st.block_q), chunk, carry0)
     return out[:, :T], lse[:, :T]
 
@@ -346,12 +348,13 @@ def _sparse_bwd(st: _Static, residuals, cotangents):
                                              preferred_element_type=jnp.float32))
             return dq, dk, dv
 
-        dq, dk, dv = _steps(body, lists_c, (jnp.zeros(qf.shape, jnp.float32), dk, dv), st)
+        dq0 = vary_like(jnp.zeros(qf.shape, jnp.float32), residuals, cotangents)
+        dq, dk, dv = _steps(body, lists_c, (dq0, dk, dv), st)
         return _put_rows(dq_all, _unfold(dq, qc), i, st), dk, dv
 
     T_pad = rows[0].shape[1]
-    carry0 = (jnp.zeros(rows[0].shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
-              jnp.zeros(vb.shape, jnp.float32))
+    carry0 = vary_like((jnp.zeros(rows[0].shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
+                        jnp.zeros(vb.shape, jnp.float32)), residuals, cotangents)
     dq, dk, dv = lax.fori_loop(0, T_pad // (st.chunk * st.block_q), chunk, carry0)
     S = st.spec.S
     dk = dk.reshape(B, -1, Hkv, k.shape[-1])[:, :S]

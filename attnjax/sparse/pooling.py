@@ -21,6 +21,7 @@ from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.flash_xla import flash_attention_xla
 from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec
 from attnjax.blocked.tiles import kv_tiles, q_tiles, row_tiles
+from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles, pad_axis
 
 POOLS = ("max", "sum")
@@ -72,7 +73,7 @@ def pooled_attention(
     B, T, Hq, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     spec = score_spec(q, k, scale)
-    _, lse = flash_attention_xla(q, k, jnp.zeros((B, S, Hkv, 1), q.dtype), mask=mask, scale=spec.scale,
+    _, lse = flash_attention_xla(q, k, vary_like(jnp.zeros((B, S, Hkv, 1), q.dtype), q, k), mask=mask, scale=spec.scale,
                                  return_lse=True)
     nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
     codes, lo, hi = block_schedule(mask, T, S, block_q, block_kv)
@@ -95,7 +96,8 @@ def pooled_attention(
         def body(j, acc):
             return lax.cond(codes[i, j] != _masks.EMPTY, lambda a: visit(j, a), lambda a: a, acc)
 
-        return lax.fori_loop(lo[i], hi[i], body, jnp.zeros((B, Hkv, Hq // Hkv, nk), jnp.float32))
+        acc0 = vary_like(jnp.zeros((B, Hkv, Hq // Hkv, nk), jnp.float32), q, k, mask)
+        return lax.fori_loop(lo[i], hi[i], body, acc0)
 
     tiles = lax.map(q_tile, (jnp.arange(nq), q_tiles(q, block_q, Hkv), row_tiles(lse, block_q, Hkv)))
     return tiles.transpose(1, 2, 3, 0, 4).reshape(B, Hq, nq, nk)

@@ -41,6 +41,7 @@ from attnjax.blocked.lists import BlockSparse
 from attnjax.blocked.weights import backward_offsets, backward_stat
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import SparseStatic
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
 from pallas_kernels.common.gpu_flash import Loader, allowed, extras, recompute, scores
 from pallas_kernels.common.statics import next_power_of_2
@@ -221,7 +222,7 @@ def _forward(qt, kt, vt, lists, mask_data, codes, st: SparseStatic):
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
     ] + ex.specs
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_fwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
@@ -256,7 +257,7 @@ def _backward(st: SparseStatic, residuals, cotangents):
         pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
         pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0)),
     ] + ex.specs
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, st.num_kv_heads), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
                    pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0))],
@@ -275,7 +276,7 @@ def _backward(st: SparseStatic, residuals, cotangents):
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
     ] + ex.specs
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),

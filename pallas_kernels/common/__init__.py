@@ -5,6 +5,8 @@
 - ``mask_plans``: ``plan_mask`` compiles an ``attnjax.masks`` value into a ``MaskPlan`` (plus its
   ``SegmentData``/``ExplicitData``) that ``eval_mask`` evaluates on a tile from ``tile_iotas``.
 - ``scores``: ``alibi_tile``, ``apply_soft_cap``, ``soft_cap_grad`` on float32 tiles.
+- ``calls``: ``pallas_call``, ``pl.pallas_call`` with outputs typed to vary like the operands
+  (runs inside ``jax.shard_map`` with the default ``check_vma``).
 - ``refusals``: ``refuse_unserved`` (head dims up to 256, float dtypes), raising NotImplementedError.
 - ``interpret``: ``default_interpret`` (interpret mode exactly on CPU unless asked), warning
   ``InterpretModeWarning`` once per kernel.
@@ -18,6 +20,7 @@
 The backend modules are exported as modules (their tile functions share names across backends).
 """
 
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.interpret import InterpretModeWarning, default_interpret
 from pallas_kernels.common.mask_plans import ExplicitData, MaskPlan, SegmentData, eval_mask, plan_mask, tile_iotas
 from pallas_kernels.common.refusals import refuse_unserved
@@ -29,7 +32,7 @@ __all__ = [
     "KernelStatic", "FlashStatic", "next_power_of_2", "pick_block",
     "MaskPlan", "SegmentData", "ExplicitData", "plan_mask", "eval_mask", "tile_iotas",
     "alibi_tile", "apply_soft_cap", "soft_cap_grad",
-    "refuse_unserved",
+    "refuse_unserved", "pallas_call",
     "InterpretModeWarning", "default_interpret",
     "gpu", "gpu_flash", "tpu", "tpu_flash",
 ]

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.tiling import num_tiles
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.mask_plans import SegmentData
 from pallas_kernels.common.statics import KernelStatic
 
@@ -50,7 +51,7 @@ def call(kernel, grid, in_specs, out_specs, out_shape, scratch, st: KernelStatic
     # dimension_semantics over vmapped grid axes, so interpret mode leaves them out.
     params = None if st.interpret else pltpu.CompilerParams(dimension_semantics=semantics,
                                                             vmem_limit_bytes=vmem_limit_bytes)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),

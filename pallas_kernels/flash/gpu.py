@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from attnjax.tiling import num_tiles
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
 from pallas_kernels.common.gpu_flash import Loader, allowed, extras, recompute, scores
 from pallas_kernels.common.mask_plans import plan_mask
@@ -200,7 +201,7 @@ def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
                  jax.ShapeDtypeStruct((B, Hq, st.T_pad), jnp.float32)]
     out_specs = [pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_fwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, interpret=st.interpret, name="attnjax_flash_fwd",
         compiler_params=compiler_params(st.D_pad, st.Dv_pad, bq, st.block_kv, st.num_warps, st.num_stages),
@@ -312,7 +313,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
         pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0)),
         full_spec(sched.q_lo), full_spec(sched.q_hi), full_spec(sched.codes),
     ] + ex.specs
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, Hkv), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
                    pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0))],
@@ -336,7 +337,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
     if st.bias_kind == "array":
         out_specs.append(pl.BlockSpec((None, None, bq, st.S_pad), lambda i, b, h: (b, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.S_pad), jnp.float32))
-    res = pl.pallas_call(
+    res = pallas_call(
         functools.partial(_dq_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, interpret=st.interpret, name="attnjax_flash_dq",
         compiler_params=cparams,

@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.lightning import common
 
 _BLOCK_DV = 64
@@ -106,7 +107,7 @@ def forward(q, k, v, log_decay, s0, *, scale, chunk, seq_len, interpret):
     block_dv = _BLOCK_DV if Dv % _BLOCK_DV == 0 else Dv
     same, kv = (lambda h: h), (lambda h: h // group)
     kernel = functools.partial(_fwd_kernel, scale=scale, chunk=chunk, seq_len=seq_len)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(B, H, Dv // block_dv),
         in_specs=[_decay_spec(), _seq_spec(T, Dk, same), _seq_spec(T, Dk, kv),
@@ -128,7 +129,7 @@ def backward(q, k, v, log_decay, s0, do, dst, *, scale, chunk, seq_len, interpre
     Dv, group = v.shape[-1], H // k.shape[2]
     same, kv = (lambda h: h), (lambda h: h // group)
     static = dict(scale=scale, chunk=chunk, seq_len=seq_len)
-    dq, decay_rows, st_tangent = pl.pallas_call(
+    dq, decay_rows, st_tangent = pallas_call(
         functools.partial(_dq_kernel, **static),
         grid=(B, H),
         in_specs=[_decay_spec(), _seq_spec(T, Dk, same), _seq_spec(T, Dk, kv), _seq_spec(T, Dv, kv),
@@ -140,7 +141,7 @@ def backward(q, k, v, log_decay, s0, do, dst, *, scale, chunk, seq_len, interpre
         name="lightning_bwd_dq",
         **_params(interpret),
     )(log_decay, q, k, v, do, s0)
-    dk, dv, ds0 = pl.pallas_call(
+    dk, dv, ds0 = pallas_call(
         functools.partial(_dkv_kernel, **static),
         grid=(B, H),
         in_specs=[_decay_spec(), _seq_spec(T, Dk, same), _seq_spec(T, Dk, kv), _seq_spec(T, Dv, kv),

@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnjax.meshes import vary_like
 from pallas_kernels.common.interpret import default_interpret
 from pallas_kernels.lightning import gpu, tpu
 
@@ -67,7 +68,8 @@ def lightning_attention_pallas(q, k, v, decay, *, scale=None, initial_state=None
     interpret = default_interpret(interpret, platform, "lightning")
     scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
     s0 = jnp.zeros((B, H, Dk, Dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    return _lightning(q, k, v, jnp.asarray(decay, jnp.float32), s0, scale, int(chunk_size), backend, interpret)
+    decay, s0 = vary_like((jnp.asarray(decay, jnp.float32), s0), q, k, v)  # per-device, like q/k/v under shard_map
+    return _lightning(q, k, v, decay, s0, scale, int(chunk_size), backend, interpret)
 
 
 def _check(q, k, v, decay, initial_state, chunk_size):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.lightning import common
 
 
@@ -103,7 +104,7 @@ def _state_spec(Dk, Dv):
 
 def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, name, interpret):
     """``pallas_call`` with ``log λ`` [H] in SMEM first and ``[Dk, Dv]`` f32 VMEM scratch states."""
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=grid,

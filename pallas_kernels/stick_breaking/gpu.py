@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnjax.tiling import num_tiles
+from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
 from pallas_kernels.common.mask_plans import SegmentData, plan_mask
 from pallas_kernels.common.scores import apply_soft_cap, soft_cap_grad
@@ -177,7 +178,7 @@ def _forward(qt, kt, vt, mask_data, sched, st: StickBreakingStatic):
         pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
         full_spec(lo), full_spec(hi), full_spec(codes),
     ] + specs
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_fwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
                    pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
@@ -237,7 +238,7 @@ def _backward(st: StickBreakingStatic, residuals, cotangents):
     zeros_k = jnp.zeros((B, Hkv, st.S_pad, st.D_pad), jnp.float32)
     zeros_v = jnp.zeros((B, Hkv, st.S_pad, st.Dv_pad), jnp.float32)
     first_zero = len(in_specs) - 2
-    dq, dk, dv = pl.pallas_call(
+    dq, dk, dv = pallas_call(
         functools.partial(_bwd_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
                    kv_block(st.D_pad), kv_block(st.Dv_pad)],
