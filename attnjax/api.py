@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import jax
+import jax.numpy as jnp
 
 from attnjax import registry
 from attnjax.checks import check_options, check_qkv
 from attnjax.dispatch import check_implementation, dispatch
 from attnjax.masks import Mask
-from attnjax.meshes import on_auto_axes
+from attnjax.meshes import accepts_explicit_meshes
 
 
+@accepts_explicit_meshes
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mechanism: Union[str, registry.Mechanism] = "softmax",
     mask: Optional[Mask] = None, bias=None, scale: Optional[float] = None,
@@ -43,7 +45,8 @@ def attention(
         xla, reference that serves the request).
       return_lse: also return the float32 log-sum-exp ``[B, T, Hq]``.
     Returns:
-      ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
+      ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``. ``B``, ``T`` or ``S`` may be 0: with
+      no keys every row outputs 0 (log-sum-exp ``-inf``, or the sink logit).
     Raises:
       ValueError/TypeError for bad input; NotImplementedError when the requested
       implementation can't serve the request.
@@ -55,6 +58,8 @@ def attention(
                   dropout_rate=dropout_rate, rng=rng)
     _check_supported(config, q, k, mask=mask, bias=bias, logits_soft_cap=logits_soft_cap, sinks=sinks,
                      dropout_rate=dropout_rate, return_lse=return_lse)
+    if 0 in (q.shape[0], q.shape[1], k.shape[1]):
+        return _no_keys_result(q, v, sinks, return_lse)
     used = {name: value for name, value in (("mask", mask), ("bias", bias), ("scale", scale),
                                             ("logits_soft_cap", logits_soft_cap), ("sinks", sinks))
             if value is not None}
@@ -62,9 +67,18 @@ def attention(
         used.update(dropout_rate=dropout_rate, rng=rng)
     if return_lse:
         used["return_lse"] = True
-    paths = config.implementations()
-    return on_auto_axes(lambda q, k, v, **kw: dispatch(paths, implementation, q, k, v, what=f"mechanism {config.name!r}", **kw),
-                        q, k, v, **used)
+    return dispatch(config.implementations(), implementation, q, k, v, what=f"mechanism {config.name!r}", **used)
+
+
+def _no_keys_result(q, v, sinks, return_lse: bool):
+    """The result when ``B``, ``T`` or ``S`` is 0: every row sees no key, so outputs 0 (and
+    log-sum-exp ``-inf``, or the sink logit), as a masked-out row does in every mechanism."""
+    B, T, Hq, _ = q.shape
+    out = jnp.zeros((B, T, Hq, v.shape[-1]), q.dtype)
+    if not return_lse:
+        return out
+    floor = -jnp.inf if sinks is None else jnp.asarray(sinks, jnp.float32)
+    return out, jnp.broadcast_to(floor, (B, T, Hq)).astype(jnp.float32)
 
 
 def _check_supported(config, q, k, *, mask, bias, logits_soft_cap, sinks, dropout_rate, return_lse) -> None:

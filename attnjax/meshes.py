@@ -9,16 +9,19 @@ explicitly sharded arrays.
 * On a mesh from ``jax.make_mesh`` (Explicit axes by default) a sharding is part of an array's
   type, and reshapes/gathers whose output sharding is ambiguous are refused. The blocked paths
   reshape and gather freely, so ``on_auto_axes`` runs them with the Explicit axes switched to Auto
-  (``jax.sharding.auto_axes``) and gives the outputs the inputs' ``[B, T, H]`` sharding back.
+  (``jax.sharding.auto_axes``) and gives the outputs the inputs' ``[B, T, H]`` sharding back;
+  ``attnjax.dispatch`` calls every implementation through it.
 
 Both are no-ops on plain arrays and on jax versions without these types.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
+import numpy as np
 from jax import lax
 
 
@@ -75,7 +78,9 @@ def explicit_axes(*arrays) -> tuple:
     """Mesh axes of type Explicit in the shardings of ``arrays`` (``()`` for plain arrays)."""
     axes = []
     for x in jax.tree_util.tree_leaves(arrays):
-        sharding = getattr(jax.typeof(x), "sharding", None) if hasattr(jax, "typeof") else None
+        if not isinstance(x, jax.Array) or not hasattr(jax, "typeof"):
+            continue
+        sharding = getattr(jax.typeof(x), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
         for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
             if "Explicit" in str(kind) and name not in axes:
@@ -86,17 +91,53 @@ def explicit_axes(*arrays) -> tuple:
 def on_auto_axes(fn: Callable, q: jax.Array, *args, **kwargs):
     """``fn(q, *args, **kwargs)``, with any Explicit mesh axes of the array arguments switched to Auto.
 
-    Every array output of ``fn`` gets ``q``'s sharding on its leading three dims (``[B, T, H]``)
-    and none on the others: the layout of an attention output ``[B, T, H, Dv]`` and of its
-    log-sum-exp ``[B, T, H]``. Without Explicit axes this is ``fn(q, *args, **kwargs)``.
+    An array output whose leading dims have ``q``'s sizes (an attention output ``[B, T, H, Dv]``,
+    a log-sum-exp ``[B, T, H]``, a recurrent state ``[B, ...]``) gets ``q``'s sharding on those dims
+    and none on the others. Without Explicit axes this is ``fn(q, *args, **kwargs)``; with them
+    ``fn`` is traced once more to learn its output shapes.
     """
     axes = explicit_axes(q, args, kwargs)
     if not axes:
         return fn(q, *args, **kwargs)
+    leaves, tree = jax.tree_util.tree_flatten((q, args, kwargs))
+    is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_array) if a]
+
+    def call(*arrays):
+        it = iter(arrays)
+        q, args, kwargs = jax.tree_util.tree_unflatten(tree, [next(it) if a else x for x, a in zip(leaves, is_array)])
+        return fn(q, *args, **kwargs)
+
     sharding = jax.typeof(q).sharding
-    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[:3]))
-    call = jax.sharding.auto_axes(lambda q, args, kwargs: fn(q, *args, **kwargs), axes=axes, out_sharding=out)
-    return call(q, args, kwargs)
+    spec = tuple(sharding.spec) + (None,) * (q.ndim - len(sharding.spec))
+
+    def named(*dims):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*dims))
+
+    def like_q(out: jax.ShapeDtypeStruct):
+        lead = []
+        for d, size in enumerate(out.shape[:q.ndim]):
+            if size != q.shape[d]:
+                break
+            lead.append(spec[d])
+        return named(*lead)
+
+    shapes = jax.eval_shape(jax.sharding.auto_axes(call, axes=axes, out_sharding=named()), *arrays)
+    out_sharding = jax.tree_util.tree_map(like_q, shapes)
+    return jax.sharding.auto_axes(call, axes=axes, out_sharding=out_sharding)(*arrays)
 
 
-__all__ = ["varying_axes", "vary_like", "varying_structs", "explicit_axes", "on_auto_axes"]
+def accepts_explicit_meshes(fn: Callable) -> Callable:
+    """Decorator for a public entry point ``fn(q, ...)``: run it through ``on_auto_axes``.
+
+    ``attnjax.attention``, ``linear_attention`` and ``block_sparse_attention`` carry it; the
+    per-implementation functions behind them expect arrays without Explicit axes (plain, Auto, or
+    per-device inside ``shard_map``).
+    """
+    @functools.wraps(fn)
+    def wrapped(q, *args, **kwargs):
+        return on_auto_axes(fn, q, *args, **kwargs)
+    return wrapped
+
+
+__all__ = ["varying_axes", "vary_like", "varying_structs", "explicit_axes", "on_auto_axes", "accepts_explicit_meshes"]

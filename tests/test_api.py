@@ -135,3 +135,21 @@ def test_check_qkv_is_usable_on_its_own():
     check_qkv(Q, K, V)
     with pytest.raises(ValueError, match="v must have rank 4"):
         check_qkv(Q, K, V[0])
+
+
+@pytest.mark.parametrize("B,T,S", [(0, 5, 5), (2, 0, 5), (2, 5, 0), (2, 0, 0)])
+@pytest.mark.parametrize("name", ["softmax", "stick_breaking", "linear", "moba"])
+def test_zero_length_batch_or_sequence(name, B, T, S):
+    """``B``, ``T`` or ``S`` of 0: an empty output, or with no keys every row outputs 0 (lse -inf,
+    or the sink logit); gradients are zeros of the input shapes."""
+    q, k, v = jnp.ones((B, T, 2, 4)), jnp.ones((B, S, 2, 4)), jnp.ones((B, S, 2, 3))
+    mask = None if name == "linear" else masks.Causal()
+    out = aj.attention(q, k, v, mechanism=name, mask=mask)
+    assert out.shape == (B, T, 2, 3) and not bool(jnp.any(out))
+    dq, dk = jax.grad(lambda q, k: aj.attention(q, k, v, mechanism=name, mask=mask).sum(), (0, 1))(q, k)
+    assert dq.shape == q.shape and dk.shape == k.shape
+    if name == "softmax":
+        _, lse = aj.attention(q, k, v, mask=mask, return_lse=True)
+        assert lse.shape == (B, T, 2) and bool(jnp.all(lse == -jnp.inf))
+        _, lse = aj.attention(q, k, v, sinks=jnp.array([0.5, -1.0]), return_lse=True)
+        assert bool(jnp.all(lse == jnp.array([0.5, -1.0])))

@@ -37,7 +37,7 @@ import numpy as np
 from attnjax.checks import check_qkv, check_scalar
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
-from attnjax.meshes import vary_like
+from attnjax.meshes import accepts_explicit_meshes, vary_like
 from attnjax.positional import alibi_slopes
 from pallas_kernels.lightning import lightning_attention_pallas
 
@@ -56,6 +56,7 @@ class LinearInputs(NamedTuple):
     state: Optional[jax.Array]    # [B, Hkv, G, F, E] initial state
 
 
+@accepts_explicit_meshes
 def linear_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map: Union[str, FeatureMap] = "identity",
     causal: bool = True, normalize: bool = False, decay: Union[None, str, jax.Array] = None,

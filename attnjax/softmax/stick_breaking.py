@@ -16,7 +16,8 @@ paper's released code (``stickbreaking-attention``, ``attend_current=False``):
 
 - **The diagonal is excluded.** The stick is shared among strictly earlier keys (``j < i``);
   query ``i``'s own key never gets a break point.
-- **The remainder goes to the current token.** A row's weights are ``≥ 0`` and sum to
+- **The remainder goes to the current token** (where the mask allows it; a row whose mask
+  allows no key, its own included, outputs 0 as in every other mechanism). A row's weights are ``≥ 0`` and sum to
   ``Σ_j A_ij = 1 − ∏_{k<i} (1 − β_ik) ≤ 1``. The leftover stick ``r_i = 1 − Σ_j A_ij =
   exp(−Σ_{k<i} softplus(z_ik))`` is given to the query's own value:
   ``out_i = Σ_{j<i} A_ij v_j + r_i v_i``. So the first token outputs its own value (``r_0 = 1``),
@@ -69,7 +70,7 @@ from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
 from pallas_kernels.stick_breaking.ops import stick_breaking_attention_pallas
 from pallas_kernels.stick_breaking.tiles import (backward_tile, check_request, forward_tile, strict_codes,
-                                                 strictly_earlier, with_remainder)
+                                                 own_key_allowed, strictly_earlier, with_remainder)
 
 # ----------------------------------------------------------------------------------------------
 # Reference.
@@ -84,7 +85,7 @@ def stick_breaking_weights(
 
     ``log A_ij = −softplus(−z_ij) − Σ_{j<k<i} softplus(z_ik)`` over the keys the mask allows with
     key position < query position (Tan et al. 2024, the log-space form); ``A = 0``
-    elsewhere; ``r_i = 1 − Σ_j A_ij``.
+    elsewhere; ``r_i = 1 − Σ_j A_ij`` where the mask allows query ``i`` its own position, else 0.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; mask, bias, scale, logits_soft_cap: as in
@@ -104,7 +105,7 @@ def stick_breaking_weights(
     later = jnp.cumsum(sp[..., ::-1], axis=-1)[..., ::-1] - sp  # Σ_{j<k} softplus(z_ik), ok keys only
     a = jnp.where(ok, jnp.exp(-jax.nn.softplus(-z) - later), 0.0)
     a = jnp.broadcast_to(a, (B, Hkv, Hq // Hkv, T, S)).reshape(B, Hq, T, S)
-    return a, (1.0 - a.sum(-1)).transpose(0, 2, 1)
+    return a, jnp.where(own_key_allowed(mask, T, S), (1.0 - a.sum(-1)).transpose(0, 2, 1), 0.0)
 
 
 def stick_breaking_attention_reference(
@@ -170,7 +171,7 @@ def stick_breaking_attention_xla(
     spec = score_spec(q, k, scale, logits_soft_cap)
     st = _Static(spec, block_q=min(block_q, spec.T), block_kv=min(block_kv, spec.S))
     o, row_softplus = _stick_breaking(q, k, v, as_bias(bias), mask, st)
-    out, r = with_remainder(o, row_softplus, v, q.dtype)
+    out, r = with_remainder(o, row_softplus, v, mask, q.dtype)
     return (out, r) if return_remainder else out
 
 

@@ -39,6 +39,7 @@ from attnjax.blocked.lists import BlockSparse, allowed_blocks
 from attnjax.checks import check_qkv
 from attnjax.dispatch import dispatch
 from attnjax.masks import Mask
+from attnjax.meshes import accepts_explicit_meshes
 from attnjax.softmax.softmax import softmax_attention_reference
 from attnjax.sparse.gather import block_sparse_attention_xla
 from attnjax.tiling import num_tiles
@@ -61,6 +62,7 @@ _PATHS = {"reference": block_sparse_attention_reference, "xla": block_sparse_att
           "pallas": block_sparse_attention_pallas}
 
 
+@accepts_explicit_meshes
 def block_sparse_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, blocks: BlockSparse, *, mask: Optional[Mask] = None,
     scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, return_lse: bool = False,

@@ -9,7 +9,8 @@ in a case of its own), and ``check_against_reference`` runs the request through
 ``attnjax.attention`` (the public entry: checks, the ``supports`` gate, dispatch) under ``jax.jit``
 and compares the output and the gradients (q, k, v, and the bias and sinks when present) with the
 ``reference`` implementation's. ``check_bf16`` runs a bfloat16 request and ``check_vmap`` a
-``jax.vmap`` over an extra batch axis.
+``jax.vmap`` over an extra batch axis, and ``check_sharded`` a data-parallel run inside
+``jax.shard_map`` and under ``jax.jit`` on a mesh with Explicit axes.
 
 A request that the reference itself does not define (a decayed linear mechanism without a causal
 mask, stick-breaking without one) raises ``CaseNotDefined``; a fast path that refuses a request
@@ -20,6 +21,7 @@ skips with the reason; anything else that differs is an ``AssertionError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -142,6 +144,35 @@ def _call(config, implementation: str, case: Case) -> Callable:
     return f
 
 
+def _loss_weights(config, implementation: str, case: Case, f: Callable, arrays: dict) -> dict:
+    """Fixed random weights ``w`` of the loss ``Σ out·w (+ Σ lse·w')``, shaped like ``f``'s outputs.
+    Raises ``CaseNotDefined`` when the reference refuses the request, ``NotImplementedError`` when
+    this path refuses it."""
+    try:
+        shapes = jax.eval_shape(f, arrays)
+    except NotImplementedError as e:
+        if implementation == "reference":
+            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}: {e}") from None
+        raise
+    return {n: jnp.asarray(np.random.default_rng(SEED + 1 + i).standard_normal(s.shape, np.float32))
+            for i, (n, s) in enumerate(sorted(shapes.items()))}
+
+
+def _with_grads(f: Callable) -> Callable:
+    """``(arrays, weights) -> {outputs, "d<name>": gradient of Σ out·w (+ Σ lse·w') per array}``."""
+    def outputs_and_grads(arrays, weights):
+        def loss(arrays):
+            results = f(arrays)
+            total = sum(jnp.sum(jnp.where(jnp.isfinite(r), r, 0.0).astype(jnp.float32) * weights[n])
+                        for n, r in results.items())
+            return total, results
+
+        grads, results = jax.grad(loss, has_aux=True)(arrays)
+        return {**results, **{f"d{n}": g for n, g in grads.items()}}
+
+    return outputs_and_grads
+
+
 def compiled_outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32):
     """``(compiled, arrays)``: ``compiled(arrays)`` returns the outputs and the gradients of
     ``Σ out·w (+ Σ lse·w')`` for fixed random ``w`` (one compilation; its ``memory_analysis()`` gives
@@ -149,26 +180,9 @@ def compiled_outputs_and_grads(config, implementation: str, case: Case, dtype=jn
     ``NotImplementedError`` when this path refuses it."""
     arrays = inputs(case, dtype)
     f = _call(config, implementation, case)
-    try:
-        shapes = jax.eval_shape(f, arrays)
-    except NotImplementedError as e:
-        if implementation == "reference":
-            raise CaseNotDefined(f"{config.name}: the reference does not define case {case.name!r}: {e}") from None
-        raise
-    weights = {n: jnp.asarray(np.random.default_rng(SEED + 1 + i).standard_normal(s.shape, np.float32))
-               for i, (n, s) in enumerate(sorted(shapes.items()))}
-
-    def loss(arrays):
-        results = f(arrays)
-        total = sum(jnp.sum(jnp.where(jnp.isfinite(r), r, 0.0).astype(jnp.float32) * weights[n])
-                    for n, r in results.items())
-        return total, results
-
-    def outputs_and_grads(arrays):
-        grads, results = jax.grad(loss, has_aux=True)(arrays)
-        return {**results, **{f"d{n}": g for n, g in grads.items()}}
-
-    return jax.jit(outputs_and_grads).lower(arrays).compile(), arrays
+    weights = _loss_weights(config, implementation, case, f, arrays)
+    run = _with_grads(f)
+    return jax.jit(lambda arrays: run(arrays, weights)).lower(arrays).compile(), arrays
 
 
 def outputs_and_grads(config, implementation: str, case: Case, dtype=jnp.float32) -> dict:
@@ -222,6 +236,33 @@ def relative_errors(config, implementation: str, case: Case, dtype=jnp.float32, 
     return {name: float(np.linalg.norm(a - e) / max(float(np.linalg.norm(e)), 1e-30)) for name, (a, e) in pairs.items()}
 
 
+def check_sharded(config, implementation: str, case: Case, mesh, *, mode: str, axis: str = "data") -> None:
+    """Data parallel over ``mesh`` axis ``axis``, the request gives the reference's single-device
+    outputs and gradients.
+
+    ``mode="shard_map"``: inside the user's ``jax.shard_map`` (default ``check_vma``) on the batch
+    shards. ``mode="jit"``: under ``jax.jit`` on arrays sharded over the batch (a ``jax.make_mesh``
+    mesh has Explicit axes). The case must hold batch-shaped arrays only (no bias or sinks), with
+    ``B`` a multiple of the axis size.
+    """
+    if case.bias or case.sinks:
+        raise ValueError(f"check_sharded needs batch-shaped arrays only; case {case.name!r} has a bias or sinks")
+    arrays = inputs(case)
+    f = _call(config, implementation, case)
+    weights = _loss_weights(config, implementation, case, f, arrays)
+    run = _with_grads(f)
+    spec = jax.sharding.PartitionSpec(axis)
+    put = functools.partial(jax.device_put, device=jax.sharding.NamedSharding(mesh, spec))
+    if mode == "shard_map":
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    elif mode != "jit":
+        raise ValueError(f"mode must be 'shard_map' or 'jit', got {mode!r}")
+    actual = jax.jit(run)(jax.tree.map(put, arrays), jax.tree.map(put, weights))
+    where = f"{config.name}/{implementation}/{case.name}/{mode}"
+    for name, (a, e) in _comparable(reference_outputs(config, case), actual, where).items():
+        assert_close(a, e, rtol=RTOL["float32"], atol=RTOL["float32"] * 1e-2, name=f"{where}/{name}")
+
+
 def check_bf16(config, implementation: str, case: Case) -> None:
     """A bfloat16 request gives a finite bfloat16 output (statistics stay in float32)."""
     arrays = inputs(case, jnp.bfloat16)
@@ -254,5 +295,6 @@ def check_vmap(config, implementation: str, case: Case) -> None:
 
 
 __all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "option_cases", "check_against_reference", "check_bf16",
-           "check_vmap", "compiled_outputs_and_grads", "inputs", "outputs_and_grads", "reference_outputs",
+           "check_vmap", "check_sharded", "compiled_outputs_and_grads", "inputs", "outputs_and_grads",
+           "reference_outputs",
            "relative_errors", "small_tiles"]

@@ -54,7 +54,7 @@ def stick_breaking_attention_pallas(
                                            **blocks)
     else:
         raise NotImplementedError(f"no Pallas stick-breaking kernel for backend {backend!r}")
-    out, r = with_remainder(o, c, v, q.dtype)
+    out, r = with_remainder(o, c, v, mask, q.dtype)
     return (out, r) if return_remainder else out
 
 

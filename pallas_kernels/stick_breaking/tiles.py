@@ -64,18 +64,34 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
-def with_remainder(o: jax.Array, row_softplus: jax.Array, v: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``out_i = o_i + r_i v_{i+S−T}`` with ``r_i = exp(−row_softplus_i)``, the un-allocated stick.
+def own_key_allowed(mask: Optional[Mask], T: int, S: int) -> jax.Array:
+    """Whether the mask allows each query its own position ``i + S − T``: bool ``[Bm, T, Hm]``.
+
+    The remainder goes to the current token only where the mask allows it, so a row with no
+    allowed key outputs 0, as in every other mechanism. O(T) mask evaluations, no ``[T, S]`` array.
+    """
+    if mask is None:
+        return jnp.ones((1, T, 1), bool)
+    rows = jnp.arange(T)
+    diag = jax.vmap(lambda i: mask.tile(i[None], masks.query_positions(i[None], T, S), T, S)[..., 0, 0])(rows)
+    return jnp.moveaxis(diag, 0, 1)  # [T, Bm, Hm] -> [Bm, T, Hm]
+
+
+def with_remainder(o: jax.Array, row_softplus: jax.Array, v: jax.Array, mask: Optional[Mask],
+                   dtype) -> tuple[jax.Array, jax.Array]:
+    """``out_i = o_i + r_i v_{i+S−T}`` with ``r_i = exp(−row_softplus_i)``, the un-allocated stick,
+    where the mask allows query ``i`` its own position (``own_key_allowed``); ``r_i = 0`` elsewhere.
 
     Args:
       o: ``[B, T, Hq, Dv]`` float32, ``Σ_j A_ij v_j``; row_softplus: ``[B, T, Hq]`` float32,
-        ``Σ_k softplus(z_ik)`` over the row's keys; v: ``[B, S, Hkv, Dv]``; dtype: output dtype.
+        ``Σ_k softplus(z_ik)`` over the row's keys; v: ``[B, S, Hkv, Dv]``; mask: the request's
+        mask (None: none); dtype: output dtype.
     Returns:
       ``(out [B, T, Hq, Dv] in dtype, r [B, T, Hq] float32)``. K/V are not repeated for GQA.
     """
     B, T, Hq, Dv = o.shape
     S, Hkv = v.shape[1], v.shape[2]
-    r = jnp.exp(-row_softplus)
+    r = jnp.where(own_key_allowed(mask, T, S), jnp.exp(-row_softplus), 0.0)
     own = v[:, S - T:].astype(jnp.float32)[:, :, :, None, :]  # [B, T, Hkv, 1, Dv]
     out = o.reshape(B, T, Hkv, Hq // Hkv, Dv) + r.reshape(B, T, Hkv, Hq // Hkv, 1) * own
     return out.reshape(B, T, Hq, Dv).astype(dtype), r

@@ -20,6 +20,7 @@ from attnjax import masks
 from attnjax.positional import ALiBi, alibi_slopes
 from attnjax.softmax import stick_breaking as sb
 from pallas_kernels.stick_breaking import stick_breaking_attention_pallas
+from pallas_kernels.stick_breaking.tiles import own_key_allowed
 from tests.helpers import TOLERANCE, assert_close, random_qkv
 
 KEY = jax.random.PRNGKey(0)
@@ -281,3 +282,35 @@ def test_vmap_over_an_extra_axis(impl):
     q, k, v = random_qkv(KEY, B=2, T=24, Hq=2, D=16)
     stacked = jax.jit(jax.vmap(fn))(q[:, None], k[:, None], v[:, None])[:, 0]
     assert_close(stacked, ref(mask=CAUSAL)(q, k, v))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas"])
+def test_row_with_no_allowed_key_is_zero(implementation):
+    """A query whose mask allows no key, its own position included (padding from lengths), outputs 0
+    and gets no remainder; the other rows equal attention over the unpadded prefix; grads are finite
+    and 0 on the padded rows."""
+    q, k, v = random_qkv(KEY, B=2, T=13, Hq=2, Hkv=2, D=8)
+    lengths = jnp.array([9, 13])
+    mask = CAUSAL & masks.from_lengths(q_lengths=lengths, kv_lengths=lengths)
+    call = functools.partial(aj.attention, mechanism="stick_breaking", implementation=implementation)
+    out = call(q, k, v, mask=mask)
+    assert float(jnp.abs(out[0, 9:]).max()) == 0.0
+    prefix = call(q[:1, :9], k[:1, :9], v[:1, :9], mask=CAUSAL)
+    assert_close(out[0, :9], prefix[0], rtol=1e-5, name="unpadded rows")
+    assert_close(out[1], call(q[1:], k[1:], v[1:], mask=CAUSAL)[0], rtol=1e-5, name="full row")
+    dq = jax.grad(lambda q: jnp.sum(call(q, k, v, mask=mask) ** 2))(q)
+    assert bool(jnp.all(jnp.isfinite(dq))) and float(jnp.abs(dq[0, 9:]).max()) == 0.0
+
+
+def test_remainder_is_zero_where_the_own_key_is_masked():
+    """``own_key_allowed`` against the dense mask's diagonal, and the reference's remainder follows it."""
+    q, k, _ = random_qkv(KEY, B=2, T=7, Hq=2, Hkv=2, D=8, S=11)
+    ids = jnp.array([[0] * 11, [0] * 6 + [1] * 5])
+    q_ids = jnp.array([[0] * 7, [1] * 3 + [2] * 4])
+    mask = CAUSAL & masks.Segments(q_ids, ids)
+    dense = mask.tile(jnp.arange(7), jnp.arange(11), 7, 11)                     # [B, 1, T, S]
+    diagonal = dense[:, 0, jnp.arange(7), jnp.arange(7) + 4]                    # [B, T]
+    own = own_key_allowed(mask, 7, 11)                                          # [B, T, 1]
+    np.testing.assert_array_equal(np.broadcast_to(own[..., 0], (2, 7)), diagonal)
+    _, r = sb.stick_breaking_weights(q, k, mask=mask)
+    assert float(jnp.abs(jnp.where(diagonal[..., None], 0.0, r)).max()) == 0.0
