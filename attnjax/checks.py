@@ -80,6 +80,15 @@ def describe(value: object) -> str:
     return repr(value)
 
 
+def concrete_values(x) -> Optional[np.ndarray]:
+    """``x`` as a NumPy array, or None when it is traced (its values are unknown until run time);
+    for checks that can only look at values known at trace time."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def check_scalar(name: str, value: object) -> None:
     """``ValueError``/``TypeError`` naming ``name`` unless ``value`` is a concrete real number (a Python
     number or a 0-d array with a known value): options such as ``scale`` are static."""

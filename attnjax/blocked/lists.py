@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as _masks
+from attnjax.checks import concrete_values
 from attnjax.tiling import num_tiles
 
 Array = Union[np.ndarray, jax.Array]
@@ -146,7 +147,7 @@ def from_block_ids(ids: Array, valid: Array, block_q: int, block_kv: int, num_kv
                          f"{tuple(ids.shape)} and valid {tuple(valid.shape)}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"from_block_ids: ids must be integers, got {ids.dtype}")
-    concrete_ids, concrete_valid = _concrete(ids), _concrete(valid)
+    concrete_ids, concrete_valid = concrete_values(ids), concrete_values(valid)
     if concrete_ids is not None and concrete_valid is not None:
         _check_distinct_ids(concrete_ids, concrete_valid.astype(bool), num_kv_blocks)
     xp = np if isinstance(ids, np.ndarray) and isinstance(valid, np.ndarray) else jnp
@@ -156,13 +157,6 @@ def from_block_ids(ids: Array, valid: Array, block_q: int, block_kv: int, num_kv
     order = xp.sort(xp.where(repeat, num_kv_blocks, order), axis=-1).astype(xp.int32)
     return _padded_lists(order, (order < num_kv_blocks).sum(-1), block_q, block_kv, num_kv_blocks)
 
-
-def _concrete(x: Array) -> Optional[np.ndarray]:
-    """``x`` as a NumPy array, or None when it is traced (its values are unknown)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _check_distinct_ids(ids: np.ndarray, valid: np.ndarray, num_kv_blocks: int) -> None:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.checks import check_qkv, check_scalar
+from attnjax.checks import check_qkv, check_scalar, concrete_values
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
 from attnjax.meshes import accepts_explicit_meshes, vary_like
@@ -160,7 +160,7 @@ def prepare_inputs(q, k, v, *, feature_map, causal, normalize, decay, scale, seg
     if normalize:
         vf = jnp.concatenate([vf, jnp.ones_like(vf[..., :1])], axis=-1)
     E = vf.shape[-1]
-    log_decay = _log_decay(decay, Hq, causal).reshape(Hkv, G)
+    log_decay = checked_log_decay(decay, Hq, causal).reshape(Hkv, G)
     runs = _runs(segment_ids, cu_seqlens, B, T, S)
     state = None
     if initial_state is not None:
@@ -174,8 +174,10 @@ def prepare_inputs(q, k, v, *, feature_map, causal, normalize, decay, scale, seg
     return LinearInputs(fq.reshape(B, T, Hkv, G, F), fk, vf, log_decay, runs, state)
 
 
-def _log_decay(decay, num_heads: int, causal: bool) -> jax.Array:
-    """``log λ`` as float32 ``[Hq]``; validates the range when the values are concrete."""
+def checked_log_decay(decay: Union[None, str, jax.Array], num_heads: int, causal: bool) -> jax.Array:
+    """``log λ`` as float32 ``[Hq]`` from ``linear_attention``'s ``decay`` argument (None: no decay,
+    "alibi", or λ ``[Hq]`` in ``(0, 1]``); checks the shape and dtype, and the range when the values
+    are concrete (a caller about to trace ``decay``, e.g. into ``shard_map``, checks here first)."""
     if decay is None:
         return jnp.zeros((num_heads,), jnp.float32)
     if not causal:
@@ -188,19 +190,12 @@ def _log_decay(decay, num_heads: int, causal: bool) -> jax.Array:
         raise ValueError(f"decay must have shape [Hq] = ({num_heads},), got {jnp.shape(decay)}")
     if not jnp.issubdtype(jnp.asarray(decay).dtype, jnp.floating):
         raise TypeError(f"decay must be a float array, got {jnp.asarray(decay).dtype}")
-    values = _concrete(decay)
+    values = concrete_values(decay)
     if values is not None and not np.all((values > 0) & (values <= 1)):
         raise ValueError(f"decay [Hq] = {values.shape} must satisfy 0 < λ <= 1, got values in "
                          f"[{values.min():g}, {values.max():g}]")
     return jnp.log(jnp.asarray(decay, jnp.float32))
 
-
-def _concrete(x) -> Optional[np.ndarray]:
-    """``x`` as a NumPy array, or None under tracing (then values can't be checked)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _runs(segment_ids, cu_seqlens, B: int, T: int, S: int) -> Optional[jax.Array]:
@@ -212,7 +207,7 @@ def _runs(segment_ids, cu_seqlens, B: int, T: int, S: int) -> Optional[jax.Array
             raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got batch {B}")
         if getattr(cu_seqlens, "ndim", None) != 1 or not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
             raise ValueError(f"cu_seqlens must be a 1-D int array [N + 1], got {getattr(cu_seqlens, 'shape', None)}")
-        values = _concrete(cu_seqlens)
+        values = concrete_values(cu_seqlens)
         if values is not None and (values[0] != 0 or values[-1] != T or np.any(np.diff(values) < 0)):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {values.size} values from {values[0]} to "
                              f"{values[-1]}{'' if np.all(np.diff(values) >= 0) else ', falling somewhere'}")
@@ -376,4 +371,5 @@ def _noncausal(x: LinearInputs, C: int):
     return forward + backward[:, ::-1] - diagonal, state
 
 
-__all__ = ["linear_attention", "linear_attention_step", "segment_ids_from_cu_seqlens", "NORMALIZER_EPS"]
+__all__ = ["linear_attention", "linear_attention_step", "segment_ids_from_cu_seqlens", "checked_log_decay",
+           "NORMALIZER_EPS"]

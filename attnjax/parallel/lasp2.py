@@ -31,10 +31,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from attnjax.linear.feature_maps import FeatureMap
-from attnjax.linear.linear_attention import NORMALIZER_EPS, prepare_inputs, linear_attention
+from attnjax.linear.linear_attention import NORMALIZER_EPS, checked_log_decay, linear_attention, prepare_inputs
 from attnjax.meshes import vary_like
 from attnjax.parallel.sharding import AxisNames, SequenceSharding, axis_size
-from attnjax.positional import alibi_slopes
 
 
 def lasp2(
@@ -108,10 +107,8 @@ def lasp2_sharded(
     body = functools.partial(lasp2, axis_name=seq_axis, **kwargs)
     if decay is None:
         return seq.run(body, (q, k, v), (tokens,) * 3)
-    if isinstance(decay, str):
-        if decay != "alibi":
-            raise ValueError(f"decay must be None, 'alibi' or a float array [Hq], got {decay!r}")
-        decay = jnp.exp(-jnp.asarray(alibi_slopes(q.shape[2])))
+    log_lam = checked_log_decay(decay, q.shape[2], kwargs.get("causal", True))  # checked here: traced inside shard_map
+    decay = jnp.exp(log_lam) if isinstance(decay, str) else decay
     return seq.run(lambda q, k, v, lam: body(q, k, v, decay=lam), (q, k, v, jnp.asarray(decay)),
                    (tokens,) * 3 + (PartitionSpec(tokens[2]),))
 

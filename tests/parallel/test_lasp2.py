@@ -179,3 +179,5 @@ def test_bad_inputs_raise_clear_errors(mesh_2x4, mesh_8):
         wrong_axis(*put((q[:, :8], k[:, :8], v[:, :8]), mesh_2x4, *spec))
     with pytest.raises(ValueError, match="decay"):
         lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay="cosine")
+    with pytest.raises(ValueError, match="0 < λ <= 1"):  # checked before shard_map traces the decay
+        lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay=jnp.full((2,), 2.0))

@@ -297,7 +297,6 @@ def test_row_with_no_allowed_key_is_zero(implementation):
     assert float(jnp.abs(out[0, 9:]).max()) == 0.0
     prefix = call(q[:1, :9], k[:1, :9], v[:1, :9], mask=CAUSAL)
     assert_close(out[0, :9], prefix[0], rtol=1e-5, name="unpadded rows")
-    assert_close(out[1], call(q[1:], k[1:], v[1:], mask=CAUSAL)[0], rtol=1e-5, name="full row")
     dq = jax.grad(lambda q: jnp.sum(call(q, k, v, mask=mask) ** 2))(q)
     assert bool(jnp.all(jnp.isfinite(dq))) and float(jnp.abs(dq[0, 9:]).max()) == 0.0
 
