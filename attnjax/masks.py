@@ -167,7 +167,8 @@ class SlidingWindow(Mask):
         for name in ("left", "right"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"SlidingWindow.{name} must be a non-negative int or None, got {value!r}")
+                shown = value if isinstance(value, int) else type(value).__name__
+                raise ValueError(f"SlidingWindow.{name} must be a non-negative int or None, got {shown!r}")
 
     def _bounds(self):
         left = math.inf if self.left is None else self.left

@@ -52,8 +52,9 @@ class RoPE:
     def __post_init__(self):
         if self.scaling not in ("none", "linear", "ntk", "llama3"):
             raise ValueError(f"RoPE.scaling must be one of none/linear/ntk/llama3, got {self.scaling!r}")
-        if self.factor <= 0:
-            raise ValueError(f"RoPE.factor must be positive, got {self.factor}")
+        if not isinstance(self.factor, (int, float)) or self.factor <= 0:
+            shown = self.factor if isinstance(self.factor, (int, float)) else type(self.factor).__name__
+            raise ValueError(f"RoPE.factor must be a positive number, got {shown!r}")
 
     def frequencies(self, head_dim: int) -> np.ndarray:
         """Angular frequencies ``θ_r`` (float32, ``[R/2]``) after scaling."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from attnjax import registry
 from attnjax.bias import as_bias
+from attnjax.checks import check_scalar
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
 from attnjax.blocked.flash_xla import flash_attention_xla
@@ -124,6 +125,10 @@ class Sigmoid:
     bias: Optional[float] = None
     block_q: int = 512
     block_kv: int = 512
+
+    def __post_init__(self):
+        if self.bias is not None:
+            check_scalar("Sigmoid.bias", self.bias)
 
     name: ClassVar[str] = "sigmoid"
     family: ClassVar[str] = "softmax"
