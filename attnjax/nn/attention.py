@@ -147,7 +147,8 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); must divide ``num_heads``.
       head_dim: features per head ``D`` (default ``d_model // num_heads``).
       context_dim: features of ``context`` in cross-attention (default ``d_model``).
-      qkv_bias: add a bias to the q/k/v projections (the output projection has none).
+      qkv_bias: add a bias to the q/k/v projections.
+      out_bias: add a bias to the output projection (flax's ``use_bias=True`` has both).
       rope: rotary embedding applied to q and k in self-attention and decoding; ``None`` for none.
       mechanism: a registry name or config object, passed to ``attnjax.attention``. Checked here:
         an unknown name raises ``ValueError`` (with the registered names); a mechanism without the
@@ -166,7 +167,7 @@ class MultiHeadAttention(nnx.Module):
     def __init__(
         self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
         head_dim: Optional[int] = None, context_dim: Optional[int] = None, qkv_bias: bool = False,
-        rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
+        out_bias: bool = False, rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
         dropout_rate: float = 0.0, implementation: str = "auto",
         sequence_parallel: Union[None, str, tuple, SequenceParallel] = None, dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
@@ -213,7 +214,7 @@ class MultiHeadAttention(nnx.Module):
         self.query = linear(d_model, (num_heads, head_dim))
         self.key = linear(context_dim, (num_kv_heads, head_dim))
         self.value = linear(context_dim, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=False)
+        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 
     def __call__(
