@@ -10,12 +10,12 @@
 import importlib
 
 from attnjax import softmax  # noqa: I001 - registers first: the baseline heads every table
-from attnjax import linear, local, masks, parallel, positional, registry, sparse
+from attnjax import linear, local, masks, parallel, positional, registry, sparse, vision
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
 __all__ = ["attention", "linear", "local", "masks", "nn", "parallel", "positional", "registry", "softmax", "sparse",
-           "Bias", "ArrayBias"]
+           "vision", "Bias", "ArrayBias"]
 __version__ = "0.1.0"
 
 

@@ -7,7 +7,9 @@ against ``MultiHeadAttention``'s API only, so every decoding layer swaps in for 
 signatures themselves are checked in ``tests/nn/test_layer_signatures.py``).
 """
 
+import importlib
 import inspect
+import pkgutil
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +144,9 @@ def test_generation_loop_for_multi_head_attention_equals_parallel_causal_call(sp
 
 def test_every_nnx_module_in_attnjax_nn_is_registered():
     registered = {spec.module for spec in SPECS}
-    defined = {cls for submodule in vars(attnjax.nn).values() if inspect.ismodule(submodule)
-               for cls in vars(submodule).values()
+    submodules = [importlib.import_module(info.name)
+                  for info in pkgutil.walk_packages(attnjax.nn.__path__, prefix="attnjax.nn.")]
+    defined = {cls for submodule in submodules for cls in vars(submodule).values()
                if inspect.isclass(cls) and issubclass(cls, nnx.Module) and cls.__module__ == submodule.__name__}
     assert defined and not defined - registered, sorted(c.__name__ for c in defined - registered)
 
@@ -176,3 +179,8 @@ def test_register_module_refuses_a_taken_name_and_bad_specs():
     causal, other = (ModuleSpec("x", spec.module, {}, (1, 2, 3), kind=kind, paper="", causal=True)
                      for kind in ("block", "other"))
     assert causal.call_kwargs == {"mask": masks.Causal()} and other.call_kwargs == {}
+    with pytest.raises(ValueError, match=r"inputs must be a shape \(B, H, W, C\)"):
+        ModuleSpec("x", spec.module, {}, (1, 2, 3), kind="image", paper="")
+    with pytest.raises(ValueError, match="an image module is called module"):
+        ModuleSpec("x", spec.module, {}, (1, 2, 3, 4), kind="image", paper="", causal=True)
+    assert ModuleSpec("x", spec.module, {}, (1, 2, 3, 4), kind="image", paper="").call_kwargs == {}

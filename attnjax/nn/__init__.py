@@ -6,11 +6,11 @@ promises (causal, decodes). ``LAYERS`` (token mixers ``[B, T, d] -> [B, T, d]``)
 Softmax-family mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
 """
 
-from attnjax.nn import registry
+from attnjax.nn import conv, registry
 from attnjax.nn.aaren import Aaren
 from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
-from attnjax.nn.registry import BLOCKS, LAYERS, ModuleSpec, modules, register_module
+from attnjax.nn.registry import BLOCKS, IMAGES, LAYERS, ModuleSpec, modules, register_module
 from attnjax.nn.seer_gate import AttnGate, distillation_step, gate_loss
 from attnjax.nn.selective import SelectiveAttention
 from attnjax.nn.simplicial import SimplicialAttention
@@ -21,5 +21,5 @@ __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
     "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE",
     "SGLU", "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
-    "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS",
+    "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv",
 ]

@@ -52,3 +52,11 @@ def check_causal_mask(layer: str, mask: Optional[masks.Mask]) -> None:
     causal by construction (a recurrence, a prefix scan) computes either way."""
     if mask is not None and not isinstance(mask, masks.Causal):
         raise NotImplementedError(f"{layer} takes mask=None or masks.Causal() only, got {type(mask).__name__}")
+
+
+def check_image(name: str, x: jax.Array, channels: int) -> None:
+    """``TypeError`` unless ``x`` is floating point, ``ValueError`` unless it is an NHWC feature map
+    ``[batch, height, width, channels]``."""
+    check_features(name, x)
+    if x.ndim != 4 or x.shape[-1] != channels:
+        raise ValueError(f"{name} must have shape [batch, height, width, {channels}] (NHWC), got {list(x.shape)}")

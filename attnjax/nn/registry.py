@@ -28,9 +28,11 @@ from flax import nnx
 
 from attnjax import masks
 
-KINDS = ("layer", "block", "other")
+KINDS = ("layer", "block", "image", "other")
 """``layer``: a token mixer ``[B, T, d] -> [B, T, d]``; ``block``: a residual block (mixer and channel
-mixer) with the same interface; ``other``: any other module (gates, positional encodings, parts)."""
+mixer) with the same interface; ``image``: a module on NHWC feature maps ``[B, H, W, C] -> [B, H, W, C]``
+(conv-net attention modules, vision blocks), called ``module(x)``; ``other``: any other module (gates,
+positional encodings, parts, modules with several inputs)."""
 
 InputBuilder = Callable[[jax.Array], tuple]
 """``key -> (arg, ...)``: the positional inputs of a module that does not take a single ``x``."""
@@ -44,9 +46,9 @@ class ModuleSpec:
       name: the module's name, unique within its ``kind`` (the key in ``LAYERS`` / ``BLOCKS``).
       module: the ``nnx.Module`` class.
       kwargs: constructor keyword arguments of a tiny example, ``rngs`` excluded.
-      inputs: the example ``x`` shape ``(B, T, d)``, drawn standard normal float32; or a function
-        ``key -> (arg, ...)`` building the positional inputs (e.g. ``(q, k)`` of ``AttnGate``), each
-        with the sequence on axis 1.
+      inputs: the example ``x`` shape, ``(B, T, d)`` (``(B, H, W, C)`` for kind "image"), drawn standard
+        normal float32; or a function ``key -> (arg, ...)`` building the positional inputs (e.g. ``(q, k)``
+        of ``AttnGate``), each with the sequence on axis 1.
       kind: one of ``KINDS``.
       paper: the reference the module implements.
       call_kwargs: keyword arguments of the example call, for kind "other" (e.g. ``{"mask": masks.Causal()}``
@@ -75,10 +77,17 @@ class ModuleSpec:
             raise TypeError(f"ModuleSpec {self.name!r}: module must be an nnx.Module class, got {self.module!r}")
         if self.kind not in KINDS:
             raise ValueError(f"ModuleSpec {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if not callable(self.inputs) and len(self.inputs) != 3:
-            raise ValueError(f"ModuleSpec {self.name!r}: inputs must be a shape (B, T, d) or a function "
+        rank = 4 if self.kind == "image" else 3
+        if not callable(self.inputs) and len(self.inputs) != rank:
+            shape = "(B, H, W, C)" if self.kind == "image" else "(B, T, d)"
+            raise ValueError(f"ModuleSpec {self.name!r}: inputs must be a shape {shape} or a function "
                              f"key -> inputs, got {self.inputs!r}")
-        if self.kind != "other":
+        if self.kind == "image":
+            if self.call_kwargs is not None or self.causal:
+                raise ValueError(f"ModuleSpec {self.name!r}: an image module is called module(x), not causal; "
+                                 "call_kwargs is for kind 'other'")
+            object.__setattr__(self, "call_kwargs", {})
+        elif self.kind != "other":
             if self.call_kwargs is not None:
                 raise ValueError(f"ModuleSpec {self.name!r}: a {self.kind} is called like MultiHeadAttention "
                                  "(mask=masks.Causal() when causal); call_kwargs is for kind 'other'")
@@ -96,7 +105,7 @@ class ModuleSpec:
         return self.module(**self.kwargs, rngs=rngs) if self.takes_rngs else self.module(**self.kwargs)
 
     def example_inputs(self, key: jax.Array) -> tuple:
-        """The positional inputs of the example call: ``(x [B, T, d],)`` or ``inputs(key)``."""
+        """The positional inputs of the example call: ``(x [B, T, d] or [B, H, W, C],)`` or ``inputs(key)``."""
         if callable(self.inputs):
             return tuple(self.inputs(key))
         return (jax.random.normal(key, self.inputs, jnp.float32),)
@@ -151,3 +160,6 @@ LAYERS = ModuleView("layer")
 
 BLOCKS = ModuleView("block")
 """Residual blocks (token mixer + channel mixer) by name, with the same interface."""
+
+IMAGES = ModuleView("image")
+"""Modules on NHWC feature maps by name: ``[B, H, W, C] -> [B, H, W, C]`` (conv-net attention modules)."""

@@ -1,0 +1,9 @@
+"""Attention modules for convolutional networks, NHWC (``[B, H, W, C]``, as ``flax.nnx.Conv`` takes it).
+
+Each module is registered with kind ``"image"`` (``attnjax.nn.registry.IMAGES``), cites its paper and
+equation, owns its parameters, and calls the functional core in ``attnjax.vision`` where it has one.
+"""
+
+from attnjax.nn.conv.squeeze_excite import ConcurrentSqueezeExcite, SpatialSqueezeExcite, SqueezeExcite
+
+__all__ = ["SqueezeExcite", "SpatialSqueezeExcite", "ConcurrentSqueezeExcite"]

@@ -1,0 +1,9 @@
+"""Vision attention: the functional cores of attention modules for conv nets and vision transformers.
+
+Pure functions on NHWC feature maps ``[B, H, W, C]`` (the layout of ``flax.nnx.Conv``) with their
+parameters passed in; the modules that own the parameters are in ``attnjax.nn.conv``.
+"""
+
+from attnjax.vision import squeeze_excite
+
+__all__ = ["squeeze_excite"]
