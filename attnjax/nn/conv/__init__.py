@@ -5,5 +5,7 @@ equation, owns its parameters, and calls the functional core in ``attnjax.vision
 """
 
 from attnjax.nn.conv.squeeze_excite import ConcurrentSqueezeExcite, SpatialSqueezeExcite, SqueezeExcite
+from attnjax.nn.conv.polarized import PolarizedSelfAttention
+from attnjax.nn.conv.efficient_local import EfficientLocalAttention
 
 __all__ = ["SqueezeExcite", "SpatialSqueezeExcite", "ConcurrentSqueezeExcite"]
