@@ -1,0 +1,115 @@
+"""Statistics of softmax attention maps computed one query tile at a time, never a ``[T, S]`` map.
+
+``scan_query_tiles`` walks the queries in tiles of ``block_q`` rows. Each step forms the tile's logits
+against every key, ``s = scale·q·kᵀ + bias`` (optionally soft-capped, masked to ``-inf``), its exact
+row log-normalizer ``lse`` and log-probabilities ``log p = s − lse``, and hands them to a reducer that
+returns per-row values (kept, ``[B, Hq, tq, ...]``) and per-key values (summed over the tile's rows,
+``[B, Hq, S, ...]``). Peak memory is ``O(B·Hq·block_q·S)``, time that of one attention forward
+without values. Per-query statistics (entropy, attention distance) are row values, per-key ones (the
+attention mass a key receives, sink scores) column sums.
+
+The maps are those of ``attnjax.attention(q, k, v, mask=..., bias=..., scale=...,
+logits_soft_cap=...)`` with the softmax mechanism: the same scale, bias, soft cap, masks and GQA
+layout (query head ``h`` reads key head ``h // (Hq // Hkv)``). A row with no allowed key has
+``log p = -inf`` everywhere (it attends to nothing), as do the padding rows of the last tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.bias import Bias, as_bias
+from attnjax.blocked.scores import allowed, raw_logits, score_spec, soft_cap
+from attnjax.checks import check_options, check_positive
+from attnjax.masks import Mask
+from attnjax.meshes import vary_like
+from attnjax.tiling import num_tiles, pad_axis
+
+TileReducer = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, Any]]
+"""``(log_p, logits, q_idx, kv_idx) -> (rows, columns)``: ``log_p`` and ``logits`` are float32
+``[B, Hq, tq, S]`` (``-inf`` where masked), ``q_idx [tq]`` the query rows (``>= T`` for padding),
+``kv_idx [S]``; ``rows`` a pytree of ``[B, Hq, tq, ...]`` arrays, ``columns`` a pytree of ``[B, Hq, S, ...]``
+arrays that the scan sums over tiles (``None`` for either when unused)."""
+
+
+def check_qk(q: jax.Array, k: jax.Array) -> None:
+    """The ``[B, T, Hq, D]`` / ``[B, S, Hkv, D]`` contract of the map statistics (no values needed)."""
+    for name, x in (("q", q), ("k", k)):
+        if not hasattr(x, "ndim") or x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
+                             f"{getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q [B, T, Hq, D] and k [B, S, Hkv, D] must share B and D with Hq % Hkv == 0, got q "
+                         f"{list(q.shape)}, k {list(k.shape)}")
+
+
+def scan_query_tiles(q: jax.Array, k: jax.Array, reduce_tile: TileReducer, *, mask: Optional[Mask] = None,
+                     bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                     logits_soft_cap: Optional[float] = None, block_q: int = 128) -> tuple[Any, Any]:
+    """Per-row and per-key reductions of the attention map of ``q`` against ``k``, one query tile at a time.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]`` with ``Hq % Hkv == 0``.
+      reduce_tile: see ``TileReducer``.
+      mask, bias, scale, logits_soft_cap: as ``attnjax.attention`` (an array bias broadcastable to
+        ``[B, Hq, T, S]`` is accepted).
+      block_q: query rows per step (memory ``O(B·Hq·block_q·S)``).
+
+    Returns:
+      ``(rows, columns)``: the reducer's row values over all queries, ``[B, Hq, T, ...]``, and its column
+      values summed over all queries, ``[B, Hq, S, ...]``.
+    """
+    check_qk(q, k)
+    check_positive(block_q=block_q)
+    check_options(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=None,
+                  dropout_rate=0.0, rng=None)
+    bias = as_bias(bias)
+    B, T, Hq, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    spec = score_spec(q, k, scale, logits_soft_cap)
+    block_q = min(block_q, max(T, 1))
+    nq = num_tiles(T, block_q)
+    q_tiles = pad_axis(q, 1, block_q).reshape(B, nq, block_q, Hkv, Hq // Hkv, -1).transpose(1, 0, 3, 4, 2, 5)
+    kt, kv_idx = k.transpose(0, 2, 1, 3), jnp.arange(S)
+
+    def tile(qi: jax.Array, start: jax.Array):
+        q_idx = start + jnp.arange(block_q)
+        s = soft_cap(raw_logits(qi, kt, q_idx, kv_idx, bias, spec), logits_soft_cap)
+        keep = allowed(mask, q_idx, kv_idx, spec) & (q_idx < T)[:, None]
+        s = jnp.where(keep, s, -jnp.inf).reshape(B, Hq, block_q, S)
+        lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+        log_p = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
+        return reduce_tile(log_p, s, q_idx, kv_idx)
+
+    cols_struct = jax.eval_shape(tile, q_tiles[0], jnp.int32(0))[1]
+
+    def step(columns, xs):
+        qi, start = xs
+        rows, cols = tile(qi, start)
+        return jax.tree.map(jnp.add, columns, cols), rows
+
+    init = vary_like(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cols_struct), q, k)
+    columns, rows = lax.scan(step, init, (q_tiles, jnp.arange(nq) * block_q))
+    rows = jax.tree.map(lambda r: jnp.moveaxis(r, 0, 2).reshape(B, Hq, nq * block_q, *r.shape[4:])[:, :, :T], rows)
+    return rows, columns
+
+
+def dense_log_probabilities(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,
+                            bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                            logits_soft_cap: Optional[float] = None) -> jax.Array:
+    """The whole map's ``log p [B, Hq, T, S]`` (``-inf`` where masked): the small-input reference of
+    ``scan_query_tiles`` and the entry point for tools that need the full map."""
+    def whole(log_p, s, q_idx, kv_idx):
+        return log_p, None
+
+    return scan_query_tiles(q, k, whole, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                            block_q=max(q.shape[1], 1))[0]
+
+
+__all__ = ["TileReducer", "check_qk", "scan_query_tiles", "dense_log_probabilities"]

@@ -1,0 +1,98 @@
+"""Attention sinks: the attention mass each key receives, blockwise, and the sink metric.
+
+Gu et al., "When Attention Sink Emerges in Language Models: An Empirical View", ICLR 2025, sec. 3.1:
+the importance score of key ``k`` in head ``h`` is its mean attention over the queries that see it,
+``α_k = (1 / |Q_k|) Σ_{i ∈ Q_k} p_ik`` (``|Q_k| = T − k + 1`` under a causal mask), and the sink metric
+is the fraction of heads (over layers) where ``α_k > ε``, ``Sink_k^ε = (1/(L·H)) Σ_l Σ_h 1(α_k^{l,h} > ε)``,
+with ``ε = 0.3`` in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.analysis.blockwise import scan_query_tiles
+from attnjax.bias import Bias
+from attnjax.checks import check_scalar
+from attnjax.masks import Mask
+
+SINK_THRESHOLD = 0.3
+"""``ε`` of Gu et al.'s sink metric (sec. 3.1)."""
+
+
+def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,
+                       bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                       logits_soft_cap: Optional[float] = None, block_q: int = 128) -> tuple[jax.Array, jax.Array]:
+    """Per key: the attention mass it receives and the number of queries that see it.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; mask, bias, scale, logits_soft_cap: as ``attnjax.attention``.
+      block_q: query rows per step (memory ``O(B·Hq·block_q·S)``).
+
+    Returns:
+      ``(mass, seen_by)``, both ``[B, Hq, S]`` float32: ``mass_k = Σ_i p_ik`` and ``seen_by_k = |{i: p_ik's
+      logit is allowed}|``.
+    """
+    def columns(log_p, logits, q_idx, kv_idx):
+        return None, (jnp.sum(jnp.exp(log_p), axis=2), jnp.sum(jnp.isfinite(logits), axis=2, dtype=jnp.float32))
+
+    return scan_query_tiles(q, k, columns, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                            block_q=block_q)[1]
+
+
+def sink_scores(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
+                scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                block_q: int = 128) -> jax.Array:
+    """Gu et al.'s importance score ``α_k``: the mean attention key ``k`` receives from the queries that see
+    it, ``[B, Hq, S]`` float32 (0 for a key no query sees). Arguments as ``attention_received``."""
+    mass, seen_by = attention_received(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                                       block_q=block_q)
+    return jnp.where(seen_by > 0, mass / jnp.maximum(seen_by, 1.0), 0.0)
+
+
+def sink_scores_of_map(probabilities: jax.Array, allowed: Optional[jax.Array] = None) -> jax.Array:
+    """``α_k`` from a dense map ``[..., T, S]`` -> ``[..., S]``; ``allowed`` (bool, broadcastable to the map)
+    says which queries see each key (default: all of them)."""
+    p = jnp.asarray(probabilities, jnp.float32)
+    seen = jnp.ones_like(p) if allowed is None else jnp.broadcast_to(allowed, p.shape).astype(jnp.float32)
+    count = jnp.sum(seen, axis=-2)
+    return jnp.where(count > 0, jnp.sum(p * seen, axis=-2) / jnp.maximum(count, 1.0), 0.0)
+
+
+def sink_metric(scores: jax.Array | Sequence[jax.Array], threshold: float = SINK_THRESHOLD) -> jax.Array:
+    """``Sink_k^ε``: the fraction of (layer, head) pairs whose score ``α_k`` exceeds ``threshold``.
+
+    Args:
+      scores: ``[B, H, S]`` for one layer, or a sequence of them (one per layer), or ``[L, B, H, S]``.
+      threshold: ``ε`` (0.3 in the paper).
+
+    Returns:
+      ``[B, S]`` float32 in ``[0, 1]``.
+    """
+    check_scalar("threshold", threshold)
+    scores = jnp.asarray(scores) if not isinstance(scores, (list, tuple)) else jnp.stack(scores)
+    if scores.ndim == 3:
+        scores = scores[None]
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be [B, H, S] or [L, B, H, S] (or a list of [B, H, S]), got shape "
+                         f"{list(scores.shape)}")
+    return jnp.mean(scores > threshold, axis=(0, 2), dtype=jnp.float32)
+
+
+def detect_sinks(scores: jax.Array | Sequence[jax.Array], threshold: float = SINK_THRESHOLD,
+                 min_fraction: float = 0.5) -> list[np.ndarray]:
+    """The sink positions of each batch element: keys whose ``sink_metric`` is at least ``min_fraction``.
+
+    Returns one sorted int array of key positions per batch element (concrete, for reporting).
+    """
+    check_scalar("min_fraction", min_fraction)
+    metric = np.asarray(sink_metric(scores, threshold))
+    return [np.flatnonzero(row >= min_fraction) for row in metric]
+
+
+__all__ = ["SINK_THRESHOLD", "attention_received", "sink_scores", "sink_scores_of_map", "sink_metric",
+           "detect_sinks"]
