@@ -72,9 +72,8 @@ def test_psa_parameter_count(channels, use_bias, expected):
     assert parameter_count(model) == expected
 
 
-@pytest.mark.parametrize("layout", ["parallel", "sequential"])
-def test_gates_are_in_unit_interval_and_bf16_is_finite(layout):
-    psa = PolarizedSelfAttention(16, layout=layout, rngs=nnx.Rngs(0))
+def test_gates_are_in_unit_interval_and_bf16_is_finite():
+    psa = PolarizedSelfAttention(16, layout="sequential", rngs=nnx.Rngs(0))
     x = 30 * image(dtype=jnp.bfloat16)
     y, channel, spatial = jax.jit(lambda x: (psa(x), psa.channel_gate(x), psa.spatial_gate(x)))(x)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 7, 16)
