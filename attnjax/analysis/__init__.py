@@ -5,9 +5,15 @@ scale, bias, soft cap, masks and GQA layout of ``attnjax.attention``, so it runs
 without a ``[T, S]`` map; the ``*_of_map`` forms take dense maps (small inputs, other libraries' models).
 """
 
-from attnjax.analysis import blockwise, entropy, sinks
+from attnjax.analysis import blockwise, entropy, sinks, anchors, distance
 from attnjax.analysis.entropy import attention_entropy, entropy_of_map
 from attnjax.analysis.sinks import attention_received, detect_sinks, sink_metric, sink_scores, sink_scores_of_map
+from attnjax.analysis.distance import (future_attention_influence, future_attention_influence_of_map, head_span,
+                                       split_heads_by_span, windowed_attention_distance,
+                                       windowed_attention_distance_of_map)
+from attnjax.analysis.anchors import (receiver_head_kurtosis, receiver_head_scores, receiver_heads,
+                                      segment_ids_from_spans, sentence_attention, sentence_attention_of_map,
+                                      vertical_scores)
 
 __all__ = ["blockwise", "entropy", "sinks", "attention_entropy", "entropy_of_map", "attention_received",
            "sink_scores", "sink_scores_of_map", "sink_metric", "detect_sinks"]
