@@ -4,6 +4,7 @@ Pure functions on NHWC feature maps ``[B, H, W, C]`` (the layout of ``flax.nnx.C
 parameters passed in; the modules that own the parameters are in ``attnjax.nn.conv``.
 """
 
-from attnjax.vision import efficient_local, polarized, squeeze_excite
+from attnjax.vision import (efficient_local, focal_modulation, large_kernel, polarized, pooling_mixer,
+                            squeeze_excite)
 
 __all__ = ["squeeze_excite"]

@@ -7,5 +7,8 @@ equation, owns its parameters, and calls the functional core in ``attnjax.vision
 from attnjax.nn.conv.squeeze_excite import ConcurrentSqueezeExcite, SpatialSqueezeExcite, SqueezeExcite
 from attnjax.nn.conv.polarized import PolarizedSelfAttention
 from attnjax.nn.conv.efficient_local import EfficientLocalAttention
+from attnjax.nn.conv.large_kernel import LargeKernelAttention, VANSpatialAttention
+from attnjax.nn.conv.focal_modulation import FocalModulation
+from attnjax.nn.conv.metaformer import MetaFormerBlock, PoolingMixer
 
 __all__ = ["SqueezeExcite", "SpatialSqueezeExcite", "ConcurrentSqueezeExcite"]
