@@ -5,7 +5,7 @@ scale, bias, soft cap, masks and GQA layout of ``attnjax.attention``, so it runs
 without a ``[T, S]`` map; the ``*_of_map`` forms take dense maps (small inputs, other libraries' models).
 """
 
-from attnjax.analysis import blockwise, entropy, sinks, anchors, distance
+from attnjax.analysis import blockwise, entropy, sinks, anchors, distance, regularizers, distillation
 from attnjax.analysis.entropy import attention_entropy, entropy_of_map
 from attnjax.analysis.sinks import attention_received, detect_sinks, sink_metric, sink_scores, sink_scores_of_map
 from attnjax.analysis.distance import (future_attention_influence, future_attention_influence_of_map, head_span,
@@ -14,6 +14,13 @@ from attnjax.analysis.distance import (future_attention_influence, future_attent
 from attnjax.analysis.anchors import (receiver_head_kurtosis, receiver_head_scores, receiver_heads,
                                       segment_ids_from_spans, sentence_attention, sentence_attention_of_map,
                                       vertical_scores)
+from attnjax.analysis.regularizers import (attention_entropy_regularizer, entropic_overload, entropy_guided_penalty,
+                                          entropy_guided_regularizer, entropy_profile, entropy_profile_of_maps,
+                                          mean_head_entropy, mean_head_entropy_of_map, row_entropies)
+from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entropy, attention_cross_entropy_of_maps,
+                                          attention_kl, attention_kl_of_maps, feature_alignment_loss,
+                                          haste_attention_loss, minilm_attention_loss, minilm_loss, minilm_loss_of_maps,
+                                          minilm_value_relation_loss, scan_query_tiles_pair, value_relation_map)
 
 __all__ = ["blockwise", "entropy", "sinks", "attention_entropy", "entropy_of_map", "attention_received",
            "sink_scores", "sink_scores_of_map", "sink_metric", "detect_sinks"]

@@ -1,0 +1,358 @@
+"""Attention distillation: MiniLM's self-attention and value-relation transfer, HASTE's attention alignment.
+
+Both compare a teacher's softmax map with a student's over the same tokens, row by row. The blockwise forms
+walk the query tiles with ``scan_query_tiles_pair``: ``attnjax.analysis.blockwise.scan_query_tiles`` forms a
+tile of the first map, and the same rows of the second map are built beside it from the second q and k
+with the ``attnjax.blocked.scores`` helpers, so no ``[T, S]`` map of either model is formed. Per row,
+
+    ``KL_i = Σ_j p^T_ij (log p^T_ij − log p^S_ij)``,  ``CE_i = −Σ_j p^T_ij log p^S_ij = KL_i + H(p^T_i)``.
+
+MiniLM (Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained
+Transformers", NeurIPS 2020, sec. 3.1): the student's last self-attention layer mimics the teacher's,
+
+- eq. 7: ``L_AT = 1/(A_h|x|) Σ_a Σ_t KL(A^T_{L,a,t} ‖ A^S_{M,a,t})``, ``A = softmax(QKᵀ/√d_k)`` per head;
+- eq. 8: the value relation ``VR = softmax(VVᵀ/√d_k)`` per head (teacher ``d_k``, student ``d'_k``);
+- eq. 9: ``L_VR = 1/(A_h|x|) Σ_a Σ_t KL(VR^T_{L,a,t} ‖ VR^S_{M,a,t})``; the objective is ``L_AT + L_VR``.
+
+It needs the same number of heads ``A_h`` in both models (head ``a`` is matched with head ``a``).
+
+HASTE (Wang et al., "REPA Works Until It Doesn't: Early-Stopped, Holistic Alignment Supercharges Diffusion
+Training", arXiv:2505.16792, 2025; "Holistic Alignment with Stage-wise Termination for Efficient training"):
+phase I adds to the denoising loss an attention alignment (ATTA) term, the cross-entropy between the
+teacher's (DINOv2) attention maps and the student's (SiT) in mid-level layers, and REPA's feature
+alignment, the negative cosine similarity between the teacher's patch features and a projection of the
+student's hidden states; phase II drops both once a trigger fires, a fixed iteration in the paper's runs.
+We follow the official code (github.com/NUS-HPC-AI-Lab/HASTE, ``loss.py`` and ``train.py``): ATTA is the
+mean over layer pairs, heads and query rows of ``CE_i``, the teacher map taken over patch tokens only
+(class token removed before the softmax), the student's first ``H_teacher`` heads aligned, student
+blocks 4-7 paired with teacher blocks 8-11 (0-based), weights 0.5 and 0.5, termination at step 250k
+(``L = L_denoise + 0.5·L_ATTA + 0.5·L_REPA`` before it, ``L_denoise`` after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.analysis.blockwise import check_qk, dense_log_probabilities, scan_query_tiles
+from attnjax.bias import Bias, as_bias
+from attnjax.blocked.scores import allowed, raw_logits, score_spec, soft_cap, to_groups
+from attnjax.checks import check_options, check_scalar, describe
+from attnjax.masks import Mask
+
+PairReducer = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, Any]]
+"""``(log_p1, log_p2, q_idx, kv_idx) -> (rows, columns)``: the two maps' float32 log-probabilities of one query
+tile, ``[B, Hq, tq, S]`` each (``-inf`` where masked and on padding rows ``q_idx >= T``); ``rows`` and
+``columns`` as in ``attnjax.analysis.blockwise.TileReducer``."""
+
+HASTE_LAYER_PAIRS = ((4, 8), (5, 9), (6, 10), (7, 11))
+"""``(student block, teacher block)`` pairs of HASTE's attention alignment, 0-based: SiT-XL/2 blocks 4-7 with
+DINOv2-B blocks 8-11 (the official ``loss.py``)."""
+
+
+def scan_query_tiles_pair(q1: jax.Array, k1: jax.Array, q2: jax.Array, k2: jax.Array, reduce_tile: PairReducer, *,
+                          mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
+                          scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                          block_q: int = 128) -> tuple[Any, Any]:
+    """Per-row and per-key reductions of two softmax maps over the same tokens, one query tile at a time.
+
+    Args:
+      q1, k1: the first map's ``[B, T, Hq, D1]`` and ``[B, S, Hkv1, D1]``.
+      q2, k2: the second map's ``[B, T, Hq, D2]`` and ``[B, S, Hkv2, D2]``; head dims and KV heads may differ.
+      reduce_tile: see ``PairReducer``.
+      mask, bias, scale, logits_soft_cap: as ``attnjax.attention``, applied to both maps (``scale`` defaults
+        to each map's ``1/√D``).
+      block_q: query rows per step; memory ``O(B·Hq·block_q·S)`` per map.
+
+    Returns:
+      ``(rows, columns)`` as ``scan_query_tiles``. Differentiable in all four inputs.
+    """
+    check_qk(q1, k1)
+    check_qk(q2, k2)
+    if q1.shape[:3] != q2.shape[:3] or k1.shape[:2] != k2.shape[:2]:
+        raise ValueError(f"the two maps must share B, T, Hq and S: q1 {list(q1.shape)}, k1 {list(k1.shape)}, "
+                         f"q2 {list(q2.shape)}, k2 {list(k2.shape)}")
+    check_options(q2, k2, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=None,
+                  dropout_rate=0.0, rng=None)
+    B, T, Hq, _ = q2.shape
+    S = k2.shape[1]
+    spec = score_spec(q2, k2, scale, logits_soft_cap)
+    bias2 = as_bias(bias)
+    k2t = k2.transpose(0, 2, 1, 3)
+
+    def tile(log_p1, logits1, q_idx, kv_idx):
+        q2_tile = to_groups(jnp.take(q2, q_idx, axis=1, mode="clip").transpose(0, 2, 1, 3), k2.shape[2])
+        s = soft_cap(raw_logits(q2_tile, k2t, q_idx, kv_idx, bias2, spec), logits_soft_cap)
+        keep = allowed(mask, q_idx, kv_idx, spec) & (q_idx < T)[:, None]
+        s = jnp.where(keep, s, -jnp.inf).reshape(B, Hq, q_idx.shape[0], S)
+        lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+        log_p2 = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
+        return reduce_tile(log_p1, log_p2, q_idx, kv_idx)
+
+    return scan_query_tiles(q1, k1, tile, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                            block_q=block_q)
+
+
+def _divergence_terms(log_pt: jax.Array, log_ps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row ``KL(p_t ‖ p_s)``, ``−Σ p_t log p_s`` and "the teacher row has mass", with zero gradient
+    through entries where either map is 0."""
+    both = jnp.isfinite(log_pt) & jnp.isfinite(log_ps)
+    lt = jnp.where(both, log_pt, 0.0)
+    ls = jnp.where(both, log_ps, 0.0)
+    pt = jnp.where(both, jnp.exp(lt), 0.0)
+    return (jnp.sum(pt * (lt - ls), axis=-1), -jnp.sum(pt * ls, axis=-1),
+            jnp.any(jnp.isfinite(log_pt), axis=-1))
+
+
+def _pair_rows(q_t, k_t, q_s, k_s, **options) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def rows(log_pt, log_ps, q_idx, kv_idx):
+        return _divergence_terms(log_pt, log_ps), None
+
+    return scan_query_tiles_pair(q_t, k_t, q_s, k_s, rows, **options)[0]
+
+
+def _row_mean(values: jax.Array, keep: jax.Array) -> jax.Array:
+    count = jnp.sum(keep, dtype=jnp.float32)
+    return jnp.where(count > 0, jnp.sum(jnp.where(keep, values, 0.0)) / jnp.maximum(count, 1.0), 0.0)
+
+
+def attention_kl(q_t: jax.Array, k_t: jax.Array, q_s: jax.Array, k_s: jax.Array, *, mask: Optional[Mask] = None,
+                 bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                 logits_soft_cap: Optional[float] = None, block_q: int = 128) -> jax.Array:
+    """``KL(teacher ‖ student)`` of each query's attention distribution, without a ``[T, S]`` map.
+
+    Args:
+      q_t, k_t: the teacher's ``[B, T, Hq, Dt]`` and ``[B, S, Hkv_t, Dt]``.
+      q_s, k_s: the student's ``[B, T, Hq, Ds]`` and ``[B, S, Hkv_s, Ds]`` (the same ``Hq``: head ``h`` of one
+        is compared with head ``h`` of the other).
+      mask, bias, scale, logits_soft_cap, block_q: as ``scan_query_tiles_pair``.
+
+    Returns:
+      ``[B, Hq, T]`` float32 (0 for a query with no allowed key). Differentiable in all four inputs; wrap the
+      teacher's in ``jax.lax.stop_gradient`` when it is frozen.
+    """
+    return _pair_rows(q_t, k_t, q_s, k_s, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                      block_q=block_q)[0]
+
+
+def attention_cross_entropy(q_t: jax.Array, k_t: jax.Array, q_s: jax.Array, k_s: jax.Array, *,
+                            mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
+                            scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                            block_q: int = 128) -> jax.Array:
+    """``−Σ_j p^T_ij log p^S_ij`` per query, ``[B, Hq, T]`` float32, blockwise; arguments as ``attention_kl``
+    (the KL plus the teacher's entropy: the same gradient for the student)."""
+    return _pair_rows(q_t, k_t, q_s, k_s, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
+                      block_q=block_q)[1]
+
+
+def attention_kl_of_maps(teacher: jax.Array, student: jax.Array) -> jax.Array:
+    """``KL(teacher ‖ student)`` per row of dense maps ``[..., T, S] -> [..., T]`` (terms with ``p^T = 0``
+    are 0; a student 0 where the teacher is not gives ``inf``)."""
+    pt, ps = _check_maps(teacher, student, ("teacher", "student"))
+    on = pt > 0
+    return jnp.sum(jnp.where(on, pt * (jnp.log(jnp.where(on, pt, 1.0)) - jnp.log(jnp.where(on, ps, 1.0))), 0.0),
+                   axis=-1)
+
+
+def attention_cross_entropy_of_maps(teacher: jax.Array, student: jax.Array) -> jax.Array:
+    """``−Σ_j p^T_ij log p^S_ij`` per row of dense maps ``[..., T, S] -> [..., T]``."""
+    pt, ps = _check_maps(teacher, student, ("teacher", "student"))
+    on = pt > 0
+    return -jnp.sum(jnp.where(on, pt * jnp.log(jnp.where(on, ps, 1.0)), 0.0), axis=-1)
+
+
+def _check_maps(a: jax.Array, b: jax.Array, names: tuple[str, str]) -> tuple[jax.Array, jax.Array]:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if a.ndim < 2 or a.shape != b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must be maps [..., T, S] of one shape, got {describe(a)} and "
+                         f"{describe(b)}")
+    return a, b
+
+
+def _check_same_heads(teacher: jax.Array, student: jax.Array, what: str) -> None:
+    if teacher.ndim == 4 and student.ndim == 4 and teacher.shape[2] != student.shape[2]:
+        raise ValueError(f"MiniLM matches teacher and student {what} head by head, so they need the same number "
+                         f"of heads (A_h): got {teacher.shape[2]} and {student.shape[2]} (teacher "
+                         f"{list(teacher.shape)}, student {list(student.shape)}); MiniLMv2's relation "
+                         "distillation lifts this")
+
+
+def minilm_attention_loss(q_t: jax.Array, k_t: jax.Array, q_s: jax.Array, k_s: jax.Array, *,
+                          mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
+                          scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                          block_q: int = 128) -> jax.Array:
+    """MiniLM's ``L_AT`` (eq. 7): the mean over batch, heads and queries of ``KL(A^T ‖ A^S)``, blockwise.
+
+    Args as ``attention_kl``; the teacher and the student need the same number of query heads. The mean runs
+    over the rows that see at least one key (all of them without a mask, as in the paper's ``1/(A_h|x|)``).
+
+    Returns:
+      a float32 scalar.
+    """
+    _check_same_heads(q_t, q_s, "attention")
+    kl, _, has_keys = _pair_rows(q_t, k_t, q_s, k_s, mask=mask, bias=bias, scale=scale,
+                                 logits_soft_cap=logits_soft_cap, block_q=block_q)
+    return _row_mean(kl, has_keys)
+
+
+def minilm_value_relation_loss(v_t: jax.Array, v_s: jax.Array, *, mask: Optional[Mask] = None,
+                               block_q: int = 128) -> jax.Array:
+    """MiniLM's ``L_VR`` (eqs. 8-9): the mean over batch, heads and positions of
+    ``KL(softmax(V^T V^Tᵀ/√d_k) ‖ softmax(V^S V^Sᵀ/√d'_k))``, blockwise (the value relation is the softmax
+    map of ``V`` against itself).
+
+    Args:
+      v_t: the teacher's values ``[B, S, H, Dt]``; v_s: the student's ``[B, S, H, Ds]`` (same ``H``).
+      mask: an ``attnjax.masks`` value for the ``[S, S]`` relation (default none, as in MiniLM's BERT models).
+      block_q: rows per step.
+
+    ``√d_k`` is each model's value head size (the attention head size in MiniLM's models).
+
+    Returns:
+      a float32 scalar.
+    """
+    _check_same_heads(v_t, v_s, "value")
+    kl, _, has_keys = _pair_rows(v_t, v_t, v_s, v_s, mask=mask, block_q=block_q)
+    return _row_mean(kl, has_keys)
+
+
+def minilm_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array], *, mask: Optional[Mask] = None,
+                bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                logits_soft_cap: Optional[float] = None, block_q: int = 128) -> jax.Array:
+    """MiniLM's distillation objective ``L_AT + L_VR`` for one layer pair (the teachers' and students' last
+    self-attention layers in the paper).
+
+    Args:
+      teacher, student: ``(q, k, v)`` of each model's layer, ``q [B, T, H, D]``, ``k``/``v [B, T, Hkv, D]``
+        (self-attention; ``H`` and ``Hkv`` equal across the two models).
+      mask: applied to the attention maps and to the value relation.
+      bias, scale, logits_soft_cap: the attention maps' options (``minilm_attention_loss``).
+      block_q: rows per step.
+
+    Returns:
+      a float32 scalar.
+    """
+    if len(teacher) != 3 or len(student) != 3:
+        raise ValueError("teacher and student must each be a (q, k, v) triple")
+    (q_t, k_t, v_t), (q_s, k_s, v_s) = teacher, student
+    return (minilm_attention_loss(q_t, k_t, q_s, k_s, mask=mask, bias=bias, scale=scale,
+                                  logits_soft_cap=logits_soft_cap, block_q=block_q)
+            + minilm_value_relation_loss(v_t, v_s, mask=mask, block_q=block_q))
+
+
+def value_relation_map(v: jax.Array, *, mask: Optional[Mask] = None) -> jax.Array:
+    """MiniLM's value relation (eq. 8) as a dense map: ``softmax(VVᵀ/√d) [B, H, S, S]`` from ``v [B, S, H, D]``
+    (small inputs; the losses never form it)."""
+    return jnp.exp(dense_log_probabilities(v, v, mask=mask))
+
+
+def minilm_loss_of_maps(attention_teacher: jax.Array, attention_student: jax.Array,
+                        value_relation_teacher: jax.Array, value_relation_student: jax.Array) -> jax.Array:
+    """``L_AT + L_VR`` from dense maps ``[B, H, T, S]`` and ``[B, H, S, S]`` (e.g. another library's attention
+    probabilities and ``value_relation_map``): means of the row KLs over rows where the teacher has mass."""
+    parts = []
+    for teacher, student in ((attention_teacher, attention_student), (value_relation_teacher, value_relation_student)):
+        kl = attention_kl_of_maps(teacher, student)
+        parts.append(_row_mean(kl, jnp.any(jnp.asarray(teacher) > 0, axis=-1)))
+    return parts[0] + parts[1]
+
+
+def haste_attention_loss(teacher_layers: Sequence[tuple[jax.Array, jax.Array]],
+                         student_layers: Sequence[tuple[jax.Array, jax.Array]], *, mask: Optional[Mask] = None,
+                         bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                         logits_soft_cap: Optional[float] = None, block_q: int = 128) -> jax.Array:
+    """HASTE's attention alignment ``L_ATTA``: the mean over layer pairs, batch, heads and query rows of the
+    cross-entropy ``−Σ_j p^T_ij log p^S_ij`` between the teacher's and the student's maps, blockwise.
+
+    Args:
+      teacher_layers: ``(q, k)`` per aligned teacher layer, ``[B, T, H, Dt]`` / ``[B, T, Hkv_t, Dt]``, over the
+        tokens both models share (HASTE drops DINOv2's class token from q and k: the same as its softmax
+        over patch logits).
+      student_layers: ``(q, k)`` of the paired student layers, the same length, ``[B, T, H, Ds]``; to align
+        the first ``H`` of a student's larger number of heads, as HASTE does, slice its ``q`` (and ``k``).
+      mask, bias, scale, logits_soft_cap, block_q: as ``attention_cross_entropy``, for every pair.
+
+    Returns:
+      a float32 scalar, differentiable in the student's q and k.
+    """
+    if len(teacher_layers) != len(student_layers) or not teacher_layers:
+        raise ValueError(f"teacher_layers and student_layers must be non-empty and pair up one to one, got "
+                         f"{len(teacher_layers)} and {len(student_layers)} layers")
+    losses = []
+    for (q_t, k_t), (q_s, k_s) in zip(teacher_layers, student_layers):
+        _, ce, has_keys = _pair_rows(q_t, k_t, q_s, k_s, mask=mask, bias=bias, scale=scale,
+                                     logits_soft_cap=logits_soft_cap, block_q=block_q)
+        losses.append(_row_mean(ce, has_keys))
+    return jnp.mean(jnp.stack(losses))
+
+
+def feature_alignment_loss(teacher_features: jax.Array, student_features: jax.Array) -> jax.Array:
+    """REPA's feature alignment as HASTE uses it: ``−mean_n cos(y_n, h_φ(z_n))`` over all tokens and the batch.
+
+    Args:
+      teacher_features: the teacher's patch features ``[..., C]``.
+      student_features: the student's projected hidden states ``h_φ(z)``, the same shape.
+
+    Returns:
+      a float32 scalar in ``[−1, 1]`` (a zero vector has cosine 0).
+    """
+    y = jnp.asarray(teacher_features, jnp.float32)
+    z = jnp.asarray(student_features, jnp.float32)
+    if y.ndim < 1 or y.shape != z.shape:
+        raise ValueError(f"teacher_features and student_features must be features [..., C] of one shape, got "
+                         f"{describe(y)} and {describe(z)}")
+
+    def unit(x):
+        norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+        return x / jnp.maximum(norm, 1e-12)
+
+    return -jnp.mean(jnp.sum(unit(y) * unit(z), axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class HasteSchedule:
+    """HASTE's two phases: alignment weights until ``stop_step``, then the denoising loss alone.
+
+    ``loss(step, denoising, attention, features) = denoising + [step < stop_step]·(attention_weight·attention
+    + feature_weight·features)`` (the official ``train.py``: ``--attn-coeff 0.5 --proj-coeff 0.5
+    --early-stop-point 250000`` on ImageNet 256, 150k on MS-COCO). ``step`` may be a Python int or a traced
+    array; to stop paying for the teacher's forward pass after the trigger, branch in Python on
+    ``active(step)`` with an int step (as the official code does).
+    """
+
+    attention_weight: float = 0.5
+    feature_weight: float = 0.5
+    stop_step: int = 250_000
+
+    def __post_init__(self):
+        for name in ("attention_weight", "feature_weight"):
+            check_scalar(name, getattr(self, name))
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool) or self.stop_step < 0:
+            raise ValueError(f"stop_step must be a non-negative int, got {describe(self.stop_step)}")
+
+    def active(self, step: int | jax.Array) -> bool | jax.Array:
+        """Whether phase I (alignment) is on at ``step``: ``step < stop_step``."""
+        return step < self.stop_step
+
+    def weights(self, step: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(attention weight, feature weight)`` at ``step``: the configured ones in phase I, zeros after."""
+        on = jnp.asarray(self.active(step), jnp.float32)
+        return on * self.attention_weight, on * self.feature_weight
+
+    def loss(self, step: int | jax.Array, denoising: jax.Array, attention: jax.Array,
+             features: jax.Array) -> jax.Array:
+        """The total loss at ``step`` from the three scalar terms."""
+        w_attention, w_features = self.weights(step)
+        return denoising + jnp.where(w_attention > 0, w_attention * attention, 0.0) + jnp.where(
+            w_features > 0, w_features * features, 0.0)
+
+
+__all__ = ["PairReducer", "HASTE_LAYER_PAIRS", "scan_query_tiles_pair", "attention_kl", "attention_cross_entropy",
+           "attention_kl_of_maps", "attention_cross_entropy_of_maps", "minilm_attention_loss",
+           "minilm_value_relation_loss", "minilm_loss", "value_relation_map", "minilm_loss_of_maps",
+           "haste_attention_loss", "feature_alignment_loss", "HasteSchedule"]
