@@ -5,7 +5,7 @@ scale, bias, soft cap, masks and GQA layout of ``attnjax.attention``, so it runs
 without a ``[T, S]`` map; the ``*_of_map`` forms take dense maps (small inputs, other libraries' models).
 """
 
-from attnjax.analysis import blockwise, entropy, sinks, anchors, distance, regularizers, distillation
+from attnjax.analysis import blockwise, entropy, sinks, anchors, distance, heads, similarity, rank, rollout, regularizers, distillation
 from attnjax.analysis.entropy import attention_entropy, entropy_of_map
 from attnjax.analysis.sinks import attention_received, detect_sinks, sink_metric, sink_scores, sink_scores_of_map
 from attnjax.analysis.distance import (future_attention_influence, future_attention_influence_of_map, head_span,
@@ -14,6 +14,12 @@ from attnjax.analysis.distance import (future_attention_influence, future_attent
 from attnjax.analysis.anchors import (receiver_head_kurtosis, receiver_head_scores, receiver_heads,
                                       segment_ids_from_spans, sentence_attention, sentence_attention_of_map,
                                       vertical_scores)
+from attnjax.analysis.heads import (attention_argmax, attention_influence, copy_paste_events, head_ablation_loss_change,
+                                    head_importance, retrieval_scores)
+from attnjax.analysis.similarity import attention_similarity, attention_similarity_of_maps
+from attnjax.analysis.rank import (arank, arank_of_maps, hyperattention_alpha, hyperattention_alpha_of_map, kv_state,
+                                   kv_state_rank, numerical_rank, squared_column_norms, stable_rank, stable_rank_of_map)
+from attnjax.analysis.rollout import attention_rollout
 from attnjax.analysis.regularizers import (attention_entropy_regularizer, entropic_overload, entropy_guided_penalty,
                                           entropy_guided_regularizer, entropy_profile, entropy_profile_of_maps,
                                           mean_head_entropy, mean_head_entropy_of_map, row_entropies)
