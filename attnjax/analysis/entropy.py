@@ -19,8 +19,10 @@ from attnjax.masks import Mask
 
 
 def entropy_terms(log_p: jax.Array) -> jax.Array:
-    """``−p·log p`` elementwise from ``log p`` (0 where ``p = 0``), float32."""
-    return jnp.where(jnp.isfinite(log_p), -jnp.exp(log_p) * log_p, 0.0)
+    """``−p·log p`` elementwise from ``log p`` (0 where ``p = 0``, with a zero gradient there), float32."""
+    finite = jnp.isfinite(log_p)
+    safe = jnp.where(finite, log_p, 0.0)
+    return jnp.where(finite, -jnp.exp(safe) * safe, 0.0)
 
 
 def attention_entropy(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,

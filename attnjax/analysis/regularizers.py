@@ -18,10 +18,9 @@ in the official ``entropy_regularization.py``). Their "entropic overload" is a l
 entropy lies in ``[¾·E_max, E_max]`` (their head-wise entropy analysis); ``entropy_profile`` gives each
 head's mean entropy over ``E_max`` and ``entropic_overload`` the share of heads per layer at or above ``¾``.
 
-The blockwise forms walk the query tiles with ``scan_query_tiles`` and are differentiable: the entropy terms
-are written so that masked keys and rows without keys give zero gradient (``0·log 0`` is never formed).
-``row_entropies`` has the values of ``attnjax.analysis.attention_entropy``, whose gradient is NaN under a
-mask (``entropy_terms`` forms ``exp(−inf)·(−inf)`` in the branch that ``where`` discards).
+The blockwise forms walk the query tiles with ``scan_query_tiles`` and are differentiable: masked keys and
+rows without keys give zero gradient (``entropy_terms`` never forms ``0·log 0``). ``row_entropies`` is
+``attnjax.analysis.attention_entropy`` plus whether each row sees a key.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.analysis.blockwise import check_qk, scan_query_tiles
-from attnjax.analysis.entropy import entropy_of_map
+from attnjax.analysis.entropy import entropy_of_map, entropy_terms
 from attnjax.bias import Bias
 from attnjax.checks import check_scalar, describe
 from attnjax.masks import Mask
@@ -44,19 +43,12 @@ ENTROPY_TOLERANCE = 0.2
 """``γ``, the tolerance margin as a fraction of ``E_max`` (the official code's default)."""
 
 
-def safe_entropy_terms(log_p: jax.Array) -> jax.Array:
-    """``−p·log p`` from ``log p`` (0 where ``p = 0``) with a zero, not NaN, gradient at ``p = 0``."""
-    finite = jnp.isfinite(log_p)
-    lp = jnp.where(finite, log_p, 0.0)
-    return jnp.where(finite, -jnp.exp(lp) * lp, 0.0)
-
-
 def row_entropies(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
                   scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
                   block_q: int = 128) -> tuple[jax.Array, jax.Array]:
     """Each query's attention entropy in nats and whether it sees any key, blockwise and differentiable.
 
-    The values of ``attnjax.analysis.attention_entropy``, with gradients that stay finite under masks.
+    ``attnjax.analysis.attention_entropy`` (finite gradients under masks) and whether each row sees a key.
     Memory and time as ``attention_entropy`` (one attention forward without values).
 
     Args:
@@ -67,7 +59,7 @@ def row_entropies(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bi
       ``(entropy, has_keys)``: ``[B, Hq, T]`` float32 and bool.
     """
     def rows(log_p, logits, q_idx, kv_idx):
-        return (jnp.sum(safe_entropy_terms(log_p), axis=-1), jnp.any(jnp.isfinite(log_p), axis=-1)), None
+        return (jnp.sum(entropy_terms(log_p), axis=-1), jnp.any(jnp.isfinite(log_p), axis=-1)), None
 
     return scan_query_tiles(q, k, rows, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
                             block_q=block_q)[0]
@@ -96,7 +88,7 @@ def _dense_entropies(attention: jax.Array, valid: Optional[jax.Array],
         s = jnp.where(keep, x, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         log_p = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
-        return jnp.sum(safe_entropy_terms(log_p), axis=-1), jnp.any(jnp.isfinite(log_p), axis=-1)
+        return jnp.sum(entropy_terms(log_p), axis=-1), jnp.any(jnp.isfinite(log_p), axis=-1)
     p = jnp.where(keep, x, 0.0)
     return entropy_of_map(p), jnp.any(p > 0, axis=-1)
 
@@ -264,6 +256,6 @@ def entropy_guided_regularizer(layers: Sequence[tuple[jax.Array, jax.Array]], th
                                   tolerance=tolerance)
 
 
-__all__ = ["OVERLOAD_FRACTION", "ENTROPY_TOLERANCE", "safe_entropy_terms", "row_entropies",
+__all__ = ["OVERLOAD_FRACTION", "ENTROPY_TOLERANCE", "row_entropies",
            "attention_entropy_regularizer", "mean_head_entropy", "mean_head_entropy_of_map", "entropy_profile",
            "entropy_profile_of_maps", "entropic_overload", "entropy_guided_penalty", "entropy_guided_regularizer"]

@@ -120,3 +120,18 @@ def test_bf16_and_jit():
     assert h.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(h)))
     p, _ = numpy_map(q.astype(jnp.float32), k.astype(jnp.float32), masks.Causal())
     assert_close(h, numpy_entropy(p), rtol=2e-2, name="bf16 entropy")
+
+
+def test_entropy_gradients_are_finite_under_masks_and_equal_the_dense_form():
+    q, k, _ = random_qkv(jax.random.key(7), B=1, T=11, S=11, Hq=2, Hkv=1, D=4)
+    mask = masks.SlidingWindow(3, 0)
+
+    def dense(q, k):
+        return entropy_of_map(jnp.exp(dense_log_probabilities(q, k, mask=mask)))
+
+    def loss(fn):
+        return lambda q, k: jnp.sum(fn(q, k) * jnp.arange(11.0))
+
+    blockwise = jax.jit(jax.grad(loss(lambda q, k: attention_entropy(q, k, mask=mask, block_q=4)), argnums=(0, 1)))
+    for g, g_ref, name in zip(blockwise(q, k), jax.jit(jax.grad(loss(dense), argnums=(0, 1)))(q, k), "qk"):
+        assert_close(g, g_ref, rtol=1e-5, name=f"d{name}")
