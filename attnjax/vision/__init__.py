@@ -5,7 +5,7 @@ parameters passed in; the modules that own the parameters are in ``attnjax.nn.co
 """
 
 from attnjax.vision import (efficient_local, focal_modulation, large_kernel, polarized, pooling_mixer,
-                            squeeze_excite, partial_attention, dual_attention, metamixer,
-                            aggregated_attention)
+                            squeeze_excite, partial_attention, dual_attention, window, conditioned,
+                            metamixer, aggregated_attention)
 
 __all__ = ["squeeze_excite"]

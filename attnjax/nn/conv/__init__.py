@@ -12,6 +12,8 @@ from attnjax.nn.conv.focal_modulation import FocalModulation
 from attnjax.nn.conv.metaformer import MetaFormerBlock, PoolingMixer
 from attnjax.nn.conv.partial_attention import PartialChannelAttention, PartialSelfAttention, PartialSpatialAttention, PATBlock
 from attnjax.nn.conv.dual_attention import DANetChannelAttention, DANetPositionAttention
+from attnjax.nn.conv.moat import MOATBlock
+from attnjax.nn.conv.conditioned import DomainConditionedAttention, SentenceAttentionBlock
 from attnjax.nn.conv.metamixer import FFNetBlock, FFNetChannelMixer, FFNifiedAttention
 from attnjax.nn.conv.transnext import AggregatedAttention, ConvGLU, TransNeXtBlock
 
