@@ -26,7 +26,7 @@ from attnjax.analysis.regularizers import (attention_entropy_regularizer, entrop
 from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entropy, attention_cross_entropy_of_maps,
                                           attention_kl, attention_kl_of_maps, feature_alignment_loss,
                                           haste_attention_loss, minilm_attention_loss, minilm_loss, minilm_loss_of_maps,
-                                          minilm_value_relation_loss, scan_query_tiles_pair, value_relation_map)
+                                          minilm_value_relation_loss, value_relation_map)
 
 __all__ = ["blockwise", "entropy", "sinks", "attention_entropy", "entropy_of_map", "attention_received",
            "sink_scores", "sink_scores_of_map", "sink_metric", "detect_sinks"]

@@ -1,9 +1,8 @@
 """Attention distillation: MiniLM's self-attention and value-relation transfer, HASTE's attention alignment.
 
 Both compare a teacher's softmax map with a student's over the same tokens, row by row. The blockwise forms
-walk the query tiles with ``scan_query_tiles_pair``: ``attnjax.analysis.blockwise.scan_query_tiles`` forms a
-tile of the first map, and the same rows of the second map are built beside it from the second q and k
-with the ``attnjax.blocked.scores`` helpers, so no ``[T, S]`` map of either model is formed. Per row,
+walk the query tiles with ``attnjax.analysis.blockwise.scan_query_tiles_pair``, which forms the same rows of
+both maps side by side, so no ``[T, S]`` map of either model is formed. Per row,
 
     ``KL_i = Σ_j p^T_ij (log p^T_ij − log p^S_ij)``,  ``CE_i = −Σ_j p^T_ij log p^S_ij = KL_i + H(p^T_i)``.
 
@@ -32,68 +31,19 @@ blocks 4-7 paired with teacher blocks 8-11 (0-based), weights 0.5 and 0.5, termi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import check_qk, dense_log_probabilities, scan_query_tiles
-from attnjax.bias import Bias, as_bias
-from attnjax.blocked.scores import allowed, raw_logits, score_spec, soft_cap, to_groups
-from attnjax.checks import check_options, check_scalar, describe
+from attnjax.analysis.blockwise import dense_log_probabilities, scan_query_tiles_pair
+from attnjax.bias import Bias
+from attnjax.checks import check_scalar, describe
 from attnjax.masks import Mask
-
-PairReducer = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, Any]]
-"""``(log_p1, log_p2, q_idx, kv_idx) -> (rows, columns)``: the two maps' float32 log-probabilities of one query
-tile, ``[B, Hq, tq, S]`` each (``-inf`` where masked and on padding rows ``q_idx >= T``); ``rows`` and
-``columns`` as in ``attnjax.analysis.blockwise.TileReducer``."""
 
 HASTE_LAYER_PAIRS = ((4, 8), (5, 9), (6, 10), (7, 11))
 """``(student block, teacher block)`` pairs of HASTE's attention alignment, 0-based: SiT-XL/2 blocks 4-7 with
 DINOv2-B blocks 8-11 (the official ``loss.py``)."""
-
-
-def scan_query_tiles_pair(q1: jax.Array, k1: jax.Array, q2: jax.Array, k2: jax.Array, reduce_tile: PairReducer, *,
-                          mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
-                          scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
-                          block_q: int = 128) -> tuple[Any, Any]:
-    """Per-row and per-key reductions of two softmax maps over the same tokens, one query tile at a time.
-
-    Args:
-      q1, k1: the first map's ``[B, T, Hq, D1]`` and ``[B, S, Hkv1, D1]``.
-      q2, k2: the second map's ``[B, T, Hq, D2]`` and ``[B, S, Hkv2, D2]``; head dims and KV heads may differ.
-      reduce_tile: see ``PairReducer``.
-      mask, bias, scale, logits_soft_cap: as ``attnjax.attention``, applied to both maps (``scale`` defaults
-        to each map's ``1/√D``).
-      block_q: query rows per step; memory ``O(B·Hq·block_q·S)`` per map.
-
-    Returns:
-      ``(rows, columns)`` as ``scan_query_tiles``. Differentiable in all four inputs.
-    """
-    check_qk(q1, k1)
-    check_qk(q2, k2)
-    if q1.shape[:3] != q2.shape[:3] or k1.shape[:2] != k2.shape[:2]:
-        raise ValueError(f"the two maps must share B, T, Hq and S: q1 {list(q1.shape)}, k1 {list(k1.shape)}, "
-                         f"q2 {list(q2.shape)}, k2 {list(k2.shape)}")
-    check_options(q2, k2, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=None,
-                  dropout_rate=0.0, rng=None)
-    B, T, Hq, _ = q2.shape
-    S = k2.shape[1]
-    spec = score_spec(q2, k2, scale, logits_soft_cap)
-    bias2 = as_bias(bias)
-    k2t = k2.transpose(0, 2, 1, 3)
-
-    def tile(log_p1, logits1, q_idx, kv_idx):
-        q2_tile = to_groups(jnp.take(q2, q_idx, axis=1, mode="clip").transpose(0, 2, 1, 3), k2.shape[2])
-        s = soft_cap(raw_logits(q2_tile, k2t, q_idx, kv_idx, bias2, spec), logits_soft_cap)
-        keep = allowed(mask, q_idx, kv_idx, spec) & (q_idx < T)[:, None]
-        s = jnp.where(keep, s, -jnp.inf).reshape(B, Hq, q_idx.shape[0], S)
-        lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
-        log_p2 = jnp.where(jnp.isfinite(lse), s - lse, -jnp.inf)
-        return reduce_tile(log_p1, log_p2, q_idx, kv_idx)
-
-    return scan_query_tiles(q1, k1, tile, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
-                            block_q=block_q)
 
 
 def _divergence_terms(log_pt: jax.Array, log_ps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -352,7 +302,7 @@ class HasteSchedule:
             w_features > 0, w_features * features, 0.0)
 
 
-__all__ = ["PairReducer", "HASTE_LAYER_PAIRS", "scan_query_tiles_pair", "attention_kl", "attention_cross_entropy",
+__all__ = ["HASTE_LAYER_PAIRS", "attention_kl", "attention_cross_entropy",
            "attention_kl_of_maps", "attention_cross_entropy_of_maps", "minilm_attention_loss",
            "minilm_value_relation_loss", "minilm_loss", "value_relation_map", "minilm_loss_of_maps",
            "haste_attention_loss", "feature_alignment_loss", "HasteSchedule"]

@@ -19,7 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.distillation import scan_query_tiles_pair
+from attnjax.analysis.blockwise import scan_query_tiles_pair
 from attnjax.bias import Bias
 from attnjax.checks import describe
 from attnjax.masks import Mask

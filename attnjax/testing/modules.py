@@ -63,33 +63,38 @@ def check_module_against_reference(model: nnx.Module, reference: Callable[..., j
       seed: the random cotangent ``w`` of the scalar ``sum(output * w)`` whose gradients are compared.
 
     The gradient of every parameter is compared: a parameter the reference doesn't read (a gradient
-    of zero there against a nonzero one from the module) fails the check.
+    of zero there against a nonzero one from the module) fails the check. The module's other state (e.g.
+    BatchNorm statistics) goes into the compiled call as an argument, so a training-mode BatchNorm may
+    update it there; ``model`` itself is left unchanged.
     """
     call_kwargs = call_kwargs or {}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     floats = [i for i, a in enumerate(inputs) if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)]
+    other = nnx.to_pure_dict(rest)
 
-    def module_fn(p: dict, xs: list) -> jax.Array:
-        state = nnx.State(params)
+    def module_fn(p: dict, xs: list, o: dict) -> jax.Array:
+        state, rest_state = nnx.State(params), nnx.State(rest)
         nnx.replace_by_pure_dict(state, p)
+        nnx.replace_by_pure_dict(rest_state, o)
         args = list(inputs)
         for i, x in zip(floats, xs):
             args[i] = x
-        return nnx.merge(graphdef, state, rest)(*args, **call_kwargs)
+        return nnx.merge(graphdef, state, rest_state)(*args, **call_kwargs)
 
-    def reference_fn(p: dict, xs: list) -> jax.Array:
+    def reference_fn(p: dict, xs: list, o: dict) -> jax.Array:
         args = list(inputs)
         for i, x in zip(floats, xs):
             args[i] = x
         return reference(p, *args)
 
     pure, xs = nnx.to_pure_dict(params), [inputs[i] for i in floats]
-    y, y_ref = jax.jit(module_fn)(pure, xs), jax.jit(reference_fn)(pure, xs)
+    y, y_ref = jax.jit(module_fn)(pure, xs, other), jax.jit(reference_fn)(pure, xs, other)
     assert_close(y, y_ref, rtol=rtol, atol=atol, name="output")
     w = jax.random.normal(jax.random.key(seed), y_ref.shape, jnp.float32)
 
     def gradients(fn):
-        return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x).astype(jnp.float32) * w), argnums=(0, 1)))(pure, xs)
+        return jax.jit(jax.grad(lambda p, x, o: jnp.sum(fn(p, x, o).astype(jnp.float32) * w),
+                                argnums=(0, 1)))(pure, xs, other)
 
     (gp, gx), (gp_ref, gx_ref) = gradients(module_fn), gradients(reference_fn)
     flat, flat_ref = jax.tree_util.tree_flatten_with_path(gp)[0], jax.tree_util.tree_flatten_with_path(gp_ref)[0]

@@ -10,8 +10,8 @@ from attnjax import masks
 from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entropy, attention_cross_entropy_of_maps,
                                            attention_kl, attention_kl_of_maps, feature_alignment_loss,
                                            haste_attention_loss, minilm_attention_loss, minilm_loss,
-                                           minilm_loss_of_maps, minilm_value_relation_loss, scan_query_tiles_pair,
-                                           value_relation_map)
+                                           minilm_loss_of_maps, minilm_value_relation_loss, value_relation_map)
+from attnjax.analysis.blockwise import scan_query_tiles_pair
 from tests.analysis.test_entropy_and_sinks import numpy_map
 from tests.helpers import assert_close, numpy_rng, random_qkv
 

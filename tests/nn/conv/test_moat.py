@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from attnjax.nn.conv import MOATBlock
-from attnjax.testing.modules import conv2d, parameter_count, parameters
+from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count, parameters
 from tests.helpers import assert_close
 
 
@@ -72,39 +72,14 @@ def moat_reference(head_dim, window=None, norm=batch_norm):
     return reference
 
 
-def check_training_mode_against_reference(model, reference, x, rtol):
-    """``check_module_against_reference`` for a module that updates BatchNorm statistics when called: that
-    helper closes over the non-parameter state, which a training-mode BatchNorm cannot update under ``jit``
-    (TraceContextError), so here the state goes in as an argument. Compares the output and the gradients of
-    every parameter and of ``x``."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    pure, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-    def module_fn(p, x, stats):
-        state, other = nnx.State(params), nnx.State(rest)
-        nnx.replace_by_pure_dict(state, p)
-        nnx.replace_by_pure_dict(other, stats)
-        return nnx.merge(graphdef, state, other)(x)
-
-    y, y_ref = jax.jit(module_fn)(pure, x, stats), jax.jit(reference)(pure, x)
-    assert_close(y, y_ref, rtol=rtol, name="output")
-    w = jax.random.normal(jax.random.key(123), y_ref.shape)
-    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module_fn(p, x, stats) * w), argnums=(0, 1)))(pure, x)
-    grad_ref = jax.jit(jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), argnums=(0, 1)))(pure, x)
-    flat, flat_ref = (jax.tree_util.tree_flatten_with_path(g)[0] for g in (grad, grad_ref))
-    assert [path for path, _ in flat] == [path for path, _ in flat_ref]
-    for (path, g), (_, g_ref) in zip(flat, flat_ref):
-        assert_close(g, g_ref, rtol=rtol, name=f"d{jax.tree_util.keystr(path)}")
-
-
 def test_global_attention_equals_the_paper_formula_forward_and_gradients():
     model = MOATBlock(16, head_dim=8, rngs=nnx.Rngs(0))
-    check_training_mode_against_reference(model, moat_reference(8), image(), rtol=5e-5)
+    check_module_against_reference(model, moat_reference(8), image(), rtol=5e-5)
 
 
 def test_window_attention_equals_a_loop_over_windows_forward_and_gradients():
     model = MOATBlock(16, head_dim=8, window_size=3, relative_position=True, rngs=nnx.Rngs(1))
-    check_training_mode_against_reference(model, moat_reference(8, (3, 3)), image((2, 6, 6, 16), seed=1), rtol=5e-5)
+    check_module_against_reference(model, moat_reference(8, (3, 3)), image((2, 6, 6, 16), seed=1), rtol=5e-5)
 
 
 def test_windows_that_do_not_divide_the_map_attend_over_real_pixels_only():

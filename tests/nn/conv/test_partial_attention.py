@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 from attnjax.nn.conv import PartialChannelAttention, PartialSelfAttention, PartialSpatialAttention, PATBlock
-from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count, parameters
-from attnjax.testing.numerics import assert_close
+from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count
 from attnjax.vision.partial_attention import euclidean_rpe_buckets
 
 
@@ -20,23 +19,6 @@ def image(shape=(4, 5, 7, 16), seed=0, dtype=jnp.float32):
 
 
 forward = nnx.jit(lambda model, x: model(x))
-
-
-def check_training(model, reference, x, rtol=2e-5):
-    """``check_module_against_reference`` for a module whose call updates BatchNorm statistics (training mode):
-    that helper merges the non-parameter state from outside its ``jax.jit``, where a BatchStat can't be
-    written, so this one runs the module under ``nnx.jit`` / ``nnx.grad``. Output, every parameter gradient
-    and the input gradient against ``reference(parameters(model), x)``."""
-    p = parameters(model)
-    assert_close(forward(nnx.clone(model), x), jax.jit(reference)(p, x), rtol=rtol, name="output")
-    w = jax.random.normal(jax.random.key(123), x.shape)
-    grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) * w), argnums=(0, 1)))(nnx.clone(model), x)
-    grads_ref = jax.jit(jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), argnums=(0, 1)))(p, x)
-    flat = jax.tree_util.tree_flatten_with_path((nnx.to_pure_dict(grads[0]), grads[1]))[0]
-    flat_ref = jax.tree_util.tree_flatten_with_path(grads_ref)[0]
-    assert [path for path, _ in flat] == [path for path, _ in flat_ref], "parameter trees differ"
-    for (path, g), (_, g_ref) in zip(flat, flat_ref):
-        assert_close(g, g_ref, rtol=rtol, name=f"d{jax.tree_util.keystr(path)}")
 
 
 def batch_norm(p, x, train=True):
@@ -119,7 +101,7 @@ def with_random_rpe(model):
 
 
 def test_pat_ch_equals_the_official_formula_forward_and_gradients():
-    check_training(PartialChannelAttention(16, rngs=nnx.Rngs(0)), pat_ch_reference, image())
+    check_module_against_reference(PartialChannelAttention(16, rngs=nnx.Rngs(0)), pat_ch_reference, image())
 
 
 def test_pat_ch_in_eval_mode_uses_running_statistics():
@@ -132,7 +114,7 @@ def test_pat_ch_in_eval_mode_uses_running_statistics():
 
 def test_pat_sp_equals_the_official_formula_forward_and_gradients():
     model, x = PartialSpatialAttention(16, rngs=nnx.Rngs(0)), image()
-    check_training(model, pat_sp_reference, x)
+    check_module_against_reference(model, pat_sp_reference, x)
     forward(model, x)  # training mode: the running mean moves 0.1 of the way (PyTorch's momentum)
     np.testing.assert_allclose(model.conv_norm.mean[...], 0.1 * x[..., 8:].mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
 
@@ -156,7 +138,7 @@ def test_pat_sf_and_its_block_equal_the_official_formula():
         x = x + pat_sf_reference(p["mixer"], x)
         return x + mlp_reference(p, x)
 
-    check_training(model, reference, image(seed=3), rtol=5e-5)
+    check_module_against_reference(model, reference, image(seed=3), rtol=5e-5)
 
 
 def test_pat_ch_block_without_batch_norm_equals_the_official_block():
