@@ -3,8 +3,9 @@
     import attnjax as aj
     out = aj.attention(q, k, v, mechanism="softmax", mask=aj.masks.Causal())
 
-``attnjax.nn`` (the Flax NNX modules) is imported on first access, so the functional core and
-``pallas_kernels`` import without Flax.
+``attnjax.nn`` (the Flax NNX modules) and ``attnjax.analysis`` (statistics of attention maps, which
+capture whole models) are imported on first access, so the functional core and ``pallas_kernels``
+import without Flax.
 """
 
 import importlib
@@ -14,13 +15,13 @@ from attnjax import linear, local, masks, parallel, positional, registry, sparse
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
-__all__ = ["attention", "linear", "local", "masks", "nn", "parallel", "positional", "registry", "softmax", "sparse",
-           "vision", "Bias", "ArrayBias"]
+__all__ = ["analysis", "attention", "linear", "local", "masks", "nn", "parallel", "positional", "registry", "softmax",
+           "sparse", "vision", "Bias", "ArrayBias"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``attnjax.nn`` on first access (PEP 562): Flax is needed by the modules only."""
-    if name == "nn":
-        return importlib.import_module("attnjax.nn")
+    """``attnjax.nn`` and ``attnjax.analysis`` on first access (PEP 562): Flax is needed by the modules only."""
+    if name in ("nn", "analysis"):
+        return importlib.import_module(f"attnjax.{name}")
     raise AttributeError(f"module 'attnjax' has no attribute {name!r}")

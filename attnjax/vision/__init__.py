@@ -1,11 +1,13 @@
 """Vision attention: the functional cores of attention modules for conv nets and vision transformers.
 
 Pure functions on NHWC feature maps ``[B, H, W, C]`` (the layout of ``flax.nnx.Conv``) with their
-parameters passed in; the modules that own the parameters are in ``attnjax.nn.conv``.
+parameters passed in; the modules that own the parameters are in ``attnjax.nn.conv``. ``window``
+partitions maps into (padded) windows and runs ``attnjax.attention`` in each.
 """
 
-from attnjax.vision import (efficient_local, focal_modulation, large_kernel, polarized, pooling_mixer,
-                            squeeze_excite, partial_attention, dual_attention, window, conditioned,
-                            metamixer, aggregated_attention)
+from attnjax.vision import (aggregated_attention, conditioned, dual_attention, efficient_local, focal_modulation,
+                            large_kernel, metamixer, partial_attention, polarized, pooling_mixer, squeeze_excite,
+                            window)
 
-__all__ = ["squeeze_excite"]
+__all__ = ["aggregated_attention", "conditioned", "dual_attention", "efficient_local", "focal_modulation",
+           "large_kernel", "metamixer", "partial_attention", "polarized", "pooling_mixer", "squeeze_excite", "window"]
