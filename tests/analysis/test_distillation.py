@@ -13,6 +13,7 @@ from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entrop
                                            minilm_loss_of_maps, minilm_value_relation_loss, value_relation_map)
 from attnjax.analysis.blockwise import scan_query_tiles_pair
 from tests.analysis.test_entropy_and_sinks import numpy_map
+from tests.analysis.test_regularizers import dense_log_p
 from tests.helpers import assert_close, numpy_rng, random_qkv
 
 
@@ -24,16 +25,6 @@ def numpy_kl(pt, ps):
 def numpy_cross_entropy(pt, ps):
     on = pt > 0
     return -np.sum(np.where(on, pt * np.log(np.where(on, ps, 1)), 0), axis=-1)
-
-
-def dense_log_p(q, k, mask=None):
-    """The softmax map by plain jnp (GQA by repeating k; masked logits -1e30): the gradient reference."""
-    T, Hq, D = q.shape[1:]
-    S, Hkv = k.shape[1:3]
-    s = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, Hq // Hkv, axis=2)) * D ** -0.5
-    if mask is not None:
-        s = jnp.where(mask.dense(T, S), s, -1e30)
-    return jax.nn.log_softmax(s, axis=-1)
 
 
 def dense_kl(teacher, student, mask=None):
