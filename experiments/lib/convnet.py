@@ -17,14 +17,12 @@ deterministic function of its seed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -215,17 +213,17 @@ def forward_flops(model: ConvNet, input_shape: Sequence[int]) -> float:
     return float(cost["flops"])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
-def _train_step(graphdef, config, params, rest, opt_state, images, labels):
-    """One AdamW step on the ``nnx.Param`` state; ``rest`` (norm statistics, RNG counters) comes back updated."""
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, rest)
+@nnx.jit
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array) -> dict:
+    """One optimizer step on the model's ``nnx.Param`` state, in place; other state (e.g. the BatchNorm
+    statistics a module keeps) is updated by the forward pass."""
+    def loss_fn(model):
         total, correct, count = token_loss(model(images), labels)
-        return total / count, (correct / count, nnx.split(model, nnx.Param, ...)[2])
+        return total / count, correct / count
 
-    (loss, (accuracy, rest_out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = make_optimizer(config).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest_out, opt_state, {"loss": loss, "accuracy": accuracy}
+    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return {"loss": loss, "accuracy": accuracy}
 
 
 def train_classifier(model: nnx.Module, batch_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
@@ -233,22 +231,20 @@ def train_classifier(model: nnx.Module, batch_fn: Callable[[int], tuple[np.ndarr
     """Train ``model`` (images -> logits) in place on ``batch_fn(step)`` with ``make_optimizer(config)``.
 
     The model is in training mode (``model.train()``) during the steps and in evaluation mode after. Unlike
-    ``experiments.lib.training.train``, non-parameter state (e.g. BatchNorm statistics a module keeps) is
-    carried from step to step. Returns one ``{step, loss, accuracy}`` per ``config.log_every`` steps and the last.
+    ``experiments.lib.training.train`` (parameters only), the step is an ``nnx`` transform, so state a module
+    updates in its forward pass (BatchNorm statistics) is kept. Returns one ``{step, loss, accuracy}`` per
+    ``config.log_every`` steps and the last.
     """
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = make_optimizer(config).init(params)
+    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
     history = []
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         images, labels = batch_fn(step)
-        params, rest, opt_state, metrics = _train_step(graphdef, config, params, rest, opt_state,
-                                                       jnp.asarray(images), jnp.asarray(labels))
+        metrics = _train_step(model, optimizer, jnp.asarray(images), jnp.asarray(labels))
         if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, **{k: float(v) for k, v in metrics.items()}})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    nnx.update(model, params, rest)
     model.eval()
     return history
 
@@ -272,7 +268,7 @@ class ConvSettings:
     groups: int = 8
     task: TaskConfig = TaskConfig()
     steps: int = 300
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.05
