@@ -6,7 +6,7 @@ without a ``[T, S]`` map; the ``*_of_map`` forms take dense maps (small inputs, 
 """
 
 from attnjax.analysis import (blockwise, entropy, sinks, anchors, distance, heads, similarity, rank, rollout,
-                              regularizers, distillation)
+                              regularizers, distillation, capture, plots)
 from attnjax.analysis.entropy import attention_entropy, entropy_of_map
 from attnjax.analysis.sinks import attention_received, detect_sinks, sink_metric, sink_scores, sink_scores_of_map
 from attnjax.analysis.distance import (future_attention_influence, future_attention_influence_of_map, head_span,
@@ -28,6 +28,8 @@ from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entrop
                                           attention_kl, attention_kl_of_maps, feature_alignment_loss,
                                           haste_attention_loss, minilm_attention_loss, minilm_loss, minilm_loss_of_maps,
                                           minilm_value_relation_loss, value_relation_map)
+from attnjax.analysis.capture import AttentionInputs, apply_to_layers, attention_maps, capture_attention
+from attnjax.analysis.plots import plot_attention_map, plot_head_heatmap, plot_rollout_on_image
 
 __all__ = [
     "blockwise", "entropy", "sinks", "anchors", "distance", "heads", "similarity", "rank", "rollout",

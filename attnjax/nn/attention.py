@@ -19,6 +19,7 @@ from flax.typing import Dtype
 from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
+from attnjax.nn.capture import refuse_capture, sow_attention_inputs
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
@@ -256,7 +257,9 @@ class MultiHeadAttention(nnx.Module):
         if self.rope is not None and not cross:
             q, k = self.rope(q, positions), self.rope(k, positions)
         if sp is not None:
+            refuse_capture(f"{type(self).__name__} with sequence_parallel (tokens in layout order)")
             return self.out(sp.attend(q, k, v, mask=mask, implementation=self.implementation))
+        sow_attention_inputs(self, q, k, mask=mask, scale=None, mechanism=self.mechanism.name)
         deterministic = self.deterministic if deterministic is None else deterministic
         rate = 0.0 if deterministic else self.dropout_rate
         out = attention(q, k, v, mechanism=self.mechanism, mask=mask, dropout_rate=rate,
