@@ -46,10 +46,12 @@ def test_blockwise_entropy_and_sinks_equal_numpy_definitions(case):
     q, k, _ = random_qkv(jax.random.key(0), T=case["T"], S=case["S"], Hq=case["Hq"], Hkv=case["Hkv"], D=8)
     q = 3 * q  # peaked maps: entropies away from log n
     p, allowed = numpy_map(q, k, case["mask"])
-    entropy, (mass, seen_by), scores = jax.jit(lambda q, k: (
-        attention_entropy(q, k, mask=case["mask"], block_q=8), attention_received(q, k, mask=case["mask"], block_q=8),
-        sink_scores(q, k, mask=case["mask"], block_q=8)))(q, k)
-    assert_close(entropy, numpy_entropy(p), rtol=1e-5, name="entropy")
+    entropy, blockwise, (mass, seen_by), scores = jax.jit(lambda q, k: (
+        attention_entropy(q, k, mask=case["mask"]),
+        attention_entropy(q, k, mask=case["mask"], block_q=8, implementation="blockwise"),
+        attention_received(q, k, mask=case["mask"], block_q=8), sink_scores(q, k, mask=case["mask"], block_q=8)))(q, k)
+    assert_close(entropy, numpy_entropy(p), rtol=1e-5, name="entropy (lse - E[s] from attention)")
+    assert_close(blockwise, numpy_entropy(p), rtol=1e-5, name="entropy (blockwise)")
     assert_close(mass, p.sum(axis=2), rtol=1e-5, name="mass")
     np.testing.assert_array_equal(np.asarray(seen_by), allowed.sum(axis=2))
     alpha = np.where(allowed.sum(2) > 0, p.sum(2) / np.maximum(allowed.sum(2), 1), 0)
@@ -112,6 +114,10 @@ def test_bad_inputs_name_the_argument():
         attention_entropy(q[:, :, :2], k, block_q=0)
     with pytest.raises(TypeError, match="q must be a floating-point array"):
         attention_entropy(q.astype(jnp.int32), k)
+    with pytest.raises(NotImplementedError, match="no bias or logits_soft_cap"):
+        attention_entropy(q[:, :, :2], k, logits_soft_cap=5.0, implementation="attention")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        attention_entropy(q[:, :, :2], k, implementation="flash")
 
 
 def test_bf16_and_jit():
@@ -132,6 +138,9 @@ def test_entropy_gradients_are_finite_under_masks_and_equal_the_dense_form():
     def loss(fn):
         return lambda q, k: jnp.sum(fn(q, k) * jnp.arange(11.0))
 
-    blockwise = jax.jit(jax.grad(loss(lambda q, k: attention_entropy(q, k, mask=mask, block_q=4)), argnums=(0, 1)))
-    for g, g_ref, name in zip(blockwise(q, k), jax.jit(jax.grad(loss(dense), argnums=(0, 1)))(q, k), "qk"):
-        assert_close(g, g_ref, rtol=1e-5, name=f"d{name}")
+    expected = jax.jit(jax.grad(loss(dense), argnums=(0, 1)))(q, k)
+    for implementation in ("attention", "blockwise"):
+        fn = jax.grad(loss(lambda q, k: attention_entropy(q, k, mask=mask, block_q=4, implementation=implementation)),
+                      argnums=(0, 1))
+        for g, g_ref, name in zip(jax.jit(fn)(q, k), expected, "qk"):
+            assert_close(g, g_ref, rtol=1e-5, name=f"{implementation}: d{name}")
