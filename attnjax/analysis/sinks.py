@@ -38,7 +38,9 @@ def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = Non
       logit is allowed}|``.
     """
     def columns(log_p, logits, q_idx, kv_idx):
-        return None, (jnp.sum(jnp.exp(log_p), axis=2), jnp.sum(jnp.isfinite(logits), axis=2, dtype=jnp.float32))
+        ones = jnp.ones(q_idx.shape, jnp.float32)  # sums over the tile's rows as products: faster on XLA:CPU
+        return None, (jnp.einsum("bhqs,q->bhs", jnp.exp(log_p), ones),
+                      jnp.einsum("bhqs,q->bhs", jnp.isfinite(logits).astype(jnp.float32), ones))
 
     return scan_query_tiles(q, k, columns, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
                             block_q=block_q)[1]

@@ -10,7 +10,8 @@ def test_bench_analysis_reports_ratios_to_the_forward_and_memory(tmp_path):
                          "--name", "tiny"])
     results = json.loads((tmp_path / "tiny.json").read_text())
     rows = {r["path"]: r for r in results["rows"]}
-    assert set(rows) == {bench_analysis.BASELINE, bench_analysis.DENSE, "entropy bq=32", "sink_scores bq=32"}
+    assert set(rows) == {bench_analysis.BASELINE, bench_analysis.DENSE, bench_analysis.ENTROPY_BY_ATTENTION,
+                         "entropy bq=32", "sink_scores bq=32"}
     for r in rows.values():
         assert r["run"] and r["median_s"] > 0 and r["ratio_to_forward"] > 0 and r["memory"]["peak"] > 0
         assert r["temp_fraction_of_map"] == r["memory"]["temp"] / (1 * 2 * 128 * 128 * 4)
