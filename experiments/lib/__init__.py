@@ -16,5 +16,6 @@ pallas_kernels, never another script.
 - ``mqar_data``: the MQAR task (Zoology's multi-query associative recall) as batches;
 - ``mqar_runs``: train and score models on MQAR (the sweep and the main job's quick comparison);
 - ``cab_patterns``: CAB's four attention patterns, checked by running every implementation;
-- ``cab_efficiency``: CAB's efficiency length against softmax, and the whole CAB run.
+- ``cab_efficiency``: CAB's efficiency length against softmax, and the whole CAB run;
+- ``convnet``: a small convnet that takes any registered image module, its synthetic task and training.
 """
