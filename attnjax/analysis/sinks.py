@@ -15,13 +15,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.analysis.blockwise import scan_query_tiles
+from attnjax import masks
+from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.api import attention
 from attnjax.bias import Bias
-from attnjax.checks import check_scalar
+from attnjax.checks import check_positive, check_scalar
 from attnjax.masks import Mask
 
 SINK_THRESHOLD = 0.3
 """``ε`` of Gu et al.'s sink metric (sec. 3.1)."""
+
+
+def window_of(mask: Optional[Mask], T: int, S: int) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """``(left, right)`` of a mask that is a band ``i − left <= j <= i + right`` on a square map (None, Full,
+    Causal, SlidingWindow with ``T == S``; ``None`` bounds are unbounded), else ``None``."""
+    if T != S:
+        return None
+    if mask is None or isinstance(mask, masks.Full):
+        return None, None
+    if isinstance(mask, masks.Causal):
+        return None, 0
+    if isinstance(mask, masks.SlidingWindow):
+        return mask.left, mask.right
+    return None
 
 
 def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,
@@ -29,14 +45,26 @@ def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = Non
                        logits_soft_cap: Optional[float] = None, block_q: int = 128) -> tuple[jax.Array, jax.Array]:
     """Per key: the attention mass it receives and the number of queries that see it.
 
+    Two paths. On a square map with no bias or soft cap, under no mask, ``Full``, ``Causal`` or a
+    ``SlidingWindow``, two blocked forwards that skip masked tiles: ``lse_i`` from ``attnjax.attention(q, k,
+    ·, return_lse=True)``, then ``log mass_j = log Σ_i exp(s_ij − lse_i)``, the log-sum-exp of the transposed
+    map (keys as queries, the band mirrored, bias ``−lse_i``); ``seen_by`` in closed form. Otherwise
+    ``scan_query_tiles`` (memory ``O(B·Hq·block_q·S)``, every key of each query tile).
+
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; mask, bias, scale, logits_soft_cap: as ``attnjax.attention``.
-      block_q: query rows per step (memory ``O(B·Hq·block_q·S)``).
+      block_q: query rows per step of the scan.
 
     Returns:
       ``(mass, seen_by)``, both ``[B, Hq, S]`` float32: ``mass_k = Σ_i p_ik`` and ``seen_by_k = |{i: p_ik's
       logit is allowed}|``.
     """
+    check_qk(q, k)
+    check_positive(block_q=block_q)
+    band = window_of(mask, q.shape[1], k.shape[1]) if bias is None and logits_soft_cap is None else None
+    if band is not None:
+        return received_by_transposed_attention(q, k, band, scale)
+
     def columns(log_p, logits, q_idx, kv_idx):
         ones = jnp.ones(q_idx.shape, jnp.float32)  # sums over the tile's rows as products: faster on XLA:CPU
         return None, (jnp.einsum("bhqs,q->bhs", jnp.exp(log_p), ones),
@@ -44,6 +72,27 @@ def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = Non
 
     return scan_query_tiles(q, k, columns, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
                             block_q=block_q)[1]
+
+
+def received_by_transposed_attention(q: jax.Array, k: jax.Array, band: tuple[Optional[int], Optional[int]],
+                                     scale: Optional[float]) -> tuple[jax.Array, jax.Array]:
+    """``attention_received`` on a square map masked to the band ``i − left <= j <= i + right``, by two
+    blocked forwards in float32 (see there)."""
+    B, T, Hq, _ = q.shape
+    left, right = band
+    mask = None if band == (None, None) else masks.SlidingWindow(left, right)
+    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+    kf = jnp.repeat(kf, Hq // k.shape[2], axis=2)
+    _, lse = attention(qf, kf, jnp.zeros((B, T, Hq, 1), jnp.float32), mask=mask, scale=scale, return_lse=True)
+    mirrored = None if mask is None else masks.SlidingWindow(right, left)
+    row_bias = jnp.where(jnp.isfinite(lse), -lse, -1e30).transpose(0, 2, 1)[:, :, None, :]  # [B, Hq, 1, T]
+    _, log_mass = attention(kf, qf, jnp.zeros((B, T, Hq, 1), jnp.float32), mask=mirrored, bias=row_bias,
+                            scale=scale, return_lse=True)
+    j = jnp.arange(T)
+    hi = T - 1 if left is None else jnp.minimum(T - 1, j + left)
+    lo = 0 if right is None else jnp.maximum(0, j - right)
+    seen_by = jnp.broadcast_to(jnp.maximum(hi - lo + 1, 0).astype(jnp.float32), (B, Hq, T))
+    return jnp.exp(log_mass).transpose(0, 2, 1), seen_by
 
 
 def sink_scores(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,

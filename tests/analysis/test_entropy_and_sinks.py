@@ -38,10 +38,13 @@ CASES = [
     dict(T=37, S=37, Hq=4, Hkv=2, mask=masks.Causal()),
     dict(T=21, S=45, Hq=2, Hkv=2, mask=masks.SlidingWindow(5, 3)),
     dict(T=30, S=30, Hq=4, Hkv=1, mask=None),
+    dict(T=23, S=23, Hq=2, Hkv=1, mask=masks.SlidingWindow(3, 2)),
 ]
+"""Square maps under None, Causal and SlidingWindow take attention_received's two-forward path; the cross
+case takes the query-tile scan."""
 
 
-@pytest.mark.parametrize("case", CASES, ids=["causal-gqa", "window-cross", "full-mqa"])
+@pytest.mark.parametrize("case", CASES, ids=["causal-gqa", "window-cross", "full-mqa", "window-square"])
 def test_blockwise_entropy_and_sinks_equal_numpy_definitions(case):
     q, k, _ = random_qkv(jax.random.key(0), T=case["T"], S=case["S"], Hq=case["Hq"], Hkv=case["Hkv"], D=8)
     q = 3 * q  # peaked maps: entropies away from log n
