@@ -9,8 +9,9 @@ In one run, for each sequence length T, causal, forward only (the tools are stat
   without a bias: ``H = lse − scale·q·attention(q, k, k)``, one blocked forward in float32;
 - ``entropy bq=N``: the same with ``implementation="blockwise"`` (what a bias or soft cap needs): per-query
   entropy one query tile of ``N`` rows at a time against every key;
-- ``sink_scores bq=N``: ``attnjax.analysis.sink_scores(...)`` (Gu et al.'s ``α_k``), the same scan with
-  per-key column sums;
+- ``sink_scores bq=N``: ``attnjax.analysis.sink_scores(q, k, mask=Causal(), block_q=N)`` (Gu et al.'s ``α_k``):
+  on this square causal map, two blocked forwards (row lse, then the transposed map's lse gives each key's
+  mass; ``N`` unused); with a bias or another mask, the query-tile scan with per-key column sums;
 - ``entropy/dense``: ``entropy_of_map(softmax(q·kᵀ/√D))`` on the whole ``[B, H, T, T]`` map, what one
   writes without the blockwise tools; timed only where its compiled peak fits ``--memory-budget-gib``.
 
@@ -216,7 +217,8 @@ def markdown_report(rows: list[dict], goals: dict, args: argparse.Namespace, dev
         "large T); the analysis tools' query-tile scan (`attnjax.analysis.blockwise.scan_query_tiles`) "
         "computes every key of each query tile and masks it, and forms `exp(log p)` after its "
         "log-sum-exp, so they do about twice the forward's q·kᵀ work and two exponentials per logit. "
-        "`entropy/attention` is one blocked forward (values = keys, float32) plus a dot product per row.",
+        "`entropy/attention` is one blocked forward (values = keys, float32) plus a dot product per row; "
+        "`sink_scores` here is two blocked forwards (row lse, then the transposed map's lse per key).",
         "",
     ])
 
