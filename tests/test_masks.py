@@ -82,7 +82,7 @@ def test_structural_summaries_are_exact(data, T, S, bq, bk):
     check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(LENGTHS, LENGTHS, BLOCKS, BLOCKS, st.integers(-1, 25), st.integers(-1, 25))
 def test_lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
     m = masks.from_lengths(jnp.asarray([q_len]), jnp.asarray([k_len]))
@@ -91,7 +91,7 @@ def test_lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
     check_summary(m, T, S, bq, bk, exact=True)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_any_summary_is_sound(data, T, S, bq, bk):
     check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)

@@ -168,7 +168,7 @@ def test_bf16_matches_float32_reference():
     compare(dict(chunk_size=16), (q, k, v, DECAY, state), rtol=TOLERANCE[jnp.bfloat16], impls=("xla",))
 
 
-@pytest.mark.parametrize("chunk_size", [16, pytest.param(64, marks=pytest.mark.slow), 128])
+@pytest.mark.parametrize("chunk_size", [pytest.param(16, marks=pytest.mark.slow), pytest.param(64, marks=pytest.mark.slow), 128])
 def test_chunk_sizes_with_segments_and_mqa(chunk_size):
     q, k, v, state = inputs(B=2, T=150, Hq=4, Hkv=1, D=8)
     ids = packed_ids(2, 150)
