@@ -48,12 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "registered image module)")
     p.add_argument("--widths", type=cli.parse_ints, default=list(DEFAULT.widths), help="channels per stage")
     p.add_argument("--groups", type=int, default=DEFAULT.groups, help="GroupNorm groups")
-    p.add_argument("--steps", type=int, default=DEFAULT.steps)
-    p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULT.lr)
-    p.add_argument("--warmup-steps", type=int, default=DEFAULT.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=DEFAULT.weight_decay)
-    p.add_argument("--test-examples", type=int, default=DEFAULT.test_examples)
+    cli.add_training_flags(p, DEFAULT)
     p.add_argument("--seeds", type=cli.parse_ints, default=list(DEFAULT.seeds),
                    help="comma-separated seeds (model initialization and training data); accuracy is their mean")
     p.add_argument("--noise", type=float, default=DEFAULT.task.noise, help="background noise of the images")

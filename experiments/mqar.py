@@ -60,12 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mlp-ratio", type=int, default=DEFAULT.mlp_ratio, help="0: no MLP (Zoology's MQAR models)")
     p.add_argument("--short-conv", type=int, default=DEFAULT.short_conv,
                    help="causal conv kernel before each block (0: none)")
-    p.add_argument("--steps", type=int, default=DEFAULT.steps)
-    p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULT.lr)
-    p.add_argument("--warmup-steps", type=int, default=DEFAULT.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=DEFAULT.weight_decay)
-    p.add_argument("--test-examples", type=int, default=DEFAULT.test_examples)
+    cli.add_training_flags(p, DEFAULT)
     p.add_argument("--seed", type=int, default=DEFAULT.seed)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     cli.add_output_flags(p, "mqar")

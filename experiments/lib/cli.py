@@ -60,6 +60,17 @@ def add_pallas_flag(p: argparse.ArgumentParser, what: str) -> None:
                         "which is meaningless to time)")
 
 
+def add_training_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
+    """``--steps``, ``--batch-size``, ``--lr``, ``--warmup-steps``, ``--weight-decay`` and ``--test-examples``,
+    defaulting to the same-named attributes of a study's settings (``defaults``)."""
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--test-examples", type=int, default=defaults.test_examples)
+
+
 def add_output_flags(p: argparse.ArgumentParser, stem: str) -> None:
     """``--out``, ``--name`` (default ``<stem>_<backend>``) and ``--smoke``."""
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
