@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax.nn.conv import DANetChannelAttention, DANetPositionAttention
+from attnjax.nn.conv.dual_attention import DANetChannelAttention, DANetPositionAttention
+from attnjax.vision.dual_attention import channel_attention, position_attention
 from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count
+from tests.helpers import assert_close, assert_grads_close
 
 
 def image(shape=(2, 5, 7, 16), seed=0, dtype=jnp.float32):
@@ -115,3 +117,25 @@ def test_bad_inputs_name_the_argument():
         DANetPositionAttention(16, reduction=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="energy must be one of"):
         DANetChannelAttention(16, energy="min", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_functional_cores_equal_the_references_forward_and_gradients(implementation):
+    """``attnjax.vision.dual_attention`` on explicit weights: PAM through either attention path and CAM,
+    gradients of x, the 1x1 weights and alpha / beta."""
+    rng = np.random.default_rng(1)
+    wb, wc, wd = (jnp.asarray(rng.standard_normal(s), jnp.float32) * 0.3 for s in ((16, 2), (16, 2), (16, 16)))
+    bb, bd, alpha = jnp.asarray(rng.standard_normal(2), jnp.float32), jnp.zeros(16), jnp.float32(0.7)
+
+    def core(wb, wc, wd, alpha, x):
+        pam = position_attention(x, wb, bb, wc, None, wd, bd, alpha, implementation=implementation)
+        return channel_attention(pam, alpha)
+
+    def reference(wb, wc, wd, alpha, x):
+        p = {"query": {"kernel": wb[None, None], "bias": bb}, "key": {"kernel": wc[None, None]},
+             "value": {"kernel": wd[None, None], "bias": bd}, "alpha": alpha}
+        return cam_reference({"beta": alpha}, pam_reference(p, x))
+
+    args = (wb, wc, wd, alpha, 0.5 * image(seed=5))
+    assert_close(jax.jit(core)(*args), reference(*args), rtol=5e-5, name="output")
+    assert_grads_close(core, reference, args, argnums=range(5), rtol=5e-5, names=["wb", "wc", "wd", "alpha", "x"])

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention
-from attnjax.nn.conv import LargeKernelAttention, MetaFormerBlock, PoolingMixer, SqueezeExcite
+from attnjax.nn.conv import LargeKernelAttention, SqueezeExcite
+from attnjax.nn.conv.metaformer import MetaFormerBlock, PoolingMixer
 from attnjax.testing.modules import check_module_against_reference, parameter_count
 from tests.nn.conv.test_large_kernel import lka_reference
 

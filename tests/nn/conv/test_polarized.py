@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax.nn.conv import PolarizedSelfAttention
+from attnjax.nn.conv.polarized import PolarizedSelfAttention
+from attnjax.vision.polarized import polarized_channel_gate, polarized_self_attention, polarized_spatial_gate
 from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count, parameters
+from tests.helpers import assert_close, grads
 
 
 def image(shape=(2, 5, 7, 16), seed=0, dtype=jnp.float32):
@@ -97,3 +99,30 @@ def test_bad_inputs_name_the_argument():
         PolarizedSelfAttention(1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="channels must be a positive int, got 0"):
         PolarizedSelfAttention(0, rngs=nnx.Rngs(0))
+
+
+def test_functional_core_equals_the_reference_forward_and_gradients():
+    """``attnjax.vision.polarized`` on explicit weights (the sequential layout with biases), gradients of x and of
+    every weight against ``sequential_reference``."""
+    p = parameters(PolarizedSelfAttention(16, use_bias=True, rngs=nnx.Rngs(3)))
+
+    def core(p, x):
+        def w(name):
+            return p[name]["kernel"][0, 0]
+
+        def channel(x):
+            return polarized_channel_gate(x, w("channel_query")[:, 0], w("channel_value"), p["channel_value"]["bias"],
+                                          w("channel_out"), p["channel_out"]["bias"], p["channel_norm"]["scale"],
+                                          p["channel_norm"]["bias"])
+
+        def spatial(x):
+            return polarized_spatial_gate(x, w("spatial_query"), p["spatial_query"]["bias"], w("spatial_value"),
+                                          p["spatial_value"]["bias"])
+
+        return polarized_self_attention(x, channel, spatial, "sequential")
+
+    x = image(seed=4)
+    assert_close(jax.jit(core)(p, x), sequential_reference(p, x), name="output")
+    actual, expected = grads(core, (p, x), (0, 1)), grads(sequential_reference, (p, x), (0, 1))
+    for (path, g), g_ref in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
+        assert_close(g, g_ref, name=f"d{jax.tree_util.keystr(path)}")

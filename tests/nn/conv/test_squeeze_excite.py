@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax.nn.conv import ConcurrentSqueezeExcite, SpatialSqueezeExcite, SqueezeExcite
+from attnjax.nn.conv.squeeze_excite import ConcurrentSqueezeExcite, SpatialSqueezeExcite, SqueezeExcite
+from attnjax.vision import squeeze_excite as core_se
 from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count
+from tests.helpers import assert_close, assert_grads_close
 
 
 def image(shape=(2, 5, 7, 16), seed=0, dtype=jnp.float32):
@@ -81,3 +83,27 @@ def test_bad_inputs_name_the_argument():
         SqueezeExcite(16, reduction=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="combine must be one of"):
         ConcurrentSqueezeExcite(16, combine="mean", rngs=nnx.Rngs(0))
+
+
+def test_functional_cores_equal_the_references_forward_and_gradients():
+    """``attnjax.vision.squeeze_excite`` on explicit weights, forward and gradients of x and every weight."""
+    rng = np.random.default_rng(0)
+    shapes = ((16, 4), (4,), (4, 16), (16,), (16,))
+    w1, b1, w2, b2, ws = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+    bs, x = jnp.float32(0.3), image(seed=3)
+    p = {"reduce": {"kernel": w1, "bias": b1}, "expand": {"kernel": w2, "bias": b2},
+         "squeeze": {"kernel": ws[None, None, :, None], "bias": bs[None]}}
+
+    def core(w1, b1, w2, b2, ws, x):
+        return core_se.concurrent_squeeze_excite(x, core_se.channel_gate(x, w1, b1, w2, b2),
+                                                 core_se.spatial_gate(x, ws, bs), "max")
+
+    def reference(w1, b1, w2, b2, ws, x):
+        q = {"reduce": {"kernel": w1, "bias": b1}, "expand": {"kernel": w2, "bias": b2},
+             "squeeze": {"kernel": ws[None, None, :, None], "bias": bs[None]}}
+        return jnp.maximum(se_reference(q, x), sse_reference(q, x))
+
+    args = (w1, b1, w2, b2, ws, x)
+    assert_close(jax.jit(core_se.squeeze_excite)(x, w1, b1, w2, b2), se_reference(p, x), name="squeeze_excite")
+    assert_close(jax.jit(core_se.spatial_squeeze_excite)(x, ws, bs), sse_reference(p, x), name="sSE")
+    assert_grads_close(core, reference, args, argnums=range(6), names=["w1", "b1", "w2", "b2", "ws", "x"])
