@@ -6,7 +6,7 @@ promises (causal, decodes). ``LAYERS`` (token mixers ``[B, T, d] -> [B, T, d]``)
 Softmax-family mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
 """
 
-from attnjax.nn import conv, registry
+from attnjax.nn import conv, registry, vision
 from attnjax.nn.aaren import Aaren
 from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
@@ -21,5 +21,5 @@ __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
     "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE",
     "SGLU", "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
-    "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv",
+    "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv", "vision",
 ]

@@ -1,0 +1,5 @@
+"""Vision-transformer attention modules on NHWC feature maps (``[B, H, W, C]``) and token sets.
+
+Each module owns its projections and calls the functional core in ``attnjax.vision``; image modules are
+registered with kind ``"image"``, multi-input ones (two branches, pooling queries) with kind ``"other"``.
+"""
