@@ -1,21 +1,30 @@
-"""Non-overlapping window attention on NHWC feature maps: partition into windows, attend within each, merge.
+"""Window and grid attention on image-like token maps: Swin's (shifted) windows, MaxViT's grid, CrossFormer's LDA.
 
 Window (local) self-attention splits an ``H × W`` map into non-overlapping ``wh × ww`` windows and runs
 multi-head attention on the ``wh·ww`` tokens of each window separately (Liu et al., "Swin Transformer:
-Hierarchical Vision Transformer using Shifted Windows", ICCV 2021, sec. 3.2, "Self-attention in
-non-overlapped windows"); MOAT uses it without the shift (Yang et al., ICLR 2023: its MBConv exchanges
-information across windows).
+Hierarchical Vision Transformer using Shifted Windows", ICCV 2021, sec. 3.2); MOAT uses it without the shift
+(Yang et al., ICLR 2023). Grid (dilated) attention groups tokens that lie a fixed interval apart (Tu et al.,
+"MaxViT: Multi-Axis Vision Transformer", ECCV 2022, sec. 3.2, grid attention; Wang et al., "CrossFormer",
+ICLR 2022, sec. 3.2, long-distance attention).
 
-* ``window_partition``: ``[B, H, W, C] -> [B·nW, wh·ww, C]``, the windows folded into the batch, zero-padding
-  the bottom and right edges up to multiples of the window (``nW = ⌈H/wh⌉·⌈W/ww⌉``).
-* ``window_merge``: the inverse, ``[B·nW, wh·ww, C] -> [B, H, W, C]``, cropping the padding.
-* ``window_valid``: which tokens of each window are real pixels (not padding).
-* ``relative_position_bias``: Swin's learned relative position bias ``B[h, i, j] = table[h, Δy, Δx]`` (eq. 4).
-* ``window_attention``: per-window multi-head softmax attention through ``attnjax.attention``, padding keys masked.
+* ``window_partition`` / ``window_merge``: ``[B, H, W, C] <-> [B·nW, wh·ww, C]``, zero-padding the bottom and
+  right edges up to multiples of the window (``nW = ⌈H/wh⌉·⌈W/ww⌉``); ``window_valid`` marks the real pixels.
+* ``grid_partition`` / ``grid_merge``: the same for dilated groups: a group is the pixels that share
+  ``(y mod Ih, x mod Iw)`` for the interval ``(Ih, Iw)``.
+* ``relative_position_index`` / ``relative_position_bias``: Swin's learned relative position bias (eq. 4),
+  with Swin's table layout ``[(2·wh − 1)·(2·ww − 1), heads]`` so that published weights load unchanged.
+* ``window_attention`` (shifted windows included) and ``grid_attention``: multi-head softmax attention within
+  each window or group through ``attnjax.attention``, with references written as one dense masked softmax over
+  all ``H·W`` tokens.
 
 Order of the windows: batch-major, then window rows, then window columns (``b·nH·nW + i·nW + j``); tokens
-inside a window are row-major. Padding is zeros, as Swin's official code pads; ``window_attention`` masks the
-padded keys so the result is attention over the real pixels of each (possibly cropped) border window.
+inside a window are row-major. Padding is zeros, as Swin's official code pads; the attention masks padded keys,
+so a border window attends over its real pixels only. (Swin's code leaves padded keys unmasked, so its border
+windows also attend to the projection biases of zero tokens: identical whenever the map is a multiple of the
+window, the case of all its published models.)
+
+Cost: the fast paths fold windows or groups into the batch: O(H·W·wh·ww) logits per head, computed tile by tile
+by the blocked ``xla`` path (or the flash kernels), O(H·W) memory beyond the inputs; never an ``[HW, HW]`` array.
 """
 
 from __future__ import annotations
@@ -31,15 +40,15 @@ from attnjax.api import attention
 from attnjax.checks import describe
 
 Window = Union[int, tuple[int, int]]
-"""A window size: ``w`` (square) or ``(wh, ww)``."""
+"""A window size (or grid size, or interval): ``w`` (square) or ``(wh, ww)``."""
 
 
-def window_shape(window: Window) -> tuple[int, int]:
-    """``(wh, ww)`` from ``w`` or ``(wh, ww)``; ``ValueError`` naming ``window`` unless positive ints."""
+def window_shape(window: Window, name: str = "window") -> tuple[int, int]:
+    """``(wh, ww)`` from ``w`` or ``(wh, ww)``; ``ValueError`` naming ``name`` unless positive ints."""
     pair = (window, window) if isinstance(window, (int, np.integer)) else window
     if (not isinstance(pair, (tuple, list)) or len(pair) != 2
             or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w > 0 for w in pair)):
-        raise ValueError(f"window must be a positive int or a pair (height, width) of positive ints, "
+        raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, "
                          f"got {describe(window)}")
     return int(pair[0]), int(pair[1])
 
@@ -69,10 +78,11 @@ def window_partition(x: jax.Array, window: Window) -> jax.Array:
       row-major: ``out[b·nH·nW + i·nW + j, r·ww + s] = x_padded[b, i·wh + r, j·ww + s]``.
     """
     check_map("x", x)
+    xp = np if isinstance(x, np.ndarray) else jnp
     wh, ww = window_shape(window)
     B, H, W, C = x.shape
     nh, nw = window_grid(H, W, (wh, ww))
-    x = jnp.pad(x, ((0, 0), (0, nh * wh - H), (0, nw * ww - W), (0, 0)))
+    x = xp.pad(x, ((0, 0), (0, nh * wh - H), (0, nw * ww - W), (0, 0)))
     x = x.reshape(B, nh, wh, nw, ww, C).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(B * nh * nw, wh * ww, C)
 
@@ -97,80 +107,318 @@ def window_merge(windows: jax.Array, window: Window, height: int, width: int) ->
 
 def window_valid(height: int, width: int, window: Window) -> np.ndarray:
     """``bool [nH·nW, wh·ww]``: True where a window's token is a pixel of the ``H × W`` map, False on padding."""
+    return window_partition(np.ones((1, height, width, 1), bool), window)[..., 0]
+
+
+def grid_shape(height: int, width: int, *, interval: Optional[Window] = None,
+               grid_size: Optional[Window] = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((Ih, Iw), (Gh, Gw))``: the interval between a group's pixels and the group's shape, from either.
+
+    Given the interval ``I`` (CrossFormer's LDA), a group holds ``G = ⌈H/I⌉`` pixels per axis; given the group
+    shape ``G`` (MaxViT's grid), the interval is ``I = ⌈H/G⌉``. Either way the map is padded to ``I·G ≥ H``.
+    """
+    if (interval is None) == (grid_size is None):
+        raise ValueError(f"give exactly one of interval and grid_size, got interval={describe(interval)}, "
+                         f"grid_size={describe(grid_size)}")
+    if interval is not None:
+        ih, iw = window_shape(interval, "interval")
+        return (ih, iw), (-(-height // ih), -(-width // iw))
+    gh, gw = window_shape(grid_size, "grid_size")
+    return (-(-height // gh), -(-width // gw)), (gh, gw)
+
+
+def grid_partition(x: jax.Array, interval: Window, group: Window) -> jax.Array:
+    """Fold dilated groups into the batch (MaxViT's grid partition; CrossFormer's LDA grouping).
+
+    Args:
+      x: ``[B, H, W, C]`` (jax or NumPy), zero-padded at the bottom and right to ``Ih·Gh × Iw·Gw`` (``≥ H × W``).
+      interval: ``(Ih, Iw)``, the distance between neighbouring pixels of a group.
+      group: ``(Gh, Gw)``, the pixels of a group per axis.
+
+    Returns:
+      ``[B·Ih·Iw, Gh·Gw, C]``: group ``(r, s)`` of image ``b`` is row ``b·Ih·Iw + r·Iw + s`` and holds, row-major,
+      the pixels ``(m·Ih + r, n·Iw + s)`` for ``m < Gh``, ``n < Gw``.
+    """
+    check_map("x", x)
+    (ih, iw), (gh, gw) = window_shape(interval, "interval"), window_shape(group, "group")
+    B, H, W, C = x.shape
+    if H > ih * gh or W > iw * gw:
+        raise ValueError(f"a {H}x{W} map does not fit {gh}x{gw} groups at interval {ih}x{iw}")
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = xp.pad(x, ((0, 0), (0, ih * gh - H), (0, iw * gw - W), (0, 0)))
+    x = x.reshape(B, gh, ih, gw, iw, C).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(B * ih * iw, gh * gw, C)
+
+
+def grid_merge(groups: jax.Array, interval: Window, group: Window, height: int, width: int) -> jax.Array:
+    """The inverse of ``grid_partition``: ``[B·Ih·Iw, Gh·Gw, C] -> [B, H, W, C]``, padding cropped."""
+    (ih, iw), (gh, gw) = window_shape(interval, "interval"), window_shape(group, "group")
+    if getattr(groups, "ndim", None) != 3 or groups.shape[1] != gh * gw or groups.shape[0] % (ih * iw):
+        raise ValueError(f"groups must have shape [B·{ih * iw}, {gh * gw}, C], got {describe(groups)}")
+    C = groups.shape[-1]
+    B = groups.shape[0] // (ih * iw)
+    x = groups.reshape(B, ih, iw, gh, gw, C).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, gh * ih, gw * iw, C)[:, :height, :width]
+
+
+def relative_position_index(window: Window) -> np.ndarray:
+    """Swin's ``relative_position_index``: int ``[wh·ww, wh·ww]``, ``(Δy + wh − 1)·(2·ww − 1) + Δx + ww − 1``.
+
+    ``Δy = y_i − y_j``, ``Δx = x_i − x_j`` for tokens ``i`` (query), ``j`` (key) of a ``wh × ww`` window, row-major
+    (Liu et al. 2021, sec. 3.2, "Relative position bias"; microsoft/Swin-Transformer ``WindowAttention``).
+    """
     wh, ww = window_shape(window)
-    nh, nw = window_grid(height, width, (wh, ww))
-    rows = np.arange(nh * wh) < height
-    cols = np.arange(nw * ww) < width
-    valid = (rows[:, None] & cols[None, :]).reshape(nh, wh, nw, ww).transpose(0, 2, 1, 3)
-    return valid.reshape(nh * nw, wh * ww)
+    y, x = np.divmod(np.arange(wh * ww), ww)
+    return (y[:, None] - y[None, :] + wh - 1) * (2 * ww - 1) + x[:, None] - x[None, :] + ww - 1
 
 
 def relative_position_bias(table: jax.Array, window: Window) -> jax.Array:
     """Swin's relative position bias inside a window (Liu et al. 2021, sec. 3.2, eq. 4).
 
-    ``B[h, i, j] = table[h, y_i − y_j + wh − 1, x_i − x_j + ww − 1]`` for tokens ``i``, ``j`` of a
-    ``wh × ww`` window at rows/columns ``(y, x)``: the offset of the query from the key. (MOAT's official
-    code indexes by key − query, i.e. ``table[:, ::-1, ::-1]`` of this.)
+    ``B[h, i, j] = table[relative_position_index(window)[i, j], h]``: the bias for the offset of query ``i``
+    from key ``j``. (MOAT's official code indexes by key − query, a flip of this table.)
 
     Args:
-      table: ``[heads, 2·wh − 1, 2·ww − 1]``, the learned biases.
+      table: ``[(2·wh − 1)·(2·ww − 1), heads]``, the learned biases in Swin's layout.
       window: ``w`` or ``(wh, ww)``.
 
     Returns:
       ``[heads, wh·ww, wh·ww]``.
     """
     wh, ww = window_shape(window)
-    if getattr(table, "ndim", None) != 3 or table.shape[1:] != (2 * wh - 1, 2 * ww - 1):
-        raise ValueError(f"table must have shape [heads, {2 * wh - 1}, {2 * ww - 1}] for a {wh}x{ww} window, "
-                         f"got {describe(table)}")
-    y, x = np.divmod(np.arange(wh * ww), ww)
-    return table[:, y[:, None] - y[None, :] + wh - 1, x[:, None] - x[None, :] + ww - 1]
+    rows = (2 * wh - 1) * (2 * ww - 1)
+    if getattr(table, "ndim", None) != 2 or table.shape[0] != rows:
+        raise ValueError(f"relative_bias_table must have shape [(2·wh − 1)·(2·ww − 1), heads] = [{rows}, heads] "
+                         f"for a {wh}x{ww} window, got {describe(table)}")
+    return jnp.moveaxis(jnp.asarray(table)[relative_position_index((wh, ww))], -1, 0)
 
 
-def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: Window, *, bias: Optional[jax.Array] = None,
-                     scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
-    """Multi-head softmax attention within non-overlapping windows (Swin, sec. 3.2; MOAT).
+def shifted_window_regions(height: int, width: int, window: Window, shift: Window) -> np.ndarray:
+    """Swin's attention-mask regions of the cyclically shifted, padded map: int ``[Hp, Wp]``.
 
-    ``out[b, p] = Σ_{p' ∈ win(p)} softmax_{p'}(scale·q[b, p]·k[b, p'] + bias) v[b, p']`` for each head, where
-    ``win(p)`` is the set of pixels of the map in ``p``'s window (a border window is cropped by the map's
-    edge: padded keys are masked out). The windows are folded into the batch and attended with
-    ``attnjax.attention``.
-
-    Args:
-      q, k: ``[B, H, W, heads, D]``; v: ``[B, H, W, heads, Dv]``.
-      window: ``w`` or ``(wh, ww)``; ``H``, ``W`` need not be multiples of it.
-      bias: ``[heads, wh·ww, wh·ww]`` added to every window's logits (e.g. ``relative_position_bias``), or None.
-      scale: logit scale, default ``1/√D``.
-      implementation: as ``attnjax.attention``.
-
-    Returns:
-      ``[B, H, W, heads, Dv]`` in q's dtype.
+    After padding to ``Hp × Wp`` (multiples of the window) and rolling by ``−shift``, pixels in the same window
+    attend to each other only if they carry the same label (Swin, sec. 3.2, "Efficient batch computation for
+    shifted configuration", Fig. 4): per axis the slices ``[0, Hp − wh)``, ``[Hp − wh, Hp − sh)``, ``[Hp − sh, Hp)``
+    are regions 0, 1, 2, and the label is ``3·row_region + column_region``. Padding pixels get ``−1``, so real
+    queries never attend to them.
     """
+    (wh, ww), (sh, sw) = window_shape(window), window_shape_or_zero(shift)
+    nh, nw = window_grid(height, width, (wh, ww))
+    hp, wp = nh * wh, nw * ww
+
+    def axis_regions(length: int, w: int, s: int) -> np.ndarray:
+        region = np.zeros(length, np.int32)
+        if s:
+            region[length - w:length - s], region[length - s:] = 1, 2
+        return region
+
+    labels = 3 * axis_regions(hp, wh, sh)[:, None] + axis_regions(wp, ww, sw)[None, :]
+    real = np.zeros((hp, wp), bool)
+    real[:height, :width] = True
+    return np.where(np.roll(real, (-sh, -sw), axis=(0, 1)), labels, -1)
+
+
+def window_shape_or_zero(shift: Window) -> tuple[int, int]:
+    """``(sh, sw)`` from a shift ``s`` or ``(sh, sw)`` of non-negative ints; ``ValueError`` naming ``shift_size``."""
+    pair = (shift, shift) if isinstance(shift, (int, np.integer)) else shift
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in pair)):
+        raise ValueError(f"shift_size must be a non-negative int or a pair of them, got {describe(shift)}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_image_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
+    """``(B, H, W, heads, D)`` of image-like q, k, v ``[B, H, W, heads, D]`` (v: ``Dv``); ``ValueError`` otherwise."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         if getattr(a, "ndim", None) != 5:
             raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
     if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
         raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
                          f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    wh, ww = window_shape(window)
-    B, H, W, heads, D = q.shape
-    T = wh * ww
+    return q.shape
+
+
+def group_bias(bias: Optional[jax.Array], relative_bias_table: Optional[jax.Array], group: tuple[int, int],
+               heads: int) -> Optional[jax.Array]:
+    """The ``[heads, T, T]`` logit bias shared by every window or group (``T = wh·ww``): ``bias`` plus the
+    relative position bias of ``relative_bias_table``, either or neither."""
+    T = group[0] * group[1]
     if bias is not None and jnp.shape(bias) != (heads, T, T):
         raise ValueError(f"bias must have shape [heads, wh·ww, wh·ww] = [{heads}, {T}, {T}], got {describe(bias)}")
+    if relative_bias_table is None:
+        return bias
+    if jnp.shape(relative_bias_table)[-1:] != (heads,):
+        raise ValueError(f"relative_bias_table must have shape [(2·wh − 1)·(2·ww − 1), heads={heads}], "
+                         f"got {describe(relative_bias_table)}")
+    table_bias = relative_position_bias(relative_bias_table, group)
+    return table_bias if bias is None else bias + table_bias
 
-    def windows(a: jax.Array) -> jax.Array:
-        flat = window_partition(a.reshape(B, H, W, -1), (wh, ww))
-        return flat.reshape(flat.shape[0], T, heads, a.shape[-1])
 
-    mask = None
-    valid = window_valid(H, W, (wh, ww))
-    if not valid.all():
-        mask = masks.Explicit(jnp.asarray(np.tile(valid, (B, 1)))[:, None, None, :])
-    out = attention(windows(q), windows(k), windows(v), mask=mask, bias=bias, scale=scale,
+def attend_in_groups(q, k, v, fold, unfold, labels: Optional[np.ndarray], bias, scale,
+                     implementation) -> jax.Array:
+    """Attention inside each group of tokens: ``fold`` maps ``[B, H, W, n]`` to ``[B·G, T, n]``, ``unfold`` back.
+
+    ``labels``: int ``[G, T]``; a query attends only to the keys of its group with its label (``masks.Segments``,
+    so the blocked path and kernels skip the empty tiles), or None where every token of a group sees every other.
+    """
+    B, H, W, heads, _ = q.shape
+
+    def grouped(a: jax.Array) -> jax.Array:
+        flat = fold(a.reshape(B, H, W, -1))
+        return flat.reshape(*flat.shape[:2], heads, a.shape[-1])
+
+    mask = None if labels is None else masks.Segments(jnp.asarray(np.tile(labels, (B, 1))))
+    out = attention(grouped(q), grouped(k), grouped(v), mask=mask, bias=bias, scale=scale,
                     implementation=implementation)
     Dv = v.shape[-1]
-    return window_merge(out.reshape(out.shape[0], T, heads * Dv), (wh, ww), H, W).reshape(B, H, W, heads, Dv)
+    return unfold(out.reshape(*out.shape[:2], heads * Dv)).reshape(B, H, W, heads, Dv)
+
+
+def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: Window, shift_size: Window = (0, 0),
+                     relative_bias_table: Optional[jax.Array] = None, bias: Optional[jax.Array] = None,
+                     scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
+    """Multi-head softmax attention within (shifted) non-overlapping windows (Swin, sec. 3.2; MOAT).
+
+    ``out[p] = Σ_{p' ∈ win(p)} softmax_{p'}(scale·q[p]·k[p'] + B[p, p']) v[p']`` per head. Without a shift,
+    ``win(p)`` is the pixels of ``p``'s window. With ``shift_size = s`` (Swin's SW-MSA) the map, padded to
+    multiples of the window, is rolled by ``−s``, split into windows, each pixel attends to the pixels of its
+    window that came from the same region of the unrolled map (``shifted_window_regions``), and the result is
+    rolled back by ``+s``. Padded keys are always masked out.
+
+    Args:
+      q, k: ``[B, H, W, heads, D]``; v: ``[B, H, W, heads, Dv]``. ``H``, ``W`` need not be multiples of the window.
+      window_size: ``w`` or ``(wh, ww)``.
+      shift_size: ``s`` or ``(sh, sw)``, each ``0 ≤ s < w`` (Swin uses ``⌊w/2⌋`` in every other block).
+      relative_bias_table: ``[(2·wh − 1)·(2·ww − 1), heads]``, Swin's learned table, indexed by
+        ``relative_position_index`` (gradients flow to it); or None.
+      bias: ``[heads, wh·ww, wh·ww]``, another logit bias shared by every window (e.g. CrossFormer's dynamic
+        position bias), or None.
+      scale: logit scale, default ``1/√D``.
+      implementation: as ``attnjax.attention``.
+
+    Returns:
+      ``[B, H, W, heads, Dv]`` in q's dtype. Memory O(B·H·W·heads·(D + Dv)) beyond the blocked attention.
+    """
+    B, H, W, heads, _ = check_image_qkv(q, k, v)
+    wh, ww = window_shape(window_size, "window_size")
+    sh, sw = window_shape_or_zero(shift_size)
+    if sh >= wh or sw >= ww:
+        raise ValueError(f"shift_size must be smaller than window_size per axis, got shift_size={(sh, sw)}, "
+                         f"window_size={(wh, ww)}")
+    bias = group_bias(bias, relative_bias_table, (wh, ww), heads)
+    nh, nw = window_grid(H, W, (wh, ww))
+    hp, wp = nh * wh, nw * ww
+    regions = shifted_window_regions(H, W, (wh, ww), (sh, sw))
+    labels = window_partition(regions[None, :, :, None], (wh, ww))[..., 0]
+    valid = None if (labels == labels[:, :1]).all() else labels
+
+    def fold(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, ((0, 0), (0, hp - H), (0, wp - W), (0, 0)))
+        return window_partition(jnp.roll(a, (-sh, -sw), axis=(1, 2)), (wh, ww))
+
+    def unfold(a: jax.Array) -> jax.Array:
+        return jnp.roll(window_merge(a, (wh, ww), hp, wp), (sh, sw), axis=(1, 2))[:, :H, :W]
+
+    return attend_in_groups(q, k, v, fold, unfold, valid, bias, scale, implementation)
+
+
+def grid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, grid_size: Optional[Window] = None,
+                   interval: Optional[Window] = None, relative_bias_table: Optional[jax.Array] = None,
+                   bias: Optional[jax.Array] = None, scale: Optional[float] = None,
+                   implementation: str = "auto") -> jax.Array:
+    """Multi-head softmax attention within dilated groups: MaxViT's grid attention, CrossFormer's LDA.
+
+    Pixels ``p = (y, x)`` and ``p' = (y', x')`` attend to each other iff ``y ≡ y' (mod Ih)`` and ``x ≡ x' (mod Iw)``:
+    each group is a sparse ``Gh × Gw`` grid spread over the whole map (MaxViT, sec. 3.2, "grid attention" with a
+    fixed ``G × G`` grid; CrossFormer, sec. 3.2, "long distance attention" with a fixed interval ``I``). Give
+    ``grid_size`` (MaxViT) or ``interval`` (CrossFormer); see ``grid_shape``. Padded keys are masked.
+
+    Args:
+      q, k: ``[B, H, W, heads, D]``; v: ``[B, H, W, heads, Dv]``.
+      grid_size: ``G`` or ``(Gh, Gw)``, the group's shape; or
+      interval: ``I`` or ``(Ih, Iw)``, the distance between a group's pixels.
+      relative_bias_table: ``[(2·Gh − 1)·(2·Gw − 1), heads]``, indexed by the offsets inside the group (MaxViT's
+        relative attention), or None.
+      bias: ``[heads, Gh·Gw, Gh·Gw]`` shared by every group, or None.
+      scale: logit scale, default ``1/√D``. implementation: as ``attnjax.attention``.
+
+    Returns:
+      ``[B, H, W, heads, Dv]`` in q's dtype; O(B·H·W·Gh·Gw) logits per head, computed blockwise.
+    """
+    B, H, W, heads, _ = check_image_qkv(q, k, v)
+    intervals, group = grid_shape(H, W, interval=interval, grid_size=grid_size)
+    bias = group_bias(bias, relative_bias_table, group, heads)
+    real = grid_partition(np.ones((1, H, W, 1), np.int32), intervals, group)[..., 0]
+    valid = None if real.all() else real - 1
+
+    def fold(a: jax.Array) -> jax.Array:
+        return grid_partition(a, intervals, group)
+
+    def unfold(a: jax.Array) -> jax.Array:
+        return grid_merge(a, intervals, group, H, W)
+
+    return attend_in_groups(q, k, v, fold, unfold, valid, bias, scale, implementation)
+
+
+def dense_group_attention(q, k, v, group_of: np.ndarray, position_in_group: np.ndarray, group: tuple[int, int],
+                          bias, relative_bias_table, scale) -> jax.Array:
+    """Softmax over all ``H·W`` keys masked to the query's group: the dense form the references share.
+
+    ``group_of``: int ``[H·W]``, the group (and region) label of each pixel, row-major; ``position_in_group``:
+    int ``[H·W, 2]``, each pixel's ``(row, column)`` inside its ``group``-shaped window, for the biases.
+    """
+    B, H, W, heads, D = q.shape
+    T = H * W
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    flat = [a.reshape(B, T, heads, a.shape[-1]).astype(jnp.float32) for a in (q, k, v)]
+    logits = scale * jnp.einsum("bthd,bshd->bhts", flat[0], flat[1], precision="highest")
+    pos = position_in_group[:, 0] * group[1] + position_in_group[:, 1]
+    bias = group_bias(bias, relative_bias_table, group, heads)
+    if bias is not None:
+        logits = logits + jnp.asarray(bias, jnp.float32)[:, pos[:, None], pos[None, :]]
+    same = group_of[:, None] == group_of[None, :]
+    weights = jax.nn.softmax(jnp.where(same, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", weights, flat[2], precision="highest")
+    return out.reshape(B, H, W, heads, v.shape[-1]).astype(q.dtype)
+
+
+def window_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: Window,
+                               shift_size: Window = (0, 0), relative_bias_table: Optional[jax.Array] = None,
+                               bias: Optional[jax.Array] = None, scale: Optional[float] = None) -> jax.Array:
+    """``window_attention`` as one dense masked softmax over all ``H·W`` tokens (O((HW)²) memory; for tests).
+
+    Pixel ``(y, x)`` sits at ``(y', x') = ((y − sh) mod Hp, (x − sw) mod Wp)`` of the shifted padded map; two pixels
+    attend iff they share the window ``(y' // wh, x' // ww)`` and the region label of ``shifted_window_regions``.
+    Arguments and result as ``window_attention``.
+    """
+    B, H, W, heads, _ = check_image_qkv(q, k, v)
+    wh, ww = window_shape(window_size, "window_size")
+    sh, sw = window_shape_or_zero(shift_size)
+    nh, nw = window_grid(H, W, (wh, ww))
+    y, x = np.divmod(np.arange(H * W), W)
+    ys, xs = (y - sh) % (nh * wh), (x - sw) % (nw * ww)
+    regions = shifted_window_regions(H, W, (wh, ww), (sh, sw))
+    group_of = ((ys // wh) * nw + xs // ww) * 9 + regions[ys, xs]
+    position = np.stack([ys % wh, xs % ww], axis=-1)
+    return dense_group_attention(q, k, v, group_of, position, (wh, ww), bias, relative_bias_table, scale)
+
+
+def grid_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, grid_size: Optional[Window] = None,
+                             interval: Optional[Window] = None, relative_bias_table: Optional[jax.Array] = None,
+                             bias: Optional[jax.Array] = None, scale: Optional[float] = None) -> jax.Array:
+    """``grid_attention`` as one dense masked softmax over all ``H·W`` tokens (O((HW)²) memory; for tests).
+
+    Pixels attend iff ``y ≡ y' (mod Ih)`` and ``x ≡ x' (mod Iw)``; a pixel's place in its group is
+    ``(y // Ih, x // Iw)``. Arguments and result as ``grid_attention``.
+    """
+    B, H, W, heads, _ = check_image_qkv(q, k, v)
+    (ih, iw), group = grid_shape(H, W, interval=interval, grid_size=grid_size)
+    y, x = np.divmod(np.arange(H * W), W)
+    position = np.stack([y // ih, x // iw], axis=-1)
+    return dense_group_attention(q, k, v, (y % ih) * iw + x % iw, position, group, bias, relative_bias_table, scale)
 
 
 __all__ = ["Window", "window_shape", "window_grid", "window_partition", "window_merge", "window_valid",
-           "relative_position_bias", "window_attention"]
+           "grid_shape", "grid_partition", "grid_merge", "relative_position_index", "relative_position_bias",
+           "shifted_window_regions", "check_image_qkv", "window_attention", "grid_attention",
+           "window_attention_reference", "grid_attention_reference"]

@@ -19,7 +19,7 @@ from attnjax.api import attention
 from attnjax.checks import check_positive, describe
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.window import Window, relative_position_bias, window_attention, window_shape
+from attnjax.vision.window import Window, window_attention, window_shape
 
 NORMS = ("batch", "layer")
 """The MBConv's normalization: "batch" (the paper's BatchNorm) or "layer" (LayerNorm over channels)."""
@@ -91,7 +91,7 @@ class MOATBlock(nnx.Module):
         attention (its detection and segmentation models); map sizes that are not multiples are padded and the
         padding masked (``attnjax.vision.window``).
       relative_position: add a learned relative position bias per head (CoAtNet's, which the official code
-        uses by default), indexed as Swin's (``attnjax.vision.window.relative_position_bias``). It needs
+        uses by default), in Swin's layout and indexing (``attnjax.vision.window.relative_position_bias``). It needs
         ``window_size``: global attention on an ``H × W`` map with it is ``window_size=(H, W)``. Off by default
         (the official default is on) because the table's size must be known when the block is built.
       norm: the MBConv's normalization, one of ``NORMS`` ("batch" in the paper).
@@ -127,7 +127,7 @@ class MOATBlock(nnx.Module):
         if relative_position:
             wh, ww = self.window_size
             init = jax.nn.initializers.normal(0.02)
-            self.relative_position = nnx.Param(init(rngs.params(), (self.num_heads, 2 * wh - 1, 2 * ww - 1),
+            self.relative_position = nnx.Param(init(rngs.params(), ((2 * wh - 1) * (2 * ww - 1), self.num_heads),
                                                     param_dtype))
         else:
             self.relative_position = None
@@ -146,10 +146,8 @@ class MOATBlock(nnx.Module):
         if self.window_size is None:
             o = attention(*(a.reshape(B, H * W, self.num_heads, self.head_dim) for a in (q, k, v)))
         else:
-            bias = None
-            if self.relative_position is not None:
-                bias = relative_position_bias(self.relative_position[...], self.window_size).astype(q.dtype)
-            o = window_attention(q, k, v, self.window_size, bias=bias)
+            table = None if self.relative_position is None else self.relative_position[...].astype(q.dtype)
+            o = window_attention(q, k, v, window_size=self.window_size, relative_bias_table=table)
         return self.out(o.reshape(B, H, W, C))
 
     def __call__(self, x: jax.Array) -> jax.Array:

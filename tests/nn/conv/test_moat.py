@@ -59,7 +59,7 @@ def attention_reference(p, x, head_dim, window):
             if "relative_position" in p:
                 dy = np.array([[yi - yj + wh - 1 for yj, _ in pos] for yi, _ in pos])
                 dx = np.array([[xi - xj + ww - 1 for _, xj in pos] for _, xi in pos])
-                logits = logits + p["relative_position"][:, dy, dx]
+                logits = logits + p["relative_position"][dy * (2 * ww - 1) + dx].transpose(2, 0, 1)
             o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), vs, precision="highest")
             rows, cols = min(i0 + wh, H) - i0, min(j0 + ww, W) - j0
             out = out.at[:, i0:i0 + wh, j0:j0 + ww].set(o.reshape(B, rows, cols, C))
