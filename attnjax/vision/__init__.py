@@ -5,7 +5,8 @@ parameters passed in; the modules that own the parameters are in ``attnjax.nn.co
 partitions maps into (padded) windows and runs ``attnjax.attention`` in each.
 """
 
-from attnjax.vision import (aggregated_attention, conditioned, dual_attention, efficient_local, focal_modulation,
+from attnjax.vision import (aggregated_attention, conditioned, criss_cross, dual_attention, efficient_local,
+                            focal_modulation,
                             large_kernel, metamixer, partial_attention, polarized, pooling_mixer, squeeze_excite,
                             window)
 
