@@ -112,7 +112,7 @@ def inputs(shape, dv=3, seed=0, window=(3, 3)):
     return q, k, v, table
 
 
-@pytest.mark.parametrize("hw, window, shift", [((6, 6), (3, 3), (1, 1)), ((5, 7), (2, 3), (1, 2)),
+@pytest.mark.parametrize("hw, window, shift", [((6, 6), (3, 3), (1, 1)), ((7, 11), (4, 4), (2, 1)),
                                                ((5, 7), (2, 3), (0, 0))])
 def test_shifted_windows_equal_swins_roll_and_mask_recipe(hw, window, shift):
     q, k, v, table = inputs((2, *hw, 2, 4), window=window)
@@ -126,7 +126,7 @@ def loss_and_grads(fn, q, k, v, table):
     return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2, 3)))(q, k, v, table)
 
 
-@pytest.mark.parametrize("hw, window, shift", [((6, 6), (3, 3), (1, 1)), ((5, 7), (2, 3), (1, 2))])
+@pytest.mark.parametrize("hw, window, shift", [((7, 11), (4, 4), (2, 1))])
 def test_window_attention_equals_the_dense_reference_forward_and_gradients(hw, window, shift):
     q, k, v, table = inputs((2, *hw, 2, 4), window=window)
     kw = dict(window_size=window, shift_size=shift)
