@@ -4,3 +4,4 @@ Each module owns its projections and calls the functional core in ``attnjax.visi
 registered with kind ``"image"``, multi-input ones (two branches, pooling queries) with kind ``"other"``.
 """
 from attnjax.nn.vision.criss_cross import CrissCrossAttention, RecurrentCrissCrossAttention
+from attnjax.nn.vision.strip import StripSelfAttention
