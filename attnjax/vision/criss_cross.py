@@ -7,8 +7,8 @@ kernel ``ca_weight`` / ``ca_map``) and its later pure-PyTorch ``CrissCrossAttent
 For a pixel ``u = (i, j)`` of an ``H × W`` map, ``Ω_u`` is the set of the ``H + W − 1`` pixels in row ``i`` or
 column ``j`` (``u`` itself once). The affinities ``d_{u,u'} = scale·q_u·k_{u'}`` for ``u' ∈ Ω_u`` go through one
 softmax over those ``H + W − 1`` keys (eq. 1, the "affinity" operation) and weight the values (eq. 2,
-"aggregation"); the residual ``+ H_u`` of eq. 2 and its learned ``γ`` live in the module
-(``attnjax.nn.vision.criss_cross``). The official pure-PyTorch code builds the row logits over all ``W`` keys and
+"aggregation"); the residual ``+ H_u`` of eq. 2, the official code's learned ``γ`` and the 1×1 projections live
+in ``recurrent_criss_cross`` (the modules: ``attnjax.nn.vision.criss_cross``). The official pure-PyTorch code builds the row logits over all ``W`` keys and
 the column logits over all ``H`` keys with the pixel's own position set to ``−∞``, so it is counted once; so
 does ``criss_cross_attention`` here.
 
@@ -17,8 +17,10 @@ does ``criss_cross_attention`` here.
 * ``criss_cross_attention``: the fast path; row logits ``[B, H, W, heads, W]`` and column logits
   ``[B, H, W, heads, H]``, a joint softmax, two weighted sums. Memory ``O(B·heads·H·W·(H + W))``, never
   ``[T, T]``.
+* ``recurrent_criss_cross``: the CCA module on a feature map (projections, attention, ``γ``-scaled residual),
+  looped ``R`` times with shared weights (RCCA, sec. 3.3).
 
-Cost (the paper's claims, sec. 1 and Table 5 of the ICCV version): against a non-local block over all ``H·W``
+Cost (the paper's claims, abstract and sec. 1): against a non-local block over all ``H·W``
 pixels, the recurrent criss-cross module (two loops) uses 11× less GPU memory and about 85% fewer FLOPs.
 """
 
@@ -96,8 +98,8 @@ def criss_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Op
         out[i, j] = Σ_s (e^{r_s} / Z) v[i, s] + Σ_t (e^{c_t} / Z) v[t, j]
 
     Fast path: the row and column logits are computed separately and normalized by one joint maximum and sum
-    (float32 statistics); memory ``O(B·heads·H·W·(H + W))`` for the logits and weights, against ``O(B·heads·(H·W)²)``
-    for dense attention over all pixels. Equals ``criss_cross_attention_reference``.
+    (float32 statistics); memory ``O(B·heads·H·W·(H + W))`` for the logits and weights, against
+    ``O(B·heads·(H·W)²)`` for dense attention over all pixels. Equals ``criss_cross_attention_reference``.
 
     Args:
       q, k: ``[B, H, W, heads, D]``; v: ``[B, H, W, heads, Dv]``. CCNet is single-head (``heads = 1``).

@@ -1,6 +1,8 @@
 """Criss-cross attention (CCNet sec. 3.2) against a dense masked softmax over all pixels, the mask built here
 from coordinates: forward and gradients, non-square grids, single rows/columns, bf16, jit, memory, errors."""
 
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -46,18 +48,16 @@ def test_mask_has_h_plus_w_minus_one_keys_per_pixel():
     assert np.all(mask.sum(axis=1) == 5 + 7 - 1)
 
 
-@pytest.mark.parametrize("scale", [None, 1.0])
-def test_fast_path_and_reference_equal_the_dense_softmax_forward_and_gradients(scale):
+def test_fast_path_and_reference_equal_the_dense_softmax_forward_and_gradients():
     """A 5x7 grid (non-square), two heads, Dv != D; logits of spread 3 so the softmax is far from uniform."""
     q, k, v = qkv(spread=3.0)
-    expected = dense_reference(q, k, v, scale)
-    fast = jax.jit(lambda q, k, v: criss_cross_attention(q, k, v, scale=scale))
-    ref = jax.jit(lambda q, k, v: criss_cross_attention_reference(q, k, v, scale=scale))
-    assert_close(fast(q, k, v), expected, rtol=1e-5, name="criss_cross_attention")
-    assert_close(ref(q, k, v), expected, rtol=1e-5, name="criss_cross_attention_reference")
-    assert_grads_close(lambda q, k, v: criss_cross_attention(q, k, v, scale=scale),
-                       lambda q, k, v: dense_reference(q, k, v, scale), (q, k, v), argnums=(0, 1, 2),
-                       names=["q", "k", "v"])
+    for scale in (None, 1.0):
+        expected = dense_reference(q, k, v, scale)
+        fast = jax.jit(functools.partial(criss_cross_attention, scale=scale))
+        ref = jax.jit(functools.partial(criss_cross_attention_reference, scale=scale))
+        assert_close(fast(q, k, v), expected, rtol=1e-5, name=f"criss_cross_attention, scale {scale}")
+        assert_close(ref(q, k, v), expected, rtol=1e-5, name=f"criss_cross_attention_reference, scale {scale}")
+    assert_grads_close(criss_cross_attention, dense_reference, (q, k, v), argnums=(0, 1, 2), names=["q", "k", "v"])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 6), (1, 4, 1)])
@@ -73,7 +73,7 @@ def test_single_row_or_column_is_row_or_column_attention(shape):
 def test_own_position_is_counted_once():
     """All logits equal (q = 0): each of the H + W − 1 criss-cross pixels gets weight 1 / (H + W − 1)."""
     q, k, v = qkv((1, 5, 7), heads=1, D=4, Dv=1)
-    out = criss_cross_attention(jnp.zeros_like(q), k, v)
+    out = jax.jit(criss_cross_attention)(jnp.zeros_like(q), k, v)
     vv = np.asarray(v)[0, :, :, 0, 0]
     expected = (vv.sum(axis=1)[:, None] + vv.sum(axis=0)[None, :] - vv) / (5 + 7 - 1)
     np.testing.assert_allclose(np.asarray(out)[0, :, :, 0, 0], expected, rtol=1e-5, atol=1e-6)

@@ -17,8 +17,8 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
-from attnjax.nn.conv.dual_attention import conv1x1_weights
 from attnjax.nn.checks import check_image
+from attnjax.nn.conv.dual_attention import conv1x1_weights
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.criss_cross import recurrent_criss_cross
 
