@@ -13,6 +13,8 @@ Shapes: ``x [B, H, W, C]`` (NHWC); cost ``O(B·H·W·C)`` plus ``O(C²/r)`` for 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -21,27 +23,28 @@ COMBINE = ("add", "max")
 
 
 def channel_gate(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
-                 b2: jax.Array | None) -> jax.Array:
+                 b2: jax.Array | None, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu) -> jax.Array:
     """SE's excitation ``s = σ(W₂ δ(W₁ mean_{h,w}(x) + b₁) + b₂)`` (Hu et al. 2018, eqs. 2-3).
 
     Args:
       x: ``[B, H, W, C]``.
       w1, b1: ``[C, C/r]``, ``[C/r]`` or ``None`` (the reduction).
       w2, b2: ``[C/r, C]``, ``[C]`` or ``None`` (the expansion).
+      activation: ``δ``, ReLU in the paper (EfficientNet's and MaxViT's MBConv use SiLU).
 
     Returns:
       ``s [B, 1, 1, C]`` in ``(0, 1)``, the per-channel gate (squeezed in float32).
     """
     z = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(x.dtype)
     h = z @ w1 if b1 is None else z @ w1 + b1
-    s = jax.nn.relu(h) @ w2
+    s = activation(h) @ w2
     return jax.nn.sigmoid(s if b2 is None else s + b2)
 
 
 def squeeze_excite(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array,
-                   b2: jax.Array | None) -> jax.Array:
+                   b2: jax.Array | None, activation: Callable[[jax.Array], jax.Array] = jax.nn.relu) -> jax.Array:
     """SE / cSE: ``y = channel_gate(x) ⊙ x`` (Hu et al. 2018, eq. 4). ``x [B, H, W, C] -> [B, H, W, C]``."""
-    return x * channel_gate(x, w1, b1, w2, b2)
+    return x * channel_gate(x, w1, b1, w2, b2, activation)
 
 
 def spatial_gate(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:

@@ -7,7 +7,7 @@ formula); ``SpatialSqueezeExcite`` is sSE and ``ConcurrentSqueezeExcite`` is scS
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,26 +41,30 @@ class SqueezeExcite(nnx.Module):
       channels: ``C``, the channels of ``x``.
       reduction: ``r``; the bottleneck has ``max(1, C // r)`` units (16 in the paper; Roy et al.'s cSE uses 2).
       use_bias: biases in both fully connected layers (the paper's equations omit them, its code has them).
+      activation: ``δ`` (ReLU in the paper; MaxViT's MBConv uses SiLU).
       dtype: computation dtype; param_dtype: parameter dtype.
       rngs: ``params`` initializes the two layers (flax's ``nnx.Linear`` defaults).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16, use_bias: bool = True, dtype: Optional[Dtype] = None,
+    def __init__(self, channels: int, *, reduction: int = 16, use_bias: bool = True,
+                 activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, dtype: Optional[Dtype] = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         hidden = reduced(channels, reduction)
-        self.channels = channels
+        self.channels, self.activation = channels, activation
         self.reduce = nnx.Linear(channels, hidden, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.expand = nnx.Linear(hidden, channels, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def gate(self, x: jax.Array) -> jax.Array:
         """The channel gate ``[B, 1, 1, C]``."""
         check_image("x", x, self.channels)
-        return channel_gate(x, *linear_weights(self.reduce, x.dtype), *linear_weights(self.expand, x.dtype))
+        return channel_gate(x, *linear_weights(self.reduce, x.dtype), *linear_weights(self.expand, x.dtype),
+                            self.activation)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
-        return squeeze_excite(x, *linear_weights(self.reduce, x.dtype), *linear_weights(self.expand, x.dtype))
+        return squeeze_excite(x, *linear_weights(self.reduce, x.dtype), *linear_weights(self.expand, x.dtype),
+                              self.activation)
 
 
 class SpatialSqueezeExcite(nnx.Module):

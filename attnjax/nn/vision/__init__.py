@@ -5,3 +5,6 @@ registered with kind ``"image"``, multi-input ones (two branches, pooling querie
 """
 from attnjax.nn.vision.criss_cross import CrissCrossAttention, RecurrentCrissCrossAttention
 from attnjax.nn.vision.strip import StripSelfAttention
+from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
+from attnjax.nn.vision.maxvit import MaxViTBlock
+from attnjax.nn.vision.halo import HaloAttention
