@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from attnjax import masks
-from attnjax.analysis.rollout import attention_rollout
+from attnjax.analysis import rollout as analysis_rollout
+from attnjax.vision.rollout import attention_rollout
 from tests.analysis.test_entropy_and_sinks import numpy_map
 from tests.helpers import assert_close, random_qkv
 
@@ -57,3 +58,8 @@ def test_bad_maps_are_refused():
         attention_rollout(jnp.ones((2, 1, 2, 5, 4)))
     with pytest.raises(ValueError, match="square maps"):
         attention_rollout([jnp.ones((2, 5, 5))])
+
+
+def test_analysis_re_exports_the_vision_implementation():
+    assert analysis_rollout.attention_rollout is attention_rollout
+    assert analysis_rollout.__all__ == ["attention_rollout"]

@@ -8,3 +8,6 @@ from attnjax.nn.vision.strip import StripSelfAttention
 from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
 from attnjax.nn.vision.maxvit import MaxViTBlock
 from attnjax.nn.vision.halo import HaloAttention
+from attnjax.nn.vision.fit import FITBlock, FITCrossAttention, FITLayer
+from attnjax.nn.vision.crossvit import CrossViTCrossAttention
+from attnjax.nn.vision.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention
