@@ -1,11 +1,11 @@
 """HaloNet blocked local self-attention: b×b query blocks attend to their (b + 2h)² haloed neighbourhood.
 
 Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", CVPR 2021,
-sec. 2.2 ("blocked local self-attention", Fig. 2): the ``H × W`` map is cut into non-overlapping ``b × b``
+sec. 2 ("blocked local self-attention", Fig. 1): the ``H × W`` map is cut into non-overlapping ``b × b``
 query blocks; every query of a block attends to the keys of the same ``(b + 2h) × (b + 2h)`` region, the block
 grown by a halo of ``h`` pixels on each side. Blocks share their neighbourhood, so the keys are gathered once
 per block instead of once per pixel (SASA's centred windows), which breaks translational equivariance on
-purpose. Sec. 2.3 (strided self-attentive downsampling): with stride ``s`` the queries of a block are
+purpose. Strided self-attentive downsampling (sec. 2): with stride ``s`` the queries of a block are
 subsampled (one per ``s × s`` pixels), the keys stay the block's haloed neighbourhood.
 
 Conventions (where the paper is not explicit, following timm's ``timm/layers/halo_attn.py``, ``HaloAttn``):
@@ -23,7 +23,7 @@ Conventions (where the paper is not explicit, following timm's ``timm/layers/hal
   ``(b + 2h)²`` halo window) add ``q·r_h[t_y − i_y + b + 2h − 1] + q·r_w[t_x − i_x + b + 2h − 1]`` to the
   logit, *unscaled* (timm's default ``scale_pos_embed=False``; its ``True`` equals tables multiplied by
   ``scale``). The index is timm's (query measured from the block's corner, key from the halo's), so rows
-  ``0 .. h + (b − b_q) + h − 1`` of each table are never read.
+  ``0 .. 2h + b − b_q − 1`` of each table are never read (``0 .. 2h − 1`` at stride 1).
 
 Paths: ``reference`` (dense masked softmax over all ``H·W`` keys, O(Tq·T) memory), ``xla`` (one halo window of
 keys per block, O(B·n_blocks·(b + 2h)²·heads·D) memory, no ``[T, T]`` array) and ``pallas`` (the block-sparse
@@ -95,6 +95,7 @@ class HaloLayout:
 
     @property
     def num_blocks(self) -> int:
+        """``n_h·n_w``."""
         return self.blocks[0] * self.blocks[1]
 
     @property
@@ -270,7 +271,7 @@ def halo_attention_xla(
     stride: int = 1, relative_height: Optional[jax.Array] = None, relative_width: Optional[jax.Array] = None,
     bias: Optional[jax.Array] = None, scale: Optional[float] = None,
 ) -> jax.Array:
-    """Halo attention by gathering one halo window of keys per block (Vaswani et al. 2021, sec. 2.2, Fig. 2).
+    """Halo attention by gathering one halo window of keys per block (Vaswani et al. 2021, sec. 2, Fig. 1).
 
     q is cut into blocks (``query_blocks``), k and v into the blocks' halo windows (``halo_windows``); each block
     runs one softmax over its ``(b + 2h)²`` keys, the keys outside the map masked. Memory
@@ -401,7 +402,7 @@ def halo_attention(
     stride: int = 1, relative_height: Optional[jax.Array] = None, relative_width: Optional[jax.Array] = None,
     bias: Optional[jax.Array] = None, scale: Optional[float] = None, implementation: str = "auto",
 ) -> jax.Array:
-    """HaloNet blocked local self-attention (Vaswani et al., CVPR 2021, sec. 2.2-2.3; module docstring).
+    """HaloNet blocked local self-attention (Vaswani et al., CVPR 2021, sec. 2; module docstring).
 
     For query ``p`` of block ``n`` (``b_q × b_q`` queries, ``b × b`` pixels) and the keys ``p'`` of the map inside
     the block's ``(b + 2h)²`` halo window ``N(n)``::
@@ -415,7 +416,8 @@ def halo_attention(
       q: ``[B, ⌈H/s⌉, ⌈W/s⌉, heads, D]`` (``[B, H, W, heads, D]`` at stride 1); k: ``[B, H, W, heads, D]``;
         v: ``[B, H, W, heads, Dv]``. ``H``, ``W`` need not be multiples of ``block_size``.
       block_size: ``b`` (8 in HaloNet); halo_size: ``h ≥ 0`` (3 in HaloNet; 0 is plain blocked attention).
-      stride: ``s``, queries subsampled by ``s`` (sec. 2.3); ``block_size % stride == 0``.
+      stride: ``s``, queries subsampled by ``s`` (sec. 2, strided self-attentive downsampling);
+        ``block_size % stride == 0``.
       relative_height, relative_width: HaloNet's factorized relative position tables ``[2·(b + 2h) − 1, D]``
         (both or neither), added unscaled as timm does.
       bias: ``[heads, b_q², (b + 2h)²]`` added to every block's logits (query in block × key in window), or None.

@@ -1,5 +1,5 @@
 """HaloNet blocked local self-attention against a dense masked softmax whose [Tq, T] mask, relative table rows and
-bias entries are built here pixel by pixel (Vaswani et al., CVPR 2021, sec. 2.2-2.3; timm ``PosEmbedRel``)."""
+bias entries are built here pixel by pixel (Vaswani et al., CVPR 2021, sec. 2; timm ``PosEmbedRel``)."""
 
 import jax
 import jax.numpy as jnp

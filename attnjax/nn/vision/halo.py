@@ -1,7 +1,7 @@
 """HaloNet's halo attention layer as a Flax NNX module on NHWC feature maps (functional core:
 ``attnjax.vision.halo``).
 
-Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", CVPR 2021, sec. 2.2-2.3:
+Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", CVPR 2021, sec. 2:
 queries from the pixels of each ``b × b`` block, keys and values from the block's ``(b + 2h)²`` haloed
 neighbourhood, factorized relative position logits, and query subsampling for strided downsampling. The layer
 follows timm's ``HaloAttn`` (``timm/layers/halo_attn.py``), which HaloNet models use in place of a bottleneck's
@@ -24,7 +24,7 @@ from attnjax.vision.halo import BLOCK_SIZE, HALO_SIZE, HaloLayout, halo_attentio
 
 
 class HaloAttention(nnx.Module):
-    """HaloNet's blocked local self-attention layer (Vaswani et al. 2021, sec. 2.2-2.3; timm ``HaloAttn``)::
+    """HaloNet's blocked local self-attention layer (Vaswani et al. 2021, sec. 2; timm ``HaloAttn``)::
 
         q = x[::s, ::s] W_q,   [k | v] = x W_kv                     (1×1 convolutions, per head)
         out[p] = Σ_{p' ∈ N(block(p))} softmax(q_p·k_{p'}/√D + q_p·r_h[Δ_y] + q_p·r_w[Δ_x]) v_{p'}
@@ -49,7 +49,7 @@ class HaloAttention(nnx.Module):
       head_dim: ``D``, the query/key width per head (default ``C_out // num_heads``; timm rounds
         ``C_out`` to a multiple of 8 first).
       block_size: ``b`` (8); halo_size: ``h`` (3): timm's defaults, HaloNet's models' values.
-      stride: 1, or the query subsampling of strided downsampling (sec. 2.3; ``block_size % stride == 0``).
+      stride: 1, or the query subsampling of strided downsampling (sec. 2; ``block_size % stride == 0``).
       use_bias: biases in the q and kv projections (timm's ``qkv_bias``, off by default).
       relative_position: the relative position logits (on, as HaloNet).
       dtype: computation dtype; param_dtype: parameter dtype.

@@ -1,5 +1,5 @@
 """The HaloAttention module against a plain reference: 1x1 projections written with ``conv2d`` and the dense
-loop-masked softmax of ``tests/vision/test_halo.py`` (Vaswani et al., CVPR 2021, sec. 2.2-2.3; timm ``HaloAttn``)."""
+loop-masked softmax of ``tests/vision/test_halo.py`` (Vaswani et al., CVPR 2021, sec. 2; timm ``HaloAttn``)."""
 
 import jax
 import jax.numpy as jnp
