@@ -62,11 +62,9 @@ def inputs(grid=(3, 5, 4), heads=6, D=4, Dv=3, window=2, B=1, seed=0):
     return q, k, v, tables
 
 
-@pytest.mark.parametrize("window, shift, with_tables", [(3, False, False), (2, True, True)])
-def test_tri_plane_attention_equals_the_dense_masked_softmax(window, shift, with_tables):
-    """A 3 x 5 x 4 grid (no axis a multiple of the window, so border windows are cropped), six heads."""
-    q, k, v, tables = inputs(window=window)
-    tables = tables if with_tables else None
+def check_against_dense(window, shift, tables, q, k, v):
+    """The fast path and the library reference against ``dense_tri_plane`` on the loop's mask; returns both
+    functions of ``(q, k, v, tables)``."""
     mask = jnp.asarray(plane_mask_by_loop(q.shape[1:4], window, window // 2 if shift else 0))
 
     def fast(q, k, v, tables):
@@ -79,10 +77,22 @@ def test_tri_plane_attention_equals_the_dense_masked_softmax(window, shift, with
     assert_close(jax.jit(fast)(q, k, v, tables), expected, rtol=1e-5, name="tri-plane attention")
     reference = jax.jit(lambda *a: condaformer_attention_reference(*a[:3], window, shift=shift, tables=a[3]))
     assert_close(reference(q, k, v, tables), expected, rtol=1e-5, name="reference")
-    args = (q, k, v) + (tuple(tables) if with_tables else ())
-    names = ["q", "k", "v"] + (["q_table", "k_table", "v_table"] if with_tables else [])
-    assert_grads_close(lambda *a: fast(*a[:3], a[3:] or None), lambda *a: dense(*a[:3], a[3:] or None), args,
-                       argnums=range(len(args)), rtol=1e-5, names=names)
+    return fast, dense
+
+
+def test_tri_plane_attention_without_tables():
+    """3x3 plane windows on a 3 x 5 x 4 grid (no axis a multiple of the window: border windows cropped)."""
+    q, k, v, _ = inputs(window=3)
+    check_against_dense(3, False, None, q, k, v)
+
+
+def test_shifted_tri_plane_attention_with_position_tables_forward_and_gradients():
+    """Shifted 2x2 plane windows on the 3 x 5 x 4 grid, the contextual tables; gradients of q, k, v and each
+    table (those of the plain fold without tables are the same reshapes)."""
+    q, k, v, tables = inputs(window=2)
+    fast, dense = check_against_dense(2, True, tables, q, k, v)
+    assert_grads_close(lambda *a: fast(*a[:3], a[3:]), lambda *a: dense(*a[:3], a[3:]), (q, k, v) + tables,
+                       argnums=range(6), rtol=1e-5, names=["q", "k", "v", "q_table", "k_table", "v_table"])
 
 
 def test_plane_partition_round_trips_and_marks_padding():

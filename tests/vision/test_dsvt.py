@@ -10,7 +10,7 @@ import pytest
 
 from attnjax.vision.dsvt import (dsvt_layer_partition, dsvt_set_attention, dsvt_set_attention_reference,
                                  dsvt_set_ids)
-from tests.helpers import assert_close, assert_grads_close
+from tests.helpers import assert_close
 
 set_ids = jax.jit(dsvt_set_ids, static_argnums=(2, 3), static_argnames=("axis", "shift"))
 
@@ -81,7 +81,8 @@ def test_sets_of_a_window_split_its_sorted_voxels_evenly():
         np.testing.assert_array_equal(np.asarray(ids)[0], expected)
 
 
-def test_set_attention_equals_the_dense_masked_softmax_forward_and_gradients():
+def test_set_attention_equals_the_dense_masked_softmax():
+    """Forward only: the gradients are region_attention's (the ids are integers), checked in test_region.py."""
     window, set_size, axis, shift = (4, 3), 3, "y", True
     coords, valid = voxels()
     mask = np.zeros((2, 40, 40), bool)
@@ -106,7 +107,6 @@ def test_set_attention_equals_the_dense_masked_softmax_forward_and_gradients():
     reference = jax.jit(lambda q, k, v: dsvt_set_attention_reference(q, k, v, coords, valid, window, set_size,
                                                                      axis=axis, shift=shift))
     assert_close(reference(q, k, v), expected, rtol=1e-5, name="reference")
-    assert_grads_close(fast, dense, (q, k, v), argnums=(0, 1, 2), rtol=1e-5, names=["q", "k", "v"])
 
 
 def test_rotated_schedule_follows_the_official_blocks():

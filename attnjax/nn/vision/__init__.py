@@ -11,3 +11,4 @@ from attnjax.nn.vision.halo import HaloAttention
 from attnjax.nn.vision.fit import FITBlock, FITCrossAttention, FITLayer
 from attnjax.nn.vision.crossvit import CrossViTCrossAttention
 from attnjax.nn.vision.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention
+from attnjax.nn.vision.condaformer import ConDaFormerBlock, LocalStructureEnhancement
