@@ -64,7 +64,10 @@ def _decodes_from_cache(config) -> bool:
     rows of full causal attention; asserts first that the mechanism is not softmax in disguise."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((1, DECODE_LENGTH, 2, 8)), jnp.float32) for _ in range(3))
-    full = np.asarray(_causal(config, q, k, v))
+    try:
+        full = np.asarray(_causal(config, q, k, v))
+    except NotImplementedError:  # no causal mask (e.g. vision windows): nothing to decode
+        return False
     if config.name != "softmax":
         softmax = np.asarray(_causal(aj.softmax.Softmax(), q, k, v))
         assert not np.allclose(full, softmax, atol=1e-4), (

@@ -29,13 +29,15 @@ by the blocked ``xla`` path (or the flash kernels), O(H·W) memory beyond the in
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import dataclasses
+import functools
+from typing import ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax import masks
+from attnjax import masks, registry
 from attnjax.api import attention
 from attnjax.checks import describe
 
@@ -418,7 +420,69 @@ def grid_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, grid_s
     return dense_group_attention(q, k, v, (y % ih) * iw + x % iw, position, group, bias, relative_bias_table, scale)
 
 
+PARTITIONS = ("window", "grid")
+"""How ``Windows`` groups tokens: Swin's (shifted) windows or MaxViT's dilated grid."""
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Window or grid attention as a registered mechanism on ``[B, T, H, D]`` tokens.
+
+    The ``T`` tokens are the row-major pixels of ``grid = (height, width)`` (default ``(1, T)``, a 1-D map);
+    ``partition="window"`` is ``window_attention`` (Swin's W-MSA, or SW-MSA with ``shift_size``),
+    ``partition="grid"`` is ``grid_attention`` with ``window_size`` as MaxViT's grid. Self-attention only
+    (``S = T``), the same heads for q, k, v; no other mask or bias through ``attnjax.attention`` (the windows'
+    relative position bias is ``window_attention``'s ``relative_bias_table``).
+    """
+
+    window_size: Window = 7
+    shift_size: Window = 0
+    partition: str = "window"
+    grid: Optional[tuple[int, int]] = None
+
+    name: ClassVar[str] = "window"
+    family: ClassVar[str] = "vision"
+    paper: ClassVar[str] = "Liu et al. 2021 (Swin Transformer, ICCV); Tu et al. 2022 (MaxViT, ECCV), grid attention"
+    supports: ClassVar[frozenset] = frozenset()
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {describe(self.partition)}")
+
+    def implementations(self):
+        return {name: functools.partial(windows_registered, self, name) for name in ("reference", "xla")}
+
+
+def windows_registered(config: Windows, implementation: str, q, k, v, *, mask=None, bias=None, scale=None,
+                       **options) -> jax.Array:
+    """``attnjax.attention`` signature for ``Windows``: tokens to the map, the op, back to tokens."""
+    if mask is not None or bias is not None or any(options.get(o) for o in ("logits_soft_cap", "sinks",
+                                                                               "dropout_rate", "return_lse")):
+        raise NotImplementedError("window attention takes no mask, bias, soft cap, sinks, dropout or lse "
+                                  "through attnjax.attention")
+    B, T, heads, _ = q.shape
+    if k.shape[1] != T or k.shape[2] != heads:
+        raise NotImplementedError(f"window attention is self-attention with the same heads for q, k, v; got "
+                                  f"q {list(q.shape)}, k {list(k.shape)}")
+    height, width = config.grid or (1, T)
+    if height * width != T:
+        raise ValueError(f"grid {config.grid} has {height * width} pixels but q has T={T} tokens")
+    maps = [a.reshape(B, height, width, heads, a.shape[-1]) for a in (q, k, v)]
+    if config.partition == "grid":
+        kwargs = dict(grid_size=config.window_size, scale=scale)
+        out = (grid_attention_reference(*maps, **kwargs) if implementation == "reference"
+               else grid_attention(*maps, implementation=implementation, **kwargs))
+    else:
+        kwargs = dict(window_size=config.window_size, shift_size=config.shift_size, scale=scale)
+        out = (window_attention_reference(*maps, **kwargs) if implementation == "reference"
+               else window_attention(*maps, implementation=implementation, **kwargs))
+    return out.reshape(B, T, heads, v.shape[-1])
+
+
 __all__ = ["Window", "window_shape", "window_grid", "window_partition", "window_merge", "window_valid",
            "grid_shape", "grid_partition", "grid_merge", "relative_position_index", "relative_position_bias",
            "shifted_window_regions", "check_image_qkv", "window_attention", "grid_attention",
-           "window_attention_reference", "grid_attention_reference"]
+           "window_attention_reference", "grid_attention_reference", "PARTITIONS", "Windows"]

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax.vision.window import (grid_attention, grid_attention_reference, grid_merge, grid_partition,
+import attnjax
+from attnjax.vision.window import (Windows, grid_attention, grid_attention_reference, grid_merge, grid_partition,
                                    relative_position_bias, relative_position_index, window_attention,
                                    window_attention_reference, window_grid, window_merge, window_partition,
                                    window_valid)
@@ -203,3 +204,18 @@ def test_bad_inputs_name_the_argument():
         grid_attention(q, q, q, interval=2, grid_size=3)
     with pytest.raises(ValueError, match="grid_size must be a positive int"):
         grid_attention(q, q, q, grid_size=0)
+
+
+@pytest.mark.parametrize("config", [Windows(window_size=3, shift_size=1, grid=(5, 7)),
+                                    Windows(window_size=(2, 3), partition="grid", grid=(5, 7))])
+def test_the_registered_mechanism_runs_the_op_on_row_major_tokens(config):
+    q, k, v, _ = inputs((2, 5, 7, 2, 4))
+    tokens = [a.reshape(2, 35, 2, -1) for a in (q, k, v)]
+    out = jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mechanism=config, implementation="xla"))(*tokens)
+    if config.partition == "grid":
+        expected = grid_attention_reference(q, k, v, grid_size=config.window_size)
+    else:
+        expected = window_attention_reference(q, k, v, window_size=3, shift_size=1)
+    assert_close(out.reshape(expected.shape), expected, rtol=1e-5, name=config.partition)
+    with pytest.raises(NotImplementedError):
+        attnjax.attention(tokens[0], tokens[1][:, :, :1], tokens[2][:, :, :1], mechanism=config)

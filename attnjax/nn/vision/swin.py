@@ -21,10 +21,8 @@ from flax.typing import Dtype
 from attnjax.checks import check_positive, describe
 from attnjax.nn.checks import check_image, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.window import Window, grid_attention, window_attention, window_shape, window_shape_or_zero
-
-PARTITIONS = ("window", "grid")
-"""How ``WindowAttention`` groups pixels: Swin's windows or MaxViT's dilated grid (``attnjax.vision.window``)."""
+from attnjax.vision.window import (PARTITIONS, Window, grid_attention, window_attention, window_shape,
+                                   window_shape_or_zero)
 
 LAYER_NORM_EPSILON = 1e-5
 """PyTorch's ``nn.LayerNorm`` default, which the official Swin and MaxViT (PyTorch ports) keep."""
