@@ -1,0 +1,5 @@
+"""Multi-head variants: the functional cores of head routing, head sharing and graph readings of attention.
+
+Pure functions on ``[B, T, heads, D]`` arrays with their parameters passed in; the modules that own the
+parameters are in ``attnjax.nn``.
+"""
