@@ -8,7 +8,7 @@ partitions maps into (padded) windows and runs ``attnjax.attention`` in each.
 from attnjax.vision import (aggregated_attention, conditioned, criss_cross, dual_attention, efficient_local,
                             focal_modulation, halo, crossvit, dcal, fit, rollout,
                             large_kernel, metamixer, partial_attention, polarized, pooling_mixer, squeeze_excite,
-                            condaformer, dsvt, region, strip, window)
+                            condaformer, dsvt, region, crossformer, strip, window)
 
 __all__ = ["aggregated_attention", "conditioned", "dual_attention", "efficient_local", "focal_modulation",
            "large_kernel", "metamixer", "partial_attention", "polarized", "pooling_mixer", "squeeze_excite", "window"]

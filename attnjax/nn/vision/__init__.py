@@ -12,3 +12,4 @@ from attnjax.nn.vision.fit import FITBlock, FITCrossAttention, FITLayer
 from attnjax.nn.vision.crossvit import CrossViTCrossAttention
 from attnjax.nn.vision.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention
 from attnjax.nn.vision.condaformer import ConDaFormerBlock, LocalStructureEnhancement
+from attnjax.nn.vision.crossformer import CrossFormerBlock, CrossScaleEmbedding, DynamicPositionBias
