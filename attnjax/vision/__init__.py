@@ -6,7 +6,7 @@ partitions maps into (padded) windows and runs ``attnjax.attention`` in each.
 """
 
 from attnjax.vision import (aggregated_attention, conditioned, criss_cross, dual_attention, efficient_local,
-                            focal_modulation, halo, crossvit, dcal, fit, rollout,
+                            focal_modulation, halo, crossvit, dcal, fit, rollout, kmeans_attention, probing, mil,
                             large_kernel, metamixer, partial_attention, polarized, pooling_mixer, squeeze_excite,
                             condaformer, dsvt, region, crossformer, strip, window)
 

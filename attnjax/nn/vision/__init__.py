@@ -13,3 +13,6 @@ from attnjax.nn.vision.crossvit import CrossViTCrossAttention
 from attnjax.nn.vision.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention
 from attnjax.nn.vision.condaformer import ConDaFormerBlock, LocalStructureEnhancement
 from attnjax.nn.vision.crossformer import CrossFormerBlock, CrossScaleEmbedding, DynamicPositionBias
+from attnjax.nn.vision.kmeans_attention import KMaXMaskHead, KMeansCrossAttention
+from attnjax.nn.vision.probing import AttentiveProbe
+from attnjax.nn.vision.mil import ACMILPooling, AttentionMILPooling, GatedAttentionLogits
