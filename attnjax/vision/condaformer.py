@@ -227,8 +227,8 @@ def augment(q: jax.Array, k: jax.Array, v: jax.Array, axis: int, window: int, ta
 
 
 def value_positions(out: jax.Array, axis: int, window: int, tv: jax.Array, dv: int) -> jax.Array:
-    """``o_i + Σ_a Σ_c m_a(i)[c]·Tv[p_a(i) − c + w − 1, a] + Tv[w − 1, axis]·Σ_c m_1(i)[c]`` from the attention
-    output ``[o, m_1, m_2]`` of ``augment``'s ``v'`` (``m_a``: the attention mass per key position)."""
+    """``o_i + Σ_a Σ_c m_a(i)[c]·Tv[p_a(i) − c + w − 1, a] + Tv[w − 1, axis]·Σ_c m_1(i)[c]`` from the
+    attention output ``[o, m_1, m_2]`` of ``augment``'s ``v'`` (``m_a``: the attention mass per key position)."""
     offsets = np.arange(window)[:, None] - np.arange(window)[None, :] + window - 1
     result = out[..., :dv].astype(jnp.float32)
     masses = (out[..., dv:dv + window].astype(jnp.float32), out[..., dv + window:].astype(jnp.float32))
@@ -269,9 +269,9 @@ def condaformer_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, wi
         for a in range(3):
             q_table = jnp.einsum("bigd,rgd->bgir", qg32, tq[:, a], precision="highest")
             k_table = jnp.einsum("bjgd,rgd->bgjr", kg32, tk[:, a], precision="highest")
-            logits = logits + scale * jnp.take_along_axis(q_table, jnp.asarray(offsets[None, None, :, :, a]), axis=3)
-            logits = logits + jnp.take_along_axis(k_table, jnp.asarray(offsets[None, None, :, :, a].transpose(0, 1, 3, 2)),
-                                                  axis=3).transpose(0, 1, 3, 2)
+            index = jnp.asarray(offsets[None, None, :, :, a])  # [1, 1, i, j]: Δ_a(i, j) + w − 1
+            logits = logits + scale * jnp.take_along_axis(q_table, index, axis=3)
+            logits = logits + jnp.take_along_axis(k_table, index.transpose(0, 1, 3, 2), axis=3).transpose(0, 1, 3, 2)
         weights = jax.nn.softmax(jnp.where(jnp.asarray(allowed), logits, -jnp.inf), axis=-1)
         out = jnp.einsum("bgij,bjgd->bigd", weights, vg.astype(jnp.float32), precision="highest")
         for a in range(3):

@@ -82,7 +82,7 @@ def region_attention(q: jax.Array, k: jax.Array, v: jax.Array, regions: jax.Arra
       ``[B, *grid, heads, Dv]`` in q's dtype.
     """
     check_region_inputs(q, k, v, regions)
-    B, grid, (heads, D), Dv = q.shape[0], q.shape[1:-2], q.shape[-2:], v.shape[-1]
+    B, grid, heads, Dv = q.shape[0], q.shape[1:-2], q.shape[-2], v.shape[-1]
     T = math.prod(grid)
     ids = regions.reshape(B, T)
     order = jnp.argsort(ids, axis=1, stable=True)

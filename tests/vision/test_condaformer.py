@@ -28,8 +28,8 @@ def plane_mask_by_loop(grid, window, shift):
 
 
 def dense_tri_plane(q, k, v, tables, mask, window):
-    """Per head group g: logit = scale·q_i·(k_j + Σ_a Tq[Δ_a]) + k_j·Σ_a Tk[Δ_a], out = Σ_j p_ij (v_j + Σ_a Tv[Δ_a]),
-    Δ_a = c_a(i) − c_a(j) + w − 1, over all voxels under ``mask``."""
+    """Per head group g: logit = scale·q_i·(k_j + Σ_a Tq[Δ_a]) + k_j·Σ_a Tk[Δ_a] and
+    out = Σ_j p_ij (v_j + Σ_a Tv[Δ_a]), Δ_a = c_a(i) − c_a(j) + w − 1, over all voxels under ``mask``."""
     B, F, H, W, heads, D = q.shape
     G, T = heads // 3, F * H * W
     coords = np.array(list(itertools.product(range(F), range(H), range(W))))
