@@ -1,23 +1,24 @@
 """DSVT's dynamic sparse window attention: rotated sets of sparse voxels, attention within each set.
 
-Wang et al., "DSVT: Dynamic Sparse Voxel Transformer with Rotated Sets", CVPR 2023, sec. 3.2 ("Dynamic
-sparse window attention", eqs. 2–4, "Rotated set partition"); official code: Haiyang-W/DSVT,
-``pcdet/models/backbones_3d/dsvt_input_layer.py`` (``window_partition``, ``get_set_single_shift``),
-``pcdet/models/model_utils/dsvt_utils.py`` (``get_window_coors``) and ``pcdet/models/backbones_3d/dsvt.py``
-(``DSVTBlock``, ``SetAttention``).
+Wang et al., "DSVT: Dynamic Sparse Voxel Transformer with Rotated Sets", CVPR 2023, sec. 3 (dynamic sparse
+window attention, rotated set partition); official code: Haiyang-W/DSVT,
+``pcdet/models/backbones_3d/dsvt_input_layer.py`` (``window_partition``, ``get_set_single_shift``, whose comment
+calls the slot rule below the paper's eq. 3), ``pcdet/models/model_utils/dsvt_utils.py`` (``get_window_coors``)
+and ``pcdet/models/backbones_3d/dsvt.py`` (``DSVTBlock``, ``SetAttention``).
 
 A voxel at integer coordinates ``c = (x, y[, z])`` lies, after a shift ``s``, in window ``⌊(c + s)/w⌋`` at
 in-window position ``(c + s) mod w`` (``get_window_coors``; ``s = 0``, or ``⌊w/2⌋`` for the shifted
 configuration). The ``N_w`` voxels of a window are sorted by their in-window position, x-major
-(``(x, y, z)``, the "x-axis" partition) or y-major (``(y, x, z)``, the "y-axis" partition), and cut into
-``n = ⌈N_w/S⌉`` sets of ``S`` slots each: slot ``i`` of set ``j`` holds the voxel of sorted rank
-``⌊(j·S + i)·N_w/(n·S)⌋`` (eq. 3). Since ``N_w ≤ n·S``, consecutive slots advance by 0 or 1 rank: a set holds
-the ranks ``⌊j·N_w/n⌋ … ⌊(j+1)·N_w/n⌋ − 1`` (each once, the repeats being masked keys in the official code's
-``set_voxel_mask``), and every voxel lies in exactly one set. Attention then runs within each set (eq. 4).
+(``(x, y, z)``, the official code's "x-axis" partition, whose sets run along y) or y-major (``(y, x, z)``, its
+"y-axis" partition), and cut into ``n = ⌈N_w/S⌉`` sets of ``S`` slots each: slot ``i`` of set ``j`` holds the
+voxel of sorted rank ``⌊(j·S + i)·N_w/(n·S)⌋``. Since ``N_w ≤ n·S``, consecutive slots advance by 0 or 1 rank:
+a set holds the ranks ``⌊j·N_w/n⌋ … ⌊(j+1)·N_w/n⌋ − 1`` (each once, the repeats being masked keys in the
+official code's ``set_voxel_mask``), and every voxel lies in exactly one set. Attention then runs within each
+set, with the sets of all windows processed in parallel.
 
 Rotation (``DSVTBlock``): each block has two set-attention layers, the first on the y-axis partition, the
 second on the x-axis partition; blocks alternate between the unshifted and the shifted window configuration
-(``dsvt_layer_partition``). The paper's figure draws x first; the order follows the official code.
+(``dsvt_layer_partition``). The paper's Figure 3 names the X-axis layer first; the order follows the code.
 
 * ``dsvt_set_ids``: the set of every voxel, as region ids (``attnjax.vision.region``).
 * ``dsvt_set_attention``: ``region_attention`` on those ids (sort by id + ``masks.Segments``: the blocked path
@@ -38,7 +39,7 @@ from attnjax.checks import check_positive, describe
 from attnjax.vision.region import region_attention, region_attention_reference
 
 AXES = ("x", "y")
-"""The two partition configurations: sort a window's voxels x-major or y-major (sec. 3.2)."""
+"""The two partition configurations: sort a window's voxels x-major or y-major (sec. 3, rotated sets)."""
 
 Shift = Union[bool, Sequence[int]]
 """A window shift: False (none), True (``⌊w/2⌋`` per axis, DSVT's shifted configuration) or one int per axis."""
@@ -79,7 +80,7 @@ def check_voxels(coords: jax.Array, valid: Optional[jax.Array]) -> None:
 
 def dsvt_set_ids(coords: jax.Array, valid: Optional[jax.Array], window_shape: Union[int, Sequence[int]],
                  set_size: int = 36, *, axis: str = "x", shift: Shift = False) -> jax.Array:
-    """DSVT's dynamic set partition (sec. 3.2, eq. 3) as region ids: voxels share an id iff they share a set.
+    """DSVT's dynamic set partition (sec. 3, eq. 3) as region ids: voxels share an id iff they share a set.
 
     Args:
       coords: int ``[B, N, 2 or 3]``, voxel coordinates ``(x, y[, z])``; distinct among a row's valid voxels
@@ -142,7 +143,7 @@ def dsvt_layer_partition(layer: int) -> tuple[str, bool]:
 def dsvt_set_attention(q: jax.Array, k: jax.Array, v: jax.Array, coords: jax.Array, valid: Optional[jax.Array],
                        window_shape: Union[int, Sequence[int]], set_size: int = 36, *, axis: str = "x",
                        shift: Shift = False, scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
-    """Dynamic sparse window attention (DSVT sec. 3.2, eq. 4): each voxel attends to the voxels of its set.
+    """Dynamic sparse window attention (DSVT sec. 3): each voxel attends to the voxels of its set.
 
     ``out[b, i] = Σ_{j ∈ set(i)} softmax_j(scale·q[b, i]·k[b, j]) v[b, j]`` per head, sets from
     ``dsvt_set_ids``; padding voxels output zeros. The official ``SetAttention`` adds the position embedding
