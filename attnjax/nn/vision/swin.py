@@ -46,7 +46,7 @@ class WindowAttention(nnx.Module):
     Parameters: ``3C² + 3C`` (qkv) + ``C² + C`` (proj) + ``heads·(2Mh − 1)(2Mw − 1)`` (table).
 
     Args:
-      dim: ``C``, the channels of ``x``.
+      channels: ``C``, the channels of ``x``.
       num_heads: attention heads; ``head_dim = C // num_heads`` unless given.
       window_size: ``M`` or ``(Mh, Mw)`` (7 in Swin and MaxViT).
       shift_size: ``s`` or ``(sh, sw)``, ``0 ≤ s < M`` (window partition only; Swin uses ``⌊M/2⌋`` in odd blocks).
@@ -60,10 +60,10 @@ class WindowAttention(nnx.Module):
         without the truncation at ±2, which is 100σ away).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, window_size: Window = 7, shift_size: Window = 0,
+    def __init__(self, channels: int, num_heads: int, *, window_size: Window = 7, shift_size: Window = 0,
                  partition: str = "window", qkv_bias: bool = True, head_dim: Optional[int] = None,
                  dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        self.head_dim = resolve_head_dim(dim, num_heads, head_dim)
+        self.head_dim = resolve_head_dim(channels, num_heads, head_dim)
         self.window_size = window_shape(window_size, "window_size")
         self.shift_size = window_shape_or_zero(shift_size)
         if partition not in PARTITIONS:
@@ -73,18 +73,18 @@ class WindowAttention(nnx.Module):
         if any(s >= w for s, w in zip(self.shift_size, self.window_size)):
             raise ValueError(f"shift_size must be smaller than window_size per axis, got shift_size={shift_size}, "
                              f"window_size={window_size}")
-        self.dim, self.num_heads, self.partition = dim, num_heads, partition
+        self.channels, self.num_heads, self.partition = channels, num_heads, partition
         inner = num_heads * self.head_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = nnx.Linear(dim, 3 * inner, use_bias=qkv_bias, **common)
-        self.proj = nnx.Linear(inner, dim, **common)
+        self.qkv = nnx.Linear(channels, 3 * inner, use_bias=qkv_bias, **common)
+        self.proj = nnx.Linear(inner, channels, **common)
         (mh, mw), init = self.window_size, jax.nn.initializers.normal(0.02)
         self.relative_position_bias_table = nnx.Param(init(rngs.params(), ((2 * mh - 1) * (2 * mw - 1), num_heads),
                                                            param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
-        check_image("x", x, self.dim)
+        check_image("x", x, self.channels)
         B, H, W, _ = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(B, H, W, 3 * self.num_heads, self.head_dim), 3, axis=3)
         table = self.relative_position_bias_table[...].astype(q.dtype)
@@ -101,14 +101,15 @@ class TransformerMLP(nnx.Module):
     """The Transformer MLP ``fc2(GELU(fc1(x)))`` on the last axis, ``int(r·C)`` hidden units (exact GELU, as
     PyTorch's ``nn.GELU`` in Swin's and MaxViT's ``Mlp``). Parameters: ``2·C·E + E + C``."""
 
-    def __init__(self, dim: int, *, mlp_ratio: float = 4.0, dtype: Optional[Dtype] = None,
+    def __init__(self, features: int, *, mlp_ratio: float = 4.0, dtype: Optional[Dtype] = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        hidden = int(dim * mlp_ratio) if isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) else 0
+        ratio_ok = isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool)
+        hidden = int(features * mlp_ratio) if ratio_ok else 0
         if hidden < 1:
-            raise ValueError(f"mlp_ratio must be a number with int(mlp_ratio * dim) >= 1, got {describe(mlp_ratio)} "
-                             f"for dim={dim}")
+            raise ValueError(f"mlp_ratio must be a number with int(mlp_ratio * features) >= 1, got "
+                             f"{describe(mlp_ratio)} for features={features}")
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1, self.fc2 = nnx.Linear(dim, hidden, **common), nnx.Linear(hidden, dim, **common)
+        self.fc1, self.fc2 = nnx.Linear(features, hidden, **common), nnx.Linear(hidden, features, **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [..., C] -> [..., C]``."""
@@ -132,36 +133,38 @@ class SwinBlock(nnx.Module):
     Parameters: ``WindowAttention``'s plus ``4C`` (two LayerNorms) plus ``TransformerMLP``'s.
 
     Args:
-      dim, num_heads, window_size, shift_size, partition, qkv_bias, head_dim: as ``WindowAttention``.
+      channels, num_heads, window_size, shift_size, partition, qkv_bias, head_dim: as ``WindowAttention``.
       mlp_ratio: the MLP's hidden units per channel (4 in the paper).
       dtype, param_dtype, rngs: as ``WindowAttention``. Left out: dropout and stochastic depth (drop path).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, window_size: Window = 7, shift_size: Window = 0,
+    def __init__(self, channels: int, num_heads: int, *, window_size: Window = 7, shift_size: Window = 0,
                  partition: str = "window", mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  head_dim: Optional[int] = None, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
-        check_positive(dim=dim)
-        self.dim = dim
+        check_positive(channels=channels)
+        self.channels = channels
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, **common)
-        self.attn = WindowAttention(dim, num_heads, window_size=window_size, shift_size=shift_size,
+        self.norm1 = nnx.LayerNorm(channels, epsilon=LAYER_NORM_EPSILON, **common)
+        self.attn = WindowAttention(channels, num_heads, window_size=window_size, shift_size=shift_size,
                                     partition=partition, qkv_bias=qkv_bias, head_dim=head_dim, **common)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, **common)
-        self.mlp = TransformerMLP(dim, mlp_ratio=mlp_ratio, **common)
+        self.norm2 = nnx.LayerNorm(channels, epsilon=LAYER_NORM_EPSILON, **common)
+        self.mlp = TransformerMLP(channels, mlp_ratio=mlp_ratio, **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
-        check_image("x", x, self.dim)
+        check_image("x", x, self.channels)
         x = x + self.attn(self.norm1(x).astype(x.dtype))
         return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
 
 PAPER = "Liu et al. 2021 (Swin Transformer, ICCV)"
-register_module(ModuleSpec("swin_window_attention", WindowAttention, dict(dim=8, num_heads=2, window_size=3,
+register_module(ModuleSpec("swin_window_attention", WindowAttention, dict(channels=8, num_heads=2, window_size=3,
                                                                          shift_size=1), (2, 5, 7, 8),
                            kind="image", paper=PAPER))
-register_module(ModuleSpec("swin_block", SwinBlock, dict(dim=8, num_heads=2, window_size=3), (2, 6, 6, 8),
+register_module(ModuleSpec("transformer_mlp", TransformerMLP, dict(features=8), (2, 5, 8), kind="other",
+                           paper="Vaswani et al. 2017 (Transformer, sec. 3.3); GELU as Swin's and MaxViT's Mlp"))
+register_module(ModuleSpec("swin_block", SwinBlock, dict(channels=8, num_heads=2, window_size=3), (2, 6, 6, 8),
                            kind="image", paper=PAPER))
-register_module(ModuleSpec("swin_block_shifted", SwinBlock, dict(dim=8, num_heads=2, window_size=3, shift_size=1),
+register_module(ModuleSpec("swin_block_shifted", SwinBlock, dict(channels=8, num_heads=2, window_size=3, shift_size=1),
                            (2, 5, 7, 8), kind="image", paper=PAPER))
