@@ -12,9 +12,9 @@ step, a hard one-hot assignment) and then sums the values of each cluster's pixe
     A = one_hot(argmax_clusters(Q^c (K^p)ᵀ))   [K, N], one 1 per pixel column,
     Ĉ = C + A V^p.
 
-The update is the plain sum over the cluster's pixels, not their mean: the paper's equation and the official code
-(google-research/deeplab2, ``model/layers/dual_path_transformer.py``, ``kmeans_update_memory_step``) have no
-division by the cluster size (the code normalizes the sum with a BatchNorm afterwards).
+The update is the plain sum over the cluster's pixels, not their mean, as in the official code (google-research/
+deeplab2, ``model/layers/dual_path_transformer.py``, ``kmeans_update_memory_step``: ``einsum('blm,bld->bmd')`` of
+the one-hot and the values, then a BatchNorm); there is no division by the cluster size.
 
 Gradients. The argmax is piecewise constant: the one-hot assignment has zero derivative, and the official code
 wraps it in ``tf.stop_gradient``. Gradients flow to ``V^p`` (through the sum) and to ``C`` (through the

@@ -1,10 +1,10 @@
 """Efficient attentive probing: learnable queries cross-attend to frozen features, without redundant projections.
 
 Efficient probing (EP; Psomas et al., "Attention, Please! Revisiting Attentive Probing for Masked Image
-Modeling", arXiv 2506.10178, 2025, sec. 3 and Fig. 1; ICLR 2026 as "... Through the Lens of Efficiency") pools
-the ``N`` patch tokens ``x_n ∈ R^D`` of a frozen encoder into one vector for a linear classifier. With ``M``
-learnable queries ``q_j ∈ R^D`` and one value projection ``W_v ∈ R^{D×D'}`` split column-wise into ``M`` blocks
-``W_v^j ∈ R^{D×D'/M}``:
+Modeling", arXiv 2506.10178, 2025, Fig. 1 and the method section; ICLR 2026 as "... Through the Lens of
+Efficiency") pools the ``N`` patch tokens ``x_n ∈ R^D`` of a frozen encoder into one vector for a linear
+classifier. With ``M`` learnable queries ``q_j ∈ R^D`` and one value projection ``W_v ∈ R^{D×D'}`` split
+column-wise into ``M`` blocks ``W_v^j ∈ R^{D×D'/M}``:
 
     a_j = softmax_n(s · q_jᵀ x_n),      y_j = Σ_n a_j(n) W_v^jᵀ x_n,      y = [y_1; …; y_M] ∈ R^{D'},
 
@@ -74,7 +74,7 @@ def probe_scale(scale: Optional[float], dim: int) -> float:
 
 def efficient_probing_weights(x: jax.Array, queries: jax.Array, *, scale: Optional[float] = None,
                               valid: Optional[jax.Array] = None) -> jax.Array:
-    """EP's attention maps ``a_j(n) = softmax_n(s · q_jᵀ x_n)`` (Psomas et al. 2025, sec. 3), ``float32 [B, M, N]``.
+    """EP's attention maps ``a_j(n) = softmax_n(s · q_jᵀ x_n)`` (Psomas et al. 2025), ``float32 [B, M, N]``.
 
     Args:
       x: ``[B, N, D]`` frozen token features; queries: ``[M, D]``; scale: ``s``, default ``1/√D``.
@@ -123,7 +123,8 @@ _PATHS = {"reference": efficient_probing_reference,
 
 def efficient_probing(x: jax.Array, queries: jax.Array, w_v: jax.Array, *, scale: Optional[float] = None,
                       valid: Optional[jax.Array] = None, implementation: str = "auto") -> jax.Array:
-    """Efficient probing (Psomas et al., arXiv 2506.10178, 2025, sec. 3): ``y_j = Σ_n softmax_n(s·q_jᵀx_n) W_v^jᵀ x_n``.
+    """Efficient probing (Psomas et al., arXiv 2506.10178, 2025, Fig. 1):
+    ``y_j = Σ_n softmax_n(s · q_jᵀ x_n) W_v^jᵀ x_n`` for learned queries ``q_j``, and ``y = [y_1; …; y_M]``.
 
     Multi-query cross-attention pooling with learnable queries: no query, key or output projection, one value
     projection whose ``D'`` output columns are split evenly over the ``M`` queries.

@@ -1,4 +1,4 @@
-"""Efficient probing (Psomas et al. 2025, sec. 3) against a NumPy loop over the queries, forward and gradients, with
+"""Efficient probing (Psomas et al. 2025, Fig. 1) against a NumPy loop over the queries, forward and gradients, with
 padded token sets; and its equivalence with a multi-head cross-attention probe whose projections it absorbs."""
 
 import jax
@@ -70,9 +70,9 @@ def test_gradients_of_both_paths_equal_the_reference():
 
 
 def test_equals_a_multi_head_cross_attention_probe_with_absorbed_projections():
-    """MHCA with M heads of width d_h and one learned query u: head j's logit uᵀ W_q^jᵀ W_k^j x / √d_h equals EP's
-    q_jᵀ x / √D with q_j = √(D/d_h) W_k^jᵀ W_q^j u; the head outputs a_j W_v^j x are EP's blocks (W_o is left to the
-    classifier)."""
+    """MHCA with M heads of width d_h and one learned query u: head j's logit uᵀ W_q^jᵀ W_k^j x / √d_h equals
+    EP's q_jᵀ x / √D with q_j = √(D/d_h) W_k^jᵀ W_q^j u; the head outputs a_j W_v^j x are EP's blocks (W_o is left
+    to the classifier)."""
     rng = np.random.default_rng(5)
     d_h = 3
     x, _, w_v = inputs(2)

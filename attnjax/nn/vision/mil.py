@@ -48,14 +48,15 @@ class GatedAttentionLogits(nnx.Module):
 
     Args:
       dim: ``C``; hidden: ``L`` (128 in ABMIL's and ACMIL's code); branches: ``M``; gated: eq. 9 (True) or 8.
-      dtype, param_dtype: as ``nnx.Linear``; rngs: ``params`` initializes the layers (flax defaults).
+      param_dtype: the parameters' dtype (the logits are computed in float32).
+      rngs: ``params`` initializes the layers (flax's ``nnx.Linear`` defaults).
     """
 
     def __init__(self, dim: int, *, hidden: int = 128, branches: int = 1, gated: bool = True,
-                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         check_positive(dim=dim, hidden=hidden, branches=branches)
         self.dim = dim
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(param_dtype=param_dtype, rngs=rngs)
         self.v = nnx.Linear(dim, hidden, **common)
         self.u = nnx.Linear(dim, hidden, **common) if gated else None
         self.w = nnx.Linear(hidden, branches, use_bias=False, **common)
@@ -80,13 +81,12 @@ class AttentionMILPooling(nnx.Module):
 
     Args:
       dim: ``C``, the instances' width; hidden: ``L`` (128 in the official code); gated: eq. 9 (True) or eq. 8.
-      dtype, param_dtype, rngs: as ``GatedAttentionLogits``.
+      param_dtype, rngs: as ``GatedAttentionLogits``. The weights are float32; ``z`` takes ``x``'s dtype.
     """
 
-    def __init__(self, dim: int, *, hidden: int = 128, gated: bool = True, dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        self.logits = GatedAttentionLogits(dim, hidden=hidden, gated=gated, dtype=dtype, param_dtype=param_dtype,
-                                           rngs=rngs)
+    def __init__(self, dim: int, *, hidden: int = 128, gated: bool = True, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.logits = GatedAttentionLogits(dim, hidden=hidden, gated=gated, param_dtype=param_dtype, rngs=rngs)
 
     def attention(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
         """The attention weights ``a``, ``float32 [B, N]`` (0 on padding)."""
@@ -125,16 +125,16 @@ class ACMILPooling(nnx.Module):
       dim: ``C``; num_branches: ``M`` (5 in the paper's runs); hidden: ``L`` (128); gated: gated attention (ACMIL_GA).
       top_k: ``K`` (10) and mask_drop: ``p`` (0.6), the STKIM settings of the official README.
       deterministic: the default for calls without ``deterministic``.
-      dtype, param_dtype: as ``nnx.Linear``.
+      param_dtype: the parameters' dtype (attention in float32; the features take ``x``'s dtype).
       rngs: ``params`` initializes the layers; ``dropout`` (or ``default``) seeds the masking.
     """
 
     def __init__(self, dim: int, *, num_branches: int = 5, hidden: int = 128, gated: bool = True, top_k: int = 10,
-                 mask_drop: float = 0.6, deterministic: bool = False, dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 mask_drop: float = 0.6, deterministic: bool = False, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
         check_topk(top_k, mask_drop)
         self.top_k, self.mask_drop, self.deterministic = top_k, float(mask_drop), deterministic
-        self.logits = GatedAttentionLogits(dim, hidden=hidden, branches=num_branches, gated=gated, dtype=dtype,
+        self.logits = GatedAttentionLogits(dim, hidden=hidden, branches=num_branches, gated=gated,
                                            param_dtype=param_dtype, rngs=rngs)
         has_stream = "dropout" in rngs or "default" in rngs
         self.rngs = rngs.dropout.fork() if mask_drop > 0 and has_stream else None

@@ -18,7 +18,7 @@ from attnjax.vision.probing import efficient_probing, efficient_probing_weights
 class AttentiveProbe(nnx.Module):
     """Efficient probing (EP): ``y_j = Σ_n softmax_n(q_jᵀ x_n / √D) W_v^jᵀ x_n``, ``y = [y_1; …; y_M]``
     (Psomas et al., "Attention, Please! Revisiting Attentive Probing for Masked Image Modeling", arXiv 2506.10178,
-    2025, sec. 3).
+    2025, Fig. 1).
 
     ``M`` learnable queries attend to the frozen tokens directly (no query, key or output projection; see
     ``attnjax.vision.probing`` for the equivalence with a multi-head attentive probe), and one value projection

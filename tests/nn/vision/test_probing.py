@@ -1,4 +1,4 @@
-"""AttentiveProbe against a plain reference of efficient probing (Psomas et al. 2025, sec. 3)."""
+"""AttentiveProbe against a plain reference of efficient probing (Psomas et al. 2025, Fig. 1)."""
 
 import jax
 import jax.numpy as jnp
