@@ -3,16 +3,25 @@
 Each module owns its projections and calls the functional core in ``attnjax.vision``; image modules are
 registered with kind ``"image"``, multi-input ones (two branches, pooling queries) with kind ``"other"``.
 """
+
+from attnjax.nn.vision.condaformer import ConDaFormerBlock, LocalStructureEnhancement
 from attnjax.nn.vision.criss_cross import CrissCrossAttention, RecurrentCrissCrossAttention
-from attnjax.nn.vision.strip import StripSelfAttention
-from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
-from attnjax.nn.vision.maxvit import MaxViTBlock
-from attnjax.nn.vision.halo import HaloAttention
-from attnjax.nn.vision.fit import FITBlock, FITCrossAttention, FITLayer
+from attnjax.nn.vision.crossformer import CrossFormerBlock, CrossScaleEmbedding, DynamicPositionBias
 from attnjax.nn.vision.crossvit import CrossViTCrossAttention
 from attnjax.nn.vision.dcal import GlobalLocalCrossAttention, PairwiseCrossAttention
-from attnjax.nn.vision.condaformer import ConDaFormerBlock, LocalStructureEnhancement
-from attnjax.nn.vision.crossformer import CrossFormerBlock, CrossScaleEmbedding, DynamicPositionBias
+from attnjax.nn.vision.fit import FITBlock, FITCrossAttention, FITLayer
+from attnjax.nn.vision.halo import HaloAttention
 from attnjax.nn.vision.kmeans_attention import KMaXMaskHead, KMeansCrossAttention
-from attnjax.nn.vision.probing import AttentiveProbe
+from attnjax.nn.vision.maxvit import MaxViTBlock
 from attnjax.nn.vision.mil import ACMILPooling, AttentionMILPooling, GatedAttentionLogits
+from attnjax.nn.vision.probing import AttentiveProbe
+from attnjax.nn.vision.strip import StripSelfAttention
+from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
+
+__all__ = [
+    "ConDaFormerBlock", "LocalStructureEnhancement", "CrissCrossAttention", "RecurrentCrissCrossAttention",
+    "CrossFormerBlock", "CrossScaleEmbedding", "DynamicPositionBias", "CrossViTCrossAttention",
+    "GlobalLocalCrossAttention", "PairwiseCrossAttention", "FITBlock", "FITCrossAttention", "FITLayer", "HaloAttention",
+    "KMaXMaskHead", "KMeansCrossAttention", "MaxViTBlock", "ACMILPooling", "AttentionMILPooling",
+    "GatedAttentionLogits", "AttentiveProbe", "StripSelfAttention", "SwinBlock", "TransformerMLP", "WindowAttention",
+]
