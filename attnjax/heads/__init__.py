@@ -3,3 +3,5 @@
 Pure functions on ``[B, T, heads, D]`` arrays with their parameters passed in; the modules that own the
 parameters are in ``attnjax.nn``.
 """
+
+from attnjax.heads import gin, graph_routing

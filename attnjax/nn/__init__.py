@@ -16,6 +16,8 @@ from attnjax.nn.selective import SelectiveAttention
 from attnjax.nn.simplicial import SimplicialAttention
 from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttention, TransNormerBlock, srms_norm,
                                     transnormer_decay)
+from attnjax.nn.gin import GINAttention, GINCache
+from attnjax.nn.graph_moe import GraphMoE, GraphMoEBlock, GraphMoEBlockCache, RouterCache
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
