@@ -53,10 +53,10 @@ def cls_rollout_scores(maps: Union[Sequence[jax.Array], jax.Array]) -> jax.Array
     Returns:
       ``[B, N]`` float32.
     """
-    rollout = attention_rollout(maps)
-    if rollout.shape[-1] < 2:
-        raise ValueError(f"maps must cover a class token and at least one patch, got {rollout.shape[-1]} tokens")
-    return rollout[:, 0, 1:]
+    tokens = jnp.shape(maps[0] if isinstance(maps, (list, tuple)) and maps else maps)[-1:]
+    if tokens and tokens[0] < 2:
+        raise ValueError(f"maps must cover a class token and at least one patch, got {tokens[0]} tokens")
+    return attention_rollout(maps)[:, 0, 1:]
 
 
 def select_top_r(scores: jax.Array, r: int) -> jax.Array:

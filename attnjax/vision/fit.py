@@ -53,7 +53,8 @@ def ungroup_tokens(x: jax.Array, num_groups: int) -> jax.Array:
 
 
 def check_grouped_qkv(q: jax.Array, k: jax.Array, v: jax.Array, num_groups: int) -> None:
-    """``ValueError`` unless q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` split into ``num_groups``."""
+    """``ValueError`` unless q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` split into
+    ``num_groups`` equal groups."""
     for name, a in (("q", q), ("k", k), ("v", v)):
         if getattr(a, "ndim", None) != 4:
             raise ValueError(f"{name} must have shape [batch, tokens, heads, head_dim], got {describe(a)}")
@@ -104,7 +105,7 @@ def grouped_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, num_gr
     Memory: the ``[B, Hq, T, S]`` logits. For tests and small inputs.
     """
     check_grouped_qkv(q, k, v, num_groups)
-    B, T, Hq, D = q.shape
+    T, Hq, D = q.shape[1:]
     S, Hkv = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")

@@ -29,11 +29,11 @@ def test_fusion_tokens_put_the_projected_cls_before_the_other_patches():
 def test_cls_cross_attention_equals_the_einsum_formula_forward_and_gradients():
     """One query over 1 + 11 tokens, GQA (4 query heads, 2 kv heads), Dv != D."""
     q, k, v = random_qkv(jax.random.key(0), B=2, T=1, S=12, Hq=4, Hkv=2, D=4, Dv=6)
-    out = jax.jit(cls_cross_attention)(q, k, v)
+    out, expected, library = jax.jit(lambda q, k, v: (cls_cross_attention(q, k, v), einsum_cls_attention(q, k, v),
+                                                      cls_cross_attention_reference(q, k, v)))(q, k, v)
     assert out.shape == (2, 1, 4, 6)
-    assert_close(out, jax.jit(einsum_cls_attention)(q, k, v), rtol=1e-5, name="cross-attention")
-    assert_close(jax.jit(cls_cross_attention_reference)(q, k, v), einsum_cls_attention(q, k, v), rtol=1e-5,
-                 name="library reference")
+    assert_close(out, expected, rtol=1e-5, name="cross-attention")
+    assert_close(library, expected, rtol=1e-5, name="library reference")
     assert_grads_close(cls_cross_attention, einsum_cls_attention, (q, k, v), argnums=(0, 1, 2), rtol=1e-5,
                        names=["q", "k", "v"])
 

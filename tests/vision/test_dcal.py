@@ -54,14 +54,14 @@ def test_top_r_selection_equals_numpy_argsort():
         np.testing.assert_array_equal(top, np.argsort(-scores, axis=1, kind="stable")[:, :r])
 
 
-@pytest.mark.parametrize("ratio", [0.1, 0.3])
-def test_local_query_positions_equal_a_numpy_rollout_and_argsort(ratio):
-    maps = softmax_maps(int(ratio * 10))
-    positions = np.asarray(jax.jit(local_query_positions, static_argnums=1)(jnp.asarray(maps), ratio))
-    np.testing.assert_array_equal(positions, numpy_positions(maps, ratio))
-    assert positions.shape == (2, 1 + local_query_count(20, ratio))
-    np.testing.assert_array_equal(np.asarray(local_query_positions(list(maps), ratio, keep_cls=False)),
-                                  positions[:, 1:])
+def test_local_query_positions_equal_a_numpy_rollout_and_argsort():
+    """R = 30 % of 20 patches; the maps as one array and as a list of layers."""
+    maps = softmax_maps(3)
+    positions, without_cls = (np.asarray(p) for p in jax.jit(lambda m: (
+        local_query_positions(m, 0.3), local_query_positions(list(m), 0.3, keep_cls=False)))(jnp.asarray(maps)))
+    np.testing.assert_array_equal(positions, numpy_positions(maps, 0.3))
+    assert positions.shape == (2, 1 + 6)
+    np.testing.assert_array_equal(without_cls, positions[:, 1:])
 
 
 def test_glca_equals_rows_of_dense_attention_forward_and_gradients():
@@ -77,13 +77,15 @@ def test_glca_equals_rows_of_dense_attention_forward_and_gradients():
     def reference(q, k, v):
         return dense_attention(q, k, v)[np.arange(2)[:, None], rows]
 
-    out = jax.jit(fast)(q, k, v)
+    out, expected, library = jax.jit(lambda *a: (fast(*a), reference(*a),
+                                                 global_local_cross_attention_reference(*a, positions)))(q, k, v)
     assert out.shape == (2, 3, 4, 6)
-    assert_close(out, jax.jit(reference)(q, k, v), rtol=1e-5, name="GLCA")
-    assert_close(jax.jit(global_local_cross_attention_reference)(q, k, v, positions), reference(q, k, v), rtol=1e-5,
-                 name="library reference")
-    assert_grads_close(fast, reference, (q, k, v), argnums=(0, 1, 2), rtol=1e-5, names=["q", "k", "v"])
-    dq = np.asarray(grads(fast, (q, k, v), (0,))[0])
+    assert_close(out, expected, rtol=1e-5, name="GLCA")
+    assert_close(library, expected, rtol=1e-5, name="library reference")
+    grads_fast, grads_reference = grads(fast, (q, k, v), (0, 1, 2)), grads(reference, (q, k, v), (0, 1, 2))
+    for g, g_ref, name in zip(grads_fast, grads_reference, "qkv"):
+        assert_close(g, g_ref, rtol=1e-5, name=f"d{name}")
+    dq = np.asarray(grads_fast[0])
     unselected = np.ones((2, 21), bool)
     unselected[np.arange(2)[:, None], rows] = False
     assert np.all(dq[unselected] == 0) and np.all(np.any(dq[~unselected] != 0, axis=(-2, -1)))
@@ -99,10 +101,12 @@ def test_pwca_equals_one_softmax_over_both_images_forward_and_gradients():
     def reference(q, k, v, k2, v2):
         return dense_attention(q, jnp.concatenate([k, k2], 1), jnp.concatenate([v, v2], 1))
 
-    out = jax.jit(pairwise_cross_attention)(q, k, v, k2, v2)
-    assert_close(out, jax.jit(reference)(q, k, v, k2, v2), rtol=1e-5, name="PWCA")
-    assert_close(jax.jit(pairwise_cross_attention_reference)(q, k, v, k2, v2), out, rtol=1e-5, name="library ref")
-    assert_close(jax.jit(pairwise_cross_attention)(q, k, v), dense_attention(q, k, v), rtol=1e-5, name="SA")
+    out, expected, library, alone, alone_expected = jax.jit(lambda *a: (
+        pairwise_cross_attention(*a), reference(*a), pairwise_cross_attention_reference(*a),
+        pairwise_cross_attention(*a[:3]), dense_attention(*a[:3])))(q, k, v, k2, v2)
+    assert_close(out, expected, rtol=1e-5, name="PWCA")
+    assert_close(library, expected, rtol=1e-5, name="library reference")
+    assert_close(alone, alone_expected, rtol=1e-5, name="without a distractor: self-attention")
     assert_grads_close(pairwise_cross_attention, reference, (q, k, v, k2, v2), argnums=range(5), rtol=1e-5,
                        names=["q", "k", "v", "k2", "v2"])
 

@@ -1,8 +1,8 @@
 """DCAL's global-local and pair-wise cross-attention as Flax NNX modules (functional core: ``attnjax.vision.dcal``).
 
 Zhu et al., "Dual Cross-Attention Learning for Fine-Grained Visual Categorization and Object Re-Identification",
-CVPR 2022, sec. 3.2 (GLCA) and sec. 3.3 (PWCA). The authors released no code; the projections follow the DeiT / ViT
-self-attention the paper builds on (q, k, v and output linear layers with biases).
+CVPR 2022, sec. 3.2 (GLCA) and sec. 3.3 (PWCA). The projections follow the DeiT / ViT self-attention the paper builds
+on (sec. 3.1; q, k, v and output linear layers).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class GlobalLocalCrossAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, maps: Union[Sequence[jax.Array], jax.Array]) -> jax.Array:
         """``x [B, 1 + N, C]`` (class token first), ``maps`` ``[L, B, H, 1 + N, 1 + N]`` or a list of
-        ``[B, H, 1 + N, 1 + N]`` -> ``[B, 1 + R, C]``, the outputs of the selected tokens in ``local_queries``' order."""
+        ``[B, H, 1 + N, 1 + N]`` -> ``[B, 1 + R, C]``: the selected tokens' outputs, in ``local_queries``' order."""
         check_input("x", x, self.d_model)
         shape = jnp.shape(maps[0]) if isinstance(maps, (list, tuple)) else jnp.shape(maps)[1:]
         if len(shape) != 4 or shape[0] != x.shape[0] or shape[2:] != (x.shape[1], x.shape[1]):

@@ -44,21 +44,11 @@ def branches(seed=0, dtype=jnp.float32):
 
 
 def test_cross_attention_equals_the_official_fusion_forward_and_gradients():
-    """The large branch (width 16, 5 patches) reads the small one (width 8, 12 patches)."""
+    """The large branch (width 16, 5 patches) reads the small one (width 8, 12 patches). The reference keeps the
+    large branch's patches and never reads the small branch's CLS: the output and the input gradients show both."""
     small, large = branches()
     check_module_against_reference(CrossViTCrossAttention(16, 8, 2, rngs=nnx.Rngs(1)), crossvit_reference,
                                    large, small)
-
-
-def test_only_the_cls_changes_and_the_other_cls_is_not_read():
-    small, large = branches(seed=1)
-    model = CrossViTCrossAttention(8, 16, 2, rngs=nnx.Rngs(0))
-    run = nnx.jit(lambda m, x, o: m(x, o))
-    out = run(model, small, large)
-    np.testing.assert_array_equal(np.asarray(out[:, 1:]), np.asarray(small[:, 1:]))
-    assert_close(run(model, small, large.at[:, 0].add(5.0)), out, atol=0, name="the other branch's CLS")
-    moved = large.at[:, 3].add(jax.random.normal(jax.random.key(2), (2, 16)))  # a patch of the other branch
-    assert not np.allclose(np.asarray(run(model, small, moved)[:, 0]), np.asarray(out[:, 0]))
 
 
 def test_parameter_count():
@@ -68,12 +58,6 @@ def test_parameter_count():
 
     assert count(192, 384, 12) == 3 * 192 + 2 * 192 * 384 + 4 * 384 ** 2 + 8 * 384
     assert count(384, 192, 6, qkv_bias=False) == 3 * 384 + 2 * 384 * 192 + 4 * 192 ** 2 + 6 * 192
-
-
-def test_bf16_is_finite():
-    small, large = branches(dtype=jnp.bfloat16)
-    out = nnx.jit(lambda m, x, o: m(x, o))(CrossViTCrossAttention(8, 16, 2, rngs=nnx.Rngs(0)), 10 * small, large)
-    assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
 def test_bad_inputs_name_the_argument():
