@@ -10,7 +10,8 @@ CVPR 2022, sec. 3. Token sets ``[B, T, heads, D]`` with the class token first (`
   categorization, 30 % for re-identification, sec. 4.1).
 * PWCA (sec. 3.3): the queries of image 1 attend to the keys and values of both images of a pair,
   ``f_PWCA(Q_1, K_c, V_c) = softmax(Q_1 K_cᵀ / √d) V_c`` with ``K_c = [K_1; K_2]``, ``V_c = [V_1; V_2]``: one softmax
-  over ``2T`` keys, the second image a distractor. Training only; at inference it is the plain self-attention.
+  over ``2T`` keys (``T + T₂`` for images of different lengths), the second image a distractor. Training only;
+  at inference it is the plain self-attention.
 
 The selection is not differentiable: no gradient reaches the rollout maps; the queries that are not selected get
 a zero gradient, and the keys and values get the gradient of the selected rows.
@@ -48,7 +49,8 @@ def cls_rollout_scores(maps: Union[Sequence[jax.Array], jax.Array]) -> jax.Array
 
     Args:
       maps: the previous self-attention layers' softmax maps, first layer first: ``[B, H, 1 + N, 1 + N]`` each (a
-        list) or ``[L, B, H, 1 + N, 1 + N]``; heads are averaged, as in ``attention_rollout``.
+        list) or ``[L, B, H, 1 + N, 1 + N]``. Heads are averaged, as in Abnar & Zuidema's rollout
+        (``attention_rollout``); the paper writes ``S`` for one map and does not say how heads are combined.
 
     Returns:
       ``[B, N]`` float32.
