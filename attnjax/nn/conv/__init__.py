@@ -13,6 +13,7 @@ from attnjax.nn.conv.metaformer import MetaFormerBlock, PoolingMixer
 from attnjax.nn.conv.partial_attention import (PartialChannelAttention, PartialSelfAttention, PartialSpatialAttention,
                                                PATBlock)
 from attnjax.nn.conv.dual_attention import DANetChannelAttention, DANetPositionAttention
+from attnjax.nn.conv.mbconv import MBConv
 from attnjax.nn.conv.moat import MOATBlock
 from attnjax.nn.conv.conditioned import DomainConditionedAttention, SentenceAttentionBlock
 from attnjax.nn.conv.metamixer import FFNetBlock, FFNetChannelMixer, FFNifiedAttention
@@ -22,7 +23,7 @@ __all__ = [
     "ConcurrentSqueezeExcite", "SpatialSqueezeExcite", "SqueezeExcite", "PolarizedSelfAttention",
     "EfficientLocalAttention", "LargeKernelAttention", "VANSpatialAttention", "FocalModulation", "MetaFormerBlock",
     "PoolingMixer", "PartialChannelAttention", "PartialSelfAttention", "PartialSpatialAttention", "PATBlock",
-    "DANetChannelAttention", "DANetPositionAttention", "MOATBlock", "DomainConditionedAttention",
+    "DANetChannelAttention", "DANetPositionAttention", "MBConv", "MOATBlock", "DomainConditionedAttention",
     "SentenceAttentionBlock", "FFNetBlock", "FFNetChannelMixer", "FFNifiedAttention", "AggregatedAttention",
     "ConvGLU", "TransNeXtBlock",
 ]

@@ -16,34 +16,11 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.api import attention
-from attnjax.checks import check_positive, describe
+from attnjax.checks import check_positive
 from attnjax.nn.checks import check_image
+from attnjax.nn.conv.mbconv import LAYER_NORM_EPSILON, MBConv
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.window import Window, window_attention, window_shape
-
-NORMS = ("batch", "layer")
-"""The MBConv's normalization: "batch" (the paper's BatchNorm) or "layer" (LayerNorm over channels)."""
-
-BATCH_NORM_EPSILON = 1e-3
-"""The MBConv BatchNorm's epsilon: Keras' default, which the official code keeps."""
-
-LAYER_NORM_EPSILON = 1e-5
-"""The LayerNorm epsilon of the official code (``ln_epsilon``)."""
-
-
-def mbconv_norm(norm: str, features: int, *, use_bias: bool = True, dtype: Optional[Dtype], param_dtype: Dtype,
-                rngs: nnx.Rngs) -> nnx.Module:
-    """One normalization layer of MOAT's MBConv: ``nnx.BatchNorm`` or ``nnx.LayerNorm`` over ``features``."""
-    common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    if norm == "batch":
-        return nnx.BatchNorm(features, epsilon=BATCH_NORM_EPSILON, **common)
-    return nnx.LayerNorm(features, epsilon=LAYER_NORM_EPSILON, **common)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """The exact (erf) GELU, Keras' ``gelu`` default that the official MBConv uses."""
-    return jax.nn.gelu(x, approximate=False)
-
 
 class MOATBlock(nnx.Module):
     """MOAT block (Yang et al., ICLR 2023, sec. 3): MBConv, then multi-head self-attention, each residual::
@@ -105,22 +82,13 @@ class MOATBlock(nnx.Module):
         check_positive(channels=channels, head_dim=head_dim, expansion=expansion, kernel_size=kernel_size)
         if channels % head_dim:
             raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {describe(norm)}")
         self.window_size = None if window_size is None else window_shape(window_size)
         if relative_position and self.window_size is None:
             raise ValueError("relative_position needs window_size (the table has the window's size); for global "
                              "attention on an H x W map pass window_size=(H, W)")
         self.channels, self.head_dim, self.num_heads = channels, head_dim, channels // head_dim
-        hidden = expansion * channels
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pre_norm = mbconv_norm(norm, channels, use_bias=norm != "batch", **common)
-        self.expand = nnx.Conv(channels, hidden, (1, 1), use_bias=False, **common)
-        self.expand_norm = mbconv_norm(norm, hidden, **common)
-        self.depthwise = nnx.Conv(hidden, hidden, (kernel_size, kernel_size), feature_group_count=hidden,
-                                  use_bias=False, **common)
-        self.depthwise_norm = mbconv_norm(norm, hidden, **common)
-        self.project = nnx.Conv(hidden, channels, (1, 1), **common)
+        self.mbconv = MBConv(channels, expansion=expansion, kernel_size=kernel_size, norm=norm, **common)
         self.attention_norm = nnx.LayerNorm(channels, epsilon=LAYER_NORM_EPSILON, **common)
         self.query, self.value, self.out = (nnx.Linear(channels, channels, **common) for _ in range(3))
         self.key = nnx.Linear(channels, channels, use_bias=False, **common)
@@ -131,11 +99,6 @@ class MOATBlock(nnx.Module):
                                                     param_dtype))
         else:
             self.relative_position = None
-
-    def mbconv(self, x: jax.Array) -> jax.Array:
-        """The MBConv residual branch (without SE): ``Proj(GELU(N(DWConv(GELU(N(Expand(N(x))))))))``."""
-        h = gelu(self.expand_norm(self.expand(self.pre_norm(x))))
-        return self.project(gelu(self.depthwise_norm(self.depthwise(h))))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """The attention residual branch ``Attn(LN(x))``, global or in windows: ``[B, H, W, C] -> [B, H, W, C]``."""
@@ -153,7 +116,7 @@ class MOATBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
-        x = x + self.mbconv(x).astype(x.dtype)
+        x = self.mbconv(x)
         return x + self.attend(x).astype(x.dtype)
 
 

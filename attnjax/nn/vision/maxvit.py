@@ -6,8 +6,7 @@ fixed ``G × G`` grid of pixels spread over the map), each in a pre-norm Transfo
 with squeeze-and-excitation (Fig. 2, eq. 4-5). The attention cores are ``attnjax.vision.window``'s
 ``window_attention`` and ``grid_attention`` through ``attnjax.nn.vision.swin.SwinBlock`` (``partition``
 "window" and "grid"). Choices where the paper is silent follow the official code
-(tensorflow/models ``official/projects/maxvit/modeling/layers.py``): BatchNorm epsilon 1e-3, exact GELU,
-SE with ``⌊C/4⌋`` hidden units and SiLU (its ``SqueezeAndExcitation`` default), LayerNorm epsilon 1e-5.
+(tensorflow/models ``official/projects/maxvit/modeling/layers.py``); the MBConv is ``attnjax.nn.conv.mbconv``.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from attnjax.checks import check_positive, describe
+from attnjax.checks import check_positive
 from attnjax.nn.checks import check_image
-from attnjax.nn.conv.moat import NORMS, gelu, mbconv_norm
-from attnjax.nn.conv.squeeze_excite import SqueezeExcite
+from attnjax.nn.conv.mbconv import MBConv
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.vision.swin import SwinBlock
 from attnjax.vision.window import Window
@@ -56,7 +54,7 @@ class MaxViTBlock(nnx.Module):
       grid_size: ``G``, the grid attention's grid (7 in the paper).
       expansion: the MBConv's expansion ratio (4), and the MLP ratio of both Transformer layers (4).
       kernel_size: the depthwise convolution's kernel (3).
-      norm: the MBConv's normalization, one of ``attnjax.nn.conv.moat.NORMS`` ("batch" in the paper; BatchNorm
+      norm: the MBConv's normalization, one of ``attnjax.nn.conv.mbconv.NORMS`` ("batch" in the paper; BatchNorm
         behaves as in ``MOATBlock``: call it through ``nnx.jit`` in training mode, ``model.eval()`` for inference).
       dtype: computation dtype; param_dtype: parameter dtype. The output takes ``x``'s dtype.
       rngs: ``params`` initializes the layers (flax's defaults; the relative tables ``N(0, 0.02²)``).
@@ -70,33 +68,19 @@ class MaxViTBlock(nnx.Module):
         check_positive(channels=channels, head_dim=head_dim, expansion=expansion, kernel_size=kernel_size)
         if channels % head_dim:
             raise ValueError(f"channels ({channels}) must be a multiple of head_dim ({head_dim})")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {describe(norm)}")
         self.channels = channels
-        hidden = expansion * channels
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.pre_norm = mbconv_norm(norm, channels, use_bias=norm != "batch", **common)
-        self.expand = nnx.Conv(channels, hidden, (1, 1), use_bias=False, **common)
-        self.expand_norm = mbconv_norm(norm, hidden, **common)
-        self.depthwise = nnx.Conv(hidden, hidden, (kernel_size, kernel_size), feature_group_count=hidden,
-                                  use_bias=False, **common)
-        self.depthwise_norm = mbconv_norm(norm, hidden, **common)
-        self.squeeze_excite = SqueezeExcite(hidden, reduction=4 * expansion, activation=jax.nn.silu, **common)
-        self.project = nnx.Conv(hidden, channels, (1, 1), **common)
+        self.mbconv = MBConv(channels, expansion=expansion, kernel_size=kernel_size, squeeze_excite=True, norm=norm,
+                             **common)
         heads = channels // head_dim
         layer = dict(mlp_ratio=expansion, head_dim=head_dim, **common)
         self.block_attention = SwinBlock(channels, heads, window_size=block_size, partition="window", **layer)
         self.grid_attention = SwinBlock(channels, heads, window_size=grid_size, partition="grid", **layer)
 
-    def mbconv(self, x: jax.Array) -> jax.Array:
-        """The MBConv residual branch ``Proj(SE(GELU(N(DWConv(GELU(N(Expand(N(x)))))))))``."""
-        h = gelu(self.expand_norm(self.expand(self.pre_norm(x))))
-        return self.project(self.squeeze_excite(gelu(self.depthwise_norm(self.depthwise(h)))))
-
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
-        x = x + self.mbconv(x).astype(x.dtype)
+        x = self.mbconv(x)
         return self.grid_attention(self.block_attention(x))
 
 

@@ -35,6 +35,7 @@ def gelu(x):
 
 def mbconv_reference(p, x, norm):
     """x + Proj(GELU(N(DWConv(GELU(N(Expand(N(x)))))))), no squeeze-and-excitation."""
+    p = p["mbconv"]
     h = gelu(norm(conv2d(norm(x, p["pre_norm"]), p["expand"]["kernel"]), p["expand_norm"]))
     h = gelu(norm(conv2d(h, p["depthwise"]["kernel"], groups=h.shape[-1]), p["depthwise_norm"]))
     return x + conv2d(h, p["project"]["kernel"], p["project"]["bias"])

@@ -62,6 +62,7 @@ def test_the_shift_is_dropped_when_the_map_fits_in_one_window():
 
 def maxvit_reference(p, x, head_dim, block, grid):
     """MBConv with SE (SiLU, sigmoid gate), then block and grid attention layers."""
+    p, attention = p["mbconv"], p
     h = gelu(batch_norm(conv2d(batch_norm(x, p["pre_norm"]), p["expand"]["kernel"]), p["expand_norm"]))
     h = gelu(batch_norm(conv2d(h, p["depthwise"]["kernel"], groups=h.shape[-1]), p["depthwise_norm"]))
     se = p["squeeze_excite"]
@@ -69,8 +70,8 @@ def maxvit_reference(p, x, head_dim, block, grid):
                                  se["expand"]))
     x = x + conv2d(h * gate, p["project"]["kernel"], p["project"]["bias"])
     heads = x.shape[-1] // head_dim
-    x = block_reference(p["block_attention"], x, heads, block)
-    return block_reference(p["grid_attention"], x, heads, grid, partition="grid")
+    x = block_reference(attention["block_attention"], x, heads, block)
+    return block_reference(attention["grid_attention"], x, heads, grid, partition="grid")
 
 
 def test_maxvit_block_equals_the_formula_forward_and_gradients():
