@@ -39,7 +39,7 @@ import attnjax
 from attnjax import masks
 from attnjax.analysis import attention_entropy, entropy_of_map, sink_scores
 from experiments.lib import cli, host, plots, report, workload
-from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
+from experiments.lib.measure import GIB, measure_paths
 
 BASELINE, DENSE, ENTROPY_BY_ATTENTION = "softmax/xla", "entropy/dense", "entropy/attention"
 TOOLS = {"entropy": functools.partial(attention_entropy, implementation="blockwise"), "sink_scores": sink_scores}
@@ -103,17 +103,13 @@ def map_bytes(seq_len: int, args: argparse.Namespace) -> int:
 def measure(seq_len: int, fns: dict[str, Callable], args: argparse.Namespace) -> list[dict]:
     """Memory of every path at one length, and the time of those within the memory budget."""
     xs = workload.benchmark_inputs(seq_len, "fwd", args)
-    rows, thunks = [], {}
-    for path, fn in fns.items():
-        compiled = compile_fn(fn, *xs)
-        memory = memory_of(compiled)
-        runs = memory.peak <= args.memory_budget_gib * GIB
-        work = 2 * args.batch * args.heads * seq_len * seq_len * args.head_dim  # q·kᵀ over every pair
-        rows.append({"T": seq_len, "mode": "fwd", "path": path, "causal": True, "memory": memory.as_dict(),
-                     "run": runs, **({} if path == BASELINE else {"flops": work})})
-        if runs:
-            thunks[path] = lambda c=compiled: c(*xs)
-    timings = time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    measured = measure_paths(fns, *xs, budget_bytes=args.memory_budget_gib * GIB, repeats=args.repeats,
+                             max_seconds=args.max_seconds)
+    work = 2 * args.batch * args.heads * seq_len * seq_len * args.head_dim  # q·kᵀ over every pair
+    rows = [{"T": seq_len, "mode": "fwd", "path": path, "causal": True, "memory": memory.as_dict(),
+             "run": timing is not None, **({} if path == BASELINE else {"flops": work})}
+            for path, (memory, timing) in measured.items()]
+    timings = {path: timing for path, (_, timing) in measured.items() if timing is not None}
     base = timings.get(BASELINE)
     base_temp = next(r for r in rows if r["path"] == BASELINE)["memory"]["temp"]
     for row in rows:

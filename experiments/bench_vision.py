@@ -37,7 +37,7 @@ from attnjax.vision.criss_cross import criss_cross_attention
 from attnjax.vision.halo import halo_attention
 from attnjax.vision.window import grid_attention, window_attention
 from experiments.lib import cli, host, plots, report, workload
-from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
+from experiments.lib.measure import GIB, measure_paths
 
 BASELINE, BLOCKED = "dense/jax.nn", "dense/attnjax"
 
@@ -103,16 +103,12 @@ def logits_bytes(side: int, args: argparse.Namespace) -> int:
 def measure(side: int, fns: dict[str, Callable], args: argparse.Namespace) -> list[dict]:
     """Memory of every path at one map size, and the time of those within the memory budget."""
     xs = map_inputs(side, args)
-    rows, thunks = [], {}
-    for path, fn in fns.items():
-        compiled = compile_fn(workload.mode_fn(fn, args.mode), *xs)
-        memory = memory_of(compiled)
-        runs = memory.peak <= args.memory_budget_gib * GIB
-        rows.append({"side": side, "T": side * side, "mode": args.mode, "path": path, "memory": memory.as_dict(),
-                     "run": runs})
-        if runs:
-            thunks[path] = lambda c=compiled: c(*xs)
-    timings = time_thunks(thunks, repeats=args.repeats, max_seconds=args.max_seconds)
+    measured = measure_paths({path: workload.mode_fn(fn, args.mode) for path, fn in fns.items()}, *xs,
+                             budget_bytes=args.memory_budget_gib * GIB, repeats=args.repeats,
+                             max_seconds=args.max_seconds)
+    rows = [{"side": side, "T": side * side, "mode": args.mode, "path": path, "memory": memory.as_dict(),
+             "run": timing is not None} for path, (memory, timing) in measured.items()]
+    timings = {path: timing for path, (_, timing) in measured.items() if timing is not None}
     base = timings.get(BASELINE)
     base_temp = next(r for r in rows if r["path"] == BASELINE)["memory"]["temp"]
     for row in rows:

@@ -89,3 +89,16 @@ def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1,
     compiled = compile_fn(fn, *args)
     return time_thunks({"fn": lambda: compiled(*args)}, repeats=repeats, warmup=warmup,
                        max_seconds=max_seconds)["fn"]
+
+
+def measure_paths(fns: Mapping[str, Callable], *args, budget_bytes: float, repeats: int = 5,
+                  max_seconds: Optional[float] = None) -> dict[str, tuple[Memory, Optional[Timing]]]:
+    """Compile each ``fn(*args)``, read its memory, and time (interleaved) those whose peak fits the budget.
+
+    Returns ``{path: (memory, timing)}`` in ``fns``' order; ``timing`` is None for a path over ``budget_bytes``.
+    """
+    compiled = {path: compile_fn(fn, *args) for path, fn in fns.items()}
+    memories = {path: memory_of(c) for path, c in compiled.items()}
+    thunks = {path: (lambda c=c: c(*args)) for path, c in compiled.items() if memories[path].peak <= budget_bytes}
+    timings = time_thunks(thunks, repeats=repeats, max_seconds=max_seconds)
+    return {path: (memories[path], timings.get(path)) for path in fns}
