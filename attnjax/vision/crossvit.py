@@ -21,10 +21,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax.api import attention
 from attnjax.checks import describe
+from attnjax.softmax.softmax import softmax_attention_reference
 
 
 def fusion_tokens(cls: jax.Array, patches: jax.Array) -> jax.Array:
@@ -69,16 +69,9 @@ def cls_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Opti
 
 def cls_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                   scale: Optional[float] = None) -> jax.Array:
-    """``cls_cross_attention`` written plainly (sec. 3.4) with einsums in float32; k, v heads repeated for GQA."""
+    """``cls_cross_attention`` written plainly (sec. 3.4): the dense float32 softmax of ``softmax_attention_reference``."""
     check_cls_qkv(q, k, v)
-    Hq, Hkv = q.shape[2], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    kr, vr = (jnp.repeat(a.astype(jnp.float32), Hq // Hkv, axis=2) for a in (k, v))
-    logits = scale * jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr, precision="highest")
-    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), vr, precision="highest")
-    return out.astype(q.dtype)
+    return softmax_attention_reference(q, k, v, scale=scale)
 
 
 __all__ = ["fusion_tokens", "cls_cross_attention", "cls_cross_attention_reference"]

@@ -28,6 +28,7 @@ import numpy as np
 
 from attnjax.api import attention
 from attnjax.checks import describe
+from attnjax.softmax.softmax import softmax_attention_reference
 from attnjax.vision.rollout import attention_rollout
 
 GLCA_RATIO = 0.1
@@ -138,16 +139,9 @@ def global_local_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, posit
 
 def global_local_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
                                            scale: Optional[float] = None) -> jax.Array:
-    """GLCA as the rows ``positions`` of the dense self-attention of all ``T`` queries (float32 einsums)."""
+    """GLCA as the rows ``positions`` of the dense self-attention of all ``T`` queries (``softmax_attention_reference``)."""
     check_positions(q, positions)
-    Hq, Hkv = q.shape[2], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    kr, vr = (jnp.repeat(a.astype(jnp.float32), Hq // Hkv, axis=2) for a in (k, v))
-    logits = scale * jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr, precision="highest")
-    every = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), vr, precision="highest")
-    return gather_tokens(every, positions).astype(q.dtype)
+    return gather_tokens(softmax_attention_reference(q, k, v, scale=scale), positions)
 
 
 def pair_keys_values(k: jax.Array, v: jax.Array, k2: Optional[jax.Array], v2: Optional[jax.Array]
@@ -192,16 +186,9 @@ def pairwise_cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, k2: Optio
 def pairwise_cross_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, k2: Optional[jax.Array] = None,
                                        v2: Optional[jax.Array] = None, *,
                                        scale: Optional[float] = None) -> jax.Array:
-    """PWCA written plainly: the float32 einsum softmax over ``[K_1; K_2]``."""
+    """PWCA written plainly: the dense float32 softmax (``softmax_attention_reference``) over ``[K_1; K_2]``."""
     kc, vc = pair_keys_values(k, v, k2, v2)
-    Hq, Hkv = q.shape[2], kc.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    kr, vr = (jnp.repeat(a.astype(jnp.float32), Hq // Hkv, axis=2) for a in (kc, vc))
-    logits = scale * jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kr, precision="highest")
-    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), vr, precision="highest")
-    return out.astype(q.dtype)
+    return softmax_attention_reference(q, kc, vc, scale=scale)
 
 
 __all__ = ["GLCA_RATIO", "local_query_count", "cls_rollout_scores", "select_top_r", "local_query_positions",
