@@ -18,6 +18,11 @@ from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttentio
                                     transnormer_decay)
 from attnjax.nn.gin import GINAttention, GINCache
 from attnjax.nn.graph_moe import GraphMoE, GraphMoEBlock, GraphMoEBlockCache, RouterCache
+from attnjax.nn.bam import BAMAttention, upcycle_attention
+from attnjax.nn.low_rank import LowRankAttention, LowRankCache
+from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
+from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
+from attnjax.nn.moh import MoHAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
