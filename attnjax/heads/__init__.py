@@ -7,4 +7,3 @@ parameters are in ``attnjax.nn``.
 from attnjax.heads import gin, graph_routing
 from attnjax.heads import bam, low_rank, union_of_experts
 from attnjax.heads import echo, moh
-from attnjax.heads import echo, moh

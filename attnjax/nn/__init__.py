@@ -23,8 +23,6 @@ from attnjax.nn.low_rank import LowRankAttention, LowRankCache
 from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
 from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
 from attnjax.nn.moh import MoHAttention
-from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
-from attnjax.nn.moh import MoHAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
