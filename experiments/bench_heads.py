@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 import attnjax
@@ -49,8 +48,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.25, 0.5, 0.75, 1.0],
                    help="fractions of the heads active per token (h_s + k = fraction * heads)")
     p.add_argument("--blocks", type=cli.parse_ints, default=[256, 512], help="square tile sizes of both paths")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a length's rounds after this long")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="stop repeating a length's rounds after this long")
     cli.add_output_flags(p, "bench_heads")
     return cli.parse_with_smoke(p, argv, SMOKE)
 
@@ -160,8 +159,9 @@ def targets(rows: list[dict]) -> dict:
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
     """Rows of the markdown table."""
-    return [[r["T"], r["path"], r["block"], f"{r['shared_heads']} + {r['top_k']}", report.format_bytes(r["memory"]["temp"]),
-             f"{r['median_s'] * 1e3:.0f} ms (n={r['repeats']})", f"{r['ratio_to_all_heads']:.2f}x"] for r in rows]
+    return [[r["T"], r["path"], r["block"], f"{r['shared_heads']} + {r['top_k']}",
+             report.format_bytes(r["memory"]["temp"]), f"{r['median_s'] * 1e3:.0f} ms (n={r['repeats']})",
+             f"{r['ratio_to_all_heads']:.2f}x"] for r in rows]
 
 
 def markdown_report(rows: list[dict], goal: dict, cross: dict, args: argparse.Namespace, device: dict,

@@ -273,7 +273,8 @@ def layer_similarity(qs: Sequence[jax.Array], ks: Sequence[jax.Array], *, mask: 
 
 
 def _js_rows(p: jax.Array, log_p: jax.Array) -> jax.Array:
-    """Jensen–Shannon divergence (nats) between every pair of layers' rows: ``[L, B, H, q, S]`` -> ``[L, L, B, H, q]``."""
+    """Jensen–Shannon divergence (nats) between every pair of layers' rows, ``[L, B, H, q, S]`` ->
+    ``[L, L, B, H, q]``."""
     m = 0.5 * (p[:, None] + p[None])
     log_m = jnp.log(jnp.where(m > 0, m, 1.0))
 
