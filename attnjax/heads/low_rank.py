@@ -19,7 +19,8 @@ github.com/JohnGiorgi/compact-multi-head-self-attention-pytorch (``modules/lama.
 normalization it leaves out; so does this code.
 
 As a token mixer ``[B, T, d] -> [B, T, H, d]``: non-causal, every position gets the sequence's ``M``;
-causal, position ``t`` gets the pooling over tokens ``<= t``: ``M_{t,h} = Σ_{i≤t} e^{s_{i,h}} x_i / Σ_{i≤t} e^{s_{i,h}}``.
+causal, position ``t`` gets the pooling over tokens ``<= t``:
+``M_{t,h} = Σ_{i≤t} e^{s_{i,h}} x_i / Σ_{i≤t} e^{s_{i,h}}``.
 
 Paths:
 - ``low_rank_attention_reference``: the dense ``[B, H, T, T]`` attention matrix, masked softmax, ``A X``.

@@ -18,8 +18,10 @@ sums the routed experts' outputs unweighted, so its router gets no gradient; her
 is weighted by the router probability ``g_{t,e} = p_{t,e}`` (Switch Transformer's ``p_i(x) E_i(x)``, also
 MoH's), which gives the router a gradient for any ``k``. The sample router reads the mean token (the
 official ``SMHA_v1`` reads the flattened fixed-length sequence); its probability multiplies the token
-gates, and tokens choose among the sample's experts only (softmax over those). A per-expert ``capacity`` (Switch Transformer's, by position order, so it stays causal)
-bounds the tokens each expert processes, which gives the routed path static shapes.
+gates, and tokens choose among the sample's experts only (softmax over those). A per-expert
+``capacity`` (Switch Transformer's, first come by position, so routing stays causal) bounds the tokens
+each expert processes, which gives the routed path static shapes. The official code's filler tokens
+(it pads every expert to the largest expert's count with unrouted tokens) are left out.
 
 Paths (``x [B, T, d]``, ``w_q, w_k, w_v [d, E, D]``, ``w_o [E, D, d]``, ``selected, gates [B, T, E]``):
 - ``selective_attention_reference``: every expert over all ``T`` tokens with the mask

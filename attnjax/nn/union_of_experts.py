@@ -52,9 +52,10 @@ class SelectiveMultiHeadAttention(nnx.Module):
     """SMHA: multi-head attention whose heads are experts routed per token (and optionally per sample).
 
     ``y_t = Σ_e g_{t,e} · attention(q^e_t, K^e_{S_e}, V^e_{S_e}) W_o^e`` over the experts ``e`` that token
-    ``t`` is routed to, where ``S_e`` are the tokens routed to ``e`` (``attnjax.heads.union_of_experts``).
-    With ``top_k = num_heads``, unit gates and no capacity limit, it is ``MultiHeadAttention`` with the same
-    weights (the equivalent decomposition). ``load_balancing_loss`` gives the router's auxiliary loss.
+    ``t`` is routed to, where ``S_e`` are the tokens routed to ``e`` and ``g`` the router probabilities
+    (``attnjax.heads.union_of_experts``). The experts partition ``MultiHeadAttention``'s weights (the
+    equivalent decomposition): with every token routed to every head and unit gates, the core is MHA.
+    ``load_balancing_loss`` gives the router's auxiliary loss.
 
     Example::
 

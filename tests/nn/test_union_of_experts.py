@@ -76,7 +76,8 @@ def test_capacity_drops_tokens_and_decode_keeps_the_same_ones():
 
 
 def test_parameter_count():
-    layer = SelectiveMultiHeadAttention(DM, E, head_dim=5, sample_top_k=3, causal=False, rngs=nnx.Rngs(0))
+    layer = nnx.eval_shape(lambda: SelectiveMultiHeadAttention(DM, E, head_dim=5, sample_top_k=3, causal=False,
+                                                               rngs=nnx.Rngs(0)))
     assert parameter_count(layer) == 2 * (DM * E + E) + 3 * DM * E * 5 + E * 5 * DM
 
 
@@ -94,9 +95,13 @@ def test_load_balancing_loss_equals_its_formula():
 
 
 def test_bfloat16_module_is_finite():
-    layer = SelectiveMultiHeadAttention(DM, E, capacity=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                        rngs=nnx.Rngs(0))
-    y = nnx.jit(lambda m, x: m(x, mask=masks.Causal()))(layer, inputs().astype(jnp.bfloat16))
+    """Parameters and computation in bfloat16 (the layer is built inside the compiled call)."""
+    def run(x):
+        layer = SelectiveMultiHeadAttention(DM, E, capacity=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                            rngs=nnx.Rngs(0))
+        return layer(x, mask=masks.Causal())
+
+    y = jax.jit(run)(inputs().astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
@@ -109,12 +114,13 @@ def test_errors_name_the_argument():
         SelectiveMultiHeadAttention(DM, E, top_k=2, sample_top_k=1, causal=False, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="capacity must be a positive int"):
         SelectiveMultiHeadAttention(DM, E, capacity=0, rngs=nnx.Rngs(0))
-    hierarchical = SelectiveMultiHeadAttention(DM, E, sample_top_k=3, causal=False, rngs=nnx.Rngs(0))
+    hierarchical = nnx.eval_shape(lambda: SelectiveMultiHeadAttention(DM, E, sample_top_k=3, causal=False,
+                                                                      rngs=nnx.Rngs(0)))
     with pytest.raises(NotImplementedError, match="can't be causal"):
         hierarchical(inputs(), mask=masks.Causal())
     with pytest.raises(NotImplementedError, match="decoding needs a causal layer"):
         hierarchical.init_cache(B, T)
-    layer = SelectiveMultiHeadAttention(DM, E, rngs=nnx.Rngs(0))
+    layer = nnx.eval_shape(lambda: SelectiveMultiHeadAttention(DM, E, rngs=nnx.Rngs(0)))
     with pytest.raises(NotImplementedError, match=r"takes mask=None or masks.Causal\(\) only"):
         layer(inputs(), mask=masks.SlidingWindow(2, 0))
     with pytest.raises(ValueError, match=r"x must have shape \[batch, seq, 12\]"):
