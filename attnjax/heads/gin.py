@@ -69,7 +69,7 @@ def gin_adjacency_reference(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] 
       ``[B, Hq, T, S]`` float32.
     """
     _check(q, k, k, mask, scale, top_k, top_k_weights)
-    B, T, Hq, D = q.shape
+    T, Hq, D = q.shape[1:]
     S, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     kr = jnp.repeat(k.astype(jnp.float32), Hq // Hkv, axis=2)
@@ -195,7 +195,7 @@ def gin_aggregate(q: jax.Array, k: jax.Array, h: jax.Array, *, mask: Optional[Ma
     _check(q, k, h, mask, scale, top_k, top_k_weights)
     if top_k is None:
         return attention(q, k, h, mask=mask, scale=scale, implementation=implementation)
-    B, T, Hq, D = q.shape
+    Hq, D = q.shape[2:]
     group = Hq // k.shape[2]
     index, kept = top_k_indices(q, k, top_k=top_k, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
     if top_k_weights == "attention":
@@ -218,7 +218,8 @@ def _check_epsilon(h: jax.Array, epsilon: jax.Array) -> None:
 
 
 def gin_combine(h: jax.Array, aggregated: jax.Array, epsilon: jax.Array) -> jax.Array:
-    """The GIN node update's input ``(1 + ε)·h + A·h`` (Xu et al. 2019, eq. 4.1; Buehler 2025, Sec. 2).
+    """The GIN node update's input ``(1 + ε)·h + A·h`` (Xu et al. 2019, eq. 4.1, as Buehler 2025 writes it; the
+    official ``GINLayer`` computes ``ε·h + A·h``, with ``ε`` starting at 0 in both).
 
     Args:
       h: ``[B, T, H, Dh]`` node features; aggregated: ``[B, T, H, Dh]``, ``A·h`` (``gin_aggregate``).
@@ -245,7 +246,7 @@ def gin_head_mlp(z: jax.Array, w1: jax.Array, b1: jax.Array, norm_scale: jax.Arr
     Returns:
       ``[B, T, H, Dh]`` float32.
     """
-    H, Dh, F = w1.shape
+    H, Dh, _ = w1.shape
     if z.ndim != 4 or z.shape[2:] != (H, Dh):
         raise ValueError(f"z must have shape [B, T, {H}, {Dh}] to match w1 [H, Dh, F] = {list(w1.shape)}, "
                          f"got {list(z.shape)}")

@@ -13,10 +13,11 @@ the others' router probabilities (Sections 2-3):
 
 Top-k then reads ``P̃`` (``top_k_routing``). Both mixes are ``attention(q, k, P)`` calls, blocked
 (``attnjax.attention``, O(T) memory), so ``S`` and ``A`` are never stored; the ``*_reference`` forms
-build them densely. Two choices where the paper leaves room, followed throughout: the features ``f``
-of S-MoE are an argument (``attnjax.nn.graph_moe.GraphMoE`` passes the router logits, ``W_s = W_gᵀW_g``,
-so S-MoE adds no parameters), and A-MoE averages the attention matrices of the heads. Routing runs in
-float32 whatever the input dtype.
+build them densely. Only the paper's abstract and section titles could be consulted here, so three
+details are this library's choices, not checked against the paper's equations: the features ``f`` of
+S-MoE are an argument (``attnjax.nn.graph_moe.GraphMoE`` passes the router logits, i.e. ``W_s = W_gᵀW_g``,
+so S-MoE adds no parameters), the temperature ``τ`` defaults to 1, and A-MoE averages the attention
+matrices of the heads. Routing runs in float32 whatever the input dtype.
 
 The MoE feed-forward ``y_n = Σ_{e ∈ top-k(n)} g_ne · W2_e·GELU(W1_e·x_n + b1_e) + b2_e`` has a dense
 reference (``moe_ffn_reference``: every expert on every token, masked) and a capacity-dispatch fast

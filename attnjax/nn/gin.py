@@ -1,5 +1,5 @@
 """GIN attention as a Flax NNX module (Buehler 2025, "Graph-Aware Isomorphic Attention for Adaptive
-Dynamics in Transformers", arXiv:2501.02393, Sec. 2 and Fig. 3).
+Dynamics in Transformers", arXiv:2501.02393, Fig. 1A and Fig. 3; official code ``LlamaAttentionGIN``).
 
 Per head ``h``: the attention matrix ``A_h = softmax(q_h k_hᵀ/√D)`` is the adjacency matrix of a
 graph over the tokens, and a GIN layer (Xu et al. 2019, eq. 4.1) replaces the value product::

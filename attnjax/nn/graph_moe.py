@@ -20,7 +20,7 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.dispatch import check_implementation
 from attnjax.heads.graph_routing import (DEFAULT_TAU, ROUTERS, attention_mix, expert_capacity, load_balancing_loss,
-                                        moe_ffn_dispatch, moe_ffn_reference, similarity_mix, top_k_routing)
+                                         moe_ffn_dispatch, moe_ffn_reference, similarity_mix, top_k_routing)
 from attnjax.nn.attention import KVCache, MultiHeadAttention
 from attnjax.nn.checks import check_input, check_positive, check_step
 from attnjax.nn.registry import ModuleSpec, register_module
