@@ -156,7 +156,7 @@ def test_every_nnx_module_in_attnjax_nn_is_registered():
 
 def test_layer_and_block_views():
     assert {"transnormer", "based", "sliding_window", "aaren"} <= set(LAYERS)
-    assert set(BLOCKS) == {"transnormer", "based"}
+    assert {"transnormer", "based", "graph_moe"} <= set(BLOCKS) and "aaren" not in set(BLOCKS)
     assert LAYERS["aaren"] is attnjax.nn.Aaren and BLOCKS["based"] is attnjax.nn.BasedBlock
     assert all(spec.kind == "layer" for spec in modules("layer")) and len(LAYERS) == len(modules("layer"))
     with pytest.raises(KeyError, match="no block 'aaren'"):
