@@ -22,7 +22,7 @@ def normal(seed, shape, dtype=jnp.float32):
 
 def test_stored_probabilities_are_the_softmax_map():
     q, k, _ = random_qkv(jax.random.key(0), B=1, T=5, S=7, Hq=4, Hkv=2, D=8)
-    p = attention_probabilities(q, k, mask=masks.Causal())
+    p = jax.jit(lambda q, k: attention_probabilities(q, k, mask=masks.Causal()))(q, k)
     kr = np.repeat(np.asarray(k), 2, axis=2)
     s = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), kr) / np.sqrt(8)
     s = np.where(np.tril(np.ones((5, 7), bool), k=2), s, -np.inf)  # bottom-right: query t sees keys <= t + 2
@@ -42,20 +42,17 @@ def forward_and_grads(fn, args):
     return out, g
 
 
-@pytest.mark.parametrize("mask, T, S", [(masks.Causal(), 13, 13), (None, 6, 11)], ids=["causal odd T", "cross"])
-def test_reuse_with_the_earlier_layers_lse_equals_the_stored_map(mask, T, S):
+def test_reuse_with_the_earlier_layers_lse_equals_the_stored_map():
     """Layer e computes attention (and its lse); layer l applies that map to its own values: tile by tile with
-    e's lse, with the online softmax, and from the stored map agree, forward and in the gradients of q_e, k_e,
-    v_e (through lse) and v_l. GQA, blocks of 4."""
-    q, k, v_e = random_qkv(jax.random.key(1), B=2, T=T, S=S, Hq=4, Hkv=2, D=8)
+    e's lse and from the stored map agree, forward and in the gradients of q_e, k_e, v_e (through lse) and v_l.
+    Causal, odd T, GQA, blocks of 4."""
+    mask = masks.Causal()
+    q, k, v_e = random_qkv(jax.random.key(1), B=2, T=13, Hq=4, Hkv=2, D=8)
     v_l = normal(2, v_e.shape)
 
     def with_lse(q, k, v_e, v_l):
         out_e, lse = attention(q, k, v_e, mask=mask, return_lse=True)
         return out_e + echo_attention(q, k, v_l, lse=lse, mask=mask, block_q=4, block_kv=4)
-
-    def online(q, k, v_e, v_l):
-        return attention(q, k, v_e, mask=mask) + echo_attention(q, k, v_l, mask=mask)
 
     def stored(q, k, v_e, v_l):
         p = attention_probabilities(q, k, mask=mask)
@@ -63,11 +60,25 @@ def test_reuse_with_the_earlier_layers_lse_equals_the_stored_map(mask, T, S):
 
     args = (q, k, v_e, v_l)
     expected, g_ref = forward_and_grads(stored, args)
-    for path in (with_lse, online):
-        out, g = forward_and_grads(path, args)
-        assert_close(out, expected, name=f"{path.__name__} out")
-        for name, a, e in zip(["q_e", "k_e", "v_e", "v_l"], g, g_ref):
-            assert_close(a, e, name=f"{path.__name__} d{name}")
+    out, g = forward_and_grads(with_lse, args)
+    assert_close(out, expected, name="out")
+    for name, a, e in zip(["q_e", "k_e", "v_e", "v_l"], g, g_ref):
+        assert_close(a, e, name=f"d{name}")
+
+
+def test_reuse_across_lengths_forward():
+    """T = 6 queries over S = 11 keys, bidirectional, with the anchor's lse and with the online softmax (which is
+    ``attnjax.attention`` itself)."""
+    q, k, v = random_qkv(jax.random.key(8), B=1, T=6, S=11, Hq=4, Hkv=2, D=8)
+
+    def paths(q, k, v):
+        _, lse = attention(q, k, v, return_lse=True)
+        return (echo_attention(q, k, 2 * v, lse=lse, block_q=4, block_kv=4), echo_attention(q, k, 2 * v),
+                echo_attention_reference(attention_probabilities(q, k), 2 * v))
+
+    with_lse, online, expected = jax.jit(paths)(q, k, v)
+    assert_close(with_lse, expected, name="with lse")
+    assert_close(online, expected, name="online")
 
 
 def test_lse_path_is_exp_of_logits_minus_the_given_lse_and_its_lse_gradient():
@@ -128,15 +139,14 @@ def test_layer_similarity_blockwise_equals_the_dense_maps(metric, per_row):
     qs, ks = layers()
     sim = jax.jit(lambda qs, ks: layer_similarity(qs, ks, mask=masks.Causal(), metric=metric, per_row=per_row,
                                                   block_q=4))(qs, ks)
-    maps = [attention_probabilities(q, k, mask=masks.Causal()) for q, k in zip(qs, ks)]
+    maps = jax.jit(lambda qs, ks: jnp.stack([attention_probabilities(q, k, mask=masks.Causal())
+                                             for q, k in zip(qs, ks)]))(qs, ks)
     assert sim.shape == (3, 3, 2, 4)
-    for a in range(3):
-        for b in range(3):
-            if metric == "cosine":
-                expected = attention_similarity_of_maps(maps[a], maps[b], per_row=per_row)
-            else:
-                expected = dense_js_similarity(maps[a], maps[b])
-            assert_close(sim[a, b], expected, atol=2e-6, name=f"sim[{a}, {b}]")
+    if metric == "cosine":
+        expected = jax.jit(lambda m: attention_similarity_of_maps(m[:, None], m[None], per_row=per_row))(maps)
+    else:
+        expected = np.stack([np.stack([dense_js_similarity(a, b) for b in maps]) for a in maps])
+    assert_close(sim, expected, atol=2e-6, name="similarity")
     assert_close(jnp.diagonal(sim), jnp.ones((2, 4, 3)), atol=2e-6, name="diagonal")
     mean = np.asarray(sim.mean((2, 3)))
     assert mean[0, 1] > mean[0, 2] and mean[0, 1] > mean[1, 2]

@@ -52,16 +52,16 @@ def test_routing_matches_a_numpy_loop(hs, hr, top_k, official):
     balance = normal(2, (B, T, 2))
     route = jax.jit(lambda r, s, b: moh_routing(r, top_k, shared_logits=s, balance_logits=b,
                                                 num_shared=min(hs, 1) if hs < 2 else None, official_scaling=official))
-    r = route(routed, shared, balance)
+    r, gates = jax.jit(lambda *a: (lambda r: (r, r.gates()))(route(*a)))(routed, shared, balance)
     expected, chosen = numpy_routing(np.zeros((B, T, 0)) if routed is None else routed, top_k, shared, balance,
                                      num_shared=hs, official=official)
     assert r.num_heads == hs + hr and r.top_k == top_k and r.index.shape == (B, T, hs + top_k)
     np.testing.assert_array_equal(np.asarray(r.index[..., :hs]), np.broadcast_to(np.arange(hs), (B, T, hs)))
     np.testing.assert_array_equal(np.asarray(r.index[..., hs:]) - hs, chosen)
-    assert_close(r.gates(), expected, atol=1e-6, name="gates")
-    assert_close(jnp.take_along_axis(r.gates(), r.index, -1), r.weights, atol=1e-7, name="weights")
+    assert_close(gates, expected, atol=1e-6, name="gates")
+    assert_close(np.take_along_axis(np.asarray(gates), np.asarray(r.index), -1), r.weights, atol=1e-7, name="weights")
     if not official and hr and hs:  # paper: the weights of all heads sum to α₁ + α₂·(mass of the top-k) <= 1
-        assert np.all(np.asarray(r.gates().sum(-1)) <= 1 + 1e-6)
+        assert np.all(np.asarray(gates).sum(-1) <= 1 + 1e-6)
 
 
 def balance_formula(routed, top_k):
@@ -76,22 +76,26 @@ def balance_formula(routed, top_k):
 
 def test_balance_loss_matches_its_formula_and_gradient():
     routed, top_k = normal(3, (2, 7, 6)), 2
-    losses = jax.jit(lambda x: [moh_balance_loss(moh_routing(x, top_k, shared_logits=normal(4, (2, 7, 2)),
-                                                             balance_logits=normal(5, (2, 7, 2))), official_scaling=o)
-                                for o in (False, True)])
-    loss, official = losses(routed)
     expected, f = balance_formula(routed, top_k)
+
+    def everything(x):
+        full = moh_routing(x, top_k, shared_logits=normal(4, (2, 7, 2)), balance_logits=normal(5, (2, 7, 2)))
+        grad = jax.grad(lambda x: moh_balance_loss(moh_routing(x, top_k)))(x)  # f is a count: d/dx Σ f_i P_i
+        expected_grad = jax.grad(lambda x: jnp.sum(f * jnp.mean(jax.nn.softmax(x, -1).reshape(-1, 6), 0)))(x)
+        spread = moh_routing(jnp.zeros((1, 6, 6)).at[0, jnp.arange(6), jnp.arange(6)].set(1.0), 1)
+        shared_only = moh_routing(None, 0, shared_logits=normal(6, (1, 3, 2)))
+        return (moh_balance_loss(full), moh_balance_loss(full, official_scaling=True), grad, expected_grad,
+                moh_balance_loss(spread), moh_balance_loss(shared_only))
+
+    loss, official, grad, expected_grad, spread, shared_only = jax.jit(everything)(routed)
     assert abs(float(loss) - expected) < 1e-6
     assert abs(float(official) - 6 * expected) < 1e-5
     assert abs(f.sum() - top_k) < 1e-9
-    grad = jax.jit(jax.grad(lambda x: moh_balance_loss(moh_routing(x, top_k))))(routed)  # f is a count: d/dx Σ f_i P_i
-    expected_grad = jax.grad(lambda x: jnp.sum(f * jnp.mean(jax.nn.softmax(x, -1).reshape(-1, 6), 0)))(routed)
     assert_close(grad, expected_grad, atol=1e-7, name="dL_b")
     assert float(jnp.abs(grad).max()) > 0
-    uniform = moh_routing(jnp.zeros((1, 6, 6)).at[0, jnp.arange(6), jnp.arange(6)].set(1.0), 1)
-    assert abs(float(moh_balance_loss(uniform)) - 1 / 6) < 1e-6  # the minimum k/(h - h_s) when spread evenly
+    assert abs(float(spread) - 1 / 6) < 1e-6  # the minimum k/(h - h_s) when the tokens spread evenly
+    assert float(shared_only) == 0.0
     assert BALANCE_LOSS_WEIGHT == 0.01
-    assert float(moh_balance_loss(moh_routing(None, 0, shared_logits=normal(6, (1, 3, 2))))) == 0.0
 
 
 def routing_for(B, T, hs=2, hr=4, top_k=2, seed=10):
@@ -132,7 +136,7 @@ def test_routed_path_equals_masked_reference_forward_and_gradients():
     out, g = forward_and_grads(fast, args)
     ref, g_ref = forward_and_grads(reference, args)
     assert_close(out, ref, name="out")
-    gates = np.asarray(route(*args[3:]).gates())
+    gates = np.asarray(jax.jit(lambda *a: route(*a).gates())(*args[3:]))
     assert np.all(np.asarray(out)[gates == 0] == 0), "inactive heads output 0"
     for name, a, e in zip(["q", "k", "v", "routed_logits", "shared_logits", "balance_logits"], g, g_ref):
         assert_close(a, e, name=f"d{name}")
@@ -155,11 +159,10 @@ def test_query_positions_serve_a_kv_cache_step():
     q, k, v = random_qkv(jax.random.key(2), B=2, T=1, S=10, Hq=4, Hkv=2, D=8)
     index = jnp.asarray([[[0, 3]], [[2, 1]]], jnp.int32)
     weights = normal(3, (2, 1, 2))
-    gates = HeadRouting(index, weights, jnp.zeros((2, 1, 2)), 2).gates()
-    out, ref = jax.jit(lambda q, k, v: (
+    out, ref = jax.jit(lambda q, k, v, gates=HeadRouting(index, weights, jnp.zeros((2, 1, 2)), 2): (
         moh_attention(q, k, v, index, weights, mask=masks.Causal(), q_positions=jnp.asarray([6]), block_q=2,
                       block_kv=4),
-        moh_attention_reference(q, k[:, :7], v[:, :7], gates, mask=masks.Causal())))(q, k, v)
+        moh_attention_reference(q, k[:, :7], v[:, :7], gates.gates(), mask=masks.Causal())))(q, k, v)
     assert_close(out, ref, name="out")
 
 

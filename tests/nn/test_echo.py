@@ -9,7 +9,7 @@ from flax import nnx
 
 from attnjax import masks
 from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
-from attnjax.testing.modules import check_module_against_reference, parameter_count
+from attnjax.testing.modules import check_module_against_reference, parameter_count, parameters
 from tests.helpers import assert_close
 
 D_MODEL, HEADS, KV_HEADS, LAYERS = 16, 4, 2, 3
@@ -51,18 +51,31 @@ def inputs(seed=0, T=7):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(2, T, D_MODEL)), jnp.float32)
 
 
-@pytest.mark.parametrize("kw", [{}, {"use_lse": False}, {"implementation": "reference"}],
-                         ids=["tiles with lse", "online softmax", "stored map"])
-def test_stack_equals_explicitly_reusing_the_stored_map(kw):
-    check_module_against_reference(make(**kw), plain_stack, inputs(), call_kwargs={"mask": masks.Causal()})
+def test_stack_equals_explicitly_reusing_the_stored_map():
+    """The stored-map path, forward and every gradient; the tile paths' gradients equal it in
+    tests/heads/test_echo.py."""
+    check_module_against_reference(make(implementation="reference"), plain_stack, inputs(),
+                                   call_kwargs={"mask": masks.Causal()})
+
+
+def test_tile_paths_of_the_stack_forward():
+    """The default path (followers with the anchor's lse) and ``use_lse=False`` (online softmax), forward."""
+    default, online, x = make(), make(use_lse=False), inputs(4, T=6)
+    y, y_online = nnx.jit(lambda a, b, x: (a(x, mask=masks.Causal()), b(x, mask=masks.Causal())))(default, online, x)
+    expected = jax.jit(plain_stack)(parameters(default), x)
+    assert_close(y, expected, name="y")
+    assert_close(y_online, expected, name="y online")
 
 
 def test_follower_layer_equals_the_stored_map_times_its_values():
+    """Forward (the same value and output projections get their gradients checked inside the stack above)."""
     layer = EchoAttention(D_MODEL, HEADS, num_kv_heads=KV_HEADS, block_q=4, block_kv=4, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(2)
     x, q, k = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 6, D_MODEL), (2, 6, HEADS, 4),
                                                                        (2, 6, KV_HEADS, 4)))
-    check_module_against_reference(layer, lambda p, x, q, k: reuse(p, p, x, stored_map(q, k, causal=False)), x, q, k)
+    y = nnx.jit(lambda m, x, q, k: m(x, q, k))(layer, x, q, k)
+    expected = jax.jit(lambda p, x, q, k: reuse(p, p, x, stored_map(q, k, causal=False)))(parameters(layer), x, q, k)
+    assert_close(y, expected, name="y")
 
 
 def test_parameter_count_and_cache_layout():
