@@ -2,10 +2,10 @@
 (Rajabzadeh, Jafari, Sharma, Jami, Kwon, Ghodsi, Chen, Rezagholizadeh, "EchoAtt: Attend, Copy, then Adjust
 for More Efficient Large Language Models", 2024).
 
-EchoAtt measures how alike the attention matrices of a model's layers are (the cosine similarity of the
-maps on the same tokens, sec. 3), groups consecutive inner layers with similar maps into shared attention
-blocks, and lets every layer of a block after the first reuse the first layer's attention matrix: layer
-``l`` of a block anchored at layer ``e`` computes
+EchoAtt measures how alike the attention matrices of a model's layers are (the paper's analysis: the cosine
+similarity of the maps on the same tokens), groups consecutive inner layers with similar maps into shared
+attention blocks, and lets every layer of a block after the first reuse the first layer's attention matrix:
+layer ``l`` of a block anchored at layer ``e`` computes
 
     ``out_l = softmax(q_e k_eᵀ·scale) · V_l``,
 
@@ -68,7 +68,7 @@ def attention_probabilities(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] 
 
 
 def echo_attention_reference(probabilities: jax.Array, v: jax.Array) -> jax.Array:
-    """``out_l = A_e · V_l`` from the anchor layer's stored map (EchoAtt sec. 3: copy the attention matrix).
+    """``out_l = A_e · V_l`` from the anchor layer's stored map (EchoAtt's shared attention: copy the matrix).
 
     Args:
       probabilities: ``[B, Hq, T, S]``, the anchor's map (``attention_probabilities``).
@@ -93,7 +93,7 @@ def echo_attention_reference(probabilities: jax.Array, v: jax.Array) -> jax.Arra
 def echo_attention(q_e: jax.Array, k_e: jax.Array, v: jax.Array, *, lse: Optional[jax.Array] = None,
                    mask: Optional[Mask] = None, scale: Optional[float] = None, implementation: str = "auto",
                    block_q: int = 512, block_kv: int = 512) -> jax.Array:
-    """``out_l = softmax(q_e k_eᵀ·scale) · V_l``, the anchor's map recomputed tile by tile (EchoAtt sec. 3).
+    """``out_l = softmax(q_e k_eᵀ·scale) · V_l``, the anchor's map recomputed tile by tile (EchoAtt).
 
     Args:
       q_e, k_e: the anchor layer's ``[B, T, Hq, D]`` queries and ``[B, S, Hkv, D]`` keys.
@@ -195,7 +195,7 @@ def layer_similarity(qs: Sequence[jax.Array], ks: Sequence[jax.Array], *, mask: 
                      block_q: int = 128) -> jax.Array:
     """EchoAtt's layer-by-layer similarity of attention maps on the same tokens, one query tile at a time.
 
-    For layers ``l, m`` and head ``h`` (EchoAtt sec. 3 compares whole attention matrices by cosine similarity):
+    For layers ``l, m`` and head ``h`` (EchoAtt's analysis compares attention matrices by cosine similarity):
 
     - "cosine": ``Σ_ij A^l_ij A^m_ij / (‖A^l‖_F ‖A^m‖_F)``, the flattened maps, as
       ``attnjax.analysis.attention_similarity``; ``per_row=True``: the mean over queries of the rows' cosines.
@@ -291,7 +291,7 @@ def echo_groups(similarity: jax.Array, threshold: float, *, max_size: Optional[i
     Greedy from the first layer: a block starts at an anchor layer ``a`` and takes each following layer ``j``
     while ``similarity[a, j] >= threshold`` and the block has fewer than ``max_size`` layers; the first layer
     of every block computes attention and the others reuse it. EchoAtt groups similar inner layers into blocks
-    of a chosen size (sec. 3); the threshold rule is our reading of "layers with high similarity".
+    of a chosen size; the threshold rule is our reading of "layers with high similarity".
 
     Args:
       similarity: ``[L, L]`` or ``[L, L, ...]`` (e.g. ``layer_similarity``'s ``[L, L, B, Hq]``; the trailing

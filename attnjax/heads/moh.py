@@ -161,8 +161,9 @@ def moh_balance_loss(routing: HeadRouting, *, official_scaling: bool = False) ->
 
     ``f_i = (1/T)·Σ_t 1(token t selects head i)`` and ``P_i = (1/T)·Σ_t Softmax(W_r x_t)_i``, over all
     ``B·T`` tokens. ``f_i`` is a count (no gradient); the gradient reaches the router through ``P_i``.
-    ``official_scaling``: the official code's ``(h - h_s)·Σ_i f_i P_i`` (``mean(me·ce)·E²``). Minimal
-    (``k/(h - h_s)``, or ``k``) when the tokens spread evenly. Returns a float32 scalar (0 without routed heads).
+    ``official_scaling``: the official code's ``(h - h_s)·Σ_i f_i P_i`` (``mean(me·ce)·E²``). It is
+    ``k/(h - h_s)`` (or ``k``) when the load and the mean probabilities are uniform. Returns a float32 scalar
+    (0 without routed heads).
     """
     hr = routing.probs.shape[-1]
     if hr == 0:

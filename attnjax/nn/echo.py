@@ -54,7 +54,7 @@ def _linear(in_features, out_features, *, axis=-1, use_bias, dtype, param_dtype,
 class EchoAttention(nnx.Module):
     """A follower layer of a shared attention block: the anchor's attention map on its own values.
 
-    ``y = W_O · softmax(q_e k_eᵀ·scale) · (x W_V)`` (EchoAtt sec. 3): no query or key projection.
+    ``y = W_O · softmax(q_e k_eᵀ·scale) · (x W_V)`` (EchoAtt's shared attention): no query or key projection.
 
     Args:
       d_model, num_heads: features of ``x`` and the heads of the anchor's ``q_e``.
@@ -99,7 +99,7 @@ class EchoAttention(nnx.Module):
 
 class EchoAttentionStack(nnx.Module):
     """A shared attention block of ``num_layers`` residual attention sublayers: the first computes attention, the
-    others reuse its map with their own values (EchoAtt sec. 3).
+    others reuse its map with their own values (EchoAtt's shared attention block).
 
     ``h_0 = x``; ``h_1 = h_0 + W_O^0 softmax(q_e k_eᵀ) V_0`` with ``q_e = h_0 W_Q``, ``k_e = h_0 W_K``;
     ``h_{l+1} = h_l + W_O^l softmax(q_e k_eᵀ) (h_l W_V^l)``; returns ``h_L``. A model's norms and MLPs between the

@@ -93,7 +93,7 @@ def test_balance_loss_matches_its_formula_and_gradient():
     assert abs(f.sum() - top_k) < 1e-9
     assert_close(grad, expected_grad, atol=1e-7, name="dL_b")
     assert float(jnp.abs(grad).max()) > 0
-    assert abs(float(spread) - 1 / 6) < 1e-6  # the minimum k/(h - h_s) when the tokens spread evenly
+    assert abs(float(spread) - 1 / 6) < 1e-6  # k/(h - h_s) under a uniform load and probability
     assert float(shared_only) == 0.0
     assert BALANCE_LOSS_WEIGHT == 0.01
 

@@ -31,8 +31,8 @@ def reuse(p, layer, h, probabilities):
 
 
 def plain_stack(p, x, causal=True):
-    """EchoAtt sec. 3 by hand: layer 0 computes its map from its q, k; every layer reuses that stored map with its
-    own values, residually: h_{l+1} = h_l + W_O^l A_0 (h_l W_V^l)."""
+    """EchoAtt's shared attention by hand: layer 0 computes its map from its q, k; every layer reuses that stored
+    map with its own values, residually: h_{l+1} = h_l + W_O^l A_0 (h_l W_V^l)."""
     q = jnp.einsum("btd,dhk->bthk", x, p["query"]["kernel"])
     k = jnp.einsum("btd,dhk->bthk", x, p["key"]["kernel"])
     a = stored_map(q, k, causal)
