@@ -16,17 +16,20 @@ from attnjax.nn.selective import SelectiveAttention
 from attnjax.nn.simplicial import SimplicialAttention
 from attnjax.nn.transnormer import (LRPE, SGLU, LinearCache, TransNormerAttention, TransNormerBlock, srms_norm,
                                     transnormer_decay)
+from attnjax.nn.bam import BAMAttention, upcycle_attention
+from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
 from attnjax.nn.gin import GINAttention, GINCache
 from attnjax.nn.graph_moe import GraphMoE, GraphMoEBlock, GraphMoEBlockCache, RouterCache
-from attnjax.nn.bam import BAMAttention, upcycle_attention
 from attnjax.nn.low_rank import LowRankAttention, LowRankCache
-from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
-from attnjax.nn.echo import EchoAttention, EchoAttentionStack, EchoCache
 from attnjax.nn.moh import MoHAttention
+from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
     "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE",
     "SGLU", "srms_norm", "transnormer_decay", "BasedLinearAttention", "SlidingWindowAttention", "BasedBlock",
     "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv", "vision",
+    "BAMAttention", "upcycle_attention", "EchoAttention", "EchoAttentionStack", "EchoCache", "GINAttention",
+    "GINCache", "GraphMoE", "GraphMoEBlock", "GraphMoEBlockCache", "RouterCache", "LowRankAttention", "LowRankCache",
+    "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention",
 ]
