@@ -31,8 +31,10 @@ def attention(
     """Attention of queries ``q`` over keys ``k`` and values ``v``.
 
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``
-        (query head ``h`` uses KV head ``h // (Hq // Hkv)``; K/V are never repeated).
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hk, D]``; v: ``[B, S, Hv, Dv]``; ``Hq % Hk == 0`` and
+        ``Hq % Hv == 0`` (query head ``h`` uses K head ``h // (Hq // Hk)`` and V head
+        ``h // (Hq // Hv)``; K/V are never repeated). ``Hk != Hv`` is the "kv_heads" option
+        (DiffQKV, Lin et al. 2025, "Sigma": differentially compressed K and V).
       mechanism: a registry name (``attnjax.registry.entries()``) or a config object.
       mask: an ``attnjax.masks`` value (bottom-right aligned when ``T != S``).
       bias: an array broadcastable to ``[B, Hq, T, S]`` or a rule such as
@@ -53,10 +55,10 @@ def attention(
     """
     check_implementation(implementation)
     config = registry.resolve(mechanism)
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, kv_heads=True)
     check_options(q, k, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
                   dropout_rate=dropout_rate, rng=rng)
-    _check_supported(config, q, k, mask=mask, bias=bias, logits_soft_cap=logits_soft_cap, sinks=sinks,
+    _check_supported(config, q, k, v, mask=mask, bias=bias, logits_soft_cap=logits_soft_cap, sinks=sinks,
                      dropout_rate=dropout_rate, return_lse=return_lse)
     if 0 in (q.shape[0], q.shape[1], k.shape[1]):
         return _no_keys_result(q, v, sinks, return_lse)
@@ -81,11 +83,12 @@ def _no_keys_result(q, v, sinks, return_lse: bool):
     return out, jnp.broadcast_to(floor, (B, T, Hq)).astype(jnp.float32)
 
 
-def _check_supported(config, q, k, *, mask, bias, logits_soft_cap, sinks, dropout_rate, return_lse) -> None:
+def _check_supported(config, q, k, v, *, mask, bias, logits_soft_cap, sinks, dropout_rate, return_lse) -> None:
     used = {
         "mask": mask is not None, "bias": bias is not None, "logits_soft_cap": logits_soft_cap is not None,
         "sinks": sinks is not None, "dropout": dropout_rate > 0, "return_lse": return_lse,
-        "gqa": q.shape[2] != k.shape[2], "cross": q.shape[1] != k.shape[1],
+        "gqa": q.shape[2] != k.shape[2] or q.shape[2] != v.shape[2], "kv_heads": k.shape[2] != v.shape[2],
+        "cross": q.shape[1] != k.shape[1],
     }
     missing = sorted(o for o, on in used.items() if on and o not in config.supports)
     if missing:

@@ -12,11 +12,14 @@ from attnjax.bias import as_bias
 from attnjax.masks import Mask
 
 
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_heads: bool = False) -> None:
     """Check the ``[B, T, H, D]`` layout contract shared by every mechanism.
 
-    q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]``, ``Hq % Hkv == 0``, one
-    floating dtype for all three.
+    q ``[B, T, Hq, D]``, k ``[B, S, Hk, D]``, v ``[B, S, Hv, Dv]``, one floating dtype for all three,
+    ``Hq % Hk == 0`` and ``Hq % Hv == 0``. Without ``kv_heads``, K and V share one head count
+    (``Hk == Hv``, the usual GQA/MQA); with it (the ``"kv_heads"`` option of ``attnjax.attention``:
+    DiffQKV, Lin et al. 2025, "Sigma") they may differ, and query head ``h`` reads K head
+    ``h // (Hq // Hk)`` and V head ``h // (Hq // Hv)``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "ndim") or x.ndim != 4:
@@ -31,11 +34,16 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
     if k.shape[3] != D:
         raise ValueError(f"k head_dim {k.shape[3]} != q head_dim {D}: q {q.shape}, k {k.shape}")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"k and v must agree on [seq, heads]: k {k.shape}, v {v.shape} (expected v [B, S, Hkv, Dv])")
-    Hkv = k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv}): q {q.shape}, k {k.shape}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must agree on seq: k {k.shape}, v {v.shape} (expected v [B, S, Hv, Dv])")
+    Hk, Hv = k.shape[2], v.shape[2]
+    if Hk != Hv and not kv_heads:
+        raise ValueError(f"k and v must agree on [seq, heads]: k {k.shape}, v {v.shape} (expected v [B, S, Hkv, Dv]; "
+                         "separate K and V head counts are the 'kv_heads' option of attnjax.attention)")
+    for name, x in (("kv", k),) if Hk == Hv else (("k", k), ("v", v)):
+        if Hq % x.shape[2]:
+            raise ValueError(f"q heads ({Hq}) must be a multiple of {name} heads ({x.shape[2]}): q {q.shape}, "
+                             f"{name[0]} {x.shape}")
 
 
 def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_cap, sinks,

@@ -15,8 +15,10 @@ import difflib
 from typing import Callable, ClassVar, Mapping, Protocol, Union
 
 
-OPTIONS = ("mask", "bias", "logits_soft_cap", "sinks", "dropout", "return_lse", "gqa", "cross")
-"""Options of ``attnjax.attention`` that a mechanism may support."""
+OPTIONS = ("mask", "bias", "logits_soft_cap", "sinks", "dropout", "return_lse", "gqa", "kv_heads", "cross")
+"""Options of ``attnjax.attention`` that a mechanism may support. "gqa": fewer K/V heads than query
+heads; "kv_heads": K and V with different head counts, ``k [B, S, Hk, D]``, ``v [B, S, Hv, Dv]``
+(DiffQKV, Lin et al. 2025, "Sigma", Fig. 3: differentially compressed KV); "cross": ``T != S``."""
 
 SEQUENCE_PARALLEL = ("ring", "allgather", "ulysses", "lasp2h", "lasp2")
 """Sequence-parallel schemes a mechanism may claim: ``attnjax.parallel``'s ``ring_attention``,

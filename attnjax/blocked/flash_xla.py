@@ -16,6 +16,11 @@ tile, the weights are recomputed tile by tile from that statistic; with ``δ_i =
 The mask's block summary decides the work: each query tile loops only over the span of key
 tiles that are not empty, skips empty tiles inside that span, and leaves out the element mask
 on full tiles. Causal attention therefore does about half the tile products.
+
+K and V may have different head counts (``Hk``, ``Hv``; DiffQKV, Lin et al. 2025, "Sigma", Fig. 3):
+a query tile is grouped by K head for the logits and ``tiles.regroup``-ed (a reshape of the tile's
+query heads) to V's heads for ``P·V``, ``dO·Vᵀ`` and ``dV = Σ_{h in V group} Pᵀ·dO``; K and V are
+read once per tile, never repeated.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
 from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
-                                   row_tiles, untile)
+                                   regroup, row_tiles, untile)
 from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -56,7 +61,8 @@ def flash_attention_xla(
     """Memory-efficient softmax-family attention (same arguments and results as the reference).
 
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``.
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hk, D]``; v: ``[B, S, Hv, Dv]`` with ``Hq % Hk == 0`` and
+        ``Hq % Hv == 0`` (query head ``h`` reads K head ``h // (Hq // Hk)``, V head ``h // (Hq // Hv)``).
       mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse: as in
         ``attnjax.softmax.softmax_attention_reference``.
       block_q, block_kv: tile sizes (clipped to T and S); T and S need not be multiples.
@@ -125,7 +131,7 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
     bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
-    Dv = v.shape[-1]
+    Hv, Dv = v.shape[2], v.shape[-1]
 
     def q_tile(args):
         i, qi = args
@@ -161,7 +167,9 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
                     l = l + p.sum(-1)
             if seed is not None:
                 p = p * dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
-            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", regroup(p.astype(v.dtype), Hv), vj,
+                            preferred_element_type=jnp.float32)
+            pv = regroup(pv, Hkv)
             return m_new, l, (acc + pv if alpha is None else alpha[..., None] * acc + pv)
 
         def body(j, carry):
@@ -191,7 +199,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     q, k, v, bias, sinks, mask, seed, out, lse = residuals
     d_out, d_lse = cotangents
     B, T, Hq, D = q.shape
-    Hkv = st.spec.num_kv_heads
+    Hkv, Hv = st.spec.num_kv_heads, v.shape[2]
     bq, bk, fn = st.block_q, st.block_kv, st.weight_fn
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
@@ -211,6 +219,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         m_b, n_b = backward_offsets(fn, stat_i)
         norm_only = fn.normalized and not fn.running_max
         inv_norm = jnp.exp(-n_b)[..., None] if norm_only else None
+        doi_v = regroup(doi, Hv)  # grouped by V head for dO·Vᵀ and dV
 
         def visit(j, inner, apply_mask):
             dqi, dk, dv, dbias = inner
@@ -224,12 +233,13 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             dpds = fn.dweight(s, p)
             if norm_only:
                 p, dpds = p * inv_norm, dpds * inv_norm
-            dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
+            dp = regroup(jnp.einsum("bhgqd,bhkd->bhgqk", doi_v, vj, preferred_element_type=jnp.float32), Hkv)
             p_drop = p
             if seed is not None:
                 keep = dropout_multiplier(seed, B, Hq, q_idx, kv_idx, st.spec)
                 p_drop, dp = p * keep, dp * keep
-            dvj = jnp.einsum("bhgqk,bhgqd->bhkd", p_drop.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dvj = jnp.einsum("bhgqk,bhgqd->bhkd", regroup(p_drop.astype(doi.dtype), Hv), doi_v,
+                             preferred_element_type=jnp.float32)
             ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))

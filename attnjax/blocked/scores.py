@@ -9,6 +9,7 @@ optional), and a mask or a padded key column removes it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax
@@ -46,6 +47,19 @@ def dense_operands(q: jax.Array, k: jax.Array, v: jax.Array):
     """
     qg = to_groups(q.transpose(0, 2, 1, 3), k.shape[2])
     return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
+
+
+def repeat_to_common_heads(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """K ``[B, S, Hk, D]`` and V ``[B, S, Hv, Dv]`` repeated to ``L = lcm(Hk, Hv)`` heads each, for the
+    dense references of the "kv_heads" option (DiffQKV, Lin et al. 2025, "Sigma", Fig. 3).
+
+    Head ``c`` of the result holds K head ``c // (L // Hk)`` and V head ``c // (L // Hv)``, so with
+    ``Hq % L == 0`` query head ``h`` (group ``c = h // (Hq // L)``) reads K head ``h // (Hq // Hk)``
+    and V head ``h // (Hq // Hv)``: the calling convention of ``attnjax.attention`` with one shared
+    head count. O(L·S·(D + Dv)) memory; the fast paths read the right head by index instead.
+    """
+    L = math.lcm(k.shape[2], v.shape[2])
+    return jnp.repeat(k, L // k.shape[2], axis=2), jnp.repeat(v, L // v.shape[2], axis=2)
 
 
 def to_groups(x: jax.Array, num_kv_heads: int) -> jax.Array:

@@ -1,8 +1,9 @@
 """Tile layouts of the blocked XLA paths of the softmax family (flash, stick-breaking, block-sparse).
 
 Queries are cut into ``[nq, B, Hkv, G, block, E]`` tiles (grouped by KV head, so GQA never repeats
-K/V; ``G = Hq // Hkv``), keys and values into ``[B, Hkv, S_padded, E]``; accumulators along the
-sequence and the gradient of a broadcastable bias are updated one tile at a time.
+K/V; ``G = Hq // Hkv``), keys and values into ``[B, Hkv, S_padded, E]``; with separate K and V head
+counts a tile is grouped by K's heads and ``regroup``-ed to V's for the value products.
+Accumulators along the sequence and the gradient of a broadcastable bias are updated one tile at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def q_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
 def row_tiles(x: jax.Array, block: int, num_kv_heads: int) -> jax.Array:
     """``[B, T, Hq]`` -> ``[nq, B, Hkv, G, block]`` (zero-padded)."""
     return q_tiles(x[..., None], block, num_kv_heads)[..., 0]
+
+
+def regroup(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[B, H1, G1, ...]`` -> ``[B, num_heads, Hq // num_heads, ...]`` with ``Hq = H1·G1``: the query
+    heads of a tile grouped by another head count (K's -> V's under the "kv_heads" option, where
+    query head ``h = hk·Gk + g = hv·Gv + g'``). A reshape, no copy of K or V."""
+    if x.shape[1] == num_heads:
+        return x
+    return x.reshape(x.shape[0], num_heads, x.shape[1] * x.shape[2] // num_heads, *x.shape[3:])
 
 
 def untile(x: jax.Array, T: int) -> jax.Array:
@@ -90,5 +100,5 @@ def finish_grads(dq_tiles: jax.Array, dk: jax.Array, dv: jax.Array, dbias: jax.A
     return dq, dk, dv, ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
 
 
-__all__ = ["q_tiles", "row_tiles", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "add_bias_tile",
+__all__ = ["q_tiles", "row_tiles", "regroup", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "add_bias_tile",
            "bias_grad_init", "finish_grads"]

@@ -3,7 +3,9 @@
 The module owns the projections and the dropout stream; the math is the functional core:
 ``y = concat_h(attention(x W_q^h, c W_k^h, c W_v^h)) W_o`` (Vaswani et al., "Attention Is All You
 Need", 2017), with grouped-query attention when ``num_kv_heads < num_heads`` (Ainslie et al.,
-"GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints", 2023).
+"GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints", 2023), and
+K and V with their own head counts and head dims (DiffQKV, Lin et al. 2025, "Sigma: Differential
+Rescaling of Query, Key and Value for Efficient Language Models", Fig. 3).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class KVCache:
     """Keys and values of the tokens decoded so far, for ``MultiHeadAttention.decode``.
 
     Attributes:
-      k: ``[B, max_len, Hkv, D]`` keys (RoPE already applied); slots ``>= length`` are unused.
-      v: ``[B, max_len, Hkv, D]`` values.
+      k: ``[B, max_len, Hk, D]`` keys (RoPE already applied); slots ``>= length`` are unused.
+      v: ``[B, max_len, Hv, Dv]`` values; ``Hv``, ``Dv`` may differ from ``Hk``, ``D`` (DiffQKV), so
+        the cache holds ``B·max_len·(Hk·D + Hv·Dv)`` elements.
       length: int32 scalar, the number of filled slots, i.e. the position of the next token.
     """
 
@@ -122,8 +125,11 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention with GQA/MQA, optional RoPE, any registered mechanism, and a KV cache.
 
     ``y = concat_h(attention(x W_q^h, c W_k^h, c W_v^h)) W_o`` with ``c = x`` (self-attention) or
-    ``c = context`` (cross-attention); Vaswani et al. 2017. Query head ``h`` reads KV head
-    ``h // (num_heads // num_kv_heads)`` (GQA, Ainslie et al. 2023; MQA when ``num_kv_heads=1``).
+    ``c = context`` (cross-attention); Vaswani et al. 2017. Query head ``h`` reads K head
+    ``h // (num_heads // num_kv_heads)`` (GQA, Ainslie et al. 2023; MQA when ``num_kv_heads=1``) and
+    V head ``h // (num_heads // num_v_heads)``: with ``num_v_heads != num_kv_heads`` K and V are
+    compressed differently (DiffQKV, Lin et al. 2025, "Sigma", Fig. 3; the mechanism must support
+    "kv_heads"), and the ``KVCache`` holds each with its own head count and head dim.
 
     Dropout on the attention weights draws keys from the ``dropout`` stream of ``rngs``. As with
     ``nnx.Dropout``, it is on by default and off after ``model.eval()``,
@@ -136,6 +142,14 @@ class MultiHeadAttention(nnx.Module):
       cache = layer.init_cache(B, max_len)
       y_t, cache = layer.decode(x_t, cache)                 # x_t, y_t: [B, 1, 64]
 
+    Sigma's DiffQKV attention (Lin et al. 2025, Fig. 3; the registered layer "sigma"): K compressed
+    more than V (1 K head, 2 V heads) and augmented Q (query heads of 16 features, ``8·16 > 64``,
+    against 8-feature value heads). K shares the query head dim, since the logits are ``q·kᵀ``; the
+    cache holds ``max_len·(1·16 + 2·8)`` features per sequence::
+
+      layer = MultiHeadAttention(64, 8, num_kv_heads=1, num_v_heads=2, head_dim=16, v_head_dim=8,
+                                 rope=RoPE(), rngs=nnx.Rngs(0))
+
     Sequence parallelism (ring attention over mesh axis "sp" with W devices, zigzag layout)::
 
       layer = MultiHeadAttention(64, 8, sequence_parallel=("sp", "zigzag"), rngs=nnx.Rngs(0))
@@ -145,21 +159,27 @@ class MultiHeadAttention(nnx.Module):
     Args:
       d_model: features of ``x`` and of the output.
       num_heads: query heads ``Hq``.
-      num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); must divide ``num_heads``.
-      head_dim: features per head ``D`` (default ``d_model // num_heads``).
+      num_kv_heads: key heads ``Hk`` (and value heads, unless ``num_v_heads`` is given; default
+        ``num_heads``); must divide ``num_heads``.
+      num_v_heads: value heads ``Hv`` (default ``num_kv_heads``); must divide ``num_heads``.
+      head_dim: features per query/key head ``D`` (default ``d_model // num_heads``).
+      v_head_dim: features per value head ``Dv`` (default ``head_dim``); the output projection reads
+        ``num_heads·Dv`` features.
       context_dim: features of ``context`` in cross-attention (default ``d_model``).
       qkv_bias: add a bias to the q/k/v projections.
       out_bias: add a bias to the output projection (flax's ``use_bias=True`` has both).
       rope: rotary embedding applied to q and k in self-attention and decoding; ``None`` for none.
       mechanism: a registry name or config object, passed to ``attnjax.attention``. Checked here:
         an unknown name raises ``ValueError`` (with the registered names); a mechanism without the
-        ``supports`` this configuration needs ("gqa" when ``num_kv_heads < num_heads``, "dropout"
-        when ``dropout_rate > 0``) or without the named ``implementation`` raises ``NotImplementedError``.
+        ``supports`` this configuration needs ("gqa" when ``num_kv_heads < num_heads`` or
+        ``num_v_heads < num_heads``, "kv_heads" when ``num_v_heads != num_kv_heads``, "dropout" when
+        ``dropout_rate > 0``) or without the named ``implementation`` raises ``NotImplementedError``.
       dropout_rate: attention-weight dropout probability, in ``[0, 1)``.
       implementation: "auto", "reference", "xla" or "pallas", passed to ``attnjax.attention``.
       sequence_parallel: ``None``, or a ``SequenceParallel`` (or its shorthand ``("sp", "zigzag")``)
         to run self-attention sequence-parallel (ring attention by default) over that mesh axis;
-        softmax mechanism only, no attention dropout; ``decode`` is unaffected.
+        softmax mechanism only, no attention dropout, separate K and V head counts with "ring" only;
+        ``decode`` is unaffected.
       dtype: computation dtype of the projections (default: inferred from inputs and params).
       param_dtype: dtype of the parameters.
       rngs: ``params`` initializes the projections; ``dropout`` (or ``default``) seeds dropout.
@@ -167,18 +187,23 @@ class MultiHeadAttention(nnx.Module):
 
     def __init__(
         self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
-        head_dim: Optional[int] = None, context_dim: Optional[int] = None, qkv_bias: bool = False,
+        num_v_heads: Optional[int] = None, head_dim: Optional[int] = None, v_head_dim: Optional[int] = None,
+        context_dim: Optional[int] = None, qkv_bias: bool = False,
         out_bias: bool = False, rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
         dropout_rate: float = 0.0, implementation: str = "auto",
         sequence_parallel: Union[None, str, tuple, SequenceParallel] = None, dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_v_heads = num_kv_heads if num_v_heads is None else num_v_heads
         context_dim = d_model if context_dim is None else context_dim
         head_dim = resolve_head_dim(d_model, num_heads, head_dim)
-        check_positive(num_kv_heads=num_kv_heads, context_dim=context_dim)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        check_positive(num_kv_heads=num_kv_heads, num_v_heads=num_v_heads, v_head_dim=v_head_dim,
+                       context_dim=context_dim)
+        for name, heads in (("num_kv_heads", num_kv_heads), ("num_v_heads", num_v_heads)):
+            if num_heads % heads:
+                raise ValueError(f"num_heads ({num_heads}) must be a multiple of {name} ({heads})")
         if rope is not None:
             if not isinstance(rope, RoPE):
                 raise TypeError(f"rope must be an attnjax.positional.RoPE or None, got {type(rope).__name__}")
@@ -187,20 +212,25 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         check_implementation(implementation)
 
-        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
-        self.head_dim, self.context_dim = head_dim, context_dim
+        self.d_model, self.num_heads = d_model, num_heads
+        self.num_kv_heads, self.num_v_heads = num_kv_heads, num_v_heads
+        self.head_dim, self.v_head_dim, self.context_dim = head_dim, v_head_dim, context_dim
         self.rope = rope
         self.mechanism = registry.resolve(mechanism)
         if implementation != "auto" and implementation not in self.mechanism.implementations():
             raise NotImplementedError(f"mechanism {self.mechanism.name!r} has no {implementation!r} implementation; "
                                       f"available: {list(self.mechanism.implementations())}")
-        self.require_support(*(option for option, used in (("gqa", num_kv_heads != num_heads),
-                                                            ("dropout", dropout_rate > 0)) if used))
+        self.require_support(*(option for option, used in (
+            ("gqa", num_kv_heads != num_heads or num_v_heads != num_heads),
+            ("kv_heads", num_v_heads != num_kv_heads), ("dropout", dropout_rate > 0)) if used))
         self.sequence_parallel = SequenceParallel.coerce(sequence_parallel)
         if self.sequence_parallel is not None:
             if self.mechanism.name != "softmax":
                 raise NotImplementedError(f"sequence_parallel runs softmax attention; mechanism "
                                           f"{self.mechanism.name!r} has no sequence-parallel path here")
+            if num_v_heads != num_kv_heads and self.sequence_parallel.scheme != "ring":
+                raise NotImplementedError(f"sequence_parallel scheme {self.sequence_parallel.scheme!r} takes one "
+                                          "K/V head count; num_v_heads != num_kv_heads runs with scheme 'ring'")
             if dropout_rate > 0:
                 raise NotImplementedError("sequence_parallel attention has no attention dropout; use dropout_rate=0")
         self.dropout_rate = dropout_rate
@@ -214,8 +244,8 @@ class MultiHeadAttention(nnx.Module):
 
         self.query = linear(d_model, (num_heads, head_dim))
         self.key = linear(context_dim, (num_kv_heads, head_dim))
-        self.value = linear(context_dim, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
+        self.value = linear(context_dim, (num_v_heads, v_head_dim))
+        self.out = linear((num_heads, v_head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 
     def __call__(
@@ -267,7 +297,8 @@ class MultiHeadAttention(nnx.Module):
         return self.out(out)
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
-        """An empty ``KVCache`` for ``decode``: zeros ``[batch, max_len, Hkv, D]`` and length 0.
+        """An empty ``KVCache`` for ``decode``: keys ``[batch, max_len, Hk, D]`` and values
+        ``[batch, max_len, Hv, Dv]`` of zeros (each with its own head count and dim), length 0.
 
         Every decoding layer in ``attnjax.nn`` takes these arguments. ``batch`` and ``max_len`` (the
         most tokens ``decode`` will see) are positive ints; ``dtype`` defaults to ``dtype`` of the
@@ -277,8 +308,8 @@ class MultiHeadAttention(nnx.Module):
         check_positive(batch=batch, max_len=max_len)
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
-        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return KVCache(jnp.zeros((batch, max_len, self.num_kv_heads, self.head_dim), dtype),
+                       jnp.zeros((batch, max_len, self.num_v_heads, self.v_head_dim), dtype), jnp.zeros((), jnp.int32))
 
     def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One autoregressive step: attend from token ``x_t`` to itself and every cached token.
@@ -309,7 +340,7 @@ class MultiHeadAttention(nnx.Module):
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
     def scale_qv(self, q: jax.Array, v: jax.Array, positions: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """Per-token rescaling of the projected ``q [B, T, Hq, D]`` and ``v [B, S, Hkv, Dv]`` before
+        """Per-token rescaling of the projected ``q [B, T, Hq, D]`` and ``v [B, S, Hv, Dv]`` before
         RoPE and attention: the identity here, a hook for subclasses (``SelectiveAttention``).
 
         ``positions`` are the query positions, ``None`` in cross-attention.
@@ -340,3 +371,9 @@ register_module(ModuleSpec(
     "mha", MultiHeadAttention, dict(d_model=16, num_heads=4, num_kv_heads=2, rope=RoPE(base=100.0)), (2, 9, 16),
     kind="layer", paper="Vaswani et al. 2017 (Attention Is All You Need); Ainslie et al. 2023 (GQA)",
     causal=True, decodes=True))
+register_module(ModuleSpec(
+    "sigma", MultiHeadAttention,
+    dict(d_model=16, num_heads=4, num_kv_heads=1, num_v_heads=2, head_dim=8, v_head_dim=4, rope=RoPE(base=100.0)),
+    (2, 9, 16), kind="layer",
+    paper="Lin et al. 2025 (Sigma: Differential Rescaling of Query, Key and Value; DiffQKV attention, Fig. 3: "
+          "differentially compressed KV, augmented Q)", causal=True, decodes=True))

@@ -23,6 +23,10 @@ Backward (``jax.custom_vjp``): K/V go around the ring again together with dK/dV 
 each step runs FlashAttention-2's blocked backward with the *global* output and log-sum-exp
 (``P = exp(s - L)``, ``dS = P ⊙ (dO·Vᵀ - rowsum(dO ⊙ O) + dL)``), so no block output is recomputed
 and nothing is differentiated through the loop. After ``W`` hops dK/dV are back on their owners.
+
+K and V may have different head counts (DiffQKV, Lin et al. 2025, "Sigma", Fig. 3): the blocked
+steps read K head ``h // (Hq/Hk)`` and V head ``h // (Hq/Hv)`` by index, and each block travels
+(and its dK, dV accumulate) with its own head count: a hop moves ``B·T·(Hk·D + Hv·Dv)`` values.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def ring_attention(
     """Ring attention on this device's shards; call inside ``shard_map`` over ``axis_name``.
 
     Args:
-      q: ``[B, T, Hq, D]``, k: ``[B, T, Hkv, D]``, v: ``[B, T, Hkv, Dv]``: this device's ``T``
-        tokens (``Hq % Hkv == 0``; K/V heads are never repeated).
+      q: ``[B, T, Hq, D]``, k: ``[B, T, Hk, D]``, v: ``[B, T, Hv, Dv]``: this device's ``T``
+        tokens (``Hq % Hk == 0``, ``Hq % Hv == 0``; query head ``h`` reads K head ``h // (Hq/Hk)``
+        and V head ``h // (Hq/Hv)``; K/V heads are never repeated).
       axis_name: the mesh axis the sequence is sharded over (``W`` devices, ``N = W·T`` tokens).
       mask: a structural mask over the global ``[N, N]`` matrix (``Causal()``, ``Full()``,
         ``SlidingWindow``, ``ChunkedCausal``, ``&``/``|``), applied at global positions;
@@ -89,7 +94,8 @@ def ring_attention(
     if implementation not in ("auto", "xla"):
         raise NotImplementedError(f"ring_attention runs the blocked XLA softmax per step; implementation="
                                   f"{implementation!r} is not available (use 'auto' or 'xla')")
-    world, mask = check_local_inputs(q, k, v, axis_name=axis_name, layout=layout, mask=mask, segment_ids=segment_ids)
+    world, mask = check_local_inputs(q, k, v, axis_name=axis_name, layout=layout, mask=mask, segment_ids=segment_ids,
+                                     kv_heads=True)
     T = q.shape[1]
     block = default_block(T, layout)
     st = _Ring(axis_name, world, layout, mask, q.shape[-1] ** -0.5 if scale is None else scale, logits_soft_cap,
@@ -117,7 +123,7 @@ def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, se
     """
     return sequence_parallel_call(ring_attention, q, k, v, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis,
                                   head_axis=head_axis, layout=layout, segment_ids=segment_ids, positions=positions,
-                                  **kwargs)
+                                  kv_heads=True, **kwargs)
 
 
 def _step_mask(st: _Ring, q_pos, src, q_ids, kv_ids) -> masks.Mask:

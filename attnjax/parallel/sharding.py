@@ -45,12 +45,13 @@ def axis_size(axis_name: str) -> int:
                          "or use the *_sharded wrapper") from None
 
 
-def check_local_inputs(q, k, v, *, axis_name: str, layout: str, mask, segment_ids):
+def check_local_inputs(q, k, v, *, axis_name: str, layout: str, mask, segment_ids, kv_heads: bool = False):
     """Checks shared by the per-device schemes; returns ``(world, mask)`` (``None`` -> ``Full()``).
 
-    q/k/v are this device's self-attention shards (equal lengths), ``segment_ids`` int ``[B, T]``.
+    q/k/v are this device's self-attention shards (equal lengths), ``segment_ids`` int ``[B, T]``;
+    ``kv_heads``: the scheme takes K and V with different head counts (``checks.check_qkv``).
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, kv_heads=kv_heads)
     B, T = q.shape[:2]
     if k.shape[1] != T:
         raise ValueError(f"sequence-parallel attention is self-attention: q has {T} tokens per device "
@@ -134,12 +135,14 @@ class SequenceSharding:
         """Spec of ``[B, T]`` arrays (segment ids)."""
         return P(self._axis(self.batch_axis), self.seq_axis)
 
-    def check(self, q, k, v, segment_ids=None, *, layout: str = "contiguous", heads_multiple: int = 1) -> None:
+    def check(self, q, k, v, segment_ids=None, *, layout: str = "contiguous", heads_multiple: int = 1,
+              kv_heads: bool = False) -> None:
         """ValueError unless the shapes split evenly over the mesh.
 
         ``heads_multiple``: each device's share of the heads must also divide by it (Ulysses).
+        ``kv_heads``: K and V may have different head counts (``checks.check_qkv``).
         """
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, kv_heads=kv_heads)
         B, T, Hq, _ = q.shape
         S, Hkv = k.shape[1], k.shape[2]
         if S != T:
@@ -148,7 +151,7 @@ class SequenceSharding:
         nb, nh = self.size(self.batch_axis), self.size(self.head_axis)
         if B % nb:
             raise ValueError(f"batch {B} is not divisible by the {nb} devices of batch_axis={self.batch_axis!r}")
-        for name, heads in (("q heads", Hq), ("kv heads", Hkv)):
+        for name, heads in (("q heads", Hq), ("kv heads", Hkv), ("v heads", v.shape[2])):
             if heads % (nh * heads_multiple):
                 why = f"{nh} device(s) on head_axis={self.head_axis!r}"
                 if heads_multiple > 1:
@@ -172,17 +175,18 @@ class SequenceSharding:
 
 def sequence_parallel_call(fn: Callable, q, k, v, *, mesh, seq_axis: str, batch_axis: AxisNames = None,
                            head_axis: AxisNames = None, layout: str = "contiguous", segment_ids=None,
-                           positions=None, heads_multiple: int = 1, **kwargs):
+                           positions=None, heads_multiple: int = 1, kv_heads: bool = False, **kwargs):
     """Run a sequence-parallel scheme ``fn(q, k, v, *, axis_name, layout, segment_ids, **kwargs)``
     on global arrays already in ``layout`` order: checks, then ``shard_map`` over ``mesh``.
 
     ``positions`` (optional, ``[T]`` or ``[B, T]``): the global positions of the tokens as laid
     out; when concrete they must match ``layout`` (a clear error names the layout they follow).
+    ``kv_heads``: ``fn`` takes K and V with different head counts.
     """
     if kwargs.get("return_lse"):
         raise ValueError("return_lse is available from the per-device function inside shard_map, not the wrapper")
     sharding = SequenceSharding(mesh, seq_axis, batch_axis, head_axis)
-    sharding.check(q, k, v, segment_ids, layout=layout, heads_multiple=heads_multiple)
+    sharding.check(q, k, v, segment_ids, layout=layout, heads_multiple=heads_multiple, kv_heads=kv_heads)
     if positions is not None:
         check_positions(positions, layout, sharding.world)
 

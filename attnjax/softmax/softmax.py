@@ -2,9 +2,10 @@
 
 ``out_i = Σ_j softmax_j(s_ij) v_j`` with ``s_ij = cap·tanh((scale·q_i·k_j + b_ij)/cap)`` over the
 keys the mask allows (Vaswani et al., "Attention Is All You Need", 2017). Options: GQA/MQA,
-masks, an additive bias (array or ALiBi), a logit soft cap (Gemma 2), per-head sink logits
-(an extra logit with no value, as in StreamingLLM / gpt-oss), attention dropout and the
-log-sum-exp. The fast path is ``flash_attention_xla`` (FlashAttention-2's algorithm in XLA).
+K and V with different head counts (DiffQKV, Lin et al. 2025, "Sigma: Differential Rescaling of
+Query, Key and Value for Efficient Language Models", Fig. 3: differentially compressed KV),
+masks, an additive bias (array or ALiBi), a logit soft cap (Gemma 2), per-head sink logits (an
+extra logit with no value, as in StreamingLLM / gpt-oss), attention dropout and the log-sum-exp. The fast path is ``flash_attention_xla`` (FlashAttention-2's algorithm in XLA).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from attnjax.bias import as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask
 from attnjax.blocked.flash_xla import flash_attention_xla
-from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, score_spec, soft_cap,
-                                    to_groups)
+from attnjax.blocked.scores import (allowed, dense_operands, dropout_multiplier, raw_logits, repeat_to_common_heads,
+                                    score_spec, soft_cap, to_groups)
 from pallas_kernels.flash.ops import flash_attention_pallas
 
 
@@ -35,7 +36,9 @@ def softmax_attention_reference(
     """Naive softmax attention: the whole ``[B, H, T, S]`` logit matrix in float32.
 
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``.
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hk, D]``; v: ``[B, S, Hv, Dv]`` with ``Hq % Hk == 0`` and
+        ``Hq % Hv == 0``: query head ``h`` reads K head ``h // (Hq // Hk)`` and V head ``h // (Hq // Hv)``
+        (when ``Hk != Hv`` both are repeated explicitly to ``lcm(Hk, Hv)`` heads first).
       mask: an ``attnjax.masks`` value; bias: array broadcastable to ``[B, Hq, T, S]`` or a Bias.
       scale: logit scale, default ``1/sqrt(D)``. logits_soft_cap: ``cap`` in ``cap·tanh(s/cap)``.
       sinks: ``[Hq]`` sink logits that join each row's normalizer with a zero value.
@@ -44,6 +47,8 @@ def softmax_attention_reference(
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse`` if asked. A row with no allowed key is 0.
     """
+    if k.shape[2] != v.shape[2]:
+        k, v = repeat_to_common_heads(k, v)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     spec = score_spec(q, k, scale, logits_soft_cap, dropout_rate)

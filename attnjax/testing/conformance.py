@@ -4,13 +4,14 @@ In the spirit of tokamax's ``AttentionTestBase``: a mechanism added to ``attnjax
 these checks without writing any. For a config and one of its implementations, ``cases(config)``
 builds small requests from what the config claims in ``supports`` (odd lengths that are not
 multiples of the tiles, which ``small_tiles`` shrinks to 8; causal when masks are supported; GQA;
-cross-attention with ``T < S``; an array bias, a logit soft cap, sinks, the log-sum-exp; dropout
-in a case of its own), and ``check_against_reference`` runs the request through
-``attnjax.attention`` (the public entry: checks, the ``supports`` gate, dispatch) under ``jax.jit``
-and compares the output and the gradients (q, k, v, and the bias and sinks when present) with the
-``reference`` implementation's. ``check_bf16`` runs a bfloat16 request and ``check_vmap`` a
-``jax.vmap`` over an extra batch axis, and ``check_sharded`` a data-parallel run inside
-``jax.shard_map`` and under ``jax.jit`` on a mesh with Explicit axes.
+K and V with different head counts and head dims; cross-attention with ``T < S``; an array bias, a
+logit soft cap, sinks, the log-sum-exp; dropout in a case of its own), and
+``check_against_reference`` runs the request through ``attnjax.attention`` (the public entry: checks,
+the ``supports`` gate, dispatch) under ``jax.jit`` and compares the output and the gradients (q, k,
+v, and the bias and sinks when present) with the ``reference`` implementation's. ``check_bf16``
+runs a bfloat16 request and ``check_vmap`` a ``jax.vmap`` over an extra batch axis, and
+``check_sharded`` a data-parallel run inside ``jax.shard_map`` and under ``jax.jit`` on a mesh with
+Explicit axes.
 
 A request that the reference itself does not define (a decayed linear mechanism without a causal
 mask, stick-breaking without one) raises ``CaseNotDefined``; a fast path that refuses a request
@@ -47,7 +48,8 @@ class CaseNotDefined(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One request: shapes ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]``, ``v [B, S, Hkv, Dv]`` and options."""
+    """One request: shapes ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]``, ``v [B, S, Hv, Dv]`` and options
+    (``Hv``: V's head count, ``None`` = ``Hkv``; another value is the "kv_heads" option)."""
 
     name: str
     B: int = 2
@@ -57,6 +59,7 @@ class Case:
     Hkv: int = 4
     D: int = 8
     Dv: int = 8
+    Hv: Optional[int] = None
     causal: bool = False
     bias: bool = False
     logits_soft_cap: Optional[float] = None
@@ -72,7 +75,10 @@ def cases(config) -> tuple[Case, ...]:
     share (causal mask, GQA ``Hq = 2·Hkv``, cross-attention ``T < S``), so that a path that refuses
     one of the score options below is still checked. ``claimed``: every option the config claims at
     once except dropout (adds the bias, soft cap, sinks, lse). ``dropout``: causal with dropout,
-    when claimed. ``option_cases`` has one case per claimed option (the slow sweep).
+    when claimed. ``kv_heads``: K and V with different head counts that don't nest (``Hq = 6``,
+    ``Hk = 2``, ``Hv = 3``: query head ``h`` reads K head ``h // 3`` and V head ``h // 2``) and
+    ``Dv != D``, when claimed (DiffQKV, Lin et al. 2025, "Sigma"). ``option_cases`` has one case per
+    claimed option (the slow sweep).
     """
     supports = config.supports
     core = Case("core", causal="mask" in supports, Hkv=2 if "gqa" in supports else 4,
@@ -83,7 +89,15 @@ def cases(config) -> tuple[Case, ...]:
     out = [Case("plain"), core, claimed]
     if "dropout" in supports:
         out.append(Case("dropout", causal="mask" in supports, dropout_rate=0.25))
+    if "kv_heads" in supports:
+        out.append(_kv_heads_case(supports))
     return tuple(out)
+
+
+def _kv_heads_case(supports) -> Case:
+    """The "kv_heads" request: ``Hq = 6`` query heads over ``Hk = 2`` K heads and ``Hv = 3`` V heads
+    with ``Dv = 6``, causal and cross where claimed."""
+    return Case("kv_heads", causal="mask" in supports, Hq=6, Hkv=2, Hv=3, Dv=6, S=29 if "cross" in supports else 21)
 
 
 def option_cases(config) -> tuple[Case, ...]:
@@ -96,7 +110,7 @@ def option_cases(config) -> tuple[Case, ...]:
            "logits_soft_cap": Case("logits_soft_cap", causal=causal, logits_soft_cap=5.0),
            "sinks": Case("sinks", causal=causal, sinks=True),
            "return_lse": Case("return_lse", causal=causal, return_lse=True),
-           "dropout": Case("dropout", causal=causal, dropout_rate=0.25)}
+           "dropout": Case("dropout", causal=causal, dropout_rate=0.25), "kv_heads": _kv_heads_case(supports)}
     return tuple(case for option, case in one.items() if option in supports)
 
 
@@ -119,8 +133,9 @@ def inputs(case: Case, dtype=jnp.float32) -> dict:
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
 
+    Hv = case.Hkv if case.Hv is None else case.Hv
     arrays = {"q": normal(case.B, case.T, case.Hq, case.D), "k": normal(case.B, case.S, case.Hkv, case.D),
-              "v": normal(case.B, case.S, case.Hkv, case.Dv)}
+              "v": normal(case.B, case.S, Hv, case.Dv)}
     if case.bias:
         arrays["bias"] = normal(1, case.Hq, case.T, case.S)
     if case.sinks:

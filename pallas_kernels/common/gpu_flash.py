@@ -3,8 +3,9 @@ inputs of a ``FlashStatic`` call (sinks, bias, mask data) with their block specs
 loader, and the tile math (capped logits, the allowed pairs, FA-2's recomputation of ``P`` and
 ``dS`` from the saved row statistic).
 
-Grids are ``(i, b, h)`` for query-major programs (kind "q": forward, dQ) and ``(j, b, hk)`` for
-key-major ones (kind "kv": dK/dV, all query heads of a GQA group in one block).
+Grids are ``(i, b, h)`` for query-major programs (kind "q": forward, dQ) and ``(j, b, c)`` for
+key-major ones (kind "kv": dK/dV, the ``FlashStatic.block_heads`` query heads of head block ``c`` in
+one block: a GQA group, or whole K and V groups when their head counts differ).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ class Extras:
 
 def extras(st: FlashStatic, sinks, bias, mask_data, kind: str) -> Extras:
     """Arrays and specs of the sinks, the bias (slopes or array) and the mask data, for a kernel of
-    ``kind`` "q" (grid (i, b, h): a query tile and all keys) or "kv" (grid (j, b, hk): all queries
-    of the group and one key tile)."""
+    ``kind`` "q" (grid (i, b, h): a query tile and all keys) or "kv" (grid (j, b, c): all queries
+    of the head block and one key tile)."""
     arrays, specs = [], []
-    G, bq, bk, T_pad, S_pad = st.group, st.block_q, st.block_kv, st.T_pad, st.S_pad
+    G, bq, bk, T_pad, S_pad = st.block_heads, st.block_q, st.block_kv, st.T_pad, st.S_pad
     if sinks is not None:
         arrays.append(sinks)
         specs.append(full_spec(sinks))
@@ -65,7 +66,7 @@ def _bh_tile_spec(shape, kind, G, bq, bk, T_pad, S_pad):
     if kind == "q":
         return pl.BlockSpec((None, None, bq, S_pad),
                             lambda i, b, h: (0 if b1 else b, 0 if h1 else h, i, 0))
-    # kv kind: all query heads of the group (block of G heads) or the single broadcast head.
+    # kv kind: all query heads of the head block (G of them) or the single broadcast head.
     return pl.BlockSpec((None, None if h1 else G, T_pad, bk),
                         lambda j, b, hk: (0 if b1 else b, 0 if h1 else hk, 0, j))
 
@@ -73,7 +74,7 @@ def _bh_tile_spec(shape, kind, G, bq, bk, T_pad, S_pad):
 class Loader:
     """In-kernel access to the optional inputs (``extras``) of one program.
 
-    ``h``: the query head (traced); for kind "kv", ``g`` picks the head inside the group block.
+    ``h``: the query head (traced); for kind "kv", ``g`` picks the head inside the head block.
     """
 
     def __init__(self, st: FlashStatic, refs, kind: str):

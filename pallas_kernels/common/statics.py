@@ -8,6 +8,7 @@ weight function, the mask plan, the bias kind and sinks. Block sizes come from `
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from attnjax.blocked.weights import WeightFunction
@@ -56,7 +57,14 @@ class KernelStatic:
 @dataclasses.dataclass(frozen=True)
 class FlashStatic(KernelStatic):
     """Everything static about one flash-family kernel call: the shared sizes plus the weight
-    function, the mask plan and ``bias_kind`` in None/"alibi"/"array"."""
+    function, the mask plan and ``bias_kind`` in None/"alibi"/"array".
+
+    ``num_v_heads``: V's head count when it differs from K's (``num_kv_heads``), the "kv_heads"
+    option (DiffQKV, Lin et al. 2025, "Sigma"); ``None`` = K's. Query head ``h`` reads K head
+    ``h // group`` and V head ``h // v_group``. The key-major (dK/dV) pass runs ``head_blocks =
+    gcd(Hk, Hv)`` programs per key tile and batch, each over ``block_heads`` consecutive query heads:
+    whole K groups and whole V groups, so both sums stay inside one program (no atomics).
+    """
 
     weight_fn: WeightFunction
     mask_plan: Optional[MaskPlan]
@@ -66,6 +74,27 @@ class FlashStatic(KernelStatic):
     interpret: bool = False
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
+    num_v_heads: Optional[int] = None
+
+    @property
+    def v_heads(self) -> int:
+        """V's head count (``num_kv_heads`` unless ``num_v_heads`` is given)."""
+        return self.num_kv_heads if self.num_v_heads is None else self.num_v_heads
+
+    @property
+    def v_group(self) -> int:
+        """Query heads per V head."""
+        return self.num_q_heads // self.v_heads
+
+    @property
+    def head_blocks(self) -> int:
+        """Programs per key tile and batch in the key-major pass: ``gcd(Hk, Hv)`` (``Hkv`` for GQA)."""
+        return math.gcd(self.num_kv_heads, self.v_heads)
+
+    @property
+    def block_heads(self) -> int:
+        """Consecutive query heads of one key-major program (``group`` for GQA)."""
+        return self.num_q_heads // self.head_blocks
 
 
 def next_power_of_2(n: int) -> int:

@@ -2,7 +2,7 @@
 
 Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 
-Shapes: q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` -> out ``[B, T, Hq, Dv]``
+Shapes: q ``[B, T, Hq, D]``, k ``[B, S, Hk, D]``, v ``[B, S, Hv, Dv]`` -> out ``[B, T, Hq, Dv]``
 (q's dtype) and optionally lse ``[B, T, Hq]`` (float32, ``-inf`` on empty rows). At its boundary
 the kernel transposes to ``[B, H, L, D]``, pads T and S to multiples of the blocks and the head
 dims to powers of two (Triton needs power-of-two tiles; D=192 runs padded to 256).
@@ -15,11 +15,14 @@ a ``common.WeightFunction`` (softmax: ``w = exp(s − m)`` with an online runnin
 Kernels (grid = independent programs, one per tile of work):
   * forward: grid ``(T/bq, B, Hq)``; one program owns a query tile and loops over key tiles
     ``[lo, hi)`` of ``masks.block_schedule`` (empty tiles skipped, full tiles skip the element
-    mask); K/V of head ``h // (Hq/Hkv)`` are read by the index map (GQA without repeating K/V).
-    It writes ``out`` and the row statistic ``lse = m + log l``.
-  * backward, two kernels as in FA2 §3.2 (no atomics): ``dK/dV`` with grid ``(S/bk, B, Hkv)``
-    loops over the query heads of its group and the query tiles that see its key tile (the
-    transposed schedule), so the GQA group sum happens in registers; ``dQ`` (and the array-bias
+    mask); K of head ``h // (Hq/Hk)`` and V of head ``h // (Hq/Hv)`` are read by the index maps
+    (GQA, and DiffQKV's separate K and V head counts, without repeating K/V). It writes ``out``
+    and the row statistic ``lse = m + log l``.
+  * backward, two kernels as in FA2 §3.2 (no atomics): ``dK/dV`` with grid ``(S/bk, B, gcd(Hk, Hv))``
+    loops over the consecutive query heads of its head block (a GQA group, or whole K groups and
+    whole V groups when ``Hk != Hv``) and the query tiles that see its key tile (the transposed
+    schedule), so dK is summed over its K group and dV over its V group in registers and each is
+    stored after the group's last query head; ``dQ`` (and the array-bias
     gradient) with grid ``(T/bq, B, Hq)`` loops over key tiles. Both recompute ``P`` from the
     saved lse; ``δ_i = dO_i·O_i`` is a cheap XLA reduction. ``dS = P ⊙ (dO·Vᵀ − δ + dlse)``
     (times the soft-cap derivative); dsinks ``= Σ_rows −exp(sink − lse)·(δ − dlse)`` in XLA.
@@ -92,7 +95,7 @@ def flash_attention_gpu(
     common.validate(q, v, bias=bias, sinks=sinks, dropout_rate=dropout_rate, weight_fn=weight_fn,
                     return_lse=return_lse)
     B, T, Hq, D = q.shape
-    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    S, Hkv, Hv, Dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     bq = pick_block(_pow2_floor(min(block_q, MAX_BLOCK), "block_q"), T)
     bk = pick_block(_pow2_floor(min(block_kv, MAX_BLOCK), "block_kv"), S)
     T_pad, S_pad = num_tiles(T, bq) * bq, num_tiles(S, bk) * bk
@@ -113,7 +116,8 @@ def flash_attention_gpu(
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap), weight_fn=weight_fn,
         mask_plan=plan, bias_kind=bias_kind,
         bias_bcast=() if bias_kind != "array" else (bias_arr.shape[0] == 1, bias_arr.shape[1] == 1),
-        has_sinks=sinks is not None, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
+        has_sinks=sinks is not None, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
+        num_v_heads=Hv)
     sched = common.schedule(mask, T, S, bq, bk)
     qt = jnp.pad(q, ((0, 0), (0, T_pad - T), (0, 0), (0, D_pad - D))).transpose(0, 2, 1, 3)
     kt = jnp.pad(k, ((0, 0), (0, S_pad - S), (0, 0), (0, D_pad - D))).transpose(0, 2, 1, 3)
@@ -189,12 +193,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest, st: Flash
 
 def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
     B, Hq = qt.shape[0], qt.shape[1]
-    G, bq = st.group, st.block_q
+    G, Gv, bq = st.group, st.v_group, st.block_q
     ex = extras(st, sinks, bias, mask_data, "q")
     in_specs = [
         pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0)),
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
-        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // Gv, 0, 0)),
         full_spec(sched.lo), full_spec(sched.hi), full_spec(sched.codes),
     ] + ex.specs
     out_shape = [jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv_pad), qt.dtype),
@@ -216,16 +220,15 @@ def _forward(qt, kt, vt, sinks, bias, mask_data, sched, st: FlashStatic):
 def _dkdv_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, qlo_ref, qhi_ref, codes_ref, *rest,
                  st: FlashStatic):
     *extra_refs, dk_ref, dv_ref = rest
-    j, hk = pl.program_id(0), pl.program_id(2)
-    G, bq = st.group, st.block_q
+    j, c = pl.program_id(0), pl.program_id(2)
+    G, Gv, bq = st.group, st.v_group, st.block_q
     loader = Loader(st, extra_refs, "kv")
-    k, v = k_ref[...], v_ref[...]
 
-    def visit(g, i, carry, apply_mask):
+    def visit(g, k, v, i, carry, apply_mask):
         dk, dv = carry
         rows_ = pl.ds(i * bq, bq)
         q, do = q_ref[g, rows_, :], do_ref[g, rows_, :]
-        s, rows, cols = scores(st, q, k, loader, hk * G + g, i, j, g)
+        s, rows, cols = scores(st, q, k, loader, c * st.block_heads + g, i, j, g)
         ok = allowed(st, loader, i, j, g, rows, cols) if apply_mask else None
         dp = dot(do, v)
         p, ds = recompute(st, s, mb_ref[g, rows_], nb_ref[g, rows_], dterm_ref[g, rows_], dp, ok)
@@ -233,16 +236,29 @@ def _dkdv_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, qlo_ref
         dk = dk + dot((ds * st.scale).astype(q.dtype), q, contract_a=0, contract_b=0)
         return dk, dv
 
-    def head(g, carry):
-        def body(i, c):
-            return switch_on_code(codes_ref[i, j], c, lambda c_: visit(g, i, c_, True),
-                                  lambda c_: visit(g, i, c_, False))
-        return lax.fori_loop(qlo_ref[j], qhi_ref[j], body, carry)
+    def head(g, carry):  # query head g of the block reads K head g // G and V head g // Gv of the block
+        rk, rv = lax.div(g, G), lax.div(g, Gv)  # lax.div/rem: jnp's floor // and % do not lower to Triton
+        dk = jnp.where(lax.rem(g, G) == 0, 0.0, carry[0])  # a K (V) head's sum starts at its group's first
+        dv = jnp.where(lax.rem(g, Gv) == 0, 0.0, carry[1])  # query head
+        k, v = k_ref[rk], v_ref[rv]
+
+        def body(i, c_):
+            return switch_on_code(codes_ref[i, j], c_, lambda a: visit(g, k, v, i, a, True),
+                                  lambda a: visit(g, k, v, i, a, False))
+        dk, dv = lax.fori_loop(qlo_ref[j], qhi_ref[j], body, (dk, dv))
+
+        @pl.when(lax.rem(g, G) == G - 1)
+        def _store_dk():
+            dk_ref[rk] = dk.astype(dk_ref.dtype)
+
+        @pl.when(lax.rem(g, Gv) == Gv - 1)
+        def _store_dv():
+            dv_ref[rv] = dv.astype(dv_ref.dtype)
+
+        return dk, dv
 
     init = (jnp.zeros((st.block_kv, st.D_pad), jnp.float32), jnp.zeros((st.block_kv, st.Dv_pad), jnp.float32))
-    dk, dv = lax.fori_loop(0, G, head, init)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    lax.fori_loop(0, st.block_heads, head, init)
 
 
 def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest,
@@ -287,7 +303,8 @@ def _backward(st: FlashStatic, residuals, cotangents):
     d_out, d_lse = cotangents
     fn = st.weight_fn
     B, Hq = qt.shape[:2]
-    Hkv, G, bq, bk = st.num_kv_heads, st.group, st.block_q, st.block_kv
+    G, Gv, bq, bk = st.group, st.v_group, st.block_q, st.block_kv
+    nh, nk, nv = st.block_heads, st.num_kv_heads // st.head_blocks, st.v_heads // st.head_blocks
     d_out = d_out.astype(qt.dtype)
     if fn.normalized:
         delta = jnp.einsum("bhtd,bhtd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -302,21 +319,21 @@ def _backward(st: FlashStatic, residuals, cotangents):
         mb = jnp.where(row_valid, mb, jnp.inf)
     cparams = compiler_params(st.D_pad, st.Dv_pad, bq, bk, st.num_warps, st.num_stages)
 
-    # dK, dV: grid over key tiles and kv heads; the group's query heads come as one block.
+    # dK, dV: grid over key tiles and head blocks; a block's nh query heads (whole K groups and whole
+    # V groups: nk K heads, nv V heads) come as one block.
     ex = extras(st, sinks, bias, mask_data, "kv")
-    row_spec = pl.BlockSpec((None, G, st.T_pad), lambda j, b, hk: (b, hk, 0))
+    row_spec = pl.BlockSpec((None, nh, st.T_pad), lambda j, b, c: (b, c, 0))
+    k_spec = pl.BlockSpec((None, nk, bk, st.D_pad), lambda j, b, c: (b, c, j, 0))
+    v_spec = pl.BlockSpec((None, nv, bk, st.Dv_pad), lambda j, b, c: (b, c, j, 0))
     in_specs = [
-        pl.BlockSpec((None, G, st.T_pad, st.D_pad), lambda j, b, hk: (b, hk, 0, 0)),
-        pl.BlockSpec((None, G, st.T_pad, st.Dv_pad), lambda j, b, hk: (b, hk, 0, 0)),
-        row_spec, row_spec, row_spec,
-        pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
-        pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0)),
+        pl.BlockSpec((None, nh, st.T_pad, st.D_pad), lambda j, b, c: (b, c, 0, 0)),
+        pl.BlockSpec((None, nh, st.T_pad, st.Dv_pad), lambda j, b, c: (b, c, 0, 0)),
+        row_spec, row_spec, row_spec, k_spec, v_spec,
         full_spec(sched.q_lo), full_spec(sched.q_hi), full_spec(sched.codes),
     ] + ex.specs
     dk, dv = pallas_call(
-        functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, Hkv), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bk, st.D_pad), lambda j, b, hk: (b, hk, j, 0)),
-                   pl.BlockSpec((None, None, bk, st.Dv_pad), lambda j, b, hk: (b, hk, j, 0))],
+        functools.partial(_dkdv_kernel, st=st), grid=(st.num_kv_tiles, B, st.head_blocks), in_specs=in_specs,
+        out_specs=[k_spec, v_spec],
         out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
         interpret=st.interpret, name="attnjax_flash_dkdv", compiler_params=cparams,
     )(qt, d_out, mb, nb, dterm, kt, vt, sched.q_lo, sched.q_hi, sched.codes, *ex.arrays)
@@ -329,7 +346,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
         pl.BlockSpec((None, None, bq, st.Dv_pad), lambda i, b, h: (b, h, i, 0)),
         row_spec, row_spec, row_spec,
         pl.BlockSpec((None, None, st.S_pad, st.D_pad), lambda i, b, h: (b, h // G, 0, 0)),
-        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // G, 0, 0)),
+        pl.BlockSpec((None, None, st.S_pad, st.Dv_pad), lambda i, b, h: (b, h // Gv, 0, 0)),
         full_spec(sched.lo), full_spec(sched.hi), full_spec(sched.codes),
     ] + ex.specs
     out_specs = [pl.BlockSpec((None, None, bq, st.D_pad), lambda i, b, h: (b, h, i, 0))]

@@ -24,7 +24,9 @@ def flash_attention_pallas(
     """FlashAttention-2 (Dao 2023) as a Pallas kernel with a custom VJP.
 
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (``Hq % Hkv == 0``).
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hk, D]``; v: ``[B, S, Hv, Dv]`` (``Hq % Hk == 0``,
+        ``Hq % Hv == 0``; query head ``h`` reads K head ``h // (Hq // Hk)`` and V head ``h // (Hq // Hv)``
+        by index map, as in DiffQKV, Lin et al. 2025, "Sigma").
       mask, bias, scale, logits_soft_cap, sinks, dropout_rate, rng, return_lse: as in
         ``attnjax.softmax.softmax_attention_reference`` (dropout_rate > 0 raises
         NotImplementedError).

@@ -21,9 +21,15 @@ or chunked mask runs a narrow grid; causal skips the upper triangle's work but n
 else the number of key tiles.
 
 Backward (recompute from ``lse``; ``dS = P ⊙ (dP - δ + dlse)`` with ``δ = rowsum(dO ⊙ O)``): a dq
-kernel on the forward grid, and a dk/dv kernel on ``(B, Hkv, nk, G, width_t)`` whose last two
-axes (the ``G`` query heads sharing a KV head, then the query tiles of the transposed schedule)
-are sequential, so GQA gradients are summed in VMEM and K/V are never repeated in HBM.
+kernel on the forward grid, and a dk/dv kernel on ``(B, gcd(Hk, Hv), nk, Hq / gcd(Hk, Hv), width_t)``
+whose last two axes (the consecutive query heads of a head block, then the query tiles of the
+transposed schedule) are sequential. A head block holds whole K groups and whole V groups (for GQA,
+``Hk = Hv``, it is one group), so dK is summed over its K group and dV over its V group in VMEM
+scratch; each output block (K head ``h // (Hq/Hk)``, V head ``h // (Hq/Hv)`` by index map) is visited
+on consecutive steps and written on its group's last one. K/V are never repeated in HBM.
+
+K and V may have different head counts ``Hk``, ``Hv`` (DiffQKV, Lin et al. 2025, "Sigma", Fig. 3):
+query head ``h`` reads K head ``h // (Hq/Hk)`` and V head ``h // (Hq/Hv)`` through the index maps.
 
 TPU constraints: ``block_q`` and ``block_kv`` must be multiples of 8; they are clipped to the
 sequence lengths rounded up to 8, and T, S are zero-padded to whole tiles. On a real TPU use
@@ -69,8 +75,9 @@ def flash_attention_tpu(
     ``attnjax.softmax.softmax_attention_reference``.
 
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` with ``Hq % Hkv == 0``
-        (query head ``h`` reads KV head ``h // (Hq // Hkv)`` through the index map).
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hk, D]``; v: ``[B, S, Hv, Dv]`` with ``Hq % Hk == 0`` and
+        ``Hq % Hv == 0`` (query head ``h`` reads K head ``h // (Hq // Hk)`` and V head
+        ``h // (Hq // Hv)`` through the index maps).
       mask: ``None`` or ``&``/``|`` combinations of ``Full``, ``Causal``, ``SlidingWindow``,
         ``ChunkedCausal``, ``Segments`` and ``Explicit`` (bottom-right aligned when ``T != S``).
       bias: ``None`` or ``attnjax.positional.ALiBi`` (computed in the kernel from positions).
@@ -94,14 +101,15 @@ def flash_attention_tpu(
         raise NotImplementedError("flash_attention_tpu supports bias=None or positional.ALiBi, not an array "
                                   "bias; use implementation='xla'")
     B, T, Hq, D = q.shape
-    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    S, Hkv, Hv, Dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
     plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     st = FlashStatic(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D, Dv_pad=Dv,
         block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap), weight_fn=weight_fn,
-        mask_plan=plan, bias_kind=bias_kind, has_sinks=sinks is not None, interpret=bool(interpret))
+        mask_plan=plan, bias_kind=bias_kind, has_sinks=sinks is not None, interpret=bool(interpret),
+        num_v_heads=Hv)
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     slopes = None if bias_obj is None else lax.stop_gradient(jnp.asarray(bias_obj.slopes, jnp.float32))
     schedules, widths = _plans(mask, st)
@@ -228,13 +236,18 @@ def _dq_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, 
 def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: FlashStatic,
                  width):
     data_refs, _, slopes_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, st, sinks=False)
-    hk, jk, g, t = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    c, jk, g, t = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     iq = _visit(lo, hi, jk, t)
-    h = hk * st.group + g
+    h = c * st.block_heads + g
+    G, Gv = st.group, st.v_group
+    rk, rv = lax.rem(g, G), lax.rem(g, Gv)  # position in the K and V groups (jnp's % does not lower to Mosaic)
 
-    @pl.when((g == 0) & (t == 0))
-    def _init():
+    @pl.when((rk == 0) & (t == 0))  # a K head's sum starts at its group's first query head
+    def _init_dk():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+
+    @pl.when((rv == 0) & (t == 0))  # and a V head's at its own group's first
+    def _init_dv():
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def compute(masked):
@@ -246,9 +259,12 @@ def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
 
     _when_tile(codes, lo, hi, jk, t, iq, st.num_q_tiles, compute)
 
-    @pl.when((g == st.group - 1) & (t == width - 1))
-    def _finish():
+    @pl.when((rk == G - 1) & (t == width - 1))
+    def _finish_dk():
         dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+
+    @pl.when((rv == Gv - 1) & (t == width - 1))
+    def _finish_dv():
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
@@ -259,26 +275,36 @@ def _smem(x):
     return [] if x is None else [pl.BlockSpec(memory_space=pltpu.SMEM)]
 
 
-def _by_q(group):
-    """Tile getters ``(b, h, tile)`` of q and k on the forward/dq grid ``(B, Hq, nq, width)``."""
+def _by_q(st: FlashStatic):
+    """Tile getters ``(b, h, tile)`` of q, k and v on the forward/dq grid ``(B, Hq, nq, width)``.
+
+    Head indices use ``lax.div``: grid ids are non-negative, and ``//`` lowers through ``sign``,
+    which Mosaic can't lower here."""
     def q_tile(b, h, i, j, codes, lo, hi):
         return b, h, i
 
-    def kv_tile(b, h, i, j, codes, lo, hi):
-        return b, h // group, _visit(lo, hi, i, j)
+    def k_tile(b, h, i, j, codes, lo, hi):
+        return b, lax.div(h, st.group), _visit(lo, hi, i, j)
 
-    return q_tile, kv_tile
+    def v_tile(b, h, i, j, codes, lo, hi):
+        return b, lax.div(h, st.v_group), _visit(lo, hi, i, j)
+
+    return q_tile, k_tile, v_tile
 
 
-def _by_kv(group):
-    """Tile getters ``(b, h, tile)`` of q and k on the dk/dv grid ``(B, Hkv, nk, G, width)``."""
-    def q_tile(b, hk, jk, g, t, codes, lo, hi):
-        return b, hk * group + g, _visit(lo, hi, jk, t)
+def _by_kv(st: FlashStatic):
+    """Tile getters ``(b, h, tile)`` of q, k and v on the dk/dv grid ``(B, head_blocks, nk, block_heads,
+    width)``: query head ``h = c·block_heads + g`` reads K head ``h // group`` and V head ``h // v_group``."""
+    def q_tile(b, c, jk, g, t, codes, lo, hi):
+        return b, c * st.block_heads + g, _visit(lo, hi, jk, t)
 
-    def kv_tile(b, hk, jk, g, t, codes, lo, hi):
-        return b, hk, jk
+    def k_tile(b, c, jk, g, t, codes, lo, hi):
+        return b, lax.div(c * st.block_heads + g, st.group), jk
 
-    return q_tile, kv_tile
+    def v_tile(b, c, jk, g, t, codes, lo, hi):
+        return b, lax.div(c * st.block_heads + g, st.v_group), jk
+
+    return q_tile, k_tile, v_tile
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -289,11 +315,11 @@ def _flash(q, k, v, sinks, slopes, mask_data, schedules, st, widths):
 def _forward(q, k, v, sinks, slopes, mask_data, schedules, st: FlashStatic, widths):
     B, Hq, bq, bk = q.shape[0], st.num_q_heads, st.block_q, st.block_kv
     schedule, width = schedules[0], widths[0]
-    q_tile, kv_tile = _by_q(st.group)
+    q_tile, k_tile, v_tile = _by_q(st)
     out, lse = call(
         functools.partial(_fwd_kernel, st=st, width=width), (B, Hq, st.num_q_tiles, width),
-        in_specs=[tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
-                  *data_specs(mask_data, q_tile, kv_tile, st), *_smem(sinks), *_smem(slopes)],
+        in_specs=[tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, k_tile), tiled_spec(bk, st.Dv, v_tile),
+                  *data_specs(mask_data, q_tile, k_tile, st), *_smem(sinks), *_smem(slopes)],
         out_specs=[tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile)],
         out_shape=[jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv), q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, st.T_pad, LANES), jnp.float32)],
@@ -322,24 +348,24 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
                 heads_major(d_out.astype(q.dtype), st.T_pad), stat, row_stat(dterm, st, 0.0),
                 *[x for arrays in mask_data for x in arrays], *([] if slopes is None else [slopes]))
 
-    def in_specs(q_tile, kv_tile):
-        return [tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile),
+    def in_specs(q_tile, k_tile, v_tile):
+        return [tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, k_tile), tiled_spec(bk, st.Dv, v_tile),
                 tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile), tiled_spec(bq, LANES, q_tile),
-                *data_specs(mask_data, q_tile, kv_tile, st), *_smem(slopes)]
+                *data_specs(mask_data, q_tile, k_tile, st), *_smem(slopes)]
 
     (schedule, schedule_t), (width, width_t) = schedules, widths
-    q_tile, kv_tile = _by_q(st.group)
+    q_tile, k_tile, v_tile = _by_q(st)
     dq = call(
         functools.partial(_dq_kernel, st=st, width=width), (B, st.num_q_heads, st.num_q_tiles, width),
-        in_specs(q_tile, kv_tile), tiled_spec(bq, st.D, q_tile), jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
-        [pltpu.VMEM((bq, st.D), jnp.float32)], st, "attnjax_flash_tpu_dq",
+        in_specs(q_tile, k_tile, v_tile), tiled_spec(bq, st.D, q_tile),
+        jax.ShapeDtypeStruct(operands[0].shape, q.dtype), [pltpu.VMEM((bq, st.D), jnp.float32)], st, "attnjax_flash_tpu_dq",
     )(*schedule, *operands)
 
-    q_tile, kv_tile = _by_kv(st.group)
+    q_tile, k_tile, v_tile = _by_kv(st)
     dk, dv = call(
         functools.partial(_dkdv_kernel, st=st, width=width_t),
-        (B, st.num_kv_heads, st.num_kv_tiles, st.group, width_t), in_specs(q_tile, kv_tile),
-        [tiled_spec(bk, st.D, kv_tile), tiled_spec(bk, st.Dv, kv_tile)],
+        (B, st.head_blocks, st.num_kv_tiles, st.block_heads, width_t), in_specs(q_tile, k_tile, v_tile),
+        [tiled_spec(bk, st.D, k_tile), tiled_spec(bk, st.Dv, v_tile)],
         [jax.ShapeDtypeStruct(operands[1].shape, k.dtype), jax.ShapeDtypeStruct(operands[2].shape, v.dtype)],
         [pltpu.VMEM((bk, st.D), jnp.float32), pltpu.VMEM((bk, st.Dv), jnp.float32)], st,
         "attnjax_flash_tpu_dkdv",
