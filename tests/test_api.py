@@ -124,10 +124,14 @@ def test_registry_lists_softmax_with_its_implementations():
 
 @pytest.mark.filterwarnings("ignore::attnjax.sparse.DenseSelectionWarning")  # every selector is dense at T = 10
 def test_output_finite_for_every_registered_mechanism():
-    """The "auto" path of every mechanism, jitted (each family's tests compare every path with its reference)."""
+    """The "auto" path of every mechanism, jitted (each family's tests compare every path with its reference),
+    with GQA and T != S where the mechanism claims them."""
     for entry in registry.entries():
         mask = masks.Causal() if "mask" in entry.supports else None
-        out = jax.jit(lambda q, k, v: call(q, k, v, mechanism=entry.name, mask=mask))(Q, K, V)
+        k, v = (K, V) if "cross" in entry.supports else (K[:, :10], V[:, :10])
+        if "gqa" not in entry.supports:
+            k, v = (jnp.repeat(a, 2, axis=2) for a in (k, v))
+        out = jax.jit(lambda q, k, v: call(q, k, v, mechanism=entry.name, mask=mask))(Q, k, v)
         assert np.all(np.isfinite(np.asarray(out))), entry.name
 
 
