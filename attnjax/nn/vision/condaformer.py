@@ -177,3 +177,7 @@ register_module(ModuleSpec(
     "condaformer", ConDaFormerBlock, dict(channels=12, head_dim=2, window_size=2, shift=True, norm="none"),
     lambda key: (jax.random.normal(key, (2, 3, 4, 5, 12), jnp.float32),), kind="other",
     paper="Duan et al. 2023 (ConDaFormer, NeurIPS)"))
+register_module(ModuleSpec(
+    "condaformer_lse", LocalStructureEnhancement, dict(channels=8, norm="none"),
+    lambda key: (jax.random.normal(key, (2, 3, 4, 5, 8), jnp.float32),), kind="other",
+    paper="Duan et al. 2023 (ConDaFormer, NeurIPS), local structure enhancement"))
