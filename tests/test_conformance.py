@@ -33,10 +33,16 @@ def _config(name: str):
 
 
 def _params(case_fn, implementations=None):
-    return [pytest.param(e.name, impl, case.name, id=f"{e.name}-{impl}-{case.name}")
+    return [pytest.param(e.name, impl, case.name, id=f"{e.name}-{impl}-{case.name}", marks=_marks(e, case.name))
             for e in ENTRIES.values() for impl in e.implementations
             if impl != "reference" and (implementations is None or impl in implementations)
             for case in case_fn(e.config())]
+
+
+def _marks(entry, case: str) -> tuple:
+    """``plain`` (no option) is ``slow`` where the mechanism takes masks: its ``core`` and ``claimed`` cases run
+    the same path with a causal mask (and GQA, cross lengths where claimed), so the default suite keeps those."""
+    return (pytest.mark.slow,) if case == "plain" and "mask" in entry.supports else ()
 
 
 def _case(config, name: str, case_fn=conformance.cases) -> conformance.Case:

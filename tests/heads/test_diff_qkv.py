@@ -138,6 +138,7 @@ def test_gpu_kernel_interpret_k_coarser_than_v_with_alibi_and_sinks():
     check(actual, jax.jit(lambda q, k, v: naive_out_and_grads(q, k, v, w, **options))(q, k, v))
 
 
+@pytest.mark.slow  # run with --runslow; keeps the default suite under 20 minutes on 2 cores
 def test_tpu_kernel_interpret_heads_that_do_not_nest_with_alibi_and_sinks():
     """The Mosaic kernel in TPU interpret mode, ``Hk = 2``, ``Hv = 3`` (``gcd = 1``: one head block of
     6 query heads holding 2 K groups of 3 and 3 V groups of 2, each summed and written on its own)."""

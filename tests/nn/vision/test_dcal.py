@@ -53,6 +53,7 @@ def tokens_and_maps(seed=0, B=2, T=21, C=16, L=2, dtype=jnp.float32):
     return jax.random.normal(kx, (B, T, C), dtype), maps
 
 
+@pytest.mark.slow  # run with --runslow; keeps the default suite under 20 minutes on 2 cores
 def test_glca_equals_the_paper_formula_forward_and_gradients():
     """21 tokens (class token + 20 patches), R = 30 % = 6 local queries plus the class token."""
     x, maps = tokens_and_maps()

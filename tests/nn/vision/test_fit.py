@@ -69,6 +69,7 @@ def tokens(seed=0, N=12, L=6, Cx=16, Cl=8, dtype=jnp.float32):
     return jax.random.normal(kx, (2, N, Cx), dtype), jax.random.normal(kl, (2, L, Cl), dtype)
 
 
+@pytest.mark.slow  # run with --runslow; keeps the default suite under 20 minutes on 2 cores
 def test_fit_block_equals_dense_masked_stages_forward_and_gradients():
     """3 groups of 4 data tokens and 2 latents, widths 16 and 8: ``check_module_against_reference``'s checks for the
     block's two outputs. Both outputs, then the gradients of every parameter (of the block's FITLayers and

@@ -74,6 +74,7 @@ def maxvit_reference(p, x, head_dim, block, grid):
     return block_reference(attention["grid_attention"], x, heads, grid, partition="grid")
 
 
+@pytest.mark.slow  # run with --runslow; keeps the default suite under 20 minutes on 2 cores
 def test_maxvit_block_equals_the_formula_forward_and_gradients():
     """Training-mode BatchNorm; a 5x7 map in 3x3 blocks and a 2x2 grid (interval 3x4), both padded."""
     model = MaxViTBlock(16, head_dim=8, block_size=3, grid_size=2, rngs=nnx.Rngs(0))
