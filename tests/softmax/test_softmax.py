@@ -71,7 +71,7 @@ def test_masks_against_reference_and_jax_nn(name):
                                expected[has_key.transpose(0, 2, 1)], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("Hq,Hkv", [pytest.param(4, 4, marks=pytest.mark.slow), (4, 2), (6, 1)])  # MHA: every other test
 def test_gqa_and_mqa(Hq, Hkv):
     q, k, v = random_qkv(KEY, B=1, T=20, Hq=Hq, Hkv=Hkv, D=8, Dv=12)
     check_against_reference(q, k, v, mask=masks.Causal())

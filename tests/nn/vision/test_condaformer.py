@@ -49,6 +49,7 @@ def block_reference(p, x, window, shift, heads):
     return x + linear(jax.nn.gelu(linear(layer_norm(x, p["norm2"]), p["fc1"]), approximate=False), p["fc2"])
 
 
+@pytest.mark.slow  # run with --runslow; the block's conformance forward/gradient checks stay in the default suite
 def test_block_equals_the_official_formula_forward_and_gradients():
     """norm="batch" (training mode), shifted 2x2 plane windows on a 2 x 3 x 5 grid, 6 heads of 2."""
     x = jax.random.normal(jax.random.key(0), (2, 2, 3, 5, 12), jnp.float32)
