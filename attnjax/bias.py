@@ -13,21 +13,33 @@ from attnjax.tiling import check_broadcastable, rank4, take_tile
 class Bias:
     """An additive logit term ``b[b, h, i, j]``, asked for one tile at a time.
 
-    Subclasses implement ``tile``; a rule-based bias (ALiBi, …) never materializes ``[T, S]``.
+    Subclasses implement ``tile`` (a rule of positions: ALiBi, T5, …), or set ``reads_queries`` and
+    implement ``query_tile`` (a rule that also reads the tile's queries: Music Transformer's
+    ``q_i·E_(j−i)``, …). A rule never materializes ``[T, S]``.
     """
 
     differentiable = False
-    """Whether a blocked path returns a gradient for this bias (arrays do, rules don't)."""
+    """Whether the blocked paths return a gradient for this bias's float leaves (arrays, learned tables)."""
+
+    reads_queries = False
+    """Whether the logit term reads the queries (``query_tile``) as well as positions."""
 
     def tile(self, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
         """Bias for query rows ``q_idx`` [tq] and key columns ``kv_idx`` [tk]: ``[Bb, Hb, tq, tk]``."""
+        raise NotImplementedError
+
+    def query_tile(self, q: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
+        """For a bias that ``reads_queries``: the tile's queries ``q [B, Hq, tq, D]`` (as given, before
+        the logit scale) -> ``[B, Hq or 1, tq, tk]``; the blocked paths pull gradients back to ``q``."""
         raise NotImplementedError
 
     def check(self, batch: int, num_heads: int, T: int, S: int) -> None:
         """Raise ``ValueError`` if the bias doesn't fit ``[batch, num_heads, T, S]``."""
 
     def dense(self, T: int, S: int) -> jax.Array:
-        """The full bias, ``[Bb, Hb, T, S]`` broadcastable to ``[B, H, T, S]``."""
+        """The full bias, ``[Bb, Hb, T, S]`` broadcastable to ``[B, H, T, S]`` (not for one that reads queries)."""
+        if self.reads_queries:
+            raise NotImplementedError(f"{type(self).__name__} reads the queries: it has no dense form without them")
         return self.tile(jnp.arange(T), jnp.arange(S), T, S)
 
 

@@ -11,7 +11,7 @@ transformed logits ``u`` (when the weight function has one), normalizer ``l`` an
 float32, and saves the row statistic (softmax: ``lse = m + log l``). Backward: for each query
 tile, the weights are recomputed tile by tile from that statistic; with ``δ_i = dO_i·O_i``,
 ``dS = dP/ds ⊙ (dO Vᵀ - δ + dlse)`` (unnormalized: ``dP/ds ⊙ dO Vᵀ``) gives ``dQ``, ``dK``,
-``dV`` (and the array bias's gradient), accumulated in float32. Memory is O(T·tile), never O(T·S).
+``dV`` (and a learnable bias's gradient), accumulated in float32. Memory is O(T·tile), never O(T·S).
 
 The mask's block summary decides the work: each query tile loops only over the span of key
 tiles that are not empty, skips empty tiles inside that span, and leaves out the element mask
@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.bias import ArrayBias, Bias, as_bias
+from attnjax.bias import Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
-from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    regroup, row_tiles, untile)
 from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.meshes import vary_like
@@ -71,7 +71,8 @@ def flash_attention_xla(
         normalized one (it returns the row statistic, see ``weights.WeightFunction``).
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse [B, T, Hq]`` (float32) if asked.
-    Gradients flow to q, k, v, sinks and an array bias (ALiBi slopes are constants).
+    Gradients flow to q, k, v, sinks and a learnable bias (an array, or a rule's table such as
+    ``T5Bias``; ALiBi slopes are constants).
     """
     if sinks is not None and not weight_fn.supports_sinks:
         raise NotImplementedError(f"weight function {weight_fn.name!r} does not support sinks")
@@ -104,14 +105,6 @@ def flash_attention_xla_backward(
     d_lse = jnp.zeros(lse.shape, jnp.float32) if d_lse is None else d_lse
     dq, dk, dv, *_ = _flash_bwd(st, (q, k, v, None, None, mask, None, out, lse), (d_out, d_lse))
     return dq, dk, dv
-
-
-
-
-
-
-
-
 
 
 def _tile_logits(qi, kj, q_idx, kv_idx, bias, st: _Static):
@@ -209,8 +202,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         delta = jnp.zeros(lse.shape, jnp.float32)
     d_lse = d_lse.astype(jnp.float32)
     stat = backward_stat(fn, lse)
-    bias_grad = isinstance(bias, ArrayBias)
-    bias4, dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
+    dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
@@ -243,10 +235,9 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            if bias_grad:
-                dbias = add_bias_tile(dbias, ds, bias4.shape, i * bq, j * bk)
+            dbias, dq_bias = add_bias_grad(dbias, ds, bias, qi, q_idx, kv_idx, st.spec.T, st.spec.S)
             ds = (ds * st.spec.scale).astype(qi.dtype)
-            dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
+            dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
             dk = add_slice(dk, dkj, j * bk)
             dv = add_slice(dv, dvj, j * bk)
@@ -272,12 +263,6 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         p_sink = jnp.exp(sinks[None, None, :] - lse)  # [B, T, Hq]; lse is finite with sinks
         d_sinks = jnp.sum(p_sink * (d_lse - delta), axis=(0, 1))
     return dq, dk, dv, d_bias, d_sinks, None, None
-
-
-
-
-
-
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

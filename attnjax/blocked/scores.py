@@ -71,11 +71,19 @@ def to_groups(x: jax.Array, num_kv_heads: int) -> jax.Array:
 
 def raw_logits(q: jax.Array, k: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
                bias: Optional[Bias], spec: ScoreSpec) -> jax.Array:
-    """``scale·q·kᵀ + bias`` in float32, ``[B, Hkv, G, tq, tk]`` (before the soft cap)."""
+    """``scale·q·kᵀ + bias`` in float32, ``[B, Hkv, G, tq, tk]`` (before the soft cap).
+
+    A bias that ``reads_queries`` gets this tile's queries ``q`` as ``[B, Hq, tq, D]``.
+    """
     s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * spec.scale
-    if bias is not None:
-        s = s + to_groups(bias.tile(q_idx, kv_idx, spec.T, spec.S), spec.num_kv_heads)
-    return s
+    if bias is None:
+        return s
+    if bias.reads_queries:
+        B, Hkv, G, tq, D = q.shape
+        b = bias.query_tile(q.reshape(B, Hkv * G, tq, D), q_idx, kv_idx, spec.T, spec.S)
+    else:
+        b = bias.tile(q_idx, kv_idx, spec.T, spec.S)
+    return s + to_groups(b.astype(jnp.float32), spec.num_kv_heads)
 
 
 def soft_cap(s: jax.Array, cap: Optional[float]) -> jax.Array:

@@ -3,16 +3,20 @@
 Queries are cut into ``[nq, B, Hkv, G, block, E]`` tiles (grouped by KV head, so GQA never repeats
 K/V; ``G = Hq // Hkv``), keys and values into ``[B, Hkv, S_padded, E]``; with separate K and V head
 counts a tile is grouped by K's heads and ``regroup``-ed to V's for the value products.
-Accumulators along the sequence and the gradient of a broadcastable bias are updated one tile at a time.
+Accumulators along the sequence and the gradient of a bias (an array, or a rule's learned leaves) are
+updated one tile at a time.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from attnjax.bias import ArrayBias
+from attnjax.bias import ArrayBias, Bias
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
 
@@ -63,42 +67,94 @@ def padded_bias_shape(shape: tuple, T: int, bq: int, S: int, bk: int) -> tuple:
     return (Bb, Hb, num_tiles(T, bq) * bq if Tb > 1 else 1, num_tiles(S, bk) * bk if Sb > 1 else 1)
 
 
-def add_bias_tile(dbias: jax.Array, ds: jax.Array, bias_shape, q_start, kv_start) -> jax.Array:
-    """Add a ``[B, Hkv, G, bq, bk]`` logit gradient into the (padded) bias gradient."""
-    B, Hkv, G, bq, bk = ds.shape
-    ds = ds.reshape(B, Hkv * G, bq, bk)
-    axes = tuple(a for a, d in enumerate(bias_shape) if d == 1 and ds.shape[a] != 1)
-    ds = ds.sum(axis=axes, keepdims=True)
-    starts = (0, 0, q_start if bias_shape[2] > 1 else 0, kv_start if bias_shape[3] > 1 else 0)
-    current = lax.dynamic_slice(dbias, starts, ds.shape)
-    return lax.dynamic_update_slice(dbias, current + ds, starts)
+def _sum_to(x: jax.Array, shape: tuple) -> jax.Array:
+    """Sum the axes of ``x`` that ``shape`` broadcasts (size 1), keeping rank."""
+    return x.sum(axis=tuple(a for a, d in enumerate(shape) if d == 1 and x.shape[a] != 1), keepdims=True)
 
 
-def bias_grad_init(bias, T: int, block_q: int, S: int, block_kv: int):
-    """``(bias4, dbias0)``: a rank-4 view of an array bias and its float32 zero gradient over the padded
-    tiles (``(None, 0.0)`` when the bias is not a learnable array)."""
-    if not isinstance(bias, ArrayBias):
-        return None, jnp.zeros((), jnp.float32)
-    bias4 = rank4(bias.array)
-    return bias4, jnp.zeros(padded_bias_shape(bias4.shape, T, block_q, S, block_kv), jnp.float32)
+def _float_leaves(bias: Bias) -> tuple[list, list[bool], jax.tree_util.PyTreeDef]:
+    leaves, treedef = jax.tree_util.tree_flatten(bias)
+    return leaves, [jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves], treedef
 
 
-def finish_grads(dq_tiles: jax.Array, dk: jax.Array, dv: jax.Array, dbias: jax.Array, q: jax.Array, k: jax.Array,
-                 v: jax.Array, bias):
+def _with_float_leaves(bias: Bias, values: list) -> Bias:
+    leaves, floating, treedef = _float_leaves(bias)
+    it = iter(values)
+    return jax.tree_util.tree_unflatten(treedef, [next(it) if f else x for x, f in zip(leaves, floating)])
+
+
+def bias_grad_init(bias: Optional[Bias], T: int, block_q: int, S: int, block_kv: int):
+    """The float32 zero gradient accumulator of a learnable bias, ``None`` when it has no gradient.
+
+    An array bias: its rank-4 shape padded to whole tiles. A rule (``bias.differentiable``, e.g. T5's
+    table): zeros like its float leaves.
+    """
+    if isinstance(bias, ArrayBias):
+        shape = padded_bias_shape(rank4(bias.array).shape, T, block_q, S, block_kv)
+        return jnp.zeros(shape, jnp.float32)
+    if bias is None or not bias.differentiable:
+        return None
+    leaves, floating, _ = _float_leaves(bias)
+    return [jnp.zeros(jnp.shape(x), jnp.float32) for x, f in zip(leaves, floating) if f]
+
+
+def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], qi: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
+                  T: int, S: int):
+    """Add one tile's raw-logit gradient ``ds [B, Hkv, G, tq, tk]`` to the bias gradient ``dbias``.
+
+    Returns ``(dbias, dq)``: ``dq [B, Hkv, G, tq, D]`` is the bias's share of the queries' gradient when
+    it reads them (``bias.reads_queries``, e.g. Music Transformer's ``q·E_(j−i)``), else 0. An array
+    bias adds ``ds`` (summed over its broadcast axes) into its padded slice; a rule pulls ``ds`` back
+    through its ``tile`` with ``jax.vjp``, which costs one more tile evaluation.
+    """
+    if dbias is None and not (bias is not None and bias.reads_queries):
+        return dbias, 0.0
+    B, Hkv, G, tq, tk = ds.shape
+    flat = ds.reshape(B, Hkv * G, tq, tk)
+    if isinstance(bias, ArrayBias):
+        shape = rank4(bias.array).shape
+        flat = _sum_to(flat, shape)
+        starts = (0, 0, q_idx[0] if shape[2] > 1 else 0, kv_idx[0] if shape[3] > 1 else 0)
+        current = lax.dynamic_slice(dbias, starts, flat.shape)
+        return lax.dynamic_update_slice(dbias, current + flat, starts), 0.0
+    leaves, floating, _ = _float_leaves(bias)
+    params = [x for x, f in zip(leaves, floating) if f]
+    q_flat = qi.reshape(B, Hkv * G, tq, qi.shape[-1])
+    if bias.reads_queries:
+        tile, pull = jax.vjp(lambda p, x: _with_float_leaves(bias, p).query_tile(x, q_idx, kv_idx, T, S),
+                             params, q_flat)
+        d_params, dq = pull(_sum_to(flat, tile.shape))
+        dq = dq.reshape(qi.shape).astype(jnp.float32)
+    else:
+        tile, pull = jax.vjp(lambda p: _with_float_leaves(bias, p).tile(q_idx, kv_idx, T, S), params)
+        (d_params,), dq = pull(_sum_to(flat, tile.shape)), 0.0
+    if dbias is not None:
+        dbias = [acc + g.astype(jnp.float32) for acc, g in zip(dbias, d_params)]
+    return dbias, dq
+
+
+def finish_grads(dq_tiles: jax.Array, dk: jax.Array, dv: jax.Array, dbias, q: jax.Array, k: jax.Array,
+                 v: jax.Array, bias: Optional[Bias]):
     """Tiled float32 gradients back to the inputs' layouts and dtypes: ``(dq, dk, dv, d_bias)``.
 
     ``dq_tiles [nq, B, Hkv, G, bq, D]``, ``dk``/``dv [B, Hkv, S_padded, E]``, ``dbias`` from
-    ``bias_grad_init`` (``d_bias`` is an ``ArrayBias`` for an array bias, else None).
+    ``bias_grad_init``; ``d_bias`` is the bias's cotangent (same type; zeros for integer leaves) or None.
     """
     T, S = q.shape[1], k.shape[1]
     dq = untile(dq_tiles, T).astype(q.dtype)
     dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
     dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    if not isinstance(bias, ArrayBias):
+    if dbias is None:
         return dq, dk, dv, None
-    Tb, Sb = rank4(bias.array).shape[2:]
-    return dq, dk, dv, ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+    if isinstance(bias, ArrayBias):
+        Tb, Sb = rank4(bias.array).shape[2:]
+        return dq, dk, dv, ArrayBias(dbias[:, :, :Tb, :Sb].reshape(bias.array.shape).astype(bias.array.dtype))
+    leaves, floating, treedef = _float_leaves(bias)
+    grads = iter(dbias)
+    cotangents = [next(grads).astype(jnp.result_type(x)) if f else np.zeros(jnp.shape(x), jax.dtypes.float0)
+                  for x, f in zip(leaves, floating)]
+    return dq, dk, dv, jax.tree_util.tree_unflatten(treedef, cotangents)
 
 
-__all__ = ["q_tiles", "row_tiles", "regroup", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "add_bias_tile",
-           "bias_grad_init", "finish_grads"]
+__all__ = ["q_tiles", "row_tiles", "regroup", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "bias_grad_init",
+           "add_bias_grad", "finish_grads"]

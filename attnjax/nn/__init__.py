@@ -6,7 +6,7 @@ promises (causal, decodes). ``LAYERS`` (token mixers ``[B, T, d] -> [B, T, d]``)
 Softmax-family mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
 """
 
-from attnjax.nn import conv, registry, vision
+from attnjax.nn import conv, positional, registry, vision
 from attnjax.nn.aaren import Aaren
 from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention

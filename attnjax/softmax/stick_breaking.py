@@ -61,9 +61,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import registry
-from attnjax.bias import ArrayBias, Bias, as_bias
+from attnjax.bias import Bias, as_bias
 from attnjax.masks import Mask, block_schedule
-from attnjax.blocked.tiles import (add_bias_tile, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
+from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
                                    row_tiles, untile)
 from attnjax.blocked.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.meshes import vary_like
@@ -165,7 +165,7 @@ def stick_breaking_attention_xla(
 
     Args:
       as ``stick_breaking_attention_reference``; block_q, block_kv: tile sizes (clipped to T, S).
-    Gradients flow to q, k, v and an array bias (ALiBi slopes are constants).
+    Gradients flow to q, k, v and a learnable bias (an array or a rule's table; ALiBi slopes are constants).
     """
     check_request(q, k, mask=mask, sinks=sinks, dropout_rate=dropout_rate, return_lse=return_lse)
     spec = score_spec(q, k, scale, logits_soft_cap)
@@ -251,8 +251,7 @@ def _bwd(st: _Static, residuals, cotangents):
     kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
     # dz = A⊙dA − σ(z)⊙(δ − dc − Σ_{j>m} A⊙dA), δ_i = dO_i·o_i (module docstring).
     dterm = jnp.einsum("bthd,bthd->bth", d_o, o) - d_c
-    bias_grad = isinstance(bias, ArrayBias)
-    bias4, dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
+    dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
@@ -266,10 +265,9 @@ def _bwd(st: _Static, residuals, cotangents):
             a, dz, c, s = backward_tile(z, da, c, s, dterm_i[..., None], ok)
             if st.spec.logits_soft_cap is not None:
                 dz = dz * (1.0 - jnp.square(z / st.spec.logits_soft_cap))
-            if bias_grad:
-                dbias = add_bias_tile(dbias, dz, bias4.shape, i * bq, j * bk)
+            dbias, dq_bias = add_bias_grad(dbias, dz, bias, qi, q_idx, j * bk + jnp.arange(bk), st.spec.T, st.spec.S)
             dz = (dz * st.spec.scale).astype(qi.dtype)
-            dqi = dqi + jnp.einsum("bhgqk,bhkd->bhgqd", dz, kj, preferred_element_type=jnp.float32)
+            dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", dz, kj, preferred_element_type=jnp.float32)
             dk = add_slice(dk, jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32), j * bk)
             dvj = jnp.einsum("bhgqk,bhgqd->bhkd", a.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
             dv = add_slice(dv, dvj, j * bk)
