@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +53,10 @@ def t5_relative_buckets(relative_position: jax.Array, *, bidirectional: bool, nu
 class T5Bias(Bias):
     """T5's learned relative position bias ``b[h, i, j] = table[bucket(pos_k − pos_q), h]``, per tile.
 
-    Pass as ``attention(..., bias=T5Bias(table, bidirectional=False))``. Positions follow the
-    library's bottom-right alignment (``attnjax.masks``), so a decode step (T = 1 against S cached
-    keys) sees the same offsets as the parallel call. Every blocked path that returns bias
+    Pass as ``attention(..., bias=T5Bias(table, bidirectional=False))``. Query positions follow the
+    library's bottom-right alignment (``attnjax.masks``), or start at ``query_offset`` when given: a
+    decode step against a cache of ``max_len`` slots, of which the first ``length`` are filled, passes
+    ``query_offset=length``. Every blocked path that returns bias
     gradients (the softmax ``xla`` path, stick-breaking, the flash kernels) returns one for ``table``;
     no path forms ``[T, S]`` beyond its tiles.
 
@@ -62,11 +64,14 @@ class T5Bias(Bias):
       table: ``[num_buckets, H]`` float (one column per query head; ``H = 1`` shares it).
       bidirectional: encoder-style (True) or causal decoder-style (False) bucketing.
       max_distance: offsets at or beyond it share the last bucket (128 in T5).
+      query_offset: ``None`` (bottom-right alignment) or an int scalar: query row ``i`` sits at
+        position ``query_offset + i``.
     """
 
     table: jax.Array
     bidirectional: bool = dataclasses.field(default=True, metadata=dict(static=True))
     max_distance: int = dataclasses.field(default=128, metadata=dict(static=True))
+    query_offset: Optional[jax.Array] = None
     differentiable = True
 
     @property
@@ -82,7 +87,8 @@ class T5Bias(Bias):
             raise TypeError(f"T5Bias table must be a float array, got {jnp.asarray(self.table).dtype}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        relative = kv_idx[None, :] - query_positions(q_idx, T, S)[:, None]
+        rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
+        relative = kv_idx[None, :] - rows[:, None]
         buckets = t5_relative_buckets(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                       max_distance=self.max_distance)
         values = jnp.take(jnp.asarray(self.table, jnp.float32), buckets, axis=0)  # [tq, tk, H]

@@ -110,3 +110,11 @@ def test_bf16_is_finite_through_the_api():
     out = jax.jit(lambda q, k, v, t: aj.attention(q, k, v, bias=T5Bias(t.astype(jnp.bfloat16), bidirectional=False),
                                                   mask=aj.masks.Causal(), implementation="xla"))(q, k, v, table)
     assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+
+
+def test_query_offset_places_a_decode_step_in_a_partly_filled_cache():
+    table = jax.random.normal(jax.random.PRNGKey(2), (16, 2))
+    parallel = T5Bias(table, bidirectional=False, max_distance=24).dense(6, 6)
+    for length in range(6):
+        step = T5Bias(table, bidirectional=False, max_distance=24, query_offset=jnp.asarray(length)).dense(1, 10)
+        assert_close(step[:, :, 0, : length + 1], parallel[:, :, length, : length + 1])
