@@ -11,7 +11,7 @@ Rescaling of Query, Key and Value for Efficient Language Models", Fig. 3).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,10 @@ class MultiHeadAttention(nnx.Module):
       qkv_bias: add a bias to the q/k/v projections.
       out_bias: add a bias to the output projection (flax's ``use_bias=True`` has both).
       rope: rotary embedding applied to q and k in self-attention and decoding; ``None`` for none.
+      position_bias: ``None``, or a factory ``(num_heads, rngs=rngs) -> module`` whose call
+        ``module(query_offset=None)`` returns an ``attnjax.bias.Bias`` rule for self-attention and
+        decoding, e.g. ``functools.partial(T5RelativeBias, bidirectional=False)`` (T5's learned relative
+        bias; the mechanism must support "bias"). Cross-attention adds none, as in T5.
       mechanism: a registry name or config object, passed to ``attnjax.attention``. Checked here:
         an unknown name raises ``ValueError`` (with the registered names); a mechanism without the
         ``supports`` this configuration needs ("gqa" when ``num_kv_heads < num_heads`` or
@@ -189,7 +193,8 @@ class MultiHeadAttention(nnx.Module):
         self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
         num_v_heads: Optional[int] = None, head_dim: Optional[int] = None, v_head_dim: Optional[int] = None,
         context_dim: Optional[int] = None, qkv_bias: bool = False,
-        out_bias: bool = False, rope: Optional[RoPE] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
+        out_bias: bool = False, rope: Optional[RoPE] = None,
+        position_bias: Optional[Callable[..., nnx.Module]] = None, mechanism: Union[str, registry.Mechanism] = "softmax",
         dropout_rate: float = 0.0, implementation: str = "auto",
         sequence_parallel: Union[None, str, tuple, SequenceParallel] = None, dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
@@ -222,7 +227,8 @@ class MultiHeadAttention(nnx.Module):
                                       f"available: {list(self.mechanism.implementations())}")
         self.require_support(*(option for option, used in (
             ("gqa", num_kv_heads != num_heads or num_v_heads != num_heads),
-            ("kv_heads", num_v_heads != num_kv_heads), ("dropout", dropout_rate > 0)) if used))
+            ("kv_heads", num_v_heads != num_kv_heads), ("dropout", dropout_rate > 0),
+            ("bias", position_bias is not None)) if used))
         self.sequence_parallel = SequenceParallel.coerce(sequence_parallel)
         if self.sequence_parallel is not None:
             if self.mechanism.name != "softmax":
@@ -233,6 +239,8 @@ class MultiHeadAttention(nnx.Module):
                                           "K/V head count; num_v_heads != num_kv_heads runs with scheme 'ring'")
             if dropout_rate > 0:
                 raise NotImplementedError("sequence_parallel attention has no attention dropout; use dropout_rate=0")
+            if position_bias is not None:
+                raise NotImplementedError("sequence_parallel attention takes no position_bias rule")
         self.dropout_rate = dropout_rate
         self.implementation = implementation
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -246,6 +254,7 @@ class MultiHeadAttention(nnx.Module):
         self.key = linear(context_dim, (num_kv_heads, head_dim))
         self.value = linear(context_dim, (num_v_heads, v_head_dim))
         self.out = linear((num_heads, v_head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
+        self.position_bias = None if position_bias is None else position_bias(num_heads, rngs=rngs)
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 
     def __call__(
@@ -292,7 +301,8 @@ class MultiHeadAttention(nnx.Module):
         sow_attention_inputs(self, q, k, mask=mask, scale=None, mechanism=self.mechanism.name)
         deterministic = self.deterministic if deterministic is None else deterministic
         rate = 0.0 if deterministic else self.dropout_rate
-        out = attention(q, k, v, mechanism=self.mechanism, mask=mask, dropout_rate=rate,
+        bias = None if self.position_bias is None or cross else self.position_bias()
+        out = attention(q, k, v, mechanism=self.mechanism, mask=mask, bias=bias, dropout_rate=rate,
                         rng=self.rngs() if rate > 0 else None, implementation=self.implementation)
         return self.out(out)
 
@@ -336,7 +346,9 @@ class MultiHeadAttention(nnx.Module):
         k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
         filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
-        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, implementation=self.implementation)
+        bias = None if self.position_bias is None else self.position_bias(query_offset=cache.length)
+        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, bias=bias,
+                        implementation=self.implementation)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
     def scale_qv(self, q: jax.Array, v: jax.Array, positions: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:

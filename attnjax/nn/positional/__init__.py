@@ -1,4 +1,7 @@
 """Modules for positional schemes: learned tables that become ``Bias`` rules, and layers whose attention
 reads positions (relative embeddings, post-softmax position weights, complex rotations)."""
 
+from attnjax.nn.positional.absolute import LearnedPositionEmbedding
+from attnjax.nn.positional.t5 import T5RelativeBias
+
 __all__: list[str] = []
