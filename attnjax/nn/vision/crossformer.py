@@ -17,6 +17,7 @@ from flax.typing import Dtype
 from attnjax.checks import check_positive, describe
 from attnjax.nn.checks import check_features, check_image
 from attnjax.nn.registry import ModuleSpec, register_module
+from attnjax.positional.grid import RelativeGridBias
 from attnjax.vision.crossformer import (GROUP_SIZE, INTERVAL, cross_scale_channels, cross_scale_embedding,
                                         lsda_attention, lsda_group, relative_offsets)
 from attnjax.vision.window import Window, window_shape
@@ -74,6 +75,25 @@ class DynamicPositionBias(nnx.Module):
         for norm, layer in zip(self.norms, self.layers):
             h = layer(jax.nn.relu(norm(h)))
         return h
+
+    def grid_bias(self, grid: Window) -> RelativeGridBias:
+        """The DPB as a bias rule for global attention over all ``gh·gw`` pixels of a map of any size.
+
+        The MLP runs once over the ``(2gh − 1)·(2gw − 1)`` offsets of ``relative_offsets(grid)`` (sec. 3.3: "DPB
+        ... generates the relative position bias for any group size"); the returned
+        ``attnjax.positional.grid.RelativeGridBias`` gathers ``b[h, i, j] = DPB(y_i − y_j, x_i − x_j)[h]`` per tile
+        inside the blocked paths, never ``[gh·gw, gh·gw]``, and ``jax.grad`` through ``attnjax.attention`` reaches the
+        MLP's weights. Cost: ``O(gh·gw·P²)`` for the MLP, ``O(gh·gw·heads)`` for the table. Example::
+
+          bias = dpb.grid_bias((H, W))
+          out = attention(q.reshape(B, H * W, heads, D), k.reshape(...), v.reshape(...), bias=bias)
+
+        Args:
+          grid: ``(gh, gw)`` (or ``g``), the map's height and width in tokens; tokens are row-major.
+        """
+        gh, gw = window_shape(grid, "grid")
+        offsets = jnp.asarray(relative_offsets((gh, gw)))
+        return RelativeGridBias(self(offsets), grid=(gh, gw))
 
 
 class CrossFormerBlock(nnx.Module):
