@@ -88,11 +88,24 @@ class T5Bias(Bias):
 
     def tile(self, q_idx, kv_idx, T, S):
         rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
-        relative = kv_idx[None, :] - rows[:, None]
-        buckets = t5_relative_buckets(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
-                                      max_distance=self.max_distance)
-        values = jnp.take(jnp.asarray(self.table, jnp.float32), buckets, axis=0)  # [tq, tk, H]
-        return jnp.moveaxis(values, -1, 0)[None]
+        table = jnp.asarray(self.table, jnp.float32)
+        shape = (1, table.shape[1], q_idx.shape[0], kv_idx.shape[0])
+        # The bucket is monotone in the offset on each side of 0, so a tile whose extreme offsets share a
+        # bucket is constant: far from the diagonal (beyond max_distance) every tile is, and costs a broadcast.
+        extremes = self.buckets(jnp.stack([kv_idx.min() - rows.max(), kv_idx.max() - rows.min()]))
 
+        def constant():
+            return jnp.broadcast_to(table[extremes[0]][None, :, None, None], shape)
+
+        def gathered():
+            values = jnp.take(table, self.buckets(kv_idx[None, :] - rows[:, None]), axis=0)  # [tq, tk, H]
+            return jnp.moveaxis(values, -1, 0)[None]
+
+        return jax.lax.cond(extremes[0] == extremes[1], constant, gathered)
+
+    def buckets(self, relative_position: jax.Array) -> jax.Array:
+        """``t5_relative_buckets`` with this rule's settings."""
+        return t5_relative_buckets(relative_position, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                   max_distance=self.max_distance)
 
 __all__ = ["t5_relative_buckets", "T5Bias"]

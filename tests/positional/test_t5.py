@@ -60,6 +60,19 @@ def test_tile_equals_the_dense_form_and_is_bottom_right_aligned():
     assert_close(bias.tile(jnp.arange(2, 5), jnp.arange(3, 9), T, S), bias.dense(T, S)[:, :, 2:5, 3:9])
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_tiles_beyond_max_distance_take_the_constant_branch_and_match_the_dense_form(bidirectional):
+    table = jax.random.normal(jax.random.PRNGKey(3), (16, 2))
+    bias = T5Bias(table, bidirectional=bidirectional, max_distance=10)
+    dense = bias.dense(64, 64)
+    tile = jax.jit(bias.tile, static_argnums=(2, 3))
+    for rows, cols in [(range(40, 48), range(0, 8)), (range(0, 8), range(40, 48)), (range(8, 16), range(0, 8))]:
+        rows, cols = jnp.asarray(list(rows)), jnp.asarray(list(cols))
+        assert_close(tile(rows, cols, 64, 64), dense[:, :, rows][:, :, :, cols])
+    far = np.asarray(tile(jnp.arange(40, 48), jnp.arange(0, 8), 64, 64))
+    assert np.all(far == far[:, :, :1, :1])
+
+
 def test_bad_tables_are_refused():
     q = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match=r"T5Bias table has shape \(16, 3\)"):
@@ -78,7 +91,7 @@ def _inputs(T, S, Hq, Hkv, dtype=jnp.float32):
 
 def _grads(fn, q, k, v, table, bidirectional, mask):
     def loss(q, k, v, table):
-        out = fn(q, k, v, bias=T5Bias(table, bidirectional=bidirectional, max_distance=24), mask=mask)
+        out = fn(q, k, v, bias=T5Bias(table, bidirectional=bidirectional, max_distance=10), mask=mask)
         return jnp.sum(out * jnp.cos(out))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, table)
 
@@ -90,7 +103,7 @@ def test_blocked_xla_path_equals_the_reference_with_table_gradients(bidirectiona
     want = _grads(softmax_attention_reference, q, k, v, table, bidirectional, mask)
     got = _grads(lambda *a, **kw: flash_attention_xla(*a, block_q=8, block_kv=8, **kw), q, k, v, table,
                  bidirectional, mask)
-    assert_close(got[0], want[0], rtol=1e-5)
+    assert_close(got[0], want[0], rtol=1e-4)
     for g, w in zip(got[1], want[1]):
         assert_close(g, w, atol=2e-5, rtol=2e-5)
     assert float(jnp.abs(want[1][3]).max()) > 0
