@@ -6,4 +6,6 @@ here; the additive rules (ALiBi, T5, relative embeddings, 2-D tables) are ``attn
 ``attnjax.positional``. Modules that own the parameters are in ``attnjax.nn``.
 """
 
+from attnjax.relative import polyline
+
 __all__: list[str] = []
