@@ -11,6 +11,7 @@ kernels, from positions, so no path forms ``[T, S]``; learned tables get gradien
 from attnjax.positional.alibi import ALiBi, alibi_slopes
 from attnjax.positional.rope import RoPE, RopeScaling
 from attnjax.positional.t5 import T5Bias, t5_relative_buckets
+from attnjax.positional.gpsa_position import GPSAPositionBias, grid_offsets
 from attnjax.positional.relative import RelativeEmbeddingBias, relative_logits_reference, relative_logits_skewed
 
 __all__ = ["RoPE", "RopeScaling", "alibi_slopes", "ALiBi", "T5Bias", "t5_relative_buckets"]

@@ -8,4 +8,6 @@ here; the additive rules (ALiBi, T5, relative embeddings, 2-D tables) are ``attn
 
 from attnjax.relative import polyline
 
+from attnjax.relative import gpsa
+
 __all__: list[str] = []

@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.api import attention
-from attnjax.checks import check_positive, describe
+from attnjax.checks import check_positive, check_scalar, describe
 from attnjax.positional.gpsa_position import GPSAPositionBias, grid_offsets
-from attnjax.vision.criss_cross import check_image_qkv, resolve_scale
 
 LOCALITY_STRENGTH = 1.0
 """``α``, the locality strength of the initialization (the paper's and the official code's default)."""
@@ -51,13 +50,30 @@ LOCALITY_STRENGTH = 1.0
 def check_gpsa(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, v_pos: jax.Array) -> None:
     """``ValueError``/``TypeError`` naming the argument unless q, k are ``[B, height, width, heads, D]``, v
     ``[B, height, width, heads, Dv]``, ``gate`` float ``[heads]`` and ``v_pos`` float ``[heads, 3]``."""
-    check_image_qkv(q, k, v)
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if getattr(a, "ndim", None) != 5:
+            raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
+    if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
+        raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
     heads = q.shape[3]
     for name, value, shape in (("gate", gate, (heads,)), ("v_pos", v_pos, (heads, 3))):
         if jnp.shape(value) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} for {heads} heads, got {describe(value)}")
         if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
             raise TypeError(f"{name} must be a floating-point array, got {describe(value)}")
+
+
+def resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    """The content logit scale: ``scale``, or ``1/√D`` when None (the official ``head_dim ** -0.5``)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    check_scalar("scale", scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return float(scale)
 
 
 def gpsa_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, v_pos: jax.Array, *,
@@ -152,5 +168,5 @@ def locality_v_pos(num_heads: int, locality_strength: float = LOCALITY_STRENGTH)
     return (locality_strength * np.concatenate([2.0 * offsets, quadratic], axis=-1)).astype(np.float32)
 
 
-__all__ = ["LOCALITY_STRENGTH", "check_gpsa", "gpsa_attention_reference", "gpsa_attention", "locality_offsets",
+__all__ = ["LOCALITY_STRENGTH", "check_gpsa", "resolve_scale", "gpsa_attention_reference", "gpsa_attention", "locality_offsets",
            "locality_v_pos"]

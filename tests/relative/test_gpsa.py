@@ -122,6 +122,8 @@ def test_bad_inputs_name_the_argument():
         gpsa_attention(q, k, v, jnp.ones(4, jnp.int32), v_pos)
     with pytest.raises(ValueError, match=r"q must have shape \[batch, height, width, heads, head_dim\]"):
         gpsa_attention(q.reshape(1, 6, 4, 8), k, v, gate, v_pos)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        gpsa_attention(q, k, v, gate, v_pos, scale=-1.0)
     with pytest.raises(ValueError, match="q, k, v must share"):
         gpsa_attention(q, k[:, :1], v, gate, v_pos)
     with pytest.raises(ValueError, match=r"GPSAPositionBias v_pos has shape \(4, 3\), expected \(num_heads, 3\) = "

@@ -17,6 +17,7 @@ from attnjax.nn.vision.mil import ACMILPooling, AttentionMILPooling, GatedAttent
 from attnjax.nn.vision.probing import AttentiveProbe
 from attnjax.nn.vision.strip import StripSelfAttention
 from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
+from attnjax.nn.vision.convit import GPSA, ConViTBlock
 from attnjax.nn.vision.polyline import PolylinePathAttention
 
 __all__ = [

@@ -18,13 +18,10 @@ def image(shape=(2, 5, 7, 16), seed=0, dtype=jnp.float32):
 
 
 def rel_indices(height, width):
-    """``r_ij = (δx, δy, δx² + δy²)`` for the row-major pixels of an ``height × width`` map, by a loop."""
-    r = np.zeros((height * width, height * width, 3), np.float32)
-    for i in range(height * width):
-        for j in range(height * width):
-            dx, dy = j % width - i % width, j // width - i // width
-            r[i, j] = dx, dy, dx * dx + dy * dy
-    return r
+    """``r_ij = (δx, δy, δx² + δy²)`` for the row-major pixels of an ``height × width`` map: ``[N, N, 3]``."""
+    y, x = np.divmod(np.arange(height * width), width)
+    dx, dy = x[None, :] - x[:, None], y[None, :] - y[:, None]
+    return np.stack([dx, dy, dx * dx + dy * dy], axis=-1).astype(np.float32)
 
 
 def gpsa_reference(p, x, heads):
@@ -81,8 +78,9 @@ def test_convit_block_equals_the_official_block():
 
 def positional_attention(model, height, width):
     """``softmax_j(v_pos^hᵀ r_ij)`` of the module, ``[heads, N, N]``."""
-    v_pos = np.asarray(model.pos_proj.kernel[...]).T
-    return jax.nn.softmax(jnp.einsum("ijc,hc->hij", rel_indices(height, width), v_pos), axis=-1)
+    logits = np.einsum("ijc,ch->hij", rel_indices(height, width), np.asarray(model.pos_proj.kernel[...], np.float64))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def test_locality_init_peaks_each_head_at_its_offset():
