@@ -315,7 +315,6 @@ class HaloMask(masks.Mask):
         return self.layout.num_blocks * self.layout.block_size ** 2
 
     def tile(self, q_idx, kv_idx, T, S):
-        xp = np if isinstance(q_idx, np.ndarray) and isinstance(kv_idx, np.ndarray) else jnp
         L = self.layout
         (nh, nw), b, h, bq = L.blocks, L.block_size, L.halo_size, L.query_block
         Hq, Wq = L.query_shape

@@ -9,7 +9,6 @@ from flax import nnx
 
 from attnjax.nn.vision.crossvit import CrossViTCrossAttention
 from attnjax.testing.modules import check_module_against_reference, parameter_count
-from tests.helpers import assert_close
 
 
 def layer_norm(p, x):

@@ -3,7 +3,6 @@ formulas (Liu et al. 2021, sec. 3.1-3.2, eq. 3-4; Tu et al. 2022, sec. 3, Fig. 2
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
