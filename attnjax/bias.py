@@ -25,7 +25,10 @@ class Bias:
     """Whether the logit term reads the queries (``query_tile``) as well as positions."""
 
     def tile(self, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
-        """Bias for query rows ``q_idx`` [tq] and key columns ``kv_idx`` [tk]: ``[Bb, Hb, tq, tk]``."""
+        """Bias for query rows ``q_idx`` [tq] and key columns ``kv_idx`` [tk]: ``[Bb, Hb, tq, tk]``.
+
+        Every path that takes a bias passes tiles: ``q_idx`` and ``kv_idx`` are runs of consecutive
+        indices (rules such as ``RelativeEmbeddingBias`` rely on it)."""
         raise NotImplementedError
 
     def query_tile(self, q: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
