@@ -9,5 +9,6 @@ here; the additive rules (ALiBi, T5, relative embeddings, 2-D tables) are ``attn
 from attnjax.relative import polyline
 
 from attnjax.relative import gpsa
+from attnjax.relative import urpe
 
 __all__: list[str] = []
