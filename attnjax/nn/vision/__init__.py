@@ -19,6 +19,7 @@ from attnjax.nn.vision.strip import StripSelfAttention
 from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
 from attnjax.nn.vision.convit import GPSA, ConViTBlock
 from attnjax.nn.vision.polyline import PolylinePathAttention
+from attnjax.nn.vision.plain_detr import BoxRPBCrossAttention, BoxRPBMLP
 
 __all__ = [
     "ConDaFormerBlock", "LocalStructureEnhancement", "CrissCrossAttention", "RecurrentCrissCrossAttention",
