@@ -10,5 +10,6 @@ from attnjax.relative import polyline
 
 from attnjax.relative import gpsa
 from attnjax.relative import urpe
+from attnjax.relative import complexformer
 
 __all__: list[str] = []

@@ -5,5 +5,6 @@ from attnjax.nn.positional.absolute import LearnedPositionEmbedding
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.nn.positional.music import RelativeAttention
 from attnjax.nn.positional.urpe import URPEAttention
+from attnjax.nn.positional.complexformer import ComplexMultiHeadAttention
 
 __all__: list[str] = []
