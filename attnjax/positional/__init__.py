@@ -15,5 +15,6 @@ from attnjax.positional.gpsa_position import GPSAPositionBias, grid_offsets
 from attnjax.positional.relative import RelativeEmbeddingBias, relative_logits_reference, relative_logits_skewed
 from attnjax.positional.grid import RelativeGridBias, relative_grid_index
 from attnjax.positional.box import BoxRelativeBias, box_relative_bias, box_relative_bias_reference
+from attnjax.positional.transformer_xl import TransformerXLBias, relative_sinusoids, transformer_xl_logits_reference
 
 __all__ = ["RoPE", "RopeScaling", "alibi_slopes", "ALiBi", "T5Bias", "t5_relative_buckets"]
