@@ -217,5 +217,4 @@ def check_cmha(q: jax.Array, k: jax.Array, v: jax.Array, delta: jax.Array, bias:
 
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_EPS", "DEFAULT_SCALE", "cmha_frequencies", "euler_transform", "cmha_transform",
-           "cmha_attention_reference", "cmha_attention", "check_cmha_options",
-           "check_cmha"]
+           "cmha_attention_reference", "cmha_attention", "check_cmha_options", "check_cmha"]
