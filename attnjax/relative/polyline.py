@@ -101,14 +101,20 @@ def _check_attention(q, k, v, log_alpha, log_beta, grid, scale, paths) -> tuple[
     return _check_paths(paths)
 
 
+def _sign(d: jax.Array) -> jax.Array:
+    """``sgn(d)`` with ``sgn(0) = 1`` (a zero-length segment's difference is 0 either way)."""
+    return jnp.where(d >= 0, 1.0, -1.0)
+
+
 def polyline_mask_reference(log_alpha: jax.Array, log_beta: jax.Array, *, grid: tuple[int, int], path: str = "v2h",
                             log: bool = False) -> jax.Array:
     """The dense polyline path mask ``M [B, H, N, N]`` (``N = Hg·Wg``, row-major tokens), from its definition.
 
-    ``log M[(r,c),(r',c')] = Σ_k log α[r,k]·[min(c,c') < k ≤ max(c,c')] + Σ_k log β[k,c']·[min(r,r') < k ≤ max(r,r')]``
-    for ``path="v2h"`` (the path's horizontal part runs along the query's row ``r``, its vertical part down the
-    key's column ``c'``), and ``M_h2v = M_v2hᵀ``: the membership of each token in the path, summed, without
-    cumulative sums (module docstring; official code ``PathEmbeding2D``). O(B·H·N²·(Hg + Wg)) work.
+    ``log M[(r,c),(r',c')] = Σ_k log α[r,k]·[min(c,c') < k ≤ max(c,c')]
+    + Σ_k log β[k,c']·[min(r,r') < k ≤ max(r,r')]`` for ``path="v2h"`` (the path's horizontal part runs along
+    the query's row ``r``, its vertical part down the key's column ``c'``), and ``M_h2v = M_v2hᵀ``: the
+    membership of each token in the path, summed, without cumulative sums (module docstring; official code
+    ``PathEmbeding2D``). O(B·H·N²·(Hg + Wg)) work.
 
     Args:
       log_alpha: ``[B, N, H]`` horizontal log decays ``log α ≤ 0`` (``α = exp(Δ·A)`` in Mamba2's terms).
@@ -205,9 +211,8 @@ class PolylineBias(Bias):
         r, c = (qi // Wg)[:, None], (qi % Wg)[:, None]          # the target end (row r, column c)
         r2, c2 = (kj // Wg)[None, :], (kj % Wg)[None, :]        # the source end (row r', column c')
         corner = r * Wg + c2                                    # (r, c'), where the path turns
-        sign = lambda d: jnp.where(d >= 0, 1.0, -1.0)
-        along_row = sign(c - c2) * (jnp.take(ca, qi, axis=-1)[..., :, None] - jnp.take(ca, corner, axis=-1))
-        along_col = sign(r - r2) * (jnp.take(cb, corner, axis=-1) - jnp.take(cb, kj, axis=-1)[..., None, :])
+        along_row = _sign(c - c2) * (jnp.take(ca, qi, axis=-1)[..., :, None] - jnp.take(ca, corner, axis=-1))
+        along_col = _sign(r - r2) * (jnp.take(cb, corner, axis=-1) - jnp.take(cb, kj, axis=-1)[..., None, :])
         out = along_row + along_col
         return jnp.swapaxes(out, -1, -2) if self.path == "h2v" else out
 
@@ -231,7 +236,7 @@ def polyline_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, log_a
       ``[B, N, Hq, Dv]`` in q's dtype.
     """
     paths = _check_attention(q, k, v, log_alpha, log_beta, grid, scale, paths)
-    B, N, Hq, D = q.shape
+    Hq, D = q.shape[2], q.shape[3]
     group = Hq // k.shape[2]
     kr, vr = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     scale = D ** -0.5 if scale is None else scale
@@ -251,7 +256,8 @@ def polyline_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, log_alpha: 
 
     Same arguments and result as ``polyline_attention_reference`` (plus tile sizes, clipped to N). Memory:
     O(B·H·N·tile) for the tiles and O(B·H·N) for the cumulative tables, never ``[N, N]``. Work: two blocked
-    passes (each ``2·N²·(D + Dv)`` multiply-adds per head, plus four gathers per logit), backward likewise.
+    passes (each ``N²·(D + Dv)`` multiply-adds per head, plus two table gathers per logit, the path's corner
+    entries); the backward recomputes each tile and scatter-adds its gradient into the ``[B, H, N]`` tables.
     Gradients flow to q, k, v and both log decays (the tables' gradients are pulled back through each tile's
     gathers by the blocked backward, then through the cumulative sums).
     """
