@@ -153,7 +153,7 @@ def transformer_xl_logits_reference(q: jax.Array, k: jax.Array, w_r: jax.Array, 
       w_r: ``[H, d_R, D]``; v, u: ``[H, D]`` (``u=None`` is zero); ``H`` in {1, Hq}.
       scale: default ``1/√D``. max_wavelength, query_offset: as ``TransformerXLBias``.
     """
-    B, T, Hq, D = q.shape
+    _, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     q = q.astype(jnp.float32)
     k = jnp.repeat(k.astype(jnp.float32), Hq // Hkv, axis=2)

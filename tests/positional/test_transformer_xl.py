@@ -105,7 +105,7 @@ def test_paths_equal_the_dense_reference_forward_and_gradients(causal):
 
 def test_query_offset_places_a_decode_step_in_a_partly_filled_cache():
     T, max_len = 6, 10
-    q, k, _ = _qkv(T, T, 2, 2)
+    q = _qkv(T, T, 2, 2)[0]
     w_r, v, u = _params(2, 2)
     qh = q.transpose(0, 2, 1, 3)
     parallel = jax.jit(lambda qh: TransformerXLBias(w_r, v, u).query_tile(qh, jnp.arange(T), jnp.arange(T), T, T))(qh)
@@ -135,7 +135,7 @@ def test_bf16_is_finite_through_the_api():
 
 def test_bad_rules_are_refused():
     q = jnp.zeros((1, 4, 2, 8))
-    w_r, v, u = _params(2, 2)
+    w_r, v, _ = _params(2, 2)
     with pytest.raises(ValueError, match=r"w_r has shape \(3, 12, 8\)"):
         aj.attention(q, q, q, bias=TransformerXLBias(jnp.zeros((3, 12, 8)), v))
     with pytest.raises(ValueError, match="must be even"):
