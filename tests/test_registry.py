@@ -36,9 +36,11 @@ SPARSE_AT_DECODE_LENGTH = {
     "sparse_window": dict(window_blocks=1), "streaming": dict(window_blocks=1), "power": dict(window_blocks=0),
     "radial": dict(frame_shape=(2, 4)), "s2": dict(num_shards=2, window_blocks=1),
     "moa": dict(alphas=(8.0,), betas=(0.5,), sink=0), "xattention": dict(threshold=0.5, stride=4), "seer": dict(top_k=2),
+    "urpe": dict(c=jnp.linspace(0.5, 1.5, 41)[:, None]),
 }
-"""Config changes that make a selector sparse at ``DECODE_LENGTH`` (its defaults list every block
-there, which would make any decode check pass); none changes what the config claims."""
+"""Config changes that make a mechanism differ from softmax at ``DECODE_LENGTH``: a selector's defaults list
+every block there, and URPE's default ``C = 1`` is softmax; either would make any decode check pass. None
+changes what the config claims."""
 
 EXTRA_DECODE_CONFIGS = {
     "sigmoid_fixed_bias": aj.softmax.Sigmoid(bias=-2.0, block_q=8, block_kv=8),

@@ -119,7 +119,7 @@ def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], qi: jax.Array, q_i
         return lax.dynamic_update_slice(dbias, current + flat, starts), 0.0
     leaves, floating, _ = _float_leaves(bias)
     params = [x for x, f in zip(leaves, floating) if f]
-    q_flat = qi.reshape(B, Hkv * G, tq, qi.shape[-1])
+    q_flat = qi.reshape(B, Hkv * G, tq, qi.shape[-1]).astype(jnp.float32)
     if bias.reads_queries:
         tile, pull = jax.vjp(lambda p, x: _with_float_leaves(bias, p).query_tile(x, q_idx, kv_idx, T, S),
                              params, q_flat)
