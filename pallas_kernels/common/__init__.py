@@ -4,7 +4,8 @@
   function, mask plan, bias kind, sinks), ``next_power_of_2``, ``pick_block``.
 - ``mask_plans``: ``plan_mask`` compiles an ``attnjax.masks`` value into a ``MaskPlan`` (plus its
   ``SegmentData``/``ExplicitData``) that ``eval_mask`` evaluates on a tile from ``tile_iotas``.
-- ``scores``: ``alibi_tile``, ``apply_soft_cap``, ``soft_cap_grad`` on float32 tiles.
+- ``scores``: ``alibi_tile``, T5's ``t5_bucket_tile``/``t5_tile``/``t5_table_grad`` (with its static
+  ``T5Buckets``), ``apply_soft_cap``, ``soft_cap_grad`` on float32 tiles.
 - ``calls``: ``pallas_call``, ``pl.pallas_call`` with outputs typed to vary like the operands
   (runs inside ``jax.shard_map`` with the default ``check_vma``).
 - ``refusals``: ``refuse_unserved`` (head dims up to 256, float dtypes), raising NotImplementedError.
@@ -15,7 +16,7 @@
   bias and mask data; ``scores``, ``allowed``, ``recompute``), used by flash and block-sparse.
 - ``tpu``: Mosaic helpers (``LANES``, ``SUBLANES``, ``tpu_tiles``, ``call``, ``tiled_spec``,
   ``heads_major``, ``row_stat``, ``stat_column``, ``mask_layout``, ``data_specs``); ``tpu_flash``:
-  the flash-family tile on Mosaic (``split_refs``, ``logits``, ``allowed``, ``dlogits``).
+  the flash-family tile on Mosaic (``split_refs``, ``t5_buckets``, ``logits``, ``allowed``, ``dlogits``).
 
 The backend modules are exported as modules (their tile functions share names across backends).
 """
@@ -24,14 +25,15 @@ from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.interpret import InterpretModeWarning, default_interpret
 from pallas_kernels.common.mask_plans import ExplicitData, MaskPlan, SegmentData, eval_mask, plan_mask, tile_iotas
 from pallas_kernels.common.refusals import refuse_unserved
-from pallas_kernels.common.scores import alibi_tile, apply_soft_cap, soft_cap_grad
+from pallas_kernels.common.scores import (T5Buckets, alibi_tile, apply_soft_cap, soft_cap_grad, t5_bucket_tile,
+                                          t5_table_grad, t5_tile)
 from pallas_kernels.common.statics import FlashStatic, KernelStatic, next_power_of_2, pick_block
 from pallas_kernels.common import gpu, gpu_flash, tpu, tpu_flash
 
 __all__ = [
     "KernelStatic", "FlashStatic", "next_power_of_2", "pick_block",
     "MaskPlan", "SegmentData", "ExplicitData", "plan_mask", "eval_mask", "tile_iotas",
-    "alibi_tile", "apply_soft_cap", "soft_cap_grad",
+    "alibi_tile", "T5Buckets", "t5_bucket_tile", "t5_tile", "t5_table_grad", "apply_soft_cap", "soft_cap_grad",
     "refuse_unserved", "pallas_call",
     "InterpretModeWarning", "default_interpret",
     "gpu", "gpu_flash", "tpu", "tpu_flash",

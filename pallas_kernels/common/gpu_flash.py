@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common.gpu import dot, full_spec
 from pallas_kernels.common.mask_plans import SegmentData, eval_mask, tile_iotas
-from pallas_kernels.common.scores import alibi_tile, apply_soft_cap, soft_cap_grad
+from pallas_kernels.common.scores import alibi_tile, apply_soft_cap, soft_cap_grad, t5_bucket_tile, t5_tile
 from pallas_kernels.common.statics import FlashStatic
 
 
@@ -30,7 +30,8 @@ class Extras:
 
 
 def extras(st: FlashStatic, sinks, bias, mask_data, kind: str) -> Extras:
-    """Arrays and specs of the sinks, the bias (slopes or array) and the mask data, for a kernel of
+    """Arrays and specs of the sinks, the bias (ALiBi slopes, T5's ``(table, offset)`` from
+    ``pallas_kernels.flash.common.t5_operands``, or an array) and the mask data, for a kernel of
     ``kind`` "q" (grid (i, b, h): a query tile and all keys) or "kv" (grid (j, b, c): all queries
     of the head block and one key tile)."""
     arrays, specs = [], []
@@ -41,6 +42,9 @@ def extras(st: FlashStatic, sinks, bias, mask_data, kind: str) -> Extras:
     if st.bias_kind == "alibi":
         arrays.append(bias)
         specs.append(full_spec(bias))
+    elif st.bias_kind == "t5":
+        arrays += list(bias)
+        specs += [full_spec(x) for x in bias]
     elif st.bias_kind == "array":
         arrays.append(bias)
         specs.append(_bh_tile_spec(bias.shape, kind, G, bq, bk, T_pad, S_pad))
@@ -82,6 +86,8 @@ class Loader:
         refs = list(refs)
         self.sinks = refs.pop(0) if st.has_sinks else None
         self.bias = refs.pop(0) if st.bias_kind is not None else None
+        if st.bias_kind == "t5":
+            self.bias = (self.bias, refs.pop(0))
         self.mask = {}
         if st.mask_plan is not None:
             for data_kind, slot in st.mask_plan.data_kinds():
@@ -102,10 +108,17 @@ class Loader:
         return ref[rows, :]
 
     def bias_tile(self, h, i, j, g, rows, cols):
-        """The bias on tile ``(i, j)`` of query head ``h``: ALiBi from the iotas, or the array's tile."""
+        """The bias on tile ``(i, j)`` of query head ``h``: ALiBi or T5 from the iotas, or the array's tile."""
         if self.st.bias_kind == "alibi":
             return alibi_tile(self.bias[h], rows, cols, self.st.T, self.st.S)
+        if self.st.bias_kind == "t5":
+            table, nb = self.bias[0], self.st.t5.num_buckets
+            return t5_tile([table[h * nb + b] for b in range(nb)], self.t5_buckets(rows, cols))
         return self._bh_tile(self.bias, i, j, g)
+
+    def t5_buckets(self, rows, cols):
+        """T5's bucket of each (query, key) pair of the tile (``scores.t5_bucket_tile``)."""
+        return t5_bucket_tile(rows, cols, self.bias[1][0], self.st.t5)
 
     def mask_loader(self, i, j, g):
         """``eval_mask``'s loader of the Segments/Explicit data of tile ``(i, j)``."""

@@ -13,6 +13,7 @@ from typing import Optional
 
 from attnjax.blocked.weights import WeightFunction
 from pallas_kernels.common.mask_plans import MaskPlan
+from pallas_kernels.common.scores import T5Buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,13 @@ class KernelStatic:
 @dataclasses.dataclass(frozen=True)
 class FlashStatic(KernelStatic):
     """Everything static about one flash-family kernel call: the shared sizes plus the weight
-    function, the mask plan and ``bias_kind`` in None/"alibi"/"array".
+    function, the mask plan and the bias.
+
+    ``bias_kind``: None; "alibi" (per-head slopes, the penalty computed in-kernel from positions);
+    "t5" (``attnjax.positional.T5Bias``: a per-head ``[num_buckets]`` table read by the bucket of
+    ``key − query`` computed in-kernel, with ``t5`` its static bucketing; the dQ pass returns the
+    table's gradient); or "array" (a ``[Bx, Hx, T, S]`` array read per tile, GPU only).
+    ``bias_bcast``: for "array", whether its batch and head axes broadcast.
 
     ``num_v_heads``: V's head count when it differs from K's (``num_kv_heads``), the "kv_heads"
     option (DiffQKV, Lin et al. 2025, "Sigma"); ``None`` = K's. Query head ``h`` reads K head
@@ -70,6 +77,7 @@ class FlashStatic(KernelStatic):
     mask_plan: Optional[MaskPlan]
     bias_kind: Optional[str]
     bias_bcast: tuple = (False, False)
+    t5: Optional[T5Buckets] = None
     has_sinks: bool = False
     interpret: bool = False
     num_warps: Optional[int] = None

@@ -7,10 +7,11 @@ Shapes: q ``[B, T, Hq, D]``, k ``[B, S, Hk, D]``, v ``[B, S, Hv, Dv]`` -> out ``
 the kernel transposes to ``[B, H, L, D]``, pads T and S to multiples of the blocks and the head
 dims to powers of two (Triton needs power-of-two tiles; D=192 runs padded to 256).
 
-Math: ``s = cap·tanh((scale·q·kᵀ + b)/cap)`` with ``b`` an array bias or ALiBi computed in-kernel
-from positions, masked where the mask forbids; ``out_i = Σ_j w_ij v_j / l_i`` with the weights of
-a ``common.WeightFunction`` (softmax: ``w = exp(s − m)`` with an online running max ``m`` and
-``l`` including the per-head sink ``exp(sink − m)``).
+Math: ``s = cap·tanh((scale·q·kᵀ + b)/cap)`` with ``b`` an array bias, or ALiBi or T5's relative
+position bias computed in-kernel from positions, masked where the mask forbids;
+``out_i = Σ_j w_ij v_j / l_i`` with the weights of a ``common.WeightFunction`` (softmax:
+``w = exp(s − m)`` with an online running max ``m`` and ``l`` including the per-head sink
+``exp(sink − m)``).
 
 Kernels (grid = independent programs, one per tile of work):
   * forward: grid ``(T/bq, B, Hq)``; one program owns a query tile and loops over key tiles
@@ -22,9 +23,9 @@ Kernels (grid = independent programs, one per tile of work):
     loops over the consecutive query heads of its head block (a GQA group, or whole K groups and
     whole V groups when ``Hk != Hv``) and the query tiles that see its key tile (the transposed
     schedule), so dK is summed over its K group and dV over its V group in registers and each is
-    stored after the group's last query head; ``dQ`` (and the array-bias
-    gradient) with grid ``(T/bq, B, Hq)`` loops over key tiles. Both recompute ``P`` from the
-    saved lse; ``δ_i = dO_i·O_i`` is a cheap XLA reduction. ``dS = P ⊙ (dO·Vᵀ − δ + dlse)``
+    stored after the group's last query head; ``dQ`` (and the array-bias gradient or T5's table
+    sums) with grid ``(T/bq, B, Hq)`` loops over key tiles. Both recompute ``P`` from the saved
+    lse; ``δ_i = dO_i·O_i`` is a cheap XLA reduction. ``dS = P ⊙ (dO·Vᵀ − δ + dlse)``
     (times the soft-cap derivative); dsinks ``= Σ_rows −exp(sink − lse)·(δ − dlse)`` in XLA.
 
 Masks evaluated in-kernel: Full, Causal, SlidingWindow, ChunkedCausal (from iotas), Segments
@@ -33,6 +34,15 @@ Masks evaluated in-kernel: Full, Causal, SlidingWindow, ChunkedCausal (from iota
 NotImplementedError. An array bias gets its gradient (the dQ kernel writes a float32
 ``[B, Hq, T, S]`` logit gradient, reduced over broadcast axes in XLA; O(T·S) memory, like the
 bias itself). ALiBi slopes are constants (no gradient, as in the xla path).
+
+T5 (``attnjax.positional.T5Bias``, Raffel et al. 2020 §2.1): the table (one ``[num_buckets]`` row
+per query head) and the position of query row 0 are small whole-array inputs; each tile computes the
+bucket of ``key − query`` from its iotas (``scores.t5_bucket_tile``: T5's float32 formula itself)
+and reads the head's row by ``num_buckets`` selects, never a ``[T, S]`` array. The dQ kernel also
+sums ``dS·[bucket == b]`` over its query tile and key tiles, one lane per bucket, into
+``[B, Hq, T/bq, next_pow2(num_buckets)]`` float32 (summed over batch and query tiles in XLA):
+O(B·Hq·T/bq·num_buckets) memory. ``T5Bias.query_offset`` (a decode step's traced position) is
+supported.
 
 The tile pieces (optional inputs and their loader, logits, allowed pairs, the backward's
 recomputation) are ``pallas_kernels.common.gpu_flash``, shared with the block-sparse kernel.
@@ -56,6 +66,7 @@ from pallas_kernels.common.calls import pallas_call
 from pallas_kernels.common.gpu import MAX_BLOCK, compiler_params, dot, full_spec, switch_on_code
 from pallas_kernels.common.gpu_flash import Loader, allowed, extras, recompute, scores
 from pallas_kernels.common.mask_plans import plan_mask
+from pallas_kernels.common.scores import t5_table_grad
 from pallas_kernels.common.statics import FlashStatic, next_power_of_2, pick_block
 from pallas_kernels.flash import common
 from pallas_kernels.flash.common import WeightFunction
@@ -90,6 +101,8 @@ def flash_attention_gpu(
     (``common.SOFTMAX`` by default; ``common.SigmoidWeight`` gives sigmoid attention and
     ``common.SoftplusWeight`` softplus attention).
     Returns ``out`` or ``(out, lse)``.
+    ``bias``: an array, ``attnjax.positional.ALiBi`` or ``attnjax.positional.T5Bias`` (gradients to
+    the array and to T5's table; T5's ``query_offset`` is supported).
     Raises NotImplementedError for dropout, unsupported mask kinds or bias types, head dims > 256.
     """
     common.validate(q, v, bias=bias, sinks=sinks, dropout_rate=dropout_rate, weight_fn=weight_fn,
@@ -102,8 +115,10 @@ def flash_attention_gpu(
     D_pad, Dv_pad = max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
     plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
     bias_kind, bias_obj = common.classify_bias(bias)
-    bias_arr = None
-    if bias_kind == "alibi":
+    bias_arr, t5 = None, None
+    if bias_kind == "t5":
+        t5, bias_arr = common.t5_operands(bias_obj, Hq, T, S)
+    elif bias_kind == "alibi":
         bias_arr = jnp.asarray(lax.stop_gradient(bias_obj.slopes), jnp.float32)
     elif bias_kind == "array":
         a = jnp.asarray(bias_obj.array)
@@ -114,7 +129,7 @@ def flash_attention_gpu(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D_pad,
         Dv_pad=Dv_pad, block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap), weight_fn=weight_fn,
-        mask_plan=plan, bias_kind=bias_kind,
+        mask_plan=plan, bias_kind=bias_kind, t5=t5,
         bias_bcast=() if bias_kind != "array" else (bias_arr.shape[0] == 1, bias_arr.shape[1] == 1),
         has_sinks=sinks is not None, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
         num_v_heads=Hv)
@@ -263,8 +278,8 @@ def _dkdv_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, qlo_ref
 
 def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, hi_ref, codes_ref, *rest,
                st: FlashStatic):
-    bias_grad = st.bias_kind == "array"
-    if bias_grad:
+    bias_grad, table_grad = st.bias_kind == "array", st.bias_kind == "t5"
+    if bias_grad or table_grad:
         *extra_refs, dq_ref, dbias_ref = rest
     else:
         *extra_refs, dq_ref = rest
@@ -280,7 +295,8 @@ def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, h
             return c
         lax.fori_loop(0, st.num_kv_tiles, zero, 0)
 
-    def visit(j, dq, apply_mask):
+    def visit(j, carry, apply_mask):
+        dq, dtable = carry
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s, rows, cols = scores(st, q, k, loader, h, i, j, None)
@@ -289,13 +305,24 @@ def _dq_kernel(q_ref, do_ref, mb_ref, nb_ref, dterm_ref, k_ref, v_ref, lo_ref, h
         _, ds = recompute(st, s, mb, nb, dterm, dp, ok)
         if bias_grad:
             dbias_ref[:, pl.ds(j * bk, bk)] = ds
-        return dq + dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0)
+        if table_grad:  # ds is 0 on masked pairs and padded rows
+            dtable = t5_table_grad(ds, loader.t5_buckets(rows, cols), dtable, st.t5.num_buckets)
+        return dq + dot((ds * st.scale).astype(k.dtype), k, contract_a=1, contract_b=0), dtable
 
-    def body(j, dq):
-        return switch_on_code(codes_ref[i, j], dq, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
+    def body(j, carry):
+        return switch_on_code(codes_ref[i, j], carry, lambda c: visit(j, c, True), lambda c: visit(j, c, False))
 
-    dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros((st.block_q, st.D_pad), jnp.float32))
+    init = (jnp.zeros((st.block_q, st.D_pad), jnp.float32),
+            jnp.zeros((_t5_width(st),), jnp.float32) if table_grad else None)
+    dq, dtable = lax.fori_loop(lo_ref[i], hi_ref[i], body, init)
     dq_ref[...] = dq.astype(dq_ref.dtype)
+    if table_grad:
+        dbias_ref[...] = dtable
+
+
+def _t5_width(st: FlashStatic) -> int:
+    """Lanes of the dQ kernel's per-tile T5 table sums (Triton tensors have power-of-two sizes)."""
+    return next_power_of_2(st.t5.num_buckets)
 
 
 def _backward(st: FlashStatic, residuals, cotangents):
@@ -338,7 +365,7 @@ def _backward(st: FlashStatic, residuals, cotangents):
         interpret=st.interpret, name="attnjax_flash_dkdv", compiler_params=cparams,
     )(qt, d_out, mb, nb, dterm, kt, vt, sched.q_lo, sched.q_hi, sched.codes, *ex.arrays)
 
-    # dQ (and the array bias's logit gradient): grid over query tiles and query heads.
+    # dQ (and the array bias's logit gradient or T5's table sums): grid over query tiles and query heads.
     ex = extras(st, sinks, bias, mask_data, "q")
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [
@@ -354,6 +381,9 @@ def _backward(st: FlashStatic, residuals, cotangents):
     if st.bias_kind == "array":
         out_specs.append(pl.BlockSpec((None, None, bq, st.S_pad), lambda i, b, h: (b, h, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.S_pad), jnp.float32))
+    elif st.bias_kind == "t5":  # per (query tile, head) sums of dS by bucket
+        out_specs.append(pl.BlockSpec((None, None, None, _t5_width(st)), lambda i, b, h: (b, h, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hq, st.num_q_tiles, _t5_width(st)), jnp.float32))
     res = pallas_call(
         functools.partial(_dq_kernel, st=st), grid=(st.num_q_tiles, B, Hq), in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, interpret=st.interpret, name="attnjax_flash_dq",
@@ -365,6 +395,8 @@ def _backward(st: FlashStatic, residuals, cotangents):
     if st.bias_kind == "array":
         b1, h1 = st.bias_bcast
         d_bias = res[1].sum(axis=tuple(a for a, one in ((0, b1), (1, h1)) if one), keepdims=True)
+    elif st.bias_kind == "t5":  # the table's; the query offset is an int (no cotangent)
+        d_bias = (common.t5_table_cotangent(res[1], st.t5.num_buckets), None)
     d_sinks = None
     if st.has_sinks:  # softmax only (validated): P_sink = exp(sink − lse), dsink = Σ −P_sink·(δ − dlse)
         p_sink = jnp.exp(sinks[None, :, None] - jnp.where(jnp.isfinite(lse), lse, jnp.inf))

@@ -28,6 +28,17 @@ transposed schedule) are sequential. A head block holds whole K groups and whole
 scratch; each output block (K head ``h // (Hq/Hk)``, V head ``h // (Hq/Hv)`` by index map) is visited
 on consecutive steps and written on its group's last one. K/V are never repeated in HBM.
 
+Bias (computed in-kernel from the tile's iotas, never a ``[T, S]`` array): ALiBi's slopes, or T5's
+relative position bias (``attnjax.positional.T5Bias``, Raffel et al. 2020 §2.1), whose table (one
+``[num_buckets]`` row per query head) and query position offset sit in SMEM; each tile computes
+the bucket of ``key − query`` by T5's float32 formula itself (``scores.t5_bucket_tile``) and reads
+the row by ``num_buckets`` selects. The dq kernel also sums ``dS·[bucket == b]`` over its query
+tile and key steps in a ``(8, num_buckets)`` VMEM scratch and writes it as an ``(8, num_buckets)``
+block (last two block dims: a multiple of 8 and the whole array dim) of
+``[B, Hq, 8·nq, num_buckets]``, summed over batch and query tiles in XLA: O(B·Hq·nq·num_buckets)
+memory. ``T5Bias.query_offset`` (a decode step's traced position) is supported. Array biases
+raise NotImplementedError.
+
 K and V may have different head counts ``Hk``, ``Hv`` (DiffQKV, Lin et al. 2025, "Sigma", Fig. 3):
 query head ``h`` reads K head ``h // (Hq/Hk)`` and V head ``h // (Hq/Hv)`` through the index maps.
 
@@ -54,9 +65,10 @@ from jax.experimental.pallas import tpu as pltpu
 from attnjax.masks import FULL, PARTIAL, Mask
 from pallas_kernels.common.mask_plans import plan_mask
 from pallas_kernels.common.statics import FlashStatic
-from pallas_kernels.common.tpu import (LANES, call, data_specs, heads_major, mask_layout, row_stat, stat_column,
-                                       tiled_spec, tpu_tiles)
-from pallas_kernels.common.tpu_flash import allowed, dlogits, logits, split_refs
+from pallas_kernels.common.scores import t5_table_grad
+from pallas_kernels.common.tpu import (LANES, SUBLANES, call, data_specs, heads_major, mask_layout, row_stat,
+                                       stat_column, tiled_spec, tpu_tiles)
+from pallas_kernels.common.tpu_flash import allowed, dlogits, logits, split_refs, t5_buckets
 from pallas_kernels.flash import common
 from pallas_kernels.flash.common import WeightFunction
 
@@ -80,7 +92,8 @@ def flash_attention_tpu(
         ``h // (Hq // Hv)`` through the index maps).
       mask: ``None`` or ``&``/``|`` combinations of ``Full``, ``Causal``, ``SlidingWindow``,
         ``ChunkedCausal``, ``Segments`` and ``Explicit`` (bottom-right aligned when ``T != S``).
-      bias: ``None`` or ``attnjax.positional.ALiBi`` (computed in the kernel from positions).
+      bias: ``None``, ``attnjax.positional.ALiBi`` or ``attnjax.positional.T5Bias`` (computed in the
+        kernel from positions; T5's table gets its gradient, ``query_offset`` is supported).
       scale: logit scale, default ``1/sqrt(D)``. logits_soft_cap: ``cap`` in ``cap·tanh(s/cap)``.
       sinks: ``[Hq]`` per-head sink logits (differentiable).
       dropout_rate, rng: only ``0.0`` is supported.
@@ -92,28 +105,32 @@ def flash_attention_tpu(
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype (0 on rows with no allowed key), and ``lse`` if asked.
     Raises:
-      NotImplementedError: dropout, an array bias, a mask kind the kernel can't evaluate.
+      NotImplementedError: dropout, an array or other bias, a mask kind the kernel can't evaluate.
     """
     common.validate(q, v, bias=bias, sinks=sinks, dropout_rate=dropout_rate, weight_fn=weight_fn,
                     return_lse=return_lse)
     bias_kind, bias_obj = common.classify_bias(bias)
     if bias_kind == "array":
-        raise NotImplementedError("flash_attention_tpu supports bias=None or positional.ALiBi, not an array "
-                                  "bias; use implementation='xla'")
+        raise NotImplementedError("flash_attention_tpu supports bias=None, positional.ALiBi or positional.T5Bias, "
+                                  "not an array bias; use implementation='xla'")
     B, T, Hq, D = q.shape
     S, Hkv, Hv, Dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     bq, bk, T_pad, S_pad = tpu_tiles(block_q, block_kv, T, S)
     plan, mask_data = plan_mask(mask, T, S, T_pad, S_pad)
+    t5, bias_arrays = None, None
+    if bias_kind == "t5":
+        t5, bias_arrays = common.t5_operands(bias_obj, Hq, T, S)
+    elif bias_kind == "alibi":
+        bias_arrays = lax.stop_gradient(jnp.asarray(bias_obj.slopes, jnp.float32))
     st = FlashStatic(
         T=T, S=S, T_pad=T_pad, S_pad=S_pad, num_q_heads=Hq, num_kv_heads=Hkv, D=D, Dv=Dv, D_pad=D, Dv_pad=Dv,
         block_q=bq, block_kv=bk, scale=D ** -0.5 if scale is None else float(scale),
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap), weight_fn=weight_fn,
-        mask_plan=plan, bias_kind=bias_kind, has_sinks=sinks is not None, interpret=bool(interpret),
+        mask_plan=plan, bias_kind=bias_kind, t5=t5, has_sinks=sinks is not None, interpret=bool(interpret),
         num_v_heads=Hv)
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
-    slopes = None if bias_obj is None else lax.stop_gradient(jnp.asarray(bias_obj.slopes, jnp.float32))
     schedules, widths = _plans(mask, st)
-    out, lse = _flash(q, k, v, sinks, slopes, mask_layout(mask_data, st), schedules, st, widths)
+    out, lse = _flash(q, k, v, sinks, bias_arrays, mask_layout(mask_data, st), schedules, st, widths)
     return (out, lse) if return_lse else out
 
 
@@ -157,7 +174,7 @@ def _when_tile(codes, lo, hi, row, step, col, num_cols, compute):
 
 
 def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, width):
-    data_refs, sinks_ref, slopes_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, st)
+    data_refs, sinks_ref, bias_refs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = split_refs(refs, st)
     fn = st.weight_fn
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     jk = _visit(lo, hi, i, j)
@@ -174,7 +191,7 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def compute(masked):
-        s = logits(q_ref[...], k_ref[...], i, jk, h, slopes_ref, st)
+        s = logits(q_ref[...], k_ref[...], i, jk, h, bias_refs, st)
         if masked:
             ok = allowed(data_refs, i, jk, st)
             s = jnp.where(ok, s, -jnp.inf)
@@ -212,30 +229,38 @@ def _fwd_kernel(codes, lo, hi, q_ref, k_ref, v_ref, *refs, st: FlashStatic, widt
 
 
 def _dq_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: FlashStatic, width):
-    data_refs, _, slopes_ref, (dq_ref, dq_sc) = split_refs(refs, st, sinks=False)
+    data_refs, _, bias_refs, rest = split_refs(refs, st, sinks=False)
+    table_grad = st.bias_kind == "t5"
+    dq_ref, dtable_ref, dq_sc, dtable_sc = rest if table_grad else (rest[0], None, rest[1], None)
     h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     jk = _visit(lo, hi, i, j)
 
     @pl.when(j == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        if table_grad:
+            dtable_sc[...] = jnp.zeros(dtable_sc.shape, jnp.float32)
 
     def compute(masked):
         k = k_ref[...]
         _, ds = dlogits(q_ref[...], k, v_ref[...], do_ref[...], stat_ref, dterm_ref, i, jk, h, data_refs,
-                         slopes_ref, st, masked)
-        dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+                        bias_refs, st, masked, scaled=False)
+        if table_grad:  # ds is 0 on masked pairs and padded rows
+            dtable_sc[...] = t5_table_grad(ds, t5_buckets(bias_refs, i, jk, st), dtable_sc[...], st.t5.num_buckets)
+        dq_sc[...] += lax.dot((ds * st.scale).astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     _when_tile(codes, lo, hi, i, j, jk, st.num_kv_tiles, compute)
 
     @pl.when(j == width - 1)
     def _finish():
         dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+        if table_grad:
+            dtable_ref[...] = dtable_sc[...]
 
 
 def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref, *refs, st: FlashStatic,
                  width):
-    data_refs, _, slopes_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, st, sinks=False)
+    data_refs, _, bias_refs, (dk_ref, dv_ref, dk_sc, dv_sc) = split_refs(refs, st, sinks=False)
     c, jk, g, t = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     iq = _visit(lo, hi, jk, t)
     h = c * st.block_heads + g
@@ -252,7 +277,7 @@ def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
 
     def compute(masked):
         q, do = q_ref[...], do_ref[...]
-        p, ds = dlogits(q, k_ref[...], v_ref[...], do, stat_ref, dterm_ref, iq, jk, h, data_refs, slopes_ref,
+        p, ds = dlogits(q, k_ref[...], v_ref[...], do, stat_ref, dterm_ref, iq, jk, h, data_refs, bias_refs,
                          st, masked)
         dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
@@ -271,8 +296,13 @@ def _dkdv_kernel(codes, lo, hi, q_ref, k_ref, v_ref, do_ref, stat_ref, dterm_ref
 # ----------------------------------------------------------------------------- pallas calls
 
 
-def _smem(x):
-    return [] if x is None else [pl.BlockSpec(memory_space=pltpu.SMEM)]
+def _optional(x) -> list:
+    """An optional input's arrays: none for None, a tuple's items (T5's table and query offset), or ``[x]``."""
+    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
+
+
+def _smem(arrays: list) -> list:
+    return [pl.BlockSpec(memory_space=pltpu.SMEM) for _ in arrays]
 
 
 def _by_q(st: FlashStatic):
@@ -308,18 +338,18 @@ def _by_kv(st: FlashStatic):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _flash(q, k, v, sinks, slopes, mask_data, schedules, st, widths):
-    return _forward(q, k, v, sinks, slopes, mask_data, schedules, st, widths)
+def _flash(q, k, v, sinks, bias, mask_data, schedules, st, widths):
+    return _forward(q, k, v, sinks, bias, mask_data, schedules, st, widths)
 
 
-def _forward(q, k, v, sinks, slopes, mask_data, schedules, st: FlashStatic, widths):
+def _forward(q, k, v, sinks, bias, mask_data, schedules, st: FlashStatic, widths):
     B, Hq, bq, bk = q.shape[0], st.num_q_heads, st.block_q, st.block_kv
     schedule, width = schedules[0], widths[0]
     q_tile, k_tile, v_tile = _by_q(st)
     out, lse = call(
         functools.partial(_fwd_kernel, st=st, width=width), (B, Hq, st.num_q_tiles, width),
         in_specs=[tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, k_tile), tiled_spec(bk, st.Dv, v_tile),
-                  *data_specs(mask_data, q_tile, k_tile, st), *_smem(sinks), *_smem(slopes)],
+                  *data_specs(mask_data, q_tile, k_tile, st), *_smem(_optional(sinks)), *_smem(_optional(bias))],
         out_specs=[tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile)],
         out_shape=[jax.ShapeDtypeStruct((B, Hq, st.T_pad, st.Dv), q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, st.T_pad, LANES), jnp.float32)],
@@ -327,17 +357,17 @@ def _forward(q, k, v, sinks, slopes, mask_data, schedules, st: FlashStatic, widt
                  pltpu.VMEM((bq, st.Dv), jnp.float32)],
         st=st, name="attnjax_flash_tpu_fwd",
     )(*schedule, heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
-      *[x for arrays in mask_data for x in arrays], *[x for x in (sinks, slopes) if x is not None])
+      *[x for arrays in mask_data for x in arrays], *_optional(sinks), *_optional(bias))
     return out[:, :, :st.T].transpose(0, 2, 1, 3), lse[:, :, :st.T, 0].transpose(0, 2, 1)
 
 
-def _flash_fwd(q, k, v, sinks, slopes, mask_data, schedules, st, widths):
-    out, lse = _forward(q, k, v, sinks, slopes, mask_data, schedules, st, widths)
-    return (out, lse), (q, k, v, sinks, slopes, mask_data, schedules, out, lse)
+def _flash_fwd(q, k, v, sinks, bias, mask_data, schedules, st, widths):
+    out, lse = _forward(q, k, v, sinks, bias, mask_data, schedules, st, widths)
+    return (out, lse), (q, k, v, sinks, bias, mask_data, schedules, out, lse)
 
 
 def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
-    q, k, v, sinks, slopes, mask_data, schedules, out, lse = residuals
+    q, k, v, sinks, bias, mask_data, schedules, out, lse = residuals
     d_out, d_lse = cotangents
     fn, B, bq, bk = st.weight_fn, q.shape[0], st.block_q, st.block_kv
     delta = jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -346,19 +376,25 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
     stat = row_stat(common.backward_stat(fn, lse), st, jnp.inf if fn.running_max else 0.0)
     operands = (heads_major(q, st.T_pad), heads_major(k, st.S_pad), heads_major(v, st.S_pad),
                 heads_major(d_out.astype(q.dtype), st.T_pad), stat, row_stat(dterm, st, 0.0),
-                *[x for arrays in mask_data for x in arrays], *([] if slopes is None else [slopes]))
+                *[x for arrays in mask_data for x in arrays], *_optional(bias))
 
     def in_specs(q_tile, k_tile, v_tile):
         return [tiled_spec(bq, st.D, q_tile), tiled_spec(bk, st.D, k_tile), tiled_spec(bk, st.Dv, v_tile),
                 tiled_spec(bq, st.Dv, q_tile), tiled_spec(bq, LANES, q_tile), tiled_spec(bq, LANES, q_tile),
-                *data_specs(mask_data, q_tile, k_tile, st), *_smem(slopes)]
+                *data_specs(mask_data, q_tile, k_tile, st), *_smem(_optional(bias))]
 
     (schedule, schedule_t), (width, width_t) = schedules, widths
     q_tile, k_tile, v_tile = _by_q(st)
-    dq = call(
+    out_specs, out_shape = [tiled_spec(bq, st.D, q_tile)], [jax.ShapeDtypeStruct(operands[0].shape, q.dtype)]
+    scratch = [pltpu.VMEM((bq, st.D), jnp.float32)]
+    if st.bias_kind == "t5":  # per (query tile, head) sums of dS by bucket, on every row of an (8, nb) block
+        nb = st.t5.num_buckets
+        out_specs.append(tiled_spec(SUBLANES, nb, q_tile))
+        out_shape.append(jax.ShapeDtypeStruct((B, st.num_q_heads, st.num_q_tiles * SUBLANES, nb), jnp.float32))
+        scratch.append(pltpu.VMEM((SUBLANES, nb), jnp.float32))
+    dq, *table_sums = call(
         functools.partial(_dq_kernel, st=st, width=width), (B, st.num_q_heads, st.num_q_tiles, width),
-        in_specs(q_tile, k_tile, v_tile), tiled_spec(bq, st.D, q_tile),
-        jax.ShapeDtypeStruct(operands[0].shape, q.dtype), [pltpu.VMEM((bq, st.D), jnp.float32)], st, "attnjax_flash_tpu_dq",
+        in_specs(q_tile, k_tile, v_tile), out_specs, out_shape, scratch, st, "attnjax_flash_tpu_dq",
     )(*schedule, *operands)
 
     q_tile, k_tile, v_tile = _by_kv(st)
@@ -371,13 +407,17 @@ def _flash_bwd(st: FlashStatic, widths, residuals, cotangents):
         "attnjax_flash_tpu_dkdv",
     )(*schedule_t, *operands)
 
+    d_bias = None
+    if st.bias_kind == "t5":  # the table's; the query offset is an int (no cotangent)
+        sums = table_sums[0].reshape(B, st.num_q_heads, st.num_q_tiles, SUBLANES, -1)[:, :, :, 0]
+        d_bias = (common.t5_table_cotangent(sums, st.t5.num_buckets), None)
     d_sinks = None
     if sinks is not None:  # softmax only (validated): P_sink = exp(sink - lse), dsink = Σ -P_sink·(δ - dlse)
         d_sinks = jnp.sum(-jnp.exp(sinks[None, None, :] - lse) * dterm, axis=(0, 1))
     dq = dq[:, :, :st.T].transpose(0, 2, 1, 3)
     dk = dk[:, :, :st.S].transpose(0, 2, 1, 3)
     dv = dv[:, :, :st.S].transpose(0, 2, 1, 3)
-    return dq, dk, dv, d_sinks, None, None, None
+    return dq, dk, dv, d_sinks, d_bias, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
