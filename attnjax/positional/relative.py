@@ -138,6 +138,54 @@ def _relative_scores(q: jax.Array, embeddings: jax.Array, rows: jax.Array) -> ja
     return jnp.einsum("bhid,mhd->bhim", q, table, preferred_element_type=jnp.float32)
 
 
+ROW_CHUNK = 64
+"""Query rows per skewed product in a tile: ``c`` rows need ``c + tk − 1`` offsets, so the tile's
+``q·Eᵀ`` costs ``tq·(c + tk − 1)·D``, about one ``q·kᵀ`` for ``c ≪ tk`` (instead of two for ``c = tq``)."""
+
+
+def _row_chunk(tq: int) -> int:
+    """The largest divisor of ``tq`` up to ``ROW_CHUNK``, or ``tq`` itself when that divisor is below
+    ``ROW_CHUNK // 4`` (few-row chunks would gather ``~[tq, tk, D]`` embedding rows)."""
+    c = max(d for d in range(1, min(tq, ROW_CHUNK) + 1) if tq % d == 0)
+    return c if c >= min(tq, ROW_CHUNK // 4) else tq
+
+
+def _tile_logits(q: jax.Array, embeddings: jax.Array, first_offset: jax.Array, num_keys: int, causal: bool,
+                 max_distance: int, scale: float) -> jax.Array:
+    """``scale ×`` the relative logits of one tile, ``q [B, H, tq, D]`` -> ``[B, H, tq, num_keys]``; query row
+    ``i`` sees key column ``j`` at offset ``first_offset + j + tq − 1 − i`` (consecutive rows and columns).
+
+    The rows are cut into chunks of ``c`` (``_row_chunk``); chunk ``n`` takes the ``c + tk − 1`` embedding
+    rows its offsets need and is skewed on its own (every pair of the chunk is inside its window, so nothing
+    wraps). A table with fewer rows than that (clipping, ``R`` small) is multiplied whole, ``q·Eᵀ [tq, R]``,
+    and its columns gathered instead. Causal: an offset > 0 reads an out-of-range row, filled with 0, so the
+    tile needs no extra select. The scale multiplies the embedding rows (or ``q·Eᵀ``), not the tile.
+    """
+    B, H, tq, D = q.shape
+    c = _row_chunk(tq)
+    n, width = tq // c, c + num_keys - 1
+    # offsets of chunk n's skewed columns: its last row sees key 0 at first_offset + (tq − 1 − (n·c + c − 1))
+    offsets = first_offset + (tq - c) - c * jnp.arange(n)[:, None] + jnp.arange(width)
+    rows = relative_embedding_index(offsets, causal=causal, max_distance=max_distance)
+    table = _per_head(jnp.asarray(embeddings))
+    if causal:
+        rows = jnp.where(offsets > 0, table.shape[0], rows)  # past the end: filled with 0 below
+    if table.shape[0] < width:
+        scores = _relative_scores(q, embeddings, jnp.arange(table.shape[0])) * scale
+        x = jnp.take_along_axis(scores.reshape(B, H, n, c, -1), rows[None, None, :, None, :], axis=-1,
+                                mode="fill", fill_value=0.0)
+    else:
+        window = jnp.take(table, rows, axis=0, mode="fill", fill_value=0) * scale  # [n, width, H or 1, D]
+        x = jnp.einsum("bhncd,nmhd->bhncm", q.reshape(B, H, n, c, D), window, preferred_element_type=jnp.float32)
+    return skew(x, num_keys).reshape(B, H, tq, num_keys)
+
+
+def _edge_logits(q: jax.Array, embeddings: jax.Array, row: int, num_keys: int, scale: float) -> jax.Array:
+    """A tile whose every offset clips to embedding ``row``: ``scale·q_i·E[row]`` for every key, O(tq·D)."""
+    s = _relative_scores(q, embeddings, jnp.full((1,), row)) * scale
+    return jnp.broadcast_to(s, s.shape[:-1] + (num_keys,))
+
+
 def relative_logits_skewed(q: jax.Array, embeddings: jax.Array, *, causal: bool, num_keys: Optional[int] = None,
                            query_offset: Optional[jax.Array] = None) -> jax.Array:
     """``relative_logits_reference`` by the skewing trick (Huang et al. 2018, §3.4).
@@ -165,7 +213,7 @@ def relative_logits_skewed(q: jax.Array, embeddings: jax.Array, *, causal: bool,
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class RelativeEmbeddingBias(Bias):
-    """Learned relative embeddings as a logit term that reads the queries: ``b[b, h, i, j] = scale·q_i·E[r(j − p_i)]``.
+    """Learned relative embeddings as a logit term reading the queries: ``b[b, h, i, j] = scale·q_i·E[r(j − p_i)]``.
 
     Music Transformer's ``(QKᵀ + S_rel)/√D_h`` (Huang et al. 2018, §3.2, eq. 3) is ``scale·q·kᵀ + b``
     with ``scale = 1/√D_h``: the engine adds the bias to the already scaled ``q·kᵀ``, so the rule scales
@@ -173,11 +221,17 @@ class RelativeEmbeddingBias(Bias):
     ``attnjax.attention``; pass the same ``scale`` as the attention call otherwise.
 
     Pass as ``attention(q, k, v, bias=RelativeEmbeddingBias(E, causal=True), mask=masks.Causal())``.
-    ``query_tile`` computes a tile's ``[tq, tk]`` logits from the tile's queries and only the
-    ``tq + tk − 1`` rows of ``E`` its offsets need: ``X = q·E_tileᵀ`` then ``skew`` (§3.4), so a tile
-    costs ``O(tq·(tq + tk)·D)`` and no path forms ``[T, S, D]`` (nor ``[T, S]`` beyond its tiles). The blocked
-    ``xla`` paths pull gradients back to ``q`` and ``E`` through it. It assumes what every blocked path
-    passes: ``q_idx`` and ``kv_idx`` are runs of consecutive indices.
+    ``query_tile`` computes a tile's ``[tq, tk]`` logits from the tile's queries and only the rows of ``E``
+    its offsets need, never ``[T, S, D]`` (nor ``[T, S]`` beyond its tiles):
+
+    - a tile whose offsets all clip to one row (every key farther than ``k``): ``q_i·E[±k]`` broadcast over
+      the keys, ``O(tq·D)``;
+    - else, per chunk of ``c`` query rows (``ROW_CHUNK``), ``X = q·E_windowᵀ`` over the ``c + tk − 1``
+      offsets the chunk sees, then ``skew`` (§3.4): ``O(tq·(c + tk)·D)``, about one ``q·kᵀ`` tile; a
+      table with fewer rows than the window is multiplied whole (``q·Eᵀ [tq, R]``) and gathered.
+
+    The blocked ``xla`` paths pull gradients back to ``q`` and ``E`` through it. It assumes what every
+    blocked path passes: ``q_idx`` and ``kv_idx`` are runs of consecutive indices.
 
     Args:
       embeddings: ``[R, D]`` (shared by the heads) or ``[R, H, D]`` (one table per query head), float.
@@ -213,14 +267,18 @@ class RelativeEmbeddingBias(Bias):
 
     def query_tile(self, q, q_idx, kv_idx, T, S):
         k = check_relative_inputs(q, self.embeddings, causal=self.causal, heads_axis=1)
-        tq, tk = q_idx.shape[0], kv_idx.shape[0]
-        rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
-        logits = _skewed(q, self.embeddings, kv_idx[0] - rows[-1], tq + tk - 1, tk, self.causal, k)
-        if self.causal:
-            logits = jnp.where(kv_idx[None, :] > rows[:, None], 0.0, logits)
+        tk = kv_idx.shape[0]
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        return logits * scale
+        rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
+        first, last = kv_idx[0] - rows[-1], kv_idx[-1] - rows[0]  # the tile's smallest and largest offsets
+        branches = [lambda q: _edge_logits(q, self.embeddings, 0, tk, scale),
+                    lambda q: _tile_logits(q, self.embeddings, first, tk, self.causal, k, scale)]
+        branch = jnp.where(last <= -k, 0, 1)
+        if not self.causal:
+            branches.append(lambda q: _edge_logits(q, self.embeddings, 2 * k, tk, scale))
+            branch = jnp.where(first >= k, 2, branch)
+        return jax.lax.switch(branch, branches, q)
 
 
 __all__ = ["relative_max_distance", "relative_embedding_index", "check_relative_inputs", "relative_logits_reference",
-           "skew", "relative_logits_skewed", "RelativeEmbeddingBias"]
+           "skew", "relative_logits_skewed", "ROW_CHUNK", "RelativeEmbeddingBias"]

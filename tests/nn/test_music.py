@@ -14,8 +14,9 @@ from tests.helpers import assert_close
 
 
 def music_reference(p, x, *, num_kv_heads, causal, max_distance):
-    """Huang et al. 2018, eq. 3: ``softmax((Q·Kᵀ + S_rel)/√D)·V`` per head, ``S_rel[i, j] = q_i·E[clip(j − i)]``
-    gathered pair by pair (Shaw et al. §3.2's clipping); causal: offsets ``−k … 0``, future keys masked."""
+    """Huang et al. 2018, eq. 3: ``softmax((Q·Kᵀ + S_rel)/√D)·V`` per head, with
+    ``S_rel[i, j] = q_i·E[clip(j − i)]`` gathered pair by pair (Shaw et al. §3.2's clipping); causal: offsets
+    ``−k … 0``, future keys masked."""
     q = jnp.einsum("btd,dhe->bthe", x, p["query"]["kernel"])
     k = jnp.einsum("btd,dhe->bthe", x, p["key"]["kernel"])
     v = jnp.einsum("btd,dhe->bthe", x, p["value"]["kernel"])

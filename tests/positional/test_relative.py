@@ -9,8 +9,8 @@ import pytest
 
 import attnjax as aj
 from attnjax.blocked import flash_attention_xla
-from attnjax.positional.relative import (RelativeEmbeddingBias, relative_embedding_index, relative_logits_reference,
-                                         relative_logits_skewed, relative_max_distance, skew)
+from attnjax.positional.relative import (ROW_CHUNK, RelativeEmbeddingBias, relative_embedding_index,
+                                         relative_logits_reference, relative_logits_skewed, relative_max_distance, skew)
 from attnjax.softmax.softmax import softmax_attention_reference
 from tests.helpers import assert_close
 
@@ -33,14 +33,12 @@ def brute_force(q, embeddings, causal, num_keys, query_offset):
     return out
 
 
-CASES = [  # causal, T, S, query_offset, embeddings shape (k = 3 causal, 2 bidirectional: clipping is exercised)
-    (True, 7, 7, None, (4, 3, 8)),
-    (True, 5, 11, None, (4, 8)),
-    (True, 11, 5, None, (4, 3, 8)),
+CASES = [  # causal, T, S, query_offset, embeddings shape (k = 3 causal, 2 bidirectional: offsets are clipped;
+    (True, 7, 7, None, (4, 3, 8)),  # tables with a row per offset are in the tests of larger tiles below)
+    (True, 11, 5, None, (4, 8)),
     (True, 1, 9, 4, (4, 3, 8)),
     (False, 5, 11, None, (5, 3, 8)),
-    (False, 11, 5, None, (5, 8)),
-    (False, 3, 9, 7, (5, 3, 8)),
+    (False, 3, 9, 7, (5, 8)),
 ]
 
 
@@ -67,7 +65,30 @@ def test_explicit_skewed_and_tiled_logits_equal_the_pairwise_definition(causal, 
     assert_close(skewed, want, atol=1e-5, name="skewed")
     assert_close(whole, 0.5 * want, atol=1e-5, name="rule, one tile")
     assert_close(tile, 0.5 * want[:, :, lo:hi, c0:c1], atol=1e-5, name="rule, inner tile")
-    assert bias.max_distance == (3 if causal else 2)
+    assert bias.max_distance == relative_max_distance(shape[0], causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiles_of_many_rows_and_beyond_the_clipping_distance(causal):
+    """A 128-row tile is skewed in chunks of ``ROW_CHUNK`` rows; a tile whose offsets all clip to ``±k`` is one
+    row of ``q·E``. Both tables: more rows than a chunk's window (multiplied row by row) and fewer (gathered)."""
+    T = S = 160
+    q = jax.random.normal(jax.random.PRNGKey(6), (1, T, 2, 4))
+    tiles = [(0, 128, 16, 32), (128, 160, 0, 16), (0, 32, 128, 160), (1, 2, 0, 160)]
+
+    @jax.jit
+    def run(q, table):
+        rule = RelativeEmbeddingBias(table, causal=causal, scale=1.0)
+        qh = q.transpose(0, 2, 1, 3)
+        return relative_logits_reference(q, table, causal=causal), [
+            rule.query_tile(qh[:, :, a:b], jnp.arange(a, b), jnp.arange(c, d), T, S) for a, b, c, d in tiles]
+
+    assert ROW_CHUNK == 64  # the first tile is two chunks, whose windows hold 64 + 16 - 1 = 79 offsets
+    for k in (100, 8):  # k = 100: more rows than 79 and a tile beyond -k; k = 8: fewer rows, tiles beyond -k and +k
+        table = jax.random.normal(jax.random.PRNGKey(k), (k + 1 if causal else 2 * k + 1, 2, 4))
+        want, got = run(q, table)
+        for (a, b, c, d), tile in zip(tiles, got):
+            assert_close(tile, want[:, :, a:b, c:d], atol=1e-5, name=f"k={k} tile {(a, b, c, d)}")
 
 
 def test_skewing_is_music_transformers_pad_reshape_slice():
@@ -121,10 +142,11 @@ def _dense(q, k, v, table, *, causal, mask, scale):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_blocked_paths_equal_the_dense_reference_with_gradients_of_q_k_v_and_embeddings(causal):
-    # GQA (4 query heads on 2 KV heads), T != S and neither a multiple of the 8x8 tiles, offsets up to 26 clipped
-    # at k = 5; causal: per-head tables at the default scale; bidirectional: one shared table, scale 0.3.
+    # GQA (4 query heads on 2 KV heads), T != S and neither a multiple of the 8x8 tiles. Causal: per-head tables
+    # at the default scale, a row per offset (k = 26: 8x8 tiles multiply rows, the one-tile api call gathers);
+    # bidirectional: one shared table, scale 0.3, offsets clipped at k = 5 (gathers, and tiles beyond -k and +k).
     T, S = 19, 27
-    shape, scale = ((6, 4, 8), 8 ** -0.5) if causal else ((11, 8), 0.3)
+    shape, scale = ((27, 4, 8), 8 ** -0.5) if causal else ((11, 8), 0.3)
     q, k, v, table = _inputs(T, S, 4, 2, shape)
     mask = aj.masks.Causal() if causal else None
 
@@ -142,8 +164,10 @@ def test_blocked_paths_equal_the_dense_reference_with_gradients_of_q_k_v_and_emb
 
     @jax.jit
     def run(q, k, v, table):
-        return {name: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2, 3))(q, k, v, table)
-                for name, fn in paths.items()}
+        def out_and_grads(fn):
+            out, pull = jax.vjp(fn, q, k, v, table)
+            return out, pull(w)
+        return {name: out_and_grads(fn) for name, fn in paths.items()}
 
     results = run(q, k, v, table)
     (want, want_grads) = results.pop("dense")
