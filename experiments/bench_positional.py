@@ -11,8 +11,12 @@ forward (``fwd``) and forward plus the gradients wrt q, k, v and the rule's lear
 - ``relative``: ``attnjax.positional.relative.RelativeEmbeddingBias``, learned relative embeddings read by the
   queries (Shaw et al. 2018; Music Transformer, Huang et al. 2018);
 - ``transformer-xl``: ``attnjax.positional.transformer_xl.TransformerXLBias`` (Dai et al. 2019);
-- ``grid``: ``attnjax.positional.grid.RelativeGridBias`` over a ``T/64 x 64`` token grid (CrossFormer's DPB
-  table; Wang et al. 2022), non-causal.
+- ``grid``: ``attnjax.positional.grid.RelativeGridBias`` over a ``T/W x W`` token grid (CrossFormer's DPB
+  table; Wang et al. 2022), non-causal;
+- ``gpsa-position``: ``attnjax.positional.gpsa_position.GPSAPositionBias`` on the same grid (ConViT's
+  ``v_pos·r_ij``; d'Ascoli et al. 2021), non-causal;
+- ``polyline``: ``attnjax.relative.polyline.PolylineBias``, one direction of PPMA's log mask on the same grid
+  (Zhao et al. 2025), non-causal.
 
 Reported: the median time as a ratio to ``none`` in the same run and mode, and the compiled temporaries
 (XLA memory analysis) against one float32 ``[B, heads, T, T]`` logits array.
@@ -34,20 +38,28 @@ from tqdm import tqdm
 import attnjax
 from attnjax import masks
 from attnjax.positional import ALiBi, T5Bias, alibi_slopes
+from attnjax.positional.gpsa_position import GPSAPositionBias
+from attnjax.positional.grid import RelativeGridBias
+from attnjax.positional.relative import RelativeEmbeddingBias
+from attnjax.positional.transformer_xl import TransformerXLBias
+from attnjax.relative.polyline import PolylineBias
 from experiments.lib import cli, host, plots, report, workload
 from experiments.lib.measure import GIB, measure_paths
 
 BASELINE = "none"
 TARGET = 1.3
 
-SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 8, "repeats": 1, "max_seconds": 1.0, "grid_width": 8}
+SMOKE = {"seq_lens": [128], "heads": 2, "head_dim": 8, "repeats": 1, "max_seconds": 1.0, "grid_width": 8,
+         "max_distance": 16}
 """``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
     p = cli.benchmark_parser(__doc__, [8192], heads=4, head_dim=64)
-    p.add_argument("--grid-width", type=int, default=64, help="tokens per row of the grid rule's 2-D layout")
+    p.add_argument("--grid-width", type=int, default=64, help="tokens per row of the grid rules' 2-D layout")
+    p.add_argument("--max-distance", type=int, default=256,
+                   help="the clipping distance of the relative embeddings (table rows: max distance + 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--memory-budget-gib", type=float, default=8.0,
@@ -64,10 +76,20 @@ def rules(T: int, args: argparse.Namespace) -> dict[str, tuple[Optional[attnjax.
     def table(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.1)
 
+    W = args.grid_width
+    if T % W:
+        raise ValueError(f"--grid-width {W} must divide every length, got T={T}")
+    grid = (T // W, W)
+    log_decays = -jnp.abs(table(args.batch, T, H))
     return {
         BASELINE: (None, True),
         "alibi": (ALiBi(jnp.asarray(alibi_slopes(H))), True),
         "t5": (T5Bias(table(32, H), bidirectional=False, max_distance=128), True),
+        "relative": (RelativeEmbeddingBias(table(args.max_distance + 1, H, D), causal=True), True),
+        "transformer-xl": (TransformerXLBias(table(H, H * D, D), table(H, D)), True),
+        "grid": (RelativeGridBias(table((2 * grid[0] - 1) * (2 * W - 1), H), grid=grid), False),
+        "gpsa-position": (GPSAPositionBias(table(H, 3), width=W), False),
+        "polyline": (PolylineBias.from_log_decays(log_decays, log_decays, grid=grid), False),
     }
 
 

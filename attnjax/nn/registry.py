@@ -32,7 +32,8 @@ KINDS = ("layer", "block", "image", "other")
 """``layer``: a token mixer ``[B, T, d] -> [B, T, d]``; ``block``: a residual block (mixer and channel
 mixer) with the same interface; ``image``: a module on NHWC feature maps ``[B, H, W, C] -> [B, H, W, C]``
 (conv-net attention modules, vision blocks), called ``module(x)``; ``other``: any other module (gates,
-positional encodings, parts, modules with several inputs)."""
+positional encodings, parts, modules with several inputs), returning an array or a pytree of arrays (a
+``Bias`` rule over a learned table)."""
 
 InputBuilder = Callable[[jax.Array], tuple]
 """``key -> (arg, ...)``: the positional inputs of a module that does not take a single ``x``."""

@@ -51,6 +51,8 @@ class T5RelativeBias(nnx.Module):
 
 
 
+register_module(ModuleSpec("t5_relative_bias", T5RelativeBias, dict(num_heads=2, num_buckets=8, max_distance=16),
+                           lambda key: (), kind="other", paper="Raffel et al. 2020 (T5), §2.1"))
 register_module(ModuleSpec(
     "t5_mha", MultiHeadAttention,
     dict(d_model=16, num_heads=4, num_kv_heads=2,
