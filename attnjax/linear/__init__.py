@@ -9,6 +9,9 @@ from attnjax.linear.linear import LinearAttention  # noqa: I001 - registration o
 from attnjax.linear.lightning import Lightning
 from attnjax.linear.performer import PerformerAttention
 from attnjax.linear.based_linear import BasedLinear
+from attnjax.linear.flow import (Flow, FlowState, flow_attention, flow_attention_reference, flow_attention_step,
+                                 flow_initial_state)
+from attnjax.linear.inline import InLine, inline_attention, inline_attention_reference
 
 __all__ = [
     "feature_maps", "FEATURE_MAPS", "Performer", "linear_attention", "linear_attention_step",

@@ -23,6 +23,7 @@ from attnjax.nn.graph_moe import GraphMoE, GraphMoEBlock, GraphMoEBlockCache, Ro
 from attnjax.nn.low_rank import LowRankAttention, LowRankCache
 from attnjax.nn.moh import MoHAttention
 from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
+from attnjax.nn.flowformer import FlowAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",

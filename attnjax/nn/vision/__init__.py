@@ -20,6 +20,7 @@ from attnjax.nn.vision.swin import SwinBlock, TransformerMLP, WindowAttention
 from attnjax.nn.vision.convit import GPSA, ConViTBlock
 from attnjax.nn.vision.polyline import PolylinePathAttention
 from attnjax.nn.vision.plain_detr import BoxRPBCrossAttention, BoxRPBMLP
+from attnjax.nn.vision.inline import InLineAttention
 from attnjax.nn.vision.agent import AgentAttention
 from attnjax.nn.vision.davit import ChannelAttention, ConvPosEnc, DaViTBlock, DualAttentionHalf, SpatialWindowAttention
 
