@@ -12,6 +12,7 @@ from attnjax.linear.based_linear import BasedLinear
 from attnjax.linear.flow import (Flow, FlowState, flow_attention, flow_attention_reference, flow_attention_step,
                                  flow_initial_state)
 from attnjax.linear.inline import InLine, inline_attention, inline_attention_reference
+from attnjax.linear.kernelized_rpe import KernelizedRPE, kernelized_rpe_attention, kernelized_rpe_attention_reference
 
 __all__ = [
     "feature_maps", "FEATURE_MAPS", "Performer", "linear_attention", "linear_attention_step",

@@ -24,6 +24,7 @@ from attnjax.nn.low_rank import LowRankAttention, LowRankCache
 from attnjax.nn.moh import MoHAttention
 from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
 from attnjax.nn.flowformer import FlowAttention
+from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
