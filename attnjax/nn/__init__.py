@@ -26,6 +26,7 @@ from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttent
 from attnjax.nn.flowformer import FlowAttention
 from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 
+from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
     "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE",
