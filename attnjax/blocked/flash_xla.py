@@ -37,8 +37,8 @@ from attnjax.bias import Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
-from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
-                                   regroup, row_tiles, untile)
+from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
+                                   logits_with_bias_pullback, q_tiles, regroup, row_tiles, untile)
 from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -107,12 +107,6 @@ def flash_attention_xla_backward(
     return dq, dk, dv
 
 
-def _tile_logits(qi, kj, q_idx, kv_idx, bias, st: _Static):
-    """Raw and soft-capped logits of one tile."""
-    raw = raw_logits(qi, kj, q_idx, kv_idx, bias, st.spec)
-    return raw, soft_cap(raw, st.spec.logits_soft_cap)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k, v, bias, sinks, mask, seed, st):
     return _forward(q, k, v, bias, sinks, mask, seed, st)
@@ -143,7 +137,7 @@ def _forward(q, k, v, bias: Optional[Bias], sinks, mask, seed, st: _Static):
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            _, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
+            s = soft_cap(raw_logits(qi, kj, q_idx, kv_idx, bias, st.spec), st.spec.logits_soft_cap)
             if apply_mask:
                 s = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), s, -jnp.inf)
             u = fn.transform(s)
@@ -218,7 +212,8 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            raw, s = _tile_logits(qi, kj, q_idx, kv_idx, bias, st)
+            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, dbias)
+            s = soft_cap(raw, st.spec.logits_soft_cap)
             p = fn.weight(fn.transform(s), m_b[..., None])
             if apply_mask:
                 p = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), p, 0.0)
@@ -235,7 +230,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, ds, bias, qi, q_idx, kv_idx, st.spec.T, st.spec.S)
+            dbias, dq_bias = add_bias_grad(dbias, ds, bias, pullback, q_idx, kv_idx)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)

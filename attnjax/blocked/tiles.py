@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 
 from attnjax.bias import ArrayBias, Bias
+from attnjax.blocked.scores import ScoreSpec, raw_logits, to_groups
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
 
@@ -98,17 +99,38 @@ def bias_grad_init(bias: Optional[Bias], T: int, block_q: int, S: int, block_kv:
     return [jnp.zeros(jnp.shape(x), jnp.float32) for x, f in zip(leaves, floating) if f]
 
 
-def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], qi: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
-                  T: int, S: int):
+def logits_with_bias_pullback(qi: jax.Array, kj: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
+                              bias: Optional[Bias], spec: ScoreSpec, dbias):
+    """``raw_logits`` of a backward tile, and the pullback of its bias tile, built once for ``add_bias_grad``.
+
+    Returns ``(raw [B, Hkv, G, tq, tk] float32, pullback)``. ``pullback`` is None unless the bias is a rule
+    whose float leaves get gradients (``dbias`` is not None) or that reads the queries: then it is the
+    ``jax.vjp`` of its ``tile`` (or ``query_tile`` at the float32 queries) and that tile's shape.
+    """
+    rule = bias is not None and not isinstance(bias, ArrayBias)
+    if not (rule and (dbias is not None or bias.reads_queries)):
+        return raw_logits(qi, kj, q_idx, kv_idx, bias, spec), None
+    leaves, floating, _ = _float_leaves(bias)
+    params = [x for x, f in zip(leaves, floating) if f]
+    if bias.reads_queries:
+        B, Hkv, G, tq, D = qi.shape
+        q_flat = qi.reshape(B, Hkv * G, tq, D).astype(jnp.float32)
+        tile, pull = jax.vjp(lambda p, x: _with_float_leaves(bias, p).query_tile(x, q_idx, kv_idx, spec.T, spec.S),
+                             params, q_flat)
+    else:
+        tile, pull = jax.vjp(lambda p: _with_float_leaves(bias, p).tile(q_idx, kv_idx, spec.T, spec.S), params)
+    raw = raw_logits(qi, kj, q_idx, kv_idx, None, spec) + to_groups(tile.astype(jnp.float32), spec.num_kv_heads)
+    return raw, (pull, tile.shape)
+
+
+def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], pullback, q_idx: jax.Array, kv_idx: jax.Array):
     """Add one tile's raw-logit gradient ``ds [B, Hkv, G, tq, tk]`` to the bias gradient ``dbias``.
 
     Returns ``(dbias, dq)``: ``dq [B, Hkv, G, tq, D]`` is the bias's share of the queries' gradient when
     it reads them (``bias.reads_queries``, e.g. Music Transformer's ``q·E_(j−i)``), else 0. An array
-    bias adds ``ds`` (summed over its broadcast axes) into its padded slice; a rule pulls ``ds`` back
-    through its ``tile`` with ``jax.vjp``, which costs one more tile evaluation.
+    bias adds ``ds`` (summed over its broadcast axes) into its padded slice; a rule applies the
+    ``pullback`` from ``logits_with_bias_pullback`` (no second tile evaluation).
     """
-    if dbias is None and not (bias is not None and bias.reads_queries):
-        return dbias, 0.0
     B, Hkv, G, tq, tk = ds.shape
     flat = ds.reshape(B, Hkv * G, tq, tk)
     if isinstance(bias, ArrayBias):
@@ -117,17 +139,14 @@ def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], qi: jax.Array, q_i
         starts = (0, 0, q_idx[0] if shape[2] > 1 else 0, kv_idx[0] if shape[3] > 1 else 0)
         current = lax.dynamic_slice(dbias, starts, flat.shape)
         return lax.dynamic_update_slice(dbias, current + flat, starts), 0.0
-    leaves, floating, _ = _float_leaves(bias)
-    params = [x for x, f in zip(leaves, floating) if f]
-    q_flat = qi.reshape(B, Hkv * G, tq, qi.shape[-1]).astype(jnp.float32)
+    if pullback is None:
+        return dbias, 0.0
+    pull, shape = pullback
     if bias.reads_queries:
-        tile, pull = jax.vjp(lambda p, x: _with_float_leaves(bias, p).query_tile(x, q_idx, kv_idx, T, S),
-                             params, q_flat)
-        d_params, dq = pull(_sum_to(flat, tile.shape))
-        dq = dq.reshape(qi.shape).astype(jnp.float32)
+        d_params, dq = pull(_sum_to(flat, shape))
+        dq = dq.reshape(B, Hkv, G, tq, -1)
     else:
-        tile, pull = jax.vjp(lambda p: _with_float_leaves(bias, p).tile(q_idx, kv_idx, T, S), params)
-        (d_params,), dq = pull(_sum_to(flat, tile.shape)), 0.0
+        (d_params,), dq = pull(_sum_to(flat, shape)), 0.0
     if dbias is not None:
         dbias = [acc + g.astype(jnp.float32) for acc, g in zip(dbias, d_params)]
     return dbias, dq
@@ -157,4 +176,4 @@ def finish_grads(dq_tiles: jax.Array, dk: jax.Array, dv: jax.Array, dbias, q: ja
 
 
 __all__ = ["q_tiles", "row_tiles", "regroup", "untile", "kv_tiles", "add_slice", "padded_bias_shape", "bias_grad_init",
-           "add_bias_grad", "finish_grads"]
+           "logits_with_bias_pullback", "add_bias_grad", "finish_grads"]

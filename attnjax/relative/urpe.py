@@ -49,8 +49,8 @@ from attnjax import registry
 from attnjax.bias import Bias, as_bias
 from attnjax.blocked.scores import (ScoreSpec, allowed, dense_operands, raw_logits, score_spec, soft_cap,
                                     to_groups)
-from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
-                                   row_tiles, untile)
+from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
+                                   logits_with_bias_pullback, q_tiles, row_tiles, untile)
 from attnjax.blocked.weights import SOFTMAX, backward_stat
 from attnjax.checks import check_options, check_qkv
 from attnjax.masks import Mask, block_schedule, query_positions
@@ -279,7 +279,8 @@ def _urpe_bwd(st: _Static, residuals, cotangents):
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            s = _logits(qi, kj, q_idx, kv_idx, bias, st)
+            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, dbias)
+            s = soft_cap(raw, st.spec.logits_soft_cap)
             p = jnp.exp(s - stat_i[..., None])
             if apply_mask:
                 p = jnp.where(allowed(mask, q_idx, kv_idx, st.spec), p, 0.0)
@@ -291,7 +292,7 @@ def _urpe_bwd(st: _Static, residuals, cotangents):
             ds = p * (dw * ct - delta_i[..., None] + dlse_i[..., None])
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, ds, bias, qi, q_idx, kv_idx, st.spec.T, st.spec.S)
+            dbias, dq_bias = add_bias_grad(dbias, ds, bias, pullback, q_idx, kv_idx)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)

@@ -63,8 +63,8 @@ from jax import lax
 from attnjax import registry
 from attnjax.bias import Bias, as_bias
 from attnjax.masks import Mask, block_schedule
-from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles, q_tiles,
-                                   row_tiles, untile)
+from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
+                                   logits_with_bias_pullback, q_tiles, row_tiles, untile)
 from attnjax.blocked.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -180,17 +180,19 @@ def _schedule(mask, st: _Static):
     return strict_codes(codes, st.spec.T, st.spec.S, st.block_q, st.block_kv), lo, hi
 
 
-def _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask: bool, st: _Static):
-    """Key tile ``j``: its keys, values, raw and capped logits, and the allowed pairs (or None)."""
+def _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask: bool, st: _Static, dbias=None):
+    """Key tile ``j``: its keys, values, capped logits, the allowed pairs (or None), and the bias pullback
+    for the backward (``logits_with_bias_pullback``; None unless ``dbias`` or a bias that reads queries)."""
     bk = st.block_kv
     kv_idx = j * bk + jnp.arange(bk)
     kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
     vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-    z = soft_cap(raw_logits(qi, kj, q_idx, kv_idx, bias, st.spec), st.spec.logits_soft_cap)
+    raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, dbias)
+    z = soft_cap(raw, st.spec.logits_soft_cap)
     ok = None
     if apply_mask:
         ok = allowed(mask, q_idx, kv_idx, st.spec) & strictly_earlier(q_idx, kv_idx, st.spec.T, st.spec.S)
-    return kj, vj, z, ok
+    return kj, vj, z, ok, pullback
 
 
 
@@ -222,7 +224,7 @@ def _forward(q, k, v, bias: Optional[Bias], mask, st: _Static):
 
         def visit(j, carry, apply_mask):
             c, acc = carry
-            _, vj, z, ok = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st)
+            _, vj, z, ok, _ = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st)
             a, c = forward_tile(z, c, ok)
             acc = acc + jnp.einsum("bhgqk,bhkd->bhgqd", a.astype(v.dtype), vj, preferred_element_type=jnp.float32)
             return c, acc
@@ -260,12 +262,12 @@ def _bwd(st: _Static, residuals, cotangents):
 
         def visit(j, inner, apply_mask):
             c, s, dqi, dk, dv, dbias = inner
-            kj, vj, z, ok = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st)
+            kj, vj, z, ok, pullback = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st, dbias)
             da = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
             a, dz, c, s = backward_tile(z, da, c, s, dterm_i[..., None], ok)
             if st.spec.logits_soft_cap is not None:
                 dz = dz * (1.0 - jnp.square(z / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, dz, bias, qi, q_idx, j * bk + jnp.arange(bk), st.spec.T, st.spec.S)
+            dbias, dq_bias = add_bias_grad(dbias, dz, bias, pullback, q_idx, j * bk + jnp.arange(bk))
             dz = (dz * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", dz, kj, preferred_element_type=jnp.float32)
             dk = add_slice(dk, jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32), j * bk)
