@@ -25,8 +25,8 @@ from attnjax.nn.moh import MoHAttention
 from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttention
 from attnjax.nn.flowformer import FlowAttention
 from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
-
 from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
+
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
     "AttnGate", "distillation_step", "gate_loss", "LinearCache", "TransNormerAttention", "TransNormerBlock", "LRPE",
