@@ -1,9 +1,11 @@
 """SLAB's re-parameterized BatchNorm (RepBN) and progressive re-parameterized BatchNorm (PRepBN).
 
 Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized Batch
-Normalization", ICML 2024 (arXiv 2405.11582), sec. 3.1. LayerNorm needs statistics at inference; BatchNorm does
-not (its running statistics fold into the next linear layer), but training a Transformer with BatchNorm alone
-is unstable. PRepBN trains with a mixture that moves from LayerNorm to RepBN::
+Normalization", ICML 2024 (arXiv 2405.11582), sec. 3 (PRepBN; only the abstract and summaries of the paper were
+available here, so subsection and equation numbers are not cited, and the details follow the official code).
+LayerNorm needs statistics at inference; BatchNorm does not (its running statistics fold into the next linear
+layer), but training a Transformer with BatchNorm alone is unstable. PRepBN trains with a mixture that moves from
+LayerNorm to RepBN::
 
     RepBN(x)  = BN(x) + η·x                                    (η learned, initialized to 1)
     PRepBN(x) = γ·LN(x) + (1 − γ)·RepBN(x),    γ = (T − t) / T  (t: training step, T: the schedule's length)
@@ -39,7 +41,7 @@ EPSILON = 1e-5
 MOMENTUM = 0.9
 """Flax's momentum of the running statistics (``new = momentum·old + (1 − momentum)·batch``): PyTorch's 0.1."""
 TOTAL_STEPS = 60000
-"""``T``: the official SLAB-Swin / Swin-PRepBN schedule (``LinearNorm(step=60000)``)."""
+"""``T``: the official schedule of SLAB-Swin and SLAB-DeiT (``LinearNorm(step=60000)``)."""
 
 
 class ScheduleStep(nnx.Variable):
@@ -54,7 +56,7 @@ def check_last_axis(x: jax.Array, num_features: int) -> None:
 
 
 class RepBatchNorm(nnx.Module):
-    """RepBN: ``RepBN(x) = BN(x) + α·x`` over the last axis (SLAB, sec. 3.1; the paper's ``η`` is ``alpha``).
+    """RepBN: ``RepBN(x) = BN(x) + α·x`` over the last axis (SLAB, sec. 3; the paper's ``η`` is ``alpha``).
 
     ``α`` is one learned scalar initialized to 1 (the official ``nn.Parameter(torch.ones(1))``).
 
@@ -107,7 +109,7 @@ class RepBatchNorm(nnx.Module):
 
 
 class ProgressiveRepBatchNorm(nnx.Module):
-    """PRepBN: ``γ·LN(x) + (1 − γ)·RepBN(x)`` with ``γ`` falling linearly from 1 to 0 (SLAB, sec. 3.1).
+    """PRepBN: ``γ·LN(x) + (1 − γ)·RepBN(x)`` with ``γ`` falling linearly from 1 to 0 (SLAB, sec. 3).
 
     The schedule reads the step ``t`` that the module holds (a ``ScheduleStep`` variable)::
 
@@ -198,7 +200,7 @@ def set_progress(model: nnx.Module, step) -> None:
             node.set_progress(step)
 
 
-PAPER = "Guo et al. 2024 (SLAB, ICML), sec. 3.1"
+PAPER = "Guo et al. 2024 (SLAB, ICML), sec. 3, PRepBN"
 # Eval mode: a training-mode BatchNorm updates its running statistics, which the conformance suite's closures and
 # Linen bridge cannot hold; training mode is tested under nnx.jit in tests/nn/test_normalization.py. The PRepBN
 # example sits mid-schedule so that both the LayerNorm and the RepBN get gradients.

@@ -1,8 +1,9 @@
 """SLAB's simplified linear attention (SLA): ReLU-kernel linear attention plus a depth-wise convolution of V.
 
 Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized Batch
-Normalization", ICML 2024 (arXiv 2405.11582), sec. 3.2. With the ReLU kernel ``φ = ReLU`` (Q, K, V from the
-block's projections)::
+Normalization", ICML 2024 (arXiv 2405.11582), sec. 3 (SLA). Only the abstract and summaries of the paper were
+available here, so subsection and equation numbers are not cited; the formulas follow the official code. With the
+ReLU kernel ``φ = ReLU`` (Q, K, V from the block's projections)::
 
     O_i = Σ_j (φ(Q_i)·φ(K_j)) V_j / (Σ_j φ(Q_i)·φ(K_j) + ε)  +  DWC(V)_i
 
@@ -78,7 +79,7 @@ def value_convolution(v: jax.Array, dwc_kernel: jax.Array, dwc_bias: Optional[ja
 
 def simplified_linear_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, dwc_kernel: jax.Array,
                                           dwc_bias: Optional[jax.Array] = None) -> jax.Array:
-    """SLA written plainly (SLAB, sec. 3.2): the ``[N, N]`` ReLU-kernel weights, row-normalized, plus ``DWC(V)``.
+    """SLA written plainly (SLAB, sec. 3): the ``[N, N]`` ReLU-kernel weights, row-normalized, plus ``DWC(V)``.
 
     ``A = ReLU(Q) ReLU(K)ᵀ`` per head over the ``N = H·W`` pixels, ``O = A V / (A 1 + ε) + DWC(V)``, float32,
     ``ε = SLA_EPSILON``. Memory: the whole ``[B, heads, N, N]`` matrix.
@@ -103,7 +104,7 @@ def simplified_linear_attention_reference(q: jax.Array, k: jax.Array, v: jax.Arr
 
 def simplified_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, dwc_kernel: jax.Array,
                                 dwc_bias: Optional[jax.Array] = None, *, implementation: str = "auto") -> jax.Array:
-    """SLA (SLAB, sec. 3.2), right product first: ``O = ReLU(Q)(ReLU(K)ᵀV) / (ReLU(Q)(ReLU(K)ᵀ1) + ε) + DWC(V)``.
+    """SLA (SLAB, sec. 3), right product first: ``O = ReLU(Q)(ReLU(K)ᵀV) / (ReLU(Q)(ReLU(K)ᵀ1) + ε) + DWC(V)``.
 
     The attention term is ``attnjax.linear.linear_attention(feature_map="relu", causal=False, normalize=True,
     scale=1)`` on the pixels flattened into a sequence (its normalizer ``ε`` is ``SLA_EPSILON``); the

@@ -1,8 +1,8 @@
 """SLAB's simplified linear attention (SLA) and Transformer block with PRepBN, as Flax NNX modules on NHWC maps.
 
 Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized Batch
-Normalization", ICML 2024 (arXiv 2405.11582): SLA (sec. 3.2, core ``attnjax.vision.slab``) and PRepBN
-(sec. 3.1, ``attnjax.nn.normalization``). Layouts and names follow the official code (xinghaochen/SLAB
+Normalization", ICML 2024 (arXiv 2405.11582): SLA (sec. 3, core ``attnjax.vision.slab``) and PRepBN
+(sec. 3, ``attnjax.nn.normalization``). Layouts and names follow the official code (xinghaochen/SLAB
 ``models/slab_swin.py``: ``qkv``, ``dwc``, ``positional_encoding``, ``proj``; the block's ``norm1``, ``attn``,
 ``norm2``, ``mlp``). SLA attends over the whole map: SLAB-Swin's linear stages use a window of 56 at 224²
 input, i.e. the whole feature map, as SLAB-DeiT and SLAB-PVT do.
@@ -30,7 +30,7 @@ NORMS = ("prepbn", "layernorm")
 
 
 class SimplifiedLinearAttention(nnx.Module):
-    """SLA (SLAB, sec. 3.2): ReLU-kernel linear attention over the map plus a depth-wise convolution of V::
+    """SLA (SLAB, sec. 3): ReLU-kernel linear attention over the map plus a depth-wise convolution of V::
 
         Q, K, V = x W_qkv + b_qkv                 (K += P, a learned position encoding, with input_size)
         O_h = ReLU(Q_h)(ReLU(K_h)ᵀV_h) / (ReLU(Q_h)(ReLU(K_h)ᵀ1) + ε) + DWC(V_h)
@@ -168,7 +168,7 @@ class SLABBlock(nnx.Module):
 PAPER = "Guo et al. 2024 (SLAB, ICML)"
 register_module(ModuleSpec("slab_attention", SimplifiedLinearAttention,
                            dict(channels=8, num_heads=2, kernel_size=3, input_size=(5, 7)), (2, 5, 7, 8),
-                           kind="image", paper=PAPER + ", sec. 3.2"))
+                           kind="image", paper=PAPER + ", sec. 3, SLA"))
 # Eval mode mid-schedule (see attnjax/nn/normalization.py): both the LayerNorms and the RepBNs get gradients.
 register_module(ModuleSpec("slab_block", SLABBlock, dict(channels=8, num_heads=2, kernel_size=3, total_steps=4,
                                                          initial_step=1, use_running_average=True), (2, 5, 7, 8),
