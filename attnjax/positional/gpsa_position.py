@@ -18,16 +18,20 @@ import jax.numpy as jnp
 from attnjax.bias import Bias
 
 
+def grid_deltas(q_idx: jax.Array, kv_idx: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """``(δx, δy)``, float32 ``[tq, tk]`` each: ``position(kv_idx[j]) − position(q_idx[i])`` on a row-major grid
+    ``width`` wide, ``position(n) = (n mod width, n // width)``."""
+    qy, qx = jnp.divmod(jnp.asarray(q_idx, jnp.int32), width)
+    ky, kx = jnp.divmod(jnp.asarray(kv_idx, jnp.int32), width)
+    return (kx[None, :] - qx[:, None]).astype(jnp.float32), (ky[None, :] - qy[:, None]).astype(jnp.float32)
+
+
 def grid_offsets(q_idx: jax.Array, kv_idx: jax.Array, width: int) -> jax.Array:
     """``r_ij = (δx, δy, δx² + δy²)`` (float32 ``[tq, tk, 3]``) for token indices of a row-major grid ``width`` wide.
 
-    ``δ = position(kv_idx[j]) − position(q_idx[i])`` with ``position(n) = (n mod width, n // width)`` (ConViT,
-    sec. 2, ``r_δ``; the official ``rel_indices`` column order).
+    ``δ`` as ``grid_deltas`` (ConViT, sec. 2, ``r_δ``; the official ``rel_indices`` column order).
     """
-    qy, qx = jnp.divmod(jnp.asarray(q_idx, jnp.int32), width)
-    ky, kx = jnp.divmod(jnp.asarray(kv_idx, jnp.int32), width)
-    dx = (kx[None, :] - qx[:, None]).astype(jnp.float32)
-    dy = (ky[None, :] - qy[:, None]).astype(jnp.float32)
+    dx, dy = grid_deltas(q_idx, kv_idx, width)
     return jnp.stack([dx, dy, dx * dx + dy * dy], axis=-1)
 
 
@@ -64,9 +68,9 @@ class GPSAPositionBias(Bias):
                              f"width={self.width}; got T={T}, S={S}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        r = grid_offsets(q_idx, kv_idx, self.width)
-        return jnp.einsum("ijc,hc->hij", r, jnp.asarray(self.v_pos, jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)[None]
+        dx, dy = grid_deltas(q_idx, kv_idx, self.width)  # elementwise: a contraction over 3 would lower to a dot
+        v = jnp.asarray(self.v_pos, jnp.float32)[:, :, None, None]
+        return (v[:, 0] * dx + v[:, 1] * dy + v[:, 2] * (dx * dx + dy * dy))[None]
 
 
-__all__ = ["grid_offsets", "GPSAPositionBias"]
+__all__ = ["grid_deltas", "grid_offsets", "GPSAPositionBias"]

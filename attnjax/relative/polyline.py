@@ -203,16 +203,22 @@ class PolylineBias(Bias):
     def tile(self, q_idx, kv_idx, T, S):
         Bb, Hb, Hg, Wg = self.cum_alpha.shape
         N = Hg * Wg
-        ca = jnp.asarray(self.cum_alpha, jnp.float32).reshape(Bb, Hb, N)
-        cb = jnp.asarray(self.cum_beta, jnp.float32).reshape(Bb, Hb, N)
+        ca = jnp.asarray(self.cum_alpha, jnp.float32)
+        cb = jnp.asarray(self.cum_beta, jnp.float32)
         qi, kj = jnp.minimum(q_idx, N - 1), jnp.minimum(kv_idx, N - 1)  # padding rows/columns: any valid entry
         if self.path == "h2v":  # M_h2v[i, j] = M_v2h[j, i]: swap the roles of query and key
             qi, kj = kj, qi
-        r, c = (qi // Wg)[:, None], (qi % Wg)[:, None]          # the target end (row r, column c)
-        r2, c2 = (kj // Wg)[None, :], (kj % Wg)[None, :]        # the source end (row r', column c')
-        corner = r * Wg + c2                                    # (r, c'), where the path turns
-        along_row = _sign(c - c2) * (jnp.take(ca, qi, axis=-1)[..., :, None] - jnp.take(ca, corner, axis=-1))
-        along_col = _sign(r - r2) * (jnp.take(cb, corner, axis=-1) - jnp.take(cb, kj, axis=-1)[..., None, :])
+        r, c = jnp.divmod(qi, Wg)                               # the target ends (rows r, columns c)
+        r2, c2 = jnp.divmod(kj, Wg)                             # the source ends (rows r', columns c')
+
+        def corner(table):  # table[r, c'] for every pair: a row gather, then a column gather (no per-pair index)
+            return jnp.take(jnp.take(table, r, axis=2), c2, axis=3)
+
+        def own(table, rows, cols):
+            return table.reshape(Bb, Hb, N)[..., rows * Wg + cols]
+
+        along_row = _sign(c[:, None] - c2[None, :]) * (own(ca, r, c)[..., :, None] - corner(ca))
+        along_col = _sign(r[:, None] - r2[None, :]) * (corner(cb) - own(cb, r2, c2)[..., None, :])
         out = along_row + along_col
         return jnp.swapaxes(out, -1, -2) if self.path == "h2v" else out
 
