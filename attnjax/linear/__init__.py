@@ -13,6 +13,7 @@ from attnjax.linear.flow import (Flow, FlowState, flow_attention, flow_attention
                                  flow_initial_state)
 from attnjax.linear.inline import InLine, inline_attention, inline_attention_reference
 from attnjax.linear.kernelized_rpe import KernelizedRPE, kernelized_rpe_attention, kernelized_rpe_attention_reference
+from attnjax.linear.rala import RALA, rala, rala_reference, rala_rotary
 
 __all__ = [
     "feature_maps", "FEATURE_MAPS", "Performer", "linear_attention", "linear_attention_step",

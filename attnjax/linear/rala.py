@@ -23,16 +23,21 @@ outside this op: they are in ``attnjax.nn.vision.rala.RALAttention``.
 * ``rala``: right product first, O(T + S) in the sequence: the weighted buffer
   ``Σ_j α_j (R_j φ(k_j)) v_jᵀ`` ``[D, Dv]`` and normalizer ``Σ_j α_j φ(k_j)`` ``[D]`` per head, then one
   product per query.
+* ``RALA``: the registry entry (``attnjax.attention(q, k, v, mechanism="rala")``): non-causal, no mask, GQA and
+  cross attention (``T != S``), no rotary embedding.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import functools
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax import registry
 from attnjax.checks import check_positive, check_qkv, check_scalar, describe
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import elu_plus_one
@@ -158,4 +163,26 @@ def rala(q: jax.Array, k: jax.Array, v: jax.Array, *, rotary: Optional[Rotary] =
     return dispatch(paths, implementation, what="RALA").astype(q.dtype)
 
 
-__all__ = ["Rotary", "rala_rotary", "theta_shift", "rala_reference", "rala"]
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class RALA:
+    """RALA as a registered mechanism: non-causal (no mask), GQA, cross (``q̄`` over the queries, ``α`` over the
+    keys); the rotary embedding is the module's (``attnjax.nn.vision.rala.RALAttention``)."""
+
+    name: ClassVar[str] = "rala"
+    family: ClassVar[str] = "linear"
+    paper: ClassVar[str] = "Fan et al. 2025, Breaking the Low-Rank Dilemma of Linear Attention"
+    supports: ClassVar[frozenset] = frozenset({"gqa", "cross"})
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
+
+    def implementations(self):
+        return {name: functools.partial(_registered, name) for name in ("reference", "xla")}
+
+
+def _registered(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, *, scale=None) -> jax.Array:
+    """``attnjax.attention`` signature for ``RALA``."""
+    return rala(q, k, v, scale=scale, implementation=implementation)
+
+
+__all__ = ["Rotary", "rala_rotary", "theta_shift", "rala_reference", "rala", "RALA"]

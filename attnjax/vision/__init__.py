@@ -13,6 +13,7 @@ from attnjax.vision import (aggregated_attention, conditioned, condaformer, cris
                             large_kernel, metamixer, mil, partial_attention, polarized, pooling_mixer, probing, region,
                             rollout, squeeze_excite, strip, window)
 from attnjax.vision import agent, channel_attention
+from attnjax.vision import scatterformer
 from attnjax.vision import l2vit, slab
 
 __all__ = ["aggregated_attention", "conditioned", "condaformer", "criss_cross", "crossformer", "crossvit", "dcal",

@@ -13,7 +13,8 @@ grid's z extent (the official code windows ``(y, x)`` only).
 SLA (eq. 2-3): the voxels of the scene are sorted by window, so that each window is a contiguous run of one
 packed sequence, and linear attention runs within each run::
 
-    SLA(Q, K, V) = Concat[LA(Q_j, K_j, V_j)]_{j=1..M},   LA: o_i = φ(q_i) Σ_{t∈j} φ(k_t)ᵀ v_t / (φ(q_i) Σ_{t∈j} φ(k_t)ᵀ + ε)
+    SLA(Q, K, V) = Concat[LA(Q_j, K_j, V_j)]_{j=1..M}                                      (eq. 2)
+    LA: o_i = φ(q_i) Σ_{t∈j} φ(k_t)ᵀ v_t / (φ(q_i) Σ_{t∈j} φ(k_t)ᵀ + ε)                    (eq. 3)
 
 with ``φ = ReLU`` and ``ε = 1e-6`` (the official ``SLALayer``: ``y / (z + 1e-6)``; the paper cites the map of
 Katharopoulos et al., pass ``feature_map="elu+1"`` for it). ``attnjax.linear.linear_attention`` already computes

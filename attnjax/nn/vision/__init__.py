@@ -23,6 +23,8 @@ from attnjax.nn.vision.plain_detr import BoxRPBCrossAttention, BoxRPBMLP
 from attnjax.nn.vision.inline import InLineAttention
 from attnjax.nn.vision.agent import AgentAttention
 from attnjax.nn.vision.davit import ChannelAttention, ConvPosEnc, DaViTBlock, DualAttentionHalf, SpatialWindowAttention
+from attnjax.nn.vision.rala import RALAttention, RAVLTBlock
+from attnjax.nn.vision.scatterformer import ScatterFormerLayer
 from attnjax.nn.vision.slab import SimplifiedLinearAttention, SLABBlock
 from attnjax.nn.vision.l2vit import L2ViTBlock, LinearGlobalAttention, LocalConcentration, LocalWindowAttention
 
