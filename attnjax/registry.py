@@ -88,13 +88,16 @@ def register(cls: type) -> type:
 
 
 def get(name: str) -> type:
-    """The config class registered under ``name``; ``ValueError`` naming the closest name if unknown."""
+    """The config class registered under ``name``; ``ValueError`` naming the closest name if unknown (else
+    listing every registered name)."""
     try:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(str(name), builtins.list(_REGISTRY), n=1)
-        hint = f" did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown mechanism {name!r};{hint} registered: {sorted(_REGISTRY)}") from None
+        if close:
+            raise ValueError(f"unknown mechanism {name!r}; did you mean {close[0]!r}? (attnjax.registry.list() "
+                             f"shows all {len(_REGISTRY)})") from None
+        raise ValueError(f"unknown mechanism {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
 def resolve(mechanism: Union[str, Mechanism]) -> Mechanism:

@@ -155,7 +155,8 @@ def test_listing_prints_an_aligned_table_and_is_the_entries():
 @pytest.mark.parametrize("typo,expected", [("sofmax", "softmax"), ("lightnin", "lightning"), ("stickbreaking",
                                                                                               "stick_breaking")])
 def test_unknown_mechanism_suggests_the_closest_name(typo, expected):
-    with pytest.raises(ValueError, match=rf"unknown mechanism '{typo}'; did you mean '{expected}'\? registered: \["):
+    hint = rf"unknown mechanism '{typo}'; did you mean '{expected}'\? \(attnjax.registry.list\(\) shows all"
+    with pytest.raises(ValueError, match=hint):
         registry.get(typo)
 
 
