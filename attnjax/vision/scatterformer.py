@@ -144,6 +144,11 @@ def scatterformer_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, 
 
     ``M_ij = [valid_i ∧ valid_j ∧ ⌊(c_i + s)/w⌋ = ⌊(c_j + s)/w⌋]``,
     ``o_i = Σ_j M_ij (φ(q_i)·φ(k_j)) v_j / (Σ_j M_ij φ(q_i)·φ(k_j) + 1e-6)``; padding rows are zero.
+
+    Args:
+      q, k, v, coords, valid, window_shape, shift, feature_map: as ``scatterformer_attention``.
+    Returns:
+      ``[B, N, Hq, Dv]`` in q's dtype.
     """
     check_qkv(q, k, v)
     _check_rows(q, coords)
