@@ -53,6 +53,7 @@ from attnjax import masks, registry
 from attnjax.bias import Bias
 from attnjax.checks import check_qkv, check_scalar
 from attnjax.linear.feature_maps import FeatureMap, Performer, get_feature_map, is_softmax_kernel
+from attnjax.meshes import vary_like
 from attnjax.positional.alibi import ALiBi
 from attnjax.positional.relative import relative_embedding_index
 from attnjax.positional.t5 import T5Bias
@@ -248,7 +249,8 @@ def kernelized_rpe_attention(
         d = jnp.fft.irfft(kv_hat[:, :, :, None] * c_hat, n=L, axis=1)[:, S - 1:S - 1 + T]   # [B,T,Hkv,G,f,E]
         return acc + jnp.einsum("bthgf,bthgfe->bthge", fq_b, d, precision="highest"), None
 
-    acc, _ = jax.lax.scan(jax.checkpoint(block), jnp.zeros((B, T, Hkv, G, E), jnp.float32), (fq_blocks, fk_blocks))
+    acc0 = vary_like(jnp.zeros((B, T, Hkv, G, E), jnp.float32), fq, fk, vf, log_c)    # shard_map(check_vma)
+    acc, _ = jax.lax.scan(jax.checkpoint(block), acc0, (fq_blocks, fk_blocks))
     out = normalized(acc)
     if causal and T > S:
         out = jnp.where((jnp.arange(T) >= T - S)[None, :, None, None, None], out, 0.0)
@@ -260,9 +262,9 @@ def rule_rpe_bias(bias: Bias, num_heads: int, T: int, S: int) -> jax.Array:
     ``positional.T5Bias``): its last query row gives the offsets ``−(S − 1) … 0``, its last key column
     ``0 … T − 1``. Other biases are not Toeplitz: ``NotImplementedError``."""
     if not isinstance(bias, (ALiBi, T5Bias)):
+        got = type(bias).__name__ if isinstance(bias, Bias) else f"an array of shape {jnp.shape(bias)}"
         raise NotImplementedError(f"kernelized_rpe needs a bias that depends on key - query only (positional.ALiBi, "
-                                  f"positional.T5Bias, or rpe_bias in kernelized_rpe_attention); got "
-                                  f"{type(bias).__name__}")
+                                  f"positional.T5Bias, or rpe_bias in kernelized_rpe_attention); got {got}")
     row = bias.tile(jnp.array([T - 1]), jnp.arange(S), T, S)[:, :, 0, :]            # offsets −(S−1) … 0
     column = bias.tile(jnp.arange(T), jnp.array([S - 1]), T, S)[:, :, ::-1, 0]     # offsets 0 … T − 1
     generator = jnp.concatenate([row, column[..., 1:]], axis=-1)

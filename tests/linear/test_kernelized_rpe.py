@@ -54,7 +54,7 @@ def test_fft_matches_dense_toeplitz_reference(B, T, S, Hq, Hkv, causal):
     w = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, Hq, 5)), jnp.float32)
     actual = _outputs_and_grads(q, k, v, b, w, fast=True, causal=causal)
     expected = _outputs_and_grads(q, k, v, b, w, fast=False, causal=causal)
-    for name, a, e in zip(("out", "dq", "dk", "dv", "drpe_bias"), actual, expected):
+    for name, a, e in zip(("out", "dq", "dk", "dv", "drpe_bias"), actual, expected, strict=True):
         assert bool(jnp.all(jnp.isfinite(a))), name
         assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
     if causal and T > S:
@@ -75,7 +75,8 @@ def test_large_bias_is_shifted_not_overflowed():
 
 def test_reference_is_equation_10():
     """The reference equals eq. 10 written as loops: ``z_i = Σ_j e^(b_(j−p_i)) φ(q_i)·φ(k_j) v_j / Σ_j …``,
-    offsets ``key − query`` with bottom-right alignment ``p_i = i + S − T``, ``c = 0`` for ``j > p_i`` when causal."""
+    offsets ``key − query`` with bottom-right alignment ``p_i = i + S − T``, ``c = 0`` for ``j > p_i`` when
+    causal."""
     T, S, D = 4, 6, 3
     q, k, v, b = _inputs(1, T, S, 1, 1, D=D, Dv=2, seed=3)
     for causal in (False, True):
@@ -99,8 +100,8 @@ def test_zero_bias_is_normalized_linear_attention():
     """With ``b = 0``, no normalization of q/k and elu+1, the FFT path is normalized causal linear
     attention (``attnjax.linear.linear_attention``, Katharopoulos et al. 2020)."""
     q, k, v, _ = _inputs(1, 11, 11, 2, 2)
-    actual = jax.jit(lambda q, k, v: kernelized_rpe_attention(q, k, v, jnp.zeros((1, 21)), feature_map="elu+1",
-                                                              qk_norm=False, causal=True))(q, k, v)
+    fast = functools.partial(kernelized_rpe_attention, feature_map="elu+1", qk_norm=False, causal=True)
+    actual = jax.jit(fast)(q, k, v, jnp.zeros((1, 21)))
     expected = linear_attention(q, k, v, feature_map="elu+1", causal=True, normalize=True, implementation="reference")
     assert_close(actual, expected, rtol=1e-5, atol=1e-5, name="b = 0")
 
@@ -110,7 +111,7 @@ def test_rule_generators_equal_the_dense_rules():
     dense ``[T, S]`` bias (offsets key − query, bottom-right alignment), for T < S and T > S."""
     table = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
     for rule, T, S in ((ALiBi(jnp.asarray(alibi_slopes(3))), 5, 9), (T5Bias(table, max_distance=16), 9, 5)):
-        g, dense = jax.jit(lambda rule: (rule_rpe_bias(rule, 3, T, S), rule.dense(T, S)))(rule)
+        g, dense = jax.jit(lambda rule, T=T, S=S: (rule_rpe_bias(rule, 3, T, S), rule.dense(T, S)))(rule)
         r = np.arange(S)[None, :] - np.arange(T)[:, None] + T - 1
         np.testing.assert_allclose(np.asarray(g)[:, r], np.asarray(dense)[0], rtol=1e-6)
 
