@@ -230,6 +230,9 @@ class RCMHA(nnx.Module):
         return self.out(out), RCMHACache(KVCache(k_all, v_all, kv.length + 1), window)
 
 
+register_module(ModuleSpec("causal_depthwise_conv", CausalDepthwiseConv, dict(head_dim=4),
+                           lambda key: (jax.random.normal(key, (2, 9, 2, 4)),), kind="other",
+                           paper="Sugiharto et al. 2023 (RCMHA); So et al. 2021 (Primer), §2", causal=True))
 register_module(ModuleSpec(
     "rcmha", RCMHA, dict(d_model=16, num_heads=2, kernel_size=3), (2, 9, 16), kind="layer",
     paper="Sugiharto et al. 2023 (RCMHA: causal depthwise convolutions on Q, K, V and Transformer-XL's relative "

@@ -135,16 +135,24 @@ class DualAttentionHalf(nnx.Module):
     Parameters: ``20C`` (two ``ConvPosEnc``) + ``4C`` (two LayerNorms) + the mixer's + ``TransformerMLP``'s.
 
     Args:
-      channels: ``C``; attn: the token mixer (``SpatialWindowAttention`` or ``ChannelAttention``) on ``C`` channels.
-      mlp_ratio: the MLP's hidden units per channel (4 in DaViT).
-      dtype, param_dtype, rngs: as ``ChannelAttention``. Left out: stochastic depth (drop path).
+      channels: ``C``; num_heads: the mixer's heads (window attention) or groups (channel attention).
+      mixer: ``"spatial"`` (``SpatialWindowAttention``) or ``"channel"`` (``ChannelAttention``).
+      window_size: the spatial mixer's window. mlp_ratio: the MLP's hidden units per channel (4 in DaViT).
+      qkv_bias, dtype, param_dtype, rngs: as ``ChannelAttention``. Left out: stochastic depth (drop path).
     """
 
-    def __init__(self, channels: int, attn: nnx.Module, *, mlp_ratio: float = 4.0, dtype: Optional[Dtype] = None,
+    def __init__(self, channels: int, num_heads: int, mixer: str, *, window_size: Window = 7,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, dtype: Optional[Dtype] = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         check_positive(channels=channels)
-        self.channels = channels
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if mixer == "spatial":
+            attn = SpatialWindowAttention(channels, num_heads, window_size=window_size, qkv_bias=qkv_bias, **common)
+        elif mixer == "channel":
+            attn = ChannelAttention(channels, num_heads, qkv_bias=qkv_bias, **common)
+        else:
+            raise ValueError(f"mixer must be 'spatial' or 'channel', got {mixer!r}")
+        self.channels = channels
         self.cpe = nnx.List([ConvPosEnc(channels, 3, **common), ConvPosEnc(channels, 3, **common)])
         self.norm1 = nnx.LayerNorm(channels, epsilon=LAYER_NORM_EPSILON, **common)
         self.attn = attn
@@ -187,13 +195,10 @@ class DaViTBlock(nnx.Module):
     def __init__(self, channels: int, num_heads: int, *, window_size: Window = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.channels = channels
-        self.spatial = DualAttentionHalf(
-            channels, SpatialWindowAttention(channels, num_heads, window_size=window_size, qkv_bias=qkv_bias,
-                                             **common), mlp_ratio=mlp_ratio, **common)
-        self.channel = DualAttentionHalf(channels, ChannelAttention(channels, num_heads, qkv_bias=qkv_bias, **common),
-                                         mlp_ratio=mlp_ratio, **common)
+        self.spatial = DualAttentionHalf(channels, num_heads, "spatial", window_size=window_size, **common)
+        self.channel = DualAttentionHalf(channels, num_heads, "channel", **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
@@ -203,6 +208,11 @@ class DaViTBlock(nnx.Module):
 
 PAPER = "Ding et al. 2022 (DaViT, ECCV), sec. 3; official dingmyu/davit"
 register_module(ModuleSpec("davit_channel_attention", ChannelAttention, dict(channels=8, num_heads=2),
+                           (2, 5, 7, 8), kind="image", paper=PAPER))
+register_module(ModuleSpec("davit_window_attention", SpatialWindowAttention, dict(channels=8, num_heads=2, window_size=3),
+                           (2, 5, 7, 8), kind="image", paper=PAPER))
+register_module(ModuleSpec("davit_conv_pos_enc", ConvPosEnc, dict(channels=8), (2, 5, 7, 8), kind="image", paper=PAPER))
+register_module(ModuleSpec("davit_channel_half", DualAttentionHalf, dict(channels=8, num_heads=2, mixer="channel"),
                            (2, 5, 7, 8), kind="image", paper=PAPER))
 register_module(ModuleSpec("davit_block", DaViTBlock, dict(channels=8, num_heads=2, window_size=3), (2, 5, 7, 8),
                            kind="image", paper=PAPER))
