@@ -202,7 +202,7 @@ def kernelized_rpe_attention_reference(
 def kernelized_rpe_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, rpe_bias: jax.Array, *,
     feature_map: Union[str, FeatureMap] = DEFAULT_FEATURE_MAP, qk_norm: bool = True, scale: Optional[float] = None,
-    causal: bool = False, feature_chunk: int = 16,
+    causal: bool = False, feature_chunk: int = 8,
 ) -> jax.Array:
     """Kernelized attention with RPE through the FFT (Luo et al. 2021, §3.2, eqs. 10–13, Algorithm 1).
 
@@ -224,7 +224,8 @@ def kernelized_rpe_attention(
 
     Args:
       q, k, v, rpe_bias, feature_map, qk_norm, scale, causal: as in ``kernelized_rpe_attention_reference``.
-      feature_chunk: features per FFT block (trades memory for loop steps).
+      feature_chunk: features per FFT block: memory grows with it; 8 was fastest on CPU (T = 4096, H = 4,
+        D = 64, 64 features: 1.47 s at 4 and 8, 1.75 s at 16, 2.65 s at 64).
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype.
     """
@@ -301,7 +302,7 @@ class KernelizedRPE:
 
     feature_map: Union[str, FeatureMap] = DEFAULT_FEATURE_MAP
     qk_norm: bool = True
-    feature_chunk: int = 16
+    feature_chunk: int = 8
 
     name: ClassVar[str] = "kernelized_rpe"
     family: ClassVar[str] = "linear"

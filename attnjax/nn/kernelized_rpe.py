@@ -62,7 +62,7 @@ class KernelizedRPEAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, max_distance: int = 511, causal: bool = True,
                  feature_map: Union[str, FeatureMap] = DEFAULT_FEATURE_MAP, qk_norm: bool = True,
-                 feature_chunk: int = 16, implementation: str = "xla", qkv_bias: bool = False,
+                 feature_chunk: int = 8, implementation: str = "xla", qkv_bias: bool = False,
                  out_bias: bool = False, dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         head_dim = resolve_head_dim(d_model, num_heads, head_dim)
