@@ -75,8 +75,8 @@ class Prepared(NamedTuple):
 
 
 def fast_fft_length(n: int) -> int:
-    """The smallest ``2^a·3^b·5^c >= n``: an FFT length every backend transforms fast (at most
-    ``25%`` above ``n``, often much closer than the next power of two)."""
+    """The smallest ``2^a·3^b·5^c >= n``: an FFT length every backend transforms fast, at most 15.4%
+    above ``n`` (checked for ``n < 200000``; the worst is 15 for 13) where the next power of two can be 2×."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     best = 1 << (n - 1).bit_length()
