@@ -1,5 +1,6 @@
 """Linear attention: feature maps, decay (Lightning), states, packed segments; registry entries
-"linear", "lightning", "performer" and "based_linear" (one file each)."""
+"linear", "lightning", "performer", "based_linear", "flow" (Flowformer), "inline" (InLine), "kernelized_rpe"
+(kernelized attention with relative positions through the FFT) and "rala" (rank-augmented), one file each."""
 
 from attnjax.linear import feature_maps
 from attnjax.linear.feature_maps import FEATURE_MAPS, Performer
@@ -18,5 +19,8 @@ from attnjax.linear.rala import RALA, rala, rala_reference, rala_rotary
 __all__ = [
     "feature_maps", "FEATURE_MAPS", "Performer", "linear_attention", "linear_attention_step",
     "segment_ids_from_cu_seqlens", "NORMALIZER_EPS", "LinearAttention", "Lightning",
-    "PerformerAttention", "BasedLinear",
+    "PerformerAttention", "BasedLinear", "Flow", "FlowState", "flow_attention", "flow_attention_reference",
+    "flow_attention_step", "flow_initial_state", "InLine", "inline_attention", "inline_attention_reference",
+    "KernelizedRPE", "kernelized_rpe_attention", "kernelized_rpe_attention_reference", "RALA", "rala",
+    "rala_reference", "rala_rotary",
 ]

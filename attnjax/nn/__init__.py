@@ -34,5 +34,6 @@ __all__ = [
     "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv", "vision",
     "BAMAttention", "upcycle_attention", "EchoAttention", "EchoAttentionStack", "EchoCache", "GINAttention",
     "GINCache", "GraphMoE", "GraphMoEBlock", "GraphMoEBlockCache", "RouterCache", "LowRankAttention", "LowRankCache",
-    "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention",
+    "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention", "positional", "FlowAttention",
+    "KernelizedRPEAttention", "ProgressiveRepBatchNorm", "RepBatchNorm", "set_progress",
 ]

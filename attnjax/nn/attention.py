@@ -121,6 +121,33 @@ class SequenceParallel:
                                              batch_axis=self.batch_axis, head_axis=self.head_axis, **kwargs)
 
 
+def attention_projections(
+    d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, context_dim: Optional[int] = None,
+    num_v_heads: Optional[int] = None, v_head_dim: Optional[int] = None, qkv_bias: bool = False,
+    out_bias: bool = False, kernel_init: Optional[Callable] = None, dtype: Optional[Dtype] = None,
+    param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+) -> tuple[nnx.LinearGeneral, nnx.LinearGeneral, nnx.LinearGeneral, nnx.LinearGeneral]:
+    """Multi-head attention's projections ``(query, key, value, out)`` as ``nnx.LinearGeneral``.
+
+    ``query: d_model -> [Hq, D]``, ``key: context_dim -> [Hk, D]``, ``value: context_dim -> [Hv, Dv]`` (with
+    ``qkv_bias``), ``out: [Hq, Dv] -> d_model`` (with ``out_bias``); ``context_dim`` defaults to ``d_model``,
+    ``Hv`` to ``Hk``, ``Dv`` to ``D``, ``kernel_init`` to flax's default. Every layer that owns these four
+    projections builds them here, so their parameter names and layouts match ``MultiHeadAttention``'s.
+    """
+    context_dim = d_model if context_dim is None else context_dim
+    num_v_heads = num_kv_heads if num_v_heads is None else num_v_heads
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
+
+    def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
+        return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs, **init)
+
+    return (linear(d_model, (num_heads, head_dim)), linear(context_dim, (num_kv_heads, head_dim)),
+            linear(context_dim, (num_v_heads, v_head_dim)),
+            linear((num_heads, v_head_dim), d_model, axis=(-2, -1), use_bias=out_bias))
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention with GQA/MQA, optional RoPE, any registered mechanism, and a KV cache.
 
@@ -246,14 +273,10 @@ class MultiHeadAttention(nnx.Module):
         self.dtype, self.param_dtype = dtype, param_dtype
         self.deterministic = False
 
-        def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
-            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-
-        self.query = linear(d_model, (num_heads, head_dim))
-        self.key = linear(context_dim, (num_kv_heads, head_dim))
-        self.value = linear(context_dim, (num_v_heads, v_head_dim))
-        self.out = linear((num_heads, v_head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, context_dim=context_dim, num_v_heads=num_v_heads,
+            v_head_dim=v_head_dim, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs)
         self.position_bias = None if position_bias is None else position_bias(num_heads, rngs=rngs)
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 

@@ -19,7 +19,7 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.heads.moh import HeadRouting, moh_attention, moh_attention_reference, moh_balance_loss, moh_routing
-from attnjax.nn.attention import KVCache
+from attnjax.nn.attention import KVCache, attention_projections
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import RoPE
@@ -90,14 +90,14 @@ class MoHAttention(nnx.Module):
         self.block_q, self.block_kv = block_q, block_kv
         self.dtype, self.param_dtype = dtype, param_dtype
 
-        def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
-            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+
+        def linear(in_features, out_features, use_bias):
+            return nnx.LinearGeneral(in_features, out_features, use_bias=use_bias, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
 
-        self.query = linear(d_model, (num_heads, head_dim))
-        self.key = linear(d_model, (num_kv_heads, head_dim))
-        self.value = linear(d_model, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
         self.router_routed = linear(d_model, routed, use_bias=False) if routed else None
         self.router_shared = linear(d_model, hs, use_bias=False) if hs > 1 else None
         self.router_balance = linear(d_model, 2, use_bias=False) if hs and routed else None

@@ -8,15 +8,13 @@ modules that own the parameters are in ``attnjax.nn.conv`` (attention for conv n
 (vision transformers).
 """
 
-from attnjax.vision import (aggregated_attention, conditioned, condaformer, criss_cross, crossformer, crossvit, dcal,
-                            dsvt, dual_attention, efficient_local, fit, focal_modulation, halo, kmeans_attention,
-                            large_kernel, metamixer, mil, partial_attention, polarized, pooling_mixer, probing, region,
-                            rollout, squeeze_excite, strip, window)
-from attnjax.vision import agent, channel_attention
-from attnjax.vision import scatterformer
-from attnjax.vision import l2vit, slab
+from attnjax.vision import (agent, aggregated_attention, channel_attention, conditioned, condaformer, criss_cross,
+                            crossformer, crossvit, dcal, dsvt, dual_attention, efficient_local, fit, focal_modulation,
+                            halo, kmeans_attention, l2vit, large_kernel, metamixer, mil, partial_attention, polarized,
+                            pooling_mixer, probing, region, rollout, scatterformer, slab, squeeze_excite, strip, window)
 
-__all__ = ["aggregated_attention", "conditioned", "condaformer", "criss_cross", "crossformer", "crossvit", "dcal",
-           "dsvt", "dual_attention", "efficient_local", "fit", "focal_modulation", "halo", "kmeans_attention",
-           "large_kernel", "metamixer", "mil", "partial_attention", "polarized", "pooling_mixer", "probing", "region",
-           "rollout", "squeeze_excite", "strip", "window"]
+__all__ = ["agent", "aggregated_attention", "channel_attention", "conditioned", "condaformer", "criss_cross",
+           "crossformer", "crossvit", "dcal", "dsvt", "dual_attention", "efficient_local", "fit", "focal_modulation",
+           "halo", "kmeans_attention", "l2vit", "large_kernel", "metamixer", "mil", "partial_attention", "polarized",
+           "pooling_mixer", "probing", "region", "rollout", "scatterformer", "slab", "squeeze_excite", "strip",
+           "window"]

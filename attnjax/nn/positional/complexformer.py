@@ -22,7 +22,7 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
-from attnjax.nn.attention import KVCache
+from attnjax.nn.attention import KVCache, attention_projections
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.relative.complexformer import (DEFAULT_BASE, DEFAULT_EPS, DEFAULT_SCALE, check_cmha_options,
@@ -82,15 +82,9 @@ class ComplexMultiHeadAttention(nnx.Module):
         self.implementation = implementation
         self.dtype, self.param_dtype = dtype, param_dtype
 
-        def linear(in_features, out_features, axis=-1):
-            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=False, dtype=dtype,
-                                     param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(),
-                                     rngs=rngs)
-
-        self.query = linear(d_model, (num_heads, head_dim))
-        self.key = linear(d_model, (num_kv_heads, head_dim))
-        self.value = linear(d_model, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1))
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
         half = head_dim // 2
         self.delta = nnx.Param(nnx.initializers.normal(1.0 / math.sqrt(half))(rngs.params(), (num_kv_heads, half),
                                                                                  param_dtype))

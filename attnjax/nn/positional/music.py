@@ -19,7 +19,7 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.api import attention
-from attnjax.nn.attention import KVCache
+from attnjax.nn.attention import KVCache, attention_projections
 from attnjax.nn.capture import refuse_capture
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
@@ -75,14 +75,9 @@ class RelativeAttention(nnx.Module):
         self.max_distance, self.causal, self.implementation = max_distance, causal, implementation
         self.dtype, self.param_dtype = dtype, param_dtype
 
-        def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
-            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-
-        self.query = linear(d_model, (num_heads, head_dim))
-        self.key = linear(d_model, (num_kv_heads, head_dim))
-        self.value = linear(d_model, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
         rows = max_distance + 1 if causal else 2 * max_distance + 1
         shape = (rows, head_dim) if share_embeddings else (rows, num_heads, head_dim)
         init = nnx.initializers.normal(head_dim ** -0.5)

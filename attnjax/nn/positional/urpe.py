@@ -18,7 +18,7 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.bias import Bias
-from attnjax.nn.attention import KVCache
+from attnjax.nn.attention import KVCache, attention_projections
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.nn.registry import ModuleSpec, register_module
@@ -81,14 +81,9 @@ class URPEAttention(nnx.Module):
         self.implementation, self.block_q, self.block_kv = implementation, block_q, block_kv
         self.dtype, self.param_dtype = dtype, param_dtype
 
-        def linear(in_features, out_features, axis=-1, use_bias=qkv_bias):
-            return nnx.LinearGeneral(in_features, out_features, axis=axis, use_bias=use_bias, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-
-        self.query = linear(d_model, (num_heads, head_dim))
-        self.key = linear(d_model, (num_kv_heads, head_dim))
-        self.value = linear(d_model, (num_kv_heads, head_dim))
-        self.out = linear((num_heads, head_dim), d_model, axis=(-2, -1), use_bias=out_bias)
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
         num_offsets = 2 * max_distance + 1 if bidirectional else max_distance + 1
         self.c = nnx.Param(jnp.ones((num_offsets, num_heads), param_dtype))
         self.position_bias = None if position_bias is None else position_bias(num_heads, rngs=rngs)
