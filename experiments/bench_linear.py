@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 import attnjax
@@ -33,6 +32,7 @@ from attnjax import masks
 from attnjax.linear import linear_attention
 from experiments.lib import cli, host, plots, report, workload
 from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
+from experiments.lib.slopes import extrapolate, fitted_line, format_fit, path_slopes
 
 LIGHTNING, SOFTMAX, PALLAS = "lightning/xla", "softmax/xla", "lightning/pallas"
 ORDER = {LIGHTNING: 1, SOFTMAX: 2, PALLAS: 1}
@@ -90,10 +90,7 @@ def pallas_note(with_pallas: bool) -> str:
 
 def predicted_seconds(path: str, seq_len: int, last: Optional[tuple[int, float]]) -> Optional[float]:
     """One run's time at ``seq_len`` extrapolated from the path's last timed ``(T, seconds)``."""
-    if last is None:
-        return None
-    last_len, last_s = last
-    return last_s * (seq_len / last_len) ** ORDER[path]
+    return extrapolate(last, seq_len, ORDER[path])
 
 
 def measure(seq_len: int, mode: str, fns: dict[str, Callable], last: dict[tuple[str, str], tuple[int, float]],
@@ -136,26 +133,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def fit_slope(points: Sequence[tuple[int, float]]) -> Optional[dict]:
-    """Least-squares slope of log(time) on log(T), or None with fewer than two lengths."""
-    if len(points) < 2:
-        return None
-    lens, secs = zip(*points)
-    slope, intercept = np.polyfit(np.log(lens), np.log(secs), 1)
-    return {"slope": float(slope), "intercept": float(intercept), "T_min": min(lens), "T_max": max(lens),
-            "points": len(points)}
-
-
 def slopes(rows: list[dict], paths: Sequence[str], min_len: int) -> dict:
     """``{path: {mode: {"all": fit, "from_min_len": fit}}}`` over the lengths each path was timed at."""
-    out = {}
-    for path in paths:
-        out[path] = {}
-        for mode in MODES:
-            timed = [(r["T"], r["median_s"]) for r in rows if r["path"] == path and r["mode"] == mode and r["run"]]
-            late = [p for p in timed if p[0] >= min_len]
-            out[path][mode] = {"all": fit_slope(timed), "from_min_len": fit_slope(late)}
-    return out
+    return path_slopes(rows, paths, MODES, min_len)
 
 
 def target(fits: dict) -> dict:
@@ -204,13 +184,9 @@ def table(rows: list[dict], paths: Sequence[str], args: argparse.Namespace) -> s
     return report.markdown_table(headers, lines)
 
 
-def _fit_cell(fit: Optional[dict]) -> str:
-    return "n/a" if fit is None else f"{fit['slope']:.3f} ({fit['T_min']}-{fit['T_max']}, {fit['points']} pts)"
-
-
 def slope_table(fits: dict, min_len: int) -> str:
     """One line per (path, mode): slope over every timed T, and over T >= ``min_len``."""
-    lines = [[path, mode.replace("_", "+"), _fit_cell(by_mode["all"]), _fit_cell(by_mode["from_min_len"])]
+    lines = [[path, mode.replace("_", "+"), format_fit(by_mode["all"]), format_fit(by_mode["from_min_len"])]
              for path, modes in fits.items() for mode, by_mode in modes.items()]
     return report.markdown_table(["path", "mode", "slope (all timed T)", f"slope (T >= {min_len})"], lines)
 
@@ -274,9 +250,7 @@ def plot(rows: list[dict], fits: dict, args: argparse.Namespace, path: Path) -> 
             if timed:
                 ax_t.loglog(*zip(*timed), "o", color=color)
             if by_range["all"]:
-                fit = by_range["all"]
-                xs = np.array([fit["T_min"], fit["T_max"]], float)
-                ax_t.loglog(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], style, color=color,
+                ax_t.loglog(*fitted_line(by_range["all"]), style, color=color,
                             label=_fit_label(name, mode, by_range, args.slope_min_len))
             ax_m.loglog([r["T"] for r in sel], [r["memory"]["peak"] / GIB for r in sel], "o" + style,
                         color=color, label=f"{name} {mode.replace('_', '+')}")
@@ -288,19 +262,10 @@ def plot(rows: list[dict], fits: dict, args: argparse.Namespace, path: Path) -> 
         f"{jax.devices()[0].device_kind}: Lightning (chunk {args.chunk_size}) vs blocked softmax", path)
 
 
-def cpu_model() -> str:
-    """The host CPU's model name from ``/proc/cpuinfo``, or ``"unknown CPU"``."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark; write JSON, markdown and PNG; print the report."""
     args = parse_args(argv)
-    device = dict(host.device_info(), cpu_model=cpu_model())
+    device = dict(host.device_info(), cpu_model=host.cpu_model())
     rows = run(args)
     fits = slopes(rows, list(dict.fromkeys(r["path"] for r in rows)), args.slope_min_len)
     goal = target(fits)

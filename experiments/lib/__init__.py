@@ -2,7 +2,8 @@
 pallas_kernels, never another script.
 
 - ``measure``: compile, time (interleaved medians) and read XLA's memory analysis;
-- ``host``: what a run measured on (device, jax version) and how loaded the host was;
+- ``host``: what a run measured on (device, CPU model, jax version) and how loaded the host was;
+- ``slopes``: log-log slopes of time vs T per path, extrapolation to the next T, and their table cells;
 - ``workload``: random q, k, v and the timed modes (forward, forward+backward);
 - ``flops``: attention FLOPs by FlashAttention-2's convention, and a matmul of the same work;
 - ``accuracy``: relative error against a reference and its pass bound per dtype;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
 
@@ -12,6 +13,15 @@ def device_info() -> dict:
     device = jax.devices()[0]
     return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "jax_version": jax.__version__}
+
+
+def cpu_model() -> str:
+    """The host CPU's model name from ``/proc/cpuinfo``, or ``"unknown CPU"``."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
 
 
 def machine_load() -> dict:
