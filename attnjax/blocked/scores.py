@@ -83,7 +83,14 @@ def raw_logits(q: jax.Array, k: jax.Array, q_idx: jax.Array, kv_idx: jax.Array,
         b = bias.query_tile(q.reshape(B, Hkv * G, tq, D), q_idx, kv_idx, spec.T, spec.S)
     else:
         b = bias.tile(q_idx, kv_idx, spec.T, spec.S)
-    return s + to_groups(b.astype(jnp.float32), spec.num_kv_heads)
+    return with_bias(s, b, spec)
+
+
+def with_bias(s: jax.Array, bias_tile: jax.Array, spec: ScoreSpec) -> jax.Array:
+    """``s + bias_tile`` (``[B|1, Hq|1, tq, tk]`` grouped by KV head), materialized once: without the barrier
+    XLA may fuse a rule's elementwise tile into every consumer of the logits (max, exp, sum), computing it
+    several times per tile."""
+    return jax.lax.optimization_barrier(s + to_groups(bias_tile.astype(jnp.float32), spec.num_kv_heads))
 
 
 def soft_cap(s: jax.Array, cap: Optional[float]) -> jax.Array:

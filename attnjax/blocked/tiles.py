@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 from attnjax.bias import ArrayBias, Bias
-from attnjax.blocked.scores import ScoreSpec, raw_logits, to_groups
+from attnjax.blocked.scores import ScoreSpec, raw_logits, with_bias
 from attnjax.tiling import num_tiles, pad_axis, rank4
 
 
@@ -119,8 +119,7 @@ def logits_with_bias_pullback(qi: jax.Array, kj: jax.Array, q_idx: jax.Array, kv
                              params, q_flat)
     else:
         tile, pull = jax.vjp(lambda p: _with_float_leaves(bias, p).tile(q_idx, kv_idx, spec.T, spec.S), params)
-    raw = raw_logits(qi, kj, q_idx, kv_idx, None, spec) + to_groups(tile.astype(jnp.float32), spec.num_kv_heads)
-    return raw, (pull, tile.shape)
+    return with_bias(raw_logits(qi, kj, q_idx, kv_idx, None, spec), tile, spec), (pull, tile.shape)
 
 
 def add_bias_grad(dbias, ds: jax.Array, bias: Optional[Bias], pullback, q_idx: jax.Array, kv_idx: jax.Array):

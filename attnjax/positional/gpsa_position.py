@@ -49,6 +49,10 @@ class GPSAPositionBias(Bias):
       v_pos: ``[H, 3]`` float, per head the weights of ``(δx, δy, δx² + δy²)`` (the official ``pos_proj.weight``;
         its bias is a constant per query row, which the softmax cancels).
       width: the grid's width ``W`` (tokens per row). Self-attention only: ``T == S``, a multiple of ``W``.
+
+    A tile is a 4-wide matmul per head (``v·r_ij`` expanded into query terms, key terms and ``x_i·x_j + y_i·y_j``),
+    O(H·(tq + tk)) work plus the matmul; float32 rounding of the expansion is about ``1e-7·|v2|·((W/2)² + Δy²)``
+    in absolute terms, where ``Δy`` spans the tile's rows (so it stays small where the bias is small).
     """
 
     v_pos: jax.Array
@@ -68,9 +72,23 @@ class GPSAPositionBias(Bias):
                              f"width={self.width}; got T={T}, S={S}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        dx, dy = grid_deltas(q_idx, kv_idx, self.width)  # elementwise: a contraction over 3 would lower to a dot
-        v = jnp.asarray(self.v_pos, jnp.float32)[:, :, None, None]
-        return (v[:, 0] * dx + v[:, 1] * dy + v[:, 2] * (dx * dx + dy * dy))[None]
+        # v·r_ij = row_i + col_j − 2·v2·(x_i·x_j + y_i·y_j): a 4-wide matmul per head (as elementwise passes over
+        # the tile this costs as much as the tile's q·kᵀ on CPU). Coordinates are taken from the tile's first query
+        # row and the grid's middle column, so the expansion loses no precision where the bias is small.
+        origin_y, origin_x = jnp.asarray(q_idx[0], jnp.int32) // self.width, self.width // 2
+        qy, qx = _coordinates(q_idx, self.width, origin_y, origin_x)
+        ky, kx = _coordinates(kv_idx, self.width, origin_y, origin_x)
+        v = jnp.asarray(self.v_pos, jnp.float32)
+        v0, v1, v2 = (v[:, c][:, None] for c in range(3))  # [H, 1]
+        row = -v0 * qx - v1 * qy + v2 * (qx * qx + qy * qy)  # [H, tq]
+        col = v0 * kx + v1 * ky + v2 * (kx * kx + ky * ky)  # [H, tk]
+        lhs = jnp.stack([row, jnp.ones_like(row), *jnp.broadcast_arrays(qx, qy, row)[:2]], axis=-1)
+        rhs = jnp.stack([jnp.ones_like(col), col, -2.0 * v2 * kx, -2.0 * v2 * ky], axis=-1)
+        return jnp.einsum("hik,hjk->hij", lhs, rhs, precision=jax.lax.Precision.HIGHEST)[None]
 
+
+def _coordinates(idx: jax.Array, width: int, origin_y: jax.Array, origin_x: int) -> tuple[jax.Array, jax.Array]:
+    y, x = jnp.divmod(jnp.asarray(idx, jnp.int32), width)
+    return (y - origin_y).astype(jnp.float32), (x - origin_x).astype(jnp.float32)
 
 __all__ = ["grid_deltas", "grid_offsets", "GPSAPositionBias"]
