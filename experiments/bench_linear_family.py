@@ -22,11 +22,12 @@ inputs q, k, v ``[B, T, H, D]``:
 
 Every fast path is fitted a log-log slope of time vs T (least squares of log time on log T) per mode, over every
 timed T and over ``T >= --slope-min-len``. The issue's targets: slope at most 1.15 for the linear paths, 1.25 for
-the FFT ones (softmax: about 2). A path is timed at the next T only while its predicted single-run time (last time
-× (T / last T)^order, order 2 for softmax, 1 otherwise) fits ``--time-budget-s``; peak memory (XLA's compiled
-memory analysis) is reported at every T. Paths are timed interleaved, round by round; a path leaves the rounds
-after ``--repeats`` runs or ``--max-seconds`` of its own runs, so fast paths get their repeats while softmax at
-large T runs once.
+the FFT ones (softmax: about 2). A path is timed at the next T only while its predicted single-run time (its
+warm-up time at the last T × (T / last T)^order, order 2 for softmax, 1 otherwise) fits ``--time-budget-s``; peak
+memory (XLA's compiled memory analysis) is reported at every T. Within a mode, every (path, T) is timed
+interleaved, round by round, so that a change in the host's load shifts all lengths alike rather than the slopes;
+a (path, T) leaves the rounds after ``--repeats`` runs or ``--max-seconds`` of its own runs, so fast paths get
+their repeats while softmax at large T runs once.
 
     python -m experiments.bench_linear_family --seq-lens 1k,2k,4k,8k,16k
 """
@@ -35,9 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ from attnjax.vision.l2vit import linear_global_attention
 from attnjax.vision.scatterformer import scatterformer_attention
 from attnjax.vision.slab import simplified_linear_attention
 from experiments.lib import cli, host, plots, report, workload
-from experiments.lib.measure import GIB, Timing, compile_fn, memory_of, time_thunks
+from experiments.lib.measure import GIB, compile_fn, memory_of, time_thunks
 from experiments.lib.slopes import extrapolate, fitted_line, format_fit, path_slopes
 
 MODES = workload.MODES
@@ -76,12 +78,18 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 16, "repeats": 1, "max_
 
 @dataclasses.dataclass(frozen=True)
 class BenchPath:
-    """One timed path: ``fn(q, k, v) -> out`` on ``[B, T, H, D]``, its kind (``LINEAR``, ``FFT``, ``SOFTMAX``), and
-    whether it is causal (then compared with ``SOFTMAX_CAUSAL``, else with ``SOFTMAX_XLA``)."""
+    """One timed path: ``fn(q, k, v, extra) -> out`` on ``[B, T, H, D]``, its kind (``LINEAR``, ``FFT``,
+    ``SOFTMAX``), and whether it is causal (then compared with ``SOFTMAX_CAUSAL``, else with ``SOFTMAX_XLA``).
+
+    ``extra``: the op's other array inputs (a bias, a kernel, coordinates), passed to the compiled program as
+    arguments, so that XLA cannot fold work on them (a sort of the voxel windows, the FFT of the bias) into
+    compile time; not differentiated.
+    """
 
     fn: Callable
     kind: str
     causal: bool = False
+    extra: Any = ()
 
     @property
     def baseline(self) -> str:
@@ -101,7 +109,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--voxel-window", type=int, default=12, help="ScatterFormer's window side in x and y (Waymo: 12)")
     p.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES),
                    help=f"comma-separated modes to time, of {','.join(MODES)}")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="a path stops repeating once its timed runs at one (T, mode) pass this many seconds")
     p.add_argument("--time-budget-s", type=float, default=60.0,
@@ -141,93 +149,110 @@ def path_fns(seq_len: int, args: argparse.Namespace) -> dict[str, BenchPath]:
     window = (args.voxel_window, args.voxel_window, args.voxel_grid[2])
 
     def image(op: Callable) -> Callable:
-        def fn(q, k, v):
+        def fn(q, k, v, extra):
             B = q.shape[0]
-            out = op(*(a.reshape(B, rows, W, H, a.shape[-1]) for a in (q, k, v)))
+            out = op(*(a.reshape(B, rows, W, H, a.shape[-1]) for a in (q, k, v)), extra)
             return out.reshape(B, seq_len, H, -1)
         return fn
 
-    def agent(q, k, v):
+    def agent(q, k, v, _):
         agents = agent_tokens(q.reshape(q.shape[0], rows, W, H, D), args.agent_pool)
         return agent_attention(q, k, v, agents, implementation="xla")
 
+    def plain(op: Callable) -> Callable:
+        return lambda q, k, v, _: op(q, k, v)
+
     causal = masks.Causal()
     return {
-        "flow": BenchPath(lambda q, k, v: flow_attention(q, k, v, implementation="xla"), LINEAR),
-        "flow causal": BenchPath(lambda q, k, v: flow_attention(q, k, v, causal=True, chunk_size=args.chunk_size,
-                                                                implementation="xla"), LINEAR, causal=True),
-        "inline": BenchPath(lambda q, k, v: inline_attention(q, k, v, implementation="xla"), LINEAR),
-        "rala": BenchPath(lambda q, k, v: rala(q, k, v, rotary=rotary, implementation="xla"), LINEAR),
-        "kernelized_rpe": BenchPath(lambda q, k, v: kernelized_rpe_attention(q, k, v, rpe_bias), FFT),
-        "kernelized_rpe causal": BenchPath(lambda q, k, v: kernelized_rpe_attention(q, k, v, rpe_bias, causal=True),
-                                           FFT, causal=True),
+        "flow": BenchPath(plain(functools.partial(flow_attention, implementation="xla")), LINEAR),
+        "flow causal": BenchPath(plain(functools.partial(flow_attention, causal=True, chunk_size=args.chunk_size,
+                                                         implementation="xla")), LINEAR, causal=True),
+        "inline": BenchPath(plain(functools.partial(inline_attention, implementation="xla")), LINEAR),
+        "rala": BenchPath(lambda q, k, v, tables: rala(q, k, v, rotary=tables, implementation="xla"), LINEAR,
+                          extra=rotary),
+        "kernelized_rpe": BenchPath(kernelized_rpe_attention, FFT, extra=rpe_bias),
+        "kernelized_rpe causal": BenchPath(functools.partial(kernelized_rpe_attention, causal=True), FFT, causal=True,
+                                           extra=rpe_bias),
         "agent": BenchPath(agent, LINEAR),
-        "channel_group": BenchPath(lambda q, k, v: channel_group_attention(q, k, v, implementation="xla"), LINEAR),
-        "slab": BenchPath(image(lambda q, k, v: simplified_linear_attention(q, k, v, dwc_kernel,
-                                                                            implementation="xla")), LINEAR),
-        "l2vit": BenchPath(image(lambda q, k, v: linear_global_attention(q, k, v, implementation="xla")), LINEAR),
-        "scatterformer": BenchPath(lambda q, k, v: scatterformer_attention(q, k, v, coords, None, window,
-                                                                           implementation="xla"), LINEAR),
-        SOFTMAX_XLA: BenchPath(lambda q, k, v: attnjax.attention(q, k, v, implementation="xla"), SOFTMAX),
-        SOFTMAX_CAUSAL: BenchPath(lambda q, k, v: attnjax.attention(q, k, v, mask=causal, implementation="xla"),
+        "channel_group": BenchPath(plain(functools.partial(channel_group_attention, implementation="xla")), LINEAR),
+        "slab": BenchPath(image(functools.partial(simplified_linear_attention, implementation="xla")), LINEAR,
+                          extra=dwc_kernel),
+        "l2vit": BenchPath(image(lambda q, k, v, _: linear_global_attention(q, k, v, implementation="xla")), LINEAR),
+        "scatterformer": BenchPath(lambda q, k, v, cells: scatterformer_attention(q, k, v, cells, None, window,
+                                                                                  implementation="xla"),
+                                   LINEAR, extra=coords),
+        SOFTMAX_XLA: BenchPath(plain(functools.partial(attnjax.attention, implementation="xla")), SOFTMAX),
+        SOFTMAX_CAUSAL: BenchPath(plain(functools.partial(attnjax.attention, mask=causal, implementation="xla")),
                                   SOFTMAX, causal=True),
     }
 
 
-def time_each_path(thunks: Mapping[str, Callable], repeats: int, max_seconds: float) -> dict[str, Timing]:
-    """Median time of each thunk, interleaved round by round (``measure.time_thunks`` one round at a time).
+def program(path: BenchPath, mode: str) -> Callable:
+    """``(extra, *inputs) -> outputs``: the path's ``workload.mode_fn`` (forward, or gradients wrt q, k, v) with its
+    extra inputs as a leading argument."""
+    return lambda extra, *xs: workload.mode_fn(lambda q, k, v: path.fn(q, k, v, extra), mode)(*xs)
 
-    The first call warms every thunk up and times one round; then each round runs the thunks that have fewer than
-    ``repeats`` runs and less than ``max_seconds`` of timed runs, so a slow path stops early without cutting the
-    repeats of the fast ones.
+
+def time_each_path(thunks: Mapping[Hashable, Callable], repeats: int, max_seconds: float
+                   ) -> dict[Hashable, list[float]]:
+    """Timed runs (seconds) of each warmed-up thunk, interleaved round by round (``measure.time_thunks``, one round
+    at a time).
+
+    Each round runs the thunks that have fewer than ``repeats`` runs and less than ``max_seconds`` of timed runs, so
+    a slow thunk stops early without cutting the repeats of the fast ones; every thunk runs at least once.
     """
-    samples = {name: [t.median_s] for name, t in time_thunks(thunks, repeats=1).items()}
+    samples: dict[Hashable, list[float]] = {key: [] for key in thunks}
     while True:
-        active = {name: thunk for name, thunk in thunks.items()
-                  if len(samples[name]) < repeats and sum(samples[name]) < max_seconds}
+        active = {key: thunk for key, thunk in thunks.items()
+                  if not samples[key] or (len(samples[key]) < repeats and sum(samples[key]) < max_seconds)}
         if not active:
-            return {name: Timing(statistics.median(s), len(s)) for name, s in samples.items()}
-        for name, t in time_thunks(active, repeats=1, warmup=0).items():
-            samples[name].append(t.median_s)
+            return samples
+        for key, t in time_thunks(active, repeats=1, warmup=0).items():
+            samples[key].append(t.median_s)
 
 
-def measure(seq_len: int, mode: str, paths: dict[str, BenchPath], last: dict[tuple[str, str], tuple[int, float]],
-            args: argparse.Namespace) -> list[dict]:
-    """Memory of every path at one length and mode, and the time of those predicted within the budget.
+def measure_mode(mode: str, args: argparse.Namespace) -> list[dict]:
+    """Every path at every length in one mode: compiled memory everywhere, then the times, interleaved over all
+    lengths and paths at once (so a change of the host's load shifts every T alike, not the slope).
 
-    ``last`` maps ``(path, mode)`` to its last timed ``(T, seconds)`` and is updated in place.
+    Lengths go up one at a time: compile each path, and run it once (the warm-up, whose time predicts the next
+    length's: a path whose predicted single run exceeds ``--time-budget-s`` is not run there). Then the rounds of
+    ``time_each_path`` over every warmed-up ``(path, T)``.
     """
-    xs = workload.benchmark_inputs(seq_len, mode, args)
-    rows, thunks = [], {}
-    for name, path in paths.items():
-        compiled = compile_fn(workload.mode_fn(path.fn, mode), *xs)
-        predicted = extrapolate(last.get((name, mode)), seq_len, ORDER[path.kind])
-        runs = predicted is None or predicted <= args.time_budget_s
-        rows.append({"T": seq_len, "mode": mode, "path": name, "kind": path.kind, "causal": path.causal,
-                     "baseline": path.baseline, "memory": memory_of(compiled).as_dict(), "run": runs,
-                     "predicted_s": predicted})
-        if runs:
-            thunks[name] = lambda c=compiled: c(*xs)
-    timings = time_each_path(thunks, args.repeats, args.max_seconds)
-    for row in rows:
-        t, base = timings.get(row["path"]), timings.get(row["baseline"])
-        row["median_s"] = t.median_s if t else None
-        row["repeats"] = t.repeats if t else 0
-        row["ratio_to_softmax"] = t.median_s / base.median_s if t and base and row["kind"] != SOFTMAX else None
-        if t:
-            last[(row["path"], mode)] = (seq_len, t.median_s)
-    return rows
+    rows, thunks, last = {}, {}, {}
+    for seq_len in tqdm(args.seq_lens, desc=f"bench_linear_family {mode}: compile, warm up", unit="T"):
+        xs = workload.benchmark_inputs(seq_len, mode, args)
+        warm = {}
+        for name, path in path_fns(seq_len, args).items():
+            compiled = compile_fn(program(path, mode), path.extra, *xs)
+            predicted = extrapolate(last.get(name), seq_len, ORDER[path.kind])
+            runs = predicted is None or predicted <= args.time_budget_s
+            rows[(name, seq_len)] = {"T": seq_len, "mode": mode, "path": name, "kind": path.kind,
+                                     "causal": path.causal, "baseline": path.baseline,
+                                     "memory": memory_of(compiled).as_dict(), "run": runs, "predicted_s": predicted}
+            if runs:
+                warm[(name, seq_len)] = lambda c=compiled, extra=path.extra, xs=xs: c(extra, *xs)
+        for (name, _), t in time_thunks(warm, repeats=1, warmup=0).items():
+            last[name] = (seq_len, t.median_s)
+            rows[(name, seq_len)]["warmup_s"] = t.median_s
+        thunks.update(warm)
+    print(f"bench_linear_family {mode}: timing {len(thunks)} (path, T) pairs, interleaved", flush=True)
+    samples = time_each_path(thunks, args.repeats, args.max_seconds)
+    for row in rows.values():
+        s = samples.get((row["path"], row["T"]))
+        row["samples_s"] = s or []
+        row["median_s"] = statistics.median(s) if s else None
+        row["repeats"] = len(row["samples_s"])
+    for row in rows.values():
+        base = rows[(row["baseline"], row["T"])]["median_s"]
+        row["ratio_to_softmax"] = (row["median_s"] / base if row["median_s"] and base and row["kind"] != SOFTMAX
+                                   else None)
+    return list(rows.values())
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Every (T, mode) measurement, small T first."""
-    last: dict[tuple[str, str], tuple[int, float]] = {}
-    rows = []
-    bar = tqdm([(t, m) for t in args.seq_lens for m in args.modes], desc="bench_linear_family", unit="run")
-    for seq_len, mode in bar:
-        bar.set_postfix(T=seq_len, mode=mode)
-        rows += measure(seq_len, mode, path_fns(seq_len, args), last, args)
-    return rows
+    """Every measurement, one mode after the other."""
+    return [row for mode in args.modes for row in measure_mode(mode, args)]
 
 
 def _find(rows: Sequence[dict], seq_len: int, mode: str, path: str) -> Optional[dict]:
@@ -341,9 +366,11 @@ def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Na
         "`attnjax.attention(implementation=\"xla\")` (blocked softmax), without a mask for the non-causal paths and "
         "with `Causal()` for the causal ones.",
         "",
-        "Times are medians of interleaved runs: every path runs once per round, and leaves the rounds after "
-        f"{args.repeats} runs or {args.max_seconds:g} s of its own runs (slow paths at large T get fewer repeats). "
-        f"A path is timed at T only while its predicted single-run time stays under {args.time_budget_s:g} s. "
+        "Times are medians of runs interleaved over every path and T of a mode (a change in the host's load shifts "
+        "all lengths alike, not the slopes): each (path, T) runs once per round and leaves the rounds after "
+        f"{args.repeats} runs or {args.max_seconds:g} s of its own runs (slow ones at large T get fewer repeats; "
+        "every run's time is in the JSON). A path is timed at T only while its single-run time predicted from its "
+        f"warm-up at the previous T stays under {args.time_budget_s:g} s. "
         "Slopes: least squares of log(time) on log(T) (1 linear, 2 quadratic). Targets (issue 17): slope <= "
         f"{TARGET_SLOPE[LINEAR]:g} for the linear paths, <= {TARGET_SLOPE[FFT]:g} for the FFT ones (kernelized RPE).",
         "",
