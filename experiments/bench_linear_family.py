@@ -320,6 +320,21 @@ def mode_table(rows: Sequence[dict], fits: dict, goals: dict, mode: str, args: a
     return report.markdown_table(headers, lines)
 
 
+def growth_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Namespace) -> str:
+    """One line per (path, mode): time at each T over time at the previous T (x2 per doubling is linear, x4
+    quadratic); where a path steps up shows whether its slope is a trend or one jump (a cache level, say)."""
+    def cell(path: str, mode: str, i: int) -> str:
+        now, before = _find(rows, args.seq_lens[i], mode, path), _find(rows, args.seq_lens[i - 1], mode, path)
+        if not (now["run"] and before["run"]):
+            return "-"
+        return f"{now['median_s'] / before['median_s']:.2f}x"
+
+    heads = [f"{a} -> {b}" for a, b in zip(args.seq_lens, args.seq_lens[1:])]
+    lines = [[path, mode.replace("_", "+"), *(cell(path, mode, i) for i in range(1, len(args.seq_lens)))]
+             for path in paths for mode in args.modes]
+    return report.markdown_table(["path", "mode", *heads], lines)
+
+
 def memory_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Namespace) -> str:
     """One line per (path, mode): compiled peak memory at each T."""
     lines = [[path, mode.replace("_", "+"),
@@ -379,6 +394,10 @@ def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Na
         host.load_note(device["load_before"], device["load_after"]),
         "",
         *sections,
+        "## Growth of time per step of T",
+        "",
+        growth_table(rows, list(fits), args),
+        "",
         "## Peak memory (XLA compiled memory analysis: arguments + outputs + temporaries)",
         "",
         memory_table(rows, list(fits), args),

@@ -30,6 +30,7 @@ def test_smoke_fits_a_slope_and_a_softmax_ratio_for_every_path(tmp_path):
                and r["memory"]["peak"] > 0 for r in results["rows"])
     report = (tmp_path / "tiny.md").read_text()
     assert all(f"`{path}`" in report for path in FAST_PATHS) and "load average" in report
+    assert "64 -> 128" in report
     assert (tmp_path / "tiny.png").stat().st_size > 0
 
 
