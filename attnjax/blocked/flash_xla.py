@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.bias import Bias, as_bias
+from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
@@ -197,6 +197,8 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     d_lse = d_lse.astype(jnp.float32)
     stat = backward_stat(fn, lse)
     dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
+    array_bias = isinstance(bias, ArrayBias)
+    Dv = v.shape[-1]
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
@@ -207,12 +209,14 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         inv_norm = jnp.exp(-n_b)[..., None] if norm_only else None
         doi_v = regroup(doi, Hv)  # grouped by V head for dO·Vᵀ and dV
 
-        def visit(j, inner, apply_mask):
-            dqi, dk, dv, dbias = inner
+        # The key tile's gradients leave the switch as tiles and are added to dK, dV (and an array bias's
+        # gradient) outside it: full-length buffers passed through a conditional are copied at every key tile.
+        def visit(j, small, apply_mask):
+            dqi, rule_dbias = small
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, dbias)
+            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, rule_dbias)
             s = soft_cap(raw, st.spec.logits_soft_cap)
             p = fn.weight(fn.transform(s), m_b[..., None])
             if apply_mask:
@@ -230,17 +234,33 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, ds, bias, pullback, q_idx, kv_idx)
+            if array_bias:
+                ds_bias, dq_bias = ds, 0.0
+            else:
+                ds_bias = None
+                rule_dbias, dq_bias = add_bias_grad(rule_dbias, ds, bias, pullback, q_idx, kv_idx)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            dk = add_slice(dk, dkj, j * bk)
-            dv = add_slice(dv, dvj, j * bk)
-            return dqi, dk, dv, dbias
+            return (dqi, rule_dbias), dkj, dvj, ds_bias
+
+        def skip(small):
+            zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hv, bk, Dv), jnp.float32),
+                               jnp.zeros((B, Hkv, Hq // Hkv, bq, bk), jnp.float32) if array_bias else None),
+                              residuals, cotangents)
+            return (small, *zeros)
 
         def body(j, inner):
-            branches = [lambda c: c, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
-            return lax.switch(codes[i, j], branches, inner)
+            dqi, dk, dv, dbias = inner
+            branches = [skip, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
+            (dqi, rule_dbias), dkj, dvj, ds_bias = lax.switch(codes[i, j], branches,
+                                                              (dqi, None if array_bias else dbias))
+            dk, dv = add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk)
+            if array_bias:
+                dbias, _ = add_bias_grad(dbias, ds_bias, bias, None, q_idx, j * bk + jnp.arange(bk))
+            else:
+                dbias = rule_dbias
+            return dqi, dk, dv, dbias
 
         dq0 = vary_like(jnp.zeros(qi.shape, jnp.float32), residuals, cotangents)
         dqi, dk, dv, dbias = lax.fori_loop(lo[i], hi[i], body, (dq0, dk, dv, dbias))
