@@ -112,6 +112,7 @@ class AgentAttention(nnx.Module):
 
 
 PAPER = "Han et al. 2024 (Agent Attention, ECCV), sec. 3.3; official LeapLabTHU/Agent-Attention"
+# Kind "other": its position biases fix the map size, so it is not an image module for any map (IMAGES).
 register_module(ModuleSpec("agent_attention", AgentAttention, dict(channels=8, num_heads=2, resolution=(5, 7),
-                                                                   agent_num=4), (2, 5, 7, 8),
-                           kind="image", paper=PAPER))
+                                                                   agent_num=4),
+                           lambda key: (jax.random.normal(key, (2, 5, 7, 8)),), kind="other", paper=PAPER))

@@ -167,7 +167,7 @@ class SLABBlock(nnx.Module):
 
 PAPER = "Guo et al. 2024 (SLAB, ICML)"
 register_module(ModuleSpec("slab_attention", SimplifiedLinearAttention,
-                           dict(channels=8, num_heads=2, kernel_size=3, input_size=(5, 7)), (2, 5, 7, 8),
+                           dict(channels=8, num_heads=2, kernel_size=3), (2, 5, 7, 8),
                            kind="image", paper=PAPER + ", sec. 3, SLA"))
 # Eval mode mid-schedule (see attnjax/nn/normalization.py): both the LayerNorms and the RepBNs get gradients.
 register_module(ModuleSpec("slab_block", SLABBlock, dict(channels=8, num_heads=2, kernel_size=3, total_steps=4,
