@@ -26,10 +26,12 @@ from tests.helpers import assert_close
 
 SPECS = modules()
 ONE_PER_CLASS = list({spec.module: spec for spec in reversed(SPECS)}.values())[::-1]
-"""The first spec of each module class, for the forward, gradient and Linen bridge checks (the other specs of a
-class differ in configuration only, and each module's own tests check its configurations against a reference)."""
+"""The first spec of each module class, for the Linen bridge check (traced only; the other specs of a class differ
+in configuration only)."""
 ONE_PER_FILE = list({spec.module.__module__: spec for spec in reversed(SPECS)}.values())[::-1]
-"""The first spec of each module file, for the checkpoint round trip (orbax saves any ``nnx.State`` alike)."""
+"""The first spec of each module file, for the compiled checks (forward under jit, every parameter's gradient, the
+checkpoint round trip): the suite's time budget allows one compiled module per file, and each module's own tests
+compare its output and every parameter's gradient with a plain reference (``check_module_against_reference``)."""
 JITTED = {}
 
 
@@ -55,7 +57,7 @@ def example(spec: ModuleSpec, seed: int = 0):
     return spec.build(nnx.Rngs(seed)), spec.example_inputs(jax.random.key(seed + 100))
 
 
-@parametrize(ONE_PER_CLASS)
+@parametrize(ONE_PER_FILE)
 def test_forward_is_finite_and_jit_matches_eager(spec):
     """Outputs are arrays, or pytrees of arrays for kind "other" (e.g. a ``Bias`` rule over a learned table)."""
     model, inputs = example(spec)
@@ -67,7 +69,7 @@ def test_forward_is_finite_and_jit_matches_eager(spec):
         assert_close(jitted, leaf, rtol=1e-5, name="jit")
 
 
-@parametrize(ONE_PER_CLASS)
+@parametrize(ONE_PER_FILE)
 def test_every_param_gets_a_finite_nonzero_gradient(spec):
     model, inputs = example(spec)
     shapes = jax.tree.leaves(jax.eval_shape(lambda *a: call(model, spec, a), *inputs))

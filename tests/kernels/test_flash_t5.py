@@ -93,6 +93,7 @@ def test_api_pallas_reaches_the_kernel_bidirectional_shared_column_with_query_of
     assert d_table.shape == (16, 1) and np.flatnonzero(np.asarray(d_table) == 0).tolist() == [8]
 
 
+@pytest.mark.slow
 def test_tpu_kernel_causal_gqa_shared_column():
     check_against_reference(tpu, inputs(1), mask=masks.Causal(), bidirectional=False, max_distance=20)
 

@@ -71,6 +71,7 @@ def test_gpsa_equals_the_official_formula_forward_and_gradients():
     check_module_against_reference(model, lambda p, x: gpsa_reference(p, x, 4), image(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_convit_block_equals_the_official_block():
     model = perturbed(ConViTBlock(8, 2, rngs=nnx.Rngs(1)))
     check_module_against_reference(model, lambda p, x: block_reference(p, x, 2), image((1, 3, 4, 8)), rtol=1e-4)

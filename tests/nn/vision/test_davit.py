@@ -66,6 +66,7 @@ def davit_block_reference(p, x, heads, window):
     return half_reference(p["channel"], x, lambda q, y: channel_attention_reference(q, y, heads))
 
 
+@pytest.mark.slow
 def test_davit_block_equals_the_official_spatial_then_channel_blocks_forward_and_gradients():
     """A 5x7 map in 3x3 windows (padded at the bottom and right), 2 heads / channel groups; ChannelAttention is
     checked inside the block (its qkv roles, scale and every parameter's gradient)."""

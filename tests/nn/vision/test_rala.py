@@ -68,6 +68,7 @@ def ravlt_reference(p, x, heads):
     return x + p["gamma2"] * dense(p["fc2"], h + depthwise(p["dwconv"], h))
 
 
+@pytest.mark.slow
 def test_ravlt_block_equals_the_official_block_forward_and_gradients():
     """A 3x5 map, 2 heads of 8 channels; the block's check covers its RALAttention (every parameter's gradient).
     Layer scales drawn away from their initial 1 so that a misplaced scale shows."""

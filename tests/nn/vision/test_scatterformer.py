@@ -44,6 +44,7 @@ def layer_reference(p, x, coords, valid, heads, window):
     return jnp.where(mask, y, 0)
 
 
+@pytest.mark.slow
 def test_layer_equals_the_official_layer_forward_and_gradients():
     """Training-mode BatchNorms (statistics over the 24 valid voxels of two rows), windows of 2 x 4 voxels spanning
     the grid's depth, CWI kernels of 3 taps along x and 5 along y, padding voxels with garbage coordinates. The
