@@ -12,6 +12,7 @@ FAST_PATHS = {"flow", "flow causal", "inline", "rala", "kernelized_rpe", "kernel
               "channel_group", "slab", "l2vit", "scatterformer"}
 
 
+@pytest.mark.slow
 def test_smoke_fits_a_slope_and_a_softmax_ratio_for_every_path(tmp_path):
     # One mode keeps the compilations (13 paths x 2 lengths) within the test budget; the slow test runs both.
     results = blf.main(["--smoke", "--modes", "fwd", "--seq-lens", "64,128", "--out", str(tmp_path), "--name", "tiny"])

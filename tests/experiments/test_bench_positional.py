@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from experiments import bench_positional
 
 
+@pytest.mark.slow
 def test_bench_positional_reports_time_ratios_and_temporaries(tmp_path):
     bench_positional.main(["--smoke", "--out", str(tmp_path), "--name", "tiny"])
     results = json.loads((tmp_path / "tiny.json").read_text())

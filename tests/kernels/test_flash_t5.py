@@ -80,6 +80,7 @@ def test_gpu_kernel_causal_gqa_per_head_table():
     assert np.count_nonzero(np.asarray(d_table)) > d_table.size // 2, "most buckets receive gradient"
 
 
+@pytest.mark.slow
 def test_api_pallas_reaches_the_kernel_bidirectional_shared_column_with_query_offset():
     """Through ``attnjax.attention(implementation="pallas")`` (the GPU kernel, interpreted on CPU):
     bidirectional buckets, a 1-column table shared by the heads, a traced ``query_offset``."""
