@@ -11,11 +11,11 @@ import without Flax.
 import importlib
 
 from attnjax import softmax  # noqa: I001 - registers first: the baseline heads every table
-from attnjax import heads, linear, local, masks, parallel, positional, registry, relative, sparse, vision
+from attnjax import heads, linear, local, masks, memory, parallel, positional, registry, relative, sparse, vision
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
-__all__ = ["analysis", "attention", "heads", "linear", "local", "masks", "nn", "parallel", "positional", "registry", "relative", "softmax",
+__all__ = ["analysis", "attention", "heads", "linear", "local", "masks", "memory", "nn", "parallel", "positional", "registry", "relative", "softmax",
            "sparse", "vision", "Bias", "ArrayBias"]
 __version__ = "0.1.0"
 

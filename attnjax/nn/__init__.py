@@ -6,7 +6,7 @@ promises (causal, decodes). ``LAYERS`` (token mixers ``[B, T, d] -> [B, T, d]``)
 Softmax-family mechanisms are used through ``MultiHeadAttention(mechanism=...)``.
 """
 
-from attnjax.nn import conv, positional, registry, vision
+from attnjax.nn import conv, memory, positional, registry, vision
 from attnjax.nn.aaren import Aaren
 from attnjax.nn.attention import KVCache, MultiHeadAttention, SequenceParallel
 from attnjax.nn.based import BasedBlock, BasedCache, BasedLinearAttention, SlidingWindowAttention
@@ -34,6 +34,6 @@ __all__ = [
     "BasedCache", "registry", "ModuleSpec", "modules", "register_module", "LAYERS", "BLOCKS", "IMAGES", "conv", "vision",
     "BAMAttention", "upcycle_attention", "EchoAttention", "EchoAttentionStack", "EchoCache", "GINAttention",
     "GINCache", "GraphMoE", "GraphMoEBlock", "GraphMoEBlockCache", "RouterCache", "LowRankAttention", "LowRankCache",
-    "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention", "positional", "FlowAttention",
+    "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention", "positional", "memory", "FlowAttention",
     "KernelizedRPEAttention", "ProgressiveRepBatchNorm", "RepBatchNorm", "set_progress",
 ]
