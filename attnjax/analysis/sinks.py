@@ -48,7 +48,8 @@ def attention_received(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = Non
     Two paths. On a square map with no bias or soft cap, under no mask, ``Full``, ``Causal`` or a
     ``SlidingWindow``, two blocked forwards that skip masked tiles: ``lse_i`` from ``attnjax.attention(q, k,
     ·, return_lse=True)``, then ``log mass_j = log Σ_i exp(s_ij − lse_i)``, the log-sum-exp of the transposed
-    map (keys as queries, the band mirrored, bias ``−lse_i``); ``seen_by`` in closed form. Otherwise
+    map (keys as queries, the band mirrored, ``−lse_i`` folded into one more feature of q and k, so no bias
+    tile is formed); ``seen_by`` in closed form. Otherwise
     ``scan_query_tiles`` (memory ``O(B·Hq·block_q·S)``, every key of each query tile).
 
     Args:
@@ -85,8 +86,12 @@ def received_by_transposed_attention(q: jax.Array, k: jax.Array, band: tuple[Opt
     kf = jnp.repeat(kf, Hq // k.shape[2], axis=2)
     _, lse = attention(qf, kf, jnp.zeros((B, T, Hq, 1), jnp.float32), mask=mask, scale=scale, return_lse=True)
     mirrored = None if mask is None else masks.SlidingWindow(right, left)
-    row_bias = jnp.where(jnp.isfinite(lse), -lse, -1e30).transpose(0, 2, 1)[:, :, None, :]  # [B, Hq, 1, T]
-    _, log_mass = attention(kf, qf, jnp.zeros((B, T, Hq, 1), jnp.float32), mask=mirrored, bias=row_bias,
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # −lse_i folded into one more feature: (k_j, 1)·(q_i, −lse_i/scale)·scale = scale·k_j·q_i − lse_i
+    row_offset = jnp.where(jnp.isfinite(lse), -lse, -1e30)[..., None] / scale  # [B, T, Hq, 1]
+    keys_as_queries = jnp.concatenate([kf, jnp.ones((B, T, Hq, 1), jnp.float32)], axis=-1)
+    queries_as_keys = jnp.concatenate([qf, row_offset], axis=-1)
+    _, log_mass = attention(keys_as_queries, queries_as_keys, jnp.zeros((B, T, Hq, 1), jnp.float32), mask=mirrored,
                             scale=scale, return_lse=True)
     j = jnp.arange(T)
     hi = T - 1 if left is None else jnp.minimum(T - 1, j + left)
