@@ -18,8 +18,9 @@ from attnjax.analysis.anchors import (receiver_head_kurtosis, receiver_head_scor
 from attnjax.analysis.heads import (attention_argmax, attention_influence, copy_paste_events, head_ablation_loss_change,
                                     head_importance, retrieval_scores)
 from attnjax.analysis.similarity import attention_similarity, attention_similarity_of_maps
-from attnjax.analysis.rank import (arank, arank_of_maps, hyperattention_alpha, hyperattention_alpha_of_map, kv_state,
-                                   kv_state_rank, numerical_rank, squared_column_norms, stable_rank, stable_rank_of_map)
+from attnjax.analysis.rank import (arank, arank_of_maps, hyperattention_alpha, hyperattention_alpha_of_map,
+                                   hyperattention_kappa, kv_state, kv_state_rank, numerical_rank, squared_column_norms,
+                                   stable_rank, stable_rank_of_map)
 from attnjax.analysis.rollout import attention_rollout
 from attnjax.analysis.regularizers import (attention_entropy_regularizer, entropic_overload, entropy_guided_penalty,
                                           entropy_guided_regularizer, entropy_profile, entropy_profile_of_maps,
@@ -40,7 +41,8 @@ __all__ = [
     "segment_ids_from_spans", "sentence_attention", "sentence_attention_of_map", "vertical_scores",
     "attention_argmax", "attention_influence", "copy_paste_events", "head_ablation_loss_change",
     "head_importance", "retrieval_scores", "attention_similarity", "attention_similarity_of_maps", "arank",
-    "arank_of_maps", "hyperattention_alpha", "hyperattention_alpha_of_map", "kv_state", "kv_state_rank",
+    "arank_of_maps", "hyperattention_alpha", "hyperattention_alpha_of_map", "hyperattention_kappa", "kv_state",
+    "kv_state_rank",
     "numerical_rank", "squared_column_norms", "stable_rank", "stable_rank_of_map", "attention_rollout",
     "attention_entropy_regularizer", "entropic_overload", "entropy_guided_penalty",
     "entropy_guided_regularizer", "entropy_profile", "entropy_profile_of_maps", "mean_head_entropy",

@@ -3,23 +3,33 @@
 - ``numerical_rank``: the number of singular values above ``rtol·σ_max`` (NumPy's and PyTorch's
   ``matrix_rank`` rule, default ``rtol = max(m, n)·ε`` of float32).
 - ARank (Luo et al., "γ-MoD: Exploring Mixture-of-Depth Adaptation for Multimodal Large Language Models",
-  2024): a layer's mean attention-map rank over heads, ``ARank = (1/H) Σ_h rank(A_h)``; γ-MoD replaces the
-  layers of lowest ARank (most redundant tokens) by mixture-of-depth layers. We estimate ``rank(A_h)`` with
-  ``numerical_rank`` (an SVD with a tolerance) of the softmax map by default; ``of="logits"`` takes the
-  pre-softmax score matrix ``scale·q·kᵀ (+ bias)`` instead (masked entries 0), for readers of the paper's
-  ``A_h`` as the product of the head's query and key projections.
+  arXiv:2410.13859, 2024): a layer's mean attention-map rank over heads, ``ARank = (1/H) Σ_h rank(A_h)``;
+  γ-MoD replaces the layers of lowest ARank (most redundant tokens) by mixture-of-depth layers. We follow the
+  official code (github.com/Yaxin9Luo/Gamma-MOD, ``compute_attention_rank`` in
+  ``gamma_mod/model/language_model/llava_llama.py``): ``A_h`` is the softmax map (Hugging Face's
+  ``output_attentions``), causal-masked, **with its diagonal set to 0**, and ``rank`` is
+  ``torch.linalg.matrix_rank`` (``numerical_rank`` here), averaged over the heads. Zeroing the diagonal matters:
+  a causal softmax map is triangular with a positive diagonal, hence always of full rank. The paper's own
+  equation could not be read here (no copy of its text was reachable); the definition above is the code's.
 - The rank of the KV buffer of linear attention (Fan et al., "Breaking the Low-Rank Dilemma of Linear
   Attention", CVPR 2025, the RALA paper): ``rank(Σ_j φ(k_j) v_jᵀ)``, a ``[D', Dv]`` matrix, whose low rank
   the paper identifies as linear attention's weakness.
 - HyperAttention's hardness parameters (Han et al., "HyperAttention: Long-context Attention in Near-Linear
-  Time", ICLR 2024, the parameters of its main theorem): with the softmax map ``D⁻¹A`` (``A = exp(scale·QKᵀ)``
-  masked, ``D`` its row sums), the column-norm parameter ``α = n · max_j ‖D⁻¹A e_j‖²₂`` (``n`` = number of
-  keys; for a square map 1 under uniform attention and ``n²`` when every query attends to one key), and the
-  stable rank ``srank(D⁻¹A) = ‖D⁻¹A‖²_F / ‖D⁻¹A‖²₂`` (earlier work is sub-quadratic only for bounded entries
-  or a low stable rank, the paper's starting point).
+  Time", ICLR 2024, arXiv:2310.05869). With ``A = exp(scale·QKᵀ)`` (masked entries 0) and ``D`` its row sums:
+  the column-norm parameter ``α = n · max_j ‖D⁻¹A e_j‖²₂`` (the paper assumes ``‖D⁻¹A e^(i)‖²₂ ≤ α/n`` for
+  every column ``i``; ``n`` = number of keys; for a square map 1 under uniform attention and ``n²`` when every
+  query attends to one key), the row-ratio parameter ``κ = max_{i,j} ⟨1 − M^H_i, A_i⟩ / ⟨1 − M^H_j, A_j⟩``
+  ("the ratio of row norms in the unnormalized attention matrix after detecting and removing large entries",
+  ``M^H`` the mask of those large entries; the condition number of the paper's Lemma 1 on approximating
+  ``D``), and the stable rank ``srank(D⁻¹A) = ‖D⁻¹A‖²_F / ‖D⁻¹A‖²₂`` (earlier work is sub-quadratic only for
+  bounded entries or a low stable rank, the paper's starting point). Checked against the paper's abstract and
+  the ICLR 2024 reviews quoting the ``α`` assumption; the full text of Lemma 1 (the exact form of ``κ``) was not
+  reachable here, so ``κ`` follows the abstract's wording with the row norms taken as row sums (ℓ1, as ``D``).
 
-``α`` is computed blockwise (the squared column norms are column sums of ``p²`` over query tiles). Every rank
-needs the whole matrix and an SVD: those tools take or build dense maps and are meant for small ``T``
+``α`` and ``κ`` are computed blockwise: the squared column norms are column sums of ``p²`` over query tiles, and
+``log κ = max_i lse_i − min_i lse_i`` with ``lse_i`` the log of row ``i``'s sum of ``exp(logits)`` over its
+allowed, non-heavy keys (a shared reference, so no row sum is ever formed in linear space). Every rank needs the
+whole matrix and an SVD: those tools take or build dense maps and are meant for small ``T``
 (``O(B·H·T·S)`` memory, ``O(B·H·T·S·min(T, S))`` time).
 """
 
@@ -31,11 +41,11 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import scan_query_tiles
+from attnjax.analysis.blockwise import check_qk, scan_query_tiles
 from attnjax.bias import Bias
 from attnjax.checks import check_scalar, describe
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
-from attnjax.masks import Mask
+from attnjax.masks import Mask, query_positions
 
 
 def _matrices(name: str, x: jax.Array) -> jax.Array:
@@ -56,43 +66,54 @@ def numerical_rank(matrices: jax.Array, rtol: Optional[float] = None) -> jax.Arr
     return jnp.sum(sv > rtol * sv[..., :1], axis=-1, dtype=jnp.int32)
 
 
-def _dense_map(q: jax.Array, k: jax.Array, of: str, mask, bias, scale, logits_soft_cap) -> jax.Array:
-    """The whole ``[B, Hq, T, S]`` softmax map (``of="probabilities"``) or masked logits (``of="logits"``,
-    masked entries 0), one tile of all queries."""
-    if of not in ("probabilities", "logits"):
-        raise ValueError(f"of must be 'probabilities' or 'logits', got {of!r}")
-
+def _dense_map(q: jax.Array, k: jax.Array, mask, bias, scale, logits_soft_cap) -> jax.Array:
+    """The whole ``[B, Hq, T, S]`` softmax map (0 where masked), one tile of all queries."""
     def whole(log_p, logits, q_idx, kv_idx):
-        if of == "logits":
-            return jnp.where(jnp.isfinite(logits), logits, 0.0), None
         return jnp.exp(log_p), None
 
     return scan_query_tiles(q, k, whole, mask=mask, bias=bias, scale=scale, logits_soft_cap=logits_soft_cap,
                             block_q=max(q.shape[1], 1))[0]
 
 
-def arank_of_maps(maps: jax.Array, rtol: Optional[float] = None) -> jax.Array:
-    """γ-MoD's ARank of dense maps ``[..., H, T, S] -> [...]`` float32: the heads' mean ``numerical_rank``."""
+def _without_diagonal(maps: jax.Array) -> jax.Array:
+    """``maps [..., T, S]`` with each query's own key (column ``t + S − T``, bottom-right alignment) set to 0."""
+    T, S = maps.shape[-2:]
+    own = query_positions(jnp.arange(T), T, S)[:, None] == jnp.arange(S)[None, :]
+    return jnp.where(own, 0.0, maps)
+
+
+def arank_of_maps(maps: jax.Array, rtol: Optional[float] = None, *, drop_diagonal: bool = True) -> jax.Array:
+    """γ-MoD's ARank of dense maps ``[..., H, T, S] -> [...]`` float32: the heads' mean ``numerical_rank``.
+
+    ``drop_diagonal`` zeroes each query's own key first (row ``t``, column ``t + S − T``), as the official
+    ``compute_attention_rank`` does; ``False`` ranks the maps as given.
+    """
     maps = _matrices("maps", maps)
     if maps.ndim < 3:
         raise ValueError(f"maps must be [..., H, T, S], got {describe(maps)}")
+    if drop_diagonal:
+        maps = _without_diagonal(maps)
     return jnp.mean(numerical_rank(maps, rtol).astype(jnp.float32), axis=-1)
 
 
 def arank(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
           scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, rtol: Optional[float] = None,
-          of: str = "probabilities") -> jax.Array:
+          drop_diagonal: bool = True) -> jax.Array:
     """γ-MoD's ARank of one layer from its q and k (dense: small ``T`` only).
 
+    ``(1/Hq) Σ_h rank(A_h)`` with ``A_h`` the head's softmax map with its diagonal zeroed (the official code; see
+    the module docstring).
+
     Args:
-      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; mask, bias, scale, logits_soft_cap: as ``attnjax.attention``.
-      rtol: ``numerical_rank``'s tolerance.
-      of: "probabilities" (the softmax map) or "logits" (``scale·q·kᵀ + bias``, masked entries 0).
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; mask, bias, scale, logits_soft_cap: as ``attnjax.attention``
+        (γ-MoD's LLMs: ``mask=masks.Causal()``).
+      rtol: ``numerical_rank``'s tolerance (default ``max(T, S)·ε``, ``torch.linalg.matrix_rank``'s).
+      drop_diagonal: zero each query's own key before the rank (official code); ``False`` keeps it.
 
     Returns:
       ``[B]`` float32, the mean over the ``Hq`` heads of each map's rank.
     """
-    return arank_of_maps(_dense_map(q, k, of, mask, bias, scale, logits_soft_cap), rtol)
+    return arank_of_maps(_dense_map(q, k, mask, bias, scale, logits_soft_cap), rtol, drop_diagonal=drop_diagonal)
 
 
 def kv_state(k: jax.Array, v: jax.Array, *, feature_map: Union[str, FeatureMap] = "identity",
@@ -139,7 +160,7 @@ def stable_rank(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias
                 scale: Optional[float] = None, logits_soft_cap: Optional[float] = None) -> jax.Array:
     """HyperAttention's stable rank of the (masked) softmax map of each head, ``[B, Hq]`` float32 (dense: small
     ``T`` only). Arguments as ``attnjax.attention``."""
-    return stable_rank_of_map(_dense_map(q, k, "probabilities", mask, bias, scale, logits_soft_cap))
+    return stable_rank_of_map(_dense_map(q, k, mask, bias, scale, logits_soft_cap))
 
 
 def squared_column_norms(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,
@@ -174,5 +195,50 @@ def hyperattention_alpha_of_map(probabilities: jax.Array) -> jax.Array:
     return p.shape[-1] * jnp.max(jnp.sum(p * p, axis=-2), axis=-1, initial=0.0)
 
 
+def hyperattention_kappa(q: jax.Array, k: jax.Array, *, heavy: Optional[Mask] = None, mask: Optional[Mask] = None,
+                         bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
+                         logits_soft_cap: Optional[float] = None, block_q: int = 128) -> jax.Array:
+    """HyperAttention's ``κ = max_{i,j} ⟨1 − M^H_i, A_i⟩ / ⟨1 − M^H_j, A_j⟩`` per head, blockwise, ``[B, Hq]`` float32.
+
+    ``A = exp(logits)`` with the logits of ``attnjax.attention`` (``scale·q·kᵀ + bias``, soft-capped) and masked
+    entries 0; ``M^H`` (``heavy``) marks the large entries that HyperAttention finds (sortLSH) and computes
+    exactly, so they leave the row sums. ``κ`` is invariant to a constant added to every logit; it is computed
+    as ``exp(max_i lse_i − min_i lse_i)`` from each row's log-sum-exp over its allowed, non-heavy keys, one
+    query tile at a time (memory ``O(B·Hq·block_q·S)``, never a ``[T, S]`` map or a linear-space row sum).
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]`` (GQA: ``Hq % Hkv == 0``).
+      heavy: an ``attnjax.masks`` value, True on the heavy pairs ``M^H`` to remove; None removes nothing (``κ``
+        is then the ratio of the largest to the smallest row sum of ``A``).
+      mask, bias, scale, logits_soft_cap: as ``attnjax.attention``.
+      block_q: query rows per step.
+
+    Returns:
+      ``[B, Hq]`` float32, ``>= 1`` over the rows that see at least one key; ``inf`` when such a row has
+      every key heavy (a zero light row sum) or the ratio overflows float32; 1 for a head with no such row.
+    """
+    check_qk(q, k)
+    if heavy is not None and not isinstance(heavy, Mask):
+        raise TypeError(f"heavy must be an attnjax.masks value marking the heavy pairs (or None), got "
+                        f"{type(heavy).__name__}")
+    T, S = q.shape[1], k.shape[1]
+
+    def rows(log_p, logits, q_idx, kv_idx):
+        light = jnp.isfinite(logits)
+        sees_keys = jnp.any(light, axis=-1)
+        if heavy is not None:
+            light = light & ~heavy.tile(q_idx, kv_idx, T, S)
+        lse = jax.nn.logsumexp(jnp.where(light, logits, -jnp.inf), axis=-1)
+        return (lse, sees_keys), None
+
+    lse, sees_keys = scan_query_tiles(q, k, rows, mask=mask, bias=bias, scale=scale,
+                                      logits_soft_cap=logits_soft_cap, block_q=block_q)[0]
+    top = jnp.max(jnp.where(sees_keys, lse, -jnp.inf), axis=-1)
+    bottom = jnp.min(jnp.where(sees_keys, lse, jnp.inf), axis=-1)
+    gap = jnp.where(jnp.isfinite(top), top - bottom, jnp.inf)  # top - (-inf) = inf: a zero light row sum
+    return jnp.exp(jnp.where(jnp.any(sees_keys, axis=-1), gap, 0.0))
+
+
 __all__ = ["numerical_rank", "arank", "arank_of_maps", "kv_state", "kv_state_rank", "stable_rank",
-           "stable_rank_of_map", "squared_column_norms", "hyperattention_alpha", "hyperattention_alpha_of_map"]
+           "stable_rank_of_map", "squared_column_norms", "hyperattention_alpha", "hyperattention_alpha_of_map",
+           "hyperattention_kappa"]
