@@ -162,10 +162,16 @@ def test_entropy_guided_regularizer_and_profile_match_dense_maps():
         assert_close(dk, rk, rtol=1e-4, name="dk")
 
 
-def test_entropic_overload_counts_heads_above_three_quarters():
-    profile = jnp.array([[0.9, 0.8, 0.3, 0.75], [0.1, 0.2, 0.74, 0.0]])
-    np.testing.assert_allclose(np.asarray(entropic_overload(profile)), [0.75, 0.0])
-    np.testing.assert_allclose(np.asarray(entropic_overload(profile, threshold=0.5)), [0.75, 0.25])
+def test_entropic_overload_counts_heads_above_three_quarters_of_the_largest_head_entropy():
+    """Jha & Reagen's Fig. 2a bins: a head is overloaded in ``[¾·max, max]``, ``max`` the largest head entropy."""
+    profile = np.array([[0.6, 0.5, 0.3, 0.47], [0.1, 0.2, 0.46, 0.0]], np.float32)  # max 0.6: bar at 0.45
+    want = np.mean(profile >= 0.75 * profile.max(), axis=-1)
+    np.testing.assert_allclose(want, [0.75, 0.25])
+    np.testing.assert_allclose(np.asarray(entropic_overload(jnp.asarray(profile))), want)
+    np.testing.assert_allclose(np.asarray(entropic_overload(jnp.asarray(profile * np.log(128.0)))), want,
+                               err_msg="the share does not depend on the entropy's scale (nats or / log S)")
+    np.testing.assert_allclose(np.asarray(entropic_overload(jnp.asarray(profile), threshold=0.3)), [1.0, 0.5])
+    np.testing.assert_allclose(np.asarray(entropic_overload(jnp.asarray(profile), threshold=0.9)), [0.25, 0.0])
 
 
 def test_bad_inputs_name_the_argument():
