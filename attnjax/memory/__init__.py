@@ -3,4 +3,8 @@ Miras) and chunked recurrent hybrids (RAT). Modules that own the projections and
 ``attnjax.nn.memory``.
 """
 
-__all__: list = []
+from attnjax.memory.neural_memory import (NeuralMemoryState, neural_memory, neural_memory_init_state,
+                                          neural_memory_reference, neural_memory_step)
+
+__all__: list = ["NeuralMemoryState", "neural_memory", "neural_memory_init_state",
+                 "neural_memory_reference", "neural_memory_step"]
