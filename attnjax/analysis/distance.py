@@ -1,25 +1,27 @@
 """Attention distance and future influence per token, blockwise from q and k, or from a dense map.
 
 Li et al., "Attention Illuminates LLM Reasoning: The Preplan-and-Anchor Rhythm Enables Fine-Grained
-Policy Optimization", arXiv:2510.13554, 2025, sec. 4.1. For an attention map ``A`` (query ``t``, key ``s``):
+Policy Optimization", arXiv:2510.13554 (v1 2025, v2 2026), sec. 4.1. For an attention map ``A`` (query ``t``,
+key ``s``):
 
-- head span (eq. 7): ``d = (1/|R|) Σ_{t∈R} Σ_s A_ts (t − s)``, the mean backward distance over the
-  response rows ``R``; the paper sorts heads by ``d`` and calls the bottom / top 30 % local / global heads;
-- windowed average attention distance (Def. 4.1, eq. 9): ``WAAD_t = Σ_s A_ts · min(t − s, W)`` with
-  ``W = 10`` (sec. 5.3.1, App. A.1), computed on the local heads' average map;
-- future attention influence (Def. 4.1, eq. 10): ``FAI_s = (1/|T(s)|) Σ_{t∈T(s)} A_ts`` with
-  ``T(s) = {t : s + H_lo ≤ t ≤ s + H_hi}`` among the response rows, the horizon ``[H_lo, H_hi] = [10, 50]``
-  (sec. 5.3.1; the analysis of App. A.1 lets the horizon run to the end of the response, ``H_hi = None``
-  here), computed on the global heads' average map.
+- head span (eq. 7): ``d = (1/|R|) Σ_{t∈R} Σ_{s≤t} A_ts (t − s)``, the mean backward distance over the
+  response rows ``R``; the paper sorts heads by ``d`` and calls the bottom / top 30 % local / global heads,
+  whose maps it averages (eq. 8);
+- windowed average attention distance (Def. 4.1, eq. 9): ``WAAD_t = Σ_{s≤t} Ā^loc_ts · min(t − s, W)`` for a
+  response position ``t``, with ``W = 10`` (sec. 5.3.1, App. A.1);
+- future attention influence (Def. 4.2, eq. 10): ``FAI_s = (1/|T(s)|) Σ_{t∈T(s)} Ā^glob_ts`` with
+  ``T(s) = {t ∈ R : s + H_lo ≤ t ≤ min(N, s + H_hi)}`` and the horizon ``[H_lo, H_hi] = [10, 100]``
+  (v2 sec. 5.3.1 and Table 7b; v1 used ``[10, 50]``; the analysis of App. A.1 lets the horizon run to the end
+  of the response, ``H_hi = None`` here).
 
-Both metrics are linear in the map, so the value on a group-averaged map (eq. 8) is the mean of the
-per-head values over the group (for FAI when the mask is the same for every head, so ``|T(s)|`` is). The
-boxed Def. 4.1 (eqs. 9-10) was not legible in the copy of the paper consulted; the formulas follow its
-sec. 4.1 text ("clipped window", "averaging the attention it receives from future positions within a
-controlled horizon") with the hyperparameters of sec. 5.3.1. Positions follow the library's alignment: query row ``t`` sits at
-``t + S − T``. Distances are backward; a key after its query (possible only without a causal mask)
-counts as distance 0. ``|T(s)|`` counts the horizon's queries that are allowed to see ``s`` and are
-selected by ``queries`` (the paper: response tokens); ``FAI_s = 0`` where it is empty.
+Verified against the text of both arXiv versions (eqs. 7-10, sec. 5.3.1, App. A.1). Both metrics are linear in
+the map, so the value on a group-averaged map (eq. 8) is the mean of the per-head values over the group (for
+FAI when the mask is the same for every head, so ``|T(s)|`` is). Positions follow the library's alignment:
+query row ``t`` sits at ``t + S − T``. Distances are backward; a key after its query (possible only without a
+causal mask) counts as distance 0. ``|T(s)|`` counts the horizon's queries that are selected by ``queries``
+(the paper's ``R``: response tokens) and allowed to see ``s``: under the paper's causal mask every ``t ≥ s``
+sees ``s``, so this is eq. 10; under other masks (windows, packed segments) a query that cannot see ``s`` is
+left out of ``T(s)`` rather than counted with weight 0. ``FAI_s = 0`` where ``T(s)`` is empty.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from attnjax.masks import Mask, query_positions
 WAAD_WINDOW = 10
 """``W`` of WAAD (sec. 5.3.1 and App. A.1)."""
 
-FAI_HORIZON = (10, 50)
-"""``[H_lo, H_hi]`` of FAI (sec. 5.3.1); an upper bound of None runs to the end of the sequence (App. A.1)."""
+FAI_HORIZON = (10, 100)
+"""``[H_lo, H_hi]`` of FAI (v2 sec. 5.3.1; ``(10, 50)`` in v1); an upper bound of None runs to the end of the
+sequence (App. A.1)."""
 
 SPAN_FRACTION = 0.3
 """Fraction of heads called local (smallest span) and global (largest span), sec. 4.1."""
@@ -83,7 +86,7 @@ def windowed_attention_distance(q: jax.Array, k: jax.Array, *, window: Optional[
                                 mask: Optional[Mask] = None, bias: Optional[Bias | jax.Array] = None,
                                 scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
                                 block_q: int = 128) -> jax.Array:
-    """Per query: how far back it attends, ``Σ_s p_ts · min(t − s, window)`` (WAAD, eq. 9), blockwise.
+    """Per query: how far back it attends, ``Σ_s p_ts · min(t − s, window)`` (WAAD, Def. 4.1, eq. 9), blockwise.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]`` (GQA: ``Hq % Hkv == 0``).
@@ -112,11 +115,12 @@ def future_attention_influence(q: jax.Array, k: jax.Array, *,
                                queries: Optional[jax.Array] = None, mask: Optional[Mask] = None,
                                bias: Optional[Bias | jax.Array] = None, scale: Optional[float] = None,
                                logits_soft_cap: Optional[float] = None, block_q: int = 128) -> jax.Array:
-    """Per key: the mean attention it receives from the queries ``lo <= t − s <= hi`` after it (FAI, eq. 10).
+    """Per key: the mean attention it receives from the queries ``lo <= t − s <= hi`` after it (FAI, Def. 4.2,
+    eq. 10).
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
-      horizon: ``(H_lo, H_hi)`` in positions (``(10, 50)`` in the paper; ``H_hi`` None: to the end).
+      horizon: ``(H_lo, H_hi)`` in positions (``(10, 100)`` in the paper; ``H_hi`` None: to the end).
       queries: bool ``[T]`` or ``[B, T]``, the query rows that count (the paper: the response tokens);
         default all.
       mask, bias, scale, logits_soft_cap: as ``attnjax.attention``.

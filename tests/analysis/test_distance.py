@@ -34,6 +34,19 @@ def numpy_fai(p, allowed, horizon, queries):
     return out
 
 
+def paper_fai(p, horizon, queries):
+    """Eq. 10 as printed: ``T(s) = {t ∈ R : s + H_lo <= t <= min(N, s + H_hi)}`` on a square causal map (no mask
+    term: every such ``t`` sees ``s``)."""
+    B, H, N, _ = p.shape
+    lo, hi = horizon
+    out = np.zeros((B, H, N))
+    for b in range(B):
+        for s in range(N):
+            ts = [t for t in range(N) if queries[b, t] and s + lo <= t <= min(N - 1, s + hi)]
+            out[b, :, s] = p[b][:, ts, s].mean(-1) if ts else 0.0
+    return out
+
+
 CASES = [
     dict(T=37, S=37, Hq=4, Hkv=2, mask=masks.Causal(), window=WAAD_WINDOW, horizon=FAI_HORIZON, starts=(5, 9)),
     dict(T=21, S=45, Hq=2, Hkv=2, mask=masks.SlidingWindow(5, 3), window=3, horizon=(1, None), starts=None),
@@ -61,6 +74,8 @@ def test_blockwise_and_dense_equal_numpy_definitions(case):
     assert_close(waad_of_map, numpy_waad(p, case["window"]), rtol=1e-5, name="waad of map")
     assert_close(fai_of_map, expected_fai, rtol=1e-5, name="fai of map")
     assert np.any(expected_fai > 0) and np.all(np.asarray(waad) >= 0)
+    if isinstance(case["mask"], masks.Causal):
+        assert_close(fai, paper_fai(p, case["horizon"], queries), rtol=1e-5, name="fai = eq. 10 under a causal mask")
 
 
 def test_uniform_causal_map_by_hand():
