@@ -16,7 +16,7 @@ from attnjax.analysis.anchors import (receiver_head_kurtosis, receiver_head_scor
                                       segment_ids_from_spans, sentence_attention, sentence_attention_of_map,
                                       vertical_scores)
 from attnjax.analysis.heads import (attention_argmax, attention_influence, copy_paste_events, head_ablation_loss_change,
-                                    head_importance, retrieval_scores)
+                                    head_importance, retrieval_scores, uniform_head_masking)
 from attnjax.analysis.similarity import attention_similarity, attention_similarity_of_maps
 from attnjax.analysis.rank import (arank, arank_of_maps, hyperattention_alpha, hyperattention_alpha_of_map,
                                    hyperattention_kappa, kv_state, kv_state_rank, numerical_rank, squared_column_norms,
@@ -40,9 +40,9 @@ __all__ = [
     "windowed_attention_distance_of_map", "receiver_head_kurtosis", "receiver_head_scores", "receiver_heads",
     "segment_ids_from_spans", "sentence_attention", "sentence_attention_of_map", "vertical_scores",
     "attention_argmax", "attention_influence", "copy_paste_events", "head_ablation_loss_change",
-    "head_importance", "retrieval_scores", "attention_similarity", "attention_similarity_of_maps", "arank",
-    "arank_of_maps", "hyperattention_alpha", "hyperattention_alpha_of_map", "hyperattention_kappa", "kv_state",
-    "kv_state_rank",
+    "head_importance", "retrieval_scores", "uniform_head_masking", "attention_similarity",
+    "attention_similarity_of_maps", "arank", "arank_of_maps", "hyperattention_alpha", "hyperattention_alpha_of_map",
+    "hyperattention_kappa", "kv_state", "kv_state_rank",
     "numerical_rank", "squared_column_norms", "stable_rank", "stable_rank_of_map", "attention_rollout",
     "attention_entropy_regularizer", "entropic_overload", "entropy_guided_penalty",
     "entropy_guided_regularizer", "entropy_profile", "entropy_profile_of_maps", "mean_head_entropy",

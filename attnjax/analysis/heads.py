@@ -7,13 +7,18 @@ lies in the needle's span ``i_q`` and holds that token, ``x_j = w``. With ``g_h`
 ``h`` copy-pasted, its retrieval score is ``|g_h ∩ k| / |k|``. ``attention_argmax`` gives the per-step
 argmax blockwise (one query tile at a time, never a ``[T, S]`` map); ``retrieval_scores`` the score.
 
-Head masking: a user's ``loss_fn(head_mask) -> loss`` takes a float ``[L, H]`` mask ``ξ`` that multiplies
-each head's output (1 keeps the head, 0 removes it), as in Michel et al., "Are Sixteen Heads Really Better
-than One?", NeurIPS 2019, sec. 2.3 and 4.1: ``Att_h(x) -> ξ_h · Att_h(x)``. From it come the loss change
-when one head is masked (``head_ablation_loss_change``), the gradient importance ``I_h = E_x |∂L(x)/∂ξ_h|``
-at ``ξ = 1`` (``head_importance``), and AttentionInfluence (Hua et al., "AttentionInfluence: Adopting
-Attention Head Influence for Weak-to-Strong Pretraining Data Selection", 2025): the relative loss
-increase ``(L_ref − L_base) / L_base`` of a reference model with chosen heads masked over the base model.
+Head masking: a user's ``loss_fn(head_mask) -> loss`` takes a float ``[L, H]`` mask ``ξ`` (1 keeps a head, 0
+removes it). From it come the loss change when one head is masked (``head_ablation_loss_change``), the gradient
+importance ``I_h = E_x |∂L(x)/∂ξ_h|`` at ``ξ = 1`` (``head_importance``), both from Michel et al., "Are Sixteen
+Heads Really Better than One?", NeurIPS 2019, sec. 2.3 and 4.1, where ``ξ`` multiplies each head's output
+(``Att_h(x) -> ξ_h · Att_h(x)``), and AttentionInfluence (Hua et al., "AttentionInfluence: Adopting Attention
+Head Influence for Weak-to-Strong Pretraining Data Selection", arXiv:2505.07293, 2025): eq. 5,
+``AttentionInfluence Score = (L_ref − L_base) / L_base``, the relative increase of a sample's mean token loss
+when a reference model is the base model with its top-5 % retrieval heads masked (sec. 4.1-4.2; a higher score
+means a more reasoning-intensive sample). The paper's masking (App. C) is not Michel's: it "set[s] the attention
+weights provided by the specific attention heads to equal weights", ``1/L`` for a length-``L`` sequence;
+``uniform_head_masking`` gives that head output, mixed with the real one by ``ξ``. Verified against the paper's
+text (eq. 5, sec. 4, App. C).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import scan_query_tiles
+from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.api import attention
 from attnjax.bias import Bias
 from attnjax.checks import check_positive, describe
 from attnjax.masks import Mask
@@ -191,14 +197,45 @@ def head_importance(loss_fn: LossFn, head_mask_shape: tuple[int, int], *, normal
     return importance
 
 
+def uniform_head_masking(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, keep: jax.Array, *,
+                         mask: Optional[Mask] = None) -> jax.Array:
+    """AttentionInfluence's head masking (Hua et al. 2025, App. C) inside a layer: ``ξ_h·out_h + (1 − ξ_h)·ū_h``.
+
+    ``ū_h`` is the output of head ``h`` with its attention weights set to equal weights, each query averaging the
+    values of the keys ``mask`` lets it see (``1/L`` each for full attention over ``L`` tokens, as the paper
+    states; ``1/(t + 1)`` over the prefix under a causal mask, our reading for a causal LM). With ``keep = ξ``
+    from ``head_mask[layer]`` a ``loss_fn`` built on this masks heads the paper's way (``ξ_h = 0``), and
+    ``attention_influence`` then gives eq. 5's score. Computed as ``attnjax.attention`` with zero queries (all
+    logits equal), so it costs one attention forward and takes the mask, GQA and implementations of that call.
+
+    Args:
+      q: ``[B, T, Hq, D]`` (only its shape and dtype are used); k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``.
+      out: ``[B, T, Hq, Dv]``, the layer's attention output before the output projection.
+      keep: ``[Hq]`` float, ``ξ`` (1 keeps a head, 0 replaces it by uniform attention); differentiable.
+      mask: the layer's ``attnjax.masks`` value.
+
+    Returns:
+      ``[B, T, Hq, Dv]`` in ``out``'s dtype.
+    """
+    check_qk(q, k)
+    keep = jnp.asarray(keep)
+    if keep.shape != (q.shape[2],) or out.shape != q.shape[:3] + v.shape[3:]:
+        raise ValueError(f"keep must be [Hq] = [{q.shape[2]}] and out [B, T, Hq, Dv] = "
+                         f"{list(q.shape[:3] + v.shape[3:])}, got keep {describe(keep)} and out {list(out.shape)}")
+    uniform = attention(jnp.zeros_like(q), k, v, mask=mask).astype(jnp.float32)
+    xi = keep.astype(jnp.float32)[:, None]
+    return (xi * out.astype(jnp.float32) + (1.0 - xi) * uniform).astype(out.dtype)
+
+
 def attention_influence(loss_fn: LossFn, masked_heads: jax.Array) -> jax.Array:
-    """Hua et al.'s AttentionInfluence score ``(L_ref − L_base) / L_base``.
+    """Hua et al.'s AttentionInfluence score ``(L_ref − L_base) / L_base`` (eq. 5).
 
     ``L_base`` is the loss of the base model (every head kept) and ``L_ref`` that of the reference model, the
-    same model with ``masked_heads`` removed (in the paper, the retrieval heads found on a synthetic
-    retrieval task; e.g. ``retrieval_scores(...) > threshold``). A higher score means the sample depends
-    more on those heads; the paper selects the top-scoring samples. How a head is removed is the model's
-    business: here ``loss_fn`` receives ``head_mask = 0`` for them (Michel et al.'s output masking).
+    same model with ``masked_heads`` removed (in the paper, the top 5 % of heads by retrieval score on a synthetic
+    retrieval task; e.g. from ``retrieval_scores``). A higher score means the sample depends more on those heads;
+    the paper keeps the top 20 % of samples, comparing scores only within a domain. How a head is removed is
+    ``loss_fn``'s business: it receives ``head_mask = 0`` for them; the paper's removal sets the heads' attention
+    weights to equal weights (``uniform_head_masking``), Michel et al.'s multiplies their outputs by 0.
 
     Args:
       loss_fn: ``head_mask [L, H] -> loss > 0`` (a cross entropy); per-sample losses ``[N]`` give one score per
@@ -217,4 +254,4 @@ def attention_influence(loss_fn: LossFn, masked_heads: jax.Array) -> jax.Array:
 
 
 __all__ = ["LossFn", "attention_argmax", "copy_paste_events", "retrieval_scores", "head_ablation_loss_change",
-           "head_importance", "attention_influence"]
+           "head_importance", "uniform_head_masking", "attention_influence"]

@@ -10,7 +10,8 @@ import pytest
 
 from attnjax import masks
 from attnjax.analysis.heads import (attention_argmax, attention_influence, copy_paste_events,
-                                    head_ablation_loss_change, head_importance, retrieval_scores)
+                                    head_ablation_loss_change, head_importance, retrieval_scores,
+                                    uniform_head_masking)
 from tests.analysis.test_entropy_and_sinks import numpy_map
 from tests.helpers import assert_close, numpy_rng, random_qkv
 
@@ -99,8 +100,10 @@ MASKED = np.array([[True, False], [False, False]])
 SILENT = np.array([[False, False], [False, True]])  # layer 1, head 1 writes nothing
 
 
-def toy_losses(xp, head_mask, params, tokens):
-    """Per-example next-token cross entropy ``[N]``."""
+def toy_losses(xp, head_mask, params, tokens, masking="output"):
+    """Per-example next-token cross entropy ``[N]``; ``masking="uniform"``: a masked head attends with equal
+    weights to its prefix (AttentionInfluence, App. C; the library's ``uniform_head_masking`` under jnp, the
+    prefix mean of v under NumPy)."""
     x = params["embed"][tokens[:, :-1]]
     causal = xp.tril(xp.ones((T - 1, T - 1), bool))
     for layer in range(L):
@@ -108,7 +111,15 @@ def toy_losses(xp, head_mask, params, tokens):
         s = xp.where(causal, xp.einsum("nthe,nshe->nhts", q, k) / np.sqrt(DH), -np.inf)
         e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
         heads = xp.einsum("nhts,nshe->nthe", e / xp.sum(e, axis=-1, keepdims=True), v)
-        x = x + xp.einsum("nthe,hed->ntd", heads * head_mask[layer][None, None, :, None], params["wo"][layer])
+        if masking == "output":
+            heads = heads * head_mask[layer][None, None, :, None]
+        elif xp is np:
+            uniform = np.cumsum(v, axis=1) / np.arange(1, T)[None, :, None, None]
+            xi = head_mask[layer][None, None, :, None]
+            heads = xi * heads + (1 - xi) * uniform
+        else:
+            heads = uniform_head_masking(q, k, v, heads, head_mask[layer], mask=masks.Causal())
+        x = x + xp.einsum("nthe,hed->ntd", heads, params["wo"][layer])
     logits = x @ params["unembed"]
     m = xp.max(logits, axis=-1, keepdims=True)
     logp = logits - m - xp.log(xp.sum(xp.exp(logits - m), axis=-1, keepdims=True))
@@ -130,7 +141,9 @@ def toy():
         losses = functools.partial(toy_losses, jnp, params=p, tokens=t)
         return dict(ablation=head_ablation_loss_change(losses, (L, H)), importance=head_importance(losses, (L, H)),
                     influence=attention_influence(losses, jnp.asarray(MASKED)),
-                    influence_silent=attention_influence(losses, jnp.asarray(SILENT)))
+                    influence_silent=attention_influence(losses, jnp.asarray(SILENT)),
+                    influence_uniform=attention_influence(functools.partial(losses, masking="uniform"),
+                                                          jnp.asarray(MASKED)))
 
     f32 = {name: jnp.asarray(w, jnp.float32) for name, w in params.items()}
     results = jax.jit(run)(f32, jnp.asarray(tokens))
@@ -172,6 +185,29 @@ def test_attention_influence_is_the_relative_loss_increase_of_the_masked_model(t
     assert_close(results["influence"], (losses(np.where(MASKED, 0.0, 1.0)) - base) / base, rtol=1e-5,
                  name="(L_ref - L_base) / L_base")
     assert_close(results["influence_silent"], np.zeros(N), atol=1e-6, name="masking a head that writes nothing")
+    uniform = functools.partial(losses, masking="uniform")
+    base_uniform = uniform(np.ones((L, H)))
+    assert_close(base_uniform, base, rtol=1e-12, name="xi = 1 keeps every head")
+    want = (uniform(np.where(MASKED, 0.0, 1.0)) - base) / base
+    assert_close(results["influence_uniform"], want, rtol=1e-5, name="eq. 5 with the paper's uniform masking")
+    assert not np.allclose(want, (losses(np.where(MASKED, 0.0, 1.0)) - base) / base, rtol=1e-3)
+
+
+def test_uniform_head_masking_averages_the_visible_values():
+    q, k, v = random_qkv(jax.random.key(7), T=9, S=12, Hq=4, Hkv=2, D=4)
+    out = jax.random.normal(jax.random.key(8), (2, 9, 4, 4))
+    keep = jnp.array([0.0, 1.0, 0.25, 0.0])
+    window = masks.SlidingWindow(3, 0)
+    got, d_keep = jax.jit(lambda keep: (uniform_head_masking(q, k, v, out, keep, mask=window), jax.grad(
+        lambda keep: jnp.sum(uniform_head_masking(q, k, v, out, keep, mask=window)))(keep)))(keep)
+    allowed = np.asarray(window.dense(9, 12))[0, 0]                          # [T, S]
+    vh = np.repeat(np.asarray(v, np.float64), 2, axis=2)                     # [B, S, Hq, Dv]
+    uniform = np.einsum("ts,bshe->bthe", allowed / allowed.sum(-1, keepdims=True), vh)
+    xi = np.asarray(keep)[None, None, :, None]
+    assert_close(got, xi * np.asarray(out) + (1 - xi) * uniform, rtol=1e-5, name="xi out + (1 - xi) mean of v")
+    assert_close(d_keep, (np.asarray(out) - uniform).sum((0, 1, 3)), rtol=1e-5, name="d/dxi")
+    with pytest.raises(ValueError, match=r"keep must be \[Hq\] = \[4\]"):
+        uniform_head_masking(q, k, v, out, jnp.ones(3))
 
 
 def test_scalar_losses_chunked_ablation_and_layer_normalization():
