@@ -3,8 +3,10 @@ Miras) and chunked recurrent hybrids (RAT). Modules that own the projections and
 ``attnjax.nn.memory``.
 """
 
+from attnjax.memory.rat import RATCache, rat, rat_init_cache, rat_recurrence, rat_reference, rat_step
 from attnjax.memory.neural_memory import (NeuralMemoryState, neural_memory, neural_memory_init_state,
                                           neural_memory_reference, neural_memory_step)
 
 __all__: list = ["NeuralMemoryState", "neural_memory", "neural_memory_init_state",
-                 "neural_memory_reference", "neural_memory_step"]
+                 "neural_memory_reference", "neural_memory_step",
+                 "RATCache", "rat", "rat_init_cache", "rat_recurrence", "rat_reference", "rat_step"]

@@ -1,3 +1,5 @@
 """Memory modules: Titans (MAC, MAG, MAL) and Miras memory layers, RAT, and the PMI working/long-term memory."""
 
-__all__: list = []
+from attnjax.nn.memory.rat import RAT
+
+__all__: list = ["RAT"]
