@@ -27,8 +27,9 @@ from attnjax.analysis.regularizers import (attention_entropy_regularizer, entrop
                                           mean_head_entropy, mean_head_entropy_of_map, row_entropies)
 from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entropy, attention_cross_entropy_of_maps,
                                           attention_kl, attention_kl_of_maps, feature_alignment_loss,
-                                          haste_attention_loss, minilm_attention_loss, minilm_loss, minilm_loss_of_maps,
-                                          minilm_value_relation_loss, value_relation_map)
+                                          haste_attention_loss, haste_gradient_trigger, minilm_attention_loss,
+                                          minilm_loss, minilm_loss_of_maps, minilm_value_relation_loss,
+                                          value_relation_map)
 from attnjax.analysis.capture import AttentionInputs, apply_to_layers, attention_maps, capture_attention
 from attnjax.analysis.plots import plot_attention_map, plot_head_heatmap, plot_rollout_on_image
 
@@ -48,6 +49,6 @@ __all__ = [
     "entropy_guided_regularizer", "entropy_profile", "entropy_profile_of_maps", "mean_head_entropy",
     "mean_head_entropy_of_map", "row_entropies", "HasteSchedule", "attention_cross_entropy",
     "attention_cross_entropy_of_maps", "attention_kl", "attention_kl_of_maps", "feature_alignment_loss",
-    "haste_attention_loss", "minilm_attention_loss", "minilm_loss", "minilm_loss_of_maps",
+    "haste_attention_loss", "haste_gradient_trigger", "minilm_attention_loss", "minilm_loss", "minilm_loss_of_maps",
     "minilm_value_relation_loss", "value_relation_map",
 ]

@@ -17,15 +17,21 @@ It needs the same number of heads ``A_h`` in both models (head ``a`` is matched 
 
 HASTE (Wang et al., "REPA Works Until It Doesn't: Early-Stopped, Holistic Alignment Supercharges Diffusion
 Training", arXiv:2505.16792, 2025; "Holistic Alignment with Stage-wise Termination for Efficient training"):
-phase I adds to the denoising loss an attention alignment (ATTA) term, the cross-entropy between the
-teacher's (DINOv2) attention maps and the student's (SiT) in mid-level layers, and REPA's feature
-alignment, the negative cosine similarity between the teacher's patch features and a projection of the
-student's hidden states; phase II drops both once a trigger fires, a fixed iteration in the paper's runs.
-We follow the official code (github.com/NUS-HPC-AI-Lab/HASTE, ``loss.py`` and ``train.py``): ATTA is the
-mean over layer pairs, heads and query rows of ``CE_i``, the teacher map taken over patch tokens only
-(class token removed before the softmax), the student's first ``H_teacher`` heads aligned, student
-blocks 4-7 paired with teacher blocks 8-11 (0-based), weights 0.5 and 0.5, termination at step 250k
-(``L = L_denoise + 0.5·L_ATTA + 0.5·L_REPA`` before it, ``L_denoise`` after).
+phase I adds to the denoising loss an attention alignment (ATTA) term, the token-wise cross-entropy between the
+teacher's (DINOv2-B) attention maps and the student's (SiT) in mid-level layers (sec. 2.1, 2.3), and REPA's
+feature alignment, the negative cosine similarity between the teacher's patch features and a projection of the
+student's hidden states; phase II drops both once a trigger fires at iteration ``τ`` (sec. 2.2, 2.4): a fixed
+iteration (sec. 3.2: ``τ`` = 100K for SiT-B/2, 250K for SiT-L/XL on ImageNet 256) or the gradient-angle rule of
+App. A.2 (stop when the cosine between the alignment and denoising gradients of one block, averaged over the
+timesteps ``t ∈ {0.02, 0.1, 0.5, 0.8}``, falls below ``δ = −0.05``; checked every 10K iterations after 50K).
+The details follow the official code (github.com/NUS-HPC-AI-Lab/HASTE, ``loss.py``, ``train.py``,
+``modify_dinov2/layers/attention.py``), which agrees with the paper's text: ATTA is the mean over layer pairs,
+heads and query rows of ``CE_i``, the teacher map taken over patch tokens only (the class token's rows and
+columns removed from the logits before the softmax), the student's first ``H_teacher`` heads aligned, student
+blocks 4-7 paired with teacher blocks 8-11 (0-based; Table 16: SiT-L/XL, DiT-XL; SiT-B uses student blocks
+2-4), weights ``λ_A = λ_R = 0.5``, termination at step 250k (``L = L_denoise + 0.5·L_ATTA + 0.5·L_REPA`` before
+it, ``L_denoise`` after). Verified against the paper's text (sec. 2-3, App. A.2, Table 16) and the official
+code.
 """
 
 from __future__ import annotations
@@ -262,13 +268,56 @@ def feature_alignment_loss(teacher_features: jax.Array, student_features: jax.Ar
     return -jnp.mean(jnp.sum(unit(y) * unit(z), axis=-1))
 
 
+HASTE_TRIGGER_THRESHOLD = -0.05
+"""``δ`` of HASTE's gradient-angle trigger (App. A.2): alignment stops when the mean cosine falls below it."""
+
+HASTE_TRIGGER_TIMESTEPS = (0.02, 0.1, 0.5, 0.8)
+"""The diffusion timesteps ``t`` at which App. A.2 evaluates the gradient cosine (averaged over them)."""
+
+
+def gradient_cosine(a, b) -> jax.Array:
+    """``⟨a, b⟩ / (‖a‖ ‖b‖)`` of two gradient pytrees of the same structure, all leaves flattened together
+    (float32 scalar; 0 if either is zero)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    if jax.tree.structure(a) != jax.tree.structure(b) or any(x.shape != y.shape for x, y in zip(la, lb)):
+        raise ValueError("the two gradients must be pytrees of the same structure and leaf shapes")
+    dot = sum(jnp.vdot(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)) for x, y in zip(la, lb))
+    na = jnp.sqrt(sum(jnp.vdot(jnp.asarray(x, jnp.float32), jnp.asarray(x, jnp.float32)) for x in la))
+    nb = jnp.sqrt(sum(jnp.vdot(jnp.asarray(y, jnp.float32), jnp.asarray(y, jnp.float32)) for y in lb))
+    return jnp.where((na > 0) & (nb > 0), dot / jnp.maximum(na * nb, 1e-30), 0.0)
+
+
+def haste_gradient_trigger(alignment_grads: Sequence, denoising_grads: Sequence,
+                           threshold: float = HASTE_TRIGGER_THRESHOLD) -> tuple[jax.Array, jax.Array]:
+    """HASTE's gradient-angle termination rule (App. A.2): ``ρ = mean_t cos(∇L_align(t), ∇L_denoise(t))``.
+
+    Args:
+      alignment_grads: one gradient pytree per evaluated timestep ``t`` (App. A.2: ``HASTE_TRIGGER_TIMESTEPS``,
+        each over a batch of images), of the holistic alignment loss ``0.5·L_ATTA + 0.5·L_REPA`` with respect
+        to one block's parameters (the 5th SiT-B/2 block in the paper's example).
+      denoising_grads: the denoising loss's gradients at the same timesteps and parameters.
+      threshold: ``δ`` (−0.05 in the paper).
+
+    Returns:
+      ``(ρ, fired)``: the mean cosine (float32) and ``ρ < δ``; when it fires at step ``n``, continue with
+      ``dataclasses.replace(schedule, stop_step=n)`` (a ``HasteSchedule``).
+    """
+    check_scalar("threshold", threshold)
+    if len(alignment_grads) != len(denoising_grads) or not alignment_grads:
+        raise ValueError(f"alignment_grads and denoising_grads must pair up one gradient per timestep, got "
+                         f"{len(alignment_grads)} and {len(denoising_grads)}")
+    rho = jnp.mean(jnp.stack([gradient_cosine(a, d) for a, d in zip(alignment_grads, denoising_grads)]))
+    return rho, rho < threshold
+
+
 @dataclasses.dataclass(frozen=True)
 class HasteSchedule:
     """HASTE's two phases: alignment weights until ``stop_step``, then the denoising loss alone.
 
     ``loss(step, denoising, attention, features) = denoising + [step < stop_step]·(attention_weight·attention
     + feature_weight·features)`` (the official ``train.py``: ``--attn-coeff 0.5 --proj-coeff 0.5
-    --early-stop-point 250000`` on ImageNet 256, 150k on MS-COCO). ``step`` may be a Python int or a traced
+    --early-stop-point 250000`` on ImageNet 256, 150k on MS-COCO; sec. 3.2: 100k for SiT-B/2). For the
+    gradient-angle trigger, see ``haste_gradient_trigger``. ``step`` may be a Python int or a traced
     array; to stop paying for the teacher's forward pass after the trigger, branch in Python on
     ``active(step)`` with an int step (as the official code does).
     """
@@ -305,4 +354,5 @@ class HasteSchedule:
 __all__ = ["HASTE_LAYER_PAIRS", "attention_kl", "attention_cross_entropy",
            "attention_kl_of_maps", "attention_cross_entropy_of_maps", "minilm_attention_loss",
            "minilm_value_relation_loss", "minilm_loss", "value_relation_map", "minilm_loss_of_maps",
-           "haste_attention_loss", "feature_alignment_loss", "HasteSchedule"]
+           "haste_attention_loss", "feature_alignment_loss", "HASTE_TRIGGER_THRESHOLD", "HASTE_TRIGGER_TIMESTEPS",
+           "gradient_cosine", "haste_gradient_trigger", "HasteSchedule"]

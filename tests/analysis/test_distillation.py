@@ -9,8 +9,9 @@ import pytest
 from attnjax import masks
 from attnjax.analysis.distillation import (HasteSchedule, attention_cross_entropy, attention_cross_entropy_of_maps,
                                            attention_kl, attention_kl_of_maps, feature_alignment_loss,
-                                           haste_attention_loss, minilm_attention_loss, minilm_loss,
-                                           minilm_loss_of_maps, minilm_value_relation_loss, value_relation_map)
+                                           gradient_cosine, haste_attention_loss, haste_gradient_trigger,
+                                           minilm_attention_loss, minilm_loss, minilm_loss_of_maps,
+                                           minilm_value_relation_loss, value_relation_map)
 from attnjax.analysis.blockwise import scan_query_tiles_pair
 from tests.analysis.test_entropy_and_sinks import numpy_map
 from tests.analysis.test_regularizers import dense_log_p
@@ -135,6 +136,33 @@ def test_haste_schedule_terminates_alignment():
         HasteSchedule(stop_step=1.5)
     with pytest.raises(ValueError, match="attention_weight must be >= 0"):
         HasteSchedule(attention_weight=-1.0)
+
+
+def test_haste_gradient_trigger_is_the_mean_cosine_below_delta():
+    """App. A.2: the mean over timesteps of cos(grad L_align, grad L_denoise) over one block's parameters,
+    all leaves flattened together, compared with delta = -0.05."""
+    rng = numpy_rng(jax.random.key(12))
+
+    def grads():
+        return {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+
+    align, denoise = [grads() for _ in range(4)], [grads() for _ in range(4)]
+    flat = [np.concatenate([g["b"], g["w"].ravel()]).astype(np.float64) for g in align + denoise]
+    cos = [a @ d / (np.linalg.norm(a) * np.linalg.norm(d)) for a, d in zip(flat[:4], flat[4:])]
+    rho, fired = jax.jit(haste_gradient_trigger)(align, denoise)
+    assert_close(rho, np.mean(cos), rtol=1e-5, name="mean cosine over timesteps")
+    assert bool(fired) == (np.mean(cos) < -0.05)
+    opposed = [jax.tree.map(lambda x: -0.5 * x, g) for g in align]
+    rho, fired = haste_gradient_trigger(align, opposed)
+    assert_close(rho, -1.0, rtol=1e-6, name="opposite gradients")
+    assert bool(fired)
+    _, fired = haste_gradient_trigger(align, align, threshold=0.99)
+    assert not bool(fired)
+    assert float(gradient_cosine({"w": jnp.zeros(3)}, {"w": jnp.ones(3)})) == 0.0
+    with pytest.raises(ValueError, match="one gradient per timestep"):
+        haste_gradient_trigger(align, denoise[:3])
+    with pytest.raises(ValueError, match="same structure"):
+        gradient_cosine({"w": jnp.zeros(3)}, {"w": jnp.zeros(4)})
 
 
 def test_bad_inputs_name_the_argument():
