@@ -3,10 +3,14 @@ Miras) and chunked recurrent hybrids (RAT). Modules that own the projections and
 ``attnjax.nn.memory``.
 """
 
+from attnjax.memory.pmi import (PMIState, competitive_attention, competitive_weights, integrate,
+                                long_term_association, long_term_summary, working_memory_gate)
 from attnjax.memory.rat import RATCache, rat, rat_init_cache, rat_recurrence, rat_reference, rat_step
 from attnjax.memory.neural_memory import (NeuralMemoryState, neural_memory, neural_memory_init_state,
                                           neural_memory_reference, neural_memory_step)
 
 __all__: list = ["NeuralMemoryState", "neural_memory", "neural_memory_init_state",
                  "neural_memory_reference", "neural_memory_step",
+                 "PMIState", "competitive_attention", "competitive_weights", "integrate", "long_term_association",
+                 "long_term_summary", "working_memory_gate",
                  "RATCache", "rat", "rat_init_cache", "rat_recurrence", "rat_reference", "rat_step"]
