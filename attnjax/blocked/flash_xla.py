@@ -38,7 +38,8 @@ from attnjax.dropout import dropout_seed
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.scores import ScoreSpec, allowed, dropout_multiplier, raw_logits, score_spec, soft_cap
 from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
-                                   logits_with_bias_pullback, q_tiles, regroup, row_tiles, untile)
+                                   logits_with_bias_pullback, q_tiles, regroup, row_tiles, switch_key_tile,
+                                   untile)
 from attnjax.blocked.weights import SOFTMAX, WeightFunction, backward_offsets, backward_stat
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -209,8 +210,6 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         inv_norm = jnp.exp(-n_b)[..., None] if norm_only else None
         doi_v = regroup(doi, Hv)  # grouped by V head for dO·Vᵀ and dV
 
-        # The key tile's gradients leave the switch as tiles and are added to dK, dV (and an array bias's
-        # gradient) outside it: full-length buffers passed through a conditional are copied at every key tile.
         def visit(j, small, apply_mask):
             dqi, rule_dbias = small
             kv_idx = j * bk + jnp.arange(bk)
@@ -242,19 +241,17 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            return (dqi, rule_dbias), dkj, dvj, ds_bias
+            return (dqi, rule_dbias), (dkj, dvj, ds_bias)
 
-        def skip(small):
-            zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hv, bk, Dv), jnp.float32),
-                               jnp.zeros((B, Hkv, Hq // Hkv, bq, bk), jnp.float32) if array_bias else None),
-                              residuals, cotangents)
-            return (small, *zeros)
+        tile_zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hv, bk, Dv), jnp.float32),
+                                jnp.zeros((B, Hkv, Hq // Hkv, bq, bk), jnp.float32) if array_bias else None),
+                               residuals, cotangents)
 
         def body(j, inner):
             dqi, dk, dv, dbias = inner
-            branches = [skip, lambda c: visit(j, c, True), lambda c: visit(j, c, False)]
-            (dqi, rule_dbias), dkj, dvj, ds_bias = lax.switch(codes[i, j], branches,
-                                                              (dqi, None if array_bias else dbias))
+            (dqi, rule_dbias), (dkj, dvj, ds_bias) = switch_key_tile(
+                codes[i, j], lambda c, apply_mask: visit(j, c, apply_mask), (dqi, None if array_bias else dbias),
+                tile_zeros)
             dk, dv = add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk)
             if array_bias:
                 dbias, _ = add_bias_grad(dbias, ds_bias, bias, None, q_idx, j * bk + jnp.arange(bk))

@@ -9,7 +9,7 @@ updated one tile at a time.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,17 @@ def add_slice(acc: jax.Array, update: jax.Array, start) -> jax.Array:
     """``acc[:, :, start:start+n] += update`` along the sequence axis (axis 2)."""
     current = lax.dynamic_slice_in_dim(acc, start, update.shape[2], axis=2)
     return lax.dynamic_update_slice_in_dim(acc, current + update, start, axis=2)
+
+
+def switch_key_tile(code, visit: Callable, small, tile_zeros):
+    """One key tile under its block-summary code (0 empty, 1 partial, 2 full, as ``masks.block_schedule``).
+
+    ``visit(small, apply_mask) -> (small, tiles)``; an empty tile gives ``(small, tile_zeros)``. Backward
+    passes return a key tile's gradients (dK, dV, an array bias's) as ``tiles`` and add them to their
+    full-length accumulators after the switch: a full-length buffer passed through a conditional is copied
+    at every key tile, which makes a backward grow as S².
+    """
+    return lax.switch(code, [lambda c: (c, tile_zeros), lambda c: visit(c, True), lambda c: visit(c, False)], small)
 
 
 def padded_bias_shape(shape: tuple, T: int, bq: int, S: int, bk: int) -> tuple:

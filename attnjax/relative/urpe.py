@@ -46,11 +46,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import registry
-from attnjax.bias import Bias, as_bias
+from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.blocked.scores import (ScoreSpec, allowed, dense_operands, raw_logits, score_spec, soft_cap,
                                     to_groups)
 from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
-                                   logits_with_bias_pullback, q_tiles, row_tiles, untile)
+                                   logits_with_bias_pullback, q_tiles, row_tiles, switch_key_tile, untile)
 from attnjax.blocked.weights import SOFTMAX, backward_stat
 from attnjax.checks import check_options, check_qkv
 from attnjax.masks import Mask, block_schedule, query_positions
@@ -260,8 +260,10 @@ def _urpe_fwd(q, k, v, c, bias, mask, offset, st):
 def _urpe_bwd(st: _Static, residuals, cotangents):
     q, k, v, c, bias, mask, offset, out, lse = residuals
     d_out, d_lse = cotangents
-    T = q.shape[1]
-    Hkv = st.spec.num_kv_heads
+    B, T, Hq, D = q.shape
+    Hkv, Dv = st.spec.num_kv_heads, v.shape[-1]
+    G = Hq // Hkv
+    array_bias = isinstance(bias, ArrayBias)
     bq, bk = st.block_q, st.block_kv
     codes, lo, hi = block_schedule(mask, st.spec.T, st.spec.S, bq, bk)
     kt, vt = kv_tiles(k, bk), kv_tiles(v, bk)
@@ -274,12 +276,12 @@ def _urpe_bwd(st: _Static, residuals, cotangents):
         q_idx = i * bq + jnp.arange(bq)
         stat_i = jnp.where(q_idx < T, stat_i, jnp.inf)  # padded query rows: weight 0
 
-        def visit(j, inner, apply_mask):
-            dqi, dk, dv, dc, dbias = inner
+        def visit(j, small, apply_mask):
+            dqi, dc, rule_dbias = small
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, dbias)
+            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, rule_dbias)
             s = soft_cap(raw, st.spec.logits_soft_cap)
             p = jnp.exp(s - stat_i[..., None])
             if apply_mask:
@@ -292,15 +294,31 @@ def _urpe_bwd(st: _Static, residuals, cotangents):
             ds = p * (dw * ct - delta_i[..., None] + dlse_i[..., None])
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, ds, bias, pullback, q_idx, kv_idx)
+            if array_bias:
+                ds_bias, dq_bias = ds, 0.0
+            else:
+                ds_bias = None
+                rule_dbias, dq_bias = add_bias_grad(rule_dbias, ds, bias, pullback, q_idx, kv_idx)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            return dqi, add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk), dc + dc_tile, dbias
+            return (dqi, dc + dc_tile, rule_dbias), (dkj, dvj, ds_bias)
+
+        tile_zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hkv, bk, Dv), jnp.float32),
+                                jnp.zeros((B, Hkv, G, bq, bk), jnp.float32) if array_bias else None),
+                               residuals, cotangents)
 
         def body(j, inner):
-            branches = [lambda cr: cr, lambda cr: visit(j, cr, True), lambda cr: visit(j, cr, False)]
-            return lax.switch(codes[i, j], branches, inner)
+            dqi, dk, dv, dc, dbias = inner
+            (dqi, dc, rule_dbias), (dkj, dvj, ds_bias) = switch_key_tile(
+                codes[i, j], lambda cr, apply_mask: visit(j, cr, apply_mask),
+                (dqi, dc, None if array_bias else dbias), tile_zeros)
+            dk, dv = add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk)
+            if array_bias:
+                dbias, _ = add_bias_grad(dbias, ds_bias, bias, None, q_idx, j * bk + jnp.arange(bk))
+            else:
+                dbias = rule_dbias
+            return dqi, dk, dv, dc, dbias
 
         dq0 = vary_like(jnp.zeros(qi.shape, jnp.float32), residuals, cotangents)
         dqi, dk, dv, dc, dbias = lax.fori_loop(lo[i], hi[i], body, (dq0, dk, dv, dc, dbias))

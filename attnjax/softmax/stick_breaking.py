@@ -61,10 +61,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax import registry
-from attnjax.bias import Bias, as_bias
+from attnjax.bias import ArrayBias, Bias, as_bias
 from attnjax.masks import Mask, block_schedule
 from attnjax.blocked.tiles import (add_bias_grad, add_slice, bias_grad_init, finish_grads, kv_tiles,
-                                   logits_with_bias_pullback, q_tiles, row_tiles, untile)
+                                   logits_with_bias_pullback, q_tiles, row_tiles, switch_key_tile, untile)
 from attnjax.blocked.scores import ScoreSpec, allowed, raw_logits, score_spec, soft_cap, to_groups
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -254,31 +254,53 @@ def _bwd(st: _Static, residuals, cotangents):
     # dz = A⊙dA − σ(z)⊙(δ − dc − Σ_{j>m} A⊙dA), δ_i = dO_i·o_i (module docstring).
     dterm = jnp.einsum("bthd,bthd->bth", d_o, o) - d_c
     dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
+    array_bias = isinstance(bias, ArrayBias)
+    D, Dv = q.shape[-1], v.shape[-1]
 
     def q_tile(carry, xs):
         dk, dv, dbias = carry
         i, qi, doi, dterm_i = xs
         q_idx = i * bq + jnp.arange(bq)
 
-        def visit(j, inner, apply_mask):
-            c, s, dqi, dk, dv, dbias = inner
-            kj, vj, z, ok, pullback = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st, dbias)
+        def visit(j, small, apply_mask):
+            c, s, dqi, rule_dbias = small
+            kv_idx = j * bk + jnp.arange(bk)
+            kj, vj, z, ok, pullback = _tile(qi, kt, vt, q_idx, j, bias, mask, apply_mask, st, rule_dbias)
             da = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32)
             a, dz, c, s = backward_tile(z, da, c, s, dterm_i[..., None], ok)
             if st.spec.logits_soft_cap is not None:
                 dz = dz * (1.0 - jnp.square(z / st.spec.logits_soft_cap))
-            dbias, dq_bias = add_bias_grad(dbias, dz, bias, pullback, q_idx, j * bk + jnp.arange(bk))
+            if array_bias:
+                dz_bias, dq_bias = dz, 0.0
+            else:
+                dz_bias = None
+                rule_dbias, dq_bias = add_bias_grad(rule_dbias, dz, bias, pullback, q_idx, kv_idx)
             dz = (dz * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", dz, kj, preferred_element_type=jnp.float32)
-            dk = add_slice(dk, jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32), j * bk)
+            dkj = jnp.einsum("bhgqk,bhgqd->bhkd", dz, qi, preferred_element_type=jnp.float32)
             dvj = jnp.einsum("bhgqk,bhgqd->bhkd", a.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            dv = add_slice(dv, dvj, j * bk)
-            return c, s, dqi, dk, dv, dbias
+            return (c, s, dqi, rule_dbias), (dkj, dvj, dz_bias)
+
+        tile_zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hkv, bk, Dv), jnp.float32),
+                                jnp.zeros((B, Hkv, G, bq, bk), jnp.float32) if array_bias else None),
+                               residuals, cotangents)
+
+        def body(t, inner):  # key tiles right to left, as the forward's ``_walk_left``
+            small, dk, dv, dbias = inner
+            j = hi[i] - 1 - t
+            small, (dkj, dvj, dz_bias) = switch_key_tile(
+                codes[i, j], lambda c, apply_mask: visit(j, c, apply_mask), (*small, None if array_bias else dbias),
+                tile_zeros)
+            dk, dv = add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk)
+            if array_bias:
+                dbias, _ = add_bias_grad(dbias, dz_bias, bias, None, q_idx, j * bk + jnp.arange(bk))
+            else:
+                dbias = small[3]
+            return small[:3], dk, dv, dbias
 
         zeros_row = jnp.zeros((B, Hkv, G, bq, 1), jnp.float32)
-        init = (*vary_like((zeros_row, zeros_row, jnp.zeros(qi.shape, jnp.float32)), residuals, cotangents),
-                dk, dv, dbias)
-        _, _, dqi, dk, dv, dbias = _walk_left(codes, lo, hi, i, visit, init)
+        small0 = vary_like((zeros_row, zeros_row, jnp.zeros(qi.shape, jnp.float32)), residuals, cotangents)
+        (_, _, dqi), dk, dv, dbias = lax.fori_loop(0, hi[i] - lo[i], body, (small0, dk, dv, dbias))
         return (dk, dv, dbias), dqi
 
     xs = (jnp.arange(num_tiles(T, bq)), q_tiles(q, bq, Hkv), q_tiles(d_o.astype(q.dtype), bq, Hkv),
