@@ -27,10 +27,10 @@ with ``D_ij = Π_{j<m≤i} η_m``, ``E_il = Π_{l<m≤i} (1 − α_m)``, ``W = E
 ((Q·Kᵀ)⊙W)·R`` is matmuls, and a ``lax.scan`` over chunks carries ``(S, U)``. The products are cumulative products
 (``jnp.cumprod``), not differences of log cumsums, so gates at η = 0 or α = 1 give exact zeros and finite gradients.
 
-Where this follows the paper text and not lucidrains/titans-pytorch (an unofficial implementation; no official code
-is public): the gates here are per token inside a chunk (that code reduces the chunk to one momentum and one decay
-gate and scans them over chunks, and reads each chunk from the memory at the previous chunk's end), and the memory is
-one linear layer (the paper's deep MLP memory has no closed-form chunk sums).
+This follows the paper text; no official code is public. lucidrains/titans-pytorch (unofficial) differs: there the
+chunk's gradients are summed into one update, the momentum and decay gates are one per chunk (from a pooled chunk
+representation) and scanned over chunks, and queries read the memory as of a chunk boundary rather than after each
+token. The memory here is one linear layer; the paper's deep MLP memory has no closed-form chunk sums.
 
 States, gates and accumulators are float32; outputs take q's dtype.
 """
