@@ -21,6 +21,7 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.dispatch import dispatch
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.aaren import AarenState, aaren_init_state, aaren_recurrent, aaren_reference, aaren_scan, aaren_step
@@ -86,6 +87,9 @@ class Aaren(nnx.Module):
         check_causal_mask("Aaren", mask)
         k, v = self.key(x), self.value(x)
         q = self.query[...].astype(k.dtype)
+        if is_capturing():  # every position's prefix softmax from the one learned query per head
+            sow_attention_inputs(self, jnp.broadcast_to(q, (x.shape[0], x.shape[1], *q.shape)), k,
+                                 mask=masks.Causal(), scale=None, mechanism="softmax")
         return self.out(dispatch(PATHS, self.implementation, q, k, v, what="Aaren"))
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> AarenState:

@@ -321,10 +321,10 @@ class MultiHeadAttention(nnx.Module):
         if sp is not None:
             refuse_capture(f"{type(self).__name__} with sequence_parallel (tokens in layout order)")
             return self.out(sp.attend(q, k, v, mask=mask, implementation=self.implementation))
-        sow_attention_inputs(self, q, k, mask=mask, scale=None, mechanism=self.mechanism.name)
         deterministic = self.deterministic if deterministic is None else deterministic
         rate = 0.0 if deterministic else self.dropout_rate
         bias = None if self.position_bias is None or cross else self.position_bias()
+        sow_attention_inputs(self, q, k, mask=mask, bias=bias, scale=None, mechanism=self.mechanism.name)
         out = attention(q, k, v, mechanism=self.mechanism, mask=mask, bias=bias, dropout_rate=rate,
                         rng=self.rngs() if rate > 0 else None, implementation=self.implementation)
         return self.out(out)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -256,24 +256,74 @@ def group_bias(bias: Optional[jax.Array], relative_bias_table: Optional[jax.Arra
     return table_bias if bias is None else bias + table_bias
 
 
-def attend_in_groups(q, k, v, fold, unfold, labels: Optional[np.ndarray], bias, scale,
-                     implementation) -> jax.Array:
-    """Attention inside each group of tokens: ``fold`` maps ``[B, H, W, n]`` to ``[B·G, T, n]``, ``unfold`` back.
+@dataclasses.dataclass(frozen=True)
+class TokenGroups:
+    """How window or grid attention folds an ``H × W`` map into ``G`` groups of ``T`` tokens and back.
 
-    ``labels``: int ``[G, T]``; a query attends only to the keys of its group with its label (``masks.Segments``,
-    so the blocked path and kernels skip the empty tiles), or None where every token of a group sees every other.
+    ``fold`` maps ``[B, H, W, n]`` to ``[B·G, T, n]`` and ``unfold`` back; ``labels`` (int ``[G, T]``) says which
+    keys of its group a query sees (those with its label, as ``masks.Segments``, so the blocked path and kernels
+    skip empty tiles), or is None where every token of a group sees every other.
     """
-    B, H, W, heads, _ = q.shape
 
-    def grouped(a: jax.Array) -> jax.Array:
-        flat = fold(a.reshape(B, H, W, -1))
-        return flat.reshape(*flat.shape[:2], heads, a.shape[-1])
+    fold: Callable[[jax.Array], jax.Array]
+    unfold: Callable[[jax.Array], jax.Array]
+    labels: Optional[np.ndarray]
 
-    mask = None if labels is None else masks.Segments(jnp.asarray(np.tile(labels, (B, 1))))
-    out = attention(grouped(q), grouped(k), grouped(v), mask=mask, bias=bias, scale=scale,
-                    implementation=implementation)
-    Dv = v.shape[-1]
-    return unfold(out.reshape(*out.shape[:2], heads * Dv)).reshape(B, H, W, heads, Dv)
+    def tokens(self, a: jax.Array) -> jax.Array:
+        """``[B, H, W, heads, n] -> [B·G, T, heads, n]``."""
+        B, H, W, heads, n = a.shape
+        flat = self.fold(a.reshape(B, H, W, heads * n))
+        return flat.reshape(*flat.shape[:2], heads, n)
+
+    def mask(self, batch: int) -> Optional[masks.Mask]:
+        """The ``masks.Segments`` of the labels for ``batch`` maps, or None."""
+        return None if self.labels is None else masks.Segments(jnp.asarray(np.tile(self.labels, (batch, 1))))
+
+
+def window_groups(height: int, width: int, window_size: Window, shift_size: Window = (0, 0)) -> TokenGroups:
+    """The (shifted) windows of ``window_attention`` on an ``H × W`` map (``ValueError`` for a shift not smaller
+    than the window)."""
+    wh, ww = window_shape(window_size, "window_size")
+    sh, sw = window_shape_or_zero(shift_size)
+    if sh >= wh or sw >= ww:
+        raise ValueError(f"shift_size must be smaller than window_size per axis, got shift_size={(sh, sw)}, "
+                         f"window_size={(wh, ww)}")
+    nh, nw = window_grid(height, width, (wh, ww))
+    hp, wp = nh * wh, nw * ww
+    regions = shifted_window_regions(height, width, (wh, ww), (sh, sw))
+    labels = window_partition(regions[None, :, :, None], (wh, ww))[..., 0]
+
+    def fold(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, ((0, 0), (0, hp - height), (0, wp - width), (0, 0)))
+        return window_partition(jnp.roll(a, (-sh, -sw), axis=(1, 2)), (wh, ww))
+
+    def unfold(a: jax.Array) -> jax.Array:
+        return jnp.roll(window_merge(a, (wh, ww), hp, wp), (sh, sw), axis=(1, 2))[:, :height, :width]
+
+    return TokenGroups(fold, unfold, None if (labels == labels[:, :1]).all() else labels)
+
+
+def grid_groups(height: int, width: int, *, grid_size: Optional[Window] = None,
+                interval: Optional[Window] = None) -> tuple[TokenGroups, tuple[int, int]]:
+    """The dilated groups of ``grid_attention`` on an ``H × W`` map, and the group's shape ``(Gh, Gw)``."""
+    intervals, group = grid_shape(height, width, interval=interval, grid_size=grid_size)
+    real = grid_partition(np.ones((1, height, width, 1), np.int32), intervals, group)[..., 0]
+
+    def fold(a: jax.Array) -> jax.Array:
+        return grid_partition(a, intervals, group)
+
+    def unfold(a: jax.Array) -> jax.Array:
+        return grid_merge(a, intervals, group, height, width)
+
+    return TokenGroups(fold, unfold, None if real.all() else real - 1), group
+
+
+def attend_in_groups(q, k, v, groups: TokenGroups, bias, scale, implementation) -> jax.Array:
+    """Attention inside each group of ``groups``: one ``attnjax.attention`` call over ``[B·G, T, heads, ·]``."""
+    B, H, W, heads, Dv = v.shape
+    out = attention(groups.tokens(q), groups.tokens(k), groups.tokens(v), mask=groups.mask(B), bias=bias,
+                    scale=scale, implementation=implementation)
+    return groups.unfold(out.reshape(*out.shape[:2], heads * Dv)).reshape(B, H, W, heads, Dv)
 
 
 def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: Window, shift_size: Window = (0, 0),
@@ -302,26 +352,22 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: W
       ``[B, H, W, heads, Dv]`` in q's dtype. Memory O(B·H·W·heads·(D + Dv)) beyond the blocked attention.
     """
     B, H, W, heads, _ = check_image_qkv(q, k, v)
-    wh, ww = window_shape(window_size, "window_size")
-    sh, sw = window_shape_or_zero(shift_size)
-    if sh >= wh or sw >= ww:
-        raise ValueError(f"shift_size must be smaller than window_size per axis, got shift_size={(sh, sw)}, "
-                         f"window_size={(wh, ww)}")
-    bias = group_bias(bias, relative_bias_table, (wh, ww), heads)
-    nh, nw = window_grid(H, W, (wh, ww))
-    hp, wp = nh * wh, nw * ww
-    regions = shifted_window_regions(H, W, (wh, ww), (sh, sw))
-    labels = window_partition(regions[None, :, :, None], (wh, ww))[..., 0]
-    valid = None if (labels == labels[:, :1]).all() else labels
+    groups = window_groups(H, W, window_size, shift_size)
+    bias = group_bias(bias, relative_bias_table, window_shape(window_size, "window_size"), heads)
+    return attend_in_groups(q, k, v, groups, bias, scale, implementation)
 
-    def fold(a: jax.Array) -> jax.Array:
-        a = jnp.pad(a, ((0, 0), (0, hp - H), (0, wp - W), (0, 0)))
-        return window_partition(jnp.roll(a, (-sh, -sw), axis=(1, 2)), (wh, ww))
 
-    def unfold(a: jax.Array) -> jax.Array:
-        return jnp.roll(window_merge(a, (wh, ww), hp, wp), (sh, sw), axis=(1, 2))[:, :H, :W]
-
-    return attend_in_groups(q, k, v, fold, unfold, valid, bias, scale, implementation)
+def window_attention_inputs(q: jax.Array, k: jax.Array, *, window_size: Window, shift_size: Window = (0, 0),
+                            relative_bias_table: Optional[jax.Array] = None, bias: Optional[jax.Array] = None
+                            ) -> tuple[jax.Array, jax.Array, Optional[masks.Mask], Optional[jax.Array]]:
+    """What ``window_attention`` hands to ``attnjax.attention``: ``(q_w, k_w, mask, bias)`` with the windows as
+    the batch, ``q_w, k_w [B·nW, wh·ww, heads, D]``, the shifted windows' region mask (or None) and the
+    ``[heads, wh·ww, wh·ww]`` bias (or None). Arguments as ``window_attention``; for attention analysis
+    (``attnjax.nn.capture``)."""
+    B, H, W, heads, _ = check_image_qkv(q, k, k)
+    groups = window_groups(H, W, window_size, shift_size)
+    bias = group_bias(bias, relative_bias_table, window_shape(window_size, "window_size"), heads)
+    return groups.tokens(q), groups.tokens(k), groups.mask(B), bias
 
 
 def grid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, grid_size: Optional[Window] = None,
@@ -348,18 +394,21 @@ def grid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, grid_size: Optio
       ``[B, H, W, heads, Dv]`` in q's dtype; O(B·H·W·Gh·Gw) logits per head, computed blockwise.
     """
     B, H, W, heads, _ = check_image_qkv(q, k, v)
-    intervals, group = grid_shape(H, W, interval=interval, grid_size=grid_size)
-    bias = group_bias(bias, relative_bias_table, group, heads)
-    real = grid_partition(np.ones((1, H, W, 1), np.int32), intervals, group)[..., 0]
-    valid = None if real.all() else real - 1
+    groups, group = grid_groups(H, W, grid_size=grid_size, interval=interval)
+    return attend_in_groups(q, k, v, groups, group_bias(bias, relative_bias_table, group, heads), scale,
+                            implementation)
 
-    def fold(a: jax.Array) -> jax.Array:
-        return grid_partition(a, intervals, group)
 
-    def unfold(a: jax.Array) -> jax.Array:
-        return grid_merge(a, intervals, group, H, W)
-
-    return attend_in_groups(q, k, v, fold, unfold, valid, bias, scale, implementation)
+def grid_attention_inputs(q: jax.Array, k: jax.Array, *, grid_size: Optional[Window] = None,
+                          interval: Optional[Window] = None, relative_bias_table: Optional[jax.Array] = None,
+                          bias: Optional[jax.Array] = None
+                          ) -> tuple[jax.Array, jax.Array, Optional[masks.Mask], Optional[jax.Array]]:
+    """What ``grid_attention`` hands to ``attnjax.attention``: ``(q_g, k_g, mask, bias)`` with the groups as the
+    batch, ``q_g, k_g [B·G, Gh·Gw, heads, D]``, the padding mask (or None) and the ``[heads, Gh·Gw, Gh·Gw]`` bias
+    (or None). Arguments as ``grid_attention``; for attention analysis (``attnjax.nn.capture``)."""
+    B, H, W, heads, _ = check_image_qkv(q, k, k)
+    groups, group = grid_groups(H, W, grid_size=grid_size, interval=interval)
+    return groups.tokens(q), groups.tokens(k), groups.mask(B), group_bias(bias, relative_bias_table, group, heads)
 
 
 def dense_group_attention(q, k, v, group_of: np.ndarray, position_in_group: np.ndarray, group: tuple[int, int],
@@ -484,5 +533,6 @@ def windows_registered(config: Windows, implementation: str, q, k, v, *, mask=No
 
 __all__ = ["Window", "window_shape", "window_grid", "window_partition", "window_merge", "window_valid",
            "grid_shape", "grid_partition", "grid_merge", "relative_position_index", "relative_position_bias",
-           "shifted_window_regions", "check_image_qkv", "window_attention", "grid_attention",
+           "shifted_window_regions", "check_image_qkv", "TokenGroups", "window_groups", "grid_groups",
+           "window_attention", "window_attention_inputs", "grid_attention", "grid_attention_inputs",
            "window_attention_reference", "grid_attention_reference", "PARTITIONS", "Windows"]

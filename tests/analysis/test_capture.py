@@ -1,5 +1,6 @@
 """Whole-model capture: one entry per attention call, in call order, equal to q/k recomputed from the layers."""
 
+import functools
 import warnings
 
 import jax
@@ -8,12 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax import masks
+from attnjax import attention, masks
 from attnjax.analysis import attention_entropy, sink_scores
 from attnjax.analysis.capture import AttentionInputs, apply_to_layers, attention_maps, capture_attention
-from attnjax.nn import MultiHeadAttention, SlidingWindowAttention
+from attnjax.nn import Aaren, FlowAttention, MultiHeadAttention, SlidingWindowAttention
 from attnjax.nn.capture import CapturedAttention, is_capturing
+from attnjax.nn.conv import MOATBlock
+from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.positional import RoPE
+from attnjax.vision.window import (grid_attention, grid_attention_inputs, grid_groups, relative_position_index,
+                                   window_attention, window_attention_inputs, window_groups)
 from tests.helpers import assert_close
 
 B, T, D_MODEL = 2, 7, 16
@@ -125,3 +130,105 @@ def test_non_softmax_layers_and_sequence_parallel_layers_are_refused():
     with pytest.raises(NotImplementedError, match="sequence_parallel"):
         capture_attention(sequence_parallel, x, positions=jnp.arange(4))
     assert not is_capturing()
+
+
+class Mixed(nnx.Module):
+    """An MHA with a T5 position bias and ``Aaren`` on the tokens of a 6 × 6 map, then a windowed ``MOATBlock``
+    (3 × 3 windows, relative position table) on the map: three kinds of attention layer."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        bias = functools.partial(T5RelativeBias, bidirectional=True, num_buckets=8, max_distance=16)
+        self.mha = MultiHeadAttention(8, 4, num_kv_heads=2, position_bias=bias, rngs=rngs)
+        self.aaren = Aaren(8, 2, rngs=rngs)
+        self.moat = MOATBlock(8, head_dim=4, window_size=3, relative_position=True, norm="layer", rngs=rngs)
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        t = x.reshape(B, H * W, C)
+        t = t + self.mha(t)
+        t = t + self.aaren(t, mask=masks.Causal())
+        return self.moat(t.reshape(B, H, W, C))
+
+
+def numpy_softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_mixed_model_records_one_entry_per_attention_layer_with_its_map():
+    model = Mixed(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 8))
+
+    def run(model, x):
+        out, captured = capture_attention(model, x)
+        t = x.reshape(2, 36, 8)
+        mha, aaren, moat = model.mha, model.aaren, model.moat
+        t1 = t + mha(t)
+        t2 = t1 + aaren(t1, mask=masks.Causal())
+        h = moat.attention_norm(moat.mbconv(t2.reshape(2, 6, 6, 8)))
+        parts = dict(q=mha.query(t), k=mha.key(t), t5=mha.position_bias().tile(jnp.arange(36), jnp.arange(36), 36, 36),
+                     aaren_q=aaren.query[...], aaren_k=aaren.key(t1), moat_q=moat.query(h), moat_k=moat.key(h),
+                     table=moat.relative_position[...])
+        return out, model(x), captured, attention_maps(captured), parts
+
+    out, plain, captured, maps, parts = nnx.jit(run)(model, x)
+    p = {name: np.asarray(a, np.float64) for name, a in parts.items()}
+    assert_close(out, plain, name="outputs")
+    assert [c.path for c in captured] == [("mha",), ("aaren",), ("moat",)]
+    assert [c.q.shape for c in captured] == [(2, 36, 4, 2), (2, 36, 2, 4), (2 * 4, 9, 2, 4)]
+    assert [c.k.shape for c in captured] == [(2, 36, 2, 2), (2, 36, 2, 4), (2 * 4, 9, 2, 4)]
+    # Each layer's map recomputed with NumPy from its projections.
+    want = numpy_softmax(np.einsum("bthd,bshd->bhts", p["q"], np.repeat(p["k"], 2, axis=2)) / np.sqrt(2) + p["t5"])
+    assert_close(maps[0], want, rtol=1e-4, name="MHA map with its T5 bias")
+    s = np.einsum("hd,bshd->bhs", p["aaren_q"], p["aaren_k"])
+    s = np.where(np.tril(np.ones((36, 36), bool)), s[:, :, None, :] / 2.0, -np.inf)
+    assert_close(maps[1], numpy_softmax(s), rtol=1e-4, name="Aaren: each prefix's softmax of the learned query")
+    windows = [p[name].reshape(2, 2, 3, 2, 3, 2, 4).transpose(0, 1, 3, 2, 4, 5, 6).reshape(8, 9, 2, 4)
+               for name in ("moat_q", "moat_k")]
+    table = p["table"][relative_position_index(3)]                                          # [9, 9, heads]
+    logits = np.einsum("wthd,wshd->whts", *windows) / 2.0 + table.transpose(2, 0, 1)
+    assert_close(maps[2], numpy_softmax(logits), rtol=1e-4, name="MOAT: softmax within each 3 x 3 window")
+
+
+def test_layers_that_record_nothing_are_refused_or_left_out():
+    class WithLinear(nnx.Module):
+        def __init__(self, rngs):
+            self.mha = MultiHeadAttention(8, 2, rngs=rngs)
+            self.flow = FlowAttention(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.flow(self.mha(x))
+
+    model, x = WithLinear(nnx.Rngs(0)), jnp.ones((1, 5, 8))
+    with pytest.raises(NotImplementedError, match=r"recorded nothing .*: flow \(FlowAttention\)"):
+        capture_attention(model, x)
+    out, captured = capture_attention(model, x, uncaptured="ignore")
+    assert [c.path for c in captured] == [("mha",)]
+    assert_close(out, model(x), name="outputs")
+    with pytest.raises(ValueError, match="uncaptured must be one of"):
+        capture_attention(model, x, uncaptured="skip")
+
+
+@pytest.mark.parametrize("partition", ["shifted-window", "grid"])
+def test_window_inputs_are_the_call_that_window_attention_makes(partition):
+    """What a window layer records (``window_attention_inputs`` / ``grid_attention_inputs``), attended with the
+    values grouped the same way, gives ``window_attention`` / ``grid_attention`` on a padded map."""
+    q, k, v = (jax.random.normal(key, (2, 5, 7, 2, 4)) for key in jax.random.split(jax.random.key(3), 3))
+    table = jax.random.normal(jax.random.key(4), (5 * 5, 2))
+    if partition == "grid":
+        groups, _ = grid_groups(5, 7, grid_size=3)
+        inputs, attend, where = grid_attention_inputs, grid_attention, dict(grid_size=3, relative_bias_table=table)
+    else:
+        groups = window_groups(5, 7, 3, 1)
+        inputs, attend = window_attention_inputs, window_attention
+        where = dict(window_size=3, shift_size=1, relative_bias_table=table)
+
+    def run(q, k, v):
+        qg, kg, mask, bias = inputs(q, k, **where)
+        out = attention(qg, kg, groups.tokens(v), mask=mask, bias=bias)
+        got = groups.unfold(out.reshape(*out.shape[:2], 8)).reshape(2, 5, 7, 2, 4)
+        return qg, mask, bias, got, attend(q, k, v, **where)
+
+    qg, mask, bias, got, want = jax.jit(run)(q, k, v)
+    assert mask is not None and bias.shape == (2, 9, 9) and qg.shape[1:] == (9, 2, 4)
+    assert_close(got, want, rtol=1e-5, name=partition)

@@ -17,10 +17,11 @@ from flax.typing import Dtype
 
 from attnjax.api import attention
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.conv.mbconv import LAYER_NORM_EPSILON, MBConv
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.window import Window, window_attention, window_shape
+from attnjax.vision.window import Window, window_attention, window_attention_inputs, window_shape
 
 class MOATBlock(nnx.Module):
     """MOAT block (Yang et al., ICLR 2023, sec. 3): MBConv, then multi-head self-attention, each residual::
@@ -107,9 +108,15 @@ class MOATBlock(nnx.Module):
         q, k, v = (layer(h).reshape(B, H, W, self.num_heads, self.head_dim)
                    for layer in (self.query, self.key, self.value))
         if self.window_size is None:
-            o = attention(*(a.reshape(B, H * W, self.num_heads, self.head_dim) for a in (q, k, v)))
+            q, k, v = (a.reshape(B, H * W, self.num_heads, self.head_dim) for a in (q, k, v))
+            sow_attention_inputs(self, q, k, mask=None, scale=None, mechanism="softmax")
+            o = attention(q, k, v)
         else:
             table = None if self.relative_position is None else self.relative_position[...].astype(q.dtype)
+            if is_capturing():
+                qw, kw, mask, bias = window_attention_inputs(q, k, window_size=self.window_size,
+                                                             relative_bias_table=table)
+                sow_attention_inputs(self, qw, kw, mask=mask, bias=bias, scale=None, mechanism="softmax")
             o = window_attention(q, k, v, window_size=self.window_size, relative_bias_table=table)
         return self.out(o.reshape(B, H, W, C))
 

@@ -19,10 +19,11 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive, describe
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.window import (PARTITIONS, Window, grid_attention, window_attention, window_shape,
-                                   window_shape_or_zero)
+from attnjax.vision.window import (PARTITIONS, Window, grid_attention, grid_attention_inputs, window_attention,
+                                   window_attention_inputs, window_shape, window_shape_or_zero)
 
 LAYER_NORM_EPSILON = 1e-5
 """PyTorch's ``nn.LayerNorm`` default, which the official Swin and MaxViT (PyTorch ports) keep."""
@@ -89,11 +90,17 @@ class WindowAttention(nnx.Module):
         q, k, v = jnp.split(self.qkv(x).reshape(B, H, W, 3 * self.num_heads, self.head_dim), 3, axis=3)
         table = self.relative_position_bias_table[...].astype(q.dtype)
         if self.partition == "grid":
-            o = grid_attention(q, k, v, grid_size=self.window_size, relative_bias_table=table)
+            groups = dict(grid_size=self.window_size, relative_bias_table=table)
+            attend, inputs = grid_attention, grid_attention_inputs
         else:
             fits = H <= self.window_size[0] and W <= self.window_size[1]
-            o = window_attention(q, k, v, window_size=self.window_size, shift_size=(0, 0) if fits else self.shift_size,
-                                 relative_bias_table=table)
+            groups = dict(window_size=self.window_size, shift_size=(0, 0) if fits else self.shift_size,
+                          relative_bias_table=table)
+            attend, inputs = window_attention, window_attention_inputs
+        if is_capturing():
+            qg, kg, mask, bias = inputs(q, k, **groups)
+            sow_attention_inputs(self, qg, kg, mask=mask, bias=bias, scale=None, mechanism="softmax")
+        o = attend(q, k, v, **groups)
         return self.proj(o.reshape(B, H, W, self.num_heads * self.head_dim)).astype(x.dtype)
 
 
