@@ -159,6 +159,7 @@ def run_one(args: argparse.Namespace, task: NeedleTask, kind: str, name: str) ->
     history = train(model, lambda step: needle_batch(task, args.batch_size, args.seq_len, None, (args.seed, 0, step)),
                     train_config, checkpoint_dir=checkpoints, desc=label(kind, name), progress=args.progress)
     seconds = time.perf_counter() - start
+    last = history[-1] if history else {}  # empty when a checkpoint already held the last step
     cells = []
     for multiple in args.length_multiples:
         length = multiple * args.seq_len
@@ -166,8 +167,8 @@ def run_one(args: argparse.Namespace, task: NeedleTask, kind: str, name: str) ->
             inputs, targets = needle_batch(task, args.test_examples, length, depth, (args.seed, 1, length, i))
             cells.append({"length": length, "multiple": multiple, "depth": depth, **score(model, inputs, targets)})
     return {"model": label(kind, name), "kind": kind, "name": name, "params": num_params(model),
-            "train_seconds": seconds, "final_train_loss": history[-1]["loss"],
-            "final_train_accuracy": history[-1]["accuracy"], "cells": cells, "history": history}
+            "train_seconds": seconds, "final_train_loss": last.get("loss"),
+            "final_train_accuracy": last.get("accuracy"), "cells": cells, "history": history}
 
 
 def grid(row: dict, metric: str = "accuracy") -> tuple[list[float], list[int], np.ndarray]:
@@ -209,8 +210,10 @@ def tables(rows: Sequence[dict]) -> str:
         exact = grid(row, "exact")[2]
         lines = [[f"{d:g}"] + [f"{a:.3f} / {e:.3f}" for a, e in zip(acc[i], exact[i])] for i, d in enumerate(depths)]
         lines.append(["mean"] + [f"{a:.3f} / {e:.3f}" for a, e in zip(acc.mean(0), exact.mean(0))])
-        parts += [f"**{row['model']}** ({row['params']:,} params, {row['train_seconds']:.0f} s training, final "
-                  f"train loss {row['final_train_loss']:.3f})", "",
+        loss = row["final_train_loss"]
+        trained = "restored from its last checkpoint" if loss is None else f"final train loss {loss:.3f}"
+        parts += [f"**{row['model']}** ({row['params']:,} params, {row['train_seconds']:.0f} s training, {trained})",
+                  "",
                   report.markdown_table(["depth"] + [f"T={n}" for n in lengths], lines), ""]
     return "\n".join(parts)
 
@@ -225,8 +228,8 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"Task: {task.num_keys} keys, values of {task.value_len} digits out of {task.num_digits} (chance "
         f"{1 / task.num_digits:.2f} per digit, {task.num_digits ** -task.value_len:.3f} exact), {args.filler} filler "
         f"from {task.filler_vocab} tokens; vocabulary {task.vocab_size}. Model: d_model {args.d_model}, "
-        f"{args.num_layers} blocks, heads of {args.head_dim}, MLP ratio {args.mlp_ratio}, short conv {args.short_conv}, "
-        f"{position}. Training: T = {args.seq_len}, needles at uniform random depths, {args.steps} AdamW steps of "
+        f"{args.num_layers} blocks, heads of {args.head_dim}, MLP ratio {args.mlp_ratio}, short conv "
+        f"{args.short_conv}, {position}. Training: T = {args.seq_len}, needles at uniform random depths, {args.steps} AdamW steps of "
         f"{args.batch_size} fresh sequences (lr {args.lr}, warmup {args.warmup_steps}, cosine). Test: "
         f"{args.test_examples} held-out sequences per cell; cells give digit accuracy / exact match of the value.", "",
         f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
