@@ -3,9 +3,9 @@
     import attnjax as aj
     out = aj.attention(q, k, v, mechanism="softmax", mask=aj.masks.Causal())
 
-``attnjax.nn`` (the Flax NNX modules) and ``attnjax.analysis`` (statistics of attention maps, which
-capture whole models) are imported on first access, so the functional core and ``pallas_kernels``
-import without Flax.
+``attnjax.nn`` (the Flax NNX modules), ``attnjax.analysis`` (statistics of attention maps, which
+capture whole models) and ``attnjax.inference`` (caches, cache compression, calibration) are imported on
+first access, so the functional core and ``pallas_kernels`` import without Flax.
 """
 
 import importlib
@@ -15,13 +15,14 @@ from attnjax import heads, linear, local, masks, memory, parallel, positional, r
 from attnjax.api import attention
 from attnjax.bias import ArrayBias, Bias
 
-__all__ = ["analysis", "attention", "heads", "linear", "local", "masks", "memory", "nn", "parallel", "positional", "registry", "relative", "softmax",
-           "sparse", "vision", "Bias", "ArrayBias"]
+__all__ = ["analysis", "attention", "heads", "inference", "linear", "local", "masks", "memory", "nn", "parallel",
+           "positional", "registry", "relative", "softmax", "sparse", "vision", "Bias", "ArrayBias"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``attnjax.nn`` and ``attnjax.analysis`` on first access (PEP 562): Flax is needed by the modules only."""
-    if name in ("nn", "analysis"):
+    """``attnjax.nn``, ``attnjax.analysis`` and ``attnjax.inference`` on first access (PEP 562): Flax is needed by the
+    modules only."""
+    if name in ("nn", "analysis", "inference"):
         return importlib.import_module(f"attnjax.{name}")
     raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
