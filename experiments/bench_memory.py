@@ -9,6 +9,11 @@ Sections (``--only NAME`` runs one; the others keep their last results in the JS
   at ``--nm-reference-len``, all interleaved round by round (a change in the host's load shifts every T alike). It
   reports the log-log slope of time vs T (``experiments.lib.slopes``; the issue's target: at most 1.15), the
   reference's time over the chunked path's at ``--nm-reference-len``, and XLA's compiled peak memory.
+- ``rat``: RAT, ``attnjax.memory.rat`` at ``--rat-chunk-size`` (16, the paper's headline setting) against causal
+  softmax ``attnjax.attention(..., implementation="xla")``: forward + backward (gradients wrt q, k, v and RAT's gate)
+  at every ``--rat-seq-lens``, and one decode step at position ``--rat-decode-context`` − 1 of ``nn.memory.RAT``
+  against ``nn.MultiHeadAttention`` (same d_model and heads); the speedups, measured in one interleaved run, beside
+  the paper's 7x (training, 100K tokens) and 9x (generation, 4K position).
 
     python -m experiments.bench_memory                     # every section
     python -m experiments.bench_memory --only neural_memory
@@ -17,6 +22,7 @@ Sections (``--only NAME`` runs one; the others keep their last results in the JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -27,9 +33,13 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
-from attnjax.memory import neural_memory, neural_memory_reference
+from attnjax import attention, masks
+from attnjax.memory import neural_memory, neural_memory_reference, rat
+from attnjax.nn import MultiHeadAttention
+from attnjax.nn.memory import RAT
 from experiments.lib import cli, host, report
 from experiments.lib.measure import compile_fn, memory_of
 from experiments.lib.slopes import fit_slope, format_fit
@@ -38,7 +48,8 @@ NM_TARGET_SLOPE = 1.15
 """Issue 21's bound on the chunked neural memory's log-log slope of time vs T."""
 
 SMOKE = {"seq_lens": [64, 128], "heads": 2, "head_dim": 8, "repeats": 1, "max_seconds": 1.0,
-         "nm_chunk_sizes": [8, 16], "nm_reference_len": 64}
+         "nm_chunk_sizes": [8, 16], "nm_reference_len": 64,
+         "rat_seq_lens": [64, 128], "rat_decode_context": 128}
 """``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
 
 
@@ -54,6 +65,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--nm-reference-len", type=int, default=4096,
                    help="neural_memory: T where the token recurrence is timed against the chunked path (one of "
                         "--seq-lens)")
+    p.add_argument("--rat-seq-lens", type=cli.parse_ints, default=[4096, 16384],
+                   help="rat: sequence lengths of the forward + backward comparison with causal softmax")
+    p.add_argument("--rat-chunk-size", type=int, default=16, help="rat: the chunk size L")
+    p.add_argument("--rat-decode-context", type=int, default=4096,
+                   help="rat: context length of the decode-step comparison (position context − 1, caches that size)")
     cli.add_output_flags(p, "bench_memory")
     args = cli.parse_with_smoke(p, argv, SMOKE)
     if args.nm_reference_len not in args.seq_lens:
@@ -193,7 +209,149 @@ def neural_memory_markdown(res: dict, args: argparse.Namespace) -> str:
     ])
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"neural_memory": neural_memory_section}
+RAT_PAPER_CLAIMS = {"train": 7.0, "train_len": 100_000, "decode": 9.0, "decode_len": 4096, "chunk_size": 16}
+"""Wei et al. 2025 (abstract): with chunk size 16, the RAT layer trains 7x faster than
+attention at 100K tokens and generates 9x faster at the 4K position (official benchmark
+``src/benchmark_eff/rat_eff.py``: d_model 2048, 16 heads of 128, bf16, torch.compile, on a GPU)."""
+
+
+def rat_train_programs(seq_len: int, args: argparse.Namespace) -> dict:
+    """``path -> (fn, inputs)`` for forward + backward at ``seq_len``: RAT (gradients wrt q, k, v and the gate) and
+    causal softmax ``attnjax.attention(..., implementation="xla")`` (wrt q, k, v), on the same q, k, v."""
+    rng = np.random.default_rng(seq_len)
+    B, H, D = args.batch, args.heads, args.head_dim
+    dtype = jnp.dtype(args.dtype)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((B, seq_len, H, D)), dtype) for _ in range(4))
+    gate = jax.nn.sigmoid(g + 1.5)
+    w = jnp.asarray(rng.standard_normal((B, seq_len, H, D)), jnp.float32)
+
+    def grads(fn: Callable, n: int) -> Callable:
+        def loss(*xs):
+            return jnp.sum(fn(*xs[:n]).astype(jnp.float32) * xs[n])
+        return jax.grad(loss, argnums=tuple(range(n)))
+
+    chunked = functools.partial(rat, chunk_size=args.rat_chunk_size)
+    softmax = functools.partial(attention, mask=masks.Causal(), implementation="xla")
+    return {("rat", seq_len): (grads(chunked, 4), (q, k, v, gate, w)),
+            ("softmax", seq_len): (grads(softmax, 3), (q, k, v, w))}
+
+
+def rat_decode_programs(args: argparse.Namespace) -> tuple[dict, dict]:
+    """One decode step at position ``--rat-decode-context − 1`` of a ``RAT`` layer and of a
+    ``MultiHeadAttention`` layer (same d_model = heads · head_dim, same heads, no RoPE), each with a cache for
+    ``--rat-decode-context`` tokens filled with random states; returns the programs and each cache's bytes."""
+    B, H, D, ctx = args.batch, args.heads, args.head_dim, args.rat_decode_context
+    d_model, dtype = H * D, jnp.dtype(args.dtype)
+    layers = {"rat": RAT(d_model, H, chunk_size=args.rat_chunk_size, rngs=nnx.Rngs(0)),
+              "softmax": MultiHeadAttention(d_model, H, rngs=nnx.Rngs(0))}
+    rng = np.random.default_rng(ctx)
+    x_t = jnp.asarray(rng.standard_normal((B, 1, d_model)), dtype)
+    programs, cache_bytes = {}, {}
+    for path, layer in layers.items():
+        cache = layer.init_cache(B, ctx, dtype)
+        cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a, cache)
+        cache = dataclasses.replace(cache, length=jnp.asarray(ctx - 1, jnp.int32))
+        graphdef, state = nnx.split(layer)
+
+        def step(state, x_t, cache, graphdef=graphdef):
+            return nnx.merge(graphdef, state).decode(x_t, cache)
+
+        programs[("decode", path)] = (step, (state, x_t, cache))
+        cache_bytes[path] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    return programs, cache_bytes
+
+
+def rat_section(args: argparse.Namespace) -> dict:
+    """The ``rat`` section: RAT vs causal softmax, forward + backward at every ``--rat-seq-lens`` and one decode
+    step at ``--rat-decode-context``, all interleaved in one run."""
+    load_before = host.machine_load()
+    programs = {}
+    for t in args.rat_seq_lens:
+        programs.update(rat_train_programs(t, args))
+    decode, cache_bytes = rat_decode_programs(args)
+    programs.update(decode)
+    thunks, memory = _compile_and_warm(programs, f"rat: chunk {args.rat_chunk_size}")
+    samples = interleaved(thunks, args.repeats, args.max_seconds)
+    wall = {key: statistics.median(s["wall"]) for key, s in samples.items()}
+    cpu = {key: statistics.median(s["cpu"]) for key, s in samples.items()}
+
+    def row(key, mode, path, t, **extra):
+        return {"T": t, "mode": mode, "path": path, "median_s": wall[key], "median_cpu_s": cpu[key],
+                "samples_s": samples[key]["wall"], "samples_cpu_s": samples[key]["cpu"],
+                "repeats": len(samples[key]["wall"]), "memory": memory[key], **extra}
+
+    rows = [row(key, "fwd_bwd", key[0], key[1]) for key in samples if key[0] != "decode"]
+    rows += [row(key, "decode", key[1], args.rat_decode_context, cache_bytes=cache_bytes[key[1]])
+             for key in samples if key[0] == "decode"]
+    speedup = {clock: {str(t): times[("softmax", t)] / times[("rat", t)] for t in args.rat_seq_lens}
+               for clock, times in (("wall", wall), ("cpu", cpu))}
+    results = {
+        "chunk_size": args.rat_chunk_size, "rows": rows, "train_speedup": speedup["wall"],
+        "train_speedup_cpu": speedup["cpu"],
+        "decode_speedup": wall[("decode", "softmax")] / wall[("decode", "rat")],
+        "decode_speedup_cpu": cpu[("decode", "softmax")] / cpu[("decode", "rat")],
+        "paper": RAT_PAPER_CLAIMS, "load_before": load_before, "load_after": host.machine_load(),
+    }
+    results["markdown"] = rat_markdown(results, args)
+    return results
+
+
+def rat_markdown(res: dict, args: argparse.Namespace) -> str:
+    """The section's markdown: setup, forward + backward and decode times with the speedups, the paper's claims."""
+    def row(mode, path, t):
+        return next(r for r in res["rows"] if r["mode"] == mode and r["path"] == path and r["T"] == t)
+
+    def cell(r):
+        return f"{r['median_s'] * 1e3:.2f} ms (n={r['repeats']})"
+
+    train = report.markdown_table(
+        ["T", "RAT (chunk %d)" % res["chunk_size"], "softmax xla causal", "softmax / RAT (wall)",
+         "softmax / RAT (CPU time)", "peak memory RAT", "peak memory softmax"],
+        [[t, cell(row("fwd_bwd", "rat", t)), cell(row("fwd_bwd", "softmax", t)),
+          f"**{res['train_speedup'][str(t)]:.2f}x**", f"{res['train_speedup_cpu'][str(t)]:.2f}x",
+          report.format_bytes(row("fwd_bwd", "rat", t)["memory"]["peak"]),
+          report.format_bytes(row("fwd_bwd", "softmax", t)["memory"]["peak"])] for t in args.rat_seq_lens])
+    ctx = args.rat_decode_context
+    rat_dec, mha_dec = row("decode", "rat", ctx), row("decode", "softmax", ctx)
+    decode = report.markdown_table(
+        ["context", "RAT.decode", "MultiHeadAttention.decode", "MHA / RAT (wall)", "MHA / RAT (CPU time)",
+         "cache RAT", "cache MHA"],
+        [[ctx, cell(rat_dec), cell(mha_dec), f"**{res['decode_speedup']:.2f}x**", f"{res['decode_speedup_cpu']:.2f}x",
+          report.format_bytes(rat_dec["cache_bytes"]), report.format_bytes(mha_dec["cache_bytes"])]])
+    paper = res["paper"]
+    return "\n".join([
+        "## rat (RAT: recurrence within chunks, attention across chunks)",
+        "",
+        f"Training: forward + backward of the functional core, gradients of sum(out * w) wrt q, k, v (and RAT's "
+        f"gate), `attnjax.memory.rat(..., chunk_size={res['chunk_size']})` against "
+        f"`attnjax.attention(..., implementation=\"xla\", mask=Causal())`, B={args.batch}, H={args.heads}, "
+        f"D={args.head_dim}, {args.dtype}. Decode: one step of the layers (projections included) at position "
+        f"{ctx - 1}, `attnjax.nn.memory.RAT` (cache of {-(-ctx // res['chunk_size'])} chunk states) against "
+        f"`attnjax.nn.MultiHeadAttention` (KV cache of {ctx} tokens), d_model={args.heads * args.head_dim}, "
+        f"{args.heads} heads, B={args.batch}, no RoPE. Medians of up to {args.repeats} runs, every program interleaved "
+        "round by round in one run; wall time, and this process's CPU time as a cross-check on a shared host.",
+        "",
+        host.load_note(res["load_before"], res["load_after"]),
+        "",
+        train,
+        "",
+        decode,
+        "",
+        f"The paper's claims at chunk {paper['chunk_size']}: **{paper['train']:g}x** faster training at "
+        f"{paper['train_len'] // 1000}K tokens and **{paper['decode']:g}x** faster generation at the "
+        f"{paper['decode_len'] // 1024}K position, for the whole layer on a GPU (official benchmark: d_model 2048, "
+        "16 heads of 128, bf16, torch.compile; generation at batch 64). This CPU run is not that setting: far "
+        "shorter sequences for training (the gap grows with T, since softmax is O(T²) and RAT O(T²/L)), tiny "
+        "heads, batch 1, where the projections and per-op overheads weigh more than the attention itself.",
+        "",
+    ])
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "neural_memory": neural_memory_section,
+    "rat": rat_section,
+}
 """Section name -> ``fn(args) -> results`` (a JSON-ready dict with a ``"markdown"`` entry), in report order."""
 
 

@@ -12,6 +12,7 @@ import pytest
 from attnjax import attention, masks
 from attnjax.memory.rat import rat, rat_init_cache, rat_recurrence, rat_reference, rat_step
 from attnjax.positional import RoPE
+from experiments import bench_memory
 from tests.helpers import TOLERANCE, assert_close, assert_grads_close
 
 B, T, HQ, HKV, D = 2, 19, 4, 2, 8
@@ -115,3 +116,14 @@ def test_errors_name_the_argument():
         rat_step(q[:, :2], k[:, :2], v[:, :2], g[:, :2], cache, chunk_size=4)
     with pytest.raises(ValueError, match="do not fit the cache"):
         rat_step(q[:, :1], k[:, :1, :1], v[:, :1, :1], g[:, :1, :1], cache, chunk_size=4)
+
+
+@pytest.mark.slow
+def test_bench_memory_rat_section_smoke(tmp_path):
+    """``python -m experiments.bench_memory --only rat`` at tiny sizes: every program timed, speedups positive."""
+    results = bench_memory.main(["--smoke", "--only", "rat", "--out", str(tmp_path), "--name", "tiny"])
+    section = results["sections"]["rat"]
+    assert set(section["train_speedup"]) == {"64", "128"} and all(r > 0 for r in section["train_speedup"].values())
+    assert section["decode_speedup"] > 0 and len(section["rows"]) == 6
+    assert all(r["median_s"] > 0 and r["memory"]["peak"] > 0 for r in section["rows"])
+    assert "## rat" in (tmp_path / "tiny.md").read_text()
