@@ -29,12 +29,19 @@ momentum and decay). The last chunk may be shorter. These are the conventions of
 
 Paths: ``deep_memory_reference`` is a ``lax.scan`` over tokens whose step takes ``jax.grad`` of the written loss
 (``deep_memory_step`` is that step, for decoding). ``deep_memory(..., implementation="xla")`` is the chunk-parallel
-form: within a chunk every token's gradient is taken at the same base weights, so all ``c`` per-token gradient
-pytrees come from one ``jax.vmap`` of a VJP of the MLP (with the bias's closed-form ``∂ℓ/∂pred``), and since the
-two scalar-gated recurrences are linear in those gradients, ``P_t = A_t·P_0 + w_t·U_0 − Σ_{j≤t} W_tj·θ_j·g_j`` for
-every position t of the chunk at once, with the same C×C gate matrices as the linear memory (``segment_products``:
-``W = E·D``, ``A`` and ``w``). Each token then reads the MLP with its own weights ``ψ(P_t)``. A ``lax.scan`` over
-chunks carries ``(P, U)``.
+form: within a chunk every token's gradient ``g_j`` is taken at the same base weights (one ``jax.vmap`` over the
+chunk's tokens, with the bias's closed-form ``∂ℓ/∂pred``), and since the two scalar-gated recurrences are linear in
+those gradients, ``P_i = A_i·P_0 + w_i·U_0 − Σ_{j≤i} W_ij·θ_j·g_j`` for every position i of the chunk at once, with
+the same C×C gate matrices as the linear memory (``segment_products``: ``W = E·D``, ``A`` and ``w``). A ``lax.scan``
+over chunks carries ``(P, U)``. Each token reads the MLP with its own weights ``ψ(P_i)``:
+
+* with the ℓ2 retention (ψ = identity; Titans, Yaad) without forming them: layer l's gradient is the outer product
+  ``a_ljᵀ δ_lj`` of its input and the loss gradient at its output, so a query's path through the layer is
+  ``a·P_li = A_i·(a·P_l0) + w_i·(a·U_l0) − Σ_{j≤i} W_ij·θ_j·(a·a_lj)·δ_lj``, attention-like sums (the "dual form"
+  of TTT, Sun et al. 2024, with Titans' gates). Per head and token O(|W| + C·Σ_l(d_in + d_out)) work.
+* with a nonlinear ψ (Moneta's ℓq normalization, Memora's softmax) the per-token gradient pytrees and each token's
+  ``P_i`` are formed (einsum with the gate matrix): per head and token O(C·|W|) work and O(C·|W|) live memory
+  per chunk (|W| = the number of memory weights).
 
 Where this follows the paper and not lucidrains/titans-pytorch (unofficial; there is no official code): the
 gates are per token inside a chunk and each token reads the memory after its own update (that code averages the
@@ -57,7 +64,7 @@ import jax.numpy as jnp
 
 from attnjax.checks import check_positive, check_qkv, describe
 from attnjax.dispatch import dispatch
-from attnjax.memory.miras import Objective, Retention, as_objective, as_retention
+from attnjax.memory.miras import L2Retention, Objective, Retention, as_objective, as_retention
 from attnjax.memory.neural_memory import segment_products
 from attnjax.meshes import vary_like
 
@@ -66,7 +73,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
 }
-"""The memory MLP's hidden activations σ (GELU: Miras Section 5 and titans-pytorch; SiLU: Titans Section 4.4)."""
+"""The memory MLP's hidden activations σ (GELU, exact: Miras Section 5 and titans-pytorch's ``MemoryMLP``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +211,9 @@ def deep_memory(
         by token with ``deep_memory_step`` (always equal: the state keeps the chunk base and position).
       implementation: "reference" (``deep_memory_reference``: a scan over tokens, T sequential steps of one
         gradient and one read each), "xla" (chunk-parallel: a scan over T/C chunks; per head and token
-        O(C·|W|) work for the gate-weighted sums of the chunk's gradient pytrees plus a gradient and a read
-        (|W| = the number of memory weights), O(C·|W|) live memory per chunk, the chunk recomputed in the
-        backward pass (``jax.checkpoint``) so that only the chunk states are stored) or "auto" (xla).
+        O(|W| + C·Σ_l(d_in + d_out)) work with the ℓ2 retention and O(C·|W|) with Moneta's or Memora's (|W| = the
+        number of memory weights; see the module docstring), each chunk recomputed in the backward pass
+        (``jax.checkpoint``) so that only the chunk states are stored) or "auto" (xla).
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, or ``(out, DeepMemoryState)`` (float32) with ``return_state``.
     """
@@ -451,7 +458,8 @@ def _reference(x: _Inputs, rule: _Rule, chunk_size: int):
 
 
 def _chunk_step(carry, inputs, rule: _Rule):
-    """One chunk of the parallel form (shapes ``[B, H, ...]``, c = the chunk's length).
+    """One chunk of the parallel form for any retention (shapes ``[B, H, ...]``, c = the chunk's length): the
+    per-token gradient pytrees and each token's state ``P_i`` are formed, and each token reads ``ψ(P_i)``.
 
     Carry ``(P_0, U_0, base)``; inputs: q ``[B, H, c, G, Dk]``, k ``[B, H, c, Dk]``, v ``[B, H, c, Dv]``, θ and δ
     ``[B, H, c]``, the gate matrix ``W = E·D`` ``[B, H, c, c]``, the rows ``A``, ``w`` ``[B, H, c]``, the chunk-end
@@ -482,6 +490,50 @@ def _chunk_step(carry, inputs, rule: _Rule):
     return (p1, u1, p0), out
 
 
+def _dual_chunk_step(carry, inputs, rule: _Rule):
+    """``_chunk_step`` for the ℓ2 retention (ψ = identity) without per-token weights (TTT's dual form).
+
+    Every per-token gradient of layer l is the outer product ``a_ljᵀ δ_lj`` of the layer's input ``a_lj`` and the
+    loss gradient ``δ_lj`` at its output (both at the base weights), so the query path through ``P_li`` is
+    ``a·P_li = A_i·(a·P_l0) + w_i·(a·U_l0) − Σ_{j≤i} W_ij·θ_j·(a·a_lj)·δ_lj``: per token and layer O(c·(d_in + d_out))
+    plus the base terms, and the chunk-end state is one sum of c outer products per layer.
+    """
+    p0, u0, _ = carry
+    q, k, v, lr, delta, weights_ij, a_row, w_row, d_end, p_end, last = inputs
+    act = ACTIVATIONS[rule.mlp.activation]
+
+    def head(p0, u0, q, k, v, lr, delta, weights_ij, a_row, w_row, d_end, p_end):
+        """One head: p0, u0 ``[d_in, d_out]`` matrices, q ``[c, G, Dk]``, k ``[c, Dk]``, v ``[c, Dv]``, θ, δ ``[c]``."""
+        inputs, outs, h = [], [], k
+        for i, w in enumerate(p0):                                                 # the keys' forward pass
+            inputs.append(act(h) if i else h)
+            h = inputs[-1] @ w
+            outs.append(h)
+        pred = k + h if rule.mlp.residual else h
+        grads = [rule.objective.grad(pred, v, delta)]                              # δ_L = ∂ℓ/∂pred
+        for i in range(len(p0) - 1, 0, -1):                                        # δ_(l−1) from δ_l
+            _, pull = jax.vjp(lambda h, w=p0[i]: act(h) @ w, outs[i - 1])
+            grads.insert(0, pull(grads[0])[0])
+        r = [lr[:, None] * g for g in grads]                                       # θ_j δ_lj
+        h = q
+        for i, (m, u) in enumerate(zip(p0, u0)):                                   # the queries, layer by layer
+            a = act(h) if i else h                                                 # [c, G, d_in]
+            scores = jnp.einsum("igx,jx->igj", a, inputs[i]) * weights_ij[:, None, :]
+            h = (a_row[:, None, None] * (a @ m) + w_row[:, None, None] * (a @ u)
+                 - jnp.einsum("igj,jy->igy", scores, r[i]))
+        out = q + h if rule.mlp.residual else h
+        row = jax.lax.dynamic_index_in_dim(weights_ij, last, keepdims=False)
+        a_last = jax.lax.dynamic_index_in_dim(a_row, last, keepdims=False)
+        w_last = jax.lax.dynamic_index_in_dim(w_row, last, keepdims=False)
+        p1 = tuple(a_last * m + w_last * u - jnp.einsum("jx,jy->xy", x * row[:, None], ri)
+                   for m, u, x, ri in zip(p0, u0, inputs, r))
+        u1 = tuple(p_end * u - jnp.einsum("jx,jy->xy", x * d_end[:, None], ri) for u, x, ri in zip(u0, inputs, r))
+        return p1, u1, out
+
+    p1, u1, out = _per_head(head)(p0, u0, q, k, v, lr, delta, weights_ij, a_row, w_row, d_end, p_end)
+    return (p1, u1, p0), out
+
+
 def _chunk_inputs(q, k, v, lr, eta, keep, delta, last):
     """The scan inputs of ``_chunk_step`` for chunks laid out ``[N, B, H, c, ...]`` (``last`` ``[N]``)."""
     decay_w = segment_products(keep)                                               # E [N, B, H, c, c]
@@ -502,7 +554,8 @@ def _chunked(x: _Inputs, rule: _Rule, chunk_size: int):
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
-    step = jax.checkpoint(functools.partial(_chunk_step, rule=rule))
+    body = _dual_chunk_step if isinstance(rule.retention, L2Retention) else _chunk_step
+    step = jax.checkpoint(functools.partial(body, rule=rule))
 
     def chunks(a, fill):
         """``[B, T, H, ...]`` -> ``[N, B, H, C, ...]``, padded with ``fill``."""
