@@ -2,8 +2,9 @@
 
 Wei, Yadav, Pascanu & Gulcehre, "RAT: Bridging RNN Efficiency and Attention Accuracy via Chunk-based
 Sequence Modeling" (arXiv:2507.04416, NeurIPS 2025). Token ``t`` is re-indexed ``(c, l)``: chunk ``c = t // L``,
-position ``l = t mod L``. The paper's RAT equations (Sec. 3, "RAT"; the same four lines are printed in the
-authors' post ``docs/_posts/2025-06-30-RAT.md`` of github.com/CLAIRE-Labo/RAT):
+position ``l = t mod L``. The paper's four RAT equations, as the authors print them in their post
+``docs/_posts/2025-06-30-RAT.md`` of github.com/CLAIRE-Labo/RAT (equation numbers are not cited here: the PDF's
+numbering could not be checked; the equations are unnumbered in the post):
 
 - intra-chunk RNN: ``ṽ_{c,l} = g_{c,l} ⊙ ṽ_{c,l−1} + (1 − g_{c,l}) ⊙ v_{c,l}`` and the same for ``k̃`` with the
   same forget gate ``g``, from a zero state at the start of every chunk;
@@ -132,7 +133,7 @@ def rat_reference(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, *, 
     chunk start: ``k̃_t = [t mod L ≠ 0]·g_t ⊙ k̃_{t−1} + (1 − g_t) ⊙ k_t`` (and ``ṽ`` alike). Query ``t`` in chunk
     ``c = t // L`` then takes the softmax of ``scale · q_t·k̃_j`` over the keys ``j`` that are the last token of
     a chunk before ``c`` (``(j + 1) mod L = 0`` and ``j < c·L``), plus ``j = t`` itself, and averages those
-    ``ṽ_j`` (Wei et al. 2025, Sec. 3, inter-chunk attention with its causal mask ``f``). With ``rope``, q and
+    ``ṽ_j`` (Wei et al. 2025, inter-chunk attention with its causal mask ``f``). With ``rope``, q and
     every ``k̃_j`` rotate by their chunk index (official ``InterRoPE``). O(T²) time and memory: for tests.
 
     Args:
@@ -180,7 +181,7 @@ def rat(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, *, chunk_size
         scale: Optional[float] = None, rope: Optional[RoPE] = None) -> jax.Array:
     """RAT, chunked: a scan within chunks, blocked attention over the chunk states, no ``[T, T]`` map.
 
-    Same result as ``rat_reference`` (Wei et al. 2025, Sec. 3). Three parts:
+    Same result as ``rat_reference`` (Wei et al. 2025). Three parts:
 
     1. ``rat_recurrence``: every position's ``(k̃, ṽ)`` by an associative scan within each chunk, float32;
        the chunk ends ``K̃_{:,−1}``, ``Ṽ_{:,−1}`` are every ``L``-th state.
@@ -198,6 +199,8 @@ def rat(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, *, chunk_size
     Cost, with ``C = ⌈T/L⌉``: time ``O(B·T·C·Hq·(D + Dv))`` for the attention (``L×`` less than softmax
     attention) plus ``O(B·T·Hkv·(D + Dv))`` for the scan; memory ``O(B·T·(Hq·Dv + Hkv·(D + Dv)))``
     (the states, and the blocked attention's ``O(T)`` working set). Differentiable in q, k, v and gate.
+    Measured at L = 16, B = 1, H = 2, D = 64 (forward + backward, a shared 2-core CPU): 3.7x faster than causal
+    softmax at T = 4k and 12x at 16k (``experiments/results/bench_memory_cpu.md``).
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``; ``Hq % Hkv == 0``.

@@ -2,10 +2,10 @@
 Chunk-based Sequence Modeling", arXiv:2507.04416, 2025).
 
 ``y = W_o (z ⊙ RAT(q, k, v, g))`` with ``z = σ(x W_z)`` the output gate, ``g = σ(x W_g + b_g)`` the forget gate
-of the intra-chunk recurrence and ``RAT`` the functional core ``attnjax.memory.rat`` (the paper's Sec. 3
+of the intra-chunk recurrence and ``RAT`` the functional core ``attnjax.memory.rat`` (the paper's
 equations: intra-chunk RNN, inter-chunk attention, output gate). The parametrization follows the official
 layer (github.com/CLAIRE-Labo/RAT, ``src/model/backbone/rat/rat.py``): q and k are projected to
-``num_qk_heads`` groups (``ngroups`` there, 2 in the paper's configs) that the ``num_heads`` value/gate heads
+``num_qk_heads`` groups (``ngroups`` there, 2 in the official configs) that the ``num_heads`` value/gate heads
 share; ``g`` and ``z`` are per head and channel; ``b_g`` starts at ``log u``, ``u ~ U(1, L − 1)`` (so ``g``
 starts in ``[1/2, (L − 1)/L]``); no biases elsewhere; optional RoPE at the chunk index (``InterRoPE``).
 Left to the surrounding block, as for every ``attnjax.nn`` layer: the official layer's input RMSNorm and
