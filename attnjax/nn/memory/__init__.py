@@ -2,5 +2,10 @@
 
 from attnjax.nn.memory.pmi import PMIMemory
 from attnjax.nn.memory.rat import RAT
+from attnjax.nn.memory.neural_memory_layer import (MEMORIES, MemoryConfig, MemoryGates, NeuralMemoryCache,
+                                                    NeuralMemoryLayer, prepend_persistent)
+from attnjax.nn.memory.titans import TitansMAC, TitansMACCache, TitansMAG, TitansMAL, TitansWindowCache
 
 __all__: list = ["PMIMemory", "RAT"]
+__all__ += ["MEMORIES", "MemoryConfig", "MemoryGates", "NeuralMemoryCache", "NeuralMemoryLayer", "prepend_persistent",
+            "TitansMAC", "TitansMACCache", "TitansMAG", "TitansMAL", "TitansWindowCache"]
