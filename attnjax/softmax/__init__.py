@@ -6,6 +6,8 @@ from attnjax.softmax.softmax import Softmax, softmax_attention_reference  # noqa
 from attnjax.blocked import weights
 from attnjax.softmax.aaren import (AarenState, aaren_combine, aaren_init_state, aaren_recurrent,
                                    aaren_reference, aaren_scan, aaren_step)
+from attnjax.softmax.paged import (paged_attention, paged_attention_pallas, paged_attention_reference,
+                                   paged_attention_xla)
 from attnjax.softmax.reversed import (Reversed, TransposedMask, dependency_mask, dependency_parents,
                                       reversed_attention_reference, reversed_attention_weights,
                                       reversed_attention_xla, tree_parents)
@@ -22,6 +24,7 @@ __all__ = [
     "Softmax", "softmax_attention_reference", "flash_attention_xla", "flash_attention_xla_backward", "weights",
     "AarenState", "aaren_combine", "aaren_init_state", "aaren_recurrent", "aaren_reference", "aaren_scan",
     "aaren_step",
+    "paged_attention", "paged_attention_reference", "paged_attention_xla", "paged_attention_pallas",
     "Reversed", "TransposedMask", "dependency_mask", "dependency_parents", "reversed_attention_reference",
     "reversed_attention_weights", "reversed_attention_xla", "tree_parents",
     "Selective", "selective_attention", "selective_temperature",
