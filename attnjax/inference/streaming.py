@@ -5,7 +5,7 @@ Cache with Attention Sinks": the cache keeps the first ``num_sinks`` tokens (the
 paper) and the most recent ``window`` tokens, so memory and time per token stay constant however long the
 stream. Positions are those *within the cache*, not in the text: with cached tokens [0, 1, 2, 3, 6, 7, 8]
 decoding token 9, the paper assigns positions [0, 1, 2, 3, 4, 5, 6, 7]. For RoPE the keys are cached before
-rotation and rotated at every step by their slot positions in the cache.
+rotation and rotated at every step by their positions in the cache (text order within the cache).
 
 Here the window includes the current token (as the official code's ``StartRecentKVCache.evict_for_space``
 before appending it, mit-han-lab/streaming-llm): token ``t`` attends to tokens ``0 .. num_sinks − 1`` and
@@ -139,7 +139,7 @@ def streaming_reference(layer: MultiHeadAttention, x: jax.Array, *, window: int,
     un-rotated keys get RoPE at their cache positions ``0 .. n − 1`` in text order (``j`` for a sink,
     ``n − 1 − (t − j)`` for a window token) and the query at ``n − 1``. Each token's keys are rotated
     separately, ``O(B·T²·Hk·D)`` memory, so this is for tests and short sequences (e.g. the perplexity of a
-    streaming model on a text, as in the paper's Fig. 3).
+    streaming model on a short text in one call).
 
     Args:
       layer: as ``streaming_decode``.
