@@ -3,6 +3,7 @@ compression (SnapKV), attention calibration (ACT, VAR), retrieval loops and gene
 
 from attnjax.inference.snapkv import (SnapKVCache, snapkv_compress, snapkv_decode, snapkv_prefill, snapkv_scores,
                                        snapkv_select)
+from attnjax.inference.paged_cache import PagedKVCache, append, free, init_paged_cache, paged_decode, prefill
 from attnjax.inference.streaming import StreamingCache, init_streaming_cache, streaming_decode, streaming_reference
 from attnjax.inference.calibration import (ACT, act_attention_reference, act_attention_xla, act_layers, act_sinks,
                                            mean_received_attention, search_act_heads)
@@ -13,6 +14,7 @@ from attnjax.inference.head_steering import (head_divergence, head_outputs, rein
 
 __all__ = [
     "SnapKVCache", "snapkv_compress", "snapkv_decode", "snapkv_prefill", "snapkv_scores", "snapkv_select",
+    "PagedKVCache", "init_paged_cache", "prefill", "paged_decode", "append", "free",
     "StreamingCache", "init_streaming_cache", "streaming_decode", "streaming_reference",
     "ACT", "act_attention_reference", "act_attention_xla", "act_layers", "act_sinks", "mean_received_attention",
     "search_act_heads", "VAR", "VisualTokens", "sink_dimension_values", "sink_tokens", "var_attention_reference",

@@ -112,8 +112,8 @@ def _check_values(page_table, lengths, dims: PagedDims) -> None:
     bad = np.flatnonzero((lens < 0) | (lens > dims.capacity))
     if bad.size:
         b = int(bad[0])
-        raise ValueError(f"lengths[{b}] = {int(lens[b])} does not fit the page table: page_table {list(page_table.shape)} "
-                         f"holds at most {dims.M} pages of {dims.page_size} tokens = {dims.capacity} tokens per "
+        raise ValueError(f"lengths[{b}] = {int(lens[b])} does not fit the page table: page_table "
+                         f"{list(page_table.shape)} holds at most {dims.M} pages of {dims.page_size} tokens = {dims.capacity} tokens per "
                          f"sequence (page table too short, or a negative length)")
     if table is None:
         return
