@@ -2,9 +2,9 @@
 
 from attnjax.nn.memory.pmi import PMIMemory
 from attnjax.nn.memory.rat import RAT
-from attnjax.nn.memory.neural_memory_layer import (MEMORIES, MemoryConfig, MemoryGates, NeuralMemoryCache,
-                                                    NeuralMemoryLayer, prepend_persistent)
-from attnjax.nn.memory.titans import TitansMAC, TitansMACCache, TitansMAG, TitansMAL, TitansWindowCache
+from attnjax.nn.memory.titans import (MEMORIES, MemoryConfig, MemoryGates, NeuralMemoryCache, NeuralMemoryLayer,
+                                      TitansMAC, TitansMACCache, TitansMAG, TitansMAL, TitansWindowCache,
+                                      prepend_persistent)
 
 __all__: list = ["PMIMemory", "RAT"]
 __all__ += ["MEMORIES", "MemoryConfig", "MemoryGates", "NeuralMemoryCache", "NeuralMemoryLayer", "prepend_persistent",
