@@ -11,6 +11,7 @@ from flax import nnx
 from attnjax.inference import PagedKVCache, append, free, init_paged_cache, paged_decode, prefill
 from attnjax.nn import MultiHeadAttention
 from attnjax.positional import RoPE
+from experiments import bench_decode
 from tests.helpers import assert_close
 
 D_MODEL = 16
@@ -167,3 +168,15 @@ def test_errors():
         init_paged_cache("mha", 4, PAGE, 2)
     with pytest.raises(NotImplementedError, match="softmax"):
         paged_decode(MultiHeadAttention(D_MODEL, 4, mechanism="sigmoid", rngs=nnx.Rngs(0)), x[:, :1], cache)
+
+
+@pytest.mark.slow
+def test_bench_decode_paged_section_smoke(tmp_path):
+    """``python -m experiments.bench_decode --only paged`` at tiny sizes: every program timed, ratios positive."""
+    results = bench_decode.main(["--smoke", "--only", "paged", "--out", str(tmp_path), "--name", "tiny"])
+    section = results["sections"]["paged"]
+    assert len(section["rows"]) == 8 and all(r["median_s"] > 0 for r in section["rows"])
+    assert set(section["paged_over_contiguous"]) == {"64x1", "64x2", "128x1", "128x2"}
+    assert "## paged" in (tmp_path / "tiny.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--only", "nope"])
