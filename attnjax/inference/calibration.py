@@ -39,7 +39,8 @@ from jax import lax
 
 from attnjax import masks
 from attnjax.blocked.flash_xla import flash_attention_xla
-from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
+from attnjax.blocked import tiles
+from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec
 from attnjax.checks import check_positive, describe
 from attnjax.masks import Mask
 from attnjax.nn.attention import MultiHeadAttention
@@ -89,46 +90,57 @@ def act_sinks_of_scores(scores: jax.Array, heads: Sequence[int], alpha: float) -
 
 
 def mean_received_attention(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None,
-                            scale: Optional[float] = None, block_q: int = 128) -> jax.Array:
+                            scale: Optional[float] = None, block_q: int = 128, block_kv: int = 128) -> jax.Array:
     """``s_j = (1/n_j) Σ_i A_ij``: the mean softmax attention key ``j`` receives from the ``n_j`` queries allowed to
-    see it (0 when none), float32 ``[B, Hq, S]``, one query tile at a time (memory ``O(B·Hq·block_q·S)``, no
-    ``[T, S]`` map; time one attention forward without values). Not differentiated (a selection statistic).
+    see it (0 when none), float32 ``[B, Hq, S]``. Not differentiated (a selection statistic).
+
+    No ``[T, S]`` map: the row log-sum-exp ``lse_i`` comes from a ``flash_attention_xla`` forward (values of width
+    1), then each ``block_q × block_kv`` tile adds ``Σ_i exp(s_ij − lse_i)`` and its count of allowed queries to
+    its key columns. Memory ``O(B·Hq·(block_q·block_kv + T + S))``; time two score passes over every tile.
 
     ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]``, ``mask`` and ``scale`` as ``attnjax.attention``.
     (``attnjax.analysis.sinks.sink_scores`` computes the same statistic on the analysis floor.)
     """
-    check_positive(block_q=block_q)
+    check_positive(block_q=block_q, block_kv=block_kv)
     q, k = lax.stop_gradient(q), lax.stop_gradient(k)
     B, T, Hq, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
+    bq, bk = min(block_q, T), min(block_kv, S)
+    _, lse = flash_attention_xla(q, k, jnp.zeros((B, S, Hkv, 1), q.dtype), mask=mask, scale=scale,
+                                 return_lse=True, block_q=bq, block_kv=bk)
     spec = score_spec(q, k, scale)
-    bq = min(block_q, T)
-    kt, kv_idx = k.transpose(0, 2, 1, 3), jnp.arange(S)
+    q_tiles_, lse_tiles = tiles.q_tiles(q, bq, Hkv), tiles.row_tiles(lse, bq, Hkv)  # [nq, B, Hkv, G, bq, ...]
+    kt = tiles.kv_tiles(k, bk)
+    starts = jnp.arange(num_tiles(T, bq)) * bq
 
-    def step(carry, start):
-        q_idx = start + jnp.arange(bq)
-        qi = to_groups(jnp.take(q, q_idx, axis=1, mode="clip").transpose(0, 2, 1, 3), Hkv)
-        s = raw_logits(qi, kt, q_idx, kv_idx, None, spec)
-        ok = jnp.broadcast_to(allowed(mask, q_idx, kv_idx, spec) & (q_idx < T)[:, None], s.shape)
-        s = jnp.where(ok, s, -jnp.inf)
-        lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
-        p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
-        mass, seen = carry
-        return (mass + p.sum(-2), seen + ok.sum(-2, dtype=jnp.float32)), None
+    def key_tile(start_k):
+        kv_idx = start_k + jnp.arange(bk)
+        kj = lax.dynamic_slice_in_dim(kt, start_k, bk, axis=2)
 
-    zeros = jnp.zeros((B, Hkv, Hq // Hkv, S), jnp.float32)
-    (mass, seen), _ = lax.scan(step, (zeros, zeros), jnp.arange(num_tiles(T, bq)) * bq)
-    scores = jnp.where(seen > 0, mass / jnp.maximum(seen, 1.0), 0.0)
-    return scores.reshape(B, Hq, S)
+        def query_tile(carry, xs):
+            start_q, qi, li = xs
+            q_idx = start_q + jnp.arange(bq)
+            s = raw_logits(qi, kj, q_idx, kv_idx, None, spec)
+            ok = jnp.broadcast_to(allowed(mask, q_idx, kv_idx, spec) & (q_idx < T)[:, None], s.shape)
+            p = jnp.where(ok, jnp.exp(jnp.where(ok, s - li[..., None], -jnp.inf)), 0.0)
+            return (carry[0] + p.sum(-2), carry[1] + ok.sum(-2, dtype=jnp.float32)), None
+
+        zeros = jnp.zeros((B, Hkv, Hq // Hkv, bk), jnp.float32)
+        return lax.scan(query_tile, (zeros, zeros), (starts, q_tiles_, lse_tiles))[0]
+
+    mass, seen = lax.map(key_tile, jnp.arange(num_tiles(S, bk)) * bk)  # [nk, B, Hkv, G, bk]
+    mass, seen = (jnp.moveaxis(x, 0, 3).reshape(B, Hq, -1)[..., :S] for x in (mass, seen))
+    return jnp.where(seen > 0, mass / jnp.maximum(seen, 1.0), 0.0)
 
 
 def act_sinks(q: jax.Array, k: jax.Array, *, heads: Sequence[int], alpha: float, mask: Optional[Mask] = None,
-              scale: Optional[float] = None, block_q: int = 128) -> jax.Array:
+              scale: Optional[float] = None, block_q: int = 128, block_kv: int = 128) -> jax.Array:
     """ACT's sink tokens ``Ŝ`` (bool ``[B, Hq, S]``) of the heads ``heads``: ``mean_received_attention > α/S`` at
     keys ``j > 0`` (Yu et al. 2024; see the module docstring)."""
     heads = check_heads(heads)
     _check_act(q, heads, alpha, BETA)
-    return act_sinks_of_scores(mean_received_attention(q, k, mask=mask, scale=scale, block_q=block_q), heads, alpha)
+    scores = mean_received_attention(q, k, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
+    return act_sinks_of_scores(scores, heads, alpha)
 
 
 def act_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: Sequence[int], alpha: float,
@@ -173,17 +185,19 @@ def act_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: Sequen
                       block_q: int = 512, block_kv: int = 512) -> jax.Array:
     """ACT-calibrated attention without a ``[T, S]`` map: same arguments and result as ``act_attention_reference``.
 
-    The sinks come from ``mean_received_attention`` (a column statistic, one query tile at a time). With them, the
-    calibrated row is a mix of two softmax attentions, one over the sink keys (``out_S``, ``lse_S``) and one over
-    the others (``out_N``, ``lse_N``), both ``flash_attention_xla`` calls under the mask ``mask & sink columns``:
-    ``m = σ(lse_S − lse_N)`` is the row's sink mass and ``out = β·m·out_S + (1 − β·m)·out_N`` (``β·m`` stays on
-    the sinks; the non-sink keys, whose normalized weights ``out_N`` averages over, get the rest). Cost: the
-    column pass plus two flash forwards, memory ``O(B·Hq·block_q·S)`` for the column pass, ``O(T)`` otherwise.
+    The sinks come from ``mean_received_attention`` (a column statistic, tile by tile). With them, the calibrated
+    row mixes two softmax attentions, over the sink keys (``out_S``, ``lse_S``) and over the others (``out_N``,
+    ``lse_N``): two ``flash_attention_xla`` calls under ``mask`` and the sink (non-sink) columns. ``m = σ(lse_S −
+    lse_N)`` is the row's sink mass and ``out = β·m·out_S + (1 − β·m)·out_N`` (``β·m`` stays on the sinks; the
+    non-sink keys, whose normalized weights ``out_N`` averages over, get the rest). Cost: the column statistic (a
+    flash forward without values and one score pass) plus two flash forwards; memory ``O(B·Hq·(block_q·block_kv
+    + T + S))``, no ``[T, S]`` map.
     Gradients flow to q, k, v through both flash calls (the sink set is a constant of the input).
     """
     heads = check_heads(heads)
     _check_act(q, heads, alpha, beta)
-    sinks = act_sinks_of_scores(mean_received_attention(q, k, mask=mask, scale=scale, block_q=block_q), heads, alpha)
+    scores = mean_received_attention(q, k, mask=mask, scale=scale, block_q=block_q, block_kv=block_kv)
+    sinks = act_sinks_of_scores(scores, heads, alpha)
     columns = sinks[:, :, None, :]
     on_sinks = masks.Explicit(columns) if mask is None else mask & masks.Explicit(columns)
     off_sinks = masks.Explicit(~columns) if mask is None else mask & masks.Explicit(~columns)

@@ -70,7 +70,7 @@ def test_planted_sink_mass_moves_as_the_rule_says(path):
     q, k, v = planted_inputs()
     expected, plain, sinks = numpy_act(q, k, HEADS, ALPHA, BETA)
     assert sinks[:, list(HEADS), SINK].all() and sinks.sum() == len(HEADS) * B, "the planted key is the only sink"
-    found = act_sinks(q, k, heads=HEADS, alpha=ALPHA, mask=masks.Causal(), block_q=4)
+    found = act_sinks(q, k, heads=HEADS, alpha=ALPHA, mask=masks.Causal(), block_q=4, block_kv=4)
     np.testing.assert_array_equal(np.asarray(found)[:, list(HEADS)], sinks[:, list(HEADS)])
     assert not np.asarray(found)[:, [0, 3]].any()
 
