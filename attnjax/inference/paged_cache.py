@@ -4,7 +4,7 @@ PagedAttention / vLLM (Kwon et al. 2023, "Efficient Memory Management for Large 
 with PagedAttention", §4.1-4.3): the keys and values of every sequence live in fixed-size pages of one
 pool, a page table (vLLM's block table) lists each sequence's pages in order, and a page is allocated
 only when a sequence's last page is full, so a cache wastes less than one page per sequence. A
-finished sequence's pages return to a free list and serve new sequences (§4.3). Attention reads the
+finished sequence's pages return to a free list and serve new sequences (§4.2-4.3). Attention reads the
 pages in place: ``attnjax.softmax.paged_attention``.
 
 Everything is an array (``PagedKVCache``: pages, page table, lengths, active flags and the free list
@@ -150,7 +150,7 @@ def append(cache: PagedKVCache, k: jax.Array, v: jax.Array, seq_ids, counts: Opt
 
     Row ``i`` writes its first ``counts[i]`` tokens as tokens ``lengths[s] ..`` of slot ``s = seq_ids[i]``. A
     sequence takes a new page from the top of the free list when its last page is full (PagedAttention, Kwon
-    et al. 2023, §4.3); new pages are handed out in row order. ``active`` is not changed.
+    et al. 2023, §4.2-4.3); new pages are handed out in row order. ``active`` is not changed.
 
     Args:
       cache: the ``PagedKVCache``.

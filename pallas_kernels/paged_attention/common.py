@@ -113,8 +113,8 @@ def _check_values(page_table, lengths, dims: PagedDims) -> None:
     if bad.size:
         b = int(bad[0])
         raise ValueError(f"lengths[{b}] = {int(lens[b])} does not fit the page table: page_table "
-                         f"{list(page_table.shape)} holds at most {dims.M} pages of {dims.page_size} tokens = {dims.capacity} tokens per "
-                         f"sequence (page table too short, or a negative length)")
+                         f"{list(page_table.shape)} holds at most {dims.M} pages of {dims.page_size} tokens = "
+                         f"{dims.capacity} tokens per sequence (page table too short, or a negative length)")
     if table is None:
         return
     used = np.arange(dims.M)[None, :] < -(-lens[:, None] // dims.page_size)
@@ -161,7 +161,7 @@ def row_limits(length, row, tq: int, group: int):
 
 def softmax_update(m: jax.Array, l: jax.Array, acc: jax.Array, s: jax.Array,
                    weighted_values: Callable[[jax.Array], jax.Array]):
-    """One online-softmax step (FlashAttention-2, Dao 2023, Alg. 1 lines 8-10) over a block of logits.
+    """One online-softmax step over a block of logits (FlashAttention-2, Dao 2023, Alg. 1, the inner loop's update).
 
     Args:
       m, l: ``[..., R, 1]`` float32 running max and normalizer (``m = -inf``, ``l = 0`` before any key).
@@ -184,8 +184,9 @@ def normalize(acc: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def merge_partials(acc: jax.Array, m: jax.Array, l: jax.Array, axis: int) -> jax.Array:
-    """Normalized output from split-K partials along ``axis`` (FlashDecoding's reduction, Dao et al.
-    2023): ``Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max_s m_s``.
+    """Normalized output from split-K partials along ``axis`` (Flash-Decoding's reduction; Dao, Haziza,
+    Massa, Sizov 2023, "Flash-Decoding for long-context inference"):
+    ``Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max_s m_s``.
 
     ``acc [..., S, ..., R, Dv]``, ``m`` and ``l`` ``[..., S, ..., R, 1]`` float32 (``S`` at ``axis``).
     """

@@ -1,8 +1,8 @@
 """GPU (Triton lowering) paged decode attention.
 
 Grid ``(B, Hk, num_splits)``. A program owns one sequence, one KV head and one split of its pages
-(split-K, FlashDecoding; Dao et al. 2023): it loads the query rows of that KV head's group (``Tq·G``
-rows, token-major, padded to at least 16 for ``tl.dot``), then walks its pages in blocks of
+(split-K, as Flash-Decoding; Dao et al. 2023): it loads the query rows of that KV head's group
+(``Tq·G`` rows, token-major, padded to at least 16 for ``tl.dot``), then walks its pages in blocks of
 ``pages_per_block`` pages with a ``fori_loop`` whose trip count stops at the sequence's length. Each
 step reads the block's page ids from the page table and loads the pages with one gathered load
 ``k_ref[pages]`` (index loads, as jax's ``pallas/ops/gpu/paged_attention.py`` and vLLM's CUDA
