@@ -268,6 +268,9 @@ def prefill(layer: MultiHeadAttention, x: jax.Array, cache: PagedKVCache, seq_id
     ``layer(x, mask=masks.Causal())`` does for a fresh sequence (Vaswani et al. 2017; paged as in Kwon et al.
     2023).
 
+    All ``T`` query rows attend in one ``paged_attention`` call (the xla path holds ``[n, T, Hq, block]`` logits
+    per step); feed a long prompt in chunks, each call continuing the sequence.
+
     Args:
       layer: the ``MultiHeadAttention`` (``check_decoding_layer``: softmax, RoPE or no positional scheme).
       x: ``[n, T, d_model]``; cache: the ``PagedKVCache``; seq_ids: int ``[n]``, distinct slots.

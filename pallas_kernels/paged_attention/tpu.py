@@ -14,7 +14,9 @@ no repeated K/V).
 
 TPU constraints (compiled; interpret mode takes any sizes): ``page_size`` a multiple of 8 (16 for
 16-bit dtypes); ``D`` and ``Dv`` multiples of 128 unless there is a single KV head (the lane block
-of one head); one K/V head count. Other requests raise NotImplementedError.
+of one head); one K/V head count; at most ``MAX_ROWS`` query rows. Other requests raise
+NotImplementedError. The whole page table sits in SMEM (as in jax's kernel), which bounds
+``B · max_pages_per_seq``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from pallas_kernels.paged_attention import common
 
 BLOCK_TOKENS = 128
 """Default tokens per compute step (``pages_per_block · page_size``): one lane-width of logits."""
+MAX_ROWS = 512
+"""The most query rows (``Tq · Hq/Hk``) one program holds in VMEM; longer requests (a long prompt) go to the
+xla path."""
 
 
 def _sublanes(dtype) -> int:
@@ -84,6 +89,9 @@ def refuse(dims: common.PagedDims, dtype, interpret: bool) -> None:
     if dims.page_size % rows:
         raise NotImplementedError(f"the Mosaic paged attention kernel needs page_size to be a multiple of {rows} for "
                                   f"{jnp.dtype(dtype).name}, got {dims.page_size}")
+    if dims.Tq * dims.Hq // dims.Hk > MAX_ROWS:
+        raise NotImplementedError(f"the Mosaic paged attention kernel holds at most {MAX_ROWS} query rows per KV head "
+                                  f"(Tq·Hq/Hk = {dims.Tq * dims.Hq // dims.Hk}); use implementation='xla'")
     if dims.Hk > 1 and (dims.D % LANES or dims.Dv % LANES):
         raise NotImplementedError(f"the Mosaic paged attention kernel reads one KV head as a lane block: D and Dv "
                                   f"must be multiples of {LANES} with {dims.Hk} KV heads, got D={dims.D}, Dv={dims.Dv}")
@@ -139,4 +147,4 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, dims: common.P
     return out.reshape(B, Hk, Tq, group, Dv).transpose(0, 2, 1, 3, 4).reshape(B, Tq, Hq, Dv)
 
 
-__all__ = ["BLOCK_TOKENS", "refuse", "default_pages_per_block", "paged_attention_tpu"]
+__all__ = ["BLOCK_TOKENS", "MAX_ROWS", "refuse", "default_pages_per_block", "paged_attention_tpu"]

@@ -80,6 +80,11 @@ def test_refusals_raise_not_implemented():
     ]:
         with pytest.raises(NotImplementedError, match=message):
             paged_attention_pallas(*args, **options)
+    long_prompt = random_paged(tq=300, Dv=16, page_size=8, max_pages=40, num_pages=90, lengths=(300, 1, 310))
+    with pytest.raises(NotImplementedError, match="at most 512 query rows"):
+        paged_attention_pallas(*long_prompt, backend="tpu", interpret=False)
+    with pytest.raises(NotImplementedError, match="at most 128 query rows"):
+        paged_attention_pallas(*long_prompt, backend="gpu", interpret=False)
     wide = random_paged(D=64, Dv=64, page_size=8, lengths=(6, 1, 30))
     with pytest.raises(NotImplementedError, match="multiples of 128"):
         paged_attention_pallas(*wide, backend="tpu", interpret=False)
