@@ -122,6 +122,7 @@ def test_registry_lists_softmax_with_its_implementations():
     assert registry.list() == registry.entries()
 
 
+@pytest.mark.slow  # tests/test_conformance.py runs every registered mechanism's paths against its reference
 @pytest.mark.filterwarnings("ignore::attnjax.sparse.DenseSelectionWarning")  # every selector is dense at T = 10
 def test_output_finite_for_every_registered_mechanism():
     """The "auto" path of every mechanism, jitted (each family's tests compare every path with its reference),

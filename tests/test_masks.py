@@ -75,7 +75,7 @@ def check_summary(m, T, S, bq, bk, exact):
             assert code == truth or code == masks.PARTIAL, (m, i, j, code, truth)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_structural_summaries_are_exact(data, T, S, bq, bk):
     m = data.draw(structural_masks())
@@ -91,13 +91,13 @@ def test_lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
     check_summary(m, T, S, bq, bk, exact=True)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
 def test_any_summary_is_sound(data, T, S, bq, bk):
     check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.data(), LENGTHS, LENGTHS)
 def test_and_or_laws(data, T, S):
     a, b, c = (data.draw(any_mask(T, S, depth=1)) for _ in range(3))

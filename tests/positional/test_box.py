@@ -62,7 +62,7 @@ def loop_bias(boxes, params, height, width, stride, transform):
     return out
 
 
-@pytest.mark.parametrize("transform,stride", [("linear", 16.0), ("log8", 8.0)])
+@pytest.mark.parametrize("transform,stride", [("linear", 16.0), pytest.param("log8", 8.0, marks=pytest.mark.slow)])
 def test_rule_and_reference_equal_the_box_to_pixel_loop(transform, stride):
     boxes, params = random_boxes(jax.random.key(0)), mlp_params(jax.random.key(1))
     want = loop_bias(boxes, params, HH, W, stride, transform)

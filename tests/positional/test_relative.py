@@ -68,7 +68,7 @@ def test_explicit_skewed_and_tiled_logits_equal_the_pairwise_definition(causal, 
     assert bias.max_distance == relative_max_distance(shape[0], causal=causal)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_tiles_of_many_rows_and_beyond_the_clipping_distance(causal):
     """A 128-row tile is skewed in chunks of ``ROW_CHUNK`` rows; a tile whose offsets all clip to ``±k`` is one
     row of ``q·E``. Both tables: more rows than a chunk's window (multiplied row by row) and fewer (gathered)."""
@@ -140,7 +140,7 @@ def _dense(q, k, v, table, *, causal, mask, scale):
     return softmax_attention_reference(q, k, v, bias=scale * logits, mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_blocked_paths_equal_the_dense_reference_with_gradients_of_q_k_v_and_embeddings(causal):
     # GQA (4 query heads on 2 KV heads), T != S and neither a multiple of the 8x8 tiles. Causal: per-head tables
     # at the default scale, a row per offset (k = 26: 8x8 tiles multiply rows, the one-tile api call gathers);

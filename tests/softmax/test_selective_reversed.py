@@ -216,11 +216,12 @@ def test_selective_module_decode_equals_parallel():
     for p in (model.query_temperature, model.value_temperature):
         p[...] = 0.3 * jnp.ones_like(p[...])
     x = x_input()
-    full = model(x, mask=masks.Causal())
+    full = nnx.jit(lambda m, x: m(x, mask=masks.Causal()))(model, x)
+    step = nnx.jit(lambda m, x_t, cache: m.decode(x_t, cache))  # eager decoding runs op by op
     cache = model.init_cache(x.shape[0], x.shape[1])
     steps = []
     for t in range(x.shape[1]):
-        y_t, cache = model.decode(x[:, t:t + 1], cache)
+        y_t, cache = step(model, x[:, t:t + 1], cache)
         steps.append(y_t)
     assert_close(jnp.concatenate(steps, axis=1), full, rtol=1e-5, name="decode vs parallel")
 

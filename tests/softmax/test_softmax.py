@@ -71,7 +71,8 @@ def test_masks_against_reference_and_jax_nn(name):
                                expected[has_key.transpose(0, 2, 1)], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("Hq,Hkv", [pytest.param(4, 4, marks=pytest.mark.slow), (4, 2), (6, 1)])  # MHA: every other test
+@pytest.mark.parametrize("Hq,Hkv", [pytest.param(4, 4, marks=pytest.mark.slow), pytest.param(4, 2, marks=pytest.mark.slow),
+                                     (6, 1)])  # MHA: every other test; GQA groups of 2: the mask tests
 def test_gqa_and_mqa(Hq, Hkv):
     q, k, v = random_qkv(KEY, B=1, T=20, Hq=Hq, Hkv=Hkv, D=8, Dv=12)
     check_against_reference(q, k, v, mask=masks.Causal())
@@ -90,7 +91,7 @@ def test_cross_lengths_bottom_right_alignment(T_, S_):
     assert dense.sum() == sum(min(S_, max(0, i + S_ - T_ + 1)) for i in range(T_))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)])
 def test_low_precision(dtype):
     q, k, v = random_qkv(KEY, B=1, T=40, S=40, Hq=4, Hkv=2, D=16, dtype=dtype)
     mask = masks.Causal()
@@ -120,7 +121,8 @@ def test_soft_cap():
     assert not np.allclose(capped, ref()(q * 4, k * 4, v), atol=1e-3), "the cap changes the result"
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 30, 35), (1, 4, 30, 35), (2, 1, 1, 35), (30, 35), (1, 4, 1, 35)])
+@pytest.mark.parametrize("shape", [pytest.param((2, 4, 30, 35), marks=pytest.mark.slow), (1, 4, 30, 35), (2, 1, 1, 35),
+                                   (30, 35), (1, 4, 1, 35)])  # a full [B, H, T, S] bias: its batch axis is the first case's
 def test_array_bias_and_its_gradient(shape):
     q, k, v = random_qkv(KEY, B=2, T=30, S=35, Hq=4, Hkv=2, D=8)
     bias = jax.random.normal(jax.random.PRNGKey(5), shape)

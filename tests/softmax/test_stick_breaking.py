@@ -284,7 +284,8 @@ def test_vmap_over_an_extra_axis(impl):
     assert_close(stacked, ref(mask=CAUSAL)(q, k, v))
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("implementation", [pytest.param("reference", marks=pytest.mark.slow), "xla",
+                                            pytest.param("pallas", marks=pytest.mark.slow)])
 def test_row_with_no_allowed_key_is_zero(implementation):
     """A query whose mask allows no key, its own position included (padding from lengths), outputs 0
     and gets no remainder; the other rows equal attention over the unpadded prefix; grads are finite
