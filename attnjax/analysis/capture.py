@@ -7,25 +7,43 @@ blockwise tool of ``attnjax.analysis`` (``attention_entropy``, ``sink_scores``, 
 ``attention_maps`` gives the dense maps at small T.
 
 One mechanism records every layer: a layer calls ``attnjax.nn.capture.sow_attention_inputs`` right before its
-softmax attention call. Layers that record: ``MultiHeadAttention`` and every layer that runs its ``__call__``
-(``SelectiveAttention``: q after the temperatures; ``SlidingWindowAttention``: the window mask combined with
-the call's mask; a position-bias rule such as T5's as the entry's ``bias``; the sliding-window half of
-``BasedBlock``; ``MultiHeadAttention`` mixers inside other blocks such as ``MetaFormerBlock``), ``Aaren`` (its
-learned query per head broadcast to every position, mask ``Causal``: the prefix softmax it computes), ``MOATBlock``
-and Swin's ``WindowAttention`` (``SwinBlock``, ``MaxViTBlock``). Window and grid layers record the windows (or
-groups) as the batch axis, ``q, k [B·nW, wh·ww, heads, D]``, with the shifted windows' region mask and the
-relative position bias, exactly the call ``attnjax.vision.window`` makes.
+softmax attention call, with the q, k, mask, bias and scale of that call. Layers that record:
 
-Refused, clearly: a registered ``attnjax.nn`` layer, block or image module (``attnjax.nn.registry``) that ran
-no recording call, nor has one below it or above it, makes ``capture_attention`` raise ``NotImplementedError``
-naming its path and class (pass ``uncaptured="ignore"`` to capture the others). These are the linear family
-(``FlowAttention``, ``TransNormerAttention``, ``BasedLinearAttention``, ``KernelizedRPEAttention``, the linear
-vision modules: their maps are ``φ(q)·φ(k)`` ratios, not a softmax of ``q·kᵀ``, so the tools do not apply),
-layers whose map is not one ``q·kᵀ`` softmax (2-simplicial attention, mixtures and routed heads such as BAM,
-MoH, union-of-experts, GIN, echo stacks, the conv attention modules), and softmax layers not wired to the hook
-yet (e.g. DaViT, L2ViT's windows, HaLo, CrossFormer, URPE, ComplexFormer). ``RelativeAttention`` (Music
-Transformer) and sequence-parallel layers refuse by themselves while capturing; decoding steps (``decode``)
-record nothing. Stacks of layers run by ``nnx.scan``/``nnx.vmap`` are not supported (untested).
+* ``MultiHeadAttention`` and every layer that runs its ``__call__`` (``SelectiveAttention``: q after the
+  temperatures; ``SlidingWindowAttention``: the window mask combined with the call's mask; a position-bias rule
+  such as T5's as the entry's ``bias``; the sliding-window half of ``BasedBlock``; ``MultiHeadAttention`` mixers
+  inside other blocks such as ``MetaFormerBlock``); ``RCMHA`` (content queries ``q + u``, Transformer-XL's
+  position rule as the bias) and ``RelativeAttention`` (Music Transformer, its ``q·E_r`` rule as the bias: the
+  tools evaluate rules that read the queries); ``ComplexMultiHeadAttention`` (the transformed ``q̃, k̃`` of
+  ``cmha_attention``, its scale); ``Aaren`` (its learned query per head broadcast to every position, mask
+  ``Causal``: the prefix softmax it computes); ``EchoAttentionStack`` (the anchor's map once per sublayer, under
+  each sublayer's path, since every sublayer applies it) and ``EchoAttention`` (the anchor's ``q_e, k_e`` it is
+  given);
+* cross-attention: ``BoxRPBCrossAttention`` (Plain-DETR, the BoxRPB rule as the bias), ``CrossViTCrossAttention``
+  (one CLS query), ``GlobalLocalCrossAttention`` (the selected queries), ``PairwiseCrossAttention`` (keys
+  ``[K_1; K_2]``), ``FITLayer`` / ``FITCrossAttention`` (groups as the batch), ``AttentiveProbe`` (its learned
+  queries, one head of width D);
+* image modules: ``MOATBlock``, Swin's ``WindowAttention`` (``SwinBlock``, ``MaxViTBlock``), DaViT's
+  ``SpatialWindowAttention`` and ``ChannelAttention``, L²ViT's ``LocalWindowAttention``, ``CrossFormerBlock``
+  (SDA windows or LDA groups, the DPB table as the bias), ``HaloAttention``, ``StripSelfAttention`` (pixels over
+  the reduced grid), ``DANetPositionAttention`` (one head, scale 1). Window and group layers record the windows
+  (or groups, or HaloNet's blocks) as the batch axis, ``q, k [B·nW, tokens, heads, D]``, with the padding or
+  shifted-region mask and the relative position bias, exactly the call ``attnjax.vision.window`` (or
+  ``halo_attention_xla``) makes: the padding queries of partial windows or blocks are rows of the map too. DaViT's channel attention records its channel tokens, ``q, k [B, C_g, G, N]``
+  (``C_g`` channels per group attend over ``C_g`` channels, the ``N = H·W`` pixels the head dimension, scale
+  ``C_g^-½``): its maps are ``[B, G, C_g, C_g]``, over channels, not positions.
+
+Refused, clearly: a registered ``attnjax.nn`` module (``attnjax.nn.registry``, any kind) that ran no recording
+call, nor has one below it or above it, makes ``capture_attention`` raise ``NotImplementedError`` naming its path,
+class and the documented reason from ``REFUSED`` (pass ``uncaptured="ignore"`` to capture the others): the linear
+family (maps of ``φ(q)·φ(k)ᵀ`` ratios), gates that scale features (squeeze-excite and the other conv attention
+gates), maps that are not one ``q·kᵀ`` softmax (2-simplicial attention, mixtures and routed heads, memories,
+k-means assignments), and softmax layers not wired yet (e.g. criss-cross, partial self-attention, ConDaFormer).
+Modules in ``NO_ATTENTION_MAP`` (convolutions, MLPs, norms, embeddings, position-bias makers) and everything
+below them hold no attention map and are not asked to record. ``URPEAttention`` (its map is a softmax times a
+learned Toeplitz matrix, not row-stochastic) and sequence-parallel layers refuse by themselves while capturing;
+decoding steps (``decode``) record nothing. Stacks of layers run by ``nnx.scan``/``nnx.vmap`` are not supported
+(untested).
 
 Under jit, capture inside an ``nnx.jit`` function that takes the model as an argument (the capture
 flag is read while tracing; a ``jax.jit`` function that closes over the model cannot record into it
@@ -53,8 +71,92 @@ from attnjax.analysis.blockwise import dense_log_probabilities
 from attnjax.nn.capture import AttentionInputs, capture_attention_state
 from attnjax.nn.registry import modules
 
-RECORDING_KINDS = ("layer", "block", "image")
-"""Registry kinds whose modules must record (or sit under one that does) for a capture to be complete."""
+RECORDING_KINDS = ("layer", "block", "image", "other")
+"""Registry kinds whose modules must record (or sit under or over one that does) for a capture to be complete,
+unless their class is in ``NO_ATTENTION_MAP``."""
+
+NO_ATTENTION_MAP = {
+    "MBConv": "an inverted-residual convolution block (its squeeze-excite is a channel gate of the convolution)",
+    "ConvPosEnc": "a depth-wise convolution (DaViT's position encoding)",
+    "LocalConcentration": "depth-wise convolutions (L²ViT's local concentration)",
+    "ConvGLU": "a convolutional GLU (TransNeXt's channel mixer)",
+    "FFNetChannelMixer": "a convolutional channel mixer",
+    "TransformerMLP": "an MLP",
+    "SGLU": "a gated MLP",
+    "LearnedPositionEmbedding": "a position embedding",
+    "LRPE": "a position encoding (rotations of q and k)",
+    "T5RelativeBias": "a position-bias rule (recorded as the bias of the layer that uses it)",
+    "DynamicPositionBias": "a position-bias MLP (recorded as the bias of the layer that uses it)",
+    "BoxRPBMLP": "a position-bias MLP (recorded as the bias of the layer that uses it)",
+    "CausalDepthwiseConv": "a causal depth-wise convolution",
+    "CrossScaleEmbedding": "a patch embedding (convolutions)",
+    "LocalStructureEnhancement": "convolutions (ConDaFormer's local structure enhancement)",
+    "RepBatchNorm": "a normalization",
+    "ProgressiveRepBatchNorm": "a normalization",
+    "AttnGate": "a gate that predicts another layer's block attention, not a layer's attention",
+    "GatedAttentionLogits": "the logits of an attention-pooling score network (no softmax)",
+    "KMaXMaskHead": "cluster-pixel mask logits (no softmax)",
+}
+"""Registered classes (by name) that hold no attention map: they and the modules below them are not asked to
+record. Values say what they are."""
+
+LINEAR = "linear attention: its map is a ratio of feature-map products φ(q)·φ(k)ᵀ, not a softmax of q·kᵀ"
+GATE = "a gate: it scales features by weights computed from pooled or convolved features, no query-key softmax map"
+NOT_WIRED = "softmax attention not wired to the capture yet: "
+REFUSED = {
+    # linear family
+    "FlowAttention": LINEAR, "TransNormerAttention": LINEAR, "TransNormerBlock": LINEAR,
+    "BasedLinearAttention": LINEAR, "KernelizedRPEAttention": LINEAR, "LinearGlobalAttention": LINEAR,
+    "L2ViTBlock": LINEAR + " (the attention='global' block; the local block records)",
+    "SimplifiedLinearAttention": LINEAR, "SLABBlock": LINEAR, "RALAttention": LINEAR, "RAVLTBlock": LINEAR,
+    "InLineAttention": LINEAR, "ScatterFormerLayer": LINEAR + " (scattered within voxel windows)",
+    # gates
+    "SqueezeExcite": GATE, "SpatialSqueezeExcite": GATE, "ConcurrentSqueezeExcite": GATE,
+    "PolarizedSelfAttention": GATE, "EfficientLocalAttention": GATE, "LargeKernelAttention": GATE,
+    "VANSpatialAttention": GATE, "FocalModulation": GATE, "PartialChannelAttention": GATE,
+    "PartialSpatialAttention": GATE, "SentenceAttentionBlock": GATE, "DomainConditionedAttention": GATE,
+    "FFNifiedAttention": "FFNified attention: depth-wise convolutions and GELU in place of q·kᵀ and softmax",
+    "FFNetBlock": "FFNified attention: depth-wise convolutions and GELU in place of q·kᵀ and softmax",
+    "MetaFormerBlock": "a token mixer that is not softmax attention (pooling, ...); with an attention mixer it "
+                       "records",
+    # not one q·kᵀ softmax
+    "SimplicialAttention": "2-simplicial attention: a softmax over key pairs of a trilinear form, not q·kᵀ",
+    "BAMAttention": "a mixture of expert attention maps weighted by a router",
+    "MoHAttention": "routed heads weighted per token (mixture of heads)",
+    "SelectiveMultiHeadAttention": "routed expert heads (union of experts)",
+    "GINAttention": "a graph network over the attention matrix (GIN aggregation and MLPs), not a value average",
+    "GraphMoE": "a mixture of experts routed over an attention graph",
+    "GraphMoEBlock": "a mixture of experts routed over an attention graph",
+    "LowRankAttention": "a softmax of tanh((p·c)(q·x)) pooling scores with a global context, not q·kᵀ",
+    "GPSA": "a gated sum of a content softmax and a positional softmax",
+    "ConViTBlock": "GPSA: a gated sum of a content softmax and a positional softmax",
+    "PolylinePathAttention": "the mean of two softmax maps over different path masks",
+    "AgentAttention": "two chained softmax maps through agent tokens",
+    "KMeansCrossAttention": "a k-means assignment (argmax over clusters), not a softmax",
+    "AttentionMILPooling": "attention pooling: a softmax of score-network logits, not q·kᵀ",
+    "ACMILPooling": "several masked attention-pooling branches of score-network logits, not q·kᵀ",
+    "DANetChannelAttention": "a channel softmax of the feature map's Gram matrix, not wired to the capture yet",
+    "URPEAttention": "its map softmax(q·kᵀ/√D + B) ⊙ C is a softmax times a learned Toeplitz matrix, not "
+                     "row-stochastic",
+    "PMIMemory": "a memory: competitive top-k writes and several reads, not one softmax",
+    "RAT": "chunk attention merged with a per-token recurrent state (the own state is a per-query key)",
+    "NeuralMemoryLayer": "a neural memory read M_t(q_t), no attention map",
+    "TitansMAC": "softmax attention over memory read-outs and persistent tokens, beside a neural memory: not "
+                 "wired to the capture yet",
+    "TitansMAG": "sliding-window softmax attention gated by a neural memory: not wired to the capture yet",
+    "TitansMAL": "a neural memory followed by sliding-window softmax attention: not wired to the capture yet",
+    # softmax maps not wired yet
+    "CrissCrossAttention": NOT_WIRED + "each pixel over its row and column (CCNet)",
+    "RecurrentCrissCrossAttention": NOT_WIRED + "each pixel over its row and column, R times (CCNet)",
+    "PartialSelfAttention": NOT_WIRED + "q, k and the iRPE bias are formed inside partial_self_attention",
+    "PATBlock": NOT_WIRED + "q, k and the iRPE bias are formed inside partial_self_attention",
+    "AggregatedAttention": NOT_WIRED + "each pixel over its sliding window and the pooled keys, one softmax "
+                                       "(TransNeXt)",
+    "TransNeXtBlock": NOT_WIRED + "each pixel over its sliding window and the pooled keys, one softmax (TransNeXt)",
+    "ConDaFormerBlock": NOT_WIRED + "three head groups over three families of planes (ConDaFormer)",
+}
+"""Why a registered class (by name) records nothing, for the ``NotImplementedError`` of ``capture_attention``.
+Classes that record in some configurations (``L2ViTBlock``, ``MetaFormerBlock``) are listed for the others."""
 
 UNCAPTURED = ("raise", "ignore")
 """What ``capture_attention`` does about registered attention modules that recorded nothing."""
@@ -67,16 +169,20 @@ def _root(model: nnx.Module | Callable) -> nnx.Module:
 def uncaptured_modules(model: nnx.Module | Callable, recorded: Sequence[tuple]) -> list[tuple[tuple, str]]:
     """``(path, class name)`` of every module of ``model`` whose class is registered in ``attnjax.nn`` with a
     kind in ``RECORDING_KINDS`` and that recorded nothing: no module at, below or above its path is in
-    ``recorded`` (the paths of the modules that sowed). Only the outermost of nested ones is listed."""
+    ``recorded`` (the paths of the modules that sowed). Modules of a ``NO_ATTENTION_MAP`` class and those below
+    them are left out. Only the outermost of nested ones is listed."""
     recording = {spec.module for spec in modules() if spec.kind in RECORDING_KINDS}
     recorded = {tuple(p) for p in recorded}
+    found = [(tuple(path), m) for path, m in nnx.iter_modules(_root(model))]
+    exempt = [path for path, m in found if type(m).__name__ in NO_ATTENTION_MAP]
 
     def related(path: tuple, other: tuple) -> bool:
         n = min(len(path), len(other))
         return path[:n] == other[:n]
 
-    silent = [(tuple(path), type(m).__name__) for path, m in nnx.iter_modules(_root(model))
-              if type(m) in recording and not any(related(tuple(path), r) for r in recorded)]
+    silent = [(path, type(m).__name__) for path, m in found
+              if type(m) in recording and not any(path[:len(e)] == e for e in exempt)
+              and not any(related(path, r) for r in recorded)]
     return [(path, name) for path, name in silent
             if not any(other != path and path[:len(other)] == other for other, _ in silent)]
 
@@ -102,11 +208,12 @@ def capture_attention(model: nnx.Module | Callable, *args: Any, uncaptured: str 
     if uncaptured == "raise":
         silent = uncaptured_modules(model, [path for path, _ in entries])
         if silent:
-            names = ", ".join(f"{'/'.join(map(str, path)) or '<model>'} ({name})" for path, name in silent)
+            names = "; ".join(f"{'/'.join(map(str, path)) or '<model>'} ({name}): "
+                              f"{REFUSED.get(name, 'not wired to attnjax.nn.capture.sow_attention_inputs')}"
+                              for path, name in silent)
             raise NotImplementedError(
                 f"capture_attention records softmax attention through q·kᵀ; these attention modules recorded "
-                f"nothing (linear-family or other non-softmax maps, or layers not wired to "
-                f"attnjax.nn.capture.sow_attention_inputs): {names}. Pass uncaptured='ignore' to capture the others")
+                f"nothing (each with the reason why): {names}. Pass uncaptured='ignore' to capture the others")
     captured = [dataclasses.replace(c, path=path) for path, c in entries]
     return outputs, sorted(captured, key=lambda c: c.index)
 
@@ -139,5 +246,5 @@ def attention_maps(captured: Sequence[AttentionInputs]) -> list[jax.Array]:
     return [jnp.exp(log_p) for log_p in apply_to_layers(dense_log_probabilities, captured)]
 
 
-__all__ = ["AttentionInputs", "RECORDING_KINDS", "UNCAPTURED", "capture_attention", "uncaptured_modules",
-           "apply_to_layers", "attention_maps"]
+__all__ = ["AttentionInputs", "RECORDING_KINDS", "NO_ATTENTION_MAP", "REFUSED", "UNCAPTURED", "capture_attention",
+           "uncaptured_modules", "apply_to_layers", "attention_maps"]

@@ -21,6 +21,7 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.api import attention
 from attnjax.heads.echo import attention_probabilities, echo_attention, echo_attention_reference
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import RoPE
@@ -89,6 +90,7 @@ class EchoAttention(nnx.Module):
         anchor's."""
         check_input("x", x, self.d_model)
         v = self.value(x).astype(q_shared.dtype)
+        sow_attention_inputs(self, q_shared, k_shared, mask=mask, scale=None, mechanism="softmax")
         if self.implementation == "reference":
             out = echo_attention_reference(attention_probabilities(q_shared, k_shared, mask=mask), v)
         else:
@@ -155,10 +157,12 @@ class EchoAttentionStack(nnx.Module):
             q, k = self.rope(q, positions), self.rope(k, positions)
         anchor = self.layers[0]
         v0 = anchor.value(x).astype(q.dtype)
+        sow_attention_inputs(anchor, q, k, mask=mask, scale=None, mechanism="softmax")
         if self.implementation == "reference":
             p = attention_probabilities(q, k, mask=mask)
             h = x + anchor.out(echo_attention_reference(p, v0))
             for layer in self.layers[1:]:
+                sow_attention_inputs(layer, q, k, mask=mask, scale=None, mechanism="softmax")
                 h = h + layer.out(echo_attention_reference(p, layer.value(h).astype(q.dtype)))
             return h
         out, lse = attention(q, k, v0, mask=mask, return_lse=True, implementation=self.implementation)

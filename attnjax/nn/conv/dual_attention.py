@@ -16,6 +16,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.dual_attention import CAM_ENERGIES, channel_attention, position_attention
@@ -61,6 +62,10 @@ class DANetPositionAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
+        if is_capturing():  # one head over the H·W positions, unscaled logits B_i · C_j
+            tokens = (x.shape[0], x.shape[1] * x.shape[2], 1, -1)
+            sow_attention_inputs(self, self.query(x).reshape(tokens), self.key(x).reshape(tokens), mask=None, scale=1.0,
+                                 mechanism="softmax")
         return position_attention(x, *conv1x1_weights(self.query), *conv1x1_weights(self.key),
                                   *conv1x1_weights(self.value), self.alpha[...], self.implementation)
 

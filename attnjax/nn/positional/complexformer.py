@@ -23,6 +23,7 @@ from attnjax import masks
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
 from attnjax.nn.attention import KVCache, attention_projections
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.relative.complexformer import (DEFAULT_BASE, DEFAULT_EPS, DEFAULT_SCALE, check_cmha_options,
@@ -106,6 +107,12 @@ class ComplexMultiHeadAttention(nnx.Module):
             positions = jnp.arange(x.shape[1])
         kwargs = dict(q_positions=positions, kv_positions=positions, mask=mask, scale=self.scale, base=self.base,
                       eps=self.eps)
+        if is_capturing():  # the transformed q̃, k̃ that cmha_attention hands to attnjax.attention
+            delta, group = self.delta[...], self.num_heads // self.num_kv_heads
+            sow_attention_inputs(self, cmha_transform(q, positions, jnp.repeat(delta, group, axis=0), self.beta[...],
+                                                      base=self.base, eps=self.eps),
+                                 cmha_transform(k, positions, delta, base=self.base, eps=self.eps), mask=mask,
+                                 scale=self.scale, mechanism="softmax")
         if self.implementation == "reference":
             out = cmha_attention_reference(q, k, v, self.delta[...], self.beta[...], **kwargs)
         else:

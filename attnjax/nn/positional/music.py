@@ -20,7 +20,7 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.api import attention
 from attnjax.nn.attention import KVCache, attention_projections
-from attnjax.nn.capture import refuse_capture
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional.relative import RelativeEmbeddingBias
@@ -96,11 +96,11 @@ class RelativeAttention(nnx.Module):
         the mask as given (``None``: every key).
         """
         check_input("x", x, self.d_model)
-        refuse_capture("RelativeAttention (its logits add q·E_r to q·kᵀ)")
         if self.causal:
             mask = masks.Causal() if mask is None or isinstance(mask, masks.Causal) else masks.Causal() & mask
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        out = attention(q, k, v, mask=mask, bias=self.bias(), implementation=self.implementation)
+        q, k, v, bias = self.query(x), self.key(x), self.value(x), self.bias()
+        sow_attention_inputs(self, q, k, mask=mask, bias=bias, scale=None, mechanism="softmax")
+        out = attention(q, k, v, mask=mask, bias=bias, implementation=self.implementation)
         return self.out(out)
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:

@@ -29,6 +29,7 @@ from attnjax.api import attention
 from attnjax.checks import check_positive
 from attnjax.dispatch import check_implementation
 from attnjax.nn.attention import KVCache
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_input, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional.transformer_xl import TransformerXLBias
@@ -187,7 +188,9 @@ class RCMHA(nnx.Module):
         k = self.key_conv(self.key(x))
         v = self.value_conv(self.value(x))
         rule = self.relative_bias()
-        out = attention(rule.content_queries(q), k, v, mask=mask, bias=rule, implementation=self.implementation)
+        q = rule.content_queries(q)
+        sow_attention_inputs(self, q, k, mask=mask, bias=rule, scale=None, mechanism="softmax")
+        out = attention(q, k, v, mask=mask, bias=rule, implementation=self.implementation)
         return self.out(out)
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> RCMHACache:

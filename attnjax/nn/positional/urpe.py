@@ -19,6 +19,7 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.bias import Bias
 from attnjax.nn.attention import KVCache, attention_projections
+from attnjax.nn.capture import refuse_capture
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.nn.registry import ModuleSpec, register_module
@@ -92,6 +93,8 @@ class URPEAttention(nnx.Module):
         """Self-attention of ``x [B, T, d_model] -> [B, T, d_model]``; ``mask`` an ``attnjax.masks`` value
         (``masks.Causal()`` for a language model)."""
         check_input("x", x, self.d_model)
+        refuse_capture("URPEAttention (its map softmax(q·kᵀ/√D + B) ⊙ C is a softmax times a learned Toeplitz "
+                       "matrix: rows need not sum to 1, and AttentionInputs holds no post-softmax weight)")
         q, k, v = self.query(x), self.key(x), self.value(x)
         bias = None if self.position_bias is None else self.position_bias()
         return self.out(self._attend(q, k, v, mask=mask, bias=bias, query_offset=None))

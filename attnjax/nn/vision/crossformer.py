@@ -15,12 +15,13 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive, describe
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_features, check_image
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional.grid import RelativeGridBias
 from attnjax.vision.crossformer import (GROUP_SIZE, INTERVAL, cross_scale_channels, cross_scale_embedding,
                                         lsda_attention, lsda_group, relative_offsets)
-from attnjax.vision.window import Window, window_shape
+from attnjax.vision.window import Window, grid_attention_inputs, window_attention_inputs, window_shape
 
 LAYER_NORM_EPSILON = 1e-5
 """PyTorch's ``nn.LayerNorm`` default, which the official code keeps."""
@@ -166,6 +167,11 @@ class CrossFormerBlock(nnx.Module):
         group = lsda_group(H, W, long_distance=self.long_distance, group_size=self.group_size,
                            interval=self.interval)
         table = self.position_bias(jnp.asarray(relative_offsets(group), q.dtype)).astype(q.dtype)
+        if is_capturing():  # the groups as the batch, as lsda_attention's grid_attention / window_attention call
+            qg, kg, mask, bias = (grid_attention_inputs(q, k, interval=self.interval, relative_bias_table=table)
+                                  if self.long_distance else
+                                  window_attention_inputs(q, k, window_size=self.group_size, relative_bias_table=table))
+            sow_attention_inputs(self, qg, kg, mask=mask, bias=bias, scale=None, mechanism="softmax")
         o = lsda_attention(q, k, v, long_distance=self.long_distance, group_size=self.group_size,
                            interval=self.interval, position_table=table)
         return self.proj(o.reshape(B, H, W, C))

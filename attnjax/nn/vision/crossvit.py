@@ -15,6 +15,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_input
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.crossvit import cls_cross_attention, fusion_tokens
@@ -88,6 +89,7 @@ class CrossViTCrossAttention(nnx.Module):
         h = self.norm(fusion_tokens(cls, other[:, 1:]))
         q = self.query(h[:, :1]).reshape(B, 1, H, -1)
         k, v = (layer(h).reshape(B, h.shape[1], H, -1) for layer in (self.key, self.value))
+        sow_attention_inputs(self, q, k, mask=None, scale=None, mechanism="softmax")
         y = cls + self.out(cls_cross_attention(q, k, v).reshape(B, 1, self.other_dim))
         back = self.revert(jax.nn.gelu(self.revert_norm(y), approximate=False))
         return jnp.concatenate([back.astype(x.dtype), x[:, 1:]], axis=1)

@@ -17,11 +17,12 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.vision.swin import LAYER_NORM_EPSILON, TransformerMLP
 from attnjax.vision.channel_attention import channel_group_attention
-from attnjax.vision.window import Window, window_attention, window_shape
+from attnjax.vision.window import Window, window_attention, window_attention_inputs, window_shape
 
 
 class ChannelAttention(nnx.Module):
@@ -64,6 +65,9 @@ class ChannelAttention(nnx.Module):
         check_image("x", x, self.channels)
         B, H, W, C = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(B, H * W, 3 * self.num_heads, self.head_dim), 3, axis=2)
+        if is_capturing():  # the channel tokens it attends with: official k over v's channels, head dim = the N pixels
+            sow_attention_inputs(self, jnp.transpose(k, (0, 3, 2, 1)), jnp.transpose(v, (0, 3, 2, 1)), mask=None,
+                                 scale=self.head_dim ** -0.5, mechanism="softmax")
         o = channel_group_attention(k, v, q)
         return self.proj(o.reshape(B, H, W, C)).astype(x.dtype)
 
@@ -99,6 +103,9 @@ class SpatialWindowAttention(nnx.Module):
         check_image("x", x, self.channels)
         B, H, W, C = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(B, H, W, 3 * self.num_heads, self.head_dim), 3, axis=3)
+        if is_capturing():
+            qw, kw, mask, bias = window_attention_inputs(q, k, window_size=self.window_size)
+            sow_attention_inputs(self, qw, kw, mask=mask, bias=bias, scale=None, mechanism="softmax")
         o = window_attention(q, k, v, window_size=self.window_size)
         return self.proj(o.reshape(B, H, W, C)).astype(x.dtype)
 

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_input, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.dcal import (GLCA_RATIO, global_local_cross_attention, local_query_count, local_query_positions,
-                                 pairwise_cross_attention)
+from attnjax.vision.dcal import (GLCA_RATIO, gather_tokens, global_local_cross_attention, local_query_count,
+                                 local_query_positions, pair_keys_values, pairwise_cross_attention)
 
 
 def vit_projections(d_model: int, *, qkv_bias: bool, dtype: Optional[Dtype], param_dtype: Dtype,
@@ -97,6 +98,9 @@ class GlobalLocalCrossAttention(nnx.Module):
             raise ValueError(f"maps must be attention maps [B, H, T, T] = [{x.shape[0]}, H, {x.shape[1]}, "
                              f"{x.shape[1]}] per layer for x {list(x.shape)}, got layers of shape {list(shape)}")
         q, k, v = (split_heads(layer, x, self.num_heads) for layer in (self.query, self.key, self.value))
+        if is_capturing():  # the selected queries over all keys
+            sow_attention_inputs(self, gather_tokens(q, self.local_queries(maps)), k, mask=None, scale=None,
+                                 mechanism="softmax")
         o = global_local_cross_attention(q, k, v, self.local_queries(maps))
         return merge_heads(self.out, o).astype(x.dtype)
 
@@ -145,6 +149,8 @@ class PairwiseCrossAttention(nnx.Module):
                 raise ValueError(f"distractor must have x's batch: x {list(x.shape)}, distractor "
                                  f"{list(distractor.shape)}")
             k2, v2 = (split_heads(layer, distractor, self.num_heads) for layer in (self.key, self.value))
+        if is_capturing():  # one softmax over [K_1; K_2]
+            sow_attention_inputs(self, q, pair_keys_values(k, v, k2, v2)[0], mask=None, scale=None, mechanism="softmax")
         return merge_heads(self.out, pairwise_cross_attention(q, k, v, k2, v2)).astype(x.dtype)
 
 

@@ -22,9 +22,10 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_input
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.fit import check_groups, grouped_attention
+from attnjax.vision.fit import check_groups, group_tokens, grouped_attention
 
 LAYER_NORM_EPSILON = 1e-6
 """The LayerNorm epsilon of the official code."""
@@ -88,6 +89,9 @@ class FITLayer(nnx.Module):
         check_groups("x", x.shape[1], num_groups)
         h = self.attention_norm(x)
         q, k, v = (split_heads(layer(h), self.num_heads) for layer in (self.query, self.key, self.value))
+        if is_capturing():  # the groups as the batch, as grouped_attention's call
+            sow_attention_inputs(self, group_tokens(q, num_groups), group_tokens(k, num_groups), mask=None, scale=None,
+                                 mechanism="softmax")
         x = x + self.out(merge_heads(grouped_attention(q, k, v, num_groups))).astype(x.dtype)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False)).astype(x.dtype)
 
@@ -143,6 +147,9 @@ class FITCrossAttention(nnx.Module):
         s = self.source_norm(source)
         q = split_heads(self.query(self.query_norm(x)), self.num_heads)
         k, v = (split_heads(layer(s), self.num_heads) for layer in (self.key, self.value))
+        if is_capturing():  # the groups as the batch, as grouped_attention's call
+            sow_attention_inputs(self, group_tokens(q, num_groups), group_tokens(k, num_groups), mask=None, scale=None,
+                                 mechanism="softmax")
         return x + self.out(merge_heads(grouped_attention(q, k, v, num_groups))).astype(x.dtype)
 
 

@@ -17,10 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from attnjax import masks
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.halo import BLOCK_SIZE, HALO_SIZE, HaloLayout, halo_attention
+from attnjax.vision.halo import (BLOCK_SIZE, HALO_SIZE, HaloLayout, halo_attention, halo_windows, query_blocks,
+                                 relative_logits)
 
 
 class HaloAttention(nnx.Module):
@@ -95,6 +98,15 @@ class HaloAttention(nnx.Module):
         if self.relative_height is not None:
             tables = dict(relative_height=self.relative_height[...].astype(q.dtype),
                           relative_width=self.relative_width[...].astype(q.dtype))
+        if is_capturing():  # halo_attention_xla's call: blocks as the batch, keys off the map masked, relative logits
+            layout = HaloLayout(H, W, self.block_size, self.halo_size, self.stride)
+            qb, kw = query_blocks(q, layout), halo_windows(k, layout)
+            rel = relative_logits(qb, tables["relative_height"], tables["relative_width"], layout) if tables else None
+            n, tq, tk = B * layout.num_blocks, qb.shape[2], kw.shape[2]
+            valid = masks.Explicit(jnp.tile(jnp.asarray(layout.key_valid()), (B, 1))[:, None, None, :])
+            sow_attention_inputs(self, qb.reshape(n, tq, *qb.shape[3:]), kw.reshape(n, tk, *kw.shape[3:]), mask=valid,
+                                 bias=None if rel is None else rel.reshape(n, self.num_heads, tq, tk),
+                                 scale=self.head_dim ** -0.5, mechanism="softmax")
         out = halo_attention(q, k, v, block_size=self.block_size, halo_size=self.halo_size, stride=self.stride,
                              scale=self.head_dim ** -0.5, **tables)
         return out.reshape(*out.shape[:3], self.out_channels)

@@ -18,12 +18,13 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive, describe
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.vision.swin import TransformerMLP
 from attnjax.vision.l2vit import DENOMINATOR_FLOOR, linear_global_attention, local_concentration
 from attnjax.vision.large_kernel import depthwise_conv
-from attnjax.vision.window import Window, window_attention, window_shape
+from attnjax.vision.window import Window, window_attention, window_attention_inputs, window_shape
 
 EPSILON = 1e-5
 """``ε`` of the blocks' LayerNorms and the LCM's BatchNorm: PyTorch's default, which the official code keeps."""
@@ -157,6 +158,9 @@ class LocalWindowAttention(nnx.Module):
         check_image("x", x, self.channels)
         B, H, W, _ = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(B, H, W, 3 * self.num_heads, self.head_dim), 3, axis=3)
+        if is_capturing():
+            qw, kw, mask, bias = window_attention_inputs(q, k, window_size=self.window_size)
+            sow_attention_inputs(self, qw, kw, mask=mask, bias=bias, scale=None, mechanism="softmax")
         o = window_attention(q, k, v, window_size=self.window_size)
         return self.proj(o.reshape(B, H, W, self.num_heads * self.head_dim)).astype(x.dtype)
 

@@ -16,6 +16,7 @@ from flax.typing import Dtype
 
 from attnjax.api import attention
 from attnjax.checks import check_positive, describe
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_image, check_input
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional.box import FEATURE_STRIDE, OFFSET_TRANSFORMS, box_relative_bias, check_boxes
@@ -131,6 +132,7 @@ class BoxRPBCrossAttention(nnx.Module):
         v = self.value(pixels).reshape(B, S, heads, C // heads)
         bias = box_relative_bias(boxes, self.mlp_x, self.mlp_y, Hh, W, stride=self.feature_stride,
                                  transform=self.offset_transform)
+        sow_attention_inputs(self, q, k, mask=None, bias=bias, scale=None, mechanism="softmax")
         out = attention(q, k, v, bias=bias, implementation=self.implementation)
         return self.proj(out.reshape(B, Nq, C)).astype(queries.dtype)
 

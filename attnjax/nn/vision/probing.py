@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from attnjax import masks
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_input
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.probing import efficient_probing, efficient_probing_weights
@@ -66,6 +68,11 @@ class AttentiveProbe(nnx.Module):
         """``x [B, N, D] -> [B, D/d_out]``; ``valid`` bool ``[B, N]`` masks padding tokens."""
         check_input("x", x, self.dim)
         dtype = x.dtype if self.dtype is None else self.dtype
+        if is_capturing():  # M learned queries over the tokens, one head of width D
+            queries = self.queries[...].astype(dtype)
+            q = jnp.broadcast_to(queries, (x.shape[0], *queries.shape))[:, :, None]
+            sow_attention_inputs(self, q, x.astype(dtype)[:, :, None], mask=None if valid is None else
+                                 masks.Explicit.keys(valid), scale=None, mechanism="softmax")
         return efficient_probing(x.astype(dtype), *self.weights(dtype), valid=valid,
                                  implementation=self.implementation)
 

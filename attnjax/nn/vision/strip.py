@@ -13,6 +13,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.strip import spatial_reduction, strip_attention
@@ -83,6 +84,9 @@ class StripSelfAttention(nnx.Module):
         q = self.query(x).reshape(B, H, W, self.num_heads, self.key_dim)
         k = self.key(reduced).reshape(B, h, w, self.num_heads, self.key_dim)
         v = self.value(reduced).reshape(B, h, w, self.num_heads, C // self.num_heads)
+        sow_attention_inputs(self, q.reshape(B, H * W, self.num_heads, self.key_dim),
+                             k.reshape(B, h * w, self.num_heads, self.key_dim), mask=None, scale=None,
+                             mechanism="softmax")
         return self.out(strip_attention(q, k, v).reshape(B, H, W, C)).astype(x.dtype)
 
 
