@@ -46,6 +46,20 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_heads: bool = Fals
                              f"{name[0]} {x.shape}")
 
 
+def check_qk(q: jax.Array, k: jax.Array, *, where: str = "") -> None:
+    """The ``[B, T, Hq, D]`` / ``[B, S, Hkv, D]`` contract of computations on queries and keys alone (attention
+    maps and their statistics, cache selection): rank 4, floating, same B and D, ``Hq % Hkv == 0``. ``where``
+    prefixes the message (e.g. ``"layer 2: "``)."""
+    for name, x in (("q", q), ("k", k)):
+        if not hasattr(x, "ndim") or x.ndim != 4:
+            raise ValueError(f"{where}{name} must have rank 4 [batch, seq, heads, head_dim], got {describe(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{where}{name} must be a floating-point array, got dtype {x.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{where}q [B, T, Hq, D] and k [B, S, Hkv, D] must share B and D with Hq % Hkv == 0, got q "
+                         f"{list(q.shape)}, k {list(k.shape)}")
+
+
 def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_cap, sinks,
                   dropout_rate: float, rng: Optional[jax.Array]) -> None:
     """Check the score options of ``attnjax.attention`` against the shapes of q and k."""

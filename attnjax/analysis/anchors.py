@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.bias import Bias
-from attnjax.checks import check_positive, describe
+from attnjax.checks import check_positive, check_qk, describe
 from attnjax.masks import Mask
 
 PROXIMITY_IGNORE = 4

@@ -24,7 +24,7 @@ from jax import lax
 
 from attnjax.bias import Bias, as_bias
 from attnjax.blocked.scores import allowed, raw_logits, score_spec, soft_cap, to_groups
-from attnjax.checks import check_options, check_positive
+from attnjax.checks import check_options, check_positive, check_qk
 from attnjax.masks import Mask
 from attnjax.meshes import vary_like
 from attnjax.tiling import num_tiles
@@ -40,19 +40,6 @@ PairReducer = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, 
 """``(log_p1, log_p2, q_idx, kv_idx) -> (rows, columns)``: the two maps' float32 log-probabilities of one query
 tile, ``[B, Hq, tq, S]`` each (``-inf`` where masked and on padding rows ``q_idx >= T``); ``rows`` and
 ``columns`` as in ``TileReducer``."""
-
-
-def check_qk(q: jax.Array, k: jax.Array) -> None:
-    """The ``[B, T, Hq, D]`` / ``[B, S, Hkv, D]`` contract of the map statistics (no values needed)."""
-    for name, x in (("q", q), ("k", k)):
-        if not hasattr(x, "ndim") or x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
-                             f"{getattr(x, 'shape', None)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"q [B, T, Hq, D] and k [B, S, Hkv, D] must share B and D with Hq % Hkv == 0, got q "
-                         f"{list(q.shape)}, k {list(k.shape)}")
 
 
 def tile_log_probabilities(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None, bias: Optional[Bias] = None,
@@ -168,5 +155,5 @@ def dense_log_probabilities(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] 
                             block_q=max(q.shape[1], 1))[0]
 
 
-__all__ = ["TileReducer", "PairReducer", "check_qk", "tile_log_probabilities", "scan_query_tiles",
+__all__ = ["TileReducer", "PairReducer", "tile_log_probabilities", "scan_query_tiles",
            "scan_query_tiles_pair", "dense_log_probabilities"]

@@ -13,10 +13,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.api import attention
 from attnjax.bias import Bias
-from attnjax.checks import check_positive
+from attnjax.checks import check_positive, check_qk
 from attnjax.masks import Mask
 
 

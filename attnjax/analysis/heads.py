@@ -29,10 +29,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.api import attention
 from attnjax.bias import Bias
-from attnjax.checks import check_positive, describe
+from attnjax.checks import check_positive, check_qk, describe
 from attnjax.masks import Mask
 
 LossFn = Callable[[jax.Array], jax.Array]

@@ -41,9 +41,9 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.bias import Bias
-from attnjax.checks import check_scalar, describe
+from attnjax.checks import check_qk, check_scalar, describe
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
 from attnjax.masks import Mask, query_positions
 

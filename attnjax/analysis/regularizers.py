@@ -36,10 +36,10 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.analysis.entropy import entropy_of_map, entropy_terms
 from attnjax.bias import Bias
-from attnjax.checks import check_scalar, describe
+from attnjax.checks import check_qk, check_scalar, describe
 from attnjax.masks import Mask
 
 OVERLOAD_FRACTION = 0.75

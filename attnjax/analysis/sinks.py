@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks
-from attnjax.analysis.blockwise import check_qk, scan_query_tiles
+from attnjax.analysis.blockwise import scan_query_tiles
 from attnjax.api import attention
 from attnjax.bias import Bias
-from attnjax.checks import check_positive, check_scalar
+from attnjax.checks import check_positive, check_qk, check_scalar
 from attnjax.masks import Mask
 
 SINK_THRESHOLD = 0.3

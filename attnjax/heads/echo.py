@@ -40,7 +40,7 @@ from attnjax.api import attention
 from attnjax.blocked import flash_attention_xla_backward
 from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec, to_groups
 from attnjax.blocked.tiles import kv_tiles, q_tiles, row_tiles, untile
-from attnjax.checks import check_options, check_positive, check_qkv, describe
+from attnjax.checks import check_options, check_positive, check_qk, check_qkv, describe
 from attnjax.dispatch import check_implementation
 from attnjax.masks import Mask, block_schedule
 from attnjax.tiling import num_tiles, pad_axis
@@ -56,7 +56,7 @@ def attention_probabilities(q: jax.Array, k: jax.Array, *, mask: Optional[Mask] 
     ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]`` (query head ``h`` reads key head ``h // (Hq // Hkv)``); ``mask``
     and ``scale`` as ``attnjax.attention``. A row with no allowed key is all zeros. Memory ``O(B·Hq·T·S)``.
     """
-    _check_qk(q, k)
+    check_qk(q, k)
     check_options(q, k, mask=mask, bias=None, scale=scale, logits_soft_cap=None, sinks=None, dropout_rate=0.0,
                   rng=None)
     B, T, Hq, _ = q.shape
@@ -220,7 +220,7 @@ def layer_similarity(qs: Sequence[jax.Array], ks: Sequence[jax.Array], *, mask: 
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     check_positive(block_q=block_q)
     for l, (q, k) in enumerate(zip(qs, ks)):
-        _check_qk(q, k, f"layer {l}: ")
+        check_qk(q, k, where=f"layer {l}: ")
         if q.shape[:3] != qs[0].shape[:3] or k.shape[:2] != ks[0].shape[:2]:
             raise ValueError(f"layer {l}: q {describe(q)}, k {describe(k)} must share [B, T, Hq] and [B, S] with "
                              f"layer 0 (q {describe(qs[0])}, k {describe(ks[0])})")
@@ -320,16 +320,6 @@ def echo_groups(similarity: jax.Array, threshold: float, *, max_size: Optional[i
 
 def _safe(lse: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(lse), lse, 0.0)
-
-
-def _check_qk(q, k, where: str = "") -> None:
-    for name, x in (("q", q), ("k", k)):
-        if not hasattr(x, "ndim") or x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{where}{name} must be a floating-point [batch, seq, heads, head_dim] array, got "
-                             f"{describe(x)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"{where}q [B, T, Hq, D] and k [B, S, Hkv, D] must share B and D with Hq % Hkv == 0, got q "
-                         f"{list(q.shape)}, k {list(k.shape)}")
 
 
 __all__ = ["METRICS", "attention_probabilities", "echo_attention_reference", "echo_attention", "layer_similarity",

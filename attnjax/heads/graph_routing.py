@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.api import attention
-from attnjax.checks import check_positive, check_scalar, describe
+from attnjax.checks import check_positive, check_qk, check_scalar, describe
 from attnjax.masks import Mask
 
 ROUTERS = ("softmax", "similarity", "attention")
@@ -128,14 +128,7 @@ def similarity_mix(query_features: jax.Array, key_features: jax.Array, probs: ja
 
 
 def _check_qk(q: jax.Array, k: jax.Array, probs: jax.Array) -> None:
-    for name, x in (("q", q), ("k", k)):
-        if not hasattr(x, "ndim") or x.ndim != 4:
-            raise ValueError(f"{name} must have shape [batch, seq, heads, head_dim], got {describe(x)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"q [B, T, Hq, D] and k [B, S, Hkv, D] must agree on B and D with Hq % Hkv == 0, "
-                         f"got q {list(q.shape)}, k {list(k.shape)}")
+    check_qk(q, k)
     _check_probs("probs", probs, k.shape[0], k.shape[1])
 
 

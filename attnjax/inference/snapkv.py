@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from attnjax import masks
 from attnjax.api import attention
 from attnjax.blocked.scores import allowed, raw_logits, score_spec, to_groups
-from attnjax.checks import check_positive, concrete_values, describe
+from attnjax.checks import check_positive, check_qk, concrete_values, describe
 from attnjax.inference.layer_checks import check_decoding_layer
 from attnjax.nn.attention import KVCache, MultiHeadAttention
 from attnjax.nn.checks import check_input, check_step
@@ -62,16 +62,11 @@ class SnapKVCache:
     position: jax.Array
 
 
-def _check_qk(q: jax.Array, k: jax.Array) -> None:
-    for name, x in (("q", q), ("k", k)):
-        if not hasattr(x, "ndim") or x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
-                             f"{getattr(x, 'shape', None)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2] or q.shape[1] > k.shape[1]:
-        raise ValueError(f"q [B, T, Hq, D] (the prompt's last T queries) and k [B, S, Hkv, D] must share B and D "
-                         f"with Hq % Hkv == 0 and T <= S, got q {list(q.shape)}, k {list(k.shape)}")
+def _check_prompt(q: jax.Array, k: jax.Array) -> None:
+    check_qk(q, k)
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"q [B, T, Hq, D] holds the prompt's last T queries, so T <= S of k [B, S, Hkv, D]; got q "
+                         f"{list(q.shape)}, k {list(k.shape)}")
 
 
 def _check_window(window: int, keep: Optional[int], queries: int, length: int) -> None:
@@ -107,7 +102,7 @@ def snapkv_scores(q: jax.Array, k: jax.Array, *, window: int, pool_kernel: int =
     Returns:
       float32 ``[B, Hkv, S − window]``. Costs ``O(B·Hq·window·S)`` time and memory (never an ``[S, S]`` map).
     """
-    _check_qk(q, k)
+    _check_prompt(q, k)
     _check_window(window, None, q.shape[1], k.shape[1])
     check_positive(pool_kernel=pool_kernel)
     if pool_kernel % 2 == 0:
@@ -144,7 +139,7 @@ def snapkv_select(q: jax.Array, k: jax.Array, *, window: int, keep: int, pool_ke
       int32 ``[B, Hkv, keep]``: positions in ``[0, S − window)``, sorted ascending within each head (so the
       compressed cache keeps the prompt order).
     """
-    _check_qk(q, k)
+    _check_prompt(q, k)
     _check_window(window, keep, q.shape[1], k.shape[1])
     scores = snapkv_scores(q, k, window=window, pool_kernel=pool_kernel, pooling=pooling, scale=scale)
     return jnp.sort(jax.lax.top_k(scores, keep)[1], axis=-1).astype(jnp.int32)

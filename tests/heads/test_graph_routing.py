@@ -201,7 +201,7 @@ def test_errors_name_the_argument():
         similarity_mix_reference(f, f, p, mask=jnp.ones((T, T), bool))
     with pytest.raises(ValueError, match="Hq % Hkv"):
         attention_mix(q, normal((B, T, 3, D), 3), p)
-    with pytest.raises(ValueError, match="q must have shape"):
+    with pytest.raises(ValueError, match="q must have rank 4"):
         attention_mix(q[..., 0], k, p)
     with pytest.raises(ValueError, match=r"top_k \(5\) must be at most the number of experts \(4\)"):
         top_k_routing(p, 5)
