@@ -1,8 +1,10 @@
 """attnjax.nn.memory Titans layers (NeuralMemoryLayer, TitansMAC, TitansMAG, TitansMAL): each against the paper's
-equations written plainly on the module's parameters (output and every gradient, token loops, T = 13 with a
-partial last segment), the Miras memories through the layer, causality across MAC's segment boundary, the
-persistent tokens' gradients, bf16, and argument errors. jit, the Linen bridge, checkpointing, causality and
-decode == parallel of the registered examples come from the module conformance suite."""
+equations written plainly on the module's parameters (output and every gradient; token scans; T = 13 with a
+partial last segment), the deep and Miras memories through the layers (forward; the full-gradient MAL with a deep
+memory and the Moneta and Memora bare layers are slow), causality across MAC's segment boundary, the persistent
+tokens' gradients, bf16, and argument errors. jit, the Linen bridge, checkpointing, causality and decode ==
+parallel of the registered examples (bare layer, MAC, MAG, and MAL with a deep memory) come from the module
+conformance suite."""
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +14,12 @@ from flax import nnx
 
 from attnjax import masks
 from attnjax.memory.miras import HuberBias, KLRetention, LpBias, LqRetention
-from attnjax.nn.memory import (MEMORIES, MemoryConfig, NeuralMemoryLayer, TitansMAC, TitansMAG, TitansMAL)
+from attnjax.nn.memory import MEMORIES, MemoryConfig, NeuralMemoryLayer, TitansMAC, TitansMAG, TitansMAL
 from attnjax.testing.modules import check_module_against_reference, parameters
 from tests.helpers import TOLERANCE, assert_close
 
 B, T, DM, H, NP, SEG, WIN, C, K = 2, 13, 16, 2, 2, 4, 4, 2, 3
 COMMON = dict(num_persistent=NP, chunk_size=C, conv_size=K)
-
-
 CALL = nnx.jit(lambda m, x: m(x, mask=masks.Causal()))
 """The parallel call, compiled once per layer configuration and shape."""
 
@@ -207,7 +207,8 @@ def test_mal_equals_the_paper_equations(memory):
     check_module_against_reference(layer, plain_mal(MEMORIES[memory]), inputs(2, 7), rtol=2e-5)
 
 
-@pytest.mark.parametrize("name", [pytest.param("moneta", marks=pytest.mark.slow), "yaad", "memora"])
+@pytest.mark.parametrize("name", [pytest.param("moneta", marks=pytest.mark.slow), "yaad",
+                                  pytest.param("memora", marks=pytest.mark.slow)])
 def test_miras_memories_through_the_layer(name):
     """The memory layer with Miras' variants (ℓ3/ℓ4, Huber with δ_t, KL; no momentum gate) against the
     token loop with the variant's written loss and ψ, forward; and decoding (δ_t reaches deep_memory_step)."""
@@ -224,6 +225,16 @@ def test_miras_memories_through_the_layer(name):
             y_t, cache = step(layer, x[:, t:t + 1], cache)
             steps.append(y_t)
         assert_close(jnp.concatenate(steps, 1), y, atol=2e-5, rtol=2e-5, name="decode")
+
+
+def test_mac_reads_a_deep_memory():
+    """MAC with Memora's MLP memory (KL retention: the read applies ψ = softmax to the state): forward against the
+    equations, T = 6 (the second segment reads the memory the first one wrote)."""
+    config = MEMORIES["memora"]
+    layer = TitansMAC(DM, H, segment_size=SEG, memory="memora", rngs=nnx.Rngs(8), **COMMON)
+    x = inputs(8, 6)
+    expected = jax.jit(plain_mac(config))(parameters(layer), x)
+    assert_close(CALL(layer, x), expected, rtol=2e-5, name="memora MAC")
 
 
 def test_memory_presets_and_config():
