@@ -60,6 +60,21 @@ def check_qk(q: jax.Array, k: jax.Array, *, where: str = "") -> None:
                          f"{list(q.shape)}, k {list(k.shape)}")
 
 
+def check_image_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
+    """``(B, H, W, heads, D)`` of image-like q, k ``[B, H, W, heads, D]`` and v ``[B, H, W, heads, Dv]``;
+    ``ValueError`` naming the argument unless they share ``[B, H, W, heads]`` (and q, k the head dim),
+    ``TypeError`` unless they are floating point."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if getattr(a, "ndim", None) != 5:
+            raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
+    if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
+        raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    return q.shape
+
+
 def check_options(q: jax.Array, k: jax.Array, *, mask, bias, scale, logits_soft_cap, sinks,
                   dropout_rate: float, rng: Optional[jax.Array]) -> None:
     """Check the score options of ``attnjax.attention`` against the shapes of q and k."""

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.api import attention
-from attnjax.checks import check_positive, check_scalar, describe
+from attnjax.checks import check_image_qkv, check_positive, check_scalar, describe
 from attnjax.positional.gpsa_position import GPSAPositionBias, grid_offsets
 
 LOCALITY_STRENGTH = 1.0
@@ -50,15 +50,7 @@ LOCALITY_STRENGTH = 1.0
 def check_gpsa(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, v_pos: jax.Array) -> None:
     """``ValueError``/``TypeError`` naming the argument unless q, k are ``[B, height, width, heads, D]``, v
     ``[B, height, width, heads, Dv]``, ``gate`` float ``[heads]`` and ``v_pos`` float ``[heads, 3]``."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if getattr(a, "ndim", None) != 5:
-            raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
-    if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
-        raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
-                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    heads = q.shape[3]
+    heads = check_image_qkv(q, k, v)[3]
     for name, value, shape in (("gate", gate, (heads,)), ("v_pos", v_pos, (heads, 3))):
         if jnp.shape(value) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} for {heads} heads, got {describe(value)}")

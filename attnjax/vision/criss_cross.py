@@ -33,20 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.checks import check_scalar, describe
-
-
-def check_image_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-    """``ValueError`` naming the argument unless q, k are ``[B, H, W, heads, D]`` and v ``[B, H, W, heads, Dv]``
-    with the same ``[B, H, W, heads]``; ``TypeError`` unless they are floating point."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if getattr(a, "ndim", None) != 5:
-            raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
-    if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
-        raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
-                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+from attnjax.checks import check_image_qkv, check_scalar, describe
 
 
 def resolve_scale(scale: Optional[float], head_dim: int) -> float:
@@ -173,5 +160,5 @@ def recurrent_criss_cross(x: jax.Array, wq: jax.Array, bq: Optional[jax.Array], 
     return x
 
 
-__all__ = ["check_image_qkv", "resolve_scale", "criss_cross_mask", "criss_cross_attention_reference",
+__all__ = ["resolve_scale", "criss_cross_mask", "criss_cross_attention_reference",
            "criss_cross_attention", "recurrent_criss_cross"]

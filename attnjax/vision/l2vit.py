@@ -28,10 +28,9 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from attnjax.checks import check_scalar, describe
+from attnjax.checks import check_image_qkv, check_scalar, describe
 from attnjax.linear.linear_attention import linear_attention
 from attnjax.vision.large_kernel import depthwise_conv
-from attnjax.vision.window import check_image_qkv
 
 DENOMINATOR_FLOOR = 100.0
 """``c``: the official code clamps the normalizer ``φ(Q_i)·Σ_j φ(K_j)`` from below at ``1e2``."""
@@ -41,9 +40,6 @@ def check_lga_inputs(q: jax.Array, k: jax.Array, v: jax.Array, temperature: Unio
                      denominator_floor: float) -> jax.Array:
     """Validate LGA's inputs; return ``τ`` as float32 ``[heads]`` (``1/√D`` when ``temperature`` is None)."""
     _, _, _, heads, D = check_image_qkv(q, k, v)
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point, got {a.dtype}")
     check_scalar("denominator_floor", denominator_floor)
     if not denominator_floor > 0:
         raise ValueError(f"denominator_floor must be positive, got {denominator_floor}")

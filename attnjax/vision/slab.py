@@ -28,10 +28,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attnjax.checks import describe
+from attnjax.checks import check_image_qkv, describe
 from attnjax.linear.linear_attention import linear_attention
 from attnjax.vision.large_kernel import depthwise_conv
-from attnjax.vision.window import check_image_qkv
 
 SLA_EPSILON = 1e-6
 """``ε`` of the SLA normalizer, the official code's ``1e-6``."""
@@ -42,9 +41,8 @@ def check_sla_inputs(q: jax.Array, k: jax.Array, v: jax.Array, dwc_kernel: jax.A
     """``ValueError`` unless q, k ``[B, H, W, heads, D]``, v ``[B, H, W, heads, Dv]``, ``dwc_kernel [k, k, 1, Dv]``
     with ``k`` odd and ``dwc_bias [Dv]`` or None; ``TypeError`` unless they are floating point."""
     check_image_qkv(q, k, v)
-    for name, a in (("q", q), ("k", k), ("v", v), ("dwc_kernel", dwc_kernel)):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point, got {a.dtype}")
+    if not jnp.issubdtype(dwc_kernel.dtype, jnp.floating):
+        raise TypeError(f"dwc_kernel must be a floating-point array, got {describe(dwc_kernel)}")
     dv = v.shape[-1]
     if getattr(dwc_kernel, "ndim", None) != 4 or dwc_kernel.shape[2:] != (1, dv):
         raise ValueError(f"dwc_kernel must have shape [k, k, 1, Dv={dv}] (depth-wise over each head's channels, "

@@ -39,7 +39,7 @@ import numpy as np
 
 from attnjax import masks, registry
 from attnjax.api import attention
-from attnjax.checks import describe
+from attnjax.checks import check_image_qkv, describe
 
 Window = Union[int, tuple[int, int]]
 """A window size (or grid size, or interval): ``w`` (square) or ``(wh, ww)``."""
@@ -227,17 +227,6 @@ def window_shape_or_zero(shift: Window) -> tuple[int, int]:
             or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in pair)):
         raise ValueError(f"shift_size must be a non-negative int or a pair of them, got {describe(shift)}")
     return int(pair[0]), int(pair[1])
-
-
-def check_image_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int]:
-    """``(B, H, W, heads, D)`` of image-like q, k, v ``[B, H, W, heads, D]`` (v: ``Dv``); ``ValueError`` otherwise."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if getattr(a, "ndim", None) != 5:
-            raise ValueError(f"{name} must have shape [batch, height, width, heads, head_dim], got {describe(a)}")
-    if q.shape[:4] != k.shape[:4] or k.shape[:4] != v.shape[:4] or q.shape[4] != k.shape[4]:
-        raise ValueError(f"q, k, v must share [batch, height, width, heads] (and q, k head_dim): "
-                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    return q.shape
 
 
 def group_bias(bias: Optional[jax.Array], relative_bias_table: Optional[jax.Array], group: tuple[int, int],
@@ -533,6 +522,6 @@ def windows_registered(config: Windows, implementation: str, q, k, v, *, mask=No
 
 __all__ = ["Window", "window_shape", "window_grid", "window_partition", "window_merge", "window_valid",
            "grid_shape", "grid_partition", "grid_merge", "relative_position_index", "relative_position_bias",
-           "shifted_window_regions", "check_image_qkv", "TokenGroups", "window_groups", "grid_groups",
+           "shifted_window_regions", "TokenGroups", "window_groups", "grid_groups",
            "window_attention", "window_attention_inputs", "grid_attention", "grid_attention_inputs",
            "window_attention_reference", "grid_attention_reference", "PARTITIONS", "Windows"]

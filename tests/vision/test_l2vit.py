@@ -84,7 +84,7 @@ def test_bf16_is_finite_and_bad_inputs_name_the_argument():
         linear_global_attention_reference(q, k, v, denominator_floor=0.0)
     with pytest.raises(ValueError, match=r"v must have shape \[batch, height, width, heads, head_dim\]"):
         linear_global_attention(q, k, v[0])
-    with pytest.raises(TypeError, match="k must be floating point"):
+    with pytest.raises(TypeError, match="k must be a floating-point array"):
         linear_global_attention(q, k.astype(jnp.int32), v)
     x = jnp.ones((1, 5, 7, 3))
     with pytest.raises(ValueError, match=r"kernel2 must have shape \[k, k, 1, 3\]"):

@@ -76,5 +76,5 @@ def test_bad_inputs_name_the_argument():
         simplified_linear_attention(q, k, v, jnp.ones((2, 2, 1, 6)))
     with pytest.raises(ValueError, match=r"dwc_bias must have shape \[Dv\] = \[6\]"):
         simplified_linear_attention(q, k, v, kernel, bias[:3])
-    with pytest.raises(TypeError, match="v must be floating point"):
+    with pytest.raises(TypeError, match="v must be a floating-point array"):
         simplified_linear_attention(q, k, v.astype(jnp.int32), kernel)
