@@ -1,5 +1,5 @@
-"""Inference-time mechanisms over the modules of ``attnjax.nn``: caches (contiguous, paged, sink + window), cache
-compression (SnapKV), attention calibration (ACT, VAR), retrieval loops and generation."""
+"""Inference-time mechanisms over the modules of ``attnjax.nn``: caches (paged, sink + window), cache compression
+(SnapKV), attention calibration (ACT, VAR) and head steering (VHD/VHR)."""
 
 from attnjax.inference.snapkv import (SnapKVCache, snapkv_compress, snapkv_decode, snapkv_prefill, snapkv_scores,
                                        snapkv_select)

@@ -1,4 +1,5 @@
-"""Memory modules: Titans (MAC, MAG, MAL) and Miras memory layers, RAT, and the PMI working/long-term memory."""
+"""Memory modules: Titans' neural memory layer and its MAC, MAG and MAL variants (with the Miras memories), RAT,
+and the PMI working/long-term memory."""
 
 from attnjax.nn.memory.pmi import PMIMemory
 from attnjax.nn.memory.rat import RAT
@@ -6,6 +7,5 @@ from attnjax.nn.memory.titans import (MEMORIES, MemoryConfig, MemoryGates, Neura
                                       TitansMAC, TitansMACCache, TitansMAG, TitansMAL, TitansWindowCache,
                                       prepend_persistent)
 
-__all__: list = ["PMIMemory", "RAT"]
-__all__ += ["MEMORIES", "MemoryConfig", "MemoryGates", "NeuralMemoryCache", "NeuralMemoryLayer", "prepend_persistent",
-            "TitansMAC", "TitansMACCache", "TitansMAG", "TitansMAL", "TitansWindowCache"]
+__all__ = ["NeuralMemoryLayer", "NeuralMemoryCache", "MemoryConfig", "MemoryGates", "MEMORIES", "prepend_persistent",
+           "TitansMAC", "TitansMACCache", "TitansMAG", "TitansMAL", "TitansWindowCache", "RAT", "PMIMemory"]
