@@ -236,7 +236,9 @@ def moh_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, we
     packed sequence of ``N = B·T·A`` rows; every (batch, KV head)'s keys and values are laid end to end, and a
     row sees only its own group's keys (up to its position when causal). One blocked softmax pass
     (``attnjax.attention``, "xla", tiles ``block_q × block_kv``) skips the key tiles no row of a query tile sees,
-    so its work is about ``A/h`` of the all-heads pass; then the rows are unsorted and weighted.
+    so its work is about ``A/h`` of the all-heads pass; then the rows are unsorted and weighted. When the groups
+    average at least ``block_q`` rows (long sequences), each group starts a query tile, so that no tile visits two
+    groups' keys (at most ``B·Hkv·block_q`` rows of padding); shorter inputs (decoding) pack without gaps.
 
     Args:
       q: ``[B, T, h, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (GQA as ``attnjax.attention``).
@@ -264,18 +266,44 @@ def moh_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, we
     group = jnp.arange(B, dtype=jnp.int32)[:, None, None] * Hkv + index.astype(jnp.int32) // (H // Hkv)
     sort_key = (group * T + jnp.arange(T, dtype=jnp.int32)[None, :, None]).reshape(-1)
     order = jnp.argsort(sort_key, stable=True)
-    N = B * T * A
+    N, G = B * T * A, B * Hkv
     inverse = jnp.zeros(N, jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
-    rows = jnp.take_along_axis(q, index[..., None].astype(jnp.int32), axis=2).reshape(N, D)
-    lo = group.reshape(-1) * S
+    rows = jnp.take_along_axis(q, index[..., None].astype(jnp.int32), axis=2).reshape(N, D)[order]
+    lo = (group.reshape(-1) * S)[order]
     reach = jnp.minimum(positions, S - 1)[:, :, None] if causal else jnp.full((B, T, 1), S - 1)
-    hi = (group * S + reach).reshape(-1)
-    keys = k.transpose(0, 2, 1, 3).reshape(1, B * Hkv * S, 1, D)
-    values = v.transpose(0, 2, 1, 3).reshape(1, B * Hkv * S, 1, Dv)
-    packed = attention(rows[order][None, :, None], keys, values, mechanism=Softmax(block_q=block_q, block_kv=block_kv),
-                       mask=_KeyIntervals(lo[order][None], hi[order][None]), scale=scale, implementation="xla")
-    out = packed[0, :, 0][inverse].reshape(B, T, A, Dv).astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
+    hi = (group * S + reach).reshape(-1)[order]
+    slot = jnp.arange(N, dtype=jnp.int32)  # where each sorted row sits in the packed sequence
+    if N >= G * block_q:  # long groups: each starts a query tile (static choice; see the docstring)
+        rows, lo, hi, slot = _align_groups(rows, lo, hi, group.reshape(-1)[order], G, block_q, empty=G * S)
+    keys = k.transpose(0, 2, 1, 3).reshape(1, G * S, 1, D)
+    values = v.transpose(0, 2, 1, 3).reshape(1, G * S, 1, Dv)
+    packed = attention(rows[None, :, None], keys, values, mechanism=Softmax(block_q=block_q, block_kv=block_kv),
+                       mask=_KeyIntervals(lo[None], hi[None]), scale=scale, implementation="xla")
+    out = packed[0, :, 0][slot[inverse]].reshape(B, T, A, Dv).astype(jnp.float32)
+    out = out * weights.astype(jnp.float32)[..., None]
     return jnp.einsum("btah,btad->bthd", jax.nn.one_hot(index, H, dtype=jnp.float32), out).astype(q.dtype)
+
+
+def _align_groups(rows, lo, hi, group, num_groups: int, block: int, empty: int):
+    """Packed rows (sorted by group) laid out so that every group starts a query tile of ``block`` rows: a tile
+    then sees one group's keys only, where a tile spanning two groups would visit the key tiles of both. A
+    group's last tile is filled with copies of its last row (same key interval: they add no key tile and are
+    dropped); the slots after the last group get empty intervals (their tiles are skipped). Returns the laid-out
+    ``rows, lo, hi`` (length a multiple of ``block``, at most ``N + num_groups·block``) and each sorted row's slot.
+    """
+    N = rows.shape[0]
+    counts = jnp.zeros(num_groups, jnp.int32).at[group].add(1)
+    start = jnp.cumsum(counts) - counts
+    padded = -(-counts // block) * block
+    end = jnp.cumsum(padded)
+    padded_start = end - padded
+    slots = jnp.arange(num_tiles(N + num_groups * (block - 1), block) * block, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(end, slots, side="right"), num_groups - 1)
+    valid = slots < end[-1]
+    source = jnp.where(valid, start[g] + jnp.minimum(slots - padded_start[g], counts[g] - 1), 0)
+    lo = jnp.where(valid, lo[source], empty)
+    hi = jnp.where(valid, hi[source], -1)
+    return rows[source], lo, hi, padded_start[group] + jnp.arange(N, dtype=jnp.int32) - start[group]
 
 
 def _check_logits(name: str, x) -> jax.Array:
