@@ -11,6 +11,9 @@ from attnjax.inference.visual_sinks import (VAR, VisualTokens, sink_dimension_va
                                             var_attention_reference, var_attention_xla)
 from attnjax.inference.head_steering import (head_divergence, head_outputs, reinforce_heads, select_heads,
                                              token_divergence)
+from attnjax.inference.infiniretri import (infiniretri_layer_scorer, infiniretri_read, infiniretri_scores,
+                                            infiniretri_select)
+from attnjax.inference.generate import generate, generate_by_recomputing, sample_token
 
 __all__ = [
     "SnapKVCache", "snapkv_compress", "snapkv_decode", "snapkv_prefill", "snapkv_scores", "snapkv_select",
@@ -19,4 +22,6 @@ __all__ = [
     "ACT", "act_attention_reference", "act_attention_xla", "act_layers", "act_sinks", "mean_received_attention",
     "search_act_heads", "VAR", "VisualTokens", "sink_dimension_values", "sink_tokens", "var_attention_reference",
     "var_attention_xla", "head_divergence", "head_outputs", "reinforce_heads", "select_heads", "token_divergence",
+    "infiniretri_scores", "infiniretri_select", "infiniretri_read", "infiniretri_layer_scorer",
+    "generate", "generate_by_recomputing", "sample_token",
 ]
