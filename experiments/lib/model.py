@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +114,16 @@ class AttentionBlock(nnx.Module):
         h = x + self.attention(self.norm_attention(x), mask=masks.Causal())
         return h if self.mlp is None else h + self.mlp(self.norm_mlp(h))
 
+    def init_cache(self, batch: int, max_len: int) -> Any:
+        """The attention layer's empty cache (``MultiHeadAttention.init_cache``) for ``decode``."""
+        return self.attention.init_cache(batch, max_len)
+
+    def decode(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """One step ``x_t [B, 1, d_model] -> [B, 1, d_model]``, equal to ``self(x)`` at the token's position."""
+        a, cache = self.attention.decode(self.norm_attention(x_t), cache)
+        h = x_t + a
+        return (h if self.mlp is None else h + self.mlp(self.norm_mlp(h))), cache
+
 
 class ShortConv(nnx.Module):
     """Residual causal depthwise convolution ``y_t = x_t + Σ_{i<k} w_i ⊙ LN(x)_{t−i} + b``.
@@ -132,6 +142,18 @@ class ShortConv(nnx.Module):
         """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
         return x + self.conv(self.norm(x))
 
+    def init_cache(self, batch: int, max_len: int) -> jax.Array:
+        """The last ``k − 1`` normalized inputs, ``[batch, k − 1, d_model]`` zeros (the causal zero padding);
+        ``max_len`` is unused (the buffer rolls)."""
+        k = self.conv.kernel_size[0]
+        return jnp.zeros((batch, k - 1, self.conv.in_features), self.conv.kernel[...].dtype)
+
+    def decode(self, x_t: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One step ``x_t [B, 1, d_model] -> [B, 1, d_model]``: the convolution over the buffer and ``LN(x_t)``,
+        equal to ``self(x)`` at the token's position; the buffer drops its oldest token."""
+        window = jnp.concatenate([cache, self.norm(x_t).astype(cache.dtype)], axis=1)
+        return x_t + self.conv(window)[:, -1:], window[:, 1:]
+
 
 def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module:
     """Residual block ``layer_idx`` of a model: ``[B, T, d_model] -> [B, T, d_model]``, causal."""
@@ -148,12 +170,21 @@ def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Modul
                           head_dim=config.head_dim)
 
 
+class LMCache(NamedTuple):
+    """What ``LanguageModel.decode`` keeps between steps: each block's cache (``blocks``) and each
+    ``ShortConv``'s buffer (``convs``, empty without short convolutions)."""
+
+    blocks: tuple
+    convs: tuple
+
+
 class LanguageModel(nnx.Module):
     """Causal LM: ``logits = head(LN(block_L(... block_1(embed(tokens)))))``.
 
     With ``config.short_conv``, a ``ShortConv`` sublayer runs before each block.
     The embedding is initialized with standard deviation ``1/√d_model`` so that, tied, initial
     logits have unit scale. ``rngs`` only initializes parameters (the model has no dropout).
+    ``init_cache``/``decode`` run it token by token (the protocol of ``attnjax.inference.generate``).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -172,9 +203,40 @@ class LanguageModel(nnx.Module):
         h = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             h = block(self.convs[i](h) if self.convs else h)
+        return self._logits(h)
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
         return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> LMCache:
+        """An empty ``LMCache`` for ``decode`` of up to ``max_len`` tokens per sequence.
+
+        ``NotImplementedError`` naming the block when a block has no ``init_cache``/``decode`` (or its
+        mixer cannot decode).
+        """
+        for block in self.blocks:
+            if not (hasattr(block, "init_cache") and hasattr(block, "decode")):
+                raise NotImplementedError(f"{type(block).__name__} blocks have no init_cache/decode, so this "
+                                          f"{type(self).__name__} cannot decode token by token")
+        return LMCache(tuple(block.init_cache(batch, max_len) for block in self.blocks),
+                       tuple(conv.init_cache(batch, max_len) for conv in self.convs))
+
+    def decode(self, tokens_t: jax.Array, cache: LMCache) -> tuple[jax.Array, LMCache]:
+        """One step: ``tokens_t [B, 1]`` int (the token at position ``t``) -> float32 ``logits_t [B, 1, vocab_size]``
+        and the cache with position ``t`` added; equal to ``self(tokens)[:, t:t+1]`` for the tokens decoded so far."""
+        if tokens_t.ndim != 2 or tokens_t.shape[1] != 1 or not jnp.issubdtype(tokens_t.dtype, jnp.integer):
+            raise ValueError(f"tokens_t must be an int array [B, 1], got {tokens_t.dtype} {tokens_t.shape}")
+        h = self.embed(tokens_t)
+        blocks, convs = [], []
+        for i, block in enumerate(self.blocks):
+            if self.convs:
+                h, conv_cache = self.convs[i].decode(h, cache.convs[i])
+                convs.append(conv_cache)
+            h, block_cache = block.decode(h, cache.blocks[i])
+            blocks.append(block_cache)
+        return self._logits(h), LMCache(tuple(blocks), tuple(convs))
 
 
 @functools.partial(jax.jit, static_argnums=0)
