@@ -21,10 +21,11 @@ from tests.helpers import assert_close, numpy_rng
 B, HQ, D = 2, 4, 8
 
 
-def brute_force(q, k, pool_kernel, keep):
+def brute_force(q, k, pool_kernel, keep, weighting=False):
     """The rule in float64 loops: dense causal softmax of each question query over all S keys (question last),
-    summed over question tokens and heads, all-ones window ``[j - p//2, j + (p-1)//2]`` with zeros outside the
-    context, top-``keep`` (ties: earlier), sorted."""
+    summed over heads, each question row times the square of its mass on the question columns if ``weighting``,
+    summed over question tokens, all-ones window ``[j - p//2, j + (p-1)//2]`` with zeros outside the context,
+    top-``keep`` (ties: earlier), sorted."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     batch, tq, hq, d = q.shape
     length, hkv = k.shape[1], k.shape[2]
@@ -33,12 +34,14 @@ def brute_force(q, k, pool_kernel, keep):
     chosen = np.zeros((batch, keep), np.int64)
     for b in range(batch):
         column = np.zeros(context)
-        for h in range(hq):
-            for i in range(tq):
+        for i in range(tq):
+            row = np.zeros(length)
+            for h in range(hq):
                 logits = np.array([q[b, i, h] @ k[b, j, h // group] / math.sqrt(d) if j <= context + i else -np.inf
                                    for j in range(length)])
                 weights = np.exp(logits - logits.max())
-                column += (weights / weights.sum())[:context]
+                row += weights / weights.sum()
+            column += row[:context] * (row[context:].sum() ** 2 if weighting else 1.0)
         for j in range(context):
             pooled[b, j] = sum(column[t] for t in range(j - pool_kernel // 2, j + (pool_kernel - 1) // 2 + 1)
                                if 0 <= t < context)
@@ -47,17 +50,19 @@ def brute_force(q, k, pool_kernel, keep):
     return pooled, chosen
 
 
-@pytest.mark.parametrize("tq,length,hkv,pool_kernel", [(3, 13, 2, 3), (1, 9, 4, 1), (4, 17, 1, 8), (2, 11, 2, 5)])
-def test_scores_and_selection_match_brute_force(tq, length, hkv, pool_kernel):
+@pytest.mark.parametrize("tq,length,hkv,pool_kernel,weighting",
+                         [(3, 13, 2, 3, False), (1, 9, 4, 1, False), (4, 17, 1, 8, False), (2, 11, 2, 5, True),
+                          (3, 10, 1, 4, True)])
+def test_scores_and_selection_match_brute_force(tq, length, hkv, pool_kernel, weighting):
     rng = numpy_rng(jax.random.PRNGKey(tq + length + pool_kernel))
     q = jnp.asarray(rng.standard_normal((B, tq, HQ, D)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((B, length, hkv, D)), jnp.float32)
     keep = 4
-    pooled, chosen = brute_force(q, k, pool_kernel, keep)
-    scores = infiniretri_scores(q, k, pool_kernel=pool_kernel)
+    pooled, chosen = brute_force(q, k, pool_kernel, keep, weighting)
+    scores = infiniretri_scores(q, k, pool_kernel=pool_kernel, question_weighting=weighting)
     assert scores.dtype == jnp.float32 and scores.shape == (B, length - tq)
     assert_close(scores, pooled, atol=1e-5)
-    selected = infiniretri_select(q, k, keep=keep, pool_kernel=pool_kernel)
+    selected = infiniretri_select(q, k, keep=keep, pool_kernel=pool_kernel, question_weighting=weighting)
     assert selected.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(selected), chosen)
 
@@ -135,7 +140,7 @@ def test_needle_is_retained_through_every_later_chunk():
 
 def test_everything_is_retained_with_keep_at_least_the_input():
     layer, embed = _tiny_model(rope=RoPE(), num_kv_heads=2)
-    scorer = infiniretri_layer_scorer(layer, embed, pool_kernel=5)
+    scorer = infiniretri_layer_scorer(layer, embed, pool_kernel=5, question_weighting=True)
     ids, chunks = _haystack()
     question = jnp.full((B, 3), QUESTION, jnp.int32)
     for keep in (sum(CHUNK_SIZES), 50):
@@ -167,6 +172,8 @@ def test_errors_name_the_argument():
         infiniretri_scores(q, k, pool_kernel=0)
     with pytest.raises(TypeError, match="pool_kernel"):
         infiniretri_scores(q, k, pool_kernel=2.0)
+    with pytest.raises(TypeError, match="question_weighting"):
+        infiniretri_scores(q, k, question_weighting=1)
     with pytest.raises(ValueError, match="keep"):
         infiniretri_select(q, k, keep=7)
     with pytest.raises(ValueError, match="keep"):
