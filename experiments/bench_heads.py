@@ -205,8 +205,9 @@ def markdown_report(rows: list[dict], goal: dict, cross: dict, args: argparse.Na
         "The packed pass does the attention work of the active rows only (causal tiles of each (batch, KV head) "
         "group's rows sorted by position), so its ideal ratio is the active fraction; the overhead is the gathers, "
         "one sort of B·T·(h_s + k) keys, a copy of K and V laid end to end, the data-dependent tile schedule "
-        "(EMPTY/PARTIAL/FULL from each row's key interval), partial tiles at group edges (a query tile spans more "
-        "positions when a head holds fewer rows) and the final scatter into [B, T, H, D].",
+        "(EMPTY/PARTIAL/FULL from each row's key interval), the wider causal band of a tile when a head holds fewer "
+        "rows (a query tile spans more positions), the padding that starts each group on a tile boundary, and the "
+        "final scatter into [B, T, H, D].",
         "",
     ])
 
