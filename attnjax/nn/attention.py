@@ -21,11 +21,16 @@ from flax.typing import Dtype
 from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
+from attnjax.linear import linear_attention_step
+from attnjax.linear.mechanism import LinearMechanism
 from attnjax.nn.capture import refuse_capture, sow_attention_inputs
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
+from attnjax.relative.urpe import URPE
+from attnjax.softmax import Selective, Softmax, Softplus, StickBreaking, selective_attention
+from attnjax.sparse import StaticSelector
 
 
 @jax.tree_util.register_dataclass
@@ -43,6 +48,32 @@ class KVCache:
     k: jax.Array
     v: jax.Array
     length: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearCache:
+    """Recurrent state of a linear-attention layer, for ``decode``.
+
+    Attributes:
+      state: ``[B, H, Dk', Dv]`` (``Dv + 1`` with a normalizer column; float32 unless ``init_cache``
+        was given a ``dtype``), the (decayed) sum of ``φ(k_t)ᵀ v_t`` so far.
+      length: int32 scalar, the number of tokens decoded so far, i.e. the position of the next token.
+    """
+
+    state: jax.Array
+    length: jax.Array
+
+
+DECODE_PATHS = {
+    "softmax": "the KV cache restricted to the filled slots",
+    "filled": "the KV cache restricted to the filled slots (position-free scores)",
+    "selective": "the KV cache restricted to the filled slots, the query temperature at the token's position",
+    "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept)",
+    "block_pattern": "softmax over the cached keys in the selector's key blocks for the token's query block",
+    "linear": "a LinearCache state, S <- lambda S + phi(k_t)^T v_t",
+}
+"""How ``MultiHeadAttention.decode`` serves each kind of mechanism (``decode_path``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,36 +360,69 @@ class MultiHeadAttention(nnx.Module):
                         rng=self.rngs() if rate > 0 else None, implementation=self.implementation)
         return self.out(out)
 
-    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
-        """An empty ``KVCache`` for ``decode``: keys ``[batch, max_len, Hk, D]`` and values
-        ``[batch, max_len, Hv, Dv]`` of zeros (each with its own head count and dim), length 0.
+    def init_cache(self, batch: int, max_len: int,
+                   dtype: Optional[Dtype] = None) -> Union[KVCache, LinearCache]:
+        """An empty cache for ``decode``, of the type the mechanism needs (``decode_path``).
+
+        KV-cache mechanisms: a ``KVCache`` with keys ``[batch, max_len, Hk, D]`` and values
+        ``[batch, max_len, Hv, Dv]`` of zeros (each with its own head count and dim), length 0; ``dtype``
+        defaults to ``dtype`` of the module, else ``param_dtype``. Linear-family mechanisms: a
+        ``LinearCache`` with a zero state ``[batch, Hq, Dk', Dv (+1 when normalized)]`` (``Dk'`` the
+        feature map's width), float32 unless ``dtype`` is given, length 0.
 
         Every decoding layer in ``attnjax.nn`` takes these arguments. ``batch`` and ``max_len`` (the
-        most tokens ``decode`` will see) are positive ints; ``dtype`` defaults to ``dtype`` of the
-        module, else ``param_dtype``.
+        most tokens ``decode`` will see) are positive ints. ``NotImplementedError`` for a mechanism
+        that cannot decode (naming it and why).
         """
-        self._check_decodable()
+        path = self.decode_path()
         check_positive(batch=batch, max_len=max_len)
+        if path == "linear":
+            q_t = jnp.zeros((batch, self.num_heads, self.head_dim), jnp.float32)
+            k_t = jnp.zeros((batch, self.num_kv_heads, self.head_dim), jnp.float32)
+            v_t = jnp.zeros((batch, self.num_v_heads, self.v_head_dim), jnp.float32)
+            state = jax.eval_shape(lambda: self._linear_step(q_t, k_t, v_t, None))[1]
+            return LinearCache(jnp.zeros(state.shape, jnp.float32 if dtype is None else dtype),
+                               jnp.zeros((), jnp.int32))
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
         return KVCache(jnp.zeros((batch, max_len, self.num_kv_heads, self.head_dim), dtype),
                        jnp.zeros((batch, max_len, self.num_v_heads, self.v_head_dim), dtype), jnp.zeros((), jnp.int32))
 
-    def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(self, x_t: jax.Array, cache: Union[KVCache, LinearCache]) -> tuple[jax.Array, Union[KVCache, LinearCache]]:
         """One autoregressive step: attend from token ``x_t`` to itself and every cached token.
 
         Equal, position by position, to ``self(x, mask=masks.Causal(), deterministic=True)``.
         The token sits at position ``cache.length`` (its RoPE angle and cache slot); no dropout.
         Decoding past ``max_len`` tokens is undefined (the write clamps to the last slot).
+        How the cache is read depends on the mechanism (``decode_path``, ``DECODE_PATHS``):
+
+        - softmax, softplus: the one-token query against the whole cache with ``Explicit(filled)``;
+        - selective: the same, with the query temperature ``1 + c·log(t + 1)`` of position ``t``
+          (``selective_attention(positions=)``) rather than of the cache's last slot;
+        - stick_breaking, urpe (relative positions): the cache rolled so the filled slots end at the
+          last slot, where a one-token query sits (bottom-right alignment), with ``Causal() &
+          Explicit(filled)``; a ``position_bias`` rule is evaluated for a query at that slot;
+        - static block selectors (sparse_window, dilated, streaming, power, radial, s2): softmax over
+          the filled keys of the key blocks ``pattern(max_len, max_len)`` lists for the token's query
+          block (tiles are dense, so this is the selector's row);
+        - linear family (linear, lightning, performer, based_linear): ``linear_attention_step`` on a
+          ``LinearCache`` state, O(1) in the length.
 
         Args:
           x_t: ``[B, 1, d_model]``, the next token.
-          cache: a ``KVCache`` from ``init_cache`` or the previous ``decode``.
+          cache: the cache from ``init_cache`` or the previous ``decode``.
         Returns:
-          ``(y_t [B, 1, d_model], cache)`` with the token's key and value written at ``cache.length``.
+          ``(y_t [B, 1, d_model], cache)`` with the token added to the cache.
         """
-        self._check_decodable()
-        check_step("x_t", x_t, self.d_model, cache.k.shape[0])
+        path = self.decode_path()
+        expected = LinearCache if path == "linear" else KVCache
+        if not isinstance(cache, expected):
+            raise TypeError(f"mechanism {self.mechanism.name!r} decodes from a {expected.__name__} "
+                            f"(init_cache), got {type(cache).__name__}")
+        batch = (cache.state if path == "linear" else cache.k).shape[0]
+        check_step("x_t", x_t, self.d_model, batch)
+        if path == "linear":
+            return self._decode_linear(x_t, cache)
         dtype = cache.k.dtype
         q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
         position = cache.length[None]
@@ -368,11 +432,79 @@ class MultiHeadAttention(nnx.Module):
         start = (0, cache.length, 0, 0)
         k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
         v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
-        filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
-        bias = None if self.position_bias is None else self.position_bias(query_offset=cache.length)
-        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, bias=bias,
-                        implementation=self.implementation)
+        slots = jnp.arange(k_all.shape[1])
+        filled = slots <= cache.length
+        common = dict(implementation=self.implementation)
+        if path == "right_aligned":
+            last = k_all.shape[1] - 1
+            k_r, v_r = (jnp.roll(a, last - cache.length, axis=1) for a in (k_all, v_all))
+            mask = masks.Causal() & masks.Explicit((slots >= last - cache.length)[None, None, None, :])
+            out = attention(q, k_r, v_r, mechanism=self.mechanism, mask=mask,
+                            bias=self._decode_bias(jnp.asarray(last, jnp.int32)), **common)
+        elif path == "block_pattern":
+            out = attention(q, k_all, v_all, mechanism=Softmax(), mask=self._block_row(filled, cache.length), **common)
+        elif path == "selective":
+            out = selective_attention(q, k_all, v_all, position_scale=self.mechanism.position_scale,
+                                      positions=position, mask=masks.Explicit(filled[None, None, None, :]),
+                                      bias=self._decode_bias(cache.length), block_q=self.mechanism.block_q,
+                                      block_kv=self.mechanism.block_kv, **common)
+        else:
+            out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(filled[None, None, None, :]),
+                            bias=self._decode_bias(cache.length), **common)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
+
+    def decode_path(self) -> str:
+        """How ``decode`` reads the cache for this module's mechanism, a key of ``DECODE_PATHS``.
+
+        ``NotImplementedError`` naming the mechanism and the reason when it cannot decode: its registry
+        entry says ``decodes=False``, or it decodes from a cache but no path here serves it (simplicial_2
+        and kernelized_rpe take only ``None`` or ``Causal()`` masks, so a one-token query cannot be
+        restricted to the filled slots of a fixed-size cache; a config class without a path here, including
+        subclasses of the softmax-family configs, whose math this module cannot vouch for).
+        """
+        mechanism, name = self.mechanism, self.mechanism.name
+        if not mechanism.decodes:
+            raise NotImplementedError(
+                f"mechanism {name!r} does not decode from a cache (its registry entry has decodes=False: a "
+                "one-token query against the keys so far does not give its row of causal attention)")
+        paths = {Softmax: "softmax", Softplus: "filled", Selective: "selective", StickBreaking: "right_aligned",
+                 URPE: "right_aligned"}
+        if type(mechanism) in paths:
+            return paths[type(mechanism)]
+        for family, path in ((StaticSelector, "block_pattern"), (LinearMechanism, "linear")):
+            if isinstance(mechanism, family):
+                return path
+        reason = (": it takes only mask=None or masks.Causal(), so a one-token query cannot be restricted to the "
+                  "filled slots of a fixed-size cache" if name in ("simplicial_2", "kernelized_rpe") else
+                  " (a config of its own class; decode serves softmax, softplus, selective, stick_breaking, urpe, "
+                  "the static block selectors and the linear family)")
+        raise NotImplementedError(f"MultiHeadAttention.decode has no cache path for mechanism {name!r}{reason}")
+
+    def _decode_bias(self, query_offset: jax.Array):
+        return None if self.position_bias is None else self.position_bias(query_offset=query_offset)
+
+    def _block_row(self, filled: jax.Array, length: jax.Array) -> masks.Explicit:
+        """The keys a static selector lists for the query at position ``length``: the key blocks of
+        row ``length // block_q`` of ``pattern(S, S)`` (``[nq, nk]`` or per head), ANDed with ``filled``."""
+        mechanism, S = self.mechanism, filled.shape[0]
+        pattern = jnp.asarray(mechanism.pattern(S, S, self.num_heads))
+        row = pattern[..., length // mechanism.block_q, :][..., jnp.arange(S) // mechanism.block_kv] & filled
+        return masks.Explicit(row[None, :, None, :] if row.ndim == 2 else row[None, None, None, :])
+
+    def _linear_step(self, q_t, k_t, v_t, state):
+        mechanism = self.mechanism
+        decay = jnp.asarray(mechanism.decay, jnp.float32) if isinstance(mechanism.decay, tuple) else mechanism.decay
+        return linear_attention_step(q_t, k_t, v_t, state, feature_map=mechanism.feature_map,
+                                     normalize=mechanism.normalize, decay=decay)
+
+    def _decode_linear(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
+        q, k, v = (p(x_t) for p in (self.query, self.key, self.value))
+        position = cache.length[None]
+        q, v = self.scale_qv(q, v, position)
+        if self.rope is not None:
+            q, k = self.rope(q, position), self.rope(k, position)
+        o, state = self._linear_step(q[:, 0], k[:, 0], v[:, 0], cache.state.astype(jnp.float32))
+        return self.out(o[:, None]), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
 
     def scale_qv(self, q: jax.Array, v: jax.Array, positions: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Per-token rescaling of the projected ``q [B, T, Hq, D]`` and ``v [B, S, Hv, Dv]`` before
@@ -397,6 +529,8 @@ class MultiHeadAttention(nnx.Module):
             self.deterministic = deterministic
 
     def _check_decodable(self) -> None:
+        """For subclasses whose own ``decode`` reads a ``KVCache`` softmax-style (``Explicit(filled)``):
+        ``NotImplementedError`` unless the mechanism is softmax."""
         if self.mechanism.name != "softmax":
             raise NotImplementedError(
                 f"KV-cache decoding is implemented for mechanism 'softmax' only, not {self.mechanism.name!r}")

@@ -13,7 +13,6 @@ Decoding runs the same math as a recurrence on a constant-size state ``S_t = λ 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
@@ -25,24 +24,10 @@ from flax.typing import Dtype
 from attnjax import masks
 from attnjax.dispatch import check_implementation
 from attnjax.linear import linear_attention, linear_attention_step
+from attnjax.nn.attention import LinearCache
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import alibi_slopes
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
-class LinearCache:
-    """Recurrent state of a linear-attention layer, for ``decode``.
-
-    Attributes:
-      state: ``[B, H, Dk', Dv]`` (float32 unless ``init_cache`` was given a ``dtype``), the (decayed)
-        sum of ``φ(k_t)ᵀ v_t`` so far.
-      length: int32 scalar, the number of tokens decoded so far, i.e. the position of the next token.
-    """
-
-    state: jax.Array
-    length: jax.Array
 
 
 def srms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
