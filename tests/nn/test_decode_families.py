@@ -10,6 +10,7 @@ default suite, the rest are slow. A mechanism that does not decode raises ``NotI
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from flax import nnx
 
 from attnjax import masks, registry
 from attnjax.nn import KVCache, LinearCache, MultiHeadAttention
+from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.positional import RoPE
 from attnjax.testing import conformance
 from tests.helpers import assert_close
@@ -89,6 +91,13 @@ def test_decode_equals_parallel_causal_call(name):
 @pytest.mark.parametrize("name", ["stick_breaking", "lightning", "softplus"])
 def test_decode_with_rope(name):
     _check_decode_equals_parallel(_layer(name, rope=RoPE(base=100.0)), name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["stick_breaking", "softplus", "selective"])
+def test_decode_with_t5_relative_bias(name):
+    bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16)
+    _check_decode_equals_parallel(_layer(name, position_bias=bias), name)
 
 
 def test_every_decoding_entry_has_a_path_or_a_reason():
