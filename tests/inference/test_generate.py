@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from attnjax.inference import generate, generate_by_recomputing, sample_token
+from experiments import bench_generate
 from experiments.lib.layer_model import LayerLanguageModel, causal_layer_names
 from experiments.lib.model import LanguageModel, ModelConfig
 from tests.helpers import assert_close
@@ -133,3 +134,13 @@ def test_model_without_decodable_blocks_says_so():
                                rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="LayerBlock"):
         generate(model, _prompt(), 2)
+
+
+@pytest.mark.slow
+def test_bench_generate_smoke(tmp_path):
+    """``python -m experiments.bench_generate --smoke``: every program timed, greedy tokens equal, speedups positive."""
+    res = bench_generate.main(["--smoke", "--out", str(tmp_path), "--name", "tiny"])
+    assert len(res["rows"]) == 8 and all(r["median_s"] > 0 for r in res["rows"])
+    assert all(res["greedy_tokens_equal"].values())
+    assert set(res["speedup"]) == {"end_to_end_B1", "end_to_end_B2", "per_step_B1", "per_step_B2"}
+    assert "## End to end" in (tmp_path / "tiny.md").read_text()
