@@ -123,8 +123,9 @@ def test_errors_name_the_argument():
         sample_token(jnp.zeros((2, VOCAB)), jax.random.key(0), temperature=1.0, top_k=VOCAB + 1)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompt, 2, temperature=1.0, top_p=1.5, rng=jax.random.key(0))
+    lm = _model("softmax")
     with pytest.raises(ValueError, match="tokens_t"):
-        _model("softmax").decode(prompt, _model("softmax").init_cache(2, 4))
+        lm.decode(prompt, lm.init_cache(2, 4))
     np.testing.assert_array_equal(generate(model, prompt, 0), prompt)
 
 
