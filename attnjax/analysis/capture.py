@@ -31,14 +31,26 @@ softmax attention call, with the q, k, mask, bias and scale of that call. Layers
   shifted-region mask and the relative position bias, exactly the call ``attnjax.vision.window`` (or
   ``halo_attention_xla``) makes: the padding queries of partial windows or blocks are rows of the map too. DaViT's channel attention records its channel tokens, ``q, k [B, C_g, G, N]``
   (``C_g`` channels per group attend over ``C_g`` channels, the ``N = H·W`` pixels the head dimension, scale
-  ``C_g^-½``): its maps are ``[B, G, C_g, C_g]``, over channels, not positions.
+  ``C_g^-½``): its maps are ``[B, G, C_g, C_g]``, over channels, not positions; so does
+  ``DANetChannelAttention``, ``q, k [B, C, 1, H·W]`` (scale 1; ``energy="max_minus"``, the official
+  ``softmax(max − A·Aᵀ) = softmax(−A·Aᵀ)``, records ``q = −A``). ``CrissCrossAttention`` (and each of the R loops
+  of ``RecurrentCrissCrossAttention``) records ``q, k`` over all ``H·W`` pixels with
+  ``masks.Explicit(criss_cross_mask(H, W))`` (row and column, the pixel itself once, as the layer counts it),
+  scale 1; ``PartialSelfAttention`` (PAT_sf, and ``PATBlock(mixer="self")``) its heads over the ``H·W`` positions
+  of the attended channels with the iRPE bias;
+* Titans: ``TitansMAG`` (queries of x, keys of the persistent-token prefix ‖ x, the sliding-window-or-prefix
+  mask), ``TitansMAL`` (queries of the memory outputs after the prefix, keys of all of them, the sliding window)
+  and ``TitansMAC`` (its segments as the batch, ``q [B·N, L, Hq, D]``, ``k [B·N, N_p + 2L, Hkv, D]`` over
+  ``[P ‖ h ‖ S]``, ``masks.Explicit`` of its segment mask; the padding queries of a partial last segment are rows
+  too); the neural memory inside each records nothing (no attention map) and is covered by the variant.
 
 Refused, clearly: a registered ``attnjax.nn`` module (``attnjax.nn.registry``, any kind) that ran no recording
 call, nor has one below it or above it, makes ``capture_attention`` raise ``NotImplementedError`` naming its path,
 class and the documented reason from ``REFUSED`` (pass ``uncaptured="ignore"`` to capture the others): the linear
 family (maps of ``φ(q)·φ(k)ᵀ`` ratios), gates that scale features (squeeze-excite and the other conv attention
 gates), maps that are not one ``q·kᵀ`` softmax (2-simplicial attention, mixtures and routed heads, memories,
-k-means assignments), and softmax layers not wired yet (e.g. criss-cross, partial self-attention, ConDaFormer).
+k-means assignments), TransNeXt's aggregated attention (learnable tokens added to its softmax weights) and
+ConDaFormer (three window layouts, a key-reading position term).
 Modules in ``NO_ATTENTION_MAP`` (convolutions, MLPs, norms, embeddings, position-bias makers) and everything
 below them hold no attention map and are not asked to record. ``URPEAttention`` (its map is a softmax times a
 learned Toeplitz matrix, not row-stochastic) and sequence-parallel layers refuse by themselves while capturing;
@@ -102,7 +114,10 @@ record. Values say what they are."""
 
 LINEAR = "linear attention: its map is a ratio of feature-map products φ(q)·φ(k)ᵀ, not a softmax of q·kᵀ"
 GATE = "a gate: it scales features by weights computed from pooled or convolved features, no query-key softmax map"
-NOT_WIRED = "softmax attention not wired to the capture yet: "
+TRANSNEXT = ("TransNeXt's aggregated attention: its softmax A over each pixel's k×k window and the pooled keys "
+             "(logits (q̂ + QE)·softplus(t)·log N·k̂ plus window and pooled biases) is one masked softmax, but "
+             "the weights it applies to the window values are A + q̂·T + b_T (learnable tokens), not that map nor "
+             "row-stochastic; not wired: q̂, k̂ and the biases are formed inside aggregated_attention")
 REFUSED = {
     # linear family
     "FlowAttention": LINEAR, "TransNormerAttention": LINEAR, "TransNormerBlock": LINEAR,
@@ -135,25 +150,20 @@ REFUSED = {
     "KMeansCrossAttention": "a k-means assignment (argmax over clusters), not a softmax",
     "AttentionMILPooling": "attention pooling: a softmax of score-network logits, not q·kᵀ",
     "ACMILPooling": "several masked attention-pooling branches of score-network logits, not q·kᵀ",
-    "DANetChannelAttention": "a channel softmax of the feature map's Gram matrix, not wired to the capture yet",
     "URPEAttention": "its map softmax(q·kᵀ/√D + B) ⊙ C is a softmax times a learned Toeplitz matrix, not "
                      "row-stochastic",
     "PMIMemory": "a memory: competitive top-k writes and several reads, not one softmax",
     "RAT": "chunk attention merged with a per-token recurrent state (the own state is a per-query key)",
     "NeuralMemoryLayer": "a neural memory read M_t(q_t), no attention map",
-    "TitansMAC": "softmax attention over memory read-outs and persistent tokens, beside a neural memory: not "
-                 "wired to the capture yet",
-    "TitansMAG": "sliding-window softmax attention gated by a neural memory: not wired to the capture yet",
-    "TitansMAL": "a neural memory followed by sliding-window softmax attention: not wired to the capture yet",
-    # softmax maps not wired yet
-    "CrissCrossAttention": NOT_WIRED + "each pixel over its row and column (CCNet)",
-    "RecurrentCrissCrossAttention": NOT_WIRED + "each pixel over its row and column, R times (CCNet)",
-    "PartialSelfAttention": NOT_WIRED + "q, k and the iRPE bias are formed inside partial_self_attention",
-    "PATBlock": NOT_WIRED + "q, k and the iRPE bias are formed inside partial_self_attention",
-    "AggregatedAttention": NOT_WIRED + "each pixel over its sliding window and the pooled keys, one softmax "
-                                       "(TransNeXt)",
-    "TransNeXtBlock": NOT_WIRED + "each pixel over its sliding window and the pooled keys, one softmax (TransNeXt)",
-    "ConDaFormerBlock": NOT_WIRED + "three head groups over three families of planes (ConDaFormer)",
+    # softmax maps not expressible as one entry, or not wired
+    "PATBlock": "with mixer='channel', PAT_ch, a gate of partial channels, no query-key softmax map (with mixer='self' "
+                "its PartialSelfAttention records; a PAT_sp gate at the end of its MLP, spatial=True, is refused "
+                "by itself)",
+    "AggregatedAttention": TRANSNEXT, "TransNeXtBlock": TRANSNEXT,
+    "ConDaFormerBlock": "three head groups, each over the w×w windows of another plane orientation (xy, xz, yz: "
+                        "three window layouts, so no one [B, T, H, D] entry per call), and logits with the "
+                        "contextual position term k_j·Σ Tk[Δ], a bias that reads the keys (a Bias rule reads only "
+                        "queries); the values are shifted per offset too (v_j + Σ Tv[Δ])",
 }
 """Why a registered class (by name) records nothing, for the ``NotImplementedError`` of ``capture_attention``.
 Classes that record in some configurations (``L2ViTBlock``, ``MetaFormerBlock``) are listed for the others."""

@@ -96,6 +96,10 @@ class DANetChannelAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
+        if is_capturing():  # channel tokens [B, C, 1, H·W] (pixels as D), unscaled: softmax_d(±A_c · A_d)
+            a = jnp.swapaxes(x.reshape(x.shape[0], -1, 1, self.channels), 1, 3).astype(jnp.float32)
+            sow_attention_inputs(self, -a if self.energy == "max_minus" else a, a, mask=None, scale=1.0,
+                                 mechanism="softmax")
         return channel_attention(x, self.beta[...], self.energy)
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.vision.partial_attention import (partial_channel_attention, partial_self_attention,
@@ -197,6 +198,12 @@ class PartialSelfAttention(nnx.Module):
         check_image("x", x, self.channels)
         bias = None if self.rpe is None else relative_position_bias(self.rpe[...], x.shape[1], x.shape[2],
                                                                     self.rpe_ratio)
+        if is_capturing():  # multi_head_self_attention's q, k over the H·W positions of LN(x₂), the iRPE bias
+            B, H, W, C = x.shape
+            x2 = self.norm(x[..., C - self.norm.num_features:]).astype(x.dtype).reshape(B, H * W, -1)
+            qkv = (x2 @ self.qkv.kernel[...].astype(x.dtype)).reshape(B, H * W, 3, self.num_heads, -1)
+            sow_attention_inputs(self, qkv[:, :, 0], qkv[:, :, 1], mask=None, bias=bias, scale=None,
+                                 mechanism="softmax")
         proj_bias = None if self.proj.bias is None else self.proj.bias[...]
         return partial_self_attention(x, self.conv.kernel[...], self.qkv.kernel[...], self.proj.kernel[...],
                                       proj_bias, self.num_heads, norm=self.norm, bias=bias)

@@ -64,6 +64,7 @@ from attnjax.memory.miras import (HuberBias, KLRetention, L2Bias, L2Retention, L
                                   Retention, as_objective, as_retention)
 from attnjax.memory.neural_memory import NeuralMemoryState, neural_memory, neural_memory_step
 from attnjax.nn.attention import KVCache, attention_projections
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 
@@ -581,9 +582,16 @@ class TitansMAC(_TitansParts, nnx.Module):
             v_all = jnp.concatenate([self.value(h), v], axis=1)
             y = self.attend(q, k_all, v_all, mask)                                         # eq. 23
             m, cache = self.memory.scan(y, cache)                                          # eqs. 24-25
-            return cache, self.combine(y, m)
+            return cache, (self.combine(y, m), k_all if capturing else None)
 
-        _, out = jax.lax.scan(segment, self.memory.initial_cache(B), xs)
+        capturing = is_capturing()
+        _, (out, keys) = jax.lax.scan(segment, self.memory.initial_cache(B), xs)
+        if capturing:  # segments as the batch, [B·N, ...] batch-major: the calls of self.attend
+            batch_major = lambda a: jnp.moveaxis(a, 0, 1).reshape(B * N, *a.shape[2:])  # noqa: E731
+            k_p, _ = self.persistent_kv(B * N, keys.dtype)
+            keys = batch_major(keys) if k_p is None else jnp.concatenate([k_p, batch_major(keys)], axis=1)
+            sow_attention_inputs(self, batch_major(xs[2]), keys, mask=masks.Explicit(mask), scale=None,
+                                 mechanism="softmax")
         return jnp.moveaxis(out, 0, 1).reshape(B, N * L, -1)[:, :T]
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> TitansMACCache:
@@ -702,7 +710,9 @@ class TitansMAG(_WindowParts, nnx.Module):
         window = masks.SlidingWindow(self.window - 1, 0)
         if self.num_persistent:
             window = window | masks.Explicit((jnp.arange(x_tilde.shape[1]) < self.num_persistent)[None, :])
-        y = self.out(attention(self.query(x), self.key(x_tilde), self.value(x_tilde), mask=window))
+        q, k = self.query(x), self.key(x_tilde)
+        sow_attention_inputs(self, q, k, mask=window, scale=None, mechanism="softmax")
+        y = self.out(attention(q, k, self.value(x_tilde), mask=window))
         return self.combine(y, m[:, self.num_persistent:])
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> TitansWindowCache:
@@ -776,8 +786,9 @@ class TitansMAL(_WindowParts, nnx.Module):
         check_input("x", x, self.d_model)
         check_causal_mask("TitansMAL", mask)
         y, _ = self.memory.scan(self.prefixed(x), self.memory.initial_cache(x.shape[0]))
-        q = self.query(y[:, self.num_persistent:])
-        return self.out(attention(q, self.key(y), self.value(y), mask=masks.SlidingWindow(self.window - 1, 0)))
+        q, k, window = self.query(y[:, self.num_persistent:]), self.key(y), masks.SlidingWindow(self.window - 1, 0)
+        sow_attention_inputs(self, q, k, mask=window, scale=None, mechanism="softmax")
+        return self.out(attention(q, k, self.value(y), mask=window))
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> TitansWindowCache:
         """The memory layer's cache after the persistent tokens (float32 unless ``dtype``) and a ring buffer of

@@ -17,10 +17,12 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive
+from attnjax.masks import Explicit
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.conv.dual_attention import conv1x1_weights
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.vision.criss_cross import recurrent_criss_cross
+from attnjax.vision.criss_cross import criss_cross_mask, recurrent_criss_cross
 
 
 class CrissCrossAttention(nnx.Module):
@@ -71,9 +73,25 @@ class CrissCrossAttention(nnx.Module):
     def loops(self, x: jax.Array, recurrence: int) -> jax.Array:
         """The module applied ``recurrence`` times with its (shared) weights: ``[B, H, W, C] -> [B, H, W, C]``."""
         check_image("x", x, self.channels)
-        return recurrent_criss_cross(x, *conv1x1_weights(self.query), *conv1x1_weights(self.key),
-                                     *conv1x1_weights(self.value), self.gamma[...], num_heads=self.num_heads,
-                                     recurrence=recurrence)
+        weights = (*conv1x1_weights(self.query), *conv1x1_weights(self.key), *conv1x1_weights(self.value),
+                   self.gamma[...])
+        if not is_capturing():
+            return recurrent_criss_cross(x, *weights, num_heads=self.num_heads, recurrence=recurrence)
+        for _ in range(recurrence):  # each loop's map: q, k over the H·W pixels, the criss-cross mask, scale 1
+            self.record(x, *weights[:4])
+            x = recurrent_criss_cross(x, *weights, num_heads=self.num_heads, recurrence=1)
+        return x
+
+    def record(self, x: jax.Array, wq: jax.Array, bq: Optional[jax.Array], wk: jax.Array,
+               bk: Optional[jax.Array]) -> None:
+        """Record one loop's attention for ``attnjax.analysis.capture_attention``: ``q, k [B, H·W, heads, C'/heads]``
+        (the 1×1 maps of ``recurrent_criss_cross``), ``masks.Explicit(criss_cross_mask(H, W))`` (each pixel's
+        row and column, itself once, as ``criss_cross_attention`` counts it), scale 1."""
+        B, H, W, _ = x.shape
+        project = lambda w, b: (x @ w.astype(x.dtype) + (0 if b is None else b.astype(x.dtype))).reshape(  # noqa
+            B, H * W, self.num_heads, -1)
+        sow_attention_inputs(self, project(wq, bq), project(wk, bk), mask=Explicit(jnp.asarray(criss_cross_mask(H, W))),
+                             scale=1.0, mechanism="softmax")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, H, W, C] -> [B, H, W, C]``: one criss-cross attention."""
