@@ -10,8 +10,16 @@ Sections (``--only NAME`` runs one; the others keep their last results in the JS
   that many pages. Both caches are donated to the step (updated in place) and reset to ``context − 1`` tokens
   inside it, so every run is the same step. All programs are timed interleaved, round by round, in one run.
 
+- ``families``: one decode step of ``MultiHeadAttention(mechanism=X)`` (``layer.decode``, each mechanism's
+  cache path, ``MultiHeadAttention.decode_path``) for one representative of each path, against the same layer
+  with ``mechanism="softmax"``, at every ``--contexts`` with batch ``--family-batch``: softplus (the KV cache with
+  ``Explicit(filled)``), stick_breaking (the cache rolled to end at the query), sparse_window (softmax over the
+  key blocks of its pattern row) and lightning (a ``LinearCache`` state, independent of the context). Default
+  configs, the token at position context − 1, caches donated, all programs interleaved in one run.
+
     python -m experiments.bench_decode                    # every section
     python -m experiments.bench_decode --only paged
+    python -m experiments.bench_decode --only families
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from attnjax.inference import PagedKVCache, init_paged_cache, paged_decode
-from attnjax.nn import KVCache, MultiHeadAttention
+from attnjax.nn import KVCache, LinearCache, MultiHeadAttention
 from attnjax.positional import RoPE
 from experiments.lib import cli, host, report
 from experiments.lib.measure import memory_of, time_thunks
+
+FAMILY_REPRESENTATIVES = ("softplus", "stick_breaking", "sparse_window", "lightning")
+"""``families``: one mechanism per ``MultiHeadAttention.decode_path`` other than softmax's."""
 
 SMOKE = {"contexts": [64, 128], "batches": [1, 2], "heads": 2, "kv_heads": 1, "head_dim": 8, "page_size": 4,
          "repeats": 1, "max_seconds": 1.0}
@@ -50,6 +61,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--page-size", type=int, default=16, help="paged: tokens per page")
+    p.add_argument("--family-batch", type=int, default=1, help="families: batch size")
+    p.add_argument("--mechanisms", type=lambda s: s.split(","), default=list(FAMILY_REPRESENTATIVES),
+                   help="families: comma-separated mechanisms timed against softmax")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (median)")
     p.add_argument("--max-seconds", type=float, default=60.0,
@@ -149,6 +163,50 @@ def paged_section(args: argparse.Namespace) -> dict:
     return results
 
 
+def _family_cache(layer: MultiHeadAttention, batch: int, ctx: int, rng: np.random.Generator, dtype):
+    """``layer.init_cache(batch, ctx)`` filled with random keys/values (or a random state) and ``ctx − 1`` tokens."""
+    cache = layer.init_cache(batch, ctx, dtype)
+    length = jnp.asarray(ctx - 1, jnp.int32)
+    if isinstance(cache, LinearCache):
+        return LinearCache(jnp.asarray(rng.standard_normal(cache.state.shape, np.float32), cache.state.dtype), length)
+    return _contiguous(layer, batch, ctx, rng, dtype)
+
+
+def families_section(args: argparse.Namespace) -> dict:
+    """The ``families`` section: each mechanism's decode step against softmax's, at every context, interleaved."""
+    load_before = host.machine_load()
+    dtype = jnp.dtype(args.dtype)
+    thunks, memory, cache_bytes, paths = {}, {}, {}, {}
+    for mechanism in ["softmax", *args.mechanisms]:
+        layer = MultiHeadAttention(args.heads * args.head_dim, args.heads, num_kv_heads=args.kv_heads, rope=RoPE(),
+                                   mechanism=mechanism, dtype=dtype, rngs=nnx.Rngs(0))
+        paths[mechanism] = layer.decode_path()
+        graphdef, state = nnx.split(layer)
+        for ctx in args.contexts:
+            def step(state, x_t, cache, graphdef=graphdef, length=ctx - 1):
+                """The decode step with the cache reset to ``context − 1`` tokens, so every run is the same step."""
+                cache = dataclasses.replace(cache, length=jnp.asarray(length, jnp.int32))
+                return nnx.merge(graphdef, state).decode(x_t, cache)
+
+            rng = np.random.default_rng(ctx)
+            x_t = jnp.asarray(rng.standard_normal((args.family_batch, 1, layer.d_model), np.float32), dtype)
+            cache = _family_cache(layer, args.family_batch, ctx, rng, dtype)
+            inputs = (state, x_t, cache)
+            key = (mechanism, ctx)
+            compiled = jax.jit(step, donate_argnums=(2,)).lower(*inputs).compile()
+            memory[key] = memory_of(compiled).as_dict()
+            cache_bytes[key] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+            thunks[key] = _thunk(compiled, inputs)
+    timings = time_thunks(thunks, repeats=args.repeats, warmup=1, max_seconds=args.max_seconds)
+    rows = [{"mechanism": m, "decode_path": paths[m], "context": ctx, "median_s": t.median_s, "repeats": t.repeats,
+             "cache_bytes": cache_bytes[(m, ctx)], "memory": memory[(m, ctx)]} for (m, ctx), t in timings.items()]
+    ratio = {f"{m}@{ctx}": timings[(m, ctx)].median_s / timings[("softmax", ctx)].median_s
+             for m in args.mechanisms for ctx in args.contexts}
+    results = {"rows": rows, "over_softmax": ratio, "load_before": load_before, "load_after": host.machine_load()}
+    results["markdown"] = families_markdown(results, args)
+    return results
+
+
 def paged_markdown(res: dict, args: argparse.Namespace) -> str:
     """The section's markdown: setup, a table of both step times per context and batch, and the ratios."""
     def row(path, ctx, batch):
@@ -189,8 +247,42 @@ def paged_markdown(res: dict, args: argparse.Namespace) -> str:
     ])
 
 
+def families_markdown(res: dict, args: argparse.Namespace) -> str:
+    """The section's markdown: setup, then per mechanism and context the step time and its ratio to softmax's."""
+    def row(mechanism, ctx):
+        return next(r for r in res["rows"] if (r["mechanism"], r["context"]) == (mechanism, ctx))
+
+    table = report.markdown_table(
+        ["mechanism", "decode path", "context", "step", "/ softmax", "cache", "peak memory"],
+        [[m, row(m, ctx)["decode_path"], ctx, f"{row(m, ctx)['median_s'] * 1e3:.2f} ms (n={row(m, ctx)['repeats']})",
+          "1.00x" if m == "softmax" else f"**{res['over_softmax'][f'{m}@{ctx}']:.2f}x**",
+          report.format_bytes(row(m, ctx)["cache_bytes"]), report.format_bytes(row(m, ctx)["memory"]["peak"])]
+         for m in ["softmax", *args.mechanisms] for ctx in args.contexts])
+    return "\n".join([
+        "## families (one decode step per mechanism family vs softmax)",
+        "",
+        f"One decode step of `MultiHeadAttention(d_model={args.heads * args.head_dim}, num_heads={args.heads}, "
+        f"num_kv_heads={args.kv_heads}, rope=RoPE(), mechanism=X)` (registry default config), {args.dtype}, "
+        f"batch {args.family_batch}, projections included, with the cache `init_cache` gives X "
+        "(`MultiHeadAttention.decode_path`): a `KVCache` of `context` slots holding context − 1 tokens, or "
+        "lightning's `LinearCache` state (its size and step do not depend on the context). "
+        f"Medians of up to {args.repeats} rounds, every program interleaved round by round in one run; caches donated.",
+        "",
+        host.load_note(res["load_before"], res["load_after"]),
+        "",
+        table,
+        "",
+        "Paths: softplus reads the cache with `Explicit(filled)` like softmax; stick_breaking first rolls the cache "
+        "so the filled slots end at the query (a copy of K and V per step); sparse_window runs softmax over the "
+        "filled keys of its pattern row's key blocks, still masking the whole cache (no gather of the listed "
+        "blocks), so it costs about what softmax does; lightning is one state update.",
+        "",
+    ])
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "paged": paged_section,
+    "families": families_section,
 }
 """Section name -> ``fn(args) -> results`` (a JSON-ready dict with a ``"markdown"`` entry), in report order."""
 

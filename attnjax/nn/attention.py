@@ -21,7 +21,8 @@ from flax.typing import Dtype
 from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
-from attnjax.linear import linear_attention_step
+from attnjax.linear import KernelizedRPE, kernelized_rpe_attention_reference, linear_attention_step
+from attnjax.linear.kernelized_rpe import rule_rpe_bias
 from attnjax.linear.mechanism import LinearMechanism
 from attnjax.nn.capture import refuse_capture, sow_attention_inputs
 from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
@@ -69,7 +70,8 @@ DECODE_PATHS = {
     "softmax": "the KV cache restricted to the filled slots",
     "filled": "the KV cache restricted to the filled slots (position-free scores)",
     "selective": "the KV cache restricted to the filled slots, the query temperature at the token's position",
-    "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept)",
+    "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept); "
+                     "kernelized_rpe with b = -inf on the empty slots",
     "block_pattern": "softmax over the cached keys in the selector's key blocks for the token's query block",
     "linear": "a LinearCache state, S <- lambda S + phi(k_t)^T v_t",
 }
@@ -402,6 +404,9 @@ class MultiHeadAttention(nnx.Module):
         - stick_breaking, urpe (relative positions): the cache rolled so the filled slots end at the
           last slot, where a one-token query sits (bottom-right alignment), with ``Causal() &
           Explicit(filled)``; a ``position_bias`` rule is evaluated for a query at that slot;
+        - kernelized_rpe (which takes no mask but ``Causal()``): the same rolled cache through
+          ``kernelized_rpe_attention_reference`` with ``b = −∞`` on the empty slots (as
+          ``nn.KernelizedRPEAttention.decode``), O(t) per token;
         - static block selectors (sparse_window, dilated, streaming, power, radial, s2): softmax over
           the filled keys of the key blocks ``pattern(max_len, max_len)`` lists for the token's query
           block (tiles are dense, so this is the selector's row);
@@ -438,9 +443,17 @@ class MultiHeadAttention(nnx.Module):
         if path == "right_aligned":
             last = k_all.shape[1] - 1
             k_r, v_r = (jnp.roll(a, last - cache.length, axis=1) for a in (k_all, v_all))
-            mask = masks.Causal() & masks.Explicit((slots >= last - cache.length)[None, None, None, :])
-            out = attention(q, k_r, v_r, mechanism=self.mechanism, mask=mask,
-                            bias=self._decode_bias(jnp.asarray(last, jnp.int32)), **common)
+            keep = slots >= last - cache.length
+            bias = self._decode_bias(jnp.asarray(last, jnp.int32))
+            if isinstance(self.mechanism, KernelizedRPE):
+                b = jnp.zeros((1, last + 1), jnp.float32) if bias is None else rule_rpe_bias(bias, self.num_heads, 1,
+                                                                                             last + 1)
+                out = kernelized_rpe_attention_reference(q, k_r, v_r, jnp.where(keep, b, -jnp.inf),
+                                                         feature_map=self.mechanism.feature_map,
+                                                         qk_norm=self.mechanism.qk_norm)
+            else:
+                out = attention(q, k_r, v_r, mechanism=self.mechanism,
+                                mask=masks.Causal() & masks.Explicit(keep[None, None, None, :]), bias=bias, **common)
         elif path == "block_pattern":
             out = attention(q, k_all, v_all, mechanism=Softmax(), mask=self._block_row(filled, cache.length), **common)
         elif path == "selective":
@@ -458,7 +471,7 @@ class MultiHeadAttention(nnx.Module):
 
         ``NotImplementedError`` naming the mechanism and the reason when it cannot decode: its registry
         entry says ``decodes=False``, or it decodes from a cache but no path here serves it (simplicial_2
-        and kernelized_rpe take only ``None`` or ``Causal()`` masks, so a one-token query cannot be
+        takes only ``None`` or ``Causal()`` masks, so a one-token query cannot be
         restricted to the filled slots of a fixed-size cache; a config class without a path here, including
         subclasses of the softmax-family configs, whose math this module cannot vouch for).
         """
@@ -468,14 +481,14 @@ class MultiHeadAttention(nnx.Module):
                 f"mechanism {name!r} does not decode from a cache (its registry entry has decodes=False: a "
                 "one-token query against the keys so far does not give its row of causal attention)")
         paths = {Softmax: "softmax", Softplus: "filled", Selective: "selective", StickBreaking: "right_aligned",
-                 URPE: "right_aligned"}
+                 URPE: "right_aligned", KernelizedRPE: "right_aligned"}
         if type(mechanism) in paths:
             return paths[type(mechanism)]
         for family, path in ((StaticSelector, "block_pattern"), (LinearMechanism, "linear")):
             if isinstance(mechanism, family):
                 return path
         reason = (": it takes only mask=None or masks.Causal(), so a one-token query cannot be restricted to the "
-                  "filled slots of a fixed-size cache" if name in ("simplicial_2", "kernelized_rpe") else
+                  "filled slots of a fixed-size cache" if name == "simplicial_2" else
                   " (a config of its own class; decode serves softmax, softplus, selective, stick_breaking, urpe, "
                   "the static block selectors and the linear family)")
         raise NotImplementedError(f"MultiHeadAttention.decode has no cache path for mechanism {name!r}{reason}")

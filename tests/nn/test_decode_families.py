@@ -22,6 +22,7 @@ from attnjax.nn import KVCache, LinearCache, MultiHeadAttention
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.positional import RoPE
 from attnjax.testing import conformance
+from experiments import bench_decode
 from tests.helpers import assert_close
 
 ENTRIES = {e.name: e for e in registry.entries()}
@@ -43,7 +44,7 @@ SOFTMAX_HERE = ("urpe",)
 """URPE's default ``C = 1`` is softmax, and ``MultiHeadAttention`` keeps its mechanism as a static
 attribute, which cannot hold a config with an array ``c``: its decode is checked at ``C = 1`` only."""
 
-NO_CACHE_PATH = ("simplicial_2", "kernelized_rpe")
+NO_CACHE_PATH = ("simplicial_2",)
 """Entries that decode from a KV cache in the registry's sense but take only ``None``/``Causal()``
 masks, so ``MultiHeadAttention`` cannot restrict them to the filled slots of a fixed-size cache."""
 
@@ -94,7 +95,7 @@ def test_decode_with_rope(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["stick_breaking", "softplus", "selective"])
+@pytest.mark.parametrize("name", ["stick_breaking", "softplus", "selective", "kernelized_rpe"])
 def test_decode_with_t5_relative_bias(name):
     bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16)
     _check_decode_equals_parallel(_layer(name, position_bias=bias), name)
@@ -120,3 +121,13 @@ def test_decode_refuses_the_other_cache_type():
     kv = MultiHeadAttention(16, 2, rngs=nnx.Rngs(0)).init_cache(1, 4)
     with pytest.raises(TypeError, match="'lightning' decodes from a LinearCache"):
         layer.decode(jnp.zeros((1, 1, 16)), kv)
+
+
+@pytest.mark.slow
+def test_bench_decode_families_section_smoke(tmp_path):
+    """``python -m experiments.bench_decode --only families`` at tiny sizes: every program timed, ratios positive."""
+    results = bench_decode.main(["--smoke", "--only", "families", "--out", str(tmp_path), "--name", "tiny"])
+    section = results["sections"]["families"]
+    assert len(section["rows"]) == 2 * (1 + len(bench_decode.FAMILY_REPRESENTATIVES))
+    assert all(r["median_s"] > 0 for r in section["rows"]) and all(v > 0 for v in section["over_softmax"].values())
+    assert "## families" in (tmp_path / "tiny.md").read_text()
