@@ -1,7 +1,8 @@
 """``capture_attention`` over the whole module registry: every registered module records its softmax attention
 (maps of the right shapes) or is refused with its documented reason; the maps of newly wired layers (HaloNet
 blocks, DaViT channel groups, CrossFormer's long-distance groups, ComplexFormer's complex scores, EchoAtt's shared
-map) equal NumPy maps computed from the layers' own projections."""
+map, Titans' MAG/MAL/MAC attention, CCNet's criss-cross loops, DANet's channel attention, PAT_sf) equal NumPy maps
+computed from the layers' own projections."""
 
 import re
 
@@ -16,8 +17,12 @@ from attnjax import masks
 from attnjax.analysis.capture import NO_ATTENTION_MAP, REFUSED, attention_maps, capture_attention
 from attnjax.bias import as_bias
 from attnjax.nn import EchoAttentionStack
+from attnjax.nn.conv.dual_attention import DANetChannelAttention
+from attnjax.nn.conv.partial_attention import PATBlock, PartialSelfAttention
+from attnjax.nn.memory.titans import TitansMAC, TitansMAG, TitansMAL
 from attnjax.nn.positional.complexformer import ComplexMultiHeadAttention
 from attnjax.nn.registry import modules
+from attnjax.nn.vision.criss_cross import RecurrentCrissCrossAttention
 from attnjax.nn.vision.crossformer import CrossFormerBlock
 from attnjax.nn.vision.davit import ChannelAttention
 from attnjax.nn.vision.halo import HaloAttention
@@ -292,3 +297,129 @@ def test_echo_stack_records_the_anchor_map_for_every_sublayer():
     assert [c.path for c in captured] == [("layers", 0), ("layers", 1), ("layers", 2)]
     for got in maps:
         assert_close(got, want, rtol=1e-4, name="the anchor's map")
+
+
+TITANS = dict(num_persistent=2, chunk_size=1, conv_size=2)
+
+
+def test_titans_mag_and_mal_capture_their_sliding_window_calls():
+    """Titans MAG (eqs. 26-28): query t of x (position N_p + t of x̃ = P ‖ x) sees every persistent token and the
+    last ``window`` positions of x̃; MAL (eqs. 29-31): queries and keys of the memory outputs y over x̃, the last
+    ``window`` positions only. Logits q·k/√D."""
+    Np, T, w, D = 2, 7, 3, 4
+
+    @jax.jit
+    def run(x):
+        mag = TitansMAG(8, 2, window=w, **TITANS, rngs=nnx.Rngs(0))
+        mal = TitansMAL(8, 2, window=w, num_kv_heads=1, **TITANS, rngs=nnx.Rngs(1))
+        (_, mag_c), (_, mal_c) = capture_attention(mag, x), capture_attention(mal, x)
+        y, _ = mal.memory.scan(mal.prefixed(x), mal.memory.initial_cache(x.shape[0]))
+        return (attention_maps(mag_c)[0], mag.query(x), mag.key(mag.prefixed(x)), attention_maps(mal_c)[0],
+                mal.query(y[:, Np:]), mal.key(y))
+
+    mag_map, q, k, mal_map, q_y, k_y = (np.asarray(a, np.float64)
+                                        for a in run(jax.random.normal(jax.random.key(6), (2, T, 8))))
+    back = (Np + np.arange(T))[:, None] - np.arange(Np + T)[None, :]          # query position − key position
+    window = (back >= 0) & (back < w)
+    want = numpy_softmax(np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D), window | (np.arange(Np + T) < Np))
+    assert_close(mag_map, want, rtol=1e-4, name="MAG map")
+    want = numpy_softmax(np.einsum("bthd,bshd->bhts", q_y, np.repeat(k_y, 2, axis=2)) / np.sqrt(D), window)
+    assert_close(mal_map, want, rtol=1e-4, name="MAL map (GQA)")
+
+
+def test_titans_mac_captures_each_segments_call_over_persistent_memory_and_segment_keys():
+    """Titans MAC (eqs. 21-23): segment s's token i attends to [P ‖ h ‖ S^(s)], every persistent token and h_j,
+    S_j for j ≤ i; the keys of h come from the memory before the segment, taken here from the decode path's
+    cache after each segment (an independent computation of them). Segments are the batch, batch-major."""
+    Np, L, T, D = 2, 4, 7, 4
+
+    @jax.jit
+    def run(x):
+        layer = TitansMAC(8, 2, segment_size=L, **TITANS, rngs=nnx.Rngs(0))
+        _, captured = capture_attention(layer, x)
+        step = lambda cache, x_t: (layer.decode(x_t[:, None], cache)[1],) * 2  # noqa: E731
+        _, caches = jax.lax.scan(step, layer.init_cache(1, T), jnp.moveaxis(x, 1, 0))
+        return (attention_maps(captured)[0], layer.query(x), layer.key(layer.persistent[...]),
+                caches.kv.k[jnp.array([L - 1, T - 1]), 0])         # [h ‖ S] keys after each segment's last token
+
+    got, q, k_p, k_hs = (np.asarray(a, np.float64) for a in run(jax.random.normal(jax.random.key(7), (1, T, 8))))
+    q = np.pad(q[0], ((0, 2 * L - T), (0, 0), (0, 0))).reshape(2, L, 2, D)
+    k = np.concatenate([np.broadcast_to(k_p, (2, *k_p.shape)), k_hs], axis=1)
+    i, j = np.arange(L)[:, None], np.arange(2 * L)[None, :] % L
+    want = numpy_softmax(np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D),
+                         np.concatenate([np.ones((L, Np), bool), j <= i], axis=1))
+    assert got.shape == (2, 2, L, Np + 2 * L)
+    real = np.arange(2 * L).reshape(2, L) < T                                    # the padding query's row aside
+    assert_close(got.transpose(0, 2, 1, 3)[real], want.transpose(0, 2, 1, 3)[real], rtol=1e-4, name="MAC maps")
+
+
+def test_rcca_captures_each_loops_criss_cross_map():
+    """CCNet (sec. 3.2-3.3, eqs. 1-2): loop r's map is softmax over pixel u's row and column (u once) of
+    Q_u·K_u' (no scaling), on the loop's input; the layer's loop output is γ·(map·V) + x (the map is the one the
+    layer applies)."""
+    H, W, C = 3, 4, 16
+
+    @jax.jit
+    def run(x):
+        layer = RecurrentCrissCrossAttention(C, recurrence=2, gamma_init=0.5, rngs=nnx.Rngs(0))
+        _, captured = capture_attention(layer, x)
+        cca, x1 = layer.cca, layer.cca(x)
+        return (captured, attention_maps(captured), [(cca.query(a), cca.key(a), cca.value(a)) for a in (x, x1)],
+                [x, x1, layer.cca(x1)])
+
+    captured, maps, qkv, xs = run(jax.random.normal(jax.random.key(8), (1, H, W, C)))
+    y, x_ = np.divmod(np.arange(H * W), W)
+    allowed = (y[:, None] == y[None, :]) | (x_[:, None] == x_[None, :])
+    assert [c.path for c in captured] == [("cca",), ("cca",)]
+    for r, (got, (q, k, v)) in enumerate(zip(maps, qkv)):
+        q, k, v = (np.asarray(a, np.float64).reshape(H * W, -1) for a in (q, k, v))
+        want = numpy_softmax(q @ k.T, allowed)
+        assert_close(got[0, 0], want, rtol=1e-4, name=f"loop {r} map")
+        out = 0.5 * want @ v + np.asarray(xs[r], np.float64).reshape(H * W, C)
+        assert_close(xs[r + 1].reshape(H * W, C), out, rtol=1e-4, name=f"loop {r} output from the map")
+
+
+def test_danet_channel_attention_captures_its_channel_maps():
+    """DANet CAM (eqs. 3-4): X = softmax_d(A_c·A_d) over channels; the official code's softmax(max − A·Aᵀ)
+    (``energy="max_minus"``); the layer's output is β·(X·A) + A."""
+
+    @jax.jit
+    def run(x):
+        layers = [DANetChannelAttention(6, beta_init=0.5, energy=e, rngs=nnx.Rngs(0))
+                  for e in ("similarity", "max_minus")]
+        return [(attention_maps(capture_attention(layer, x)[1])[0], layer(x)) for layer in layers]
+
+    x = jax.random.normal(jax.random.key(9), (2, 3, 4, 6)) * 0.3
+    a = np.asarray(x, np.float64).reshape(2, 12, 6)
+    gram = np.einsum("bnc,bnd->bcd", a, a)
+    for (got, out), logits in zip(run(x), (gram, gram.max(-1, keepdims=True) - gram)):
+        want = numpy_softmax(logits, True)
+        assert_close(got[:, 0], want, rtol=1e-4, name="CAM map")
+        assert_close(out.reshape(2, 12, 6), 0.5 * np.einsum("bcd,bnd->bnc", want, a) + a, rtol=1e-4,
+                     name="CAM output from the map")
+
+
+def test_pat_self_attention_captures_its_map_with_the_irpe_bias():
+    """PAT_sf: heads over the H·W positions of LN(x₂) (the last C − C//4 channels), logits q·k/√d + table[h,
+    bucket], the Euclidean bucket ⌊β⌋ + round(‖p_i − p_j‖) for distances within α = 20 (iRPE eq. 18); PATBlock
+    with mixer="self" records it under its mixer."""
+    H, W, heads, D = 3, 4, 2, 6
+
+    block_paths = []
+
+    @jax.jit
+    def run(x):
+        layer = PartialSelfAttention(16, num_heads=heads, rngs=nnx.Rngs(0))
+        layer.rpe[...] = jax.random.normal(jax.random.key(11), layer.rpe.shape)
+        block = PATBlock(16, mixer="self", spatial=False, rngs=nnx.Rngs(0))
+        _, captured = capture_attention(layer, x)
+        block_paths.extend(c.path for c in capture_attention(block, x)[1])   # while tracing (paths are static)
+        return attention_maps(captured)[0], layer.qkv(layer.norm(x[..., 4:])), layer.rpe[...]
+
+    got, qkv, table = run(jax.random.normal(jax.random.key(10), (1, H, W, 16)))
+    qkv = np.asarray(qkv, np.float64).reshape(H * W, 3, heads, D)
+    y, x_ = np.divmod(np.arange(H * W), W)
+    bucket = np.round(np.hypot(y[:, None] - y[None, :], x_[:, None] - x_[None, :])).astype(int) + 40
+    logits = np.einsum("thd,shd->hts", qkv[:, 0], qkv[:, 1]) / np.sqrt(D) + np.asarray(table, np.float64)[:, bucket]
+    assert_close(got, numpy_softmax(logits, True)[None], rtol=1e-4, name="PAT_sf map")
+    assert block_paths == [("mixer",)]
