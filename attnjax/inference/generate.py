@@ -6,12 +6,14 @@ The model protocol (any ``nnx.Module`` that has it works; ``experiments.lib.mode
 - ``model.decode(tokens_t, cache) -> (logits_t, cache)``: ``tokens_t [B, 1]`` int, the token at the next
   position ``t`` -> ``logits_t [B, 1, V]`` (the distribution of token ``t + 1``) and the cache with ``t`` added;
   equal, position by position, to the parallel ``model(tokens)[:, t:t+1]``;
+- optionally ``model.prefill(tokens, cache) -> (logits, cache)``: ``tokens [B, T]`` at the next ``T`` positions in
+  one pass, equal to ``T`` calls of ``decode`` (``NotImplementedError`` when the model cannot);
 - ``model(tokens [B, T]) -> logits [B, T, V]``, causal (only ``generate_by_recomputing`` needs it).
 
-``generate`` prefills the cache by decoding the prompt token by token (a ``lax.scan``; exact, no parallel prefill),
-then draws the new tokens in a ``lax.scan`` of decode steps, all in one ``nnx.jit`` program (compiled once per
-model structure, shapes and sampling options). A step costs one token's pass against the cache, against a full
-forward over the sequence for ``generate_by_recomputing``.
+``generate`` prefills the cache with the prompt in one ``prefill`` pass where the model has one, else by decoding
+it token by token (a ``lax.scan``), then draws the new tokens in a ``lax.scan`` of decode steps, all in one
+``nnx.jit`` program (compiled once per model structure, shapes and sampling options). A step costs one token's
+pass against the cache, against a full forward over the sequence for ``generate_by_recomputing``.
 
 Sampling (``sample_token``): ``temperature = 0`` is greedy (argmax); otherwise the logits are divided by the
 temperature, cut to the ``top_k`` largest (Fan et al. 2018, "Hierarchical Neural Story Generation") and to the
@@ -61,9 +63,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, tempe
              max_len: Optional[int] = None) -> jax.Array:
     """``prompt [B, P]`` int -> ``tokens [B, P + max_new_tokens]`` int32: the prompt, then the generated tokens.
 
-    The model follows the protocol in the module docstring. Prefill: the ``P`` prompt tokens are decoded one
-    by one into ``model.init_cache(B, max_len)``; then each new token is drawn by ``sample_token`` from the last
-    logits (``temperature``, ``top_k``, ``top_p``; step ``i`` uses ``jax.random.fold_in(rng, i)``) and decoded.
+    The model follows the protocol in the module docstring. Prefill: the ``P`` prompt tokens go into
+    ``model.init_cache(B, max_len)`` by ``model.prefill(prompt, cache) -> (logits [B, P, V], cache)`` when the model
+    has it (and it does not raise ``NotImplementedError``), else by ``decode`` one token at a time; then each
+    new token is drawn by ``sample_token`` from the last logits (``temperature``, ``top_k``, ``top_p``; step ``i``
+    uses ``jax.random.fold_in(rng, i)``) and decoded.
     ``max_len`` (default ``P + max_new_tokens``) is the cache size, at least ``P + max_new_tokens``.
     One ``nnx.jit`` program; greedy generation equals ``generate_by_recomputing`` token for token (up to
     ties in float rounding).
@@ -100,7 +104,12 @@ def _generate(model, prompt, rng, max_new_tokens, max_len, temperature, top_k, t
         logits, cache = model.decode(token[:, None], cache)
         return cache, logits[:, 0]
 
-    cache, prompt_logits = jax.lax.scan(step, model.init_cache(batch, max_len), prompt.T)
+    cache = model.init_cache(batch, max_len)
+    try:  # one pass over the prompt where the model offers it, else token by token
+        prompt_logits, cache = model.prefill(prompt, cache)
+        prompt_logits = prompt_logits.swapaxes(0, 1)
+    except (AttributeError, NotImplementedError):
+        cache, prompt_logits = jax.lax.scan(step, cache, prompt.T)
 
     def draw(i, logits):
         return sample_token(logits, None if rng is None else jax.random.fold_in(rng, i), temperature=temperature,

@@ -466,6 +466,43 @@ class MultiHeadAttention(nnx.Module):
                             bias=self._decode_bias(cache.length), **common)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
+    def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Several tokens in one attention call: ``x [B, T, d_model]`` at positions ``cache.length …
+        cache.length + T − 1`` (RoPE angles and cache slots), each attending to the cached tokens and causally to
+        the new ones. Equal to ``T`` calls of ``decode``, so a prompt is cached by one blocked pass instead of
+        ``T`` steps.
+
+        For the mechanisms that read the filled slots of a ``KVCache`` (``decode_path`` "softmax" and "filled":
+        softmax, softplus); the others raise ``NotImplementedError`` (decode them token by token). Writing past
+        ``max_len`` is undefined, as for ``decode``.
+
+        Returns:
+          ``(y [B, T, d_model], cache)`` with the ``T`` tokens added.
+        """
+        path = self.decode_path()
+        if path not in ("softmax", "filled"):
+            raise NotImplementedError(f"MultiHeadAttention.prefill serves the mechanisms that read the filled slots "
+                                      f"of a KVCache (softmax, softplus); {self.mechanism.name!r} decodes through "
+                                      f"the {path!r} path: call decode token by token")
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"prefill takes the KVCache of init_cache, got {type(cache).__name__}")
+        check_input("x", x, self.d_model)
+        if x.shape[0] != cache.k.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]}, the cache {cache.k.shape[0]}: x {list(x.shape)}")
+        dtype = cache.k.dtype
+        q, k, v = (p(x).astype(dtype) for p in (self.query, self.key, self.value))
+        positions = cache.length + jnp.arange(x.shape[1])
+        q, v = self.scale_qv(q, v, positions)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        start = (0, cache.length, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        seen = jnp.arange(k_all.shape[1])[None, :] <= positions[:, None]
+        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(seen[None, None]),
+                        bias=self._decode_bias(cache.length), implementation=self.implementation)
+        return self.out(out), KVCache(k_all, v_all, cache.length + x.shape[1])
+
     def decode_path(self) -> str:
         """How ``decode`` reads the cache for this module's mechanism, a key of ``DECODE_PATHS``.
 

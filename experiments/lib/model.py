@@ -120,8 +120,15 @@ class AttentionBlock(nnx.Module):
 
     def decode(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         """One step ``x_t [B, 1, d_model] -> [B, 1, d_model]``, equal to ``self(x)`` at the token's position."""
-        a, cache = self.attention.decode(self.norm_attention(x_t), cache)
-        h = x_t + a
+        return self._cached(x_t, *self.attention.decode(self.norm_attention(x_t), cache))
+
+    def prefill(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """``x [B, T, d_model]`` at the cache's next ``T`` positions in one attention call
+        (``MultiHeadAttention.prefill``), equal to ``T`` calls of ``decode``."""
+        return self._cached(x, *self.attention.prefill(self.norm_attention(x), cache))
+
+    def _cached(self, x: jax.Array, a: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        h = x + a
         return (h if self.mlp is None else h + self.mlp(self.norm_mlp(h))), cache
 
 
@@ -151,8 +158,13 @@ class ShortConv(nnx.Module):
     def decode(self, x_t: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One step ``x_t [B, 1, d_model] -> [B, 1, d_model]``: the convolution over the buffer and ``LN(x_t)``,
         equal to ``self(x)`` at the token's position; the buffer drops its oldest token."""
-        window = jnp.concatenate([cache, self.norm(x_t).astype(cache.dtype)], axis=1)
-        return x_t + self.conv(window)[:, -1:], window[:, 1:]
+        return self.prefill(x_t, cache)
+
+    def prefill(self, x: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, d_model]`` after the buffered tokens, equal to ``T`` calls of ``decode``; the buffer keeps
+        the last ``k − 1`` normalized inputs."""
+        window = jnp.concatenate([cache, self.norm(x).astype(cache.dtype)], axis=1)
+        return x + self.conv(window)[:, -x.shape[1]:], window[:, window.shape[1] - cache.shape[1]:]
 
 
 def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -228,13 +240,27 @@ class LanguageModel(nnx.Module):
         and the cache with position ``t`` added; equal to ``self(tokens)[:, t:t+1]`` for the tokens decoded so far."""
         if tokens_t.ndim != 2 or tokens_t.shape[1] != 1 or not jnp.issubdtype(tokens_t.dtype, jnp.integer):
             raise ValueError(f"tokens_t must be an int array [B, 1], got {tokens_t.dtype} {tokens_t.shape}")
-        h = self.embed(tokens_t)
+        return self._cached(tokens_t, cache, "decode")
+
+    def prefill(self, tokens: jax.Array, cache: LMCache) -> tuple[jax.Array, LMCache]:
+        """``tokens [B, T]`` int at the cache's next ``T`` positions -> float32 ``logits [B, T, vocab_size]`` and
+        the cache with them added, in one pass per block: equal to ``T`` calls of ``decode``.
+        ``NotImplementedError`` naming the block when a block has no ``prefill`` (decode token by token)."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype} {tokens.shape}")
+        for block in self.blocks:
+            if not hasattr(block, "prefill"):
+                raise NotImplementedError(f"{type(block).__name__} blocks have no prefill: decode token by token")
+        return self._cached(tokens, cache, "prefill")
+
+    def _cached(self, tokens: jax.Array, cache: LMCache, method: str) -> tuple[jax.Array, LMCache]:
+        h = self.embed(tokens)
         blocks, convs = [], []
         for i, block in enumerate(self.blocks):
             if self.convs:
-                h, conv_cache = self.convs[i].decode(h, cache.convs[i])
+                h, conv_cache = getattr(self.convs[i], method)(h, cache.convs[i])
                 convs.append(conv_cache)
-            h, block_cache = block.decode(h, cache.blocks[i])
+            h, block_cache = getattr(block, method)(h, cache.blocks[i])
             blocks.append(block_cache)
         return self._logits(h), LMCache(tuple(blocks), tuple(convs))
 

@@ -63,6 +63,22 @@ def test_decode_equals_parallel(name):
     assert_close(logits, model(tokens), atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_in_two_chunks_equals_parallel():
+    """``LanguageModel.prefill`` of 5 then 4 tokens (``MultiHeadAttention.prefill`` with RoPE, ``ShortConv``
+    buffers) == the parallel call; TransNormer blocks have no prefill and say so."""
+    model, tokens = _model("softmax"), _prompt(2, 9)
+
+    @nnx.jit
+    def two_chunks(model, tokens):
+        first, cache = model.prefill(tokens[:, :5], model.init_cache(2, 12))
+        second, _ = model.prefill(tokens[:, 5:], cache)
+        return jnp.concatenate([first, second], axis=1)
+
+    assert_close(two_chunks(model, tokens), model(tokens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="no prefill"):
+        _model("transnormer").prefill(tokens, None)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_generate_equals_recomputing(name):
     """Greedy decoding with the cache picks the same tokens as recomputing the whole prefix each step."""

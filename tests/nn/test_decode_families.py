@@ -131,3 +131,20 @@ def test_bench_decode_families_section_smoke(tmp_path):
     assert len(section["rows"]) == 2 * (1 + len(bench_decode.FAMILY_REPRESENTATIVES))
     assert all(r["median_s"] > 0 for r in section["rows"]) and all(v > 0 for v in section["over_softmax"].values())
     assert "## families" in (tmp_path / "tiny.md").read_text()
+
+
+def test_prefill_in_chunks_equals_parallel_and_other_paths_refuse():
+    """``prefill`` of 4 then 5 tokens (softmax, GQA, RoPE, a T5 bias) == the parallel causal call; a mechanism
+    that decodes through another path refuses prefill and names it; bad inputs name the argument."""
+    bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16)
+    layer = MultiHeadAttention(16, 2, num_kv_heads=1, rope=RoPE(base=100.0), position_bias=bias, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 16)), jnp.float32)
+    prefill = nnx.jit(lambda module, x, cache: module.prefill(x, cache))
+    first, cache = prefill(layer, x[:, :4], layer.init_cache(2, MAX_LEN))
+    second, cache = prefill(layer, x[:, 4:], cache)
+    assert int(cache.length) == T
+    assert_close(jnp.concatenate([first, second], axis=1), layer(x, mask=masks.Causal()), rtol=1e-4, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="'stick_breaking' decodes through the 'right_aligned' path"):
+        _layer("stick_breaking").prefill(x, cache)
+    with pytest.raises(ValueError, match="x has batch 1"):
+        layer.prefill(x[:1], cache)
