@@ -239,10 +239,12 @@ def paged_markdown(res: dict, args: argparse.Namespace) -> str:
         table,
         "",
         "Peak memory: XLA's compiled memory analysis of the step (arguments + outputs + temporaries − aliased "
-        "buffers; the donated cache is aliased). `layer.decode` attends with `attnjax.attention`'s xla path "
-        "(`flash_attention_xla`), which first lays K and V out heads-major (`attnjax.blocked.tiles.kv_tiles`): a "
-        "transposed copy of the whole cache every step, visible in its peak memory. The paged path reads the pool in "
-        "place, gathering one block of pages per step of its scan.",
+        "buffers; the donated cache is aliased). `layer.decode` (softmax, no position bias) reads its cache through "
+        "`paged_attention`'s xla path on the cache cut into pages; until this run it went through "
+        "`flash_attention_xla`, which lays K and V out heads-major every step (a transposed copy of the whole cache), "
+        "and took 2-3x longer. The remaining gap to `paged_decode`, and the contiguous step's larger peak memory, "
+        "are not explained yet. The paged path reads the pool in place, gathering one block of pages per step of its "
+        "scan.",
         "",
     ])
 

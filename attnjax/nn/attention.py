@@ -11,6 +11,7 @@ Rescaling of Query, Key and Value for Efficient Language Models", Fig. 3).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -30,7 +31,7 @@ from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
 from attnjax.relative.urpe import URPE
-from attnjax.softmax import Selective, Softmax, Softplus, StickBreaking, selective_attention
+from attnjax.softmax import Selective, Softmax, Softplus, StickBreaking, paged_attention, selective_attention
 from attnjax.sparse import StaticSelector
 
 
@@ -66,8 +67,12 @@ class LinearCache:
     length: jax.Array
 
 
+PAGE_TOKENS = 128
+"""Largest page size ``decode`` cuts a softmax cache into for ``paged_attention`` (a divisor of ``max_len``)."""
+
 DECODE_PATHS = {
-    "softmax": "the KV cache restricted to the filled slots",
+    "softmax": "the KV cache restricted to the filled slots (without a position bias: paged_attention over the "
+               "cache as pages)",
     "filled": "the KV cache restricted to the filled slots (position-free scores)",
     "selective": "the KV cache restricted to the filled slots, the query temperature at the token's position",
     "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept); "
@@ -398,7 +403,9 @@ class MultiHeadAttention(nnx.Module):
         Decoding past ``max_len`` tokens is undefined (the write clamps to the last slot).
         How the cache is read depends on the mechanism (``decode_path``, ``DECODE_PATHS``):
 
-        - softmax, softplus: the one-token query against the whole cache with ``Explicit(filled)``;
+        - softmax, softplus: the one-token query against the whole cache with ``Explicit(filled)``; softmax
+          without a position bias (implementation "auto"/"xla") reads the filled slots only, through
+          ``paged_attention`` on the cache cut into pages;
         - selective: the same, with the query temperature ``1 + c·log(t + 1)`` of position ``t``
           (``selective_attention(positions=)``) rather than of the cache's last slot;
         - stick_breaking, urpe (relative positions): the cache rolled so the filled slots end at the
@@ -461,10 +468,23 @@ class MultiHeadAttention(nnx.Module):
                                       positions=position, mask=masks.Explicit(filled[None, None, None, :]),
                                       bias=self._decode_bias(cache.length), block_q=self.mechanism.block_q,
                                       block_kv=self.mechanism.block_kv, **common)
+        elif path == "softmax" and self.position_bias is None and self.implementation in ("auto", "xla"):
+            out = self._decode_paged(q, k_all, v_all, cache.length + 1)
         else:
             out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(filled[None, None, None, :]),
                             bias=self._decode_bias(cache.length), **common)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
+
+    def _decode_paged(self, q: jax.Array, k_all: jax.Array, v_all: jax.Array, length: jax.Array) -> jax.Array:
+        """Softmax of the one-token query over the first ``length`` cache slots, through ``paged_attention``'s
+        xla path on the cache cut into pages (a free reshape; page table ``arange``): it reads the filled slots
+        only and never re-lays the cache out heads-major, where the blocked path copies all ``max_len`` slots."""
+        B, L = k_all.shape[:2]
+        page = math.gcd(L, PAGE_TOKENS)
+        table = jnp.arange(B * (L // page), dtype=jnp.int32).reshape(B, L // page)
+        k_pages, v_pages = (a.reshape(B * (L // page), page, *a.shape[2:]) for a in (k_all, v_all))
+        lengths = jnp.full((B,), length, jnp.int32)
+        return paged_attention(q[:, 0], k_pages, v_pages, table, lengths, implementation="xla")[:, None]
 
     def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Several tokens in one attention call: ``x [B, T, d_model]`` at positions ``cache.length …
