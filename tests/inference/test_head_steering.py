@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from attnjax import masks
-from attnjax.inference import head_divergence, head_outputs, reinforce_heads, select_heads, token_divergence
+from attnjax.inference.head_steering import (head_divergence, head_outputs, reinforce_heads, select_heads,
+                                             token_divergence)
 from attnjax.nn.attention import MultiHeadAttention
 from tests.helpers import assert_close
 

@@ -13,8 +13,8 @@ from flax import nnx
 
 import attnjax
 from attnjax import masks
-from attnjax.inference import (VAR, VisualTokens, sink_dimension_values, sink_tokens, var_attention_reference,
-                               var_attention_xla)
+from attnjax.inference.visual_sinks import (VAR, VisualTokens, sink_dimension_values, sink_tokens,
+                                            var_attention_reference, var_attention_xla)
 from attnjax.nn.attention import MultiHeadAttention
 from tests.helpers import assert_close, assert_grads_close, numpy_rng
 
