@@ -255,15 +255,7 @@ def snapkv_decode(layer: MultiHeadAttention, x_t: jax.Array, cache: SnapKVCache)
     if not isinstance(cache, SnapKVCache):
         raise TypeError(f"cache must be a SnapKVCache (snapkv_compress / snapkv_prefill), got {type(cache).__name__}")
     check_step("x_t", x_t, layer.d_model, cache.k.shape[0])
-    dtype = cache.k.dtype
-    q, k, v = (p(x_t).astype(dtype) for p in (layer.query, layer.key, layer.value))
-    position = cache.position[None]
-    q, v = layer.scale_qv(q, v, position)
-    if layer.rope is not None:
-        q, k = layer.rope(q, position), layer.rope(k, position)
-    start = (0, cache.length, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
-    v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+    q, k_all, v_all = layer.write_cache(x_t, cache.k, cache.v, slot=cache.length, positions=cache.position[None])
     filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
     out = attention(q, k_all, v_all, mechanism=layer.mechanism, mask=filled, implementation=layer.implementation)
     return layer.out(out), SnapKVCache(k_all, v_all, cache.length + 1, cache.position + 1)

@@ -435,15 +435,8 @@ class MultiHeadAttention(nnx.Module):
         check_step("x_t", x_t, self.d_model, batch)
         if path == "linear":
             return self._decode_linear(x_t, cache)
-        dtype = cache.k.dtype
-        q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
         position = cache.length[None]
-        q, v = self.scale_qv(q, v, position)
-        if self.rope is not None:
-            q, k = self.rope(q, position), self.rope(k, position)
-        start = (0, cache.length, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
-        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        q, k_all, v_all = self.write_cache(x_t, cache.k, cache.v, slot=cache.length, positions=position)
         slots = jnp.arange(k_all.shape[1])
         filled = slots <= cache.length
         common = dict(implementation=self.implementation)
@@ -509,19 +502,27 @@ class MultiHeadAttention(nnx.Module):
         check_input("x", x, self.d_model)
         if x.shape[0] != cache.k.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]}, the cache {cache.k.shape[0]}: x {list(x.shape)}")
-        dtype = cache.k.dtype
-        q, k, v = (p(x).astype(dtype) for p in (self.query, self.key, self.value))
         positions = cache.length + jnp.arange(x.shape[1])
-        q, v = self.scale_qv(q, v, positions)
-        if self.rope is not None:
-            q, k = self.rope(q, positions), self.rope(k, positions)
-        start = (0, cache.length, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
-        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        q, k_all, v_all = self.write_cache(x, cache.k, cache.v, slot=cache.length, positions=positions)
         seen = jnp.arange(k_all.shape[1])[None, :] <= positions[:, None]
         out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(seen[None, None]),
                         bias=self._decode_bias(cache.length), implementation=self.implementation)
         return self.out(out), KVCache(k_all, v_all, cache.length + x.shape[1])
+
+    def write_cache(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, slot: jax.Array,
+                    positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The tokens ``x [B, T, d_model]`` projected (in the cache's dtype), rescaled (``scale_qv``) and rotated
+        by RoPE at ``positions [T]``, their keys and values written into ``cache_k``/``cache_v`` from ``slot``.
+
+        The step ``decode`` and ``prefill`` share, and that caches keeping a slot apart from a token's position
+        (``attnjax.inference`` SnapKV) call. Returns ``(q [B, T, Hq, D], k_all, v_all)``.
+        """
+        q, k, v = (p(x).astype(cache_k.dtype) for p in (self.query, self.key, self.value))
+        q, v = self.scale_qv(q, v, positions)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        start = (0, slot, 0, 0)
+        return q, jax.lax.dynamic_update_slice(cache_k, k, start), jax.lax.dynamic_update_slice(cache_v, v, start)
 
     def decode_path(self) -> str:
         """How ``decode`` reads the cache for this module's mechanism, a key of ``DECODE_PATHS``.
