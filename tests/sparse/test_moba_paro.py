@@ -69,6 +69,87 @@ def test_moba_lists_equal_brute_force_top_k(pool, T, S, block_q, block_kv, top_k
     np.testing.assert_array_equal(np.asarray(to_block_mask(blocks)), expected)
 
 
+# ----------------------------------------------------------------------------- MoBA per token
+
+def moba_token_brute_force(q, k, block_kv, top_k, causal):
+    """Per query token (moba_naive): its own block, then the best earlier (or, non-causal, any other)
+    blocks by q_t·mean(K_block), top_k in all. Bool [B, Hq, T, nk]."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    B, T, Hq, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    nk = math.ceil(S / block_kv)
+    means = np.stack([blk.mean(1) for blk in _blocks_of(k, block_kv)], 1)  # [B, nk, Hkv, D]
+    out = np.zeros((B, Hq, T, nk), bool)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                p = t + S - T
+                gate = means[b, :, h // (Hq // Hkv)] @ q[b, t, h]
+                own = p // block_kv
+                others = [n for n in range(nk) if n != own and (not causal or n * block_kv <= p)]
+                others.sort(key=lambda n: (-gate[n], n))
+                out[b, h, t, [own] + others[:min(top_k, nk) - 1]] = True
+    return out
+
+
+MOBA_TOKEN = Moba(block_q=8, block_kv=4, top_k=3, granularity="token")
+
+
+def _token_case(causal, T=37, S=None):
+    q, k, v = random_qkv(jax.random.PRNGKey(6), B=2, T=T, S=S, Hq=4, Hkv=2, D=8)
+    mask = masks.Causal() if causal else None
+    chosen, lists = jax.jit(lambda q, k: (MOBA_TOKEN.token_blocks(q, k, mask=mask),
+                                          MOBA_TOKEN.select(q, k, mask=mask)))(q, k)
+    return (q, k, v), mask, chosen, lists
+
+
+@pytest.mark.parametrize("causal,T,S", [(True, 37, None), (False, 21, 30)])
+def test_moba_token_mask_equals_brute_force_rule(causal, T, S):
+    """The fine mask's rows are the per-token rule; the lists are each query tile's union; the
+    block summary never calls a tile with an allowed pair EMPTY; causal rows never see a later block."""
+    (q, k, _), _, chosen, lists = _token_case(causal, T, S)
+    S = S or T
+    expected = moba_token_brute_force(q, k, 4, 3, causal)  # [B, Hq, T, nk]
+    dense = np.asarray(chosen.dense(T, S))
+    np.testing.assert_array_equal(dense, expected.repeat(4, -1)[..., :S])
+    nq = math.ceil(T / 8)
+    union = np.stack([expected[:, :, i * 8:(i + 1) * 8].any(2) for i in range(nq)], 2)
+    np.testing.assert_array_equal(np.asarray(to_block_mask(lists)), union)
+    summary = np.asarray(chosen.block_summary(T, S, 8, 8))
+    tiles = np.pad(dense, [(0, 0), (0, 0), (0, -T % 8), (0, -S % 8)]).reshape(2, 4, nq, 8, -1, 8).any((3, 5))
+    assert not (tiles & (summary == masks.EMPTY)).any() and (summary != masks.FULL).all()
+    if causal:
+        ids = np.asarray(chosen.ids)
+        assert (ids * 4 <= np.arange(T)[:, None]).all()  # no block starts after the row
+        assert (union.sum(-1) > 3).any()  # tokens of a tile disagree: the fine mask matters
+
+
+def test_moba_token_engine_equals_dense_reference_forward_and_gradients():
+    (q, k, v), mask, _, _ = _token_case(True)
+    dense = masks.Explicit(jnp.asarray(moba_token_brute_force(q, k, 4, 3, True).repeat(4, -1)[..., :37]))
+
+    def engine(q, k, v):
+        return aj.attention(q, k, v, mechanism=MOBA_TOKEN, mask=mask, implementation="xla")
+
+    def reference(q, k, v):
+        return softmax_attention_reference(q, k, v, mask=mask & dense)
+
+    assert_close(jax.jit(engine)(q, k, v), jax.jit(reference)(q, k, v))
+    assert_close(jax.jit(lambda q, k, v: aj.attention(q, k, v, mechanism=MOBA_TOKEN, mask=mask,
+                                                      implementation="reference"))(q, k, v),
+                 jax.jit(reference)(q, k, v))
+    assert_grads_close(jax.jit(engine), jax.jit(reference), (q, k, v), argnums=(0, 1, 2), names="qkv")
+
+
+def test_moba_token_config_errors():
+    with pytest.raises(ValueError, match="granularity"):
+        Moba(granularity="row")
+    q, k, v = random_qkv(KEY, B=1, T=16, Hq=2, Hkv=2, D=8)
+    with pytest.raises(NotImplementedError):  # the kernels don't evaluate the data-dependent fine mask
+        jax.eval_shape(lambda q, k, v: aj.attention(q, k, v, mechanism=MOBA_TOKEN, mask=masks.Causal(),
+                                                    implementation="pallas"), q, k, v)
+
+
 # ----------------------------------------------------------------------------- VMoBA
 
 @pytest.mark.parametrize("grid,partition,chunk,cell", [
