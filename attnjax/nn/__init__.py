@@ -26,6 +26,7 @@ from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttent
 from attnjax.nn.flowformer import FlowAttention
 from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
+from attnjax.nn.biformer import BiLevelRoutingAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
@@ -36,4 +37,5 @@ __all__ = [
     "GINCache", "GraphMoE", "GraphMoEBlock", "GraphMoEBlockCache", "RouterCache", "LowRankAttention", "LowRankCache",
     "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention", "positional", "memory", "FlowAttention",
     "KernelizedRPEAttention", "ProgressiveRepBatchNorm", "RepBatchNorm", "set_progress",
+    "BiLevelRoutingAttention",
 ]

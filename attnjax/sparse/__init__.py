@@ -18,6 +18,9 @@ from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, bl
                                  select_threshold, select_topk)
 from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
+from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
+from attnjax.sparse.landmark import (insert_landmarks, landmark_attention, landmark_attention_reference,
+                                    landmark_attention_xla)
 
 __all__ = [
     "BlockSparse", "allowed_blocks", "density", "from_block_ids", "from_block_mask", "to_block_mask", "transpose",
@@ -32,4 +35,6 @@ __all__ = [
     "select_topk",
     "Moba", "Vmoba", "vmoba_permutation",
     "Paro", "choose_permutation", "quantized_attention_reference",
+    "Biformer", "biformer_attention", "biformer_attention_reference",
+    "insert_landmarks", "landmark_attention", "landmark_attention_reference", "landmark_attention_xla",
 ]
