@@ -1,0 +1,380 @@
+"""The token-granular sparse engine: attention where each query picks keys one by one.
+
+Block selectors (``attnjax.sparse.engine``) choose tiles; content-routed methods that choose single
+tokens need a token-level path. Two selections cover them, behind one op with one reference:
+
+- ``Buckets(q_ids, kv_ids, num_buckets)``: a partition. Query ``i`` of head ``h`` sees key ``j`` iff
+  they share a bucket, ``q_ids[b, h, i] == kv_ids[b, h // G, j]`` (Routing Transformer clusters, Roy et
+  al. 2021; Reformer/HyperAttention LSH buckets, Kitaev et al. 2020, Han et al. 2024).
+- ``KeyLists(indices)``: each query's own keys, ``indices[b, h, i, :]`` (``-1`` = empty slot), or one
+  list per head shared by all queries when the query axis has size 1 (top-k per query: Sparsifiner,
+  Wei et al. 2023; SPT top-L; DMA's per-head key choice, Shi et al. 2025).
+
+On top of the selection, the request's ``mask`` (``Causal()``, padding, ...) applies pair by pair::
+
+    out_i = Σ_j softmax_j(s_ij | j ∈ selected(i), mask(i, j)) v_j,   s_ij = scale · q_i · k_j
+
+Paths:
+
+- ``reference``: dense softmax attention under ``selection & mask`` (O(T·S) memory).
+- ``xla``, buckets: sort queries and keys by (bucket, position) per head, so that each bucket is
+  contiguous and attention inside it is dense; each sorted query tile lists the key tiles spanning its
+  buckets (under ``Causal()`` only up to its last query's position), the block-sparse gather engine
+  (``block_sparse_attention_xla``, custom VJP) runs them with a fine mask for bucket equality and the
+  request's mask on the original positions, and rows are scattered back. Cost: two sorts, the
+  permutations, and O(Σ_buckets n_q·n_k) logits rounded up to tiles; memory O(T·block).
+- ``xla``, key lists: queries in chunks gather their ``K`` keys (GQA reads K/V head ``h // G``,
+  never repeats them), a float32 softmax over the slots; each chunk is rematerialized in the backward
+  (``jax.checkpoint``), so memory is O(chunk·K·D) on top of the outputs. Cost O(T·K·D).
+
+Rows with no allowed key get 0 (and lse −inf). Duplicate ids within a list count once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax import masks
+from attnjax.blocked.lists import BlockSparse
+from attnjax.checks import check_qkv
+from attnjax.dispatch import dispatch
+from attnjax.masks import Mask
+from attnjax.meshes import accepts_explicit_meshes
+from attnjax.softmax.softmax import softmax_attention_reference
+from attnjax.sparse.gather import block_sparse_attention_xla
+from attnjax.tiling import num_tiles, pad_axis
+
+PATHS = ("reference", "xla")
+
+ELEMENTS_PER_CHUNK = 2 ** 18
+"""Gathered key slots (over batch, heads and rows) that one key-list chunk holds at a time."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_ids", "kv_ids"], meta_fields=["num_buckets"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Buckets:
+    """A partition of queries and keys into buckets: query ``i`` sees key ``j`` iff their ids match.
+
+    Args:
+      q_ids: int ``[B, Hq, T]`` bucket of each query, in ``[0, num_buckets)``.
+      kv_ids: int ``[B, Hkv, S]`` bucket of each key (query head ``h`` reads key head ``h // G``).
+      num_buckets: static number of buckets.
+    """
+
+    q_ids: jax.Array
+    kv_ids: jax.Array
+    num_buckets: int
+
+    def check(self, B: int, Hq: int, Hkv: int, T: int, S: int) -> None:
+        """ValueError/TypeError naming the field and shapes when the ids don't fit q ``[B, T, Hq, ·]``."""
+        for name, ids, want in (("q_ids", self.q_ids, (B, Hq, T)), ("kv_ids", self.kv_ids, (B, Hkv, S))):
+            if tuple(ids.shape) != want:
+                raise ValueError(f"Buckets.{name} has shape {tuple(ids.shape)}, expected {want} "
+                                 f"for q [B={B}, T={T}, Hq={Hq}], k [S={S}, Hkv={Hkv}]")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise TypeError(f"Buckets.{name} must be integers, got {ids.dtype}")
+        if not isinstance(self.num_buckets, int) or self.num_buckets < 1:
+            raise ValueError(f"Buckets.num_buckets must be a positive int, got {self.num_buckets!r}")
+
+    def dense(self, T: int, S: int) -> jax.Array:
+        """Bool ``[B, Hq, T, S]``: the pairs this partition allows."""
+        kv = jnp.repeat(self.kv_ids, self.q_ids.shape[1] // self.kv_ids.shape[1], axis=1)
+        return self.q_ids[..., :, None] == kv[..., None, :]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["indices"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeyLists:
+    """The keys each query sees, by position.
+
+    Args:
+      indices: int ``[B, Hq, T, K]`` (or ``[B, Hq, 1, K]``: one list per head for every query) of key
+        positions in ``[0, S)``; ``-1`` marks an empty slot. Duplicates count once.
+    """
+
+    indices: jax.Array
+
+    def check(self, B: int, Hq: int, Hkv: int, T: int, S: int) -> None:
+        """ValueError/TypeError naming the shapes when the lists don't fit q ``[B, T, Hq, ·]``."""
+        idx = self.indices
+        if idx.ndim != 4 or idx.shape[:2] != (B, Hq) or idx.shape[2] not in (1, T):
+            raise ValueError(f"KeyLists.indices has shape {tuple(idx.shape)}, expected [{B}, {Hq}, {T} or 1, K] "
+                             f"for q [B={B}, T={T}, Hq={Hq}]")
+        if not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise TypeError(f"KeyLists.indices must be integers, got {idx.dtype}")
+
+    def dense(self, T: int, S: int) -> jax.Array:
+        """Bool ``[B, Hq, T, S]``: the pairs the lists hold."""
+        idx = self.indices
+        hits = (idx[..., None] == jnp.arange(S)) & (idx[..., None] >= 0)
+        return jnp.broadcast_to(hits.any(-2), idx.shape[:2] + (T, S))
+
+
+Selection = Union[Buckets, KeyLists]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def token_sparse_attention_reference(q, k, v, selection: Selection, *, mask: Optional[Mask] = None, scale=None,
+                                     logits_soft_cap=None, return_lse: bool = False, **_):
+    """Dense softmax attention under ``selection & mask`` (O(T·S) memory)."""
+    allowed = masks.Explicit(selection.dense(q.shape[1], k.shape[1]))
+    return softmax_attention_reference(q, k, v, mask=allowed if mask is None else allowed & mask, scale=scale,
+                                       logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+
+
+# ----------------------------------------------------------------------------- buckets: sort, then tiles
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q_ids", "kv_ids", "q_order", "kv_order", "inner"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class SortedBuckets(Mask):
+    """The fine mask of the sorted layout: same bucket, and ``inner`` on the original positions.
+
+    ``q_ids``/``q_order`` int ``[B, Hq, T]`` and ``kv_ids``/``kv_order`` int ``[B, Hq, S]`` are the
+    bucket ids in sorted order and each sorted row's original position; ``inner`` is the request's
+    mask (or None). Its block summary says nothing (every tile partial): the lists come from the buckets.
+    """
+
+    q_ids: jax.Array
+    kv_ids: jax.Array
+    q_order: jax.Array
+    kv_order: jax.Array
+    inner: Optional[Mask]
+
+    def tile(self, q_idx, kv_idx, T, S):
+        def rows(x, idx):
+            return jnp.take(x, idx, axis=2, mode="clip")
+
+        same = rows(self.q_ids, q_idx)[..., :, None] == rows(self.kv_ids, kv_idx)[..., None, :]
+        if self.inner is None:
+            return same
+        oq, ok = rows(self.q_order, q_idx), rows(self.kv_order, kv_idx)
+        if isinstance(self.inner, masks.Causal):
+            return same & (masks.query_positions(oq, T, S)[..., :, None] >= ok[..., None, :])
+        per_head = jax.vmap(jax.vmap(lambda a, b: self.inner.tile(a, b, T, S)))(oq, ok)
+        B, H = oq.shape[:2]
+        b = jnp.arange(B)[:, None] if per_head.shape[2] > 1 else 0
+        h = jnp.arange(H)[None, :] if per_head.shape[3] > 1 else 0
+        return same & per_head[jnp.arange(B)[:, None], jnp.arange(H)[None, :], b, h]
+
+    def block_summary(self, T, S, block_q, block_kv):
+        return jnp.full((1, 1, num_tiles(T, block_q), num_tiles(S, block_kv)), masks.PARTIAL, jnp.int8)
+
+
+def _along_time(x: jax.Array, order: jax.Array) -> jax.Array:
+    """``x [B, L, H, E]`` with each head's rows taken in ``order [B, H, L]``."""
+    return jnp.take_along_axis(x, order.transpose(0, 2, 1)[..., None], axis=1)
+
+
+def bucket_block_lists(q_ids: jax.Array, kv_ids: jax.Array, q_order: jax.Array, kv_order: jax.Array, *,
+                       num_buckets: int, causal: bool, S: int, block_q: int, block_kv: int) -> BlockSparse:
+    """Block lists of the sorted layout: each sorted query tile lists the key tiles of its buckets.
+
+    Args:
+      q_ids, q_order: int ``[B, Hq, T]``, sorted bucket ids and each row's original position.
+      kv_ids, kv_order: int ``[B, Hq, S]``, the same for keys (one copy per query head).
+      num_buckets: ids lie in ``[0, num_buckets)``.
+      causal: also stop at the tile's last query position (keys of a bucket are in position order);
+        skipped, still exact, when ``num_buckets · (S + 1)`` overflows int32.
+    Returns:
+      ``BlockSparse`` ``[B, Hq, nq, nk]``: a contiguous range of key tiles per query tile.
+    """
+    T = q_ids.shape[-1]
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+
+    def tiles(x):
+        widths = [(0, 0)] * (x.ndim - 1) + [(0, nq * block_q - T)]
+        return jnp.pad(x, widths, mode="edge").reshape(*x.shape[:-1], nq, block_q)
+
+    search = jax.vmap(jax.vmap(jnp.searchsorted, (0, 0, None)), (0, 0, None))
+    lo = search(kv_ids, tiles(q_ids).min(-1), "left")
+    if causal and num_buckets * (S + 1) < 2 ** 31:
+        def keyed(ids, pos):
+            return ids * (S + 1) + pos
+
+        last = tiles(keyed(q_ids, masks.query_positions(q_order, T, S))).max(-1)
+        hi = search(keyed(kv_ids, kv_order), last, "right")
+    else:
+        hi = search(kv_ids, tiles(q_ids).max(-1), "right")
+    first = lo // block_kv
+    counts = jnp.maximum(-(-hi // block_kv) - first, 0).astype(jnp.int32)
+    slot = jnp.minimum(jnp.arange(nk), jnp.maximum(counts, 1)[..., None] - 1)
+    indices = jnp.where(counts[..., None] > 0, first[..., None] + slot, 0).astype(jnp.int32)
+    return BlockSparse(indices, counts, block_q, block_kv, nk)
+
+
+def _buckets_xla(q, k, v, sel: Buckets, *, mask, scale, logits_soft_cap, return_lse, block_q, block_kv):
+    T, Hq = q.shape[1], q.shape[2]
+    S, G = k.shape[1], Hq // k.shape[2]
+    q_order = jnp.argsort(sel.q_ids, axis=-1, stable=True).astype(jnp.int32)
+    kv_order = jnp.argsort(sel.kv_ids, axis=-1, stable=True).astype(jnp.int32)
+    q_ids = jnp.take_along_axis(sel.q_ids, q_order, -1).astype(jnp.int32)
+    kv_ids = jnp.take_along_axis(sel.kv_ids, kv_order, -1).astype(jnp.int32)
+    kv_ids_q, kv_order_q = jnp.repeat(kv_ids, G, axis=1), jnp.repeat(kv_order, G, axis=1)
+    blocks = bucket_block_lists(q_ids, kv_ids_q, q_order, kv_order_q, num_buckets=sel.num_buckets, causal=isinstance(mask, masks.Causal), S=S,
+                                block_q=block_q, block_kv=block_kv)
+    fine = SortedBuckets(q_ids, kv_ids_q, q_order, kv_order_q, mask)
+    out, lse = block_sparse_attention_xla(_along_time(q, q_order), _along_time(k, kv_order),
+                                          _along_time(v, kv_order), blocks, mask=fine, scale=scale,
+                                          logits_soft_cap=logits_soft_cap, return_lse=True)
+    back = jnp.argsort(q_order, axis=-1)
+    out = _along_time(out, back)
+    if not return_lse:
+        return out
+    return out, jnp.take_along_axis(lse, back.transpose(0, 2, 1), axis=1)
+
+
+# ----------------------------------------------------------------------------- key lists: gather per chunk
+
+
+def _allowed_at(mask: Optional[Mask], rows: jax.Array, idx: jax.Array, T: int, S: int) -> jax.Array:
+    """Bool ``[B, Hq, c, K]``: slots that hold a key (``idx ≥ 0``, first copy) and that ``mask`` allows for ``rows``."""
+    ordered = jnp.sort(idx, axis=-1)
+    first_copy = jnp.concatenate([jnp.ones_like(ordered[..., :1], bool), ordered[..., 1:] != ordered[..., :-1]], -1)
+    valid = jnp.take_along_axis(first_copy, jnp.argsort(jnp.argsort(idx, axis=-1), axis=-1), -1) & (idx >= 0)
+    valid = jnp.broadcast_to(valid, idx.shape[:2] + (rows.shape[0], idx.shape[-1]))
+    if mask is None:
+        return valid
+    safe = jnp.maximum(idx, 0)
+    if isinstance(mask, masks.Causal):
+        return valid & (masks.query_positions(rows, T, S)[:, None] >= safe)
+
+    def one(b, h, ids):
+        if ids.shape[0] == 1:
+            t = mask.tile(rows, ids[0], T, S)
+        else:
+            t = jnp.moveaxis(jax.vmap(lambda r, i: mask.tile(r[None], i, T, S)[:, :, 0])(rows, ids), 0, 2)
+        return t[b if t.shape[0] > 1 else 0, h if t.shape[1] > 1 else 0]
+
+    B, H = idx.shape[:2]
+    per = jax.vmap(jax.vmap(one, (None, 0, 0)), (0, None, 0))(jnp.arange(B), jnp.arange(H), safe)
+    return valid & per
+
+
+def _key_lists_xla(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, return_lse, **_):
+    B, T, Hq, D = q.shape
+    S, G = k.shape[1], Hq // k.shape[2]
+    idx = sel.indices.astype(jnp.int32)
+    K = idx.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    chunk = max(1, min(T, ELEMENTS_PER_CHUNK // max(1, B * Hq * K)))
+    n = num_tiles(T, chunk)
+    qh = pad_axis(q.transpose(0, 2, 1, 3), 2, chunk)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    shared = idx.shape[2] == 1
+    idx_rows = idx if shared else pad_axis(idx, 2, chunk)
+    bi, hi = jnp.arange(B)[:, None, None, None], (jnp.arange(Hq) // G)[None, :, None, None]
+
+    @jax.checkpoint
+    def one_chunk(c):
+        rows = c * chunk + jnp.arange(chunk)
+        ids = idx_rows if shared else lax.dynamic_slice_in_dim(idx_rows, c * chunk, chunk, axis=2)
+        safe = jnp.maximum(ids, 0)
+        kg, vg = kh[bi, hi, safe], vh[bi, hi, safe]
+        qc = lax.dynamic_slice_in_dim(qh, c * chunk, chunk, axis=2).astype(jnp.float32)
+        s = jnp.einsum("bhcd,bhckd->bhck", qc, kg.astype(jnp.float32)) * scale
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        ok = _allowed_at(mask, rows, ids, T, S) & (rows < T)[:, None]
+        s = jnp.where(ok, s, -jnp.inf)
+        m = s.max(-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(s - m)
+        l = p.sum(-1, keepdims=True)
+        o = jnp.einsum("bhck,bhcke->bhce", p, vg.astype(jnp.float32)) / jnp.where(l > 0, l, 1.0)
+        return o, jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), -jnp.inf)
+
+    o, lse = lax.map(one_chunk, jnp.arange(n))
+    out = jnp.moveaxis(o, 0, 2).reshape(B, Hq, n * chunk, -1)[:, :, :T].transpose(0, 2, 1, 3).astype(q.dtype)
+    if not return_lse:
+        return out
+    return out, jnp.moveaxis(lse, 0, 2).reshape(B, Hq, n * chunk)[:, :, :T].transpose(0, 2, 1)
+
+
+def token_sparse_attention_xla(q, k, v, selection: Selection, *, mask: Optional[Mask] = None, scale=None,
+                               logits_soft_cap=None, return_lse: bool = False, block_q: int = 64,
+                               block_kv: int = 64):
+    """The sorted-bucket or gathered-key-list path (see the module docstring for the costs)."""
+    run = _buckets_xla if isinstance(selection, Buckets) else _key_lists_xla
+    return run(q, k, v, selection, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+               block_q=block_q, block_kv=block_kv)
+
+
+_PATHS = {"reference": token_sparse_attention_reference, "xla": token_sparse_attention_xla}
+
+
+@accepts_explicit_meshes
+def token_sparse_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, selection: Selection, *, mask: Optional[Mask] = None,
+    scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, return_lse: bool = False,
+    block_q: int = 64, block_kv: int = 64, implementation: str = "auto",
+):
+    """Softmax attention restricted to the keys a token-level selection allows.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``.
+      selection: ``Buckets`` (a partition of queries and keys) or ``KeyLists`` (each query's keys).
+      mask: optional ``attnjax.masks`` value applied pair by pair on the original positions.
+      scale: logit scale, default ``1/sqrt(D)``; logits_soft_cap: ``cap·tanh(s/cap)``.
+      return_lse: also return the float32 log-sum-exp ``[B, T, Hq]``.
+      block_q, block_kv: tiles of the sorted-bucket path.
+      implementation: "reference", "xla" or "auto".
+    Returns:
+      ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``. Rows with no allowed key are 0.
+    """
+    check_qkv(q, k, v)
+    if not isinstance(selection, (Buckets, KeyLists)):
+        raise TypeError(f"selection must be attnjax.sparse.Buckets or KeyLists, got {type(selection).__name__}")
+    B, T, Hq, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    selection.check(B, Hq, Hkv, T, S)
+    if mask is not None:
+        mask.check(B, Hq, T, S)
+    kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse, block_q=block_q,
+                  block_kv=block_kv)
+    return dispatch(_PATHS, implementation, q, k, v, selection, what="token-sparse attention", **kwargs)
+
+
+class TokenSelector:
+    """Base class of registered token selectors (decorate subclasses with ``registry.register``).
+
+    A subclass is a frozen dataclass with class attributes ``name`` and ``paper`` and a method
+    ``select(q, k, *, mask) -> Buckets | KeyLists``; it inherits the engine's paths, so
+    ``attnjax.attention(q, k, v, mechanism=Selector(...))`` runs attention restricted to its choice.
+    Fields ``block_q``/``block_kv``, when present, set the sorted-bucket tiles.
+    """
+
+    family: ClassVar[str] = "sparse"
+    supports: ClassVar[frozenset] = frozenset({"mask", "logits_soft_cap", "return_lse", "gqa", "cross"})
+    decodes: ClassVar[bool] = False
+    sequence_parallel: ClassVar[tuple] = ()
+
+    def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> Selection:
+        """The token selection for these queries and keys."""
+        raise NotImplementedError(f"{type(self).__name__} must implement select()")
+
+    def implementations(self):
+        return {name: functools.partial(routed_attention, self, name) for name in PATHS}
+
+
+def routed_attention(selector: TokenSelector, implementation: str, q, k, v, *, mask=None, scale=None,
+                     logits_soft_cap=None, return_lse=False):
+    """``attnjax.attention`` signature (after the two bound arguments): ``selector.select``, then the engine."""
+    tiles = {f: getattr(selector, f) for f in ("block_q", "block_kv") if hasattr(selector, f)}
+    return token_sparse_attention(q, k, v, selector.select(q, k, mask=mask), mask=mask, scale=scale,
+                                  logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                                  implementation=implementation, **tiles)
+
+
+__all__ = ["Buckets", "KeyLists", "Selection", "SortedBuckets", "TokenSelector", "bucket_block_lists",
+           "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
+           "token_sparse_attention_xla"]

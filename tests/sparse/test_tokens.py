@@ -1,0 +1,146 @@
+"""Token-sparse engine: sorted buckets and gathered key lists against the dense masked reference."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax import masks
+from attnjax.blocked.lists import to_block_mask
+from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, routed_attention,
+                                   token_sparse_attention)
+from tests.helpers import assert_close, random_qkv
+
+B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
+NB = 3
+TILES = dict(block_q=8, block_kv=8)
+jitted = jax.jit(token_sparse_attention, static_argnames=("mask", "implementation", "return_lse", "block_q", "block_kv"))
+MASKS = {"none": None, "causal": masks.Causal(), "window": masks.SlidingWindow(9, 0)}
+
+
+def unbalanced_buckets(seed=0, T=T, S=S):
+    """Random buckets where the first 20 queries of every head share bucket 0 (a large bucket)."""
+    rng = np.random.default_rng(seed)
+    q_ids = rng.integers(0, NB, (B, HQ, T))
+    q_ids[..., :20] = 0
+    return Buckets(jnp.asarray(q_ids, jnp.int32), jnp.asarray(rng.integers(0, NB, (B, HKV, S)), jnp.int32), NB)
+
+
+def key_lists(shared: bool, seed=1):
+    """Random lists with empty slots (-1) and duplicates; ``shared`` gives one list per head."""
+    idx = np.random.default_rng(seed).integers(-1, S, (B, HQ, 1 if shared else T, 6))
+    idx[..., 1] = idx[..., 0]
+    return KeyLists(jnp.asarray(idx, jnp.int32))
+
+
+SELECTIONS = {"buckets": unbalanced_buckets(), "lists": key_lists(False), "shared_lists": key_lists(True)}
+
+
+def loss(impl, selection, mask, q, k, v):
+    out, lse = token_sparse_attention(q, k, v, selection, mask=mask, implementation=impl, return_lse=True, **TILES)
+    return (out ** 2).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("selection_name", list(SELECTIONS))
+def test_fast_path_matches_reference_forward_and_gradients(selection_name, mask_name):
+    q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
+    sel, mask = SELECTIONS[selection_name], MASKS[mask_name]
+    ref = token_sparse_attention(q, k, v, sel, mask=mask, implementation="reference", return_lse=True)
+    fast = jax.jit(lambda q, k, v: token_sparse_attention(q, k, v, sel, mask=mask, implementation="xla",
+                                                          return_lse=True, **TILES))(q, k, v)
+    assert_close(fast[0], ref[0], name="out")
+    np.testing.assert_array_equal(np.isneginf(fast[1]), np.isneginf(ref[1]))
+    finite = np.isfinite(np.asarray(ref[1]))
+    assert_close(np.asarray(fast[1])[finite], np.asarray(ref[1])[finite], name="lse")
+    grads = [jax.jit(jax.grad(loss, argnums=(3, 4, 5)), static_argnums=(0, 2))(impl, sel, mask, q, k, v)
+             for impl in ("reference", "xla")]
+    for name, g_ref, g_fast in zip("qkv", *grads):
+        assert_close(g_fast, g_ref, atol=1e-4, name=f"d{name}")
+
+
+def test_cross_lengths_use_bottom_right_alignment():
+    q, k, v = random_qkv(jax.random.PRNGKey(1), B=B, T=13, S=S, Hq=HQ, Hkv=HKV, D=D)
+    sel = Buckets(unbalanced_buckets(T=13).q_ids[..., :13] % NB, unbalanced_buckets().kv_ids, NB)
+    args = dict(mask=masks.Causal(), **TILES)
+    assert_close(jitted(q, k, v, sel, implementation="xla", **args),
+                 jitted(q, k, v, sel, implementation="reference", **args))
+
+
+def test_bucket_lists_cover_every_selected_pair_and_stop_at_the_causal_frontier():
+    """Brute force: in the sorted layout every allowed pair lies in a listed tile, each list is one
+    contiguous range, and under ``causal`` its last tile still holds an allowed pair."""
+    sel = unbalanced_buckets(seed=3)
+    q_order = jnp.argsort(sel.q_ids, axis=-1, stable=True)
+    kv_order = jnp.repeat(jnp.argsort(sel.kv_ids, axis=-1, stable=True), HQ // HKV, axis=1)
+    q_ids = np.asarray(jnp.take_along_axis(sel.q_ids, q_order, -1))
+    kv_ids = np.repeat(np.asarray(jnp.take_along_axis(sel.kv_ids, kv_order[:, ::2], -1)), HQ // HKV, axis=1)
+    for causal in (False, True):
+        blocks = bucket_block_lists(jnp.asarray(q_ids), jnp.asarray(kv_ids), q_order, kv_order, num_buckets=NB,
+                                    causal=causal, S=S, **TILES)
+        listed = np.asarray(to_block_mask(blocks))
+        qo, ko = np.asarray(q_order), np.asarray(kv_order)
+        for b in range(B):
+            for h in range(HQ):
+                for i in range(T):
+                    for j in range(S):
+                        allowed = q_ids[b, h, i] == kv_ids[b, h, j] and (not causal or qo[b, h, i] >= ko[b, h, j])
+                        assert not allowed or listed[b, h, i // 8, j // 8], (b, h, i, j)
+                for t in range(listed.shape[2]):
+                    rows = slice(8 * t, min(T, 8 * t + 8))
+                    tiles = np.flatnonzero(listed[b, h, t])
+                    assert len(tiles) == 0 or tiles.max() - tiles.min() + 1 == len(tiles), "one contiguous range"
+                    if causal and listed[b, h, t].any():
+                        last = np.flatnonzero(listed[b, h, t]).max()
+                        cols = slice(8 * last, min(S, 8 * last + 8))
+                        ok = (q_ids[b, h, rows][:, None] == kv_ids[b, h, cols][None, :]) & (
+                            qo[b, h, rows][:, None] >= ko[b, h, cols][None, :])
+                        assert ok.any(), "the last listed tile holds an allowed pair"
+
+
+def test_rows_without_keys_are_zero_and_bf16_is_finite():
+    q, k, v = random_qkv(jax.random.PRNGKey(2), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.bfloat16)
+    sel = Buckets(jnp.full((B, HQ, T), 2, jnp.int32).at[..., :5].set(0), jnp.ones((B, HKV, S), jnp.int32), NB)
+    out = jitted(q, k, v, sel, implementation="xla", **TILES)
+    assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())
+    assert float(jnp.abs(out.astype(jnp.float32)).max()) == 0.0
+    lists = KeyLists(jnp.full((B, HQ, T, 3), -1, jnp.int32))
+    assert float(jnp.abs(jitted(q, k, v, lists, implementation="xla")).max()) == 0.0
+
+
+def test_bad_selections_raise_naming_the_argument():
+    q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
+    with pytest.raises(ValueError, match=r"Buckets.q_ids has shape \(2, 4, 36\)"):
+        token_sparse_attention(q, k, v, Buckets(jnp.zeros((B, HQ, T - 1), jnp.int32),
+                                                jnp.zeros((B, HKV, S), jnp.int32), NB))
+    with pytest.raises(TypeError, match="Buckets.kv_ids must be integers"):
+        token_sparse_attention(q, k, v, Buckets(jnp.zeros((B, HQ, T), jnp.int32), jnp.zeros((B, HKV, S)), NB))
+    with pytest.raises(ValueError, match=r"KeyLists.indices has shape \(2, 2, 37, 3\)"):
+        token_sparse_attention(q, k, v, KeyLists(jnp.zeros((B, HKV, T, 3), jnp.int32)))
+    with pytest.raises(TypeError, match="selection must be"):
+        token_sparse_attention(q, k, v, jnp.zeros((B, HQ, T, S), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalHalves(TokenSelector):
+    """A toy selector: bucket = which half of the sequence a token lies in."""
+
+    name = "local_halves"
+    paper = "test"
+    block_q: int = 8
+    block_kv: int = 8
+
+    def select(self, q, k, *, mask=None):
+        halves = lambda x: jnp.broadcast_to((jnp.arange(x.shape[1]) * 2 // x.shape[1]).astype(jnp.int32),
+                                            (x.shape[0], x.shape[2], x.shape[1]))
+        return Buckets(halves(q), halves(k), 2)
+
+
+def test_token_selector_paths_agree():
+    q, k, v = random_qkv(jax.random.PRNGKey(3), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
+    sel = _LocalHalves()
+    fast = routed_attention(sel, "xla", q, k, v, mask=masks.Causal())
+    assert_close(fast, routed_attention(sel, "reference", q, k, v, mask=masks.Causal()))
+    assert set(sel.implementations()) == {"reference", "xla"}
