@@ -1,4 +1,4 @@
-"""PAROAttention (catalog B6): pattern-aware token reordering, block selection, INT8 attention.
+"""PAROAttention (catalog B6): pattern-aware token reordering, block selection, INT8/INT4 attention.
 
 Zhao et al. 2025, "PAROAttention: Pattern-Aware ReOrdering for Efficient Sparse and Quantized
 Attention in Visual Generation Models" (arXiv:2506.16054; kernels: ``jamescsq47/PAROAtten``).
@@ -9,18 +9,27 @@ one once that axis is innermost. PARO picks, per head and offline from calibrati
 the six axis orders (``AXIS_ORDERS``, as in the public ``permute_qk``: FHW, FWH, HFW, HWF, WFH,
 WHF), then sparsifies and quantizes block by block in that order.
 
-- ``choose_permutation``: for each order, permute the tokens, compute the block attention mass
-  map (dense, calibration-time) and its *concentration*: the share of each query block's mass in
-  its top ``⌈density·nk⌉`` key blocks, i.e. what a block-sparse pass at that density keeps. The
-  paper scores orders by block sparsity (for the sparse kernel) and by within-block incoherence
-  (for quantization); the public code with that metric is not available here, so this module uses
-  the sparsity side only, measured as kept mass.
+- ``choose_permutation``: PARO's offline choice of an order per head (paper Sec. 4.2, "pattern-aware
+  token reordering"): with ``rule="paro"`` each order is scored by ``paro_metrics``, two block-wise
+  measures of the post-softmax map in that order, and the order with the smallest combined score
+  wins. *Sparsity*: the share of tiles that are not negligible (mean row mass ``≥ threshold``; fewer
+  is better, more tiles can be skipped). *Quantization*: the mean over tiles of the **incoherence**
+  ``Ψ = max(P_tile) / mean(P_tile)`` (``1`` for a uniform tile; large when a few entries dominate and
+  a per-tile INT scale wastes its levels); lower is better. The two are combined as
+  ``α·M_sparse + (1−α)·M_quant`` after a min–max normalization over the six candidates (the paper
+  combines the two criteria with a weight; the normalization that puts them on one scale is this
+  module's choice, and equation numbers could not be checked against the paper text here). The
+  older ``rule="concentration"`` (share of each query block's mass in its top ``⌈density·nk⌉``
+  key blocks, higher is better) is kept as the default of the function for compatibility; the
+  ``Paro`` selector uses ``rule="paro"``.
 - ``Paro``: the registered selector. Per KV head, one order (a query head uses its KV head's, so
   K/V shared by a GQA group are permuted once and consistently). Tokens are permuted, each query
   block keeps its ``⌈density·nk⌉`` key blocks of largest attention mass, the engine runs, and the
   output is permuted back.
-- ``quantized_attention_reference``: INT8 Q·Kᵀ and INT8 P·V with int32 accumulation and per-block
-  scales, dequantized, as in PARO's SageAttention-based kernels.
+- ``quantized_attention_reference``: INT8 or INT4 Q·Kᵀ and P·V (``qk_bits``, ``pv_bits``; ``None``
+  keeps that product in float) with int32 accumulation and per-block scales, dequantized, as in
+  PARO's SageAttention-based kernels; ``quantize_symmetric`` is the block quantizer (symmetric, values
+  in ``[-(2^(b-1)-1), 2^(b-1)-1]``: ``[-127, 127]`` for INT8, ``[-7, 7]`` for INT4).
 """
 
 from __future__ import annotations
@@ -140,37 +149,116 @@ def block_concentration(mass: jax.Array, density: float) -> jax.Array:
     return jnp.where(total > 0, top.sum(-1) / jnp.where(total > 0, total, 1.0), 1.0)
 
 
+RULES = ("concentration", "paro")
+"""Rules of ``choose_permutation``: "concentration" (kept top-block mass, higher is better) and "paro"
+(the paper's combined sparsity + incoherence metric, lower is better)."""
+
+
+def paro_metrics(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *, threshold: float = 0.01,
+                 scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+    """PARO's two block-wise scores of the attention map ``P = softmax(scale·q·kᵀ)`` in the given order.
+
+    Tiles are ``block_q × block_kv`` (the last ones may be short); for tile ``(i, n)`` with ``r_i`` valid
+    rows and ``c_n`` valid columns:
+
+    - sparsity: ``M_sparse = mean_{i,n} [ (1/r_i) Σ_{tile} P ≥ threshold ]``, the share of tiles whose mean
+      row mass reaches ``threshold`` (tiles a block-sparse pass cannot skip; lower is better);
+    - quantization: ``M_quant = mean_{i,n} Ψ_in`` with the incoherence
+      ``Ψ_in = max_{tile} P / ((1/(r_i·c_n)) Σ_{tile} P)`` (``1`` for an all-zero tile), in
+      ``[1, r_i·c_n]``; lower means a per-tile scale quantizes the tile with less error.
+
+    Both from ``pooled_attention`` (blocked, O(T·block) memory), no mask (self-attention on a grid).
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
+      block_q, block_kv: the tiles (PARO's kernel blocks).
+      threshold: mean row mass under which a tile counts as negligible.
+      scale: logit scale, default ``1/sqrt(D)``.
+    Returns:
+      ``(M_sparse, M_quant)``, float32 ``[B, Hq]`` each.
+    """
+    check_positive(block_q=block_q, block_kv=block_kv)
+    T, S = q.shape[1], k.shape[1]
+    total = pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="sum", scale=scale)
+    peak = pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="max", scale=scale)
+    rows = np.minimum(block_q, T - np.arange(num_tiles(T, block_q)) * block_q).astype(np.float32)
+    cols = np.minimum(block_kv, S - np.arange(num_tiles(S, block_kv)) * block_kv).astype(np.float32)
+    m_sparse = (total / rows[:, None] >= threshold).astype(jnp.float32).mean((-2, -1))
+    mean = total / (rows[:, None] * cols[None, :])
+    psi = jnp.where(total > 0, peak / jnp.where(total > 0, mean, 1.0), 1.0)
+    return m_sparse, psi.mean((-2, -1))
+
+
+def combine_metrics(m_sparse: jax.Array, m_quant: jax.Array, alpha: float = 0.5) -> jax.Array:
+    """PARO's combined score over the candidate orders (axis 0), lower is better.
+
+    ``M = α·norm(M_sparse) + (1−α)·norm(M_quant)`` with ``norm(x) = (x − min_c x) / (max_c x − min_c x)``
+    over the candidates ``c`` (0 where all candidates tie), so that both terms lie in ``[0, 1]``.
+    """
+    def norm(x):
+        lo, hi = x.min(0, keepdims=True), x.max(0, keepdims=True)
+        return jnp.where(hi > lo, (x - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+
+    return alpha * norm(m_sparse) + (1.0 - alpha) * norm(m_quant)
+
+
 def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], block_q: int,
                        block_kv: Optional[int] = None, *, density: float = 0.25,
-                       scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+                       scale: Optional[float] = None, rule: str = "concentration", alpha: float = 0.5,
+                       threshold: float = 0.01) -> Tuple[jax.Array, jax.Array]:
     """PARO's offline choice of an axis order per KV head, from calibration inputs.
 
-    For each order in ``AXIS_ORDERS``: permute the tokens of q and k, compute
-    ``block_attention_mass`` and its ``block_concentration`` at ``density``, averaged over the batch,
-    the query blocks and the query heads of the KV head's group. The order with the highest
-    concentration wins (ties: the earlier order).
+    For each order in ``AXIS_ORDERS`` the tokens of q and k are permuted and scored, averaged over
+    the batch and the query heads of the KV head's group:
+
+    - ``rule="paro"`` (Zhao et al. 2025, Sec. 4.2): ``paro_metrics`` (block sparsity and incoherence,
+      with ``threshold``), combined over the six candidates by ``combine_metrics`` with weight
+      ``alpha``; the order with the **smallest** score wins.
+    - ``rule="concentration"``: ``block_concentration`` of ``block_attention_mass`` at ``density``;
+      the **largest** wins.
+
+    Ties go to the earlier order.
 
     Args:
       q: ``[B, N, Hq, D]``; k: ``[B, N, Hkv, D]`` with ``N = F·H·W`` tokens in frame-major order.
       grid: ``(F, H, W)``.
       block_q, block_kv: tile sizes (``block_kv`` defaults to ``block_q``).
-      density: share of key blocks a query block keeps.
+      density: share of key blocks a query block keeps ("concentration" only).
       scale: logit scale, default ``1/sqrt(D)``.
+      rule: one of ``RULES``.
+      alpha: weight of the sparsity term ("paro" only), in ``[0, 1]``.
+      threshold: mean row mass of a negligible tile ("paro" only).
     Returns:
-      ``(orders, concentration)``: int32 ``[Hkv]`` indices into ``AXIS_ORDERS`` and float32
-      ``[6, Hkv]``, the concentration of every candidate.
+      ``(orders, scores)``: int32 ``[Hkv]`` indices into ``AXIS_ORDERS`` and float32 ``[6, Hkv]``, the
+      score of every candidate (concentration, or the combined PARO metric).
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     block_kv = block_q if block_kv is None else block_kv
     check_grid(grid, q.shape[1], k.shape[1])
     Hq, Hkv = q.shape[2], k.shape[2]
-    scores = []
+
+    def per_kv_head(x):
+        return x.mean(0).reshape(Hkv, Hq // Hkv).mean(-1)
+
+    sparse, quant, conc = [], [], []
     for order in AXIS_ORDERS:
         perm = grid_permutation(grid, order)
-        mass = block_attention_mass(permute_tokens(q, perm), permute_tokens(k, perm), block_q, block_kv, scale=scale)
-        per_head = block_concentration(mass, density).mean((0, 2))
-        scores.append(per_head.reshape(Hkv, Hq // Hkv).mean(-1))
-    concentration = jnp.stack(scores)
-    return jnp.argmax(concentration, axis=0).astype(jnp.int32), concentration
+        qp, kp = permute_tokens(q, perm), permute_tokens(k, perm)
+        if rule == "paro":
+            m_sparse, m_quant = paro_metrics(qp, kp, block_q, block_kv, threshold=threshold, scale=scale)
+            sparse.append(per_kv_head(m_sparse))
+            quant.append(per_kv_head(m_quant))
+        else:
+            mass = block_attention_mass(qp, kp, block_q, block_kv, scale=scale)
+            conc.append(per_kv_head(block_concentration(mass, density).mean(-1)))
+    if rule == "paro":
+        scores = combine_metrics(jnp.stack(sparse), jnp.stack(quant), alpha)
+        return jnp.argmin(scores, axis=0).astype(jnp.int32), scores
+    scores = jnp.stack(conc)
+    return jnp.argmax(scores, axis=0).astype(jnp.int32), scores
 
 
 def check_grid(grid: Tuple[int, int, int], T: int, S: int) -> int:
@@ -196,7 +284,8 @@ class Paro(GridPermutedSelector):
     With ``grid=(F, H, W)`` (self-attention, ``T = S = F·H·W``) the tokens are permuted per KV head
     before selection and the output is permuted back; ``orders`` gives each KV head's index into
     ``AXIS_ORDERS`` (e.g. from ``choose_permutation`` on calibration inputs), or ``None`` to choose
-    them from each call's own inputs. ``select`` takes q and k already in that order. A fine mask
+    them from each call's own inputs with PARO's rule (``choose_permutation(rule="paro")``, default
+    ``alpha`` and ``threshold``). ``select`` takes q and k already in that order. A fine mask
     is not supported with a grid. With ``grid=None`` no tokens move (any T, S, masks allowed).
     Selection uses the logit scale ``1/sqrt(D)`` (``select`` does not see a custom ``scale``).
 
@@ -238,7 +327,7 @@ class Paro(GridPermutedSelector):
             if len(self.orders) != k.shape[2]:
                 raise ValueError(f"Paro.orders has {len(self.orders)} entries, expected one per KV head ({k.shape[2]})")
             return table[np.asarray(self.orders)]
-        orders, _ = choose_permutation(q, k, self.grid, self.block_q, self.block_kv, density=self.density)
+        orders, _ = choose_permutation(q, k, self.grid, self.block_q, self.block_kv, rule="paro")
         return jnp.asarray(table)[orders]
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
@@ -254,38 +343,81 @@ class Paro(GridPermutedSelector):
                           self.block_kv)
 
 
-# ----------------------------------------------------------------------------- INT8 attention
+# ----------------------------------------------------------------------------- INT8 / INT4 attention
+
+BITS = (4, 8)
+"""Integer widths of ``quantized_attention_reference`` (``None`` keeps a product in float)."""
+
+
+def int_max(bits: int) -> int:
+    """Largest level of a symmetric ``bits``-bit quantizer: ``2^(bits-1) - 1`` (127 for INT8, 7 for INT4)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_symmetric(x: jax.Array, axes: Tuple[int, ...], bits: int = 8) -> Tuple[jax.Array, jax.Array]:
+    """Symmetric block quantizer: ``x ≈ q·s`` with ``s = max|x| / L`` over ``axes`` (kept as size 1),
+    ``q = clip(round(x/s), -L, L)`` and ``L = int_max(bits)``.
+
+    Values are in ``[-127, 127]`` (INT8) or ``[-7, 7]`` (INT4, SageAttention's symmetric INT4, as PARO's
+    kernels use); both are stored as ``int8`` (XLA has no INT4 matmul on every backend). An all-zero block
+    gets ``s = 1``. The rounding error is at most ``s/2`` per element, and ``q·s == x`` exactly when every
+    element of ``x`` is an integer multiple of ``s`` (e.g. ``x = q·s`` with a power-of-two ``s`` and a block
+    reaching ``±L``).
+
+    Returns:
+      ``(q, s)``: int8 values shaped like ``x``, float32 scales with ``axes`` of size 1.
+    """
+    top = int_max(bits)
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    s = jnp.where(amax > 0, amax / top, 1.0)
+    return jnp.clip(jnp.round(x / s), -top, top).astype(jnp.int8), s
+
 
 def quantize_int8(x: jax.Array, axes: Tuple[int, ...]) -> Tuple[jax.Array, jax.Array]:
-    """Symmetric INT8: ``x ≈ q·s`` with ``s = max|x| / 127`` over ``axes`` (kept as size 1), ``q = round(x/s)``."""
-    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-    s = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8), s
+    """``quantize_symmetric(x, axes, bits=8)``: values in ``[-127, 127]``, ``s = max|x| / 127``."""
+    return quantize_symmetric(x, axes, 8)
+
+
+def _check_bits(name: str, bits: Optional[int]) -> None:
+    if bits is not None and bits not in BITS:
+        raise ValueError(f"{name} must be one of {BITS} or None (float), got {bits!r}")
 
 
 def quantized_attention_reference(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[Mask] = None, scale: Optional[float] = None,
-    block_q: int = 64, block_kv: int = 64,
+    block_q: int = 64, block_kv: int = 64, qk_bits: Optional[int] = 8, pv_bits: Optional[int] = 8,
 ) -> jax.Array:
-    """Softmax attention with INT8 ``Q·Kᵀ`` and INT8 ``P·V`` (PAROAttention's quantized attention).
+    """Softmax attention with integer ``Q·Kᵀ`` and ``P·V`` (PAROAttention's quantized attention).
 
     - K is smoothed first (its mean over tokens subtracted, per head and channel, as SageAttention,
       on which PARO's kernels build): it shifts each row's logits by a constant, so softmax is unchanged.
-    - Q and K: symmetric INT8 with one scale per (head, block of ``block_q`` / ``block_kv`` tokens);
-      ``S = (Q_int·K_intᵀ)·s_q·s_k·scale`` with the integer product accumulated in int32.
-    - P: ``P̃ = exp(S - rowmax) ∈ [0, 1]`` quantized with the static scale 1/127.
-    - V: symmetric INT8 with one scale per (head, key block, channel).
-    - ``O = Σ_n (P̃_int[:, n]·V_int[n])·s_v[n] / 127`` accumulated in int32 per key block, divided by
-      the row sum of the dequantized ``P̃``.
+    - Q and K (``qk_bits``): symmetric ``quantize_symmetric`` with one scale per (head, block of
+      ``block_q`` / ``block_kv`` tokens); ``S = (Q_int·K_intᵀ)·s_q·s_k·scale`` with the integer product
+      accumulated in int32. ``qk_bits=None``: ``S`` in float32.
+    - P (``pv_bits``): ``P̃ = exp(S - rowmax) ∈ [0, 1]``, symmetric with one scale per tile
+      (``s_p[i, n] = max P̃_tile / L`` over query block ``i`` × key block ``n``): the block-wise grouping
+      whose error PARO's incoherence ``max/mean`` (``paro_metrics``) measures.
+    - V (``pv_bits``): symmetric, one scale per (head, key block, channel).
+    - ``O = Σ_n (P̃_int[i, n]·V_int[n])·s_p[i, n]·s_v[n]`` accumulated in int32 per tile, divided by
+      the row sum of the dequantized ``P̃``. ``pv_bits=None``: ``O = P̃·V / rowsum(P̃)`` in float32.
+
+    ``L = int_max(bits)``: 127 (INT8) or 7 (INT4). PARO's configurations are INT8 QK + INT8 PV and
+    INT8 QK + INT4 PV (the paper's lowest bit-width setting); any combination is accepted.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``.
       mask: optional ``attnjax.masks`` value; scale: logit scale, default ``1/sqrt(D)``.
       block_q, block_kv: token blocks that share a quantization scale.
+      qk_bits, pv_bits: 8, 4, or ``None`` (that product in float32).
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype; a row with no allowed key is 0.
     """
     check_positive(block_q=block_q, block_kv=block_kv)
+    _check_bits("qk_bits", qk_bits)
+    _check_bits("pv_bits", pv_bits)
     B, T, Hq, _ = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     spec = score_spec(q, k, scale)
@@ -294,32 +426,43 @@ def quantized_attention_reference(
     kt = kt - kt.mean(axis=2, keepdims=True)
     nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
 
-    q_blocks = pad_axis(qg, 3, block_q).reshape(B, Hkv, -1, nq, block_q, qg.shape[-1])
-    q_int, s_q = quantize_int8(q_blocks, (4, 5))
-    q_int = q_int.reshape(B, Hkv, -1, nq * block_q, qg.shape[-1])[:, :, :, :T]
-    s_q = jnp.repeat(s_q.reshape(B, Hkv, -1, nq), block_q, axis=-1)[..., :T, None]
-    k_int, s_k = quantize_int8(pad_axis(kt, 2, block_kv).reshape(B, Hkv, nk, block_kv, -1), (3, 4))
-    k_int = k_int.reshape(B, Hkv, nk * block_kv, -1)[:, :, :S]
-    s_k = jnp.repeat(s_k.reshape(B, Hkv, 1, 1, nk), block_kv, axis=-1)[..., :S]
-
-    s_int = jnp.einsum("bhgqd,bhkd->bhgqk", q_int, k_int, preferred_element_type=jnp.int32)
-    s = s_int.astype(jnp.float32) * s_q * s_k * spec.scale
+    if qk_bits is None:
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, kt) * spec.scale
+    else:
+        q_blocks = pad_axis(qg, 3, block_q).reshape(B, Hkv, -1, nq, block_q, qg.shape[-1])
+        q_int, s_q = quantize_symmetric(q_blocks, (4, 5), qk_bits)
+        q_int = q_int.reshape(B, Hkv, -1, nq * block_q, qg.shape[-1])[:, :, :, :T]
+        s_q = jnp.repeat(s_q.reshape(B, Hkv, -1, nq), block_q, axis=-1)[..., :T, None]
+        k_int, s_k = quantize_symmetric(pad_axis(kt, 2, block_kv).reshape(B, Hkv, nk, block_kv, -1), (3, 4), qk_bits)
+        k_int = k_int.reshape(B, Hkv, nk * block_kv, -1)[:, :, :S]
+        s_k = jnp.repeat(s_k.reshape(B, Hkv, 1, 1, nk), block_kv, axis=-1)[..., :S]
+        s_int = jnp.einsum("bhgqd,bhkd->bhgqk", q_int, k_int, preferred_element_type=jnp.int32)
+        s = s_int.astype(jnp.float32) * s_q * s_k * spec.scale
     ok = allowed(mask, q_idx, kv_idx, spec)
     m = jnp.max(jnp.where(ok, s, -jnp.inf), -1, keepdims=True)
     p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    p_int = jnp.round(p * 127.0).astype(jnp.int8)
 
-    v_int, s_v = quantize_int8(pad_axis(vt, 2, block_kv).reshape(B, Hkv, nk, block_kv, Dv), (3,))
-    p_blocks = pad_axis(p_int, 4, block_kv).reshape(*p_int.shape[:4], nk, block_kv)
-    o_int = jnp.einsum("bhgqnk,bhnkd->bhgqnd", p_blocks, v_int, preferred_element_type=jnp.int32)
-    o = jnp.einsum("bhgqnd,bhnd->bhgqd", o_int.astype(jnp.float32), s_v[:, :, :, 0]) / 127.0
-    rowsum = p_int.astype(jnp.float32).sum(-1, keepdims=True) / 127.0
+    if pv_bits is None:
+        o = jnp.einsum("bhgqk,bhkd->bhgqd", p, vt)
+        rowsum = p.sum(-1, keepdims=True)
+    else:
+        G = p.shape[2]
+        tiles = pad_axis(pad_axis(p, 3, block_q), 4, block_kv).reshape(B, Hkv, G, nq, block_q, nk, block_kv)
+        p_int, s_p = quantize_symmetric(tiles, (4, 6), pv_bits)
+        v_int, s_v = quantize_symmetric(pad_axis(vt, 2, block_kv).reshape(B, Hkv, nk, block_kv, Dv), (3,), pv_bits)
+        o_int = jnp.einsum("bhgiqnk,bhnkd->bhgiqnd", p_int, v_int, preferred_element_type=jnp.int32)
+        o = jnp.einsum("bhgiqnd,bhgin,bhnd->bhgiqd", o_int.astype(jnp.float32), s_p[:, :, :, :, 0, :, 0],
+                       s_v[:, :, :, 0])
+        rowsum = jnp.einsum("bhgiqn,bhgin->bhgiq", p_int.astype(jnp.float32).sum(-1), s_p[:, :, :, :, 0, :, 0])
+        o = o.reshape(B, Hkv, G, nq * block_q, Dv)[:, :, :, :T]
+        rowsum = rowsum.reshape(B, Hkv, G, nq * block_q, 1)[:, :, :, :T]
     out = jnp.where(rowsum > 0, o / jnp.where(rowsum > 0, rowsum, 1.0), 0.0)
     return out.reshape(B, Hq, T, Dv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 __all__ = [
-    "AXIS_ORDERS", "Paro", "block_attention_mass", "block_concentration", "budget", "check_grid", "choose_permutation",
-    "grid_permutation", "inverse_permutation", "permute_tokens", "permuted_selector_attention",
-    "quantize_int8", "quantized_attention_reference",
+    "AXIS_ORDERS", "BITS", "RULES", "Paro", "block_attention_mass", "block_concentration", "budget", "check_grid",
+    "choose_permutation", "combine_metrics", "grid_permutation", "int_max", "inverse_permutation", "paro_metrics",
+    "permute_tokens", "permuted_selector_attention", "quantize_int8", "quantize_symmetric",
+    "quantized_attention_reference",
 ]
