@@ -1,13 +1,16 @@
 """Block-sparse benchmark: each selector's density and its time against dense blocked softmax.
 
-For every registered selector (family "sparse", default config) and for 2-D neighbourhood
-attention, at each sequence length T, in one run:
+For every registered selector (family "sparse", default config: block selectors and token
+selectors), for 2-D neighbourhood attention and for the token-bucket engine on random buckets
+(``buckets``: ``--buckets`` equal-probability buckets per head, density ``1/--buckets``; issue 18's
+target: at most 0.35× the dense time at density 1/8), at each sequence length T, in one run:
 
 - **density**: the tiles the lists visit, as a fraction of the tiles the dense baseline computes
   (the lower triangle of the ``block × block`` tile grid for causal selectors; all tiles for
   neighbourhood attention, which is not causal);
 - **engine** time: ``block_sparse_attention(..., implementation=--implementation)`` on lists
-  computed beforehand (what a kernel costs at that density);
+  computed beforehand (what a kernel costs at that density); token selectors run
+  ``token_sparse_attention`` on their selection (its ``xla`` path);
 - **selected** time: the whole mechanism, ``attnjax.attention(mechanism=config)``, selection
   included (content-based selectors score blocks first; the oracle ``seer`` even runs a dense
   pass);
@@ -30,6 +33,7 @@ import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -37,7 +41,8 @@ from attnjax import masks, registry
 from attnjax.api import attention
 from attnjax.local import Neighborhood, NeighborhoodMask
 from attnjax.softmax import flash_attention_xla
-from attnjax.sparse import BlockSparse, block_sparse_attention, density
+from attnjax.sparse import (BlockSparse, Buckets, block_sparse_attention, density, pair_density,
+                            token_sparse_attention)
 from experiments.lib import cli, flops, host, measure, plots, report, workload
 
 TARGET_FACTOR, TARGET_DENSITY = 0.7, 0.25
@@ -53,6 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="comma-separated selectors and/or 'neighborhood' (default: every sparse selector and "
                         "neighborhood)")
     p.add_argument("--implementation", default="xla", choices=["xla", "pallas"], help="engine path to time")
+    p.add_argument("--buckets", type=int, default=8, help="buckets per head of the random-bucket engine case")
     p.add_argument("--na-kernel", type=int, default=13, help="neighbourhood kernel size per axis (2-D grid)")
     p.add_argument("--block", type=int, default=None,
                    help="block size for every selector (block_q = block_kv; their other fields keep their defaults) "
@@ -76,11 +82,13 @@ def grid_2d(T: int) -> tuple[int, int]:
 def cases(args: argparse.Namespace) -> dict[str, registry.Mechanism]:
     """Mechanism name -> config to benchmark: every sparse selector's default (with ``--block``, at
     that block size), and 2-D neighbourhood."""
-    names = args.mechanisms or [e.name for e in registry.entries() if e.family == "sparse"] + ["neighborhood"]
+    names = args.mechanisms or [e.name for e in registry.entries() if e.family == "sparse"] + ["neighborhood",
+                                                                                                "buckets"]
     selectors = {e.name: e.config() for e in registry.entries() if e.family == "sparse"}
-    unknown = set(names) - set(selectors) - {"neighborhood"}
+    unknown = set(names) - set(selectors) - {"neighborhood", "buckets"}
     if unknown:
-        raise SystemExit(f"unknown --mechanisms {sorted(unknown)}; choose from {sorted(selectors)} or neighborhood")
+        raise SystemExit(f"unknown --mechanisms {sorted(unknown)}; choose from {sorted(selectors)}, neighborhood "
+                         "or buckets")
     if args.block:
         selectors = {n: dataclasses.replace(c, block_q=args.block, block_kv=args.block) for n, c in selectors.items()}
     return {n: selectors.get(n) for n in names}
@@ -98,14 +106,30 @@ def setup(name: str, config, q, k, T: int, args: argparse.Namespace):
         return (Neighborhood(kernel_size=args.na_kernel, grid=grid, tile_shape=tile), None,
                 NeighborhoodMask(grid, args.na_kernel, tile_shape=tile).block_lists())
     mask = masks.Causal()
+    if name == "buckets":
+        B, H = q.shape[0], q.shape[2]
+        ids = np.random.default_rng(T).integers(0, args.buckets, (2, B, H, T)).astype(np.int32)
+        return None, mask, Buckets(jnp.asarray(ids[0]), jnp.asarray(ids[1]), args.buckets)
     return config, mask, config.select(q, k, mask=mask)
 
 
-def relative_density(blocks: BlockSparse, causal: bool) -> float:
-    """Visited tiles over the tiles the dense baseline computes (lower triangle when causal)."""
+def relative_density(selection, causal: bool) -> float:
+    """Block lists: visited tiles over the tiles the dense baseline computes (lower triangle when
+    causal). A token selection (``Buckets``, ``KeyLists``): selected pairs over the baseline's pairs."""
+    if not isinstance(selection, BlockSparse):
+        T, S = selection_lengths(selection)
+        return pair_density(selection, T, S, causal=causal)
+    blocks = selection
     nq, nk = blocks.num_q_blocks, blocks.num_kv_blocks
     baseline = (nk * (nk + 1) / 2 - (nk - nq) * (nk - nq + 1) / 2) if causal else nq * nk
     return float(density(blocks)) * nq * nk / baseline
+
+
+def selection_lengths(selection) -> tuple[int, int]:
+    """``(T, S)`` of a token selection (the bench is self-attention, so ``S = T``)."""
+    ids = getattr(selection, "q_ids", None)
+    T = ids.shape[-1] if ids is not None else selection.indices.shape[2]
+    return T, T
 
 
 def mechanism_fn(config, mask, implementation: str) -> Callable:
@@ -118,9 +142,19 @@ def path_fns(name: str, config, mask, blocks: BlockSparse, implementation: str) 
 
     Neighbourhood attention's lists are static and free to build, so its engine path is the mechanism itself.
     """
+    if name == "buckets":
+        def engine(q, k, v):
+            return token_sparse_attention(q, k, v, blocks, mask=mask, implementation="xla")
+        return {"engine": engine, "selected": engine,
+                "dense": lambda q, k, v: flash_attention_xla(q, k, v, mask=mask)}
     selected = mechanism_fn(config, mask, implementation)
     if name == "neighborhood":
         engine = selected
+    elif not isinstance(blocks, BlockSparse):
+        tiles = {f: getattr(config, f) for f in ("block_q", "block_kv") if hasattr(config, f)}
+
+        def engine(q, k, v):
+            return token_sparse_attention(q, k, v, blocks, mask=mask, implementation=implementation, **tiles)
     else:
         def engine(q, k, v):
             return block_sparse_attention(q, k, v, blocks, mask=mask, implementation=implementation)
@@ -140,7 +174,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             cfg, mask, blocks = setup(name, config, q, k, T, args)
             fns = path_fns(name, cfg, mask, blocks, args.implementation)
             row = {"mechanism": name, "T": T, "causal": mask is not None,
-                   "density_of_all_tiles": float(density(blocks)),
+                   "density_of_all_tiles": float(density(blocks)) if isinstance(blocks, BlockSparse) else None,
                    "density": relative_density(blocks, causal=mask is not None), "seconds": {}}
             for path, fn in fns.items():
                 key = (name if path != "dense" else f"dense/{row['causal']}", path)
@@ -227,7 +261,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
         f"`{args.implementation}`; each selector's default config at block {args.block or 64}; causal selectors "
         "under `Causal()`, "
         f"neighbourhood attention on a 2-D grid with kernel {args.na_kernel} (not causal). Density: visited tiles / "
-        "tiles the dense baseline computes. Speedup: dense `flash_attention_xla` time / path time, in this run.",
+        "tiles the dense baseline computes (token selectors: selected pairs / pairs it computes). Speedup: dense `flash_attention_xla` time / path time, in this run.",
         "", host.load_note(*load), "",
         "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "",
         f"Target (speedup of the engine ≥ 0.7 × 1/density wherever density ≤ 0.25): met in {len(met)} of "

@@ -5,8 +5,8 @@ from attnjax.blocked.lists import (BlockSparse, allowed_blocks, density, from_bl
 from attnjax.sparse.engine import (BlockSelector, DenseSelectionWarning,  # noqa: I001 - after lists
                                    block_sparse_attention, block_sparse_attention_reference, selected_attention)
 from attnjax.sparse.gather import block_sparse_attention_xla
-from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, routed_attention,
-                                   token_sparse_attention, token_sparse_attention_reference)
+from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, pair_density,
+                                   routed_attention, token_sparse_attention, token_sparse_attention_reference)
 from attnjax.sparse.static import (Dilated, SparseWindow, StaticSelector, Streaming, dilated_blocks,
                                    sliding_window_blocks, streaming_blocks)
 from attnjax.sparse.power import Power, power_blocks
@@ -29,8 +29,8 @@ __all__ = [
     "BlockSelector", "DenseSelectionWarning", "block_sparse_attention", "block_sparse_attention_reference",
     "block_sparse_attention_xla",
     "selected_attention",
-    "Buckets", "KeyLists", "TokenSelector", "bucket_block_lists", "routed_attention", "token_sparse_attention",
-    "token_sparse_attention_reference",
+    "Buckets", "KeyLists", "TokenSelector", "bucket_block_lists", "pair_density", "routed_attention",
+    "token_sparse_attention", "token_sparse_attention_reference",
     "StaticSelector", "SparseWindow", "Dilated", "Streaming", "Power", "Radial", "S2",
     "sliding_window_blocks", "dilated_blocks", "streaming_blocks", "power_blocks", "radial_blocks", "s2_blocks",
     "MoA", "attention_influence", "min_loss_assignment", "moa_block_mask", "moa_profile", "moa_spans",

@@ -309,6 +309,26 @@ def token_sparse_attention_xla(q, k, v, selection: Selection, *, mask: Optional[
                block_q=block_q, block_kv=block_kv)
 
 
+def pair_density(selection: Selection, T: int, S: int, *, causal: bool) -> float:
+    """Selected (query, key) pairs over the pairs dense attention computes (all ``T·S``, or the
+    bottom-right causal triangle), averaged over batch and query heads: what the selection keeps.
+
+    Memory: ``[B, Hkv, S, num_buckets]`` running counts for ``Buckets``, ``[B, Hq, T, K]`` flags for ``KeyLists``.
+    """
+    pos = masks.query_positions(jnp.arange(T), T, S)
+    if isinstance(selection, Buckets):
+        G = selection.q_ids.shape[1] // selection.kv_ids.shape[1]
+        counts = jnp.cumsum(jax.nn.one_hot(selection.kv_ids, selection.num_buckets, dtype=jnp.int32), axis=2)
+        counts = jnp.repeat(counts, G, axis=1)
+        upto = jnp.clip(pos, -1, S - 1) if causal else jnp.full((T,), S - 1)
+        seen = jnp.take_along_axis(counts[:, :, jnp.maximum(upto, 0)], selection.q_ids[..., None], -1)[..., 0]
+        pairs = jnp.where(upto >= 0, seen, 0).sum(-1)
+    else:
+        pairs = _allowed_at(masks.Causal() if causal else None, jnp.arange(T), selection.indices, T, S).sum((-2, -1))
+    dense = int(jnp.clip(pos + 1, 0, S).sum()) if causal else T * S
+    return float(pairs.mean()) / dense
+
+
 _PATHS = {"reference": token_sparse_attention_reference, "xla": token_sparse_attention_xla}
 
 
@@ -376,5 +396,5 @@ def routed_attention(selector: TokenSelector, implementation: str, q, k, v, *, m
 
 
 __all__ = ["Buckets", "KeyLists", "Selection", "SortedBuckets", "TokenSelector", "bucket_block_lists",
-           "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
+           "pair_density", "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
            "token_sparse_attention_xla"]

@@ -9,7 +9,7 @@ import pytest
 
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
-from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, routed_attention,
+from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, pair_density, routed_attention,
                                    token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
@@ -144,3 +144,14 @@ def test_token_selector_paths_agree():
     fast = routed_attention(sel, "xla", q, k, v, mask=masks.Causal())
     assert_close(fast, routed_attention(sel, "reference", q, k, v, mask=masks.Causal()))
     assert set(sel.implementations()) == {"reference", "xla"}
+
+
+@pytest.mark.parametrize("selection_name", list(SELECTIONS))
+def test_pair_density_counts_the_dense_selection(selection_name):
+    sel = SELECTIONS[selection_name]
+    for causal in (False, True):
+        allowed = np.asarray(sel.dense(T, S))
+        if causal:
+            allowed = allowed & np.tril(np.ones((T, S), bool))
+        dense = T * (T + 1) / 2 if causal else T * S
+        assert pair_density(sel, T, S, causal=causal) == pytest.approx(allowed.sum((-2, -1)).mean() / dense)
