@@ -19,6 +19,7 @@ from attnjax.sparse.xattention import (XAttention, antidiagonal_scores, cumulati
 from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, block_max_attention_reference,
                                  select_threshold, select_topk)
 from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
+from attnjax.sparse.longheads import LongHeads, longheads_decode, longheads_reference
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
 from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
 from attnjax.sparse.landmark import (insert_landmarks, landmark_attention, landmark_attention_reference,
