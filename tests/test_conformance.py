@@ -19,6 +19,7 @@ import pytest
 from attnjax import registry
 from attnjax.blocked.flash_xla import flash_attention_xla
 from attnjax.softmax.softmax import Softmax, softmax_attention_reference
+from attnjax.sparse import BlockSelector
 from attnjax.testing import conformance
 
 ENTRIES = {e.name: e for e in registry.entries()}
@@ -33,16 +34,29 @@ def _config(name: str):
 
 
 def _params(case_fn, implementations=None):
-    return [pytest.param(e.name, impl, case.name, id=f"{e.name}-{impl}-{case.name}", marks=_marks(e, case.name))
+    return [pytest.param(e.name, impl, case.name, id=f"{e.name}-{impl}-{case.name}", marks=_marks(e, impl, case.name))
             for e in ENTRIES.values() for impl in e.implementations
             if impl != "reference" and (implementations is None or impl in implementations)
             for case in case_fn(e.config())]
 
 
-def _marks(entry, case: str) -> tuple:
+PALLAS_BLOCK_SELECTORS = ("sparse_window", "moba")
+"""Block selectors whose ``pallas`` path the default suite runs: every block selector's pallas path is
+the one kernel ``pallas_kernels.block_sparse`` (tested on its own in tests/kernels/test_block_sparse.py)
+on the selector's lists, which its ``xla`` path already checks; one static and one content-based
+selector keep the kernel-on-selected-lists wiring covered, the others run in the slow suite."""
+
+
+def _marks(entry, implementation: str, case: str) -> tuple:
     """``plain`` (no option) is ``slow`` where the mechanism takes masks: its ``core`` and ``claimed`` cases run
-    the same path with a causal mask (and GQA, cross lengths where claimed), so the default suite keeps those."""
-    return (pytest.mark.slow,) if case == "plain" and "mask" in entry.supports else ()
+    the same path with a causal mask (and GQA, cross lengths where claimed), so the default suite keeps those.
+    Block selectors' ``pallas`` path is ``slow`` outside ``PALLAS_BLOCK_SELECTORS``."""
+    if case == "plain" and "mask" in entry.supports:
+        return (pytest.mark.slow,)
+    if (implementation == "pallas" and issubclass(entry.config, BlockSelector)
+            and entry.name not in PALLAS_BLOCK_SELECTORS):
+        return (pytest.mark.slow,)
+    return ()
 
 
 def _case(config, name: str, case_fn=conformance.cases) -> conformance.Case:
