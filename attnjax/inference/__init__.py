@@ -14,6 +14,8 @@ from attnjax.inference.head_steering import (head_divergence, head_outputs, rein
 from attnjax.inference.infiniretri import (infiniretri_layer_scorer, infiniretri_read, infiniretri_scores,
                                             infiniretri_select)
 from attnjax.inference.generate import generate, generate_by_recomputing, sample_token
+from attnjax.inference.landmark_retrieval import (landmark_retrieval_attention, landmark_scores, retrieval_mask,
+                                                  retrieve_blocks)
 
 __all__ = [
     "SnapKVCache", "snapkv_compress", "snapkv_decode", "snapkv_prefill", "snapkv_scores", "snapkv_select",
@@ -24,4 +26,5 @@ __all__ = [
     "var_attention_xla", "head_divergence", "head_outputs", "reinforce_heads", "select_heads", "token_divergence",
     "infiniretri_scores", "infiniretri_select", "infiniretri_read", "infiniretri_layer_scorer",
     "generate", "generate_by_recomputing", "sample_token",
+    "landmark_scores", "retrieve_blocks", "retrieval_mask", "landmark_retrieval_attention",
 ]

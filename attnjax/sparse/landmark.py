@@ -230,22 +230,31 @@ class _Static:
     S: int
 
 
-def _tile_logits(st: _Static, qi, kj, q_pos, kv_idx):
-    """Logits ``s``, adjusted logits ``a``, local probabilities ``π`` and the class masks of one tile.
+def grouped_logits(s: jax.Array, q_pos: jax.Array, kv_pos: jax.Array, kv_valid: jax.Array, block_size: int):
+    """The adjusted logits of the grouped softmax on keys laid out in whole landmark blocks.
 
-    qi ``[B, Hkv, G, bq, D]``, kj ``[B, Hkv, bk, D]``. Returns float32 ``[B, Hkv, G, bq, bk]`` arrays
-    ``a`` (-inf where no weight), ``pi`` (0 outside earlier blocks' regular tokens), and bool masks
-    ``earlier`` and ``gate`` (earlier blocks' landmarks) of shape ``[bq, bk]``.
+    Args:
+      s: float32 logits ``[..., N]`` with ``N % block_size == 0``; the keys of each run of ``block_size``
+        along the last axis form one landmark block (key positions ``kv_pos`` block-aligned), so a block's
+        landmark logit is the run's last entry.
+      q_pos: int query positions broadcastable to ``s`` without its last axis (e.g. ``[bq, 1]``).
+      kv_pos: int key positions broadcastable to ``s`` (e.g. ``[bk]``, or ``[..., N]`` for gathered keys).
+      kv_valid: bool, broadcastable like ``kv_pos``: False for padding (and keys removed by retrieval).
+      block_size: tokens per landmark block.
+    Returns:
+      ``(a, pi, earlier, gate)``: ``a`` the adjusted logits (``s − ℓ_b + s_{L_b}`` on an earlier block's
+      regular tokens, ``s`` on the own block's regular tokens at or before the query, ``-inf`` elsewhere;
+      module docstring), ``pi = exp(s − ℓ_b)`` (0 off earlier regular tokens), and the bool masks of
+      earlier blocks' regular tokens and of their landmarks (the gates). ``softmax(a)`` over the keys is
+      Eq. 3's weight.
     """
-    bs = st.block_size
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * st.scale
-    q_blk = (q_pos // bs)[:, None]
-    k_blk = (kv_idx // bs)[None, :]
-    valid = (kv_idx < st.S)[None, :]
-    landmark = (kv_idx % bs == bs - 1)[None, :]
-    earlier = (k_blk < q_blk) & ~landmark & valid
-    gate = (k_blk < q_blk) & landmark & valid
-    own = (k_blk == q_blk) & ~landmark & valid & (kv_idx[None, :] <= q_pos[:, None])
+    bs = block_size
+    q_blk = q_pos // bs
+    k_blk = kv_pos // bs
+    landmark = kv_pos % bs == bs - 1
+    earlier = (k_blk < q_blk) & ~landmark & kv_valid
+    gate = (k_blk < q_blk) & landmark & kv_valid
+    own = (k_blk == q_blk) & ~landmark & kv_valid & (kv_pos <= q_pos)
     shape = s.shape[:-1] + (s.shape[-1] // bs, bs)
     blocks = jnp.where(earlier, s, -jnp.inf).reshape(shape)
     m = blocks.max(-1, keepdims=True)
@@ -256,8 +265,16 @@ def _tile_logits(st: _Static, qi, kj, q_pos, kv_idx):
     pi = (e / jnp.where(z > 0, z, 1.0)).reshape(s.shape)            # π_ij (0 off earlier tokens)
     landmark_logit = s.reshape(shape)[..., -1:]                     # s_{i, L_b}
     adjusted = (s.reshape(shape) - ell + landmark_logit).reshape(s.shape)
-    a = jnp.where(earlier, adjusted, jnp.where(own, s, -jnp.inf))
+    gate_ok = jnp.broadcast_to(gate, s.shape).reshape(shape)[..., -1:]
+    a = jnp.where(earlier & jnp.broadcast_to(gate_ok, shape).reshape(s.shape), adjusted,
+                  jnp.where(own, s, -jnp.inf))
     return a, pi, earlier, gate
+
+
+def _tile_logits(st: _Static, qi, kj, q_pos, kv_idx):
+    """``grouped_logits`` of one (query tile, key tile): qi ``[B, Hkv, G, bq, D]``, kj ``[B, Hkv, bk, D]``."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * st.scale
+    return grouped_logits(s, q_pos[:, None], kv_idx, kv_idx < st.S, st.block_size)
 
 
 def _hi(st: _Static, i):
@@ -388,6 +405,6 @@ def landmark_attention(
 
 
 __all__ = [
-    "PAPER", "is_landmark", "insert_landmarks", "landmark_attention", "landmark_attention_reference",
+    "PAPER", "grouped_logits", "is_landmark", "insert_landmarks", "landmark_attention", "landmark_attention_reference",
     "landmark_attention_xla",
 ]
