@@ -37,6 +37,7 @@ SPARSE_AT_DECODE_LENGTH = {
     "radial": dict(frame_shape=(2, 4)), "s2": dict(num_shards=2, window_blocks=1),
     "moa": dict(alphas=(8.0,), betas=(0.5,), sink=0), "xattention": dict(threshold=0.5, stride=4), "seer": dict(top_k=2),
     "urpe": dict(c=jnp.linspace(0.5, 1.5, 41)[:, None]),
+    "longheads": dict(top_k=4),
 }
 """Config changes that make a mechanism differ from softmax at ``DECODE_LENGTH``: a selector's defaults list
 every block there, and URPE's default ``C = 1`` is softmax; either would make any decode check pass. None
