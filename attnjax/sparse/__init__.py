@@ -22,9 +22,8 @@ from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.longheads import LongHeads, longheads_decode, longheads_reference
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
 from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
-from attnjax.sparse.routing import Routing, init_centroids, kmeans_step, routing_attention, routing_buckets
-from attnjax.sparse.landmark import (insert_landmarks, landmark_attention, landmark_attention_reference,
-                                    landmark_attention_xla)
+from attnjax.sparse.landmark import (Landmark, insert_landmarks, landmark_attention,
+                                    landmark_attention_reference, landmark_attention_xla)
 
 __all__ = [
     "BlockSparse", "allowed_blocks", "density", "from_block_ids", "from_block_mask", "to_block_mask", "transpose",
@@ -42,5 +41,5 @@ __all__ = [
     "Moba", "Vmoba", "vmoba_permutation",
     "Paro", "choose_permutation", "quantized_attention_reference",
     "Biformer", "biformer_attention", "biformer_attention_reference",
-    "insert_landmarks", "landmark_attention", "landmark_attention_reference", "landmark_attention_xla",
+    "Landmark", "insert_landmarks", "landmark_attention", "landmark_attention_reference", "landmark_attention_xla",
 ]

@@ -50,17 +50,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attnjax import registry
+from attnjax.blocked.lists import BlockSparse, allowed_blocks
 from attnjax.blocked.tiles import add_slice, kv_tiles, q_tiles, row_tiles, untile
 from attnjax.checks import check_positive, check_qkv
 from attnjax.dispatch import dispatch
 from attnjax.masks import Mask, query_positions
+from attnjax.sparse.engine import BlockSelector, fits_top_k
+from attnjax.sparse.moba import own_blocks
+from attnjax.sparse.seer import select_topk
 from attnjax.tiling import num_tiles
 
 PAPER = "Mohtashami & Jaggi 2023, Landmark Attention: Random-Access Infinite Context Length for Transformers"
@@ -404,7 +409,100 @@ def landmark_attention(
                     scale=scale, mask=mask)
 
 
+# ----------------------------------------------------------------------------- block selector
+
+def landmark_block_scores(q: jax.Array, k: jax.Array, candidates: jax.Array, *, block_q: int, block_kv: int,
+                          scale: Optional[float] = None) -> jax.Array:
+    """Landmark retrieval scores pooled over query blocks: float32 ``[B, Hq, nq, nk]``.
+
+    Key block ``n``'s landmark is its last key, ``k[n·block_kv + block_kv − 1]`` (the last valid key of a
+    short final block). For each query row ``t`` the landmark logits ``scale · q_t · k_{L_n}`` over the
+    candidate blocks of its query block get a softmax; the score of (query block ``i``, key block ``n``) is
+    the max of that probability over the rows of block ``i`` (the official ``max_over_tokens`` aggregate,
+    ``lm_benchmark/models/caches/mem_cache.py``). Non-candidates score 0. Computed one query block at a
+    time (``O(block_q · nk)`` memory per step); no gradient flows through it.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
+      candidates: bool, broadcastable to ``[B, Hq, nq, nk]``: the blocks that compete.
+    """
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    landmark_idx = np.minimum(np.arange(nk) * block_kv + block_kv - 1, S - 1)
+    landmarks = k[:, landmark_idx].transpose(0, 2, 1, 3)                                       # [B, Hkv, nk, D]
+    cand = jnp.broadcast_to(jnp.asarray(candidates, bool), (B, Hq, nq, nk))
+    cand = cand.reshape(B, Hkv, G, nq, nk).transpose(3, 0, 1, 2, 4)                           # [nq, B, Hkv, G, nk]
+
+    def tile(args):
+        i, qi, ci = args
+        logits = jnp.einsum("bhgqd,bhnd->bhgqn", qi, landmarks, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(ci[..., None, :], logits, -jnp.inf)
+        m = logits.max(-1, keepdims=True)
+        e = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+        z = e.sum(-1, keepdims=True)
+        p = e / jnp.where(z > 0, z, 1.0)
+        rows = (i * block_q + jnp.arange(block_q) < T)[:, None]
+        return jnp.where(rows, p, 0.0).max(-2)                                                # [B, Hkv, G, nk]
+
+    pooled = lax.map(tile, (jnp.arange(nq), q_tiles(q, block_q, Hkv), cand))
+    return pooled.transpose(1, 2, 3, 0, 4).reshape(B, Hq, nq, nk)
+
+
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class Landmark(BlockSelector):
+    """Landmark retrieval (Mohtashami & Jaggi 2023, Sec. 3.2) as a block selector of the block-sparse engine.
+
+    Key block ``n`` (``block_kv`` keys) is represented by its last key, the landmark's place in a landmark
+    sequence. Each query block keeps its own key blocks (those holding its positions; the local context)
+    and, per query head, the best of the other allowed blocks by ``landmark_block_scores`` (per-row softmax
+    over the competing landmarks, max over the block's rows), ``top_k`` blocks in all. The engine then
+    runs **plain softmax** over the listed blocks' tokens.
+
+    Deviations from the paper, because the engine's tiles are plain softmax over listed blocks: selection is
+    per query *block*, not per query token (``attnjax.inference.landmark_retrieval`` has the per-token rule);
+    the retrieved blocks are not gated by their landmark's weight (the grouped softmax of
+    ``landmark_attention``); landmark keys are attended like any key. On a sequence without landmark tokens
+    each block's last key stands in for one (as in the conformance suite's random inputs).
+
+    Attributes:
+      block_q, block_kv: tile sizes; ``block_kv`` is the landmark block size (default 64).
+      top_k: key blocks per query block, own blocks included (raised to the number of own blocks).
+    """
+
+    name: ClassVar[str] = "landmark"
+    paper: ClassVar[str] = PAPER
+
+    block_q: int = 64
+    block_kv: int = 64
+    top_k: int = 4
+
+    def __post_init__(self):
+        check_positive(block_q=self.block_q, block_kv=self.block_kv, top_k=self.top_k)
+
+    def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
+        T, S = q.shape[1], k.shape[1]
+        own = own_blocks(T, S, self.block_q, self.block_kv)
+        ok = allowed_blocks(mask, T, S, self.block_q, self.block_kv)
+        scores = landmark_block_scores(q, k, jnp.asarray(ok) & ~own, block_q=self.block_q, block_kv=self.block_kv)
+        return select_topk(jnp.where(own, jnp.inf, scores), self.list_length(T, S), ok, block_q=self.block_q,
+                           block_kv=self.block_kv)
+
+    def list_length(self, T: int, S: int) -> int:
+        """``K = min(nk, max(top_k, own blocks per query block))``: blocks listed per query block."""
+        own = own_blocks(T, S, self.block_q, self.block_kv)
+        return min(num_tiles(S, self.block_kv), max(self.top_k, int(own.sum(-1).max(initial=0))))
+
+    def selects_every_block(self, T: int, S: int, num_heads: int, mask: Optional[Mask] = None) -> bool:
+        """True when no query block allows more than ``list_length(T, S)`` blocks (e.g. ``top_k·block_kv ≥ S``)."""
+        return fits_top_k(self.list_length(T, S), mask, T, S, self.block_q, self.block_kv)
+
+
 __all__ = [
-    "PAPER", "grouped_logits", "is_landmark", "insert_landmarks", "landmark_attention", "landmark_attention_reference",
-    "landmark_attention_xla",
+    "PAPER", "Landmark", "grouped_logits", "is_landmark", "landmark_block_scores", "insert_landmarks",
+    "landmark_attention", "landmark_attention_reference", "landmark_attention_xla",
 ]
