@@ -22,6 +22,7 @@ from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.longheads import LongHeads, longheads_decode, longheads_reference
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
 from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
+from attnjax.sparse.routing import Routing, init_centroids, kmeans_step, routing_attention, routing_buckets
 from attnjax.sparse.landmark import (Landmark, insert_landmarks, landmark_attention,
                                     landmark_attention_reference, landmark_attention_xla)
 
