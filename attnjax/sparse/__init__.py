@@ -21,6 +21,11 @@ from attnjax.sparse.seer import (Seer, attention_recall, block_max_attention, bl
 from attnjax.sparse.moba import Moba, Vmoba, vmoba_permutation
 from attnjax.sparse.longheads import LongHeads, longheads_decode, longheads_reference
 from attnjax.sparse.paro import Paro, choose_permutation, quantized_attention_reference
+from attnjax.sparse.combiner import (CombinerAxial, CombinerFixed, CombinerLogsparse, CombinerSupports,
+                                     combiner_attention_reference, combiner_attention_xla, combiner_matrix,
+                                     combiner_supports)
+from attnjax.sparse.core_context import (CoreContext, core_context_access, core_context_attention_reference,
+                                         core_context_attention_xla, core_context_matrix, core_tokens)
 from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
 from attnjax.sparse.routing import Routing, init_centroids, kmeans_step, routing_attention, routing_buckets
 from attnjax.sparse.landmark import (Landmark, insert_landmarks, landmark_attention,
@@ -41,6 +46,10 @@ __all__ = [
     "select_topk",
     "Moba", "Vmoba", "vmoba_permutation",
     "Paro", "choose_permutation", "quantized_attention_reference",
+    "CombinerFixed", "CombinerLogsparse", "CombinerAxial", "CombinerSupports", "combiner_attention_reference",
+    "combiner_attention_xla", "combiner_matrix", "combiner_supports",
+    "CoreContext", "core_context_access", "core_context_attention_reference", "core_context_attention_xla",
+    "core_context_matrix", "core_tokens",
     "Biformer", "biformer_attention", "biformer_attention_reference",
     "Landmark", "insert_landmarks", "landmark_attention", "landmark_attention_reference", "landmark_attention_xla",
 ]
