@@ -1,0 +1,149 @@
+"""Layers whose sparse attention pattern is predicted by learned parts: DMA and Sparsifiner.
+
+- ``DynamicMaskAttention``: Shi et al. 2025, "Trainable Dynamic Mask Sparse Attention"
+  (arXiv:2508.02124), official ``DogeAttention`` (SmallDoges/flash-dmattn); core in
+  ``attnjax.sparse.dma``.
+- ``SparsifinerAttention``: Wei et al. 2023, "Sparsifiner: Learning Sparse Instance-Dependent
+  Attention for Efficient Vision Transformers" (CVPR 2023), official ``MaskPredictor``/``Attention``
+  (lim142857/Sparsifiner); core in ``attnjax.sparse.sparsifiner``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype
+
+from attnjax import masks
+from attnjax.nn.attention import KVCache, attention_projections
+from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.registry import ModuleSpec, register_module
+from attnjax.positional import RoPE
+from attnjax.sparse.dma import PAPER as DMA_PAPER
+from attnjax.sparse.dma import biased_token_attention, dynamic_mask_attention, dynamic_mask_bias
+from attnjax.sparse.tokens import KeyLists
+
+IMPLEMENTATIONS = ("auto", "xla", "reference")
+
+
+class DynamicMaskAttention(nnx.Module):
+    """Dynamic mask attention as a token mixer (official ``DogeAttention`` without Doge's q/k RMSNorm)::
+
+        Q, K, V = x W_q, x W_k, x W_v                      # [B, T, H, D], GQA K/V heads
+        δ_j     = A · softplus(vec(V_j) W_Δ)               # [B, Hkv, T]: per key, per KV head
+        y       = DMA(Q, K, V; δ, keep) W_o                # attnjax.sparse.dynamic_mask_attention
+
+    Each query keeps the ``keep`` keys with the largest ``δ`` (among earlier keys under
+    ``masks.Causal()``; one list per head otherwise) and adds ``δ_j`` to their logits, so ``W_Δ`` and
+    ``A`` are trained end to end through the bias. ``A`` starts at ``a_init``: 0 in the official init,
+    where every key ties (the earliest ``keep`` are kept) and ``W_Δ`` gets no gradient until ``A`` moves.
+
+    Example::
+
+      layer = DynamicMaskAttention(256, 4, num_kv_heads=2, keep=2048, rngs=nnx.Rngs(0))
+      y = layer(x, mask=masks.Causal())                    # x, y: [B, T, 256]
+      cache = layer.init_cache(B, max_len); y_t, cache = layer.decode(x_t, cache)
+
+    Args:
+      d_model: features of ``x`` and of the output.
+      num_heads: query heads; num_kv_heads: K/V heads (default ``num_heads``), dividing it.
+      keep: keys each query keeps (official ``keep_window_size``).
+      head_dim: default ``d_model // num_heads``.
+      dt_bias: a bias in ``W_Δ`` (official ``attention_bias``, False).
+      a_init: initial value of every head's ``A`` (official 0).
+      rope: optional ``attnjax.positional.RoPE`` on q and k.
+      implementation: "auto"/"xla" (token engine) or "reference" (dense).
+      dtype, param_dtype: computation and parameter dtypes.
+      rngs: ``params`` initializes the projections.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, keep: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, dt_bias: bool = False, a_init: float = 0.0, rope: Optional[RoPE] = None,
+                 implementation: str = "auto", dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        head_dim = resolve_head_dim(d_model, num_heads, head_dim)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_positive(keep=keep, num_kv_heads=num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"DynamicMaskAttention implementation must be one of {IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
+        if rope is not None:
+            if not isinstance(rope, RoPE):
+                raise TypeError(f"rope must be an attnjax.positional.RoPE or None, got {type(rope).__name__}")
+            rope.frequencies(head_dim)
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
+        self.keep, self.rope, self.implementation = keep, rope, implementation
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dt_proj = nnx.Linear(num_kv_heads * head_dim, num_kv_heads, use_bias=dt_bias, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+        self.a = nnx.Param(jnp.full((num_kv_heads,), a_init, param_dtype))
+
+    def key_bias(self, v: jax.Array) -> jax.Array:
+        """``δ = A · softplus(vec(v) W_Δ)``, float32 ``[B, Hkv, S]`` for values ``v [B, S, Hkv, D]``."""
+        b = self.dt_proj.bias
+        return dynamic_mask_bias(v, self.dt_proj.kernel[...], self.a[...], None if b is None else b[...])
+
+    def _qkv(self, x, positions):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None,
+                 positions: Optional[jax.Array] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``; ``mask``: None (one key list per head) or
+        ``masks.Causal()`` (per query, among earlier keys); ``positions``: RoPE positions (default ``arange(T)``)."""
+        check_input("x", x, self.d_model)
+        check_causal_mask("DynamicMaskAttention", mask)
+        q, k, v = self._qkv(x, jnp.arange(x.shape[1]) if positions is None else positions)
+        heads = dynamic_mask_attention(q, k, v, self.key_bias(v), keep=self.keep, mask=mask,
+                                       implementation=self.implementation)
+        return self.out(heads)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
+        """An empty ``KVCache``: zeros ``[batch, max_len, Hkv, D]`` and length 0."""
+        check_positive(batch=batch, max_len=max_len)
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One causal step at position ``cache.length``: the token keeps the ``keep`` cached keys with the
+        largest bias (its own included), equal to ``self(x, mask=masks.Causal())`` position by position.
+
+        Args:
+          x_t: ``[B, 1, d_model]``; cache: from ``init_cache`` or the previous ``decode``.
+        Returns:
+          ``(y_t [B, 1, d_model], cache)``.
+        """
+        check_step("x_t", x_t, self.d_model, cache.k.shape[0])
+        dtype = cache.k.dtype
+        q, k, v = (t.astype(dtype) for t in self._qkv(x_t, cache.length[None]))
+        start = (0, cache.length, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        bias = self.key_bias(v_all)
+        filled = jnp.arange(k_all.shape[1]) <= cache.length
+        values, ids = jax.lax.top_k(jnp.where(filled, jax.lax.stop_gradient(bias), -jnp.inf),
+                                    min(self.keep, k_all.shape[1]))
+        ids = jnp.where(jnp.isfinite(values), ids, -1)
+        lists = KeyLists(jnp.repeat(ids, self.num_heads // self.num_kv_heads, axis=1)[:, :, None])
+        impl = "reference" if self.implementation == "reference" else "xla"
+        heads = biased_token_attention(q, k_all, v_all, bias, lists, implementation=impl)
+        return self.out(heads), KVCache(k_all, v_all, cache.length + 1)
+
+
+register_module(ModuleSpec(
+    "dynamic_mask", DynamicMaskAttention, dict(d_model=16, num_heads=4, num_kv_heads=2, keep=4, a_init=1.0),
+    (2, 9, 16),
+    kind="layer", paper=DMA_PAPER, causal=True, decodes=True))
+
+__all__ = ["DynamicMaskAttention"]
