@@ -38,6 +38,7 @@ SPARSE_AT_DECODE_LENGTH = {
     "moa": dict(alphas=(8.0,), betas=(0.5,), sink=0), "xattention": dict(threshold=0.5, stride=4), "seer": dict(top_k=2),
     "urpe": dict(c=jnp.linspace(0.5, 1.5, 41)[:, None]),
     "longheads": dict(top_k=4),
+    "core_context": dict(window=8, group_size=4),
 }
 """Config changes that make a mechanism differ from softmax at ``DECODE_LENGTH``: a selector's defaults list
 every block there, and URPE's default ``C = 1`` is softmax; either would make any decode check pass. None
