@@ -131,6 +131,11 @@ class SequenceSharding:
         return P(self._axis(self.batch_axis), self.seq_axis, self._axis(self.head_axis), None)
 
     @property
+    def state_spec(self) -> P:
+        """Spec of per-sequence states ``[B, H, ...]`` (replicated along the sequence axis)."""
+        return P(self._axis(self.batch_axis), self._axis(self.head_axis))
+
+    @property
     def ids_spec(self) -> P:
         """Spec of ``[B, T]`` arrays (segment ids)."""
         return P(self._axis(self.batch_axis), self.seq_axis)
@@ -160,9 +165,9 @@ class SequenceSharding:
         if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected [B, T] = ({B}, {T})")
 
-    def run(self, fn: Callable, args: tuple, in_specs: tuple):
+    def run(self, fn: Callable, args: tuple, in_specs: tuple, out_specs=None):
         """``fn(*args)`` on each device's shards, under ``shard_map`` over the mesh; the output is
-        sharded as ``tokens_spec``.
+        sharded as ``out_specs`` (default ``tokens_spec``).
 
         On a mesh with Explicit axes (``jax.make_mesh``'s default) ``jax.shard_map`` takes only inputs
         already sharded as its ``in_specs``, so each argument is resharded to its spec first
@@ -170,7 +175,8 @@ class SequenceSharding:
         """
         if any(kind == jax.sharding.AxisType.Explicit for kind in getattr(self.mesh, "axis_types", ())):
             args = tuple(jax.reshard(x, NamedSharding(self.mesh, spec)) for x, spec in zip(args, in_specs))
-        return shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=self.tokens_spec)(*args)
+        out_specs = self.tokens_spec if out_specs is None else out_specs
+        return shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
 def sequence_parallel_call(fn: Callable, q, k, v, *, mesh, seq_axis: str, batch_axis: AxisNames = None,

@@ -35,12 +35,18 @@ def inputs() -> tuple[np.ndarray, ...]:
 
 
 def multihost_case(mesh: Mesh, arrays) -> dict[str, jax.Array]:
-    """LASP-2 (with decay) and causal ring attention on a ``("data", "seq")`` mesh: outputs and
-    gradients of ``sum(out * w)`` wrt q, k, v. The same code serves one process or many."""
+    """LASP-2 (with decay; and with packed sequences and an initial state) and causal ring attention on a
+    ``("data", "seq")`` mesh: outputs and gradients of ``sum(out * w)`` wrt q, k, v. The same code serves
+    one process or many."""
     decay = jnp.asarray(DECAY)
+    B, T, Hq, D = (SHAPE[n] for n in ("B", "T", "Hq", "D"))
+    packed = jnp.asarray(np.repeat([[0, 1, 1, 2]], B, 0).repeat(T // 4, 1) + np.arange(B)[:, None], jnp.int32)
+    state = jnp.asarray(np.random.default_rng(1).standard_normal((B, Hq, D, D)), jnp.float32)
     schemes = {
         "lasp2": lambda q, k, v: parallel.lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
                                                         decay=decay),
+        "lasp2_packed": lambda q, k, v: parallel.lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
+                                                               decay=decay, segment_ids=packed, initial_state=state),
         "ring": lambda q, k, v: parallel.ring_attention_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
                                                                 mask=masks.Causal()),
     }

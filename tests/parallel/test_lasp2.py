@@ -181,3 +181,36 @@ def test_bad_inputs_raise_clear_errors(mesh_2x4, mesh_8):
         lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay="cosine")
     with pytest.raises(ValueError, match="0 < λ <= 1"):  # checked before shard_map traces the decay
         lasp2_sharded(q[:, :8], k[:, :8], v[:, :8], mesh=mesh_8, seq_axis="seq", decay=jnp.full((2,), 2.0))
+
+
+PACKED = jnp.array([[0] * 3 + [1] * 14 + [2] * 2 + [3] * 13, [5] * 32], jnp.int32)
+"""Two rows on 8 ranks of 4 tokens: runs that end inside a rank, span several ranks, and a row of one run."""
+
+
+def test_segments_initial_state_and_final_state_match_linear_attention(mesh_8):
+    """Packed sequences, an initial state and the final state (forward and gradients of q, k, v, λ and
+    the initial state through the output and the final state) equal the single-device call."""
+    q, k, v = random_qkv(jax.random.PRNGKey(4), B=2, T=32, Hq=4, Hkv=2, D=8)
+    state = jax.random.normal(jax.random.PRNGKey(5), (2, 4, 8, 8), jnp.float32)
+
+    def flat(fn, gather=lambda x: x):
+        def run(q, k, v, lam, state):
+            out, final = fn(q, k, v, decay=lam, segment_ids=PACKED, initial_state=state, return_state=True)
+            return jnp.concatenate([gather(out).ravel(), gather(final).ravel()])
+        return run
+
+    def replicated(x):
+        return jax.reshard(x, NamedSharding(mesh_8, P()))
+
+    assert_same(flat(lambda *a, **kw: lasp2_sharded(*a, mesh=mesh_8, seq_axis="seq", implementation=INTRA, **kw),
+                     replicated),
+                flat(lambda *a, **kw: linear_attention(*a, implementation="reference", **kw)),
+                (q, k, v, DECAY, state), (0, 1, 2, 3, 4), ["q", "k", "v", "λ", "state"])
+
+
+def test_states_and_segments_need_causal(mesh_8):
+    q, k, v = random_qkv(jax.random.PRNGKey(4), B=2, T=32, Hq=4, Hkv=2, D=8)
+    with pytest.raises(NotImplementedError, match="need causal=True"):
+        lasp2_sharded(q, k, v, mesh=mesh_8, seq_axis="seq", causal=False, segment_ids=PACKED)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 31\)"):
+        lasp2_sharded(q, k, v, mesh=mesh_8, seq_axis="seq", segment_ids=PACKED[:, :31])
