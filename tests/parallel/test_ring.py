@@ -213,6 +213,11 @@ def test_ring_sharded_on_make_mesh_2d_non_causal_segment_ids(axis_type):
     _check_scheme(parallel.ring_attention_sharded, mesh, "zigzag", masks.Full(), ids=True, batch_axis="data")
 
 
+def test_ring_striped_causal_segment_ids(mesh):
+    """Packed sequences in the striped layout under a causal mask (zigzag: the test above)."""
+    _check_scheme(parallel.ring_attention_sharded, mesh, "striped", masks.Causal(), ids=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mask", [masks.Causal(), masks.Full(), masks.SlidingWindow(5, 2),
