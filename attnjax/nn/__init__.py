@@ -28,7 +28,7 @@ from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
 from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, ZoologyCache, ZoologyHybridBlock
 from attnjax.nn.biformer import BiLevelRoutingAttention
-from attnjax.nn.sparse_predicted import DynamicMaskAttention
+from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",

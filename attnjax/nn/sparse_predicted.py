@@ -24,6 +24,9 @@ from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import RoPE
 from attnjax.sparse.dma import PAPER as DMA_PAPER
 from attnjax.sparse.dma import biased_token_attention, dynamic_mask_attention, dynamic_mask_bias
+from attnjax.sparse.sparsifiner import PAPER as SPARSIFINER_PAPER
+from attnjax.sparse.sparsifiner import (attention_budget, connectivity_scores, dense_attention_probabilities,
+                                        distillation_loss, sparsifiner_attention)
 from attnjax.sparse.tokens import KeyLists
 
 IMPLEMENTATIONS = ("auto", "xla", "reference")
@@ -146,4 +149,133 @@ register_module(ModuleSpec(
     (2, 9, 16),
     kind="layer", paper=DMA_PAPER, causal=True, decodes=True))
 
-__all__ = ["DynamicMaskAttention"]
+
+TRUNC_NORMAL = jax.nn.initializers.truncated_normal(0.02)
+"""The official init of the token projections ``proj_n``/``proj_back_n``: ``trunc_normal_(std=.02)``."""
+
+
+class SparsifinerPredictor(nnx.Module):
+    """Sparsifiner's connectivity mask predictor (official ``MaskPredictor``): approximate attention scores.
+
+    ``A_approx = softmax((q W_q + b_q)(W_downᵀ(k W_k + b_k))ᵀ · scale) W_upᵀ`` per head
+    (``attnjax.sparse.sparsifiner.connectivity_scores``), with ``c = head_dim // reduce_c_factor``
+    channels and ``n_down = num_tokens // reduce_n_factor`` token bases. The token projections need a
+    fixed number of key tokens ``N`` (a ViT's patch count).
+
+    Args:
+      head_dim: ``D`` of q and k; num_heads: query heads (the official scale ``num_heads ** -0.5``).
+      num_tokens: ``N``, the number of key tokens.
+      reduce_n_factor, reduce_c_factor: official defaults 8 and 2.
+      basis_threshold: the inference basis keeps ``|W_up|`` entries above it (official ``BASIS_THRESHOLD``).
+      param_dtype: parameter dtype; rngs: ``params`` initializes the projections.
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, num_tokens: int, *, reduce_n_factor: int = 8,
+                 reduce_c_factor: int = 2, basis_threshold: float = 0.0, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        check_positive(head_dim=head_dim, num_heads=num_heads, num_tokens=num_tokens,
+                       reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor)
+        reduced_c, reduced_n = head_dim // reduce_c_factor, num_tokens // reduce_n_factor
+        if reduced_c < 1 or reduced_n < 1:
+            raise ValueError(f"head_dim // reduce_c_factor = {reduced_c} and num_tokens // reduce_n_factor = "
+                             f"{reduced_n} must be at least 1")
+        self.head_dim, self.num_heads, self.num_tokens = head_dim, num_heads, num_tokens
+        self.basis_threshold = basis_threshold
+        self.proj_c_q = nnx.Linear(head_dim, reduced_c, param_dtype=param_dtype, rngs=rngs)
+        self.proj_c_k = nnx.Linear(head_dim, reduced_c, param_dtype=param_dtype, rngs=rngs)
+        self.proj_n = nnx.Param(TRUNC_NORMAL(rngs.params(), (num_tokens, reduced_n), param_dtype))
+        self.proj_back_n = nnx.Param(TRUNC_NORMAL(rngs.params(), (num_tokens, reduced_n), param_dtype))
+
+    def __call__(self, q: jax.Array, k: jax.Array, *, training: bool = False) -> jax.Array:
+        """Float32 scores ``[B, Hq, T, N]`` for ``q [B, T, Hq, D]``, ``k [B, N, Hkv, D]``; ``training`` uses
+        ``W_up`` as is (reconstruction), else the thresholded ``|W_up|`` (official inference)."""
+        if q.shape[-1] != self.head_dim or k.shape[1] != self.num_tokens or q.shape[2] != self.num_heads:
+            raise ValueError(f"SparsifinerPredictor built for head_dim={self.head_dim}, num_heads={self.num_heads}, "
+                             f"num_tokens={self.num_tokens}; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        return connectivity_scores(q, k, self.proj_c_q.kernel[...], self.proj_c_q.bias[...], self.proj_c_k.kernel[...],
+                                   self.proj_c_k.bias[...], self.proj_n[...], self.proj_back_n[...],
+                                   training=training, basis_threshold=self.basis_threshold)
+
+
+class SparsifinerAttention(nnx.Module):
+    """Sparsifiner's MHSA (official ``Attention``): attention on each query's predicted top-k keys::
+
+        Q, K, V = x W_q, x W_k, x W_v                      # [B, N, H, D]
+        M = top-k(SparsifinerPredictor(Q, K))              # k = ceil(keep_rate · N) keys per query
+        y = (softmax(Q Kᵀ/√D) on M) V W_o                  # the token engine's key lists
+
+    The mask is not differentiated (official ``attn_mask.detach_()``), so the layer's output gives the
+    predictor no gradient: train it with ``distillation_loss`` (attention reconstruction against the
+    layer's own dense attention), alone or added to the task loss.
+
+    Example::
+
+      layer = SparsifinerAttention(384, 6, num_tokens=197, keep_rate=0.25, rngs=nnx.Rngs(0))
+      y = layer(x)                                         # x, y: [B, 197, 384]
+      loss = layer.distillation_loss(x)
+
+    Args:
+      d_model: features; num_heads: heads (``d_model // num_heads`` per head).
+      num_tokens: ``N``, the sequence length the predictor is built for.
+      keep_rate: share of keys each query keeps (official ``attn_keep_rate``, 0.25 by default).
+      reduce_n_factor, reduce_c_factor, basis_threshold: the predictor's (``SparsifinerPredictor``).
+      qkv_bias: biases in the q/k/v projections (official ``qkv_bias=False``; the output has one).
+      implementation: the token engine's path, "auto", "xla" or "reference".
+      dtype, param_dtype: computation and parameter dtypes; rngs: ``params``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, num_tokens: int, keep_rate: float = 0.25,
+                 reduce_n_factor: int = 8, reduce_c_factor: int = 2, basis_threshold: float = 0.0,
+                 qkv_bias: bool = False, implementation: str = "auto", dtype: Optional[Dtype] = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        head_dim = resolve_head_dim(d_model, num_heads, None)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"SparsifinerAttention implementation must be one of {IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
+        self.d_model, self.num_heads, self.num_tokens = d_model, num_heads, num_tokens
+        self.keep = attention_budget(keep_rate, num_tokens)
+        self.implementation = implementation
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_heads, head_dim, qkv_bias=qkv_bias, out_bias=True, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+        self.predictor = SparsifinerPredictor(head_dim, num_heads, num_tokens, reduce_n_factor=reduce_n_factor,
+                                              reduce_c_factor=reduce_c_factor, basis_threshold=basis_threshold,
+                                              param_dtype=param_dtype, rngs=rngs)
+
+    def _qk(self, x):
+        check_input("x", x, self.d_model)
+        if x.shape[1] != self.num_tokens:
+            raise ValueError(f"SparsifinerAttention built for num_tokens={self.num_tokens}, got x {tuple(x.shape)}")
+        return self.query(x), self.key(x)
+
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, N, d_model] -> [B, N, d_model]``; ``mask`` (optional) restricts the candidates and the attention."""
+        q, k = self._qk(x)
+        scores = self.predictor(q, k)
+        heads = sparsifiner_attention(q, k, self.value(x), scores, keep=self.keep, mask=mask,
+                                      implementation=self.implementation)
+        return self.out(heads)
+
+    def distillation_loss(self, x: jax.Array, *, criterion: str = "mse", mask: Optional[masks.Mask] = None
+                          ) -> jax.Array:
+        """Attention reconstruction: ``distillation_loss(predictor(Q, K, training=True), softmax(Q Kᵀ/√D))``
+        with Q and K held fixed (only the predictor learns from it), a float32 scalar."""
+        q, k = (jax.lax.stop_gradient(t) for t in self._qk(x))
+        target = dense_attention_probabilities(q, k, mask=mask)
+        return distillation_loss(self.predictor(q, k, training=True), target, criterion=criterion)
+
+
+def _predictor_example(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``q [2, 12, 2, 8]`` and ``k [2, 12, 1, 8]`` for the ``SparsifinerPredictor`` spec."""
+    kq, kk = jax.random.split(key)
+    return jax.random.normal(kq, (2, 12, 2, 8), jnp.float32), jax.random.normal(kk, (2, 12, 1, 8), jnp.float32)
+
+
+register_module(ModuleSpec(
+    "sparsifiner_predictor", SparsifinerPredictor, dict(head_dim=8, num_heads=2, num_tokens=12, reduce_n_factor=4),
+    _predictor_example, kind="other", paper=SPARSIFINER_PAPER, call_kwargs=dict(training=True)))
+register_module(ModuleSpec(
+    "sparsifiner", SparsifinerAttention, dict(d_model=16, num_heads=2, num_tokens=12, keep_rate=0.5,
+                                              reduce_n_factor=4), (2, 12, 16), kind="layer", paper=SPARSIFINER_PAPER))
+
+__all__ = ["DynamicMaskAttention", "SparsifinerAttention", "SparsifinerPredictor"]

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from attnjax import masks
-from attnjax.nn.sparse_predicted import DynamicMaskAttention
+from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention
 from tests.helpers import assert_close
 
 
@@ -41,3 +41,25 @@ def test_dynamic_mask_reference_layer_agrees_with_the_engine_layer():
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 16))
     for mask in (None, masks.Causal()):
         assert_close(fast(x, mask=mask), ref(x, mask=mask), name=str(mask))
+
+
+def test_sparsifiner_distillation_lowers_the_loss_and_only_it_trains_the_predictor():
+    """30 Adam steps of attention reconstruction (MSE against the layer's own dense attention) lower the
+    loss; the layer's output gives the projections a gradient and the predictor none (its mask is detached)."""
+    layer = SparsifinerAttention(16, 2, num_tokens=12, keep_rate=0.5, reduce_n_factor=4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16))
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) * jnp.cos(jnp.arange(16.0)))))(layer)
+    assert float(jnp.abs(grads.query.kernel[...]).max()) > 0
+    assert all(float(jnp.abs(g[...]).max()) == 0 for _, g in nnx.to_flat_state(grads.predictor))
+    optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
+    q0 = np.asarray(layer.query.kernel[...])
+
+    @nnx.jit
+    def step(layer, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m.distillation_loss(x))(layer)
+        optimizer.update(layer, grads)
+        return loss
+
+    losses = [float(step(layer, optimizer)) for _ in range(30)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    np.testing.assert_array_equal(np.asarray(layer.query.kernel[...]), q0)
