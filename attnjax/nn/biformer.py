@@ -16,9 +16,11 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax.checks import check_positive, describe
+from attnjax.masks import Explicit
+from attnjax.nn.capture import is_capturing, sow_attention_inputs
 from attnjax.nn.checks import check_image
 from attnjax.nn.registry import ModuleSpec, register_module
-from attnjax.sparse.biformer import PAPER, biformer_attention
+from attnjax.sparse.biformer import PAPER, biformer_attention, routed_token_mask
 
 LINEAR_INIT = jax.nn.initializers.truncated_normal(0.02)
 """The official ``_init_weights``: linear kernels ``trunc_normal(std=0.02)``, biases zero."""
@@ -43,6 +45,10 @@ class BiLevelRoutingAttention(nnx.Module):
     ``biformer_attention`` on the block-sparse engine (``implementation``). Sizes the regions don't tile
     (the official legacy code needs ``auto_pad``): the grid is padded to whole regions, region means over
     the real tokens, padded keys masked (``attnjax.sparse.biformer``'s module docstring).
+
+    Under ``attnjax.analysis.capture_attention`` it records q, k and the routed pattern as an ``Explicit``
+    ``[B, 1, H·W, H·W]`` mask (``routed_token_mask``): the softmax map of the token-to-token attention (the LCE
+    term is no attention map).
 
     The logit scale defaults to the official ``qk_scale or qk_dim ** -0.5`` with ``qk_dim = C`` (the whole
     channel count, not the head dim: "to be consistent with old models" in ``bra_nchw.py``).
@@ -98,6 +104,9 @@ class BiLevelRoutingAttention(nnx.Module):
         B, H, W, C = x.shape
         q, k, v = (t.reshape(B, H * W, self.num_heads, C // self.num_heads)
                    for t in jnp.split(self.qkv(x), 3, axis=-1))
+        if is_capturing():
+            routed = routed_token_mask(q, k, grid=(H, W), region=self.region(H, W), top_k=self.top_k)
+            sow_attention_inputs(self, q, k, mask=Explicit(routed), scale=self.scale, mechanism="softmax")
         out = biformer_attention(q, k, v, grid=(H, W), region=self.region(H, W), top_k=self.top_k, scale=self.scale,
                                  lce_kernel=self.lce_kernel[...], lce_bias=self.lce_bias[...],
                                  implementation=self.implementation)

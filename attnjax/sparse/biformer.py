@@ -58,7 +58,7 @@ from jax import lax
 
 from attnjax import registry
 from attnjax.api import attention
-from attnjax.blocked.lists import BlockSparse, allowed_blocks
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, to_block_mask
 from attnjax.checks import check_positive, check_qkv, describe
 from attnjax.masks import Mask, Segments
 from attnjax.sparse.engine import PATHS, fits_top_k, selected_attention
@@ -378,6 +378,25 @@ class Biformer(GridPermutedSelector):
         return fits_top_k(min(self.top_k, num_tiles(S, self.block_kv)), mask, T, S, self.block_q, self.block_kv)
 
 
+def routed_token_mask(q: jax.Array, k: jax.Array, *, grid: Tuple[int, int], region: Tuple[int, int],
+                      top_k: int = 4, per_head: bool = False) -> jax.Array:
+    """The routed pattern in grid order: bool ``[B, Hl, N, N]``, token ``i`` may see token ``j`` iff ``j``'s
+    region is among the ``top_k`` regions routed from ``i``'s (``Biformer.select``; ``Hl`` = 1, or ``Hq`` with
+    ``per_head``). ``attnjax.attention(q, k, v, mask=masks.Explicit(mask))`` is then Eqs. (4)-(5) without LCE:
+    O(N²) memory, for analysis and tests.
+    """
+    selector = Biformer(grid=grid, region=region, top_k=top_k, per_head=per_head)
+    perm = selector.token_permutation(q, k)
+    N = q.shape[1]
+
+    def take(x):
+        return jnp.take(x, jnp.asarray(perm), axis=1, mode="fill", fill_value=0)
+
+    region_blocks = to_block_mask(selector.select(take(q), take(k)))
+    region_of = jnp.asarray(inverse_permutation(perm)[:N] // selector.block_q)
+    return region_blocks[:, :, region_of][:, :, :, region_of]
+
+
 # ----------------------------------------------------------------------------- the functional core
 
 def biformer_attention(
@@ -403,5 +422,5 @@ def biformer_attention(
 
 __all__ = [
     "Biformer", "biformer_attention", "biformer_attention_reference", "local_context_enhancement", "lce_reference",
-    "region_affinity", "region_layout", "PAPER",
+    "region_affinity", "region_layout", "routed_token_mask", "PAPER",
 ]

@@ -14,7 +14,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
 from attnjax.sparse.biformer import (Biformer, biformer_attention, biformer_attention_reference, lce_reference,
-                                     local_context_enhancement, region_layout)
+                                     local_context_enhancement, region_layout, routed_token_mask)
 from attnjax.sparse.engine import DenseSelectionWarning
 from tests.helpers import assert_close, assert_grads_close, numpy_rng, random_qkv
 
@@ -114,6 +114,19 @@ def test_own_region_is_not_forced_in():
     lists = jax.jit(lambda q, k: to_block_mask(sel.select(_region_order(q, (H, W), (2, 2)),
                                                           _region_order(k, (H, W), (2, 2)))))(q, k)
     np.testing.assert_array_equal(np.asarray(lists)[0, 0], [[False, True], [False, True]])
+
+
+def test_routed_token_mask_is_the_brute_force_routing_per_token_and_dense_softmax_under_it_is_the_reference():
+    q, k, v = _inputs(0)
+    groups = grid_regions(GRID, REGION)
+    regions = routing_brute_force(q, k, groups, 3, False)
+    region_of = np.zeros(N, int)
+    for r, g in enumerate(groups):
+        region_of[g] = r
+    mask = routed_token_mask(q, k, grid=GRID, region=REGION, top_k=3)
+    np.testing.assert_array_equal(np.asarray(mask), regions[:, :, region_of][:, :, :, region_of])
+    assert_close(aj.attention(q, k, v, mask=masks.Explicit(mask), implementation="reference"),
+                 biformer_attention_reference(q, k, v, grid=GRID, region=REGION, top_k=3))
 
 
 # ----------------------------------------------------------------------------- engine paths vs the reference
