@@ -136,6 +136,26 @@ def projections(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+RANK_TOKENS = (128 * 1024, 512 * 1024, 2048 * 1024)
+RANK_DEVICES = (8, 64, 256, 1024)
+
+
+def ranking(hw: comm.Hardware) -> list[dict]:
+    """For each (tokens, devices) in ``RANK_TOKENS × RANK_DEVICES`` and each attention kind: the feasible
+    schemes ordered by projected step time (fastest first), with the times."""
+    rows = []
+    for seq_len in RANK_TOKENS:
+        for world in RANK_DEVICES:
+            for attention in ("softmax", "linear"):
+                runs = [project(seq_len, world, hw, scheme, attention) for scheme, kinds in SCHEME_ATTENTION.items()
+                        if attention in kinds]
+                order = sorted((r for r in runs if r["feasible"]), key=lambda r: r["step"])
+                rows.append({"seq_len": seq_len, "world": world, "attention": attention,
+                             "order": [(r["scheme"], r["step"]) for r in order],
+                             "infeasible": [r["scheme"] for r in runs if not r["feasible"]]})
+    return rows
+
+
 def break_even_bandwidth(hw: comm.Hardware, speedup: float = PAPER_SPEEDUP_OVER_RING) -> float:
     """Inter-node bytes/s at which ring's step takes ``speedup`` × LASP-2's in the paper's setting."""
     def ratio(bandwidth: float) -> float:
@@ -202,6 +222,16 @@ def markdown_report(results: dict, args: argparse.Namespace) -> str:
                   report.markdown_table(["devices"] + list(comm.SCHEMES),
                                         [[world] + [_cell(rows, s, "linear", world) for s in comm.SCHEMES]
                                          for world in args.devices]), ""]
+    for hw_name, rows in results["ranking"].items():
+        lines += [f"## Ranking by projected step time, {HARDWARE[hw_name].name}", "",
+                  "Fastest first; a scheme missing from a cell cannot run there (Ulysses: W must divide the KV heads).",
+                  "", report.markdown_table(
+                      ["tokens", "devices", "softmax attention", "linear attention"],
+                      [[f"{seq // 1024}K", world] + [
+                          " < ".join(f"{s} {fmt_time(t)}" for s, t in next(
+                              r["order"] for r in rows if (r["seq_len"], r["world"], r["attention"]) ==
+                              (seq, world, kind))) for kind in ("softmax", "linear")]
+                       for seq in RANK_TOKENS for world in RANK_DEVICES]), ""]
     lines += ["Model (``attnjax.parallel.comm``): per layer and direction, comm = bytes / bandwidth + (W - 1) "
               "hops x latency; ring hides its rotation behind its compute, LASP-2 its all-gather behind the "
               "intra-chunk term, all-gather and Ulysses hide nothing; a collective over more than 8 devices runs "
@@ -274,7 +304,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"device": host.device_info(), "args": report.jsonable_args(args), "model": MODEL,
             "hardware": {k: dataclasses.asdict(v) for k, v in HARDWARE.items()}, "measured": measured,
             "paper": paper, "projections": projections(args),
-            "break_even_bandwidth": {k: break_even_bandwidth(hw) for k, hw in HARDWARE.items()}}
+            "break_even_bandwidth": {k: break_even_bandwidth(hw) for k, hw in HARDWARE.items()},
+            "ranking": {k: ranking(hw) for k, hw in HARDWARE.items()}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -158,4 +158,8 @@ def test_comm_model_experiment_writes_tables_and_plot(tmp_path):
     assert not paper[("ulysses", "linear")]["feasible"]                  # 64 devices, 8 KV heads
     assert len(results["projections"]) == 2 * 2 * 2 * 7                   # hardware x devices x scaling x runs
     assert "break-even" in (tmp_path / "tiny.md").read_text().lower()
+    cell = next(r for r in results["ranking"]["a100"] if (r["seq_len"], r["world"], r["attention"]) ==
+                (2048 * 1024, 64, "linear"))
+    assert cell["order"][0][0] == "lasp2" and cell["infeasible"] == ["ulysses"]
+    assert [t for _, t in cell["order"]] == sorted(t for _, t in cell["order"])
     assert (tmp_path / "tiny.png").stat().st_size > 0
