@@ -29,6 +29,7 @@ from attnjax.sparse.core_context import (CoreContext, core_context_access, core_
 from attnjax.sparse.biformer import Biformer, biformer_attention, biformer_attention_reference
 from attnjax.sparse.dma import biased_token_attention, dynamic_mask_attention, dynamic_mask_bias, dynamic_mask_lists
 from attnjax.sparse.sparsifiner import connectivity_lists, connectivity_scores, sparsifiner_attention
+from attnjax.sparse.spt import Spt, kmeans_codebooks, lookup_tables, pq_encode, pq_scores_reference, spt_select
 from attnjax.sparse.routing import Routing, init_centroids, kmeans_step, routing_attention, routing_buckets
 from attnjax.sparse.landmark import (Landmark, insert_landmarks, landmark_attention,
                                     landmark_attention_reference, landmark_attention_xla)
