@@ -1,0 +1,167 @@
+"""Ring attention against the peer ``ringattention`` package's pure-JAX ring, on 8 CPU devices.
+
+Forward + backward (gradients of ``sum(out * w)`` wrt q, k, v) of causal softmax attention with the
+sequence sharded over 8 devices (``--xla_force_host_platform_device_count=8``), same shapes, inside
+``shard_map``, timed interleaved round by round (``experiments.lib.measure.time_thunks``):
+
+- ``ours/contiguous``: ``attnjax.parallel.ring_attention``, contiguous layout (rank ``r`` holds
+  tokens ``[r·C, (r+1)·C)``), causal;
+- ``ours/zigzag``: the same with the zigzag layout (causal load balanced);
+- ``peer``: ``ringattention_jax.ring_attention`` from the ``ringattention`` package (Liu et al.,
+  "Ring Attention with Blockwise Transformers", 2023; its pure-JAX ring with blockwise attention,
+  causal, contiguous layout, float32 logits), at its best ``--peer-chunks`` query/key chunk size.
+  The package's ``__init__`` fails on jax ≥ 0.10, so its ``ringattention_jax`` module is loaded
+  directly; the peer is skipped (and said so) when the package is not installed.
+
+Issue 24's target: ours (contiguous) at most 0.8× the peer's time.
+
+    pip install ringattention einops   # the peer, not a dependency of attnjax
+    python -m experiments.bench_ring --seq-lens 8192,16384
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Optional, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from attnjax import masks  # noqa: E402
+from attnjax.parallel import layouts, ring_attention  # noqa: E402
+from attnjax.parallel.sharding import shard_map  # noqa: E402
+from experiments.lib import cli, host, report  # noqa: E402
+from experiments.lib.measure import time_thunks  # noqa: E402
+
+TARGET = 0.8
+"""Issue 24: ring attention (contiguous, causal, fwd+bwd) at most this fraction of the peer's time."""
+AXIS = "sp"
+SMOKE = {"seq_lens": [256], "heads": 2, "head_dim": 16, "repeats": 1, "peer_chunks": [32]}
+"""``--smoke`` defaults: tiny sizes that check the benchmark runs (explicit flags still win)."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line flags; the defaults are the CPU run kept in ``experiments/results``."""
+    p = cli.benchmark_parser(__doc__, [8192, 16384], heads=4, head_dim=64)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    p.add_argument("--peer-chunks", type=cli.parse_ints, default=[256, 512, 1024],
+                   help="query/key chunk sizes tried for the peer (its best is reported)")
+    cli.add_output_flags(p, "bench_ring")
+    return cli.parse_with_smoke(p, argv, SMOKE)
+
+
+def load_peer() -> Optional[types.ModuleType]:
+    """The peer's ``ringattention_jax`` module, loaded from its file, or None when it is not installed."""
+    spec = importlib.util.find_spec("ringattention")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "ringattention_jax.py"
+    module_spec = importlib.util.spec_from_file_location("ringattention_jax", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def peer_fn(peer: types.ModuleType, chunk: int) -> Callable:
+    """The peer's ring on local shards ``[B, C, H, D]``: causal, float32 logits, no dropout."""
+    kwargs = dict(causal_block_size=1, deterministic=True, dropout_rng=None, attn_pdrop=0.0, query_chunk_size=chunk,
+                  key_chunk_size=chunk, dtype=jnp.float32, policy=jax.checkpoint_policies.nothing_saveable,
+                  precision=None, prevent_cse=True)
+    return lambda q, k, v: peer.ring_attention(q, k, v, None, None, None, AXIS, True, kwargs)
+
+
+def ours_fn(layout: str) -> Callable:
+    """``attnjax.parallel.ring_attention`` on local shards, causal, in ``layout``."""
+    return lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, mask=masks.Causal(), layout=layout)
+
+
+def fwd_bwd(local: Callable, mesh, w: jax.Array, check_vma: bool = True) -> Callable:
+    """Jitted ``(q, k, v) -> (out, dq, dk, dv)`` of ``sum(out * w)`` under ``shard_map`` over the sequence
+    (the peer's code predates ``check_vma``'s type checks and runs without them)."""
+    spec = P(None, AXIS, None, None)
+    sharded = shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma)
+
+    def loss(q, k, v):
+        out = sharded(q, k, v)
+        return jnp.sum(out * w), out
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per T: median seconds per path, the peer's chunk, and ours / peer."""
+    mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    peer = load_peer()
+    rows = []
+    for T in args.seq_lens:
+        keys = jax.random.split(jax.random.PRNGKey(T), 4)
+        shape = (args.batch, T, args.heads, args.head_dim)
+        q, k, v, w = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+        paths = {"ours/contiguous": (fwd_bwd(ours_fn("contiguous"), mesh, w), (q, k, v))}
+        zig = [layouts.to_layout(x, "zigzag", jax.device_count(), axis=1) for x in (q, k, v, w)]
+        paths["ours/zigzag"] = (fwd_bwd(ours_fn("zigzag"), mesh, zig[3]), tuple(zig[:3]))
+        peer_chunks = {}
+        if peer is not None:
+            local = T // jax.device_count()
+            for chunk in (c for c in args.peer_chunks if local % c == 0):
+                paths[f"peer/{chunk}"] = (fwd_bwd(peer_fn(peer, chunk), mesh, w, check_vma=False), (q, k, v))
+                peer_chunks[f"peer/{chunk}"] = chunk
+        thunks = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in paths.items()}
+        times = {name: t.median_s for name, t in time_thunks(thunks, repeats=args.repeats).items()}
+        row = {"T": T, "seconds": times}
+        if peer_chunks:
+            best = min(peer_chunks, key=lambda n: times[n])
+            ours_out, peer_out = thunks["ours/contiguous"]()[0][1], thunks[best]()[0][1]
+            row.update(peer_chunk=peer_chunks[best], peer_seconds=times[best],
+                       max_abs_diff=float(jnp.abs(ours_out - peer_out).max()),
+                       ratio_contiguous=times["ours/contiguous"] / times[best],
+                       ratio_zigzag=times["ours/zigzag"] / times[best])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load: tuple[dict, dict]) -> str:
+    """The report: settings, one row per T, the target verdict."""
+    peered = [r for r in rows if "peer_seconds" in r]
+    table = report.markdown_table(
+        ["T", "ours contiguous", "ours zigzag", "peer (best chunk)", "contiguous / peer", "zigzag / peer",
+         "max |ours − peer| (out)"],
+        [[r["T"], f"{1e3 * r['seconds']['ours/contiguous']:.1f} ms", f"{1e3 * r['seconds']['ours/zigzag']:.1f} ms",
+          f"{1e3 * r['peer_seconds']:.1f} ms ({r['peer_chunk']})" if "peer_seconds" in r else "not installed",
+          f"{r['ratio_contiguous']:.2f}x" if "peer_seconds" in r else "-",
+          f"{r['ratio_zigzag']:.2f}x" if "peer_seconds" in r else "-",
+          f"{r['max_abs_diff']:.1e}" if "peer_seconds" in r else "-"] for r in rows])
+    met = [r for r in peered if r["ratio_contiguous"] <= TARGET]
+    verdict = (f"Target (contiguous ≤ {TARGET}× the peer): met at {len(met)} of {len(peered)} lengths."
+               if peered else "The peer is not installed: no ratio.")
+    return "\n".join([
+        f"# Ring attention vs the peer `ringattention` ring ({jax.device_count()} {device['platform']} devices)", "",
+        f"jax {device['jax_version']}, {device['cpu_count']} CPUs. B={args.batch}, H={args.heads}, D={args.head_dim}, "
+        "float32, causal, forward + backward (gradients of sum(out * w) wrt q, k, v), interleaved rounds, median of "
+        f"{args.repeats}.", "", host.load_note(*load), "",
+        "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "", verdict, ""])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run; write JSON and markdown; print the table."""
+    args = parse_args(argv)
+    device, before = host.device_info(), host.machine_load()
+    rows = run(args)
+    md = markdown(rows, args, device, (before, host.machine_load()))
+    print(md)
+    results = {"device": device, "settings": report.jsonable_args(args), "rows": rows}
+    report.write_json(results, f"{args.name}.json", Path(args.out))
+    (Path(args.out) / f"{args.name}.md").write_text(md)
+    return results
+
+
+if __name__ == "__main__":
+    main()
