@@ -14,6 +14,11 @@ state size (``model.decode_state_size``), as a markdown table, JSON and a plot (
     python -m experiments.mqar                  # CPU default: 12 runs, about 15 minutes on 2 cores
     python -m experiments.mqar --mechanisms softmax,lightning,based_linear,linear \\
         --d-models 64,128,256 --kv-pairs 8,16,32,64 --seq-len 256 --vocab-size 8192 --steps 4000
+    python -m experiments.mqar --mechanisms softmax,baseconv,zoology_hybrid --kv-pairs 8
+
+The last compares Zoology's gated convolution (block ``baseconv``) with its Sec. 5 hybrid of gated
+convolutions and input-dependent sparse attention (block ``zoology_hybrid``, ``attnjax.nn.zoology``);
+every name in ``attnjax.nn.BLOCKS`` is a ``--mechanisms`` option.
 
 Deviations from the paper's setup, for CPU budgets (flags restore most of it): a vocabulary of 256
 instead of 8192; a few hundred steps on fresh samples instead of 64 epochs over 100k examples; RoPE

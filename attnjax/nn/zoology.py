@@ -78,7 +78,7 @@ class BaseConv(nnx.Module):
         """The last ``k − 1`` inputs, ``[batch, k − 1, d]`` zeros (the causal zero padding); ``max_len`` is
         checked and otherwise unused (the buffer rolls); ``dtype`` defaults to the kernel's."""
         check_positive(batch=batch, max_len=max_len)
-        return jnp.zeros((batch, self.kernel_size - 1, self.d_model), self.conv.kernel[...].dtype if dtype is None
+        return jnp.zeros((batch, self.kernel_size - 1, self.d_model), self.conv.kernel.get_value().dtype if dtype is None
                          else dtype)
 
     def decode(self, u_t: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
