@@ -31,6 +31,7 @@ from attnjax.sparse.dma import biased_token_attention, dynamic_mask_attention, d
 from attnjax.sparse.sparsifiner import connectivity_lists, connectivity_scores, sparsifiner_attention
 from attnjax.sparse.spt import Spt, kmeans_codebooks, lookup_tables, pq_encode, pq_scores_reference, spt_select
 from attnjax.sparse.routing import Routing, init_centroids, kmeans_step, routing_attention, routing_buckets
+from attnjax.sparse.hyper import Hyper, hyper_attention_xla, sortlsh_buckets
 from attnjax.sparse.landmark import (Landmark, insert_landmarks, landmark_attention,
                                     landmark_attention_reference, landmark_attention_xla)
 
