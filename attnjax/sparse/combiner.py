@@ -440,7 +440,8 @@ class _Combiner:
 
     variant: ClassVar[str]
     family: ClassVar[str] = "sparse"
-    paper: ClassVar[str] = "Ren et al. 2021, Combiner: Full Attention Transformer with Sparse Computation Cost (NeurIPS)"
+    paper: ClassVar[str] = ("Ren et al. 2021, Combiner: Full Attention Transformer with Sparse Computation Cost "
+                            "(NeurIPS)")
     supports: ClassVar[frozenset] = frozenset({"mask", "gqa", "return_lse"})
     decodes: ClassVar[bool] = False
     sequence_parallel: ClassVar[tuple] = ()

@@ -97,7 +97,8 @@ def _check(q, k, v, mask, group_size, window) -> None:
 def core_tokens(q: jax.Array, k: jax.Array, v: jax.Array, *, group_size: int, scale: Optional[float] = None):
     """Globality pooling: one importance-weighted core key and value per complete group of ``g`` tokens.
 
-    ``w_{c,t} = softmax_t(s·q_{cg+g−1}·k_{cg+t})``, ``k̃_c = Σ_t w_{c,t} k_{cg+t}``, ``ṽ_c = Σ_t w_{c,t} v_{cg+t}``.
+    ``w_{c,t} = softmax_t(s·q_{cg+g−1}·k_{cg+t})``, ``k̃_c = Σ_t w_{c,t} k_{cg+t}``,
+    ``ṽ_c = Σ_t w_{c,t} v_{cg+t}``.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``; group_size: ``g``.
