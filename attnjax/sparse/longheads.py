@@ -1,16 +1,16 @@
 """LongHeads (catalog B16): every head attends to a few chunks it picks, so it stays within its trained length.
 
 Lu et al. 2024, "LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
-arXiv:2402.10685, §3 (chunk representation, chunk selection, and attention over the selected
-chunks); public code ``LuLuLuyi/LongHeads``, ``modeling_longheads/modeling_llama.py``
-(``LlamaAttention.forward``). Training-free: the keys are cut into chunks of ``w`` tokens
+arXiv:2402.10685, §3 (chunk representation, chunk selection, attention over the selected chunks);
+public code ``LuLuLuyi/LongHeads``, ``modeling_longheads/modeling_llama.py``
+(``LlamaAttention.forward``). The formulas below are written from the public code: the paper's
+full text (and so its equation numbers) was not at hand when this was written, only its abstract. Training-free: the keys are cut into chunks of ``w`` tokens
 (``block_kv``; the code's ``window_size``) and each head of each query attends only to ``top_k``
 chunks (the code's ``atten_length / window_size``), so it never sees more than ``top_k · w``
 tokens, the length it was trained on, while different heads cover different parts of a long context.
 
-1. **Chunk representation** (one vector per chunk and query head; as the public code, since the
-   paper's text describes the same two steps): a *summary query* ``u_n`` of chunk ``n``, then
-   attention pooling of the chunk's keys with it::
+1. **Chunk representation** (one vector per chunk and query head): a *summary query* ``u_n`` of
+   chunk ``n``, then attention pooling of the chunk's keys with it (the code's ``chunk_features_key``)::
 
        c_n = Σ_{j ∈ n} softmax_j(u_n · k_j / √D) k_j
 
@@ -24,8 +24,8 @@ tokens, the length it was trained on, while different heads cover different part
    wholly in its past.
 2. **Chunk selection** (the code's ``global_qk``): relevance ``r_tn = q_t · c_n``; the first
    chunk (attention sink) and the ``local_chunks`` chunks ending at the query's own one are always
-   kept (the code keeps the current chunk and the one before it, ``local_chunks=2``; the paper
-   speaks of "the first and the last chunk"), the others compete, and the ``top_k`` in all are
+   kept (the code keeps the current chunk and the one before it, ``local_chunks=2``; summaries of
+   the paper speak of "the first and the last chunk"), the others compete, and the ``top_k`` in all are
    kept. Chunks the mask rules out (future ones under ``Causal()``) never compete.
 3. **Attention** over the selected chunks' tokens (causal inside the own chunk).
 
@@ -102,25 +102,25 @@ def chunk_representations(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = N
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"LongHeads chunk representations need the queries at the key positions (T == S), got "
                          f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if representation == "attention" and v is None:
+        raise ValueError("representation='attention' needs v (the public code's summary query is the mean "
+                         "output of attention inside each chunk)")
     q, k = lax.stop_gradient(q), lax.stop_gradient(k)
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     n = num_tiles(L, chunk)
     valid = jnp.asarray((np.arange(n * chunk) < L).reshape(n, chunk))
-    qc = _chunks(q, chunk).reshape(B, n, chunk, Hkv, G, D)
     kc = _chunks(k, chunk)  # [B, n, w, Hkv, D]
     scale = 1.0 / math.sqrt(D)
     if representation == "query":
         u = block_means(q, chunk).reshape(B, n, Hkv, G, D)
     else:
-        if v is None:
-            raise ValueError("representation='attention' needs v (the public code's summary query is the mean "
-                             "output of attention inside each chunk)")
         if v.shape[-1] != D:
             raise ValueError(f"representation='attention' needs v with the head dim of q ({D}), got v "
                              f"{tuple(v.shape)}")
         vc = _chunks(lax.stop_gradient(v), chunk)
+        qc = _chunks(q, chunk).reshape(B, n, chunk, Hkv, G, D)
         s = jnp.einsum("bntkgd,bnjkd->bnkgtj", qc, kc) * scale
         p = jax.nn.softmax(jnp.where(valid[None, :, None, None, None, :], s, -jnp.inf), axis=-1)
         out = jnp.einsum("bnkgtj,bnjkd->bnkgtd", p, vc)

@@ -78,7 +78,7 @@ def _selector(representation, granularity):
 @pytest.mark.parametrize("representation,granularity,causal", [
     ("query", "token", True),
     ("attention", "block", True),
-    ("attention", "token", False),
+    pytest.param("attention", "token", False, marks=pytest.mark.slow),
     pytest.param("query", "block", False, marks=pytest.mark.slow),
 ])
 def test_selection_equals_brute_force_rule(representation, granularity, causal):

@@ -103,7 +103,7 @@ def _token_case(causal, T=37, S=None):
     return (q, k, v), mask, chosen, lists
 
 
-@pytest.mark.parametrize("causal,T,S", [(True, 37, None), (False, 21, 30)])
+@pytest.mark.parametrize("causal,T,S", [(True, 37, None), pytest.param(False, 21, 30, marks=pytest.mark.slow)])
 def test_moba_token_mask_equals_brute_force_rule(causal, T, S):
     """The fine mask's rows are the per-token rule; the lists are each query tile's union; the
     block summary never calls a tile with an allowed pair EMPTY; causal rows never see a later block."""
