@@ -19,7 +19,10 @@ the number of subspaces where the codes agree, the only score computable from th
 the authors' ``lookup``). The paper learns its codebooks during fine-tuning (the authors' code trains
 them with a hard/soft assignment MSE loss); the registered, parameter-free ``Spt`` selector builds them
 instead from a few Lloyd (k-means) steps on the current keys of each head, started deterministically
-from evenly spaced keys (no RNG), and quantizes the queries with the same codebooks.
+from evenly spaced keys (no RNG), and quantizes the queries with the same codebooks. Those codebooks
+see every key: under ``Causal()`` a query never attends to a later key, but which earlier keys it
+keeps depends on the later keys through the codebooks (as with Routing Transformer's k-means); the
+paper's learned codebooks don't have this.
 
 Cost: k-means ``O(iterations·S·C·D)``; encoding ``O((T+S)·C·D)``; the estimate ``O(T·S·M)`` (lookups,
 chunked over queries so memory is ``O(chunk·S)``); attention on the token engine ``O(T·L·D)``.
@@ -185,7 +188,7 @@ class Spt(TokenSelector):
 
     name: ClassVar[str] = "spt"
     paper: ClassVar[str] = PAPER
-    top_l: int = 64
+    top_l: int = 16
     num_subspaces: int = 4
     num_codewords: int = 16
     iterations: int = 4
