@@ -32,12 +32,26 @@ def _brute_access(T: int, g: int, w: int):
     return tokens, cores
 
 
+def _public_code_mask(T: int, g: int, w: int):
+    """The public code's ``generate_mask`` (``cca_attn.py``) transcribed: 1-based rows, pooled tokens first."""
+    tokens = np.zeros((T, T), bool)
+    cores = np.zeros((T, T // g), bool)
+    for r in range(1, T + 1):
+        for p in range(1, T // g + 1):
+            cores[r - 1, p - 1] = r > w and (r - w) // g >= p
+        pooled = max((r - w) // g * g, 0)
+        size = w + max(r - pooled - w, 0)
+        for col in range(1, T + 1):
+            tokens[r - 1, col - 1] = r >= col > r - size
+    return tokens, cores
+
+
 @pytest.mark.parametrize("T,g,w", [(21, 3, 4), (16, 4, 4), (9, 2, 1), (5, 8, 3), (30, 5, 7)])
 def test_access_rule_equals_brute_force(T, g, w):
     acc = core_context_access(T, group_size=g, window=w)
-    tokens, cores = _brute_access(T, g, w)
-    np.testing.assert_array_equal(acc.tokens, tokens)
-    np.testing.assert_array_equal(acc.cores, cores)
+    for tokens, cores in (_brute_access(T, g, w), _public_code_mask(T, g, w)):
+        np.testing.assert_array_equal(acc.tokens, tokens)
+        np.testing.assert_array_equal(acc.cores, cores)
     assert not np.triu(acc.tokens, 1).any(), "a query sees a later token"
     window = acc.tokens.sum(1)[w - 1:]
     assert window.min() >= w and window.max() <= w + g - 1
