@@ -41,6 +41,15 @@ The blocked path (``landmark_attention_xla``) runs FlashAttention-2 over ``a``: 
 landmark blocks, so ``ℓ_ib`` and the gate are local to a tile (the Triton kernel's ``normal_denom``
 and ``landmark_qk`` per block of keys).
 
+Equation numbers follow the task's citation of Sec. 3.1 (Eq. 1–3); the paper text itself was not readable
+here, so every detail above is pinned to the official code (``tests/sparse/test_landmark.py`` compares the
+reference with a NumPy transcription of ``landmark_grouped_softmax``).
+
+Also here: ``Landmark``, a registered block selector ("landmark") that ranks key blocks by their last key
+as a landmark (the retrieval rule of Sec. 3.2, per query block, plain softmax on the block-sparse engine;
+see its docstring for how it departs from the paper). The per-token retrieval with the grouped softmax
+at inference is ``attnjax.inference.landmark_retrieval``.
+
 Alignment: queries are the last ``T`` of ``S`` positions (``T ≤ S``, the library's bottom-right rule),
 so a chunk of queries against a longer key sequence works; landmark positions are counted on keys.
 Positional encodings are the caller's (apply RoPE to q and k before the call).

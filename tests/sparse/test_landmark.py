@@ -56,7 +56,7 @@ def official_grouped_softmax(att: np.ndarray, is_mem: np.ndarray) -> np.ndarray:
     return probs * factor
 
 
-@pytest.mark.parametrize("T, block_size", [(13, 4), (12, 3)])
+@pytest.mark.parametrize("T, block_size", [(13, 4), pytest.param(12, 3, marks=pytest.mark.slow)])
 def test_reference_is_the_official_grouped_softmax(T, block_size):
     """The reference's weights (read off with one-hot values) equal the official code's, head by head."""
     q, k, _ = random_qkv(KEY, B=1, T=T, Hq=2, Hkv=1, D=8)
