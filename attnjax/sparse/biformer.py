@@ -167,7 +167,8 @@ def lce_reference(v: jax.Array, grid: Tuple[int, int], kernel: jax.Array, bias: 
     ``local_context_enhancement``, same arguments and result)."""
     check_lce(v, kernel, bias)
     B, N, Hkv, Dv = v.shape
-    H, W = grid
+    H, W = check_grid_region(grid, (1, 1))[0]
+    check_grid(grid, N, N)
     kh, kw = kernel.shape[:2]
     image = jnp.pad(v.astype(jnp.float32).reshape(B, H, W, Hkv * Dv),
                     ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
@@ -353,11 +354,17 @@ class Biformer(GridPermutedSelector):
         return region_layout(self.grid, self.region)[0]
 
     def implementations(self):
+        """Engine paths: plain (``grid=None``) or through ``region_attention`` (with a grid)."""
         if self.grid is None:
             return super().implementations()
         return {name: functools.partial(region_attention, self, name) for name in PATHS}
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> BlockSparse:
+        """Each region's ``min(top_k, nk)`` regions of highest ``region_affinity`` that ``mask`` allows (Eqs. 2-3).
+
+        With a grid, q and k are in region layout (``T = S = R·P``, zeros in padded slots) and region
+        means count the valid tokens only. Dynamic lists ``[B, 1 or Hq, nq, K]``.
+        """
         T, S = q.shape[1], k.shape[1]
         counts = None
         if self.grid is not None:
