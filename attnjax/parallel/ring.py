@@ -14,9 +14,10 @@ Step results merge by online softmax: with block outputs ``O_s`` and log-sum-exp
 The per-step attention is the library's blocked softmax (``flash_attention_xla(...,
 return_lse=True)``), with the mask of the pair evaluated at global positions
 (``layouts.AtPositions``): its block summary is computed from the position range of each tile,
-so the blocked path skips empty tiles inside a step, and a step with no allowed pair at all is
-skipped by ``lax.cond`` (e.g. the steps whose keys are all in the future under a causal mask in
-the contiguous layout). With ``layout="zigzag"`` every step of every rank has half a block of
+so the blocked path skips empty tiles inside a step. A ``lax.switch`` on the summary skips a step
+with no allowed pair at all (e.g. the steps whose keys are all in the future under a causal mask in
+the contiguous layout) and runs a step where every pair is allowed without a mask (a static tile
+schedule, no element masks: the past steps of the contiguous causal layout). With ``layout="zigzag"`` every step of every rank has half a block of
 causal work, so the ranks finish together.
 
 Backward (``jax.custom_vjp``): K/V go around the ring again together with dK/dV accumulators;
@@ -131,10 +132,16 @@ def _step_mask(st: _Ring, q_pos, src, q_ids, kv_ids) -> masks.Mask:
     return mask_at_positions(st.mask, q_pos, local_positions(st.layout, st.world, src, q_pos.shape[0]), q_ids, kv_ids)
 
 
-def _has_work(mask: masks.Mask, T: int, st: _Ring) -> jax.Array:
-    """Whether any tile of the step is non-empty (else the step is skipped)."""
+SKIP, UNMASKED, MASKED = 0, 1, 2
+"""Kinds of ring step: no allowed pair (skipped), every pair allowed (the blocked path without a mask:
+a static schedule, no element masks), some pairs (the blocked path with the step's mask)."""
+
+
+def _step_kind(mask: masks.Mask, T: int, st: _Ring) -> jax.Array:
+    """``SKIP``, ``UNMASKED`` or ``MASKED`` from the step's block summary (a traced int32 for ``lax.switch``)."""
     codes, _, _ = block_schedule(mask, T, T, st.block_q, st.block_kv)
-    return jnp.any(codes != masks.EMPTY)
+    return jnp.where(jnp.all(codes == masks.EMPTY), SKIP,
+                     jnp.where(jnp.all(codes == masks.FULL), UNMASKED, MASKED)).astype(jnp.int32)
 
 
 def _rotate(axis_name: str, world: int, *xs):
@@ -165,12 +172,14 @@ def _ring_forward(q, k, v, segment_ids, st: _Ring):
         o, lse, kb, vb, ids = carry
         mask = _step_mask(st, q_pos, (rank - s) % st.world, segment_ids, ids)
 
-        def attend(acc):
-            o_s, lse_s = flash_attention_xla(q, kb, vb, mask=mask, scale=st.scale, logits_soft_cap=st.logits_soft_cap,
-                                             return_lse=True, block_q=st.block_q, block_kv=st.block_kv)
+        def attend(acc, step_mask):
+            o_s, lse_s = flash_attention_xla(q, kb, vb, mask=step_mask, scale=st.scale,
+                                             logits_soft_cap=st.logits_soft_cap, return_lse=True, block_q=st.block_q,
+                                             block_kv=st.block_kv)
             return _merge(*acc, o_s, lse_s)
 
-        return lax.cond(_has_work(mask, T, st), attend, lambda acc: acc, (o, lse))
+        branches = (lambda acc: acc, lambda acc: attend(acc, None), lambda acc: attend(acc, mask))
+        return lax.switch(_step_kind(mask, T, st), branches, (o, lse))
 
     def step_and_rotate(s, carry):
         o, lse = step(s, carry)
@@ -199,13 +208,14 @@ def _ring_bwd(st: _Ring, residuals, cotangents):
         dq, dk, dv, kb, vb, ids = carry
         mask = _step_mask(st, q_pos, (rank - s) % st.world, segment_ids, ids)
 
-        def backward(acc):  # the blocked backward with the global out and lse: P = exp(s - L)
-            grads = flash_attention_xla_backward(q, kb, vb, out, lse, d_out, d_lse, mask=mask, scale=st.scale,
+        def backward(acc, step_mask):  # the blocked backward with the global out and lse: P = exp(s - L)
+            grads = flash_attention_xla_backward(q, kb, vb, out, lse, d_out, d_lse, mask=step_mask, scale=st.scale,
                                                  logits_soft_cap=st.logits_soft_cap, block_q=st.block_q,
                                                  block_kv=st.block_kv)
             return tuple(a + g.astype(jnp.float32) for a, g in zip(acc, grads))
 
-        return lax.cond(_has_work(mask, T, st), backward, lambda acc: acc, (dq, dk, dv))
+        branches = (lambda acc: acc, lambda acc: backward(acc, None), lambda acc: backward(acc, mask))
+        return lax.switch(_step_kind(mask, T, st), branches, (dq, dk, dv))
 
     def step_and_rotate(s, carry):
         dq, dk, dv = step(s, carry)
