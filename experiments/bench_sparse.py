@@ -41,8 +41,8 @@ from attnjax import masks, registry
 from attnjax.api import attention
 from attnjax.local import Neighborhood, NeighborhoodMask
 from attnjax.softmax import flash_attention_xla
-from attnjax.sparse import (BlockSparse, Buckets, block_sparse_attention, density, pair_density,
-                            token_sparse_attention)
+from attnjax.sparse import (BlockSelector, BlockSparse, Buckets, TokenSelector, block_sparse_attention, density,
+                            pair_density, token_sparse_attention)
 from experiments.lib import cli, flops, host, measure, plots, report, workload
 
 TARGET_FACTOR, TARGET_DENSITY = 0.7, 0.25
@@ -80,17 +80,19 @@ def grid_2d(T: int) -> tuple[int, int]:
 
 
 def cases(args: argparse.Namespace) -> dict[str, registry.Mechanism]:
-    """Mechanism name -> config to benchmark: every sparse selector's default (with ``--block``, at
-    that block size), and 2-D neighbourhood."""
-    names = args.mechanisms or [e.name for e in registry.entries() if e.family == "sparse"] + ["neighborhood",
-                                                                                                "buckets"]
-    selectors = {e.name: e.config() for e in registry.entries() if e.family == "sparse"}
+    """Mechanism name -> config to benchmark: every sparse selector's default (block and token selectors;
+    with ``--block``, at that block size), 2-D neighbourhood and random buckets. The factorized sparse
+    mechanisms (Combiner, CCA) have no selection to time apart; ``experiments.bench_factorized`` times them."""
+    selectors = {e.name: e.config() for e in registry.entries()
+                 if e.family == "sparse" and issubclass(e.config, (BlockSelector, TokenSelector))}
+    names = args.mechanisms or list(selectors) + ["neighborhood", "buckets"]
     unknown = set(names) - set(selectors) - {"neighborhood", "buckets"}
     if unknown:
         raise SystemExit(f"unknown --mechanisms {sorted(unknown)}; choose from {sorted(selectors)}, neighborhood "
                          "or buckets")
     if args.block:
-        selectors = {n: dataclasses.replace(c, block_q=args.block, block_kv=args.block) for n, c in selectors.items()}
+        selectors = {n: dataclasses.replace(c, block_q=args.block, block_kv=args.block) if hasattr(c, "block_q") else c
+                     for n, c in selectors.items()}
     return {n: selectors.get(n) for n in names}
 
 
