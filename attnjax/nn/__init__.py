@@ -28,6 +28,7 @@ from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
 from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, ZoologyCache, ZoologyHybridBlock
 from attnjax.nn.biformer import BiLevelRoutingAttention
+from attnjax.nn.routing import RoutingAttention
 from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor
 
 __all__ = [
