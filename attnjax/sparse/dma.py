@@ -4,11 +4,12 @@ Shi et al. 2025, "Trainable Dynamic Mask Sparse Attention" (arXiv:2508.02124); p
 SmallDoges/flash-dmattn (``examples/modeling/modeling_doge.py`` ``DogeAttention``,
 ``flash_dmattn/integrations/modeling_flash_dynamic_mask_attention_utils.py``). Two parts:
 
-- **Content-aware dynamic mask** (paper Sec. 3, "dynamic mask generation"): each key gets a per-head
+- **Content-aware dynamic mask** (the paper's method section; its text was not available here, so no
+  equation numbers are cited and the official code is followed throughout): each key gets a per-head
   score from its *value*, ``δ_j = A_h · softplus(v_j W_Δ)_h`` with ``v_j`` all KV heads' values of
-  token ``j`` flattened, ``W_Δ: [Hkv·Dv, Hkv]`` and a learned per-head ``A``. The paper writes
-  ``exp(A · softplus(v W_Δ))``; the official code uses ``A · softplus(·)`` "for numerical stability"
-  (its comment), and that is what ``dynamic_mask_bias`` computes. The ``keep`` keys with the highest
+  token ``j`` flattened, ``W_Δ: [Hkv·Dv, Hkv]`` and a learned per-head ``A``. The official code's
+  comment gives the original formula as ``exp(A · softplus(v W_Δ))`` and uses ``A · softplus(·)``
+  "for numerical stability"; ``dynamic_mask_bias`` computes the latter. The ``keep`` keys with the highest
   ``δ`` are kept (``torch.topk`` on the detached bias, official ``topk_mask``), and ``δ`` is added to
   the logits of the kept keys, so gradients reach ``W_Δ`` and ``A`` through the bias (the choice
   itself is not differentiated)::

@@ -1,10 +1,10 @@
 """Sparsifiner: a low-rank connectivity predictor picks each query's top-k keys (Wei et al. 2023).
 
 Wei, Duke, Jiang, Aarabi, Taylor and Shkurti, "Sparsifiner: Learning Sparse Instance-Dependent
-Attention for Efficient Vision Transformers", CVPR 2023, Sec. 3 (connectivity mask predictor, Fig. 2);
+Attention for Efficient Vision Transformers", CVPR 2023 (the connectivity mask predictor, Fig. 2; the
+paper's text beyond its abstract and Fig. 2 was not available here, so no equation numbers are cited);
 official code lim142857/Sparsifiner (``src/models/sparsifiner.py`` ``MaskPredictor``, ``src/losses.py``).
-The equations below follow the official code; where it differs from a plain reading of the paper
-this is said. Per head, for ``N`` key tokens::
+The equations below follow the official code. Per head, for ``N`` key tokens::
 
     Q_r = Q W_q + b_q,   K_r = K W_k + b_k                  # channel reduction D -> c (shared by heads)
     K_down = W_downᵀ K_r                                     # token reduction N -> n_down, W_down [N, n_down]
