@@ -39,6 +39,7 @@ SPARSE_AT_DECODE_LENGTH = {
     "urpe": dict(c=jnp.linspace(0.5, 1.5, 41)[:, None]),
     "longheads": dict(top_k=4),
     "core_context": dict(window=8, group_size=4),
+    "hyper": dict(min_seq_len=8, block_size=8, sample_size=8),
 }
 """Config changes that make a mechanism differ from softmax at ``DECODE_LENGTH``: a selector's defaults list
 every block there, and URPE's default ``C = 1`` is softmax; either would make any decode check pass. None

@@ -27,6 +27,12 @@ diagonal blocks recurse (causal), and the lower-left block (second-half queries,
 non-causal approximation, merged by log-sum-exps; an odd length gets one zero row (removed after). The
 non-causal approximation is exact for ``T < min_seq_len`` (official ``forward_no_causal_mask``).
 
+Paths: ``reference`` is the estimator written naively, each non-causal part one dense softmax with the pair
+weights ``W = M^H + (S/m)·N∘(1 − M^H)`` (``N``: draws per key; ``estimator_weights``), the same recursion and
+the same random draws; ``xla`` runs the sortLSH blocks on the token engine (``attnjax.sparse.tokens``, sorted
+buckets, custom VJP) and the samples as a gather. The exact attention that both approximate is
+``attnjax.attention(q, k, v)`` (the default ``min_seq_len`` makes every length below 4096 exact).
+
 Differences from the official code (each deliberate): the bucket is the Gray *rank* of the sign code (the
 paper's definition; the official ``perm[bin_ids]`` maps a code to its Gray *code*, so for ``r ≥ 3`` some
 adjacent buckets differ in two bits); a length that is not a multiple of ``b`` leaves the last block short
@@ -65,7 +71,7 @@ def lsh_projections(seed: int, head_dim: int, num_projs: int) -> jax.Array:
 
 
 def gray_rank(code: jax.Array, num_bits: int) -> jax.Array:
-    """The position of ``code`` in the ``num_bits``-bit Gray sequence (the inverse Gray code, ``n = ⊕_i code >> i``)."""
+    """The position of ``code`` in the ``num_bits``-bit Gray sequence: the inverse Gray code ``⊕_i code >> i``."""
     rank = code
     for i in range(1, num_bits):
         rank = rank ^ (code >> i)
@@ -143,19 +149,43 @@ def _sampled_part(q, k, v, buckets: Buckets, idx, scale):
     return out, lse.transpose(0, 2, 1)
 
 
-def _exact(q, k, v, causal, scale):
-    out, lse = flash_attention_xla(q, k, v, mask=masks.Causal() if causal else None, scale=scale, return_lse=True,
-                                   block_q=min(512, q.shape[1]), block_kv=min(512, k.shape[1]))
+def _exact(q, k, v, causal, scale, dense):
+    mask = masks.Causal() if causal else None
+    if dense:
+        out, lse = softmax_attention_reference(q, k, v, mask=mask, scale=scale, return_lse=True)
+    else:
+        out, lse = flash_attention_xla(q, k, v, mask=mask, scale=scale, return_lse=True,
+                                       block_q=min(512, q.shape[1]), block_kv=min(512, k.shape[1]))
     return out.astype(jnp.float32), lse
 
 
-def _non_causal(q, k, v, cfg: "Hyper", key, scale):
-    """Official ``forward_no_causal_mask``: exact below ``min_seq_len`` queries, else sortLSH + sampling."""
+def estimator_weights(q: jax.Array, k: jax.Array, config: "Hyper", key: jax.Array) -> jax.Array:
+    """The non-causal estimate's weight on every pair, ``[B, Hq, T, S]`` float32: ``W = M^H + (S/m)·N∘(1 − M^H)``
+    with ``N_ij`` the number of draws of key ``j`` (``sample_keys(key, ...)``); the estimate is the softmax with
+    weights, ``(W∘A)V / (W∘A)1`` (dense: small sizes, the reference)."""
+    B, T, Hq, _ = q.shape
+    S = k.shape[1]
+    heavy = config.buckets(q, k).dense(T, S)
+    weights = heavy.astype(jnp.float32)
+    if config.sample_size and S > config.block_size:
+        draws = jax.nn.one_hot(sample_keys(key, B, Hq, S, config.sample_size), S, dtype=jnp.float32).sum(-2)
+        weights = weights + (S / config.sample_size) * draws[:, :, None, :] * ~heavy
+    return weights
+
+
+def _non_causal(q, k, v, cfg: "Hyper", key, scale, dense):
+    """Official ``forward_no_causal_mask``: exact below ``min_seq_len`` queries, else sortLSH + sampling (``dense``:
+    one weighted softmax over all pairs; else the token engine plus the gathered samples)."""
     B, T, Hq, _ = q.shape
     S = k.shape[1]
     if T < cfg.min_seq_len:
-        return _exact(q, k, v, False, scale)
-    buckets = sortlsh_buckets(q, k, num_projs=cfg.num_projs, block_size=cfg.block_size, seed=cfg.seed)
+        return _exact(q, k, v, False, scale, dense)
+    if dense:
+        w = estimator_weights(q, k, cfg, key)
+        out, lse = softmax_attention_reference(q, k, v, mask=masks.Explicit(w > 0), bias=jnp.log(jnp.maximum(w, 1e-30)),
+                                               scale=scale, return_lse=True)
+        return out.astype(jnp.float32), lse
+    buckets = cfg.buckets(q, k)
     out, lse = token_sparse_attention(q, k, v, buckets, scale=scale, return_lse=True, block_q=cfg.block_q,
                                       block_kv=cfg.block_kv, implementation="xla")
     if cfg.sample_size == 0 or S <= cfg.block_size:
@@ -164,13 +194,12 @@ def _non_causal(q, k, v, cfg: "Hyper", key, scale):
     return merge_lse(out, lse, *_sampled_part(q, k, v, buckets, idx, scale))
 
 
-def _causal(q, k, v, cfg: "Hyper", key, scale):
+def _causal(q, k, v, cfg: "Hyper", key, scale, dense):
     """Algorithm 4: exact up to ``min_seq_len``; else recurse on the diagonal halves, lower-left non-causal."""
     B, T = q.shape[:2]
     if T <= cfg.min_seq_len:
-        return _exact(q, k, v, True, scale)
-    odd = T % 2
-    if odd:
+        return _exact(q, k, v, True, scale, dense)
+    if T % 2:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
     half = q.shape[1] // 2
 
@@ -178,27 +207,15 @@ def _causal(q, k, v, cfg: "Hyper", key, scale):
         return jnp.concatenate([x[:, :half], x[:, half:]], axis=0)
 
     diag_key, off_key = jax.random.split(key)
-    out_d, lse_d = _causal(stack(q), stack(k), stack(v), cfg, diag_key, scale)
-    out_o, lse_o = _non_causal(q[:, half:], k[:, :half], v[:, :half], cfg, off_key, scale)
+    out_d, lse_d = _causal(stack(q), stack(k), stack(v), cfg, diag_key, scale, dense)
+    out_o, lse_o = _non_causal(q[:, half:], k[:, :half], v[:, :half], cfg, off_key, scale, dense)
     out_lo, lse_lo = merge_lse(out_d[B:], lse_d[B:], out_o, lse_o)
     out = jnp.concatenate([out_d[:B], out_lo], axis=1)
     lse = jnp.concatenate([lse_d[:B], lse_lo], axis=1)
     return out[:, :T], lse[:, :T]
 
 
-def hyper_attention_reference(q, k, v, *, mask: Optional[Mask] = None, scale=None, return_lse: bool = False, **_):
-    """Exact softmax attention ``D⁻¹AV`` (Eq. 1), which HyperAttention approximates."""
-    return softmax_attention_reference(q, k, v, mask=mask, scale=scale, return_lse=return_lse)
-
-
-def hyper_attention_xla(q, k, v, *, config: "Hyper", mask: Optional[Mask] = None, scale=None,
-                        return_lse: bool = False, **_):
-    """HyperAttention (Algorithms 1-4): sortLSH blocks on the token engine plus ``m`` sampled keys.
-
-    Cost, non-causal: two sorts, ``O(T·b·D)`` for the blocks and ``O(T·m·D)`` for the samples; causal:
-    ``O(T·(b + m)·D·log(T/min_seq_len) + T·min_seq_len·D)``. ``NotImplementedError`` for masks other than
-    ``None``/``Causal()`` and for causal attention with ``T > S``.
-    """
+def _hyper(q, k, v, config: "Hyper", mask, scale, return_lse, dense):
     check_qkv(q, k, v)
     T, S = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -206,22 +223,43 @@ def hyper_attention_xla(q, k, v, *, config: "Hyper", mask: Optional[Mask] = None
         raise NotImplementedError(f"HyperAttention supports mask=None or masks.Causal(), got {mask!r}")
     key = jax.random.PRNGKey(config.seed)
     if mask is None:
-        out, lse = _non_causal(q, k, v, config, key, scale)
+        out, lse = _non_causal(q, k, v, config, key, scale, dense)
     elif T > S:
         raise NotImplementedError(f"causal HyperAttention needs T <= S (bottom-right aligned), got T={T}, S={S}")
     else:
         prefix_key, key = jax.random.split(key)
-        out, lse = _causal(q, k[:, S - T:], v[:, S - T:], config, key, scale)
+        out, lse = _causal(q, k[:, S - T:], v[:, S - T:], config, key, scale, dense)
         if S > T:
-            out, lse = merge_lse(out, lse, *_non_causal(q, k[:, :S - T], v[:, :S - T], config, prefix_key, scale))
+            prefix = _non_causal(q, k[:, :S - T], v[:, :S - T], config, prefix_key, scale, dense)
+            out, lse = merge_lse(out, lse, *prefix)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def hyper_attention_reference(q, k, v, *, config: "Hyper", mask: Optional[Mask] = None, scale=None,
+                              return_lse: bool = False, **_):
+    """HyperAttention naively: every non-causal part is one dense softmax with the estimator's pair weights
+    ``W = M^H + (S/m)·N∘(1 − M^H)`` (``estimator_weights``: Algorithms 1-3), the causal recursion (Algorithm 4)
+    over dense exact diagonal blocks; O(T·S) memory. Exact attention (Eq. 1) is ``attnjax.attention(q, k, v)``."""
+    return _hyper(q, k, v, config, mask, scale, return_lse, dense=True)
+
+
+def hyper_attention_xla(q, k, v, *, config: "Hyper", mask: Optional[Mask] = None, scale=None,
+                        return_lse: bool = False, **_):
+    """HyperAttention (Algorithms 1-4): sortLSH blocks on the token engine plus ``m`` gathered sampled keys.
+
+    Cost, non-causal: two sorts, ``O(T·b·D)`` for the blocks and ``O(T·m·D)`` for the samples; causal:
+    ``O(T·(b + m)·D·log(T/min_seq_len) + T·min_seq_len·D)``. ``NotImplementedError`` for masks other than
+    ``None``/``Causal()`` and for causal attention with ``T > S`` (the reference raises the same).
+    """
+    return _hyper(q, k, v, config, mask, scale, return_lse, dense=False)
 
 
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class Hyper:
-    """HyperAttention (Han et al. 2024) as a registered mechanism; ``reference`` is exact attention.
+    """HyperAttention (Han et al. 2024) as a registered mechanism (``reference``: the dense estimator; the exact
+    attention it approximates is ``softmax``).
 
     Attributes (official defaults):
       num_projs: LSH hyperplanes ``r`` (``2^r`` buckets before sorting), 7.
@@ -266,9 +304,9 @@ class Hyper:
         return masks.Explicit(self.buckets(q, k).dense(q.shape[1], k.shape[1]))
 
     def implementations(self):
-        return {"reference": hyper_attention_reference,
+        return {"reference": functools.partial(hyper_attention_reference, config=self),
                 "xla": functools.partial(hyper_attention_xla, config=self)}
 
 
-__all__ = ["PAPER", "Hyper", "gray_rank", "hyper_attention_reference", "hyper_attention_xla", "lsh_projections",
-           "merge_lse", "sample_keys", "sortlsh_buckets", "sortlsh_hash"]
+__all__ = ["PAPER", "Hyper", "estimator_weights", "gray_rank", "hyper_attention_reference", "hyper_attention_xla",
+           "lsh_projections", "merge_lse", "sample_keys", "sortlsh_buckets", "sortlsh_hash"]

@@ -80,19 +80,32 @@ def test_sortlsh_part_is_dense_softmax_under_its_blocks():
     assert_close(run(cfg, None, q, k, v), want, name="sortLSH part")
 
 
-def test_estimator_and_its_gradients_equal_the_dense_formula():
-    q, k, v = random_qkv(jax.random.PRNGKey(2), B=B, T=T, S=T, Hq=HQ, Hkv=HKV, D=D)
-    cfg = Hyper(sample_size=16, **SMALL)
-    w = jnp.cos(jnp.arange(T * HQ * D, dtype=jnp.float32)).reshape(1, T, HQ, D)
+def value_and_grads(f, q, k, v):
+    w = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+    return jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
 
-    def grads(f):
-        return jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
 
-    (fast, g_fast), (ref, g_ref) = grads(lambda *a: run(cfg, None, *a)), grads(lambda *a: dense_estimator(cfg, *a))
-    assert_close(fast, ref, name="loss")
-    for name, a, b in zip("qkv", g_fast, g_ref):
+def assert_same(got, want):
+    assert_close(got[0], want[0], name="loss")
+    for name, a, b in zip("qkv", got[1], want[1]):
         assert bool(jnp.isfinite(a).all()) and float(jnp.abs(a).max()) > 0
         assert_close(a, b, atol=1e-5, name=f"d{name}")
+
+
+def test_estimator_and_its_gradients_equal_the_dense_formula():
+    """Both paths, non-causal, against ``dense_estimator`` (forward and gradients: they flow through the
+    sortLSH blocks and the samples); causal (two recursion levels with sampling), xla against reference."""
+    q, k, v = random_qkv(jax.random.PRNGKey(2), B=B, T=T, S=T, Hq=HQ, Hkv=HKV, D=D)
+    cfg = Hyper(sample_size=16, **SMALL)
+    want = value_and_grads(lambda *a: dense_estimator(cfg, *a), q, k, v)
+    for impl in ("xla", "reference"):
+        assert_same(value_and_grads(lambda *a: attnjax.attention(*a, mechanism=cfg, implementation=impl), q, k, v),
+                    want)
+    causal = Hyper(num_projs=3, block_size=4, sample_size=6, min_seq_len=8, block_q=8, block_kv=8)
+    paths = [value_and_grads(lambda *a: attnjax.attention(*a, mechanism=causal, mask=masks.Causal(),
+                                                          implementation=impl), q, k, v)
+             for impl in ("xla", "reference")]
+    assert_same(*paths)
 
 
 def test_causal_recursion_is_exact_when_its_parts_are():
