@@ -2,8 +2,8 @@
 
 For every registered selector (family "sparse", default config: block selectors and token
 selectors), for 2-D neighbourhood attention and for the token-bucket engine on random buckets
-(``buckets``: ``--buckets`` equal-probability buckets per head, density ``1/--buckets``; issue 18's
-target: at most 0.35× the dense time at density 1/8), at each sequence length T, in one run:
+(``buckets``: ``--buckets`` equal-probability buckets per head, not causal, density ``1/--buckets``;
+issue 18's target: at most 0.35× the dense time at density 1/8), at each sequence length T, in one run:
 
 - **density**: the tiles the lists visit, as a fraction of the tiles the dense baseline computes
   (the lower triangle of the ``block × block`` tile grid for causal selectors; all tiles for
@@ -109,6 +109,7 @@ def setup(name: str, config, q, k, T: int, args: argparse.Namespace):
                 NeighborhoodMask(grid, args.na_kernel, tile_shape=tile).block_lists())
     mask = masks.Causal()
     if name == "buckets":
+        mask = None
         B, H = q.shape[0], q.shape[2]
         ids = np.random.default_rng(T).integers(0, args.buckets, (2, B, H, T)).astype(np.int32)
         return None, mask, Buckets(jnp.asarray(ids[0]), jnp.asarray(ids[1]), args.buckets)

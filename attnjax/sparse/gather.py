@@ -63,6 +63,7 @@ class _Static:
 def block_sparse_attention_xla(
     q: jax.Array, k: jax.Array, v: jax.Array, blocks: BlockSparse, *, mask: Optional[Mask] = None,
     scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, return_lse: bool = False,
+    keys_per_step: int = KEYS_PER_STEP,
 ):
     """Block-sparse softmax attention by gathering the listed key tiles (FlashAttention-2 in XLA).
 
@@ -77,13 +78,15 @@ def block_sparse_attention_xla(
       scale: logit scale, default ``1/sqrt(D)``; logits_soft_cap: ``cap``.
       return_lse: also return the float32 log-sum-exp ``[B, T, Hq]`` (``-inf`` for rows that see
         no key; their output is 0).
+      keys_per_step: keys a query block gathers per loop step at most (``KEYS_PER_STEP``); lists
+        padded far beyond their counts (``K`` a loose bound) waste fewer slots with a smaller step.
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``. Differentiable in q, k, v (and through lse).
     """
     B, _, Hq, _ = q.shape
     bq, bk = blocks.block_q, blocks.block_kv
     K = blocks.max_blocks
-    slots = num_tiles(K, max(1, num_tiles(K * bk, KEYS_PER_STEP)))  # K split evenly into steps
+    slots = num_tiles(K, max(1, num_tiles(K * bk, keys_per_step)))  # K split evenly into steps
     chunk = _chunk_size(blocks.num_q_blocks, TILE_ELEMENTS_PER_STEP // (B * Hq * bq * slots * bk))
     st = _Static(score_spec(q, k, scale, logits_soft_cap), block_q=bq, block_kv=bk, chunk=chunk, slots=slots)
     indices = jnp.asarray(blocks.indices, jnp.int32)

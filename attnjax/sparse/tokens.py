@@ -52,6 +52,11 @@ from attnjax.tiling import num_tiles, pad_axis
 
 PATHS = ("reference", "xla")
 
+KEYS_PER_STEP = 512
+"""Keys per gather step of the sorted-bucket path: its lists are padded to every key tile (a range's
+length is known only at run time), so steps shorter than the engine's default waste fewer slots past
+a range's end (random buckets at density 1/8, T = 8k: 0.33× dense at 512 against 0.47× at 1024)."""
+
 ELEMENTS_PER_CHUNK = 2 ** 18
 """Gathered key slots (over batch, heads and rows) that one key-list chunk holds at a time."""
 
@@ -225,7 +230,8 @@ def _buckets_xla(q, k, v, sel: Buckets, *, mask, scale, logits_soft_cap, return_
     fine = SortedBuckets(q_ids, kv_ids_q, q_order, kv_order_q, mask)
     out, lse = block_sparse_attention_xla(_along_time(q, q_order), _along_time(k, kv_order),
                                           _along_time(v, kv_order), blocks, mask=fine, scale=scale,
-                                          logits_soft_cap=logits_soft_cap, return_lse=True)
+                                          logits_soft_cap=logits_soft_cap, return_lse=True,
+                                          keys_per_step=KEYS_PER_STEP)
     back = jnp.argsort(q_order, axis=-1)
     out = _along_time(out, back)
     if not return_lse:
