@@ -37,6 +37,7 @@ Mixing with local attention (the paper's local heads) is per head, in ``attnjax.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Optional
 
 import jax
@@ -174,14 +175,14 @@ class Routing(TokenSelector):
     ``routing_buckets``. A trained model keeps EMA centroids instead: ``attnjax.nn.RoutingAttention``.
 
     Attributes:
-      num_clusters: ``C`` (the paper uses about ``√T``).
+      num_clusters: ``C``; ``None`` (default) takes ``⌈√S⌉``, the paper's choice (Sec. 4.1: ``O(T^1.5·D)`` work).
       kmeans_steps: Lloyd steps on the current queries and keys (0: the seeded centroids as they are).
       seed: the centroids' seed, so that a call is deterministic.
       balanced: equal windows (default, the paper's balanced clusters) or plain nearest-centroid clusters.
       block_q, block_kv: the sorted-bucket engine's tiles.
     """
 
-    num_clusters: int = 4
+    num_clusters: Optional[int] = None
     kmeans_steps: int = 1
     seed: int = 0
     balanced: bool = True
@@ -191,14 +192,17 @@ class Routing(TokenSelector):
     paper: ClassVar[str] = PAPER
 
     def __post_init__(self):
-        check_positive(num_clusters=self.num_clusters, block_q=self.block_q, block_kv=self.block_kv)
+        check_positive(block_q=self.block_q, block_kv=self.block_kv)
+        if self.num_clusters is not None:
+            check_positive(num_clusters=self.num_clusters)
         if not isinstance(self.kmeans_steps, int) or self.kmeans_steps < 0:
             raise ValueError(f"kmeans_steps must be an int >= 0, got {self.kmeans_steps!r}")
 
     def centroids(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """The centroids ``[Hkv, C, D]`` this config routes ``q``, ``k`` with (seeded, then Lloyd steps)."""
         check_qk(q, k)
-        centroids = init_centroids(jax.random.PRNGKey(self.seed), k.shape[2], self.num_clusters, k.shape[3])
+        C = self.num_clusters or math.isqrt(k.shape[1] - 1) + 1
+        centroids = init_centroids(jax.random.PRNGKey(self.seed), k.shape[2], C, k.shape[3])
         for _ in range(self.kmeans_steps):
             centroids = kmeans_step((lax.stop_gradient(q), lax.stop_gradient(k)), centroids)
         return centroids
