@@ -1,4 +1,4 @@
-"""Routing Transformer self-attention as a Flax NNX layer, with EMA k-means centroids (core: ``attnjax.sparse.routing``).
+"""Routing Transformer self-attention as a Flax NNX layer with EMA k-means centroids (core: ``attnjax.sparse.routing``).
 
 Roy, Saffar, Vaswani, Grangier 2021, "Efficient Content-Based Sparse Attention with Routing Transformers", TACL,
 Sec. 4.1; official code ``google-research/routing_transformer`` (``utils.py``: ``multihead_attention_nd`` mixes
@@ -8,6 +8,7 @@ Sec. 4.1; official code ``google-research/routing_transformer`` (``utils.py``: `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -19,10 +20,28 @@ from attnjax import masks
 from attnjax.api import attention
 from attnjax.checks import check_positive
 from attnjax.nn.attention import attention_projections
-from attnjax.nn.checks import check_input, resolve_head_dim
+from attnjax.nn.checks import check_input, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.sparse.routing import PAPER, init_centroids, kmeans_statistics, nearest_centroid, normalize
 from attnjax.sparse.routing import routing_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoutingCache:
+    """Keys, values and routing clusters of the tokens decoded so far, for ``RoutingAttention.decode``.
+
+    Attributes:
+      k: ``[B, max_len, Hkv, D]`` keys: the local heads' as projected, the routing heads' layer-normed.
+      v: ``[B, max_len, Hkv, D]`` values.
+      ids: ``[B, Hkv_r, max_len]`` int32, each cached key's cluster (routing kv heads).
+      length: int32 scalar, the number of filled slots (the position of the next token).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    ids: jax.Array
+    length: jax.Array
 
 
 class RoutingAttention(nnx.Module):
@@ -51,8 +70,9 @@ class RoutingAttention(nnx.Module):
     Causality: with ``balanced=False`` a token's cluster depends on the token alone, so the causal layer is
     strictly causal. With ``balanced=True`` (the paper's equal-size clusters) the window cut depends on every
     token's routing, so which earlier keys a query sees can change with later tokens (as the official top-``w``
-    does); no query ever sees a later key either way. No KV-cache decoding (``init_cache``/``decode``): the
-    balanced windows need the whole sequence.
+    does); no query ever sees a later key either way. KV-cache decoding (``init_cache``/``decode``) serves
+    ``balanced=False`` (each cached key keeps its cluster, the query reads the earlier keys of its own cluster);
+    balanced windows need the whole sequence, so ``decode`` refuses them. Decoding never updates the centroids.
 
     Example::
 
@@ -135,6 +155,49 @@ class RoutingAttention(nnx.Module):
             self.update_centroids(qr, kr)
         return self.out(routed).astype(x.dtype)
 
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> RoutingCache:
+        """An empty ``RoutingCache``: zero keys and values ``[batch, max_len, Hkv, D]`` (``dtype``, default the
+        module's ``dtype`` else ``param_dtype``), cluster ids 0, length 0. ``NotImplementedError`` when balanced."""
+        check_positive(batch=batch, max_len=max_len)
+        if self.balanced:
+            raise NotImplementedError("RoutingAttention decodes with balanced=False only: balanced windows are cut "
+                                      "from the whole sequence's routing")
+        dtype = dtype or self.query.dtype or self.query.param_dtype
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        routed_kv = self.centroids.shape[0]
+        return RoutingCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                            jnp.zeros((batch, routed_kv, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def decode(self, x_t: jax.Array, cache: RoutingCache) -> tuple[jax.Array, RoutingCache]:
+        """One step: token ``x_t [B, 1, d_model]`` at position ``cache.length``; equal, position by position, to
+        ``self(x, mask=masks.Causal())`` (``balanced=False``); the centroids are not updated."""
+        if self.balanced:
+            raise NotImplementedError("RoutingAttention decodes with balanced=False only")
+        B, max_len = cache.k.shape[:2]
+        check_step("x_t", x_t, self.d_model, B)
+        (ql, kl, vl), (qr, kr, vr) = self._heads(x_t)
+        centroids = self.centroids[...]
+        qn, kn = normalize(qr).astype(qr.dtype), normalize(kr).astype(kr.dtype)
+        q_ids, _ = nearest_centroid(qn, centroids)
+        k_ids, _ = nearest_centroid(kn, centroids)
+        pos = jnp.minimum(cache.length, max_len - 1)
+        k = cache.k.at[:, pos].set(jnp.concatenate([kl, kn], axis=2)[:, 0].astype(cache.k.dtype))
+        v = cache.v.at[:, pos].set(jnp.concatenate([vl, vr], axis=2)[:, 0].astype(cache.v.dtype))
+        ids = cache.ids.at[:, :, pos].set(k_ids[:, :, 0])
+        slots = jnp.arange(max_len)
+        Lk = self.num_local_heads // (self.num_heads // self.num_kv_heads)
+        G = qr.shape[2] // ids.shape[1]
+        same = ids[:, jnp.arange(qr.shape[2]) // G, :] == q_ids                      # [B, Hr, max_len]
+        seen = masks.Explicit((same & (slots <= pos))[:, :, None, :])
+        routed = attention(qn, k[:, :, Lk:].astype(qn.dtype), v[:, :, Lk:].astype(vr.dtype), mask=seen,
+                           implementation="auto")
+        if self.num_local_heads:
+            near = masks.Explicit(((slots <= pos) & (slots >= pos - self.window))[None, None, None, :])
+            local = attention(ql, k[:, :, :Lk].astype(ql.dtype), v[:, :, :Lk].astype(vl.dtype), mask=near,
+                              implementation="auto")
+            routed = jnp.concatenate([local.astype(routed.dtype), routed], axis=2)
+        return self.out(routed).astype(x_t.dtype), RoutingCache(k, v, ids, cache.length + 1)
+
     def update_centroids(self, q: jax.Array, k: jax.Array) -> None:
         """One EMA step from the routing heads' queries ``[B, T, Hr, D]`` and keys ``[B, T, Hkv_r, D]`` (normalized
         here): counts and sums of the members of each current centroid, then centroid = sums / counts."""
@@ -169,6 +232,6 @@ class RoutingAttention(nnx.Module):
 register_module(ModuleSpec("routing", RoutingAttention,
                            dict(d_model=16, num_heads=4, num_kv_heads=2, num_local_heads=2, num_clusters=2, window=3,
                                 balanced=False, use_running_average=True, implementation="reference"),
-                           (1, 11, 16), kind="layer", paper=PAPER, causal=True))
+                           (1, 11, 16), kind="layer", paper=PAPER, causal=True, decodes=True))
 
-__all__ = ["RoutingAttention"]
+__all__ = ["RoutingAttention", "RoutingCache"]

@@ -103,3 +103,5 @@ def test_bad_arguments_raise():
         make(decay=1.0)
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         make()(jnp.zeros((1, T, D_MODEL), jnp.int32))
+    with pytest.raises(NotImplementedError, match="decodes with balanced=False only"):
+        make().init_cache(1, 4)
