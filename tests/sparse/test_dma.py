@@ -75,6 +75,7 @@ def test_xla_matches_reference_forward_and_gradients(mask_name, T):
     assert float(jnp.abs(g_fast[3]).max()) > 0, "the bias gets a gradient"
 
 
+@pytest.mark.slow
 def test_keeping_every_key_is_softmax_with_the_bias_and_gradients_reach_w_dt_and_a():
     q, k, v, _ = inputs()
     rng = np.random.default_rng(4)
