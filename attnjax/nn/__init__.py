@@ -29,7 +29,7 @@ from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_
 from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, ZoologyCache, ZoologyHybridBlock
 from attnjax.nn.biformer import BiLevelRoutingAttention
 from attnjax.nn.routing import RoutingAttention
-from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor
+from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor, SptAttention
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",

@@ -3,6 +3,8 @@
 - ``DynamicMaskAttention``: Shi et al. 2025, "Trainable Dynamic Mask Sparse Attention"
   (arXiv:2508.02124), official ``DogeAttention`` (SmallDoges/flash-dmattn); core in
   ``attnjax.sparse.dma``.
+- ``SptAttention``: Gui et al. 2024, "SPT: Fine-Tuning Transformer-based Language Models Efficiently
+  with Sparsification" (KDD 2024), the sparse MHA with learned PQ codebooks; core in ``attnjax.sparse.spt``.
 - ``SparsifinerAttention``: Wei et al. 2023, "Sparsifiner: Learning Sparse Instance-Dependent
   Attention for Efficient Vision Transformers" (CVPR 2023), official ``MaskPredictor``/``Attention``
   (lim142857/Sparsifiner); core in ``attnjax.sparse.sparsifiner``.
@@ -27,7 +29,9 @@ from attnjax.sparse.dma import biased_token_attention, dynamic_mask_attention, d
 from attnjax.sparse.sparsifiner import PAPER as SPARSIFINER_PAPER
 from attnjax.sparse.sparsifiner import (attention_budget, connectivity_scores, dense_attention_probabilities,
                                         distillation_loss, sparsifiner_attention)
-from attnjax.sparse.tokens import KeyLists
+from attnjax.sparse.spt import PAPER as SPT_PAPER
+from attnjax.sparse.spt import ESTIMATES, lookup_tables, pq_encode, pq_quantizer_loss, pq_top_lists
+from attnjax.sparse.tokens import KeyLists, token_sparse_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "reference")
 
@@ -64,7 +68,8 @@ class DynamicMaskAttention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, keep: int, num_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, dt_bias: bool = False, a_init: float = 0.0, rope: Optional[RoPE] = None,
+                 head_dim: Optional[int] = None, dt_bias: bool = False, a_init: float = 0.0,
+                 rope: Optional[RoPE] = None,
                  implementation: str = "auto", dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         head_dim = resolve_head_dim(d_model, num_heads, head_dim)
@@ -278,4 +283,126 @@ register_module(ModuleSpec(
     "sparsifiner", SparsifinerAttention, dict(d_model=16, num_heads=2, num_tokens=12, keep_rate=0.5,
                                               reduce_n_factor=4), (2, 12, 16), kind="layer", paper=SPARSIFINER_PAPER))
 
-__all__ = ["DynamicMaskAttention", "SparsifinerAttention", "SparsifinerPredictor"]
+
+
+class SptAttention(nnx.Module):
+    """SPT's sparse MHA with learned PQ codebooks: each query attends to its top-L keys by the PQ estimate::
+
+        Q, K, V = x W_q, x W_k, x W_v                      # [B, T, H, D], GQA K/V heads
+        codes   = PQ(Q), PQ(K)                             # one shared codebook [M, C, D/M] (authors' code)
+        ŝ_ij    = Σ_m L_m[code_m(q_i), code_m(k_j)]        # attnjax.sparse.spt lookup estimate
+        y       = (softmax(Q Kᵀ/√D) on top-L(ŝ)) V W_o     # token engine key lists
+
+    The codebooks are parameters trained with ``quantizer_loss`` (the authors' PQ loss on q and k, added to
+    the task loss); the layer's output gives them no gradient (the choice is not differentiated). With
+    fixed codebooks a query's choice depends on earlier keys only, so the layer is causal under
+    ``masks.Causal()`` and decodes from a KV cache.
+
+    Example::
+
+      layer = SptAttention(256, 4, top_l=512, rngs=nnx.Rngs(0))
+      y = layer(x, mask=masks.Causal()); loss = task_loss(y) + layer.quantizer_loss(x)
+
+    Args:
+      d_model: features; num_heads: query heads; num_kv_heads: K/V heads (default ``num_heads``).
+      top_l: keys per query (the authors' code keeps ``T/8``).
+      head_dim: default ``d_model // num_heads``; a multiple of ``num_subspaces``.
+      num_subspaces, num_codewords: ``M`` and ``C``; estimate: "inner" or "match" (``attnjax.sparse.spt``).
+      rope: optional ``attnjax.positional.RoPE`` on q and k (before quantization, as the authors' rotary variant).
+      implementation: the token engine's path, "auto", "xla" or "reference".
+      dtype, param_dtype: computation and parameter dtypes; rngs: ``params`` (codebooks standard normal,
+        the authors' ``torch.randn``).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, top_l: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, num_subspaces: int = 4, num_codewords: int = 16,
+                 estimate: str = "inner", rope: Optional[RoPE] = None, implementation: str = "auto",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        head_dim = resolve_head_dim(d_model, num_heads, head_dim)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_positive(top_l=top_l, num_kv_heads=num_kv_heads, num_subspaces=num_subspaces,
+                       num_codewords=num_codewords)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim % num_subspaces:
+            raise ValueError(f"head_dim ({head_dim}) must be a multiple of num_subspaces ({num_subspaces})")
+        if estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"SptAttention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if rope is not None:
+            if not isinstance(rope, RoPE):
+                raise TypeError(f"rope must be an attnjax.positional.RoPE or None, got {type(rope).__name__}")
+            rope.frequencies(head_dim)
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
+        self.top_l, self.estimate, self.rope, self.implementation = top_l, estimate, rope, implementation
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.query, self.key, self.value, self.out = attention_projections(
+            d_model, num_heads, num_kv_heads, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        shape = (num_subspaces, num_codewords, head_dim // num_subspaces)
+        self.codebooks = nnx.Param(jax.random.normal(rngs.params(), shape, param_dtype))
+
+    def _qkv(self, x, positions):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
+
+    def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[masks.Mask] = None) -> KeyLists:
+        """Each query's ``top_l`` keys by the PQ estimate with the learned codebooks (not differentiated)."""
+        books = jnp.broadcast_to(jax.lax.stop_gradient(self.codebooks[...]).astype(jnp.float32),
+                                 (k.shape[0], k.shape[2]) + self.codebooks.shape)
+        q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+        return pq_top_lists(pq_encode(q, books), pq_encode(k, books), lookup_tables(books, self.estimate),
+                            self.top_l, mask=mask)
+
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None,
+                 positions: Optional[jax.Array] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``; ``mask``: None or ``masks.Causal()``; ``positions``: RoPE."""
+        check_input("x", x, self.d_model)
+        check_causal_mask("SptAttention", mask)
+        q, k, v = self._qkv(x, jnp.arange(x.shape[1]) if positions is None else positions)
+        heads = token_sparse_attention(q, k, v, self.select(q, k, mask=mask), mask=mask,
+                                       implementation=self.implementation)
+        return self.out(heads)
+
+    def quantizer_loss(self, x: jax.Array, *, positions: Optional[jax.Array] = None) -> jax.Array:
+        """The authors' PQ loss on this layer's q and k (``pq_quantizer_loss``, summed), a float32 scalar."""
+        check_input("x", x, self.d_model)
+        q, k, _ = self._qkv(x, jnp.arange(x.shape[1]) if positions is None else positions)
+        return pq_quantizer_loss(q, self.codebooks[...]) + pq_quantizer_loss(k, self.codebooks[...])
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
+        """An empty ``KVCache``: zeros ``[batch, max_len, Hkv, D]`` and length 0."""
+        check_positive(batch=batch, max_len=max_len)
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One causal step at position ``cache.length``: the token's top-L among the cached keys (its own
+        included), equal to ``self(x, mask=masks.Causal())`` position by position.
+
+        Args:
+          x_t: ``[B, 1, d_model]``; cache: from ``init_cache`` or the previous ``decode``.
+        Returns:
+          ``(y_t [B, 1, d_model], cache)``.
+        """
+        check_step("x_t", x_t, self.d_model, cache.k.shape[0])
+        dtype = cache.k.dtype
+        q, k, v = (t.astype(dtype) for t in self._qkv(x_t, cache.length[None]))
+        start = (0, cache.length, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
+        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
+        filled = masks.Explicit((jnp.arange(k_all.shape[1]) <= cache.length)[None, None, None, :])
+        impl = "reference" if self.implementation == "reference" else "xla"
+        heads = token_sparse_attention(q, k_all, v_all, self.select(q, k_all, mask=filled), implementation=impl)
+        return self.out(heads), KVCache(k_all, v_all, cache.length + 1)
+
+
+register_module(ModuleSpec(
+    "spt", SptAttention, dict(d_model=16, num_heads=4, num_kv_heads=2, top_l=3, num_subspaces=2, num_codewords=4),
+    (2, 9, 16), kind="layer", paper=SPT_PAPER, causal=True, decodes=True))
+
+__all__ = ["DynamicMaskAttention", "SparsifinerAttention", "SparsifinerPredictor", "SptAttention"]

@@ -144,16 +144,17 @@ def biased_token_attention(q, k, v, bias, selection: KeyLists, *, mask: Optional
 
     The bias rides in one extra float32 feature, ``q' = [q, 1]``, ``k' = [k, δ/scale]``, so that
     ``scale·q'·k' = scale·q·k + δ`` exactly for a bias that depends on the key only (not on the query);
-    gradients reach ``δ`` through ``k'``. q, k and v enter the engine in float32. Args as ``dynamic_mask_attention`` plus ``selection`` (the kept
-    keys, ``attnjax.sparse.KeyLists``) and the engine's ``implementation``. The output takes q's dtype.
+    gradients reach ``δ`` through ``k'``. q, k and v enter the engine in float32. Args as
+    ``dynamic_mask_attention`` plus ``selection`` (the kept keys, ``attnjax.sparse.KeyLists``) and the
+    engine's ``implementation``. The output takes q's dtype.
     """
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     q1 = jnp.concatenate([q.astype(jnp.float32), jnp.ones(q.shape[:-1] + (1,), jnp.float32)], -1)
     k1 = jnp.concatenate([k.astype(jnp.float32), (bias.astype(jnp.float32) / scale).transpose(0, 2, 1)[..., None]],
                          -1)
-    out = token_sparse_attention(q1, k1, v.astype(jnp.float32), selection, mask=mask, scale=scale, return_lse=return_lse,
-                                 implementation=implementation)
+    out = token_sparse_attention(q1, k1, v.astype(jnp.float32), selection, mask=mask, scale=scale,
+                                 return_lse=return_lse, implementation=implementation)
     if return_lse:
         return out[0].astype(q.dtype), out[1]
     return out.astype(q.dtype)
@@ -193,5 +194,5 @@ def dynamic_mask_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.A
                     return_lse=return_lse, what="dynamic mask attention")
 
 
-__all__ = ["PAPER", "biased_token_attention", "dynamic_mask_attention", "dynamic_mask_attention_reference", "dynamic_mask_attention_xla",
-           "dynamic_mask_bias", "dynamic_mask_lists"]
+__all__ = ["PAPER", "biased_token_attention", "dynamic_mask_attention", "dynamic_mask_attention_reference",
+           "dynamic_mask_attention_xla", "dynamic_mask_bias", "dynamic_mask_lists"]

@@ -170,6 +170,26 @@ def spt_select(q: jax.Array, k: jax.Array, *, top_l: int, num_subspaces: int, nu
     return pq_top_lists(pq_encode(q, codebooks), pq_encode(k, codebooks), tables, top_l, mask=mask)
 
 
+def pq_quantizer_loss(x: jax.Array, codebooks: jax.Array) -> jax.Array:
+    """The authors' codebook-training loss for shared codebooks ``[M, C, D/M]`` on ``x [B, L, H, D]``.
+
+    As their ``PQBase(mode='train')``: with ``d_c`` the distance of a sub-vector to codeword ``c``, the
+    hard codeword ``z_q`` (nearest) and the soft codeword ``z_w = Σ_c softmax_c(−log d_c) C[c]``,
+    ``loss = MSE(z_w, z_q) + MSE(z, z_q)`` (mean over sub-vector elements; both terms differentiate
+    the codebooks, the second also ``x``). Their code measures ``d`` in L1 (``torch.cdist(p=1)``);
+    here it is the L2 distance, the metric ``pq_encode`` assigns codes with. A float32 scalar.
+    """
+    M, C, d = codebooks.shape
+    sub = _subspaces(x, M)                                                              # [B, H, L, M, d]
+    cb = codebooks.astype(jnp.float32)
+    dist = jnp.sqrt(jnp.maximum(jnp.sum((sub[..., None, :] - cb) ** 2, -1), 1e-10))     # [B, H, L, M, C]
+    codes = jnp.argmin(dist, -1)                                                        # [B, H, L, M]
+    z_q = cb[jnp.arange(M), codes]                                                      # [B, H, L, M, d]
+    weights = jax.nn.softmax(-jnp.log(jnp.maximum(dist, 1e-5)), -1)
+    z_w = jnp.einsum("bhlmc,mcd->bhlmd", weights, cb)
+    return jnp.mean((z_w - z_q) ** 2) + jnp.mean((sub - z_q) ** 2)
+
+
 @registry.register
 @dataclasses.dataclass(frozen=True)
 class Spt(TokenSelector):
@@ -208,5 +228,5 @@ class Spt(TokenSelector):
                           mask=mask)
 
 
-__all__ = ["ESTIMATES", "PAPER", "Spt", "kmeans_codebooks", "lookup_tables", "pq_encode", "pq_scores_reference",
-           "pq_top_lists", "spt_select"]
+__all__ = ["ESTIMATES", "PAPER", "Spt", "kmeans_codebooks", "lookup_tables", "pq_encode", "pq_quantizer_loss",
+           "pq_scores_reference", "pq_top_lists", "spt_select"]

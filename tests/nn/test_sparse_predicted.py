@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from attnjax import masks
-from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention
+from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SptAttention
 from tests.helpers import assert_close
 
 
@@ -63,3 +63,24 @@ def test_sparsifiner_distillation_lowers_the_loss_and_only_it_trains_the_predict
     losses = [float(step(layer, optimizer)) for _ in range(30)]
     assert losses[-1] < 0.6 * losses[0], losses
     np.testing.assert_array_equal(np.asarray(layer.query.kernel[...]), q0)
+
+
+def test_spt_quantizer_loss_trains_the_codebooks_which_the_output_does_not():
+    """The authors' PQ loss falls over 20 Adam steps; the layer's output gives the codebooks no gradient."""
+    layer = SptAttention(16, 4, num_kv_heads=2, top_l=3, num_subspaces=2, num_codewords=4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 16))
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, mask=masks.Causal()) * jnp.cos(jnp.arange(16.0)))))(layer)
+    assert float(jnp.abs(grads.codebooks[...]).max()) == 0
+    assert float(jnp.abs(grads.value.kernel[...]).max()) > 0
+    optimizer = nnx.Optimizer(layer, optax.adam(3e-2), wrt=nnx.Param)
+    books = np.asarray(layer.codebooks[...])
+
+    @nnx.jit
+    def step(layer, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m.quantizer_loss(x))(layer)
+        optimizer.update(layer, grads)
+        return loss
+
+    losses = [float(step(layer, optimizer)) for _ in range(20)]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert np.abs(np.asarray(layer.codebooks[...]) - books).max() > 1e-3

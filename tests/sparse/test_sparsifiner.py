@@ -17,11 +17,12 @@ B, T, HQ, HKV, D, C, R, KEEP = 2, 13, 4, 2, 8, 4, 3, 5
 
 def predictor_weights(seed=0):
     rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((D, C), (C,), (D, C), (C,), (T, R), (T, R))]
+    shapes = ((D, C), (C,), (D, C), (C,), (T, R), (T, R))
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
 
 
 def test_connectivity_scores_follow_the_equations():
-    """NumPy loops over (b, h): softmax(Q_r (W_downᵀ K_r)ᵀ · H^-1/2) W_upᵀ, with |W_up| thresholded at inference."""
+    """NumPy loops over (b, h): softmax(Q_r (W_downᵀ K_r)ᵀ · H^-1/2) W_upᵀ (|W_up| thresholded at inference)."""
     q, k, _ = random_qkv(jax.random.PRNGKey(0), B=B, T=T, Hq=HQ, Hkv=HKV, D=D)
     w = predictor_weights()
     wq, bq, wk, bk, wd, wu = (np.asarray(x) for x in w)
