@@ -8,8 +8,8 @@ import pytest
 
 import attnjax
 from attnjax import masks
-from attnjax.sparse.spt import (Spt, kmeans_codebooks, lookup_tables, pq_encode, pq_scores_reference, pq_top_lists,
-                                spt_select)
+from attnjax.sparse.spt import (Spt, kmeans_codebooks, lookup_tables, pq_encode, pq_quantizer_loss, pq_scores_reference,
+                                pq_top_lists, spt_select)
 from tests.helpers import assert_close, random_qkv
 
 B, T, HQ, HKV, D, M, C = 2, 13, 4, 2, 8, 2, 4
@@ -91,6 +91,19 @@ def test_selector_xla_matches_reference_forward_and_gradients():
     bf16 = attnjax.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mechanism=cfg, mask=masks.Causal(),
                              implementation="xla")
     assert bf16.dtype == jnp.bfloat16 and bool(jnp.isfinite(bf16.astype(jnp.float32)).all())
+
+
+def test_quantizer_loss_matches_the_authors_formula():
+    """NumPy: hard codeword z_q (nearest), soft z_w = Σ_c softmax(−log d_c) C[c]; MSE(z_w, z_q) + MSE(z, z_q)."""
+    x = np.random.default_rng(6).standard_normal((1, 5, 2, D)).astype(np.float32)
+    books = np.random.default_rng(7).standard_normal((M, C, D // M)).astype(np.float32)
+    sub = x.transpose(0, 2, 1, 3).reshape(1, 2, 5, M, D // M)
+    dist = np.sqrt(((sub[..., None, :] - books) ** 2).sum(-1))
+    z_q = books[np.arange(M), dist.argmin(-1)]
+    w = np.exp(-np.log(dist)) / np.exp(-np.log(dist)).sum(-1, keepdims=True)
+    z_w = np.einsum("bhlmc,mcd->bhlmd", w, books)
+    want = ((z_w - z_q) ** 2).mean() + ((sub - z_q) ** 2).mean()
+    assert float(pq_quantizer_loss(jnp.asarray(x), jnp.asarray(books))) == pytest.approx(want, rel=1e-5)
 
 
 def test_bad_configs_raise():
