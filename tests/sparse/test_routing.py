@@ -89,6 +89,7 @@ def test_xla_matches_reference_forward_and_gradients(balanced, mask):
         assert_close(a, b, atol=1e-5, name=f"d{name}")
 
 
+@pytest.mark.slow
 def test_causal_query_never_sees_a_later_key():
     """Values after ``t`` never reach outputs up to ``t`` (balanced windows: the routing may move, the keys a query
     sees are never later); with plain clusters and no k-means step, the whole call is causal in q, k and v."""
