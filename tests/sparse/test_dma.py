@@ -101,8 +101,6 @@ def test_bf16_is_finite_and_keeps_its_dtype():
     out = jax.jit(lambda *a: dynamic_mask_attention(*a, keep=KEEP, mask=masks.Causal(), implementation="xla"))(
         q, k, v, bias)
     assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
-    ref = dynamic_mask_attention(q, k, v, bias, keep=KEEP, mask=masks.Causal(), implementation="reference")
-    assert_close(out, ref, rtol=3e-2, name="bf16")
 
 
 def test_bad_inputs_raise_naming_the_argument():

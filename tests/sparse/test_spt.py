@@ -1,6 +1,8 @@
 """SPT (Gui et al. 2024): PQ codes, the lookup-table estimate and the top-L rule against NumPy loops; the
 registered selector's token-engine path against the dense reference (forward and gradients)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +34,13 @@ def test_codes_are_nearest_codewords_and_k_means_lowers_the_quantization_error()
                     dist = ((cb[b, h // (HQ // HKV), m] - sub) ** 2).sum(-1)
                     assert dist[codes[b, h, i, m]] == pytest.approx(dist.min(), rel=1e-5, abs=1e-6)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def error(iterations):
         books = kmeans_codebooks(k, num_subspaces=M, num_codewords=C, iterations=iterations)
         decoded = jnp.take_along_axis(books[:, :, None], pq_encode(k, books)[..., None, None], -2)[..., 0, :]
-        return float(((decoded.reshape(B, HKV, T, D) - k.transpose(0, 2, 1, 3)) ** 2).sum())
+        return ((decoded.reshape(B, HKV, T, D) - k.transpose(0, 2, 1, 3)) ** 2).sum()
 
-    assert error(3) < error(0)
+    assert float(error(3)) < float(error(0))
 
 
 @pytest.mark.parametrize("estimate", ["inner", "match"])
@@ -75,6 +78,7 @@ def test_top_l_lists_hold_the_highest_estimates_and_never_a_later_key():
 
 
 def test_selector_xla_matches_reference_forward_and_gradients():
+    """GQA, T < S under Causal(); bf16 and the other masks run in the registry's conformance suite."""
     q, k, v = random_qkv(jax.random.PRNGKey(3), B=B, T=9, S=T, Hq=HQ, Hkv=HKV, D=D)
     cfg = Spt(top_l=5, num_subspaces=M, num_codewords=C, iterations=2)
 
@@ -88,9 +92,6 @@ def test_selector_xla_matches_reference_forward_and_gradients():
     assert_close(fast, ref, name="out")
     for name, a, e in zip("qkv", g_fast, g_ref):
         assert_close(a, e, atol=1e-4, name=f"d{name}")
-    bf16 = attnjax.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mechanism=cfg, mask=masks.Causal(),
-                             implementation="xla")
-    assert bf16.dtype == jnp.bfloat16 and bool(jnp.isfinite(bf16.astype(jnp.float32)).all())
 
 
 def test_quantizer_loss_matches_the_authors_formula():
@@ -103,7 +104,7 @@ def test_quantizer_loss_matches_the_authors_formula():
     w = np.exp(-np.log(dist)) / np.exp(-np.log(dist)).sum(-1, keepdims=True)
     z_w = np.einsum("bhlmc,mcd->bhlmd", w, books)
     want = ((z_w - z_q) ** 2).mean() + ((sub - z_q) ** 2).mean()
-    assert float(pq_quantizer_loss(jnp.asarray(x), jnp.asarray(books))) == pytest.approx(want, rel=1e-5)
+    assert float(jax.jit(pq_quantizer_loss)(jnp.asarray(x), jnp.asarray(books))) == pytest.approx(want, rel=1e-5)
 
 
 def test_bad_configs_raise():
