@@ -86,7 +86,7 @@ def ring_attention(
       scale: logit scale (default ``1/sqrt(D)``); logits_soft_cap: ``cap·tanh(s/cap)``.
       implementation: "auto" or "xla" (the blocked XLA path, on every backend); others raise
         NotImplementedError.
-      block_q, block_kv: tiles of the per-step blocked attention (default ``default_block``).
+      block_q, block_kv: tiles of the per-step blocked attention (default ``ring_block``).
       return_lse: also return the float32 log-sum-exp ``[B, T, Hq]`` over all ``N`` keys.
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype (a row with no allowed key is 0), and ``lse`` if asked.
@@ -98,11 +98,26 @@ def ring_attention(
     world, mask = check_local_inputs(q, k, v, axis_name=axis_name, layout=layout, mask=mask, segment_ids=segment_ids,
                                      kv_heads=True)
     T = q.shape[1]
-    block = default_block(T, layout)
+    block = ring_block(T, layout)
     st = _Ring(axis_name, world, layout, mask, q.shape[-1] ** -0.5 if scale is None else scale, logits_soft_cap,
                min(block_q or block, T), min(block_kv or block, T))
     out, lse = _ring(q, k, v, segment_ids, st)
     return (out, lse) if return_lse else out
+
+
+CPU_TILES_PER_STEP = 8
+"""On CPU the ring's per-step tiles default to ``T/8`` of the local length (at least 128, at most the
+layout's default): measured on 8 CPU devices (``experiments/bench_ring.py``), fwd+bwd at local lengths
+1024 and 2048 ran fastest with tiles of 128 and 256, against 512 (1.5× and 1.4× slower)."""
+
+
+def ring_block(local_len: int, layout: str) -> int:
+    """The default tile of a ring step: ``default_block``, and on the CPU backend ``local_len / 8`` within
+    ``[128, default_block]`` (``CPU_TILES_PER_STEP``)."""
+    block = default_block(local_len, layout)
+    if jax.default_backend() != "cpu":
+        return block
+    return min(block, max(128, local_len // CPU_TILES_PER_STEP))
 
 
 def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, seq_axis: str,
