@@ -100,7 +100,7 @@ class KeyLists:
 
     Args:
       indices: int ``[B, Hq, T, K]`` (or ``[B, Hq, 1, K]``: one list per head for every query) of key
-        positions in ``[0, S)``; ``-1`` marks an empty slot. Duplicates count once.
+        positions in ``[0, S)``; ``-1`` (or any id outside ``[0, S)``) marks an empty slot. Duplicates count once.
     """
 
     indices: jax.Array
@@ -117,7 +117,7 @@ class KeyLists:
     def dense(self, T: int, S: int) -> jax.Array:
         """Bool ``[B, Hq, T, S]``: the pairs the lists hold."""
         idx = self.indices
-        hits = (idx[..., None] == jnp.arange(S)) & (idx[..., None] >= 0)
+        hits = idx[..., None] == jnp.arange(S)
         return jnp.broadcast_to(hits.any(-2), idx.shape[:2] + (T, S))
 
 
@@ -242,17 +242,21 @@ def _buckets_xla(q, k, v, sel: Buckets, *, mask, scale, logits_soft_cap, return_
 # ----------------------------------------------------------------------------- key lists: gather per chunk
 
 
+def _distinct_slots(indices: jax.Array, S: int) -> tuple[jax.Array, jax.Array]:
+    """``(ids, held)``: each list sorted, and whether a slot holds a key in ``[0, S)`` that no earlier slot holds."""
+    ids = jnp.sort(indices, axis=-1)
+    first = jnp.concatenate([jnp.ones_like(ids[..., :1], bool), ids[..., 1:] != ids[..., :-1]], -1)
+    return ids, first & (ids >= 0) & (ids < S)
+
+
 def _allowed_at(mask: Optional[Mask], rows: jax.Array, idx: jax.Array, T: int, S: int) -> jax.Array:
-    """Bool ``[B, Hq, c, K]``: slots that hold a key (``idx ≥ 0``, first copy) and that ``mask`` allows for ``rows``."""
-    ordered = jnp.sort(idx, axis=-1)
-    first_copy = jnp.concatenate([jnp.ones_like(ordered[..., :1], bool), ordered[..., 1:] != ordered[..., :-1]], -1)
-    valid = jnp.take_along_axis(first_copy, jnp.argsort(jnp.argsort(idx, axis=-1), axis=-1), -1) & (idx >= 0)
-    valid = jnp.broadcast_to(valid, idx.shape[:2] + (rows.shape[0], idx.shape[-1]))
+    """Bool ``[B, Hq, c, K]``: the slots of ``idx [B, Hq, c|1, K]`` that ``mask`` allows for ``rows [c]``."""
+    shape = idx.shape[:2] + (rows.shape[0], idx.shape[-1])
     if mask is None:
-        return valid
-    safe = jnp.maximum(idx, 0)
+        return jnp.ones(shape, bool)
+    safe = jnp.clip(idx, 0, S - 1)
     if isinstance(mask, masks.Causal):
-        return valid & (masks.query_positions(rows, T, S)[:, None] >= safe)
+        return jnp.broadcast_to(masks.query_positions(rows, T, S)[:, None] >= safe, shape)
 
     def one(b, h, ids):
         if ids.shape[0] == 1:
@@ -262,14 +266,13 @@ def _allowed_at(mask: Optional[Mask], rows: jax.Array, idx: jax.Array, T: int, S
         return t[b if t.shape[0] > 1 else 0, h if t.shape[1] > 1 else 0]
 
     B, H = idx.shape[:2]
-    per = jax.vmap(jax.vmap(one, (None, 0, 0)), (0, None, 0))(jnp.arange(B), jnp.arange(H), safe)
-    return valid & per
+    return jax.vmap(jax.vmap(one, (None, 0, 0)), (0, None, 0))(jnp.arange(B), jnp.arange(H), safe)
 
 
 def _key_lists_xla(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, return_lse, **_):
     B, T, Hq, D = q.shape
     S, G = k.shape[1], Hq // k.shape[2]
-    idx = sel.indices.astype(jnp.int32)
+    idx, held = _distinct_slots(sel.indices.astype(jnp.int32), S)
     K = idx.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     chunk = max(1, min(T, ELEMENTS_PER_CHUNK // max(1, B * Hq * K)))
@@ -277,20 +280,21 @@ def _key_lists_xla(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, retu
     qh = pad_axis(q.transpose(0, 2, 1, 3), 2, chunk)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     shared = idx.shape[2] == 1
-    idx_rows = idx if shared else pad_axis(idx, 2, chunk)
+    idx_rows, held_rows = (idx, held) if shared else (pad_axis(idx, 2, chunk), pad_axis(held, 2, chunk))
     bi, hi = jnp.arange(B)[:, None, None, None], (jnp.arange(Hq) // G)[None, :, None, None]
 
     @jax.checkpoint
     def one_chunk(c):
         rows = c * chunk + jnp.arange(chunk)
-        ids = idx_rows if shared else lax.dynamic_slice_in_dim(idx_rows, c * chunk, chunk, axis=2)
-        safe = jnp.maximum(ids, 0)
+        ids, ok = (idx_rows, held_rows) if shared else (
+            lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=2) for x in (idx_rows, held_rows))
+        safe = jnp.clip(ids, 0, S - 1)
         kg, vg = kh[bi, hi, safe], vh[bi, hi, safe]
         qc = lax.dynamic_slice_in_dim(qh, c * chunk, chunk, axis=2).astype(jnp.float32)
         s = jnp.einsum("bhcd,bhckd->bhck", qc, kg.astype(jnp.float32)) * scale
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        ok = _allowed_at(mask, rows, ids, T, S) & (rows < T)[:, None]
+        ok = ok & _allowed_at(mask, rows, ids, T, S) & (rows < T)[:, None]
         s = jnp.where(ok, s, -jnp.inf)
         m = s.max(-1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -330,7 +334,9 @@ def pair_density(selection: Selection, T: int, S: int, *, causal: bool) -> float
         seen = jnp.take_along_axis(counts[:, :, jnp.maximum(upto, 0)], selection.q_ids[..., None], -1)[..., 0]
         pairs = jnp.where(upto >= 0, seen, 0).sum(-1)
     else:
-        pairs = _allowed_at(masks.Causal() if causal else None, jnp.arange(T), selection.indices, T, S).sum((-2, -1))
+        ids, held = _distinct_slots(selection.indices, S)
+        allowed = _allowed_at(masks.Causal() if causal else None, jnp.arange(T), ids, T, S)
+        pairs = (held & allowed).sum((-2, -1))
     dense = int(jnp.clip(pos + 1, 0, S).sum()) if causal else T * S
     return float(pairs.mean()) / dense
 

@@ -29,9 +29,10 @@ def unbalanced_buckets(seed=0, T=T, S=S):
 
 
 def key_lists(shared: bool, seed=1):
-    """Random lists with empty slots (-1) and duplicates; ``shared`` gives one list per head."""
+    """Random lists with empty slots (-1, and an id past S) and duplicates; ``shared`` gives one list per head."""
     idx = np.random.default_rng(seed).integers(-1, S, (B, HQ, 1 if shared else T, 6))
     idx[..., 1] = idx[..., 0]
+    idx[..., 2] = S + 3
     return KeyLists(jnp.asarray(idx, jnp.int32))
 
 
