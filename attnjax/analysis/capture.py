@@ -96,6 +96,9 @@ NO_ATTENTION_MAP = {
     "TransformerMLP": "an MLP",
     "SGLU": "a gated MLP",
     "LearnedPositionEmbedding": "a position embedding",
+    "BaseConv": "a gated short convolution (Zoology's BaseConv)",
+    "BaseConvBlock": "a gated short convolution (Zoology's BaseConv) and an MLP",
+    "SparsifinerPredictor": "a low-rank predictor of which keys each query keeps (its scores are not a value average)",
     "LRPE": "a position encoding (rotations of q and k)",
     "T5RelativeBias": "a position-bias rule (recorded as the bias of the layer that uses it)",
     "DynamicPositionBias": "a position-bias MLP (recorded as the bias of the layer that uses it)",
@@ -155,6 +158,11 @@ REFUSED = {
     "PMIMemory": "a memory: competitive top-k writes and several reads, not one softmax",
     "RAT": "chunk attention merged with a per-token recurrent state (the own state is a per-query key)",
     "NeuralMemoryLayer": "a neural memory read M_t(q_t), no attention map",
+    # content-routed sparse attention: the map is a softmax over each query's selected keys, not over all keys
+    "RoutingAttention": "softmax within each query's routing cluster (and local windows), not over all keys",
+    "DynamicMaskAttention": "softmax over each head's top-k keys with a learned per-key bias, not over all keys",
+    "SparsifinerAttention": "softmax over each query's predicted top-k keys, not over all keys",
+    "SptAttention": "softmax over each query's top-L keys estimated from product-quantization codes",
     # softmax maps not expressible as one entry, or not wired
     "PATBlock": "with mixer='channel', PAT_ch, a gate of partial channels, no query-key softmax map (with mixer='self' "
                 "its PartialSelfAttention records; a PAT_sp gate at the end of its MLP, spatial=True, is refused "

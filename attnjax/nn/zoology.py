@@ -274,5 +274,10 @@ register_module(ModuleSpec("baseconv", BaseConvBlock, dict(d_model=8, num_heads=
 register_module(ModuleSpec("zoology_hybrid", ZoologyHybridBlock,
                            dict(d_model=8, num_heads=2, block_kv=2, top_k=2, mlp_dim=16), (2, 9, 8), kind="block",
                            paper=PAPER + "; routing: Lu et al. 2025 (MoBA)", causal=True, decodes=True))
-"""The blocks carry the module conformance checks (init, jit, gradients, Linen bridge, checkpoint, causality,
-decode == parallel); their layers ``BaseConv`` and ``RoutedSparseAttention`` are exercised through them."""
+register_module(ModuleSpec("base_conv", BaseConv, dict(d_model=8), (2, 9, 8), kind="layer", paper=PAPER,
+                           causal=True, decodes=True))
+register_module(ModuleSpec("routed_sparse", RoutedSparseAttention, dict(d_model=8, num_heads=2, block_kv=2, top_k=2),
+                           (2, 9, 8), kind="layer", paper=PAPER + "; routing: Lu et al. 2025 (MoBA)", causal=True,
+                           decodes=True))
+"""The blocks and their two layers carry the module conformance checks (init, jit, gradients, Linen bridge,
+checkpoint, causality, decode == parallel)."""

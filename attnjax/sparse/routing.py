@@ -208,8 +208,16 @@ class Routing(TokenSelector):
         return centroids
 
     def select(self, q: jax.Array, k: jax.Array, *, mask: Optional[Mask] = None) -> Buckets:
-        """The routing partition of this call's queries and keys."""
-        return routing_buckets(q, k, self.centroids(q, k), balanced=self.balanced)
+        """The routing partition of this call's queries and keys; each batch row runs its own k-means steps, so a
+        row's routing never depends on the other rows (a batch split over devices gives the same result)."""
+        def one(q_row, k_row):
+            q_row, k_row = q_row[None], k_row[None]
+            buckets = routing_buckets(q_row, k_row, self.centroids(q_row, k_row), balanced=self.balanced)
+            return buckets.q_ids[0], buckets.kv_ids[0]
+
+        q_ids, kv_ids = jax.vmap(one)(q, k)
+        C = self.num_clusters or math.isqrt(k.shape[1] - 1) + 1
+        return Buckets(q_ids, kv_ids, C)
 
 
 __all__ = ["PAPER", "Routing", "balanced_windows", "init_centroids", "kmeans_statistics", "kmeans_step",

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import attnjax.nn  # noqa: F401  (fills the module registry)
-from attnjax import masks
+from attnjax import masks, registry
 from attnjax.analysis.capture import NO_ATTENTION_MAP, REFUSED, attention_maps, capture_attention
 from attnjax.bias import as_bias
 from attnjax.nn import EchoAttentionStack
@@ -31,6 +31,7 @@ from attnjax.vision.window import grid_attention_inputs
 from tests.helpers import assert_close
 
 SPECS = modules()
+MECHANISMS = {e.name for e in registry.entries()}
 
 
 def spec_id(spec) -> str:
@@ -53,7 +54,8 @@ def check_refusal(spec, error: NotImplementedError) -> None:
 
 
 def check_entries(spec, captured) -> None:
-    """A module of ``NO_ATTENTION_MAP`` records nothing; any other one recorded at least one softmax call with
+    """A module of ``NO_ATTENTION_MAP`` records nothing; any other one recorded at least one call of a registered
+    mechanism (softmax, or e.g. a block selector run by ``MultiHeadAttention(mechanism=...)``) with
     ``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]`` (``Hq % Hkv == 0``) and a positive scale."""
     if spec.module.__name__ in NO_ATTENTION_MAP:
         assert captured == [], f"{spec.name} holds no attention map but recorded {len(captured)} calls"
@@ -63,7 +65,7 @@ def check_entries(spec, captured) -> None:
         assert c.q.ndim == c.k.ndim == 4, (spec.name, c.path, c.q.shape, c.k.shape)
         (Bq, T, Hq, D), (Bk, S, Hkv, Dk) = c.q.shape, c.k.shape
         assert Bq == Bk and D == Dk and Hq % Hkv == 0 and min(T, S) >= 1, (spec.name, c.path, c.q.shape, c.k.shape)
-        assert c.mechanism == "softmax" and c.scale > 0, (spec.name, c.path, c.mechanism, c.scale)
+        assert c.mechanism in MECHANISMS and c.scale > 0, (spec.name, c.path, c.mechanism, c.scale)
 
 
 def test_documented_classes_are_registered_and_disjoint():

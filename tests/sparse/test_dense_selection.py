@@ -141,7 +141,8 @@ def test_attention_warns_once_per_configuration_at_trace_time():
     messages = [str(w.message) for w in log if issubclass(w.category, DenseSelectionWarning)]
     assert len(messages) == 2, messages
     assert messages[0].startswith("mechanism 'moba' selects every block at T=24, S=24, mask=Causal() "
-                                  "(block_q=8, block_kv=8, top_k=3, query_pool='mean'): this is dense softmax")
+                                  "(block_q=8, block_kv=8, top_k=3, query_pool='mean', granularity='block'): this is "
+                                  "dense softmax")
     assert "T=17, S=17" in messages[1]
 
 
