@@ -87,7 +87,7 @@ def test_matches_reference_per_option(name, implementation, case):
 
 
 @pytest.mark.parametrize("name", list(ENTRIES))
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("reference", marks=pytest.mark.slow)])
 def test_bfloat16_finite(name, implementation):
     if implementation not in ENTRIES[name].implementations:
         pytest.skip(f"{name} has no {implementation} path")
