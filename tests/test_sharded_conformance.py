@@ -36,8 +36,16 @@ def _check(name, implementation, mode, mesh):
         pytest.skip(f"not defined by the reference: {e}")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(ENTRIES))
+FAMILY_FIRSTS = {next(e.name for e in ENTRIES.values() if e.family == family)
+                 for family in {e.family for e in ENTRIES.values()}}
+"""The first registered mechanism of each family: the ``jit`` mode (global arrays on an Explicit mesh, the wiring
+of ``attnjax.meshes.accepts_explicit_meshes``, shared by every mechanism) runs for these in the default suite and
+for every mechanism in the slow one; the ``shard_map`` mode runs for every mechanism by default."""
+
+
+@pytest.mark.parametrize("name,mode", [
+    pytest.param(name, mode, marks=() if mode == "shard_map" or name in FAMILY_FIRSTS else pytest.mark.slow)
+    for name in ENTRIES for mode in MODES])
 def test_data_parallel(name, mode, mesh):
     _check(name, "auto", mode, mesh)
 

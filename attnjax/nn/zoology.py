@@ -68,11 +68,12 @@ class BaseConv(nnx.Module):
         self.conv = nnx.Conv(d_model, d_model, kernel_size=(kernel_size,), feature_group_count=d_model,
                              padding=((kernel_size - 1, 0),), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, u: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
-        """``u [B, T, d] -> [B, T, d]``, causal; ``mask``: ``None`` or ``masks.Causal()`` (the same result)."""
-        check_input("u", u, self.d_model)
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, T, d] -> [B, T, d]`` (the paper's ``u``), causal; ``mask``: ``None`` or ``masks.Causal()`` (the
+        same result)."""
+        check_input("x", x, self.d_model)
         check_causal_mask("BaseConv", mask)
-        return self.projection(u) * self.conv(u) + u
+        return self.projection(x) * self.conv(x) + x
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> jax.Array:
         """The last ``k − 1`` inputs, ``[batch, k − 1, d]`` zeros (the causal zero padding); ``max_len`` is
@@ -81,12 +82,12 @@ class BaseConv(nnx.Module):
         return jnp.zeros((batch, self.kernel_size - 1, self.d_model), self.conv.kernel.get_value().dtype if dtype is None
                          else dtype)
 
-    def decode(self, u_t: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One step ``u_t [B, 1, d] -> [B, 1, d]`` from the buffer; equal to ``self(u)`` at the token's position."""
-        check_step("u_t", u_t, self.d_model, cache.shape[0])
-        window = jnp.concatenate([cache, u_t.astype(cache.dtype)], axis=1)
+    def decode(self, x_t: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One step ``x_t [B, 1, d] -> [B, 1, d]`` from the buffer; equal to ``self(x)`` at the token's position."""
+        check_step("x_t", x_t, self.d_model, cache.shape[0])
+        window = jnp.concatenate([cache, x_t.astype(cache.dtype)], axis=1)
         conv = self.conv(window)[:, -1:]
-        return self.projection(u_t) * conv + u_t, window[:, 1:]
+        return self.projection(x_t) * conv + x_t, window[:, 1:]
 
 
 class RoutedSparseAttention(MultiHeadAttention):

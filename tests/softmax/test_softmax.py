@@ -59,7 +59,12 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MASKS))
+SLOW_MASKS = ("full", "causal_window", "chunked")
+"""Masks whose structure another case already covers (none, window, causal): the slow suite runs them."""
+
+
+@pytest.mark.parametrize("name", [n if n not in SLOW_MASKS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in MASKS])
 def test_masks_against_reference_and_jax_nn(name):
     mask = MASKS[name]()
     q, k, v = random_qkv(KEY, B=2, T=T, S=S, Hq=4, Hkv=2, D=16)

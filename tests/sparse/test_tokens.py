@@ -44,8 +44,13 @@ def loss(impl, selection, mask, q, k, v):
     return (out ** 2).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
 
-@pytest.mark.parametrize("mask_name", list(MASKS))
-@pytest.mark.parametrize("selection_name", list(SELECTIONS))
+DEFAULT_PAIRS = {("buckets", "causal"), ("buckets", "window"), ("lists", "causal"), ("shared_lists", "none")}
+"""The (selection, mask) pairs the default suite runs; the others are slow."""
+
+
+@pytest.mark.parametrize("selection_name,mask_name", [
+    pytest.param(sel, m, marks=() if (sel, m) in DEFAULT_PAIRS else pytest.mark.slow)
+    for sel in SELECTIONS for m in MASKS])
 def test_fast_path_matches_reference_forward_and_gradients(selection_name, mask_name):
     q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
     sel, mask = SELECTIONS[selection_name], MASKS[mask_name]
