@@ -104,7 +104,14 @@ def test_bfloat16_finite(name, implementation):
     _run(conformance.check_bf16, config, implementation, _case(config, "claimed"))
 
 
-@pytest.mark.parametrize("name", list(ENTRIES))
+FAMILY_FIRSTS = {next(e.name for e in ENTRIES.values() if e.family == family)
+                 for family in {e.family for e in ENTRIES.values()}}
+"""The first registered mechanism of each family: ``test_vmap`` (jax's batching of a mechanism's code, which
+uses no per-mechanism batching rule) runs for these by default and for every mechanism in the slow suite."""
+
+
+@pytest.mark.parametrize("name", [n if n in FAMILY_FIRSTS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ENTRIES])
 def test_vmap(name):
     config = _config(name)
     implementation = "xla" if "xla" in ENTRIES[name].implementations else "reference"

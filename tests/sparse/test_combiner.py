@@ -106,6 +106,7 @@ def test_factorized_matrix_rows_sum_to_one_with_full_support(variant, causal):
     ("axial", False),
     *(pytest.param(v, c, marks=pytest.mark.slow)
       for v in VARIANTS for c in (True, False) if (v, c) != ("axial", False))])
+@pytest.mark.slow
 def test_xla_matches_reference_forward_lse_and_grads_gqa_odd_length(variant, causal):
     """Causal GQA forward/grads of every variant's default config also run in tests/test_conformance.py."""
     q, k, v = random_qkv(jax.random.PRNGKey(2), B=1, T=T_ODD, Hq=4, Hkv=2, D=8, Dv=6)

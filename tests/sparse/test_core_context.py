@@ -91,6 +91,7 @@ def test_reference_equals_a_numpy_loop():
     assert_close(got[0, :, 0], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_xla_matches_reference_forward_lse_and_grads_gqa_odd_length():
     q, k, v = random_qkv(jax.random.PRNGKey(2), B=1, T=T, Hq=4, Hkv=2, D=8, Dv=6)
     kw = dict(group_size=G, window=W, mask=masks.Causal())

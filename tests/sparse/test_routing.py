@@ -72,6 +72,7 @@ def test_kmeans_step_moves_each_centroid_to_its_members_mean():
             np.testing.assert_allclose(new[h, c], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balanced,mask", [(True, masks.Causal()), pytest.param(False, None, marks=pytest.mark.slow)])
 def test_xla_matches_reference_forward_and_gradients(balanced, mask):
     q, k, v = random_qkv(jax.random.PRNGKey(4), B=B, T=21, S=21, Hq=HQ, Hkv=HKV, D=D)

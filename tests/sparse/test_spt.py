@@ -77,6 +77,7 @@ def test_top_l_lists_hold_the_highest_estimates_and_never_a_later_key():
                 np.testing.assert_allclose(np.sort(s[b, h, i, kept])[::-1], best, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_selector_xla_matches_reference_forward_and_gradients():
     """GQA, T < S under Causal(); bf16 and the other masks run in the registry's conformance suite."""
     q, k, v = random_qkv(jax.random.PRNGKey(3), B=B, T=9, S=T, Hq=HQ, Hkv=HKV, D=D)

@@ -44,7 +44,7 @@ def loss(impl, selection, mask, q, k, v):
     return (out ** 2).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
 
 
-DEFAULT_PAIRS = {("buckets", "causal"), ("buckets", "window"), ("lists", "causal"), ("shared_lists", "none")}
+DEFAULT_PAIRS = {("buckets", "causal"), ("lists", "causal"), ("shared_lists", "window")}
 """The (selection, mask) pairs the default suite runs; the others are slow."""
 
 
@@ -144,6 +144,7 @@ class _LocalHalves(TokenSelector):
         return Buckets(halves(q), halves(k), 2)
 
 
+@pytest.mark.slow
 def test_token_selector_paths_agree():
     q, k, v = random_qkv(jax.random.PRNGKey(3), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
     sel = _LocalHalves()
