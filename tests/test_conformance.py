@@ -57,13 +57,19 @@ def _marks(entry, implementation: str, case: str) -> tuple:
     ``core`` is ``slow`` for the ``xla`` path of a mechanism whose ``claimed`` case adds score options: ``claimed``
     is ``core`` plus those options, and a mechanism's ``xla`` path serves what the mechanism claims (``core`` stays
     for the other paths, which may refuse an option and skip ``claimed``).
-    Block selectors' ``pallas`` path is ``slow`` outside ``PALLAS_BLOCK_SELECTORS``."""
+    Block selectors outside ``PALLAS_BLOCK_SELECTORS`` run here in the slow suite only: every block selector is the
+    block-sparse engine on its lists, and each selector's own tests check its lists against a brute force of its
+    rule and the engine against the dense reference. Every ``pallas`` path's
+    ``core`` case is ``slow`` (interpret mode on CPU; the kernels' own tests in tests/kernels run their masks and
+    options, and ``claimed`` runs here)."""
     if case == "plain" and "mask" in entry.supports:
+        return (pytest.mark.slow,)
+    if issubclass(entry.config, BlockSelector) and entry.name not in PALLAS_BLOCK_SELECTORS:
         return (pytest.mark.slow,)
     if case == "core" and implementation == "xla" and set(SCORE_OPTIONS) & set(entry.supports):
         return (pytest.mark.slow,)
-    if (implementation == "pallas" and issubclass(entry.config, BlockSelector)
-            and entry.name not in PALLAS_BLOCK_SELECTORS):
+    if implementation == "pallas" and (case == "core" or (issubclass(entry.config, BlockSelector)
+                                                          and entry.name not in PALLAS_BLOCK_SELECTORS)):
         return (pytest.mark.slow,)
     return ()
 

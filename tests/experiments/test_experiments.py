@@ -5,6 +5,7 @@ import json
 from typing import ClassVar
 
 import jax.numpy as jnp
+import pytest
 
 from attnjax import registry
 from experiments import bench_softmax
@@ -12,6 +13,7 @@ from experiments import main as main_job
 from experiments.lib import cli, measure, mqar_runs, report, workload
 
 
+@pytest.mark.slow
 def test_main_job_checks_and_times_mechanisms(tmp_path, monkeypatch):
     """One mechanism per family at tiny sizes (every mechanism's paths have their own tests); MQAR at a toy size."""
     names = ["softmax", "lightning"]

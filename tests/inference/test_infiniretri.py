@@ -138,6 +138,7 @@ def test_needle_is_retained_through_every_later_chunk():
             assert np.all(np.diff(np.asarray(positions[b])) > 0)
 
 
+@pytest.mark.slow
 def test_everything_is_retained_with_keep_at_least_the_input():
     layer, embed = _tiny_model(rope=RoPE(), num_kv_heads=2)
     scorer = infiniretri_layer_scorer(layer, embed, pool_kernel=5, question_weighting=True)

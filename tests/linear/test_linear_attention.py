@@ -150,7 +150,8 @@ PATH_CASES = [("identity", False, False), ("identity", True, False)] + [
     (m, d, d) for m in ("elu+1", "relu", PERFORMER8, "taylor") for d in (False, True)]
 
 
-SLOW_PATH_CASES = [("relu", False, False), ("relu", True, True), (PERFORMER8, True, True), ("taylor", False, False)]
+SLOW_PATH_CASES = [("relu", False, False), ("relu", True, True), (PERFORMER8, True, True), ("taylor", False, False),
+                   ("identity", True, False)]
 """Feature-map cases the slow suite adds: each map and the decay/normalize switches stay covered by the others."""
 
 
@@ -173,7 +174,7 @@ def test_bf16_matches_float32_reference():
     compare(dict(chunk_size=16), (q, k, v, DECAY, state), rtol=TOLERANCE[jnp.bfloat16], impls=("xla",))
 
 
-@pytest.mark.parametrize("chunk_size", [pytest.param(16, marks=pytest.mark.slow), pytest.param(64, marks=pytest.mark.slow), 128])
+@pytest.mark.parametrize("chunk_size", [pytest.param(c, marks=pytest.mark.slow) for c in (16, 64, 128)])
 def test_chunk_sizes_with_segments_and_mqa(chunk_size):
     q, k, v, state = inputs(B=2, T=150, Hq=4, Hkv=1, D=8)
     ids = packed_ids(2, 150)
@@ -244,6 +245,7 @@ def test_decode_steps_equal_parallel_forward():
     assert s0.shape == (2, 4, 8, 8) and o0.shape == (2, 4, 8)
 
 
+@pytest.mark.slow
 def test_pallas_kernel_matches_reference():
     """``pallas_kernels.lightning`` in interpret mode, behind the feature map, normalizer and GQA."""
     q, k, v, state = inputs(T=20, feature_map="elu+1", normalize=True)
