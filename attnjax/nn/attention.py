@@ -51,6 +51,16 @@ class KVCache:
     v: jax.Array
     length: jax.Array
 
+    @classmethod
+    def empty(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype: Dtype,
+              v_heads: Optional[int] = None, v_head_dim: Optional[int] = None) -> "KVCache":
+        """Zero keys ``[batch, max_len, heads, head_dim]`` and values ``[batch, max_len, v_heads, v_head_dim]``
+        (default: the keys' heads and dim), length 0."""
+        check_positive(batch=batch, max_len=max_len)
+        v_shape = (batch, max_len, heads if v_heads is None else v_heads, head_dim if v_head_dim is None else v_head_dim)
+        return cls(jnp.zeros((batch, max_len, heads, head_dim), dtype), jnp.zeros(v_shape, dtype),
+                   jnp.zeros((), jnp.int32))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -392,8 +402,8 @@ class MultiHeadAttention(nnx.Module):
                                jnp.zeros((), jnp.int32))
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
-        return KVCache(jnp.zeros((batch, max_len, self.num_kv_heads, self.head_dim), dtype),
-                       jnp.zeros((batch, max_len, self.num_v_heads, self.v_head_dim), dtype), jnp.zeros((), jnp.int32))
+        return KVCache.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype, self.num_v_heads,
+                             self.v_head_dim)
 
     def decode(self, x_t: jax.Array, cache: Union[KVCache, LinearCache]) -> tuple[jax.Array, Union[KVCache, LinearCache]]:
         """One autoregressive step: attend from token ``x_t`` to itself and every cached token.

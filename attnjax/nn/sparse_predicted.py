@@ -117,11 +117,9 @@ class DynamicMaskAttention(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
         """An empty ``KVCache``: zeros ``[batch, max_len, Hkv, D]`` and length 0."""
-        check_positive(batch=batch, max_len=max_len)
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
-        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return KVCache.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
 
     def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One causal step at position ``cache.length``: the token keeps the ``keep`` cached keys with the
@@ -374,11 +372,9 @@ class SptAttention(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
         """An empty ``KVCache``: zeros ``[batch, max_len, Hkv, D]`` and length 0."""
-        check_positive(batch=batch, max_len=max_len)
         if dtype is None:
             dtype = self.param_dtype if self.dtype is None else self.dtype
-        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return KVCache.empty(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
 
     def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One causal step at position ``cache.length``: the token's top-L among the cached keys (its own
