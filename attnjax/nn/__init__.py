@@ -30,6 +30,7 @@ from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, Z
 from attnjax.nn.biformer import BiLevelRoutingAttention
 from attnjax.nn.routing import RoutingAttention
 from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor, SptAttention
+from attnjax.nn.pointer import PointerAttention, pointer_log_probs, pointer_scores, pointer_scores_reference
 
 __all__ = [
     "MultiHeadAttention", "KVCache", "SequenceParallel", "SelectiveAttention", "SimplicialAttention", "Aaren",
@@ -41,4 +42,5 @@ __all__ = [
     "MoHAttention", "SelectiveCache", "SelectiveMultiHeadAttention", "positional", "memory", "FlowAttention",
     "KernelizedRPEAttention", "ProgressiveRepBatchNorm", "RepBatchNorm", "set_progress",
     "BiLevelRoutingAttention",
+    "PointerAttention", "pointer_log_probs", "pointer_scores", "pointer_scores_reference",
 ]
