@@ -99,10 +99,12 @@ class AttentionBlock(nnx.Module):
     """Pre-norm block ``h = x + MHA(LN(x))``, ``y = h + MLP(LN(h))`` with causal ``MultiHeadAttention``.
 
     ``mlp_dim=0`` leaves the MLP out (``y = h``), as Zoology's MQAR models do (identity state mixer).
+    ``causal=False`` makes it an encoder block (no mask: every token attends to every token; no ``decode``).
     """
 
     def __init__(self, d_model: int, num_heads: int, *, mechanism: registry.Mechanism, mlp_dim: int, rope: bool,
-                 rngs: nnx.Rngs, head_dim: Optional[int] = None):
+                 rngs: nnx.Rngs, head_dim: Optional[int] = None, causal: bool = True):
+        self.causal = causal
         self.norm_attention = nnx.LayerNorm(d_model, rngs=rngs)
         self.attention = ajnn.MultiHeadAttention(d_model, num_heads, head_dim=head_dim, mechanism=mechanism,
                                                  rope=RoPE() if rope else None, rngs=rngs)
@@ -110,8 +112,8 @@ class AttentionBlock(nnx.Module):
         self.mlp = MLP(d_model, mlp_dim, rngs=rngs) if mlp_dim else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
-        h = x + self.attention(self.norm_attention(x), mask=masks.Causal())
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal unless built with ``causal=False``."""
+        h = x + self.attention(self.norm_attention(x), mask=masks.Causal() if self.causal else None)
         return h if self.mlp is None else h + self.mlp(self.norm_mlp(h))
 
     def init_cache(self, batch: int, max_len: int) -> Any:
