@@ -753,7 +753,7 @@ def probe_device() -> dict:
         return {"backend": "cpu"}
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"backend": "unknown", "error": done.stderr.strip().splitlines()[-1:] or [""]}
+        return {"backend": "unknown", "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -769,12 +769,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     device = probe_device()
     platform = device["backend"]
+    if "error" in device:
+        print(f"gpu_check could not start jax to look for an accelerator: {device['error']}")
+        return 1
     if platform not in PLATFORMS or (args.require and platform != args.require):
         print(NEEDS_ACCELERATOR.format(found=platform if not args.require
                                        else f"{platform}, and this check is for {args.require}"))
         return 0
     sections = plan(platform, kernel_tests(platform), fla=fla_available(), smoke=args.smoke)
     if args.sections:
+        unknown = set(args.sections) - set(SECTION_CAPS)
+        if unknown:
+            raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {list(SECTION_CAPS)}")
         sections = tuple(s for s in sections if s.name in args.sections)
     name = args.name or f"gpu_check_{slug(device['device_kind'])}" + ("_smoke" if args.smoke else "")
     out = report.SMOKE_DIR if args.smoke and args.out == report.RESULTS_DIR else args.out

@@ -5,9 +5,12 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import gpu_check
+from experiments.lib import workload
 
 FAKE_TESTS = {
     "tests/kernels/test_a.py": '''
@@ -110,6 +113,18 @@ def test_section_json_round_trip_and_cap_skips_every_group(tmp_path):
     got = [json.loads(line) for line in rows.read_text().splitlines()]
     assert len(got) == sum(len(b.paths) for b in section.benches)
     assert {r["status"] for r in got} == {"skipped"}
+
+
+def test_jax_pallas_ops_baseline_lowers_to_triton():
+    """The GPU flash group's jax baseline as called here (this jax's ``mha`` signature), forward and backward,
+    cross-lowered for CUDA from the CPU host: it becomes Triton kernel calls."""
+    bench = gpu_check.Bench("flash", 128, "fwd_bwd", ("pallas.ops/gpu",), "pallas.ops/gpu", batch=1, heads=2,
+                            head_dim=64)
+    qkv = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    args = (qkv, qkv, qkv, jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32))  # workload.mode_inputs' shapes
+    fn = workload.mode_fn(gpu_check.path_impl("pallas.ops/gpu", bench).fn, "fwd_bwd")
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") >= 2  # the forward kernel and the backward kernels
 
 
 def test_run_capped_kills_at_the_cap():
