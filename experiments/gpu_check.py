@@ -345,16 +345,21 @@ def run_tests(section: Section, cap_s: float) -> dict:
     """Run the section's tests under pytest (``--runslow``, verbose) within ``cap_s``."""
     if not section.tests:
         return {"status": "ok", "elapsed_s": 0.0, "tests": [], "detail": "no test skips on CPU for this platform"}
-    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--runslow", *section.tests]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "--color=no", "-p", "no:cacheprovider", "--runslow",
+           *section.tests]
     done = run_capped(cmd, cap_s, pytest_env(os.environ))
     tests = parse_pytest(done.lines)
     ran = {t["test"].split("[")[0] for t in tests}
     tests += [{"test": t, "outcome": "NOT RUN", "message": "section cap reached" if done.timed_out else ""}
               for t in section.tests if t not in ran]
     failed = [t for t in tests if t["outcome"] in ("FAILED", "ERROR")]
-    status = "capped" if done.timed_out else "failed" if failed or done.returncode not in (0, 5) else "ok"
+    skipped_all = bool(tests) and all(t["outcome"] == "SKIPPED" for t in tests)
+    status = ("capped" if done.timed_out else "failed" if failed or skipped_all or done.returncode not in (0, 5)
+              else "ok")
     detail = f"{sum(t['outcome'] == 'PASSED' for t in tests)} passed, {len(failed)} failed"
-    if done.timed_out:
+    if skipped_all:
+        detail += ", every test skipped: pytest did not see the accelerator"
+    elif done.timed_out:
         detail += f", killed at the {cap_s:.0f} s cap"
     elif status == "failed" and not failed:
         detail += f", pytest exited {done.returncode}: " + " | ".join(done.lines[-3:])
@@ -367,7 +372,7 @@ def run_bench_section(section: Section, cap_s: float, work_dir: Path) -> dict:
     spec.write_text(json.dumps(section.to_json()))
     rows_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "experiments.gpu_check", "--child", str(spec), "--rows", str(rows_file),
-           "--cap-s", str(cap_s)]
+           "--deadline", repr(time.time() + cap_s)]
     done = run_capped(cmd, cap_s, {**os.environ, **dict(section.env)})
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     measured = {(r["family"], r["T"], r["mode"]) for r in rows}
@@ -572,17 +577,16 @@ def measure_group(b: Bench) -> list[dict]:
     return list(rows.values())
 
 
-def run_child(spec: Path, rows_file: Path, cap_s: float) -> None:
-    """The section process: measure each group while the next one (predicted as 1.5x the slowest so far)
-    fits the cap, appending its rows to ``rows_file`` as it goes."""
-    started = time.monotonic()
+def run_child(spec: Path, rows_file: Path, deadline: float) -> None:
+    """The section process: measure each group while the next one (predicted as 1.5x the slowest so far,
+    plus 5 s to spare) ends before ``deadline`` (``time.time()`` seconds, set by the parent when it
+    started this process, so its imports count), appending the rows to ``rows_file`` as it goes."""
     section = Section.from_json(json.loads(spec.read_text()))
     slowest = 0.0
     with rows_file.open("a") as out:
         for b in tqdm(section.benches, desc=section.name, unit="group"):
-            elapsed = time.monotonic() - started
-            if elapsed + 1.5 * slowest + 5.0 > cap_s:
-                rows = [skipped_row(b, p, f"would pass the {cap_s:.0f} s section cap") for p in b.paths]
+            if time.time() + 1.5 * slowest + 5.0 > deadline:
+                rows = [skipped_row(b, p, "would pass the section cap") for p in b.paths]
             else:
                 t0 = time.monotonic()
                 rows = measure_group(b)
@@ -720,7 +724,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="output file stem (default gpu_check_<device kind>)")
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cap-s", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -761,7 +765,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the check (or a section process, or print a plan); returns the exit status."""
     args = parse_args(argv)
     if args.child is not None:
-        run_child(args.child, args.rows, args.cap_s)
+        run_child(args.child, args.rows, args.deadline)
         return 0
     if args.plan is not None:
         print(describe(plan(args.plan, kernel_tests(args.plan), fla=fla_available(), smoke=args.smoke)))
