@@ -110,7 +110,7 @@ def test_section_json_round_trip_and_cap_skips_every_group(tmp_path):
     assert gpu_check.Section.from_json(json.loads(json.dumps(section.to_json()))) == section
     spec, rows = tmp_path / "s.json", tmp_path / "rows.jsonl"
     spec.write_text(json.dumps(section.to_json()))
-    gpu_check.run_child(spec, rows, deadline=time.time())  # nothing fits: every path gets a skipped row, none is measured
+    gpu_check.run_child(spec, rows, deadline=time.time())  # nothing fits: all rows skipped, none measured
     got = [json.loads(line) for line in rows.read_text().splitlines()]
     assert len(got) == sum(len(b.paths) for b in section.benches)
     assert {r["status"] for r in got} == {"skipped"}
