@@ -29,7 +29,8 @@ IGNORE = -1
 """Target value that the loss and the accuracy skip."""
 
 Batch = tuple[np.ndarray, np.ndarray]
-"""``(inputs [B, T] int, targets [B, T] int)``; targets equal to ``IGNORE`` are not scored."""
+"""``(inputs [B, T] int, targets [B, T] int)``; targets equal to ``IGNORE`` are not scored. ``inputs`` may also be
+a pytree of arrays (e.g. a NamedTuple) that the model takes as its one argument."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +113,16 @@ def _eval_step(graphdef, state, inputs, targets):
 
 def train(model: LanguageModel, batch_fn: Callable[[int], Batch], config: TrainConfig, *,
           checkpoint_dir: Optional[Union[str, Path]] = None, until: Optional[int] = None, desc: str = "train",
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, on_log: Optional[Callable[[int, nnx.Module], dict]] = None) -> list[dict]:
     """Train ``model`` in place on ``batch_fn(step)`` up to ``config.steps`` steps; return the logged history.
 
     With ``checkpoint_dir``, training resumes from its newest checkpoint (parameters, optax state,
     step) and saves every ``config.checkpoint_every`` steps and where it stops. ``until`` stops early
     (the schedule still spans ``config.steps``), as an interruption would. The history has one dict
     per ``config.log_every`` steps (and the last step): ``step`` (steps done), ``loss`` (mean nats per
-    scored token of that step's batch), ``accuracy``, ``grad_norm``.
+    scored token of that step's batch), ``accuracy``, ``grad_norm``. ``on_log(step, model)``, when given, runs at
+    each logged step with the model holding that step's parameters (e.g. to evaluate held-out sets over
+    training); the dict it returns joins that step's history row.
     """
     stop = config.steps if until is None else min(until, config.steps)
     opt_state, start = init_opt_state(model, config), 0
@@ -131,11 +134,14 @@ def train(model: LanguageModel, batch_fn: Callable[[int], Batch], config: TrainC
                leave=False, dynamic_ncols=True)
     for step in bar:
         inputs, targets = batch_fn(step)
-        params, opt_state, metrics = _train_step(graphdef, config, params, rest, opt_state, jnp.asarray(inputs),
-                                                 jnp.asarray(targets))
+        params, opt_state, metrics = _train_step(graphdef, config, params, rest, opt_state,
+                                                 jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets))
         done = step + 1
         if done % max(config.log_every, 1) == 0 or done == stop:
             row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+            if on_log is not None:
+                nnx.update(model, params)
+                row.update(on_log(done, model))
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
         if checkpoint_dir is not None and (done == stop or config.checkpoint_every
@@ -151,7 +157,7 @@ def evaluate(model: LanguageModel, batches: Sequence[Batch]) -> dict:
     graphdef, state = nnx.split(model)
     total = correct = count = 0
     for inputs, targets in batches:
-        t, c, n = _eval_step(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets))
+        t, c, n = _eval_step(graphdef, state, jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets))
         total, correct, count = total + float(t), correct + int(c), count + int(n)
     count = max(count, 1)
     return {"loss": total / count, "bits": total / count / math.log(2), "accuracy": correct / count, "tokens": count}
