@@ -89,7 +89,8 @@ def pointer_scores(encoded: jax.Array, decoded: jax.Array, w1: jax.Array, w2: ja
 
     ``W1 e`` (``[B, n, h]``) and ``W2 d`` (``[B, m, h]``) are projected once; the decoder steps then run in chunks
     of ``chunk_size`` (``m`` need not be a multiple: the last chunk is padded), each chunk forming its
-    ``[B, chunk, n, h]`` tanh tensor, and the backward recomputes each chunk's tensor instead of storing it.
+    ``[B, chunk, n, h]`` tanh tensor, and the backward recomputes each chunk's tensor instead of storing it
+    (``m <= chunk_size``: one chunk, no loop).
     Cost: ``O(B·(n·d_e + m·d_d)·h)`` for the projections plus ``O(B·m·n·h)`` for the scores (the backward
     recomputes the latter once); memory ``O(B·chunk·n·h + B·(n + m)·h)`` in forward and backward, against the
     reference's ``O(B·m·n·h)``.
@@ -109,6 +110,8 @@ def pointer_scores(encoded: jax.Array, decoded: jax.Array, w1: jax.Array, w2: ja
     def chunk_scores(q: jax.Array) -> jax.Array:
         return jnp.einsum("bijh,h->bij", jnp.tanh(q[:, :, None, :] + keys[:, None, :, :]), v)
 
+    if chunk == m:  # one chunk: no loop
+        return chunk_scores(queries[:, 0])
     scores = jax.lax.map(chunk_scores, jnp.moveaxis(queries, 1, 0))  # [chunks, B, chunk, n]
     return jnp.moveaxis(scores, 0, 1).reshape(B, m + pad, -1)[:, :m]
 
