@@ -11,11 +11,11 @@ least squares, ridge with the Bayes-optimal ``λ = σ²·d`` (the posterior mean
 can reach), one GD step from zero with the best step size per ``n`` (the predictor the paper says one layer
 implements), and zero; ``n`` runs to ``--test-multiple`` times the training prompt length.
 
-The task follows the paper (Sec. 2) and its official code (``XintianPan/ICL_linear``: ``d = 5``, ``σ² = 0.1``,
+The task follows the paper's setup and its official code (``XintianPan/ICL_linear``: ``d = 5``, ``σ² = 0.1``,
 ``x ~ N(0, I_d)``, ``w ~ N(0, I_d/d)``, ``y = w·x + ε``; tokens ``[x_i, y_i]``, query ``[x_q, 0]`` that does
 not attend to itself; squared error on the query's ``y``). Where this study departs from it, and why:
 
-- Every prefix is scored (Garg et al. 2022, Sec. 2): a prompt of ``N`` pairs carries ``N`` query tokens, query
+- Every prefix is scored (Garg et al. 2022's objective): a prompt of ``N`` pairs carries ``N`` query tokens, query
   ``n`` attending only to the ``n`` context tokens before it (``prompt_mask``), so one pass trains and tests
   every ``n = 0 … N − 1``. The paper trains one query after a fixed ``L = 8d`` pairs; the default here is
   ``N = 4d`` to fit the CPU budget. In a one-layer model each query is exactly the paper's one-layer query;
@@ -102,7 +102,7 @@ class ICLRegressor(nnx.Module):
         self.readout = nnx.Linear(d_model, 1, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """``tokens [B, 2N, d + 1]`` (context then queries) -> predictions ``[B, N]`` float32 for ``y_0 … y_{N−1}``."""
+        """``tokens [B, 2N, d + 1]`` (context, then queries) -> float32 predictions ``[B, N]`` of ``y_n``."""
         if tokens.ndim != 3 or tokens.shape[1] % 2 or tokens.shape[2] != self.dim + 1:
             raise ValueError(f"tokens must be [B, 2N, {self.dim + 1}] (context then queries), got {tokens.shape}")
         n = tokens.shape[1] // 2
@@ -113,6 +113,15 @@ class ICLRegressor(nnx.Module):
             if self.mlps:
                 h = h + self.mlps[i](h)
         return self.readout(h[:, n:])[..., 0].astype(jnp.float32)
+
+
+@functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def new_regressor(dim: int, d_model: int, num_layers: int, num_heads: int, head_dim: int, mlp_ratio: int,
+                  implementation: str, rngs: nnx.Rngs) -> ICLRegressor:
+    """``ICLRegressor(dim, d_model=…, …, rngs=rngs)`` initialized in one compiled program (cached per shape)
+    rather than op by op."""
+    return ICLRegressor(dim, d_model=d_model, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                        mlp_ratio=mlp_ratio, implementation=implementation, rngs=rngs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 4))
@@ -178,7 +187,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults take about 2 minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=5, help="covariate dimension d")
-    p.add_argument("--noise", type=float, default=0.1 ** 0.5, help="noise standard deviation σ (σ² = 0.1 as the paper)")
+    p.add_argument("--noise", type=float, default=0.1 ** 0.5,
+                   help="noise standard deviation σ (default σ² = 0.1, the paper's)")
     p.add_argument("--num-points", type=int, default=20, help="pairs per training prompt N (contexts n < N)")
     p.add_argument("--test-multiple", type=int, default=2, help="test prompts have test_multiple · N pairs")
     p.add_argument("--models", type=parse_models, default=[(1, 1), (1, 4), (2, 4)],
@@ -209,9 +219,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run_model(args: argparse.Namespace, task: RegressionTask, layers: int, heads: int, test: Prompts) -> dict:
     """Train one model (``layers`` layers of ``heads`` heads) and score it per context length on ``test``."""
-    model = ICLRegressor(task.dim, d_model=args.d_model, num_layers=layers, num_heads=heads,
-                         head_dim=args.head_dim, mlp_ratio=args.mlp_ratio, implementation=args.implementation,
-                         rngs=nnx.Rngs(args.seed))
+    model = new_regressor(task.dim, args.d_model, layers, heads, args.head_dim, args.mlp_ratio, args.implementation,
+                          nnx.Rngs(args.seed))
     config = TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, log_every=max(args.steps // 50, 1))
     start = time.perf_counter()
@@ -226,69 +235,86 @@ def run_model(args: argparse.Namespace, task: RegressionTask, layers: int, heads
             "stderr": stderr.tolist(), "history": history}
 
 
+BASELINES = ("least squares", "ridge", "one-step GD", "zero")
+"""Baseline keys of ``baselines``, in plotting and table order."""
+BASELINE_STYLES = {"least squares": ("tab:gray", "--"), "ridge": ("tab:green", "-"),
+                   "one-step GD": ("tab:purple", "-."), "zero": ("black", ":")}
+"""Colour and line style per baseline."""
+MODEL_COLORS = ("tab:blue", "tab:orange", "tab:brown", "tab:pink", "tab:cyan", "tab:olive", "tab:red")
+"""Model line colours (none of the baselines' colours)."""
+
+
+def baseline_label(name: str, task: RegressionTask) -> str:
+    """A baseline's name with its setting, for legends and table headers."""
+    return {"ridge": f"ridge (λ = σ²d = {task.ridge_lambda:.3g}, Bayes-optimal)",
+            "one-step GD": "one-step GD (best η per n)", "least squares": "least squares (min-norm)"}.get(name, name)
+
+
 def baselines(task: RegressionTask, test: Prompts) -> dict:
     """Per-context-length MSE (and standard error) of least squares, Bayes-optimal ridge, one-step GD and zero."""
+    predictions = {"least squares": least_squares_predictions(test.xs, test.ys),
+                   "ridge": ridge_predictions(test.xs, test.ys, task.ridge_lambda),
+                   "one-step GD": gd_predictions(test.xs, test.ys, task), "zero": np.zeros_like(test.ys)}
     rows = {}
-    for name, pred in (("least squares", least_squares_predictions(test.xs, test.ys)),
-                       (f"ridge (λ = σ²d = {task.ridge_lambda:.3g})",
-                        ridge_predictions(test.xs, test.ys, task.ridge_lambda)),
-                       ("one-step GD (best η per n)", gd_predictions(test.xs, test.ys, task)),
-                       ("zero", np.zeros_like(test.ys))):
-        mse, stderr = mse_by_context(pred, test.ys)
+    for name in BASELINES:
+        mse, stderr = mse_by_context(predictions[name], test.ys)
         rows[name] = {"mse": mse.tolist(), "stderr": stderr.tolist()}
     return rows
 
 
-def ridge_name(base: dict) -> str:
-    """The ridge baseline's key in ``baselines(...)``."""
-    return next(k for k in base if k.startswith("ridge"))
-
-
 def summary(row: dict, base: dict, num_points: int) -> dict:
-    """A model's MSE over ridge's, averaged over ``1 ≤ n < N`` (trained) and ``n ≥ N`` (longer than trained),
-    and its MSE at ``n = 1`` and at the largest trained ``n`` and tested ``n``."""
-    mse, ridge = np.asarray(row["mse"]), np.asarray(base[ridge_name(base)]["mse"])
-    ratio = mse / ridge
-    longer = ratio[num_points:]
-    return {"ratio_trained": float(ratio[1:num_points].mean()),
-            "ratio_longer": float(longer.mean()) if len(longer) else None,
-            "mse_n1": float(mse[1]) if len(mse) > 1 else None, "mse_last_trained": float(mse[num_points - 1]),
-            "mse_last": float(mse[-1])}
+    """A model's MSE over ridge's and over one-step GD's, averaged over ``1 ≤ n < N`` (trained) and ``n ≥ N``
+    (longer than trained), and its MSE at ``n = 1``, at the largest trained ``n`` and at the largest tested ``n``."""
+    mse = np.asarray(row["mse"])
+    out = {}
+    for key, name in (("ridge", "ridge"), ("gd", "one-step GD")):
+        ratio = mse / np.asarray(base[name]["mse"])
+        out[f"{key}_ratio_trained"] = float(ratio[1:num_points].mean())
+        out[f"{key}_ratio_longer"] = float(ratio[num_points:].mean()) if len(ratio) > num_points else None
+    return {**out, "mse_n1": float(mse[1]), "mse_last_trained": float(mse[num_points - 1]), "mse_last": float(mse[-1])}
 
 
 def plot(rows: Sequence[dict], base: dict, path: Path, args: argparse.Namespace, task: RegressionTask) -> None:
-    """Two panels: test MSE against ``n`` (log y) for models and baselines; each model's MSE over ridge's."""
+    """Two panels: test MSE against ``n`` (log y) for models and baselines; MSE over ridge's against ``n``."""
     plt = plots.plt
-    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    n = np.arange(len(rows[0]["mse"]) if rows else len(next(iter(base.values()))["mse"]))
-    styles = {"least squares": ("tab:gray", "--"), "zero": ("black", ":"),
-              "one-step GD (best η per n)": ("tab:purple", "-.")}
-    for name, b in base.items():
-        color, ls = styles.get(name, ("tab:green", "-"))
-        ax.plot(n[1:], b["mse"][1:], color=color, ls=ls, lw=1.5, label=name)
-    for row in rows:
-        line, = ax.plot(n[1:], row["mse"][1:], marker=".", ms=4, label=row["model"])
-        ratio = np.asarray(row["mse"]) / np.asarray(base[ridge_name(base)]["mse"])
-        ax_ratio.plot(n[1:], ratio[1:], marker=".", ms=4, color=line.get_color(), label=row["model"])
-    ax_ratio.axhline(1.0, color="tab:green", lw=1.0, label="ridge (Bayes-optimal)")
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    n = np.arange(len(base["zero"]["mse"]))
+    ridge = np.asarray(base["ridge"]["mse"])
+    for name in BASELINES:
+        color, ls = BASELINE_STYLES[name]
+        ax.plot(n[1:], base[name]["mse"][1:], color=color, ls=ls, lw=1.5, label=baseline_label(name, task))
+    gd_ratio = np.asarray(base["one-step GD"]["mse"]) / ridge
+    ax_ratio.plot(n[1:], gd_ratio[1:], color="tab:purple", ls="-.", lw=1.5, label=baseline_label("one-step GD", task))
+    ax_ratio.axhline(1.0, color="tab:green", lw=1.5, label="ridge (Bayes-optimal)")
+    for row, color in zip(rows, MODEL_COLORS * len(rows)):
+        ax.plot(n[1:], row["mse"][1:], marker=".", ms=4, color=color, label=row["model"])
+        ax_ratio.plot(n[1:], (np.asarray(row["mse"]) / ridge)[1:], marker=".", ms=4, color=color, label=row["model"])
+    top = 2.0 * max(base["zero"]["mse"])
+    ax.set_ylim(0.5 * task.noise_std ** 2, top)
+    spike = int(np.argmax(base["least squares"]["mse"]))
+    if base["least squares"]["mse"][spike] > top:
+        ax.annotate(f"least squares off the axis near n = d\n(max MSE {base['least squares']['mse'][spike]:.3g} "
+                    f"at n = {spike})", (spike, top), xytext=(spike + 2, 0.55 * top), fontsize=7,
+                    arrowprops={"arrowstyle": "->", "lw": 0.6})
     for a in (ax, ax_ratio):
-        a.axvline(args.num_points - 0.5, color="tab:red", lw=0.8, alpha=0.6, label="longest trained context")
-        a.axvline(task.dim, color="tab:gray", lw=0.6, alpha=0.5)
+        a.axvspan(args.num_points - 0.5, n[-1] + 0.5, color="0.9", zorder=0, label="longer than trained")
         a.set_yscale("log")
+        a.set_xlim(0.5, n[-1] + 0.5)
         a.set_xlabel("in-context examples n")
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7)
-    ax.set(ylabel="test MSE on y_q", title=f"MSE vs context length (noise floor σ² = {task.noise_std ** 2:.3g})")
-    ax_ratio.set(ylabel="model MSE / ridge MSE", title="excess error over the Bayes-optimal predictor")
-    fig.suptitle(f"in-context linear regression, d = {task.dim}, σ = {task.noise_std:g}, trained on n < "
-                 f"{args.num_points}; softmax attention, layers x heads", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax_ratio.legend(fontsize=7, loc="upper right")
+    ax.set(ylabel="test MSE on y_n", title=f"test MSE vs context length (noise floor σ² = {task.noise_std ** 2:.3g})")
+    ax_ratio.set(ylabel="MSE / ridge MSE", title="excess error over the Bayes-optimal predictor")
+    fig.suptitle(f"in-context linear regression, d = {task.dim}, σ² = {task.noise_std ** 2:.3g}: softmax attention "
+                 f"(layers x heads) trained on n < {args.num_points}, {args.steps} steps", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def table(rows: Sequence[dict], base: dict) -> str:
+def table(rows: Sequence[dict], base: dict, task: RegressionTask) -> str:
     """Markdown: MSE per context length ``n`` for every model and baseline."""
-    names = [r["model"] for r in rows] + list(base)
+    names = [r["model"] for r in rows] + [baseline_label(name, task) for name in base]
     series = [r["mse"] for r in rows] + [b["mse"] for b in base.values()]
     lines = [[str(n)] + [f"{s[n]:.4f}" for s in series] for n in range(len(series[0]))]
     return report.markdown_table(["n"] + names, lines)
@@ -298,19 +324,25 @@ def markdown(rows: Sequence[dict], base: dict, args: argparse.Namespace, argv: S
              run_info: dict) -> str:
     """The markdown page: command, settings, machine and load, the summary and the per-n table."""
     device = run_info["device"]
+    def ratio(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     summary_lines = []
     for row in rows:
         s = row["summary"]
-        longer = "n/a" if s["ratio_longer"] is None else f"{s['ratio_longer']:.2f}"
         summary_lines.append([row["model"], f"{row['params']:,}", f"{row['train_seconds']:.0f}",
-                              f"{row['final_train_loss']:.4f}", f"{s['ratio_trained']:.2f}", longer,
-                              f"{s['mse_n1']:.3f}", f"{s['mse_last_trained']:.3f}", f"{s['mse_last']:.3f}"])
+                              f"{row['final_train_loss']:.4f}"]
+                             + [ratio(s[k]) for k in ("ridge_ratio_trained", "ridge_ratio_longer", "gd_ratio_trained",
+                                                      "gd_ratio_longer")]
+                             + [f"{s['mse_n1']:.3f}", f"{s['mse_last_trained']:.3f}", f"{s['mse_last']:.3f}"])
     n_test = args.num_points * args.test_multiple
+
     return "\n".join([
         f"# In-context linear regression — {device['platform']}", "",
         "`" + " ".join(["python -m experiments.icl_regression", *argv]) + "`", "",
-        f"Task (He et al. 2025, Sec. 2): d = {task.dim}, x ~ N(0, I), w ~ N(0, I/d), y = w·x + ε with σ = "
-        f"{task.noise_std:g}; tokens [x_i, y_i], queries [x_n, 0]; query n sees the n pairs before it. Training: "
+        f"Task (He et al. 2025): d = {task.dim}, x ~ N(0, I), w ~ N(0, I/d), y = w·x + ε with σ² = "
+        f"{task.noise_std ** 2:.3g}; tokens [x_i, y_i], queries [x_n, 0]; query n sees the n pairs before it. "
+        "Training: "
         f"prompts of N = {args.num_points} pairs (every n < {args.num_points} scored), {args.steps} AdamW steps of "
         f"{args.batch_size} fresh prompts (lr {args.lr}, warmup {args.warmup_steps}, cosine, weight decay "
         f"{args.weight_decay}). Models: embedding to {args.d_model}, residual softmax-attention layers (layers x "
@@ -321,13 +353,17 @@ def markdown(rows: Sequence[dict], base: dict, args: argparse.Namespace, argv: S
         f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
         f"{run_info['wall_seconds'] / 60:.1f} min.", "",
         "## Summary", "",
-        "MSE / ridge: the model's MSE over the Bayes-optimal ridge MSE, averaged over 1 ≤ n < N (trained) and "
-        "N ≤ n (longer than trained).", "",
+        "MSE / ridge (MSE / GD): the model's MSE over the Bayes-optimal ridge MSE (over the best one-step GD "
+        f"MSE), averaged over 1 ≤ n < N = {args.num_points} (trained lengths) and N ≤ n (longer than trained).", "",
         report.markdown_table(["model", "params", "train s", "final train loss", "MSE/ridge, n < N",
-                               "MSE/ridge, n ≥ N", "MSE n=1", f"MSE n={args.num_points - 1}",
-                               f"MSE n={n_test - 1}"], summary_lines), "",
+                               "MSE/ridge, n ≥ N", "MSE/GD, n < N", "MSE/GD, n ≥ N", "MSE n=1",
+                               f"MSE n={args.num_points - 1}", f"MSE n={n_test - 1}"], summary_lines), "",
+        f"Baselines, MSE at n = 1 / {args.num_points - 1} / {n_test - 1}: "
+        + "; ".join(f"{baseline_label(name, task)} {base[name]['mse'][1]:.3f} / "
+                    f"{base[name]['mse'][args.num_points - 1]:.3f} / {base[name]['mse'][-1]:.3f}"
+                    for name in BASELINES) + ".", "",
         "## Test MSE per context length n", "",
-        table(rows, base), ""])
+        table(rows, base, task), ""])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -344,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         row["summary"] = summary(row, base, args.num_points)
         rows.append(row)
         if args.progress:
-            tqdm.write(f"{row['model']}: MSE/ridge {row['summary']['ratio_trained']:.2f} on trained lengths")
+            tqdm.write(f"{row['model']}: MSE/ridge {row['summary']['ridge_ratio_trained']:.2f} on trained lengths")
     run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
                 "load_start": load_start, "load_end": os.getloadavg()[0]}
     md = markdown(rows, base, args, argv, task, run_info)

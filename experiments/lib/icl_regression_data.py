@@ -1,29 +1,29 @@
 """In-context linear regression: prompts, their token layout, and the closed-form baselines.
 
-The task of He, Pan, Chen & Yang 2025 ("In-Context Linear Regression Demystified", ICML 2025, Sec. 2 "data
-distribution"; the official code ``XintianPan/ICL_linear``, ``utils/data_utils.py::LinearReg``), which is
-Garg et al. 2022 (Sec. 2) with the prior scaled as von Oswald et al. 2023 do: per prompt a task vector
-``w ~ N(0, I_d / d)``, covariates ``x_i ~ N(0, I_d)`` and responses ``y_i = w·x_i + ε_i``,
-``ε_i ~ N(0, σ²)``. A prompt of ``N`` pairs scores a prediction of ``y_n`` from the ``n`` pairs before it,
-for every ``n = 0 … N − 1`` (Garg et al.'s every-prefix objective; the paper scores one query after a fixed
-number of pairs, the special case ``n = N − 1``).
+The task of He, Pan, Chen & Yang 2025 ("In-Context Linear Regression Demystified", ICML 2025; its setup,
+"data distribution"), as the official code draws it (``XintianPan/ICL_linear``, ``utils/data_utils.py``,
+``LinearReg``): per prompt a task vector ``w ~ N(0, I_d / d)`` (the notebook's text writes ``N(0, I_d)``;
+the code scales by ``1/d``, followed here), covariates ``x_i ~ N(0, I_d)`` and responses
+``y_i = w·x_i + ε_i``, ``ε_i ~ N(0, σ²)``. A prompt of ``N`` pairs scores a prediction of ``y_n`` from the
+``n`` pairs before it for every ``n = 0 … N − 1`` (the every-prefix objective of Garg et al. 2022, "What Can
+Transformers Learn In-Context?"); the paper scores one query after a fixed number of pairs.
 
-Token layout (the paper's embedding, Sec. 2 "multi-head attention": ``z_i = [x_i; y_i]`` for a context pair
-and ``z_q = [x_q; 0]`` for the query): ``prompt_tokens`` lays out ``2N`` tokens of ``d + 1`` features, the
+Token layout (the paper's embedding: ``z_i = [x_i; y_i]`` for a context pair and ``z_q = [x_q; 0]`` for the
+query, which does not attend to itself): ``prompt_tokens`` lays out ``2N`` tokens of ``d + 1`` features, the
 ``N`` context tokens ``[x_j, y_j]`` then the ``N`` query tokens ``[x_n, 0]``, and ``prompt_mask`` lets
 context token ``j`` see context tokens ``≤ j`` and query token ``n`` see context tokens ``< n`` only (no
 query sees another query or itself). In a one-layer model the query token ``n`` is then exactly the paper's
 query over a prompt of ``n`` pairs; query 0 sees nothing (attention returns 0 for an empty row).
 
 Baselines in closed form, per prefix ``n`` (``X_n``: the first ``n`` covariates as rows, ``Y_n`` their
-responses): least squares with the minimum-norm solution ``ŵ = X_n⁺ Y_n`` (interpolates when ``n ≤ d``),
+responses): least squares with the minimum-norm solution ``ŵ = X_n⁺ Y_n`` (interpolates when ``n ≤ d``);
 ridge ``ŵ = (X_nᵀX_n + λ I)⁻¹ X_nᵀ Y_n`` with the Bayes-optimal ``λ = σ² · d`` (noise variance times the
-prior precision ``d``; ridge with that λ is the posterior mean of ``w``, so it minimizes the expected
-squared error among all predictors), and the zero predictor (the prior mean, error ``E[(w·x)²] + σ² = 1 + σ²``). Also one step of gradient descent on the in-context squared
-loss from ``w = 0``, ``ŵ = (η/n) X_nᵀ Y_n`` (von Oswald et al. 2023, Prop. 1: what one linear-attention layer
-computes; He et al. 2025, Sec. 4, show trained one-layer multi-head softmax attention approximately computes
-this "debiased GD" predictor), with the step ``η`` that minimizes the expected error at each ``n``
-(``gd_step_size``).
+prior precision ``d``: ridge with that λ is the posterior mean of ``w``, so it has the least expected squared
+error of all predictors); one step of gradient descent on the in-context squared loss from ``w = 0``,
+``ŵ = (η/n) X_nᵀ Y_n`` (what one linear self-attention layer can compute, von Oswald et al. 2023,
+"Transformers Learn In-Context by Gradient Descent", Prop. 1; the paper's abstract says trained multi-head
+softmax attention approximately implements a "debiased" form of it), with the step ``η`` of least expected
+error at each ``n`` (``gd_step_size``); and the zero predictor (the prior mean, error ``1 + σ²``).
 """
 
 from __future__ import annotations

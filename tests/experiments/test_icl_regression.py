@@ -76,11 +76,10 @@ def test_gd_step_size_minimizes_the_empirical_error():
 
 def check_prefix_only(layers: int) -> None:
     """Changing pair j changes query n's prediction exactly when j < n."""
-    p = regression_prompts(RegressionTask(dim=3), 2, 16, seed=0)
-    model = icl_regression.ICLRegressor(3, d_model=16, num_layers=layers, num_heads=2, head_dim=4,
-                                        rngs=nnx.Rngs(layers))
+    p = regression_prompts(RegressionTask(dim=3), 256, 16, seed=0)  # the smoke run's test batch: one compile
+    model = icl_regression.new_regressor(3, 16, layers, 2, 4, 0, "reference", nnx.Rngs(layers))
     base = icl_regression.predict(model, p.xs, p.ys)
-    assert base.shape == (2, 16)
+    assert base.shape == (256, 16)
     ys = p.ys.copy()
     ys[:, 5] += 3.0
     changed = icl_regression.predict(model, p.xs, ys)
