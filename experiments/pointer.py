@@ -5,7 +5,7 @@ attention, ``p(C_i | C_1 … C_{i−1}, P) = softmax_j(vᵀ tanh(W1 e_j + W2 d_i
 ``attnjax.nn.PointerAttention``). Tasks (``experiments.lib.pointer_data``): sort ``n`` uniform numbers
 (output the sorting permutation; the sorting task of Vinyals, Bengio & Kudlur 2016) and the convex hull of
 ``n`` uniform points in the unit square (hull vertices counter-clockwise from the lowest index, then that
-index again to close, Ptr-Net §4.1). Each task's model trains with teacher forcing at one ``n``
+index again to close, Ptr-Net §3.1; results §4.2). Each task's model trains with teacher forcing at one ``n``
 (``--train-len``) and is tested by greedy pointer decoding at that ``n`` and larger ones (``--test-lens``):
 exact match of the whole output sequence and per-step accuracy (the fraction of target steps the greedy
 output gets right, position by position).

@@ -4,9 +4,9 @@ Both tasks give ``n`` input points and ask for a sequence of input indices (Viny
 "Pointer Networks", §2, eq. 1: ``C^P = (C_1, …, C_m)``, each ``C_i`` an index into ``P``):
 
 - ``"sort"``: ``n`` numbers drawn uniformly from ``[0, 1)``; the answer is the permutation that sorts them,
-  ascending (``m = n``; the sorting task of Vinyals, Bengio & Kudlur 2016, "Order Matters", §4.1, which the
-  Ptr-Net paper names as a motivating problem).
-- ``"hull"``: ``n`` points drawn uniformly from the unit square (Ptr-Net §4.1, "Convex Hull"); the answer is
+  ascending (``m = n``; the sorting task of Vinyals, Bengio & Kudlur 2016, "Order Matters: Sequence to sequence
+  for sets"; the Ptr-Net paper names sorting as a motivating problem but reports no sorting results).
+- ``"hull"``: ``n`` points drawn uniformly from the unit square (Ptr-Net §3.1, "Convex Hull"); the answer is
   the hull's vertices in counter-clockwise order starting from the vertex with the lowest index, then that
   first index again, which closes the polygon (the paper's representation, Fig. 1(b): ``⇒ 1 4 2 1 ⇐``); here
   the closing index itself ends the sequence, with no separate ``⇐``. ``m = h + 1`` for ``h`` hull vertices;
