@@ -2,19 +2,21 @@
 
 Reproduces the first study of G. Reddy, "The mechanistic basis of data dependence and abrupt learning in an
 in-context classification task" (ICLR 2024, arXiv:2312.03002): a two-layer attention-only network followed by
-an MLP classifier (Sec. 2 "Network architecture") is trained on the bursty task of
-``experiments.lib.bursty_data`` (Sec. 2 "Task structure"), and scored over training on the official code's
-four test sets: the training distribution, in-context on novel classes (``IC``), in-context on training
-classes with swapped labels (``IC2``) and in-weights (``IW``). The paper's claim (Sec. 3, Fig. 2-3): in-context
-accuracy rises abruptly after a plateau, at the step where an induction head forms (the query attends in layer 2
-to the label that follows the context item of its own class, helped by a layer-1 head that copies each item into
-the label token after it); in-weights learning competes with it.
+an MLP classifier (the official code's ``transformer_v2.forward``) is trained on the bursty task of
+``experiments.lib.bursty_data`` (official ``datasets_v2.generate_input_seqs``), and scored over training on
+the official training script's four test sets: the training distribution, in-context on novel classes (``IC``),
+in-context on training classes with swapped labels (``IC2``) and in-weights (``IW``). The paper's claim (abstract):
+in-context learning is driven by the abrupt emergence of an induction head (the query attends in layer 2 to the
+label that follows the context item of its own class, helped by a layer-1 head that copies each item into the
+label token after it), which then competes with in-weights learning. The full text was not available to this
+study; section and equation numbers are therefore not cited, and details follow the official code.
 
 The model (``AttentionOnlyClassifier``) follows the official code (``transformer_v2.forward``): residual
 attention layers ``x ← x + Attn(x)`` with a causal mask and no normalization, then ``mlp_layers`` ReLU layers of
 width ``P + D`` and a linear read-out of the query token into ``L`` label logits. Each attention layer is an
 ``attnjax.nn.MultiHeadAttention`` (softmax, ``num_heads`` heads, scaled ``q·k/√d`` and an output projection,
-which the official single-head layers lack). Training uses the house loop (``experiments.lib.training.train``,
+which the official single-head layers lack; nor does it add the layer-1 queries to the layer-2 queries as the
+official ``attention_head(..., inputs_pre=...)`` does). Training uses the house loop (``experiments.lib.training.train``,
 AdamW with warmup + cosine) instead of the official plain SGD (lr 0.01, batch 128, 150k iterations), so the
 transition comes within a CPU budget; the step at which it happens is therefore not comparable with the
 paper's, only its shape.
@@ -252,11 +254,14 @@ def plot(result: dict, path: Path, title: str) -> None:
     axes[2].plot(steps, [h["induction"] for h in history], label="induction (layer 2: query → matching labels)")
     axes[2].plot(steps, [h["previous_token"] for h in history], label="previous token (layer 1: label → its item)")
     axes[2].axhline(result["uniform_induction"], color="C0", ls=":", label="induction, uniform attention")
+    axes[2].axhline(result["uniform_previous_token"], color="C1", ls=":", label="previous token, uniform attention")
     axes[2].set(title="attention scores (novel classes)", xlabel="step", ylabel="attention weight", ylim=(0, 1.02))
+    marks = (("icl_transition_step", "red", "IC halfway from chance"),
+             ("icl_matching_step", "purple", "IC halfway from B/N"))
     for ax in axes[1:]:
-        for key, color in (("icl_transition_step", "red"), ("icl_matching_step", "purple")):
+        for key, color, text in marks:
             if result[key] is not None:
-                ax.axvline(result[key], color=color, ls="--", lw=0.8)
+                ax.axvline(result[key], color=color, ls="--", lw=0.8, label=text if ax is axes[1] else None)
         ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(True, alpha=0.3)
@@ -282,7 +287,7 @@ def markdown(result: dict, args: argparse.Namespace, argv: Sequence[str], run_in
     return "\n".join([
         f"# Induction heads in bursty in-context classification — {device['platform']}", "",
         "`" + " ".join(["python -m experiments.induction", *argv]) + "`", "",
-        f"Task (Reddy 2023, Sec. 2): K = {task.num_classes} classes, L = {task.num_labels} labels, N = {task.context} "
+        f"Task (Reddy 2023, official code): K = {task.num_classes} classes, L = {task.num_labels} labels, N = {task.context} "
         f"pairs, B = {task.burstiness}, p_B = {task.p_bursty}, α = {task.alpha}, ε = {task.eps}, D = {task.dim}, "
         f"P = {task.positions} one-hot positions. Model: {args.num_layers} attention layers × {args.num_heads} head(s) "
         f"(attnjax MultiHeadAttention, softmax, causal), {args.mlp_layers} ReLU layers, {result['params']:,} params. "

@@ -1,9 +1,9 @@
 """The bursty in-context classification task of Reddy 2023, as batches of real-valued token sequences.
 
 G. Reddy, "The mechanistic basis of data dependence and abrupt learning in an in-context classification task"
-(ICLR 2024, arXiv:2312.03002), Sec. 2 "Task structure", after Chan et al. 2022 ("Data distributional properties
-drive emergent in-context learning in transformers"). Followed here, with the official code
-(``datasets_v2.generate_input_seqs``) where the text leaves details open:
+(ICLR 2024, arXiv:2312.03002), after Chan et al. 2022 ("Data distributional properties drive emergent
+in-context learning in transformers"). The paper's full text was not available here: this follows its abstract's
+parameters (K, L, N, B, ε, α, p_B) and the official code (``datasets_v2.generate_input_seqs``) for every detail:
 
 - ``K`` classes with means ``μ_k ~ N(0, I_D / D)`` and ``L`` labels with vectors ``ℓ_l ~ N(0, I_D / D)``;
   class ``k`` has label ``k mod L`` (official code: ``np.tile(np.arange(L), K // L)``, so ``L`` divides ``K``).
@@ -42,7 +42,7 @@ SPLITS = ("train", "in_context", "swapped", "in_weights")
 
 @dataclasses.dataclass(frozen=True)
 class BurstyTask:
-    """The task's parameters (Reddy 2023, Sec. 2; symbols as in the paper).
+    """The task's parameters (symbols as in Reddy 2023 and its official code).
 
     Attributes:
       num_classes: ``K``, a multiple of ``num_labels``.
