@@ -3,8 +3,10 @@ hand-built maps, the transition step, and the ``--smoke`` run."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import induction
 from experiments.lib.bursty_data import SPLITS, BurstyTask, bursty_batch, class_frequencies, make_mixture
@@ -84,6 +86,12 @@ def test_deterministic_by_seed_and_bad_arguments_raise():
             BurstyTask(**{**TASK.__dict__, **bad})
     with pytest.raises(ValueError, match="split"):
         bursty_batch(TASK, MIXTURE, 4, "test", seed=0)
+    for flags in (["--burstiness", "3"], ["--num-layers", "1"], ["--num-heads", "3"], ["--num-classes", "100"]):
+        with pytest.raises(SystemExit):
+            induction.parse_args(flags)
+    model = nnx.eval_shape(lambda: induction.AttentionOnlyClassifier(TASK.features, 8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"\[S, T, features\]"):
+        model(jnp.zeros((TASK.seq_len, TASK.features)))
 
 
 def hand_built_map(S=2, H=2, N=3):
