@@ -44,7 +44,7 @@ from attnjax import registry
 from attnjax.nn import PointerAttention
 from experiments.lib import cli, host, plots, report
 from experiments.lib.model import AttentionBlock, num_params
-from experiments.lib.pointer_data import FEATURES, TASKS, PointerInputs, pointer_batch
+from experiments.lib.pointer_data import FEATURES, TASKS, PointerInputs, pointer_batch, polygon_area
 from experiments.lib.training import IGNORE, TrainConfig, train
 
 SMOKE = dict(tasks=["sort"], train_len=5, test_lens=[5], d_model=16, num_layers=1, num_heads=2, mlp_ratio=1,
@@ -150,14 +150,30 @@ def greedy_decode(model: PointerNet, points: jax.Array, steps: int) -> jax.Array
     return model.greedy(points, steps)
 
 
+def area_coverage(points: np.ndarray, pred: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over examples of ``area(predicted polygon) / area(true hull)``, with the signed shoelace area.
+
+    After Ptr-Net §4.2's area metric, but the paper counts only valid (simple) polygons; here no output is
+    excluded: a clockwise or self-intersecting output counts with its signed area, which is the winding-number
+    weighted area, so an output that winds around twice can exceed 1 and the mean can too. Greedy decoding under
+    ``allowed_mask`` always closes its polygon (by step ``n`` only the first vertex is left)."""
+    ratios = [polygon_area(x, p[p != IGNORE][:-1]) / polygon_area(x, t[t != IGNORE][:-1])
+              for x, p, t in zip(points, pred, targets)]
+    return float(np.mean(ratios))
+
+
 def score(model: PointerNet, task: str, n: int, examples: int, seed: Sequence[int]) -> dict:
-    """Greedy decoding's exact match and per-step accuracy at ``n`` points, and the mean target length."""
+    """Greedy decoding's exact match and per-step accuracy at ``n`` points, the mean target length and, for the
+    hull, the area coverage (``area_coverage``)."""
     inputs, targets = pointer_batch(task, examples, n, seed)
     pred = np.asarray(greedy_decode(model, jnp.asarray(inputs.points), targets.shape[1]))
     scored = targets != IGNORE
-    return {"n": n, "exact": float(np.mean(np.all(pred == targets, axis=1))),
-            "per_step": float(np.sum((pred == targets) & scored) / np.sum(scored)),
-            "mean_output_len": float(np.mean(np.sum(scored, axis=1)))}
+    row = {"n": n, "exact": float(np.mean(np.all(pred == targets, axis=1))),
+           "per_step": float(np.sum((pred == targets) & scored) / np.sum(scored)),
+           "mean_output_len": float(np.mean(np.sum(scored, axis=1)))}
+    if task == "hull":
+        row["area_coverage"] = area_coverage(inputs.points, pred, targets)
+    return row
 
 
 def name_list(text: str) -> list[str]:
@@ -219,6 +235,8 @@ def plot(rows: Sequence[dict], path: Path, train_len: int) -> None:
         ns = [t["n"] for t in row["tests"]]
         ax.plot(ns, [t["per_step"] for t in row["tests"]], "o-", label="per-step accuracy")
         ax.plot(ns, [t["exact"] for t in row["tests"]], "s-", label="exact sequence match")
+        if row["task"] == "hull":
+            ax.plot(ns, [t["area_coverage"] for t in row["tests"]], "^-", label="area coverage")
         ax.axvline(train_len, color="gray", ls="--", lw=1, label=f"trained at n = {train_len}")
         ax.set(title=f"{row['task']}: greedy decoding", xlabel="points n", ylabel="accuracy", ylim=(-0.02, 1.02),
                xticks=ns)
@@ -251,12 +269,13 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
         f"{run_info['wall_seconds'] / 60:.1f} min.", ""]
     for row in rows:
-        lines = [[t["n"], f"{t['exact']:.3f}", f"{t['per_step']:.3f}", f"{t['mean_output_len']:.1f}"]
-                 for t in row["tests"]]
+        area = row["task"] == "hull"
+        lines = [[t["n"], f"{t['exact']:.3f}", f"{t['per_step']:.3f}"] + ([f"{t['area_coverage']:.4f}"] if area else [])
+                 + [f"{t['mean_output_len']:.1f}"] for t in row["tests"]]
         parts += [f"**{row['task']}** ({row['params']:,} params, {row['train_seconds']:.0f} s training, train loss "
                   f"{row['first_train_loss']:.3f} -> {row['final_train_loss']:.3f})", "",
-                  report.markdown_table(["n", "exact match", "per-step", "output steps"],
-                                        lines), ""]
+                  report.markdown_table(["n", "exact match", "per-step"] + (["area coverage"] if area else [])
+                                        + ["output steps"], lines), ""]
     return "\n".join(parts)
 
 

@@ -80,6 +80,17 @@ def convex_hull(points: np.ndarray) -> list[int]:
     return hull[start:] + hull[:start]
 
 
+def polygon_area(points: np.ndarray, cycle: Sequence[int]) -> float:
+    """Signed area of the polygon ``points[cycle]`` (shoelace formula; positive when counter-clockwise).
+
+    ``points [n, 2]``; ``cycle`` lists the vertices once (not closed by repeating the first). A clockwise or
+    self-intersecting polygon gets a smaller (possibly negative) area than its hull.
+    """
+    xy = np.asarray(points, np.float64)[list(cycle)]
+    x, y = xy[:, 0], xy[:, 1]
+    return float(0.5 * np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
 def pointer_batch(task: str, batch_size: int, n: int, seed: Union[int, Sequence[int]]
                   ) -> tuple[PointerInputs, np.ndarray]:
     """A batch of one task at ``n`` points: ``(PointerInputs(points, previous), targets [B, L] int32)``.
@@ -108,4 +119,4 @@ def pointer_batch(task: str, batch_size: int, n: int, seed: Union[int, Sequence[
 
 
 __all__ = ["TASKS", "START", "FEATURES", "PointerInputs", "output_len", "check_task", "cross", "convex_hull",
-           "pointer_batch"]
+           "polygon_area", "pointer_batch"]

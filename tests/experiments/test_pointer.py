@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from experiments import pointer
-from experiments.lib.pointer_data import START, PointerInputs, convex_hull, pointer_batch
+from experiments.lib.pointer_data import START, PointerInputs, convex_hull, pointer_batch, polygon_area
 from experiments.lib.training import IGNORE
 
 
@@ -38,6 +38,16 @@ def test_hull_targets_against_brute_force(n):
         assert set(zip(cycle[:-1], cycle[1:])) == edges, "consecutive vertices are exactly the CCW hull edges"
         assert len(edges) == length - 1 and np.all(target[length:] == IGNORE)
         assert previous[0] == START and np.array_equal(previous[1:], target[:-1])
+
+
+def test_polygon_area_and_area_coverage():
+    square = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5]])
+    assert polygon_area(square, [0, 1, 2, 3]) == 1.0 and polygon_area(square, [3, 2, 1, 0]) == -1.0
+    assert polygon_area(square, [0, 1, 3, 2]) == 0.0, "a self-intersecting bow tie: its two halves cancel"
+    target = np.array([[0, 1, 2, 3, 0, IGNORE]])
+    missed = np.array([[0, 1, 2, 0, IGNORE, IGNORE]])
+    assert pointer.area_coverage(square[None], target, target) == 1.0
+    assert pointer.area_coverage(square[None], missed, target) == 0.5
 
 
 def test_sort_targets_are_the_sorting_permutation():
