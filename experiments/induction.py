@@ -16,10 +16,10 @@ attention layers ``x ← x + Attn(x)`` with a causal mask and no normalization, 
 width ``P + D`` and a linear read-out of the query token into ``L`` label logits. Each attention layer is an
 ``attnjax.nn.MultiHeadAttention`` (softmax, ``num_heads`` heads, scaled ``q·k/√d`` and an output projection,
 which the official single-head layers lack; nor does it add the layer-1 queries to the layer-2 queries as the
-official ``attention_head(..., inputs_pre=...)`` does). Training uses the house loop (``experiments.lib.training.train``,
-AdamW with warmup + cosine) instead of the official plain SGD (lr 0.01, batch 128, 150k iterations), so the
-transition comes within a CPU budget; the step at which it happens is therefore not comparable with the
-paper's, only its shape.
+official ``attention_head(..., inputs_pre=...)`` does). Training uses the house loop
+(``experiments.lib.training.train``, AdamW with warmup + cosine) instead of the official plain SGD (lr 0.01,
+batch 128, 150k iterations), so the transition comes within a CPU budget; the step at which it happens is
+therefore not comparable with the paper's, only its shape.
 
 Measures, every ``--eval-every`` steps, on ``--test-examples`` held-out sequences per split:
 
@@ -287,10 +287,11 @@ def markdown(result: dict, args: argparse.Namespace, argv: Sequence[str], run_in
     return "\n".join([
         f"# Induction heads in bursty in-context classification — {device['platform']}", "",
         "`" + " ".join(["python -m experiments.induction", *argv]) + "`", "",
-        f"Task (Reddy 2023, official code): K = {task.num_classes} classes, L = {task.num_labels} labels, N = {task.context} "
-        f"pairs, B = {task.burstiness}, p_B = {task.p_bursty}, α = {task.alpha}, ε = {task.eps}, D = {task.dim}, "
-        f"P = {task.positions} one-hot positions. Model: {args.num_layers} attention layers × {args.num_heads} head(s) "
-        f"(attnjax MultiHeadAttention, softmax, causal), {args.mlp_layers} ReLU layers, {result['params']:,} params. "
+        f"Task (Reddy 2023, official code): K = {task.num_classes} classes, L = {task.num_labels} labels, "
+        f"N = {task.context} pairs, B = {task.burstiness}, p_B = {task.p_bursty}, α = {task.alpha}, ε = {task.eps}, "
+        f"D = {task.dim}, P = {task.positions} one-hot positions. Model: {args.num_layers} attention layers × "
+        f"{args.num_heads} head(s) (attnjax MultiHeadAttention, softmax, causal), {args.mlp_layers} ReLU layers, "
+        f"{result['params']:,} params. "
         f"Training: {args.steps} AdamW steps of {args.batch_size} fresh sequences (lr {args.lr}, warmup "
         f"{args.warmup_steps}, cosine), {result['train_seconds']:.0f} s including evaluations every "
         f"{args.eval_every} steps on {args.test_examples} held-out sequences per split.", "",
