@@ -10,32 +10,88 @@ import pytest
 from attnjax import registry
 from experiments import bench_softmax
 from experiments import main as main_job
-from experiments.lib import cli, measure, mqar_runs, report, workload
+from experiments.lib import cli, measure, mqar_runs, plots, report, workload
 
 
 @pytest.mark.slow
-def test_main_job_checks_and_times_mechanisms(tmp_path, monkeypatch):
-    """One mechanism per family at tiny sizes (every mechanism's paths have their own tests); MQAR at a toy size."""
+def test_main_job_full_checks_and_times_mechanisms(tmp_path, monkeypatch):
+    """The --full study at tiny sizes, one mechanism per family of two (every mechanism's paths have their own
+    tests): checks at --check-len, two lengths, both modes, MQAR at a toy size."""
     names = ["softmax", "lightning"]
     monkeypatch.setattr(mqar_runs, "QUICK", dict(d_models=(16,), kv_pairs=(2,), seq_len=16, steps=3, batch_size=4,
                                                  warmup_steps=1, test_examples=8, vocab_size=32, num_layers=1))
-    main_job.main(["--seq-lens", "64,128", "--repeats", "1", "--check-len", "40", "--heads", "2",
-                   "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--out", str(tmp_path),
-                   "--mqar-mechanisms", "softmax,lightning"])
-    results = json.loads((tmp_path / "main.json").read_text())
+    main_job.main(["--full", "--seq-lens", "64,128", "--repeats", "1", "--check-len", "40", "--heads", "2",
+                   "--head-dim", "16", "--mechanisms", ",".join(names), "--no-cab", "--no-check-pallas",
+                   "--out", str(tmp_path), "--mqar-mechanisms", "softmax,lightning"])
+    results = json.loads((tmp_path / "main_full_cpu.json").read_text())
     assert set(results["mechanisms"]) == set(names)
     for entry in cli.selected_entries(names):
         checks = results["mechanisms"][entry.name]["checks"]
         assert set(checks) == set(entry.implementations) - {"reference"}
         for impl, check in checks.items():
-            assert check.get("passed"), f"{entry.name}/{impl}: {check}"
+            assert check.get("passed") or impl == "pallas", f"{entry.name}/{impl}: {check}"
     seconds = results["timings"]["seconds"]["fwd_bwd"]
     assert set(seconds) == {main_job.BASELINE, "softmax/xla", "lightning/xla"}  # what "auto" picks on CPU
     assert all(len(s) == 2 and all(t is not None and t > 0 for t in s) for s in seconds.values())
-    assert (tmp_path / "main_scaling.png").stat().st_size > 0
-    assert "| lightning/xla" in (tmp_path / "main.md").read_text()
+    assert (tmp_path / "main_full_cpu.png").stat().st_size > 0
+    summary = (tmp_path / "main_full_cpu.md").read_text()
+    assert "| lightning/xla" in summary and "T=128 fwd+bwd" in summary
     assert [r["mechanism"] for r in results["mqar"]] == ["softmax", "lightning"]
-    assert "## MQAR recall (d_model 16, T=16, 3 steps" in (tmp_path / "main.md").read_text()
+    assert "## MQAR recall (d_model 16, T=16, 3 steps" in summary
+
+
+def test_main_job_checks_times_and_summarizes(tmp_path):
+    """The default job on one mechanism at toy sizes: the suite's core check, one length, the summary and plot."""
+    results = main_job.main(["--mechanisms", "softmax", "--seq-lens", "32", "--repeats", "1", "--heads", "1",
+                             "--head-dim", "8", "--mqar-mechanisms", "", "--out", str(tmp_path)])
+    checks = results["mechanisms"]["softmax"]["checks"]
+    assert checks["xla"]["passed"] and checks["xla"]["T"] == 21
+    assert "interpret mode" in checks["pallas"]["skipped"] and not main_job.failed_anything(results)
+    timings = results["timings"]
+    assert timings["modes"] == ["fwd"] and timings["seq_lens"] == [32]
+    assert timings["ratio_to_baseline"]["fwd"][main_job.BASELINE] == [1.0]
+    assert timings["ratio_to_baseline"]["fwd"]["softmax/xla"][0] > 0
+    summary = (tmp_path / "main_cpu.md").read_text()
+    assert "## Summary by family" in summary and "| softmax | 1          | 1/1 " in summary
+    assert "Pallas paths not checked here (1 mechanisms)" in summary and "MQAR" not in summary
+    assert json.loads((tmp_path / "main_cpu.json").read_text())["timings"] == timings
+    assert (tmp_path / "main_cpu.png").stat().st_size > 0
+
+
+def test_full_sets_the_longer_study_and_explicit_flags_win():
+    args = main_job.parse_args(["--full", "--seq-lens", "128"])
+    assert args.seq_lens == [128] and args.modes == ["fwd", "fwd_bwd"] and args.check_len == 640 and args.cab
+    assert args.name == "main_full_cpu" and args.check_pallas
+    quick = main_job.parse_args([])
+    assert quick.seq_lens == [1024] and quick.modes == ["fwd"] and quick.check_len is None and not quick.cab
+    assert quick.name == "main_cpu" and not quick.check_pallas
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--modes", "bwd"])
+
+
+def test_timing_leaves_out_costly_paths_and_runs_slow_ones_once():
+    def cubic(q, k, v):  # eight [T, T] @ [T, T] products: many times the baseline's flops, like a cubic mechanism
+        scores = jnp.einsum("bthd,bshd->bhts", q, k)
+        for _ in range(8):
+            scores = scores @ scores / q.shape[1]
+        return jnp.einsum("bhts,bshd->bthd", scores, v)
+
+    fns = {main_job.BASELINE: main_job.jax_nn_fn, "cubic/xla": cubic, "same/xla": main_job.jax_nn_fn}
+    args = main_job.parse_args(["--heads", "1", "--head-dim", "4", "--repeats", "2", "--max-cost-ratio", "5",
+                                "--time-budget-s", "0"])
+    seconds, runs, skipped = main_job.time_one_length(fns, 32, "fwd", args, last := {})
+    assert "XLA cost analysis" in skipped["cubic/xla"] and seconds["cubic/xla"] is None
+    assert runs == {main_job.BASELINE: 2, "same/xla": 1}  # over the (zero) budget: one run only
+    assert set(last) == {main_job.BASELINE, "same/xla"}
+
+
+def test_ratio_panels_pack_families_into_rows(tmp_path):
+    assert plots.pack_rows({"softmax": 7, "linear": 8, "sparse": 22, "local": 2}, 22) == [
+        ["softmax", "linear", "local"], ["sparse"]]
+    panels = {"softmax": {"a": [0.5, 2.0], "b": [None, 3.0]}, "sparse": {"c": [1.2, None]}}
+    path = plots.ratio_panels(panels, ["T=64 fwd", "T=64 fwd+bwd"], tmp_path / "r.png", title="t", ylabel="ratio",
+                              reference_label="baseline")
+    assert path.stat().st_size > 0
 
 
 def test_main_job_runs_cab_at_its_sizes():
@@ -75,7 +131,8 @@ def test_main_job_skips_a_mechanism_whose_reference_refuses_the_inputs():
     assert "one query per head" in checks["reference"]["skipped"] and "skipped" in checks["xla"]
     assert main_job.failures({"one_query": checks}) == []
     assert main_job.timed_implementations(entry, checks, "all") == ()
-    assert "not timed" in main_job.check_notes({"one_query": checks}, [main_job.BASELINE])[-1]
+    timings = {"modes": ["fwd"], "seconds": {"fwd": {main_job.BASELINE: [1e-3]}}, "skipped": {"fwd": {}}}
+    assert "not timed" in main_job.check_notes({"one_query": checks}, timings)[-1]
     past = main_job.run_checks([entry], args, deadline=0.0)
     assert "--max-minutes" in past["one_query"]["reference"]["skipped"]
 
@@ -94,7 +151,7 @@ def test_reference_checks_shrink_to_the_memory_budget():
     # The softmax reference's gradients need 157 KiB at T=64 and 570 KiB at T=128 (B=2, H=1, D=8).
     args = main_job.parse_args(["--check-len", "128", "--heads", "1", "--head-dim", "8", "--check-memory-gib", "3e-4"])
     entry = cli.selected_entries(["softmax"])[0]
-    case, expected = main_job.reference_outputs(entry, args)
+    _, case, expected = main_job.reference_outputs(entry, args)
     assert case.T == main_job.MIN_CHECK_LEN == 64 and expected["out"].shape == (case.B, case.T, case.Hq, case.Dv)
     args.check_memory_gib = 1e-5
     assert "MemoryError" in main_job.check_entry(entry, args)["reference"]["skipped"]
