@@ -1,36 +1,40 @@
-"""E1: multi-query associative recall (MQAR), from Zoology (Arora et al. 2023).
+"""E1: multi-query associative recall (MQAR) across every family, from Zoology (Arora et al. 2023).
 
-"Zoology: Measuring and Improving Recall in Efficient Language Models", Sec. 3 and Fig. 2. A sequence
+"Zoology: Measuring and Improving Recall in Efficient Language Models", Sec. 3 and Fig. 2/3. A sequence
 holds ``N`` key–value pairs ``k_1 v_1 … k_N v_N`` and then, in the rest of the sequence, each key once
 more, in random order, at positions drawn with a power-law gap distribution; the model must output the
-key's value right after the key. Only those answer positions are scored. Attention solves it at small
-width; a fixed-size recurrent state must grow with ``N``.
+key's value right after the key. Only those answer positions are scored. Zoology's claim: attention
+solves MQAR at small width, while a model with a fixed-size recurrent state needs that state to grow with
+``N`` (their Fig. 2: accuracy against model width; Fig. 3: against recurrent state size).
 
-Study: train a small 2-block ``experiments.lib.model.LanguageModel`` per (mechanism, d_model, N) on fresh
-samples every step, then report answer accuracy on a held-out test set, with each model's decoding
-state size (``model.decode_state_size``), as a markdown table, JSON and a plot (the runs are
-``experiments.lib.mqar_runs``, the data ``experiments.lib.mqar_data``).
+Study: per model and width, a small 2-block language model (``experiments.lib.model``) trains on batches that
+mix every pair count of ``--kv-pairs`` (as Zoology trains on a mixture of configurations), then is scored on
+held-out sequences of each pair count. Models: registry mechanisms (``--mechanisms``, through
+``MultiHeadAttention``; names of ``attnjax.nn.BLOCKS`` are accepted there too), causal registered layers
+(``--layers``: the memory layers Titans MAC/MAG/MAL, the neural memory, RAT, and every other causal layer), or
+``--all``: every registered mechanism, layer and block with a causal form. The x-axis is each model's decoding
+state in floats per sequence (``experiments.lib.mqar_runs.state_size``: its ``init_cache`` at ``T``), the
+y-axis test accuracy, one panel per (family, pair count). The table lists the models left out and why.
 
-    python -m experiments.mqar                  # CPU default: 12 runs, about 15 minutes on 2 cores
-    python -m experiments.mqar --mechanisms softmax,lightning,based_linear,linear \\
+    python -m experiments.mqar                  # CPU default: five models, d_model 64, about 3 minutes
+    python -m experiments.mqar --mechanisms softmax --layers neural_memory,rat --name mqar_families_memory_cpu
+    python -m experiments.mqar --all            # every registered causal model (long: hours on 2 cores)
+    python -m experiments.mqar --mechanisms softmax,lightning,based_linear --layers titans_mac,rat \\
         --d-models 64,128,256 --kv-pairs 8,16,32,64 --seq-len 256 --vocab-size 8192 --steps 4000
-    python -m experiments.mqar --mechanisms softmax,baseconv,zoology_hybrid --kv-pairs 8
 
-The last compares Zoology's gated convolution (block ``baseconv``) with its Sec. 5 hybrid of gated
-convolutions and input-dependent sparse attention (block ``zoology_hybrid``, ``attnjax.nn.zoology``);
-every name in ``attnjax.nn.BLOCKS`` is a ``--mechanisms`` option.
-
-Deviations from the paper's setup, for CPU budgets (flags restore most of it): a vocabulary of 256
-instead of 8192; a few hundred steps on fresh samples instead of 64 epochs over 100k examples; RoPE
-instead of learned absolute positions; and a short causal convolution before each block
-(``--short-conv 3``, as in the H3/BASED hybrids Zoology also trains), which spares every mechanism
-the slow emergence of a previous-token head, so that a short run measures associative memory rather
-than optimization luck (``--short-conv 0`` removes it).
+Deviations from the paper's setup, for CPU budgets (flags restore most of it): a vocabulary of 128
+instead of 8192; T = 32 and N up to 8 instead of T up to 512 and N up to 64; 200 steps on fresh
+samples instead of 64 epochs over 100k examples; RoPE instead of learned absolute positions; and a short
+causal convolution before each block (``--short-conv 3``, as in the H3/BASED hybrids Zoology also trains),
+which spares every mechanism the slow emergence of a previous-token head, so that a short run measures
+associative memory rather than optimization luck (``--short-conv 0`` removes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -38,23 +42,40 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from experiments.lib import cli, host, mqar_runs, plots, report
+from experiments.lib.layer_model import causal_layer_names
 from experiments.lib.model import mixer_names
 from experiments.lib.mqar_runs import MQARSettings
 
 DEFAULT = MQARSettings()
-SMOKE = dict(d_models=[16], kv_pairs=[2, 4], seq_len=16, vocab_size=32, num_layers=1, steps=3, batch_size=4,
-             warmup_steps=1, test_examples=8)
-"""Defaults under ``--smoke`` (explicit flags still win): tiny models, a few steps, for tests."""
+SMOKE = dict(mechanisms=["softmax"], layers=[], d_models=[16], kv_pairs=[2, 4], seq_len=16, vocab_size=32,
+             num_layers=1, head_dim=8, steps=24, batch_size=8, warmup_steps=3, lr=2e-2, test_examples=16)
+"""Defaults under ``--smoke`` (explicit flags still win): one tiny softmax model, 24 steps, for tests."""
+
+ZOOLOGY_CLAIM = ("Zoology (Arora et al. 2023, Sec. 3, Fig. 2/3): attention solves MQAR at every width they try, "
+                 "while gated-convolution and other fixed-state models need a model dimension (state size) that "
+                 "grows with the number of key-value pairs; accuracy follows state size.")
+
+
+def name_list(text: str) -> list[str]:
+    """``"softmax,lightning"`` -> ``["softmax", "lightning"]``; ``""`` -> ``[]``."""
+    return [n for n in text.split(",") if n]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command-line flags; the defaults (``MQARSettings``) take about 15 minutes on a 2-core CPU."""
+    """Command-line flags; the defaults (``MQARSettings``) take about 3 minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mechanisms", type=lambda s: s.split(","), default=list(DEFAULT.mechanisms),
-                   help=f"comma-separated mixers, each optionally name:head_dim: {', '.join(mixer_names())}")
+    p.add_argument("--mechanisms", type=name_list, default=list(DEFAULT.mechanisms),
+                   help=f"registry mechanisms (name or name:head_dim) or blocks: {', '.join(mixer_names())}")
+    p.add_argument("--layers", type=name_list, default=list(DEFAULT.layers),
+                   help=f"registered causal layers: {', '.join(causal_layer_names())}")
+    p.add_argument("--layer-options", type=json.loads, default=dict(DEFAULT.layer_options),
+                   help='constructor kwargs per layer or block name, as JSON: \'{"neural_memory": {"chunk_size": 4}}\' '
+                        f"(default {json.dumps(dict(DEFAULT.layer_options))})")
+    p.add_argument("--all", action="store_true",
+                   help="every registered mechanism, layer and block with a causal form (overrides the lists)")
     p.add_argument("--d-models", type=cli.parse_ints, default=list(DEFAULT.d_models), help="model widths")
     p.add_argument("--kv-pairs", type=cli.parse_ints, default=list(DEFAULT.kv_pairs),
-                   help="key-value pairs per sequence")
+                   help="key-value pair counts, mixed in training and scored one by one")
     p.add_argument("--seq-len", type=int, default=DEFAULT.seq_len)
     p.add_argument("--vocab-size", type=int, default=DEFAULT.vocab_size)
     p.add_argument("--power-a", type=float, default=DEFAULT.power_a)
@@ -68,82 +89,112 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cli.add_training_flags(p, DEFAULT)
     p.add_argument("--seed", type=int, default=DEFAULT.seed)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    cli.add_output_flags(p, "mqar")
+    cli.add_output_flags(p, "mqar_families")
     args = cli.parse_with_smoke(p, argv, SMOKE)
-    unknown = {mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} - set(mixer_names())
+    if args.all:
+        chosen = [c for c in mqar_runs.candidates() if c.skip is None]
+        args.mechanisms = [c.name for c in chosen if c.kind != "layer"]
+        args.layers = [c.name for c in chosen if c.kind == "layer"]
+    unknown = ({mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} - set(mixer_names())) | (
+        set(args.layers) - set(causal_layer_names()))
     if unknown:
-        p.error(f"unknown mechanisms {sorted(unknown)}; known: {mixer_names()}")
+        p.error(f"unknown models {sorted(unknown)}; mechanisms and blocks: {mixer_names()}; "
+                f"causal layers: {causal_layer_names()}")
+    if not (args.mechanisms or args.layers):
+        p.error("no model: give --mechanisms, --layers or --all")
     return args
 
 
 def plot(rows: Sequence[dict], path: Path) -> None:
-    """Accuracy against pairs (one panel per d_model) and against decoding state size (last panel)."""
+    """Small multiples: one row of panels per pair count, one column per family; in each panel, accuracy
+    against decoding state size, one line per model (its widths)."""
     plt = plots.plt
-    d_models = sorted({r["d_model"] for r in rows})
-    mechanisms = list(dict.fromkeys(r["mechanism"] for r in rows))
-    fig, axes = plt.subplots(1, len(d_models) + 1, figsize=(4 * (len(d_models) + 1), 3.4), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(mechanisms)}
-    for ax, d_model in zip(axes[0], d_models):
-        for mechanism in mechanisms:
-            sel = sorted((r for r in rows if r["mechanism"] == mechanism and r["d_model"] == d_model),
-                         key=lambda r: r["num_kv_pairs"])
-            ax.plot([r["num_kv_pairs"] for r in sel], [r["accuracy"] for r in sel], "o-", color=colors[mechanism],
-                    label=mechanism)
-        ax.set_xscale("log", base=2)
-        plots.label_x(ax, sorted({r["num_kv_pairs"] for r in rows}))
-        ax.set(title=f"d_model = {d_model}", xlabel="key-value pairs", ylabel="test accuracy", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-    ax = axes[0][-1]
-    for mechanism in mechanisms:
-        sel = [r for r in rows if r["mechanism"] == mechanism and r["state_size"] is not None]
-        ax.scatter([r["state_size"] for r in sel], [r["accuracy"] for r in sel], color=colors[mechanism],
-                   label=mechanism, s=[12 * r["num_kv_pairs"] ** 0.5 for r in sel])
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.set(title="accuracy vs decoding state (size ~ pairs)", xlabel="state floats per sequence",
-           ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    rows = [r for r in rows if r["state_size"] is not None]
+    pairs = sorted({r["num_kv_pairs"] for r in rows})
+    families = [f for f in mqar_runs.FAMILIES if any(r["family"] == f for r in rows)]
+    fig, axes = plt.subplots(len(pairs), len(families), figsize=(3.3 * len(families), 2.7 * len(pairs) + 0.6),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, n in enumerate(pairs):
+        for j, family in enumerate(families):
+            ax = axes[i][j]
+            models = list(dict.fromkeys(r["mechanism"] for r in rows if r["family"] == family))
+            for k, model in enumerate(models):
+                sel = sorted((r for r in rows if r["mechanism"] == model and r["num_kv_pairs"] == n),
+                             key=lambda r: r["state_size"])
+                ax.plot([r["state_size"] for r in sel], [r["accuracy"] for r in sel], "o-", color=f"C{k}",
+                        label=model, ms=5)
+            ax.set_xscale("log")
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(family, fontsize=10)
+                ax.legend(fontsize=7, loc="best")
+            if j == 0:
+                ax.set_ylabel(f"N = {n} pairs\ntest accuracy")
+            if i == len(pairs) - 1:
+                ax.set_xlabel("decoding state (floats / sequence)")
+    fig.suptitle("MQAR accuracy against decoding state size (Zoology Fig. 3 style)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
-    """The markdown page: command, settings, machine and load, the accuracy table, and how to read it."""
+def left_out(args: argparse.Namespace, failed: Sequence[dict]) -> str:
+    """Markdown: the registered models that have no causal form, those that failed to train here, and (unless
+    ``--all``) the names not in this run's lists."""
+    run = {mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} | {f"layer:{n}" for n in args.layers}
+    run |= {f"block:{n}" for n in args.mechanisms}
+    lines = [[c.label, c.family, c.skip] for c in mqar_runs.candidates() if c.skip is not None]
+    lines += [[f["mechanism"], f["family"], f"failed at d_model {f['d_model']}: {f['reason']}"] for f in failed]
+    not_run = [c.label for c in mqar_runs.candidates() if c.skip is None and c.label not in run]
+    parts = [report.markdown_table(["model", "family", "why left out"], lines)]
+    if not_run:
+        parts += ["", f"Not in this run's lists ({len(not_run)}; `--all` trains them): " + ", ".join(not_run) + "."]
+    return "\n".join(parts)
+
+
+def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namespace, argv: Sequence[str],
+             run_info: dict) -> str:
+    """The markdown page: command, settings, machine and load, the accuracy table, the models left out."""
     solved = []
     for mechanism, d_model in dict.fromkeys((r["mechanism"], r["d_model"]) for r in rows):
         ok = [r["num_kv_pairs"] for r in rows if (r["mechanism"], r["d_model"]) == (mechanism, d_model)
               and r["accuracy"] >= 0.9]
         solved.append(f"{mechanism} (d_model {d_model}): {max(ok) if ok else 'none'}")
     return "\n".join([
-        f"# MQAR (Zoology) — {run_info['device']['platform']}", "",
+        f"# MQAR across families (Zoology) — {run_info['device']['platform']}", "",
         "`" + " ".join(["python -m experiments.mqar", *argv]) + "`", "",
         f"T = {args.seq_len}, vocab {args.vocab_size}, {args.num_layers} blocks, MLP ratio {args.mlp_ratio}, "
-        f"short conv {args.short_conv}, {args.steps} AdamW steps of {args.batch_size} fresh sequences (lr {args.lr}, "
-        f"warmup {args.warmup_steps}, cosine), random non-queries: {args.random_non_queries}; accuracy on the answer "
-        f"tokens of {args.test_examples} held-out sequences. Heads = d_model / head_dim (head_dim {args.head_dim}, "
-        f"or D in `name:D`). State floats: what the model keeps per sequence to decode the next token "
-        f"(KV cache at T for softmax; the fixed-size state of linear attention), summed over blocks.", "",
+        f"short conv {args.short_conv}, {args.steps} AdamW steps of {args.batch_size} fresh sequences mixing "
+        f"N = {', '.join(map(str, args.kv_pairs))} in equal parts (lr {args.lr}, warmup {args.warmup_steps}, "
+        f"cosine), random non-queries: {args.random_non_queries}; accuracy on the answer tokens of "
+        f"{args.test_examples} held-out sequences per N. Heads = d_model / head_dim (head_dim {args.head_dim}, or "
+        f"D in `name:D`). State floats: the floating leaves of each block's `init_cache(1, T)`, summed over blocks "
+        f"(`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, a linear state H·D_k'·D_v; \"(kv)\": a "
+        f"mechanism without decode, given its keys and values).", "",
         f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
         f"{run_info['device']['jax_version']}; load average {run_info['load_start']:.1f} at start, "
         f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",
         mqar_runs.table(rows), "",
-        "Largest N with accuracy >= 0.9: " + "; ".join(solved) + ".", ""])
+        "Largest N with accuracy >= 0.9: " + "; ".join(solved) + ".", "",
+        "Claim: " + ZOOLOGY_CLAIM, "",
+        "## Left out", "", left_out(args, failed), ""])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-    """Run the sweep, print the table, write ``<name>.json``, ``<name>.md`` and ``<name>.png`` to ``--out``."""
+    """Run the study, print the page, write ``<name>.json``, ``<name>.md`` and ``<name>.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
-    rows = mqar_runs.sweep(cli.settings_from(MQARSettings, args))
+    failed: list[dict] = []
+    rows = mqar_runs.sweep(cli.settings_from(MQARSettings, args), skipped=failed)
     run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
                 "load_start": load_start, "load_end": os.getloadavg()[0]}
-    md = markdown(rows, args, argv, run_info)
+    md = markdown(rows, failed, args, argv, run_info)
     print(md)
-    report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows}, f"{args.name}.json",
-                      args.out)
+    report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows, "failed": failed,
+                       "left_out": [dataclasses.asdict(c) for c in mqar_runs.candidates() if c.skip is not None]},
+                      f"{args.name}.json", args.out)
     (Path(args.out) / f"{args.name}.md").write_text(md)
     plot(rows, Path(args.out) / f"{args.name}.png")
     return rows

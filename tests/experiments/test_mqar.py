@@ -1,12 +1,15 @@
-"""MQAR (Zoology) data generator properties and the study's command line."""
+"""MQAR (Zoology) across families: the data generator, the mixed batches, the state-size rule, the CLI."""
 
 import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
+from attnjax.nn.registry import modules
 from experiments import mqar
 from experiments.lib import mqar_data, mqar_runs
+from experiments.lib.model import LanguageModel, ModelConfig
 from experiments.lib.training import IGNORE
 
 CONFIGS = [mqar_data.MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4),
@@ -14,26 +17,39 @@ CONFIGS = [mqar_data.MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4),
            mqar_data.MQARConfig(vocab_size=128, seq_len=48, num_kv_pairs=6, random_non_queries=True, power_a=1.0)]
 
 
+def check_sequence(x: np.ndarray, y: np.ndarray, n: int, config: mqar_data.MQARConfig) -> None:
+    """Brute force: the pairs lead, each key is queried once later, and its target is the value after it."""
+    keys, values = x[0:2 * n:2], x[1:2 * n:2]
+    assert len(set(keys)) == n and len(set(values)) == n, "keys (and values) unique within a sequence"
+    assert keys.min() >= 1 and keys.max() < config.vocab_size // 2 <= values.min()
+    positions = np.flatnonzero(y != IGNORE)
+    assert len(positions) == n and positions.min() >= 2 * n
+    assert sorted(x[positions]) == sorted(keys), "each key is queried exactly once"
+    for p in positions:
+        slot = np.flatnonzero(x[:2 * n:2] == x[p])[0]
+        assert 2 * slot + 1 < p and x[2 * slot + 1] == y[p], "answer = value after that key, earlier"
+    if not config.random_non_queries:
+        rest = np.setdiff1d(np.arange(2 * n, config.seq_len), positions)
+        assert np.all(x[rest] == 0)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"V{c.vocab_size}-T{c.seq_len}-N{c.num_kv_pairs}")
 def test_every_query_answer_is_the_value_of_that_key_earlier(config):
-    B, N = 16, config.num_kv_pairs
-    inputs, targets = mqar_data.mqar_batch(config, B, seed=3)
-    assert inputs.shape == targets.shape == (B, config.seq_len)
+    inputs, targets = mqar_data.mqar_batch(config, 16, seed=3)
+    assert inputs.shape == targets.shape == (16, config.seq_len)
     assert inputs.dtype == targets.dtype == np.int32
     assert inputs.min() >= 0 and inputs.max() < config.vocab_size
     for x, y in zip(inputs, targets):
-        keys, values = x[0:2 * N:2], x[1:2 * N:2]
-        assert len(set(keys)) == N and len(set(values)) == N, "keys (and values) unique within a sequence"
-        assert keys.min() >= 1 and keys.max() < config.vocab_size // 2 <= values.min()
-        positions = np.flatnonzero(y != IGNORE)
-        assert len(positions) == N and positions.min() >= 2 * N
-        assert sorted(x[positions]) == sorted(keys), "each key is queried exactly once"
-        for p in positions:
-            slot = np.flatnonzero(x[:2 * N:2] == x[p])[0]
-            assert 2 * slot + 1 < p and x[2 * slot + 1] == y[p], "answer = value after that key, earlier"
-        if not config.random_non_queries:
-            rest = np.setdiff1d(np.arange(2 * N, config.seq_len), positions)
-            assert np.all(x[rest] == 0)
+        check_sequence(x, y, config.num_kv_pairs, config)
+
+
+def test_mixed_batch_has_equal_parts_of_each_pair_count():
+    settings = mqar_runs.MQARSettings(kv_pairs=(2, 4, 8), seq_len=32, vocab_size=64)
+    inputs, targets = mqar_runs.mixed_batch(settings, 8, (0, 5))
+    counts = (targets != IGNORE).sum(axis=1)
+    assert counts.tolist() == [2, 2, 2, 4, 4, 4, 8, 8], "8 = 3 + 3 + 2 sequences, in kv_pairs order"
+    for x, y, n in zip(inputs, targets, counts):
+        check_sequence(x, y, int(n), mqar_runs.task(settings, int(n)))
 
 
 def test_batches_are_deterministic_by_seed():
@@ -61,14 +77,50 @@ def test_invalid_configs_raise(kwargs):
         mqar_data.MQARConfig(**{"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, **kwargs})
 
 
-def test_cli_smoke_writes_table_json_and_plot(tmp_path):
-    rows = mqar.main(["--smoke", "--mechanisms", "softmax", "--kv-pairs", "2", "--no-progress",
-                      "--out", str(tmp_path), "--name", "mqar_test"])
-    assert [(r["mechanism"], r["num_kv_pairs"]) for r in rows] == [("softmax", 2)]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["state_size"] > 0 for r in rows)
+def abstract_model(mixer: str) -> LanguageModel:
+    config = ModelConfig(vocab_size=16, mixer=mixer, d_model=16, num_layers=2, num_heads=2, head_dim=8,
+                         mlp_ratio=0, short_conv=3)
+    return nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+
+
+def test_state_size_by_hand():
+    """Softmax keeps keys and values (2 blocks × 2·T·H·D, grows with T); Lightning an H × D × D state per block;
+    sigmoid (no decode) is given its keys and values; the short convolutions' buffers are not counted."""
+    T, H, D = 12, 2, 8
+    assert mqar_runs.state_size(abstract_model("softmax"), T) == (2 * 2 * T * H * D, "cache")
+    assert mqar_runs.state_size(abstract_model("softmax"), 2 * T) == (2 * 2 * 2 * T * H * D, "cache")
+    assert mqar_runs.state_size(abstract_model("lightning"), T) == (2 * H * D * D, "cache")
+    assert mqar_runs.state_size(abstract_model("lightning"), 2 * T) == (2 * H * D * D, "cache")
+    assert mqar_runs.state_size(abstract_model("sigmoid"), T) == (2 * 2 * T * H * D, "kv")
+
+
+def test_candidates_skip_the_non_causal_with_a_reason():
+    rows = {c.label: c for c in mqar_runs.candidates()}
+    assert all(c.family in mqar_runs.FAMILIES for c in rows.values())
+    for spec in modules("layer"):
+        assert (rows[f"layer:{spec.name}"].skip is None) == spec.causal
+    assert "no causal form" in rows["inline"].skip and rows["softmax"].skip is None
+    assert rows["layer:titans_mac"].family == rows["layer:rat"].family == "memory"
+    assert rows["block:baseconv"].skip is None
+
+
+@pytest.mark.parametrize("argv", [["--mechanisms", "nope"], ["--layers", "pmi"], ["--mechanisms", "", "--layers", ""]])
+def test_cli_rejects_unknown_non_causal_or_no_models(argv):
+    with pytest.raises(SystemExit):
+        mqar.parse_args(["--smoke", *argv])
+
+
+def test_cli_smoke_writes_table_json_and_plot_and_the_loss_falls(tmp_path):
+    rows = mqar.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--name", "mqar_test"])
+    assert [(r["mechanism"], r["num_kv_pairs"]) for r in rows] == [("softmax", 2), ("softmax", 4)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["state_size"] == 2 * 16 * 2 * 8 for r in rows)
+    history = rows[0]["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3, "training lowers the loss"
     saved = json.loads((tmp_path / "mqar_test.json").read_text())
-    assert len(saved["results"]) == 1 and saved["args"]["smoke"]
-    assert "| softmax" in (tmp_path / "mqar_test.md").read_text()
+    assert len(saved["results"]) == 2 and saved["args"]["smoke"]
+    assert any(c["name"] == "pmi" for c in saved["left_out"])
+    page = (tmp_path / "mqar_test.md").read_text()
+    assert "| softmax" in page and "layer:pmi" in page and "Zoology" in page
     assert (tmp_path / "mqar_test.png").stat().st_size > 0
 
 
