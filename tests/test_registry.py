@@ -11,6 +11,7 @@ the 8 fake CPU devices and equals the single-device reference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import jax
@@ -64,17 +65,23 @@ def _causal(config, q, k, v):
                                                 implementation="reference"))(q, k, v)
 
 
+@functools.cache
+def _decode_inputs() -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray]:
+    """``q, k, v [1, DECODE_LENGTH, 2, 8]`` and softmax's causal output on them (computed once)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, DECODE_LENGTH, 2, 8)), jnp.float32) for _ in range(3))
+    return q, k, v, np.asarray(_causal(aj.softmax.Softmax(), q, k, v))
+
+
 def _decodes_from_cache(config) -> bool:
     """Whether one-token queries against the cache at positions 30 and ``DECODE_LENGTH - 1`` give those
     rows of full causal attention; asserts first that the mechanism is not softmax in disguise."""
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, DECODE_LENGTH, 2, 8)), jnp.float32) for _ in range(3))
+    q, k, v, softmax = _decode_inputs()
     try:
         full = np.asarray(_causal(config, q, k, v))
     except NotImplementedError:  # no causal mask (e.g. vision windows): nothing to decode
         return False
     if config.name != "softmax":
-        softmax = np.asarray(_causal(aj.softmax.Softmax(), q, k, v))
         assert not np.allclose(full, softmax, atol=1e-4), (
             f"{config.name} equals softmax at length {DECODE_LENGTH}: give it a sparser test config in "
             "SPARSE_AT_DECODE_LENGTH, else its decode check proves nothing")

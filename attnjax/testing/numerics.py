@@ -67,6 +67,32 @@ def grads(fn: Callable, args: Sequence, argnums: Sequence[int], key=None):
     return jax.jit(jax.grad(loss, argnums=tuple(argnums)))(*args)
 
 
+def outputs_and_grads(fn: Callable, args: Sequence, argnums: Sequence[int], key=None):
+    """``(fn(*args), grads(fn, args, argnums, key))`` from one compiled function: the gradient's forward pass
+    gives the output, so a test that checks both compiles once instead of twice."""
+    key = jax.random.PRNGKey(123) if key is None else key
+    out = jax.eval_shape(fn, *args)
+    w = jax.random.normal(key, out.shape, jnp.float32)
+
+    def loss(*a):
+        y = fn(*a)
+        return jnp.sum(y.astype(jnp.float32) * w), y
+
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=tuple(argnums), has_aux=True))(*args)
+    return y, g
+
+
+def assert_outputs_and_grads_close(fn_actual: Callable, fn_expected: Callable, args: Sequence,
+                                   argnums: Sequence[int], *, rtol: float | None = None,
+                                   names: Sequence[str] | None = None):
+    """Compare the outputs and the gradients of two functions of the same arguments (one compile each)."""
+    (ya, ga), (ye, ge) = (outputs_and_grads(fn, args, argnums) for fn in (fn_actual, fn_expected))
+    assert_close(ya, ye, rtol=rtol, name="out")
+    names = names or [f"arg{i}" for i in argnums]
+    for a, e, n in zip(ga, ge, names):
+        assert_close(a, e, rtol=rtol, name=f"d{n}")
+
+
 def assert_grads_close(fn_actual: Callable, fn_expected: Callable, args: Sequence, argnums: Sequence[int],
                        *, rtol: float | None = None, names: Sequence[str] | None = None):
     """Compare gradients of two functions of the same arguments."""
@@ -77,4 +103,5 @@ def assert_grads_close(fn_actual: Callable, fn_expected: Callable, args: Sequenc
         assert_close(a, e, rtol=rtol, name=f"d{n}")
 
 
-__all__ = ["TOLERANCE", "random_qkv", "numpy_rng", "assert_close", "grads", "assert_grads_close"]
+__all__ = ["TOLERANCE", "random_qkv", "numpy_rng", "assert_close", "grads", "outputs_and_grads", "assert_grads_close",
+           "assert_outputs_and_grads_close"]

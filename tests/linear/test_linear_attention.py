@@ -48,18 +48,22 @@ def with_state_loss(impl, **kw):
 
 
 def compare(kw, args, rtol=TOLERANCE[jnp.float32], impls=("recurrent", "xla"), grad_argnums=(0, 1, 2, 3, 4)):
-    """Forward, final state and grads of each implementation against the reference."""
-    q, k, v, decay, state = args
-    call = lambda impl: linear_attention(q, k, v, decay=decay, initial_state=state, return_state=True,
-                                         implementation=impl, **kw)
-    out_ref, state_ref = call("reference")
-    g_ref = jax.grad(with_state_loss("reference", **kw), grad_argnums)(*args)
+    """Forward, final state and grads of each implementation against the reference (each path's forward and
+    gradients compiled together: op-by-op eager calls of the scans cost more than compiling them)."""
+    def run(impl):
+        def forward_and_grads(*args):
+            q, k, v, decay, state = args
+            out, final = linear_attention(q, k, v, decay=decay, initial_state=state, return_state=True,
+                                          implementation=impl, **kw)
+            return out, final, jax.grad(with_state_loss(impl, **kw), grad_argnums)(*args)
+        return jax.jit(forward_and_grads)(*args)
+
+    out_ref, state_ref, g_ref = run("reference")
     for impl in impls:
-        out, final = call(impl)
-        assert out.dtype == q.dtype and final.dtype == jnp.float32
+        out, final, g = run(impl)
+        assert out.dtype == args[0].dtype and final.dtype == jnp.float32
         assert_close(out, out_ref, rtol=rtol, name=f"{impl} out")
         assert_close(final, state_ref, rtol=rtol, name=f"{impl} state")
-        g = jax.grad(with_state_loss(impl, **kw), grad_argnums)(*args)
         for a, e, n in zip(g, g_ref, [("dq", "dk", "dv", "ddecay", "dstate")[i] for i in grad_argnums]):
             assert_close(a, e, rtol=rtol, name=f"{impl} {n}")
 

@@ -11,7 +11,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.dropout import dropout_seed, keep_mask
 from attnjax.positional import ALiBi, alibi_slopes
-from tests.helpers import TOLERANCE, assert_close, assert_grads_close, grads, random_qkv
+from tests.helpers import TOLERANCE, assert_close, assert_grads_close, assert_outputs_and_grads_close, grads, random_qkv
 
 KEY = jax.random.PRNGKey(0)
 BLOCKS = dict(block_q=8, block_kv=16)
@@ -40,8 +40,7 @@ def segment_ids(B, L, key=KEY, num=3):
 
 
 def check_against_reference(q, k, v, rtol=None, argnums=(0, 1, 2), **kw):
-    assert_close(xla(**kw)(q, k, v), ref(**kw)(q, k, v), rtol=rtol, name="out")
-    assert_grads_close(xla(**kw), ref(**kw), (q, k, v), argnums, rtol=rtol, names="qkv")
+    assert_outputs_and_grads_close(xla(**kw), ref(**kw), (q, k, v), argnums, rtol=rtol, names="qkv")
 
 
 T, S = 37, 45
@@ -133,8 +132,7 @@ def test_array_bias_and_its_gradient(shape):
     bias = jax.random.normal(jax.random.PRNGKey(5), shape)
     fx = lambda q, k, v, b: xla(mask=masks.Causal(), bias=b)(q, k, v)
     fr = lambda q, k, v, b: ref(mask=masks.Causal(), bias=b)(q, k, v)
-    assert_close(fx(q, k, v, bias), fr(q, k, v, bias), name="out")
-    assert_grads_close(fx, fr, (q, k, v, bias), (0, 1, 2, 3), names=["q", "k", "v", "bias"])
+    assert_outputs_and_grads_close(fx, fr, (q, k, v, bias), (0, 1, 2, 3), names=["q", "k", "v", "bias"])
     assert_close(ref(bias=bias)(q, k, v), jax_nn(q, k, v, bias=jnp.broadcast_to(
         bias.reshape((1,) * (4 - bias.ndim) + bias.shape), (2, 4, 30, 35))), name="vs jax.nn")
 
@@ -153,8 +151,7 @@ def test_sinks_forward_and_gradient():
     sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
     fx = lambda q, k, v, s: xla(mask=masks.SlidingWindow(4, 0), sinks=s)(q, k, v)
     fr = lambda q, k, v, s: ref(mask=masks.SlidingWindow(4, 0), sinks=s)(q, k, v)
-    assert_close(fx(q, k, v, sinks), fr(q, k, v, sinks))
-    assert_grads_close(fx, fr, (q, k, v, sinks), (0, 1, 2, 3), names=["q", "k", "v", "sinks"])
+    assert_outputs_and_grads_close(fx, fr, (q, k, v, sinks), (0, 1, 2, 3), names=["q", "k", "v", "sinks"])
     assert not np.allclose(fr(q, k, v, sinks), ref(mask=masks.SlidingWindow(4, 0))(q, k, v), atol=1e-3)
 
 
