@@ -68,9 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"registry mechanisms (name or name:head_dim) or blocks: {', '.join(mixer_names())}")
     p.add_argument("--layers", type=name_list, default=list(DEFAULT.layers),
                    help=f"registered causal layers: {', '.join(causal_layer_names())}")
-    p.add_argument("--layer-options", type=json.loads, default=dict(DEFAULT.layer_options),
-                   help='constructor kwargs per layer or block name, as JSON: \'{"neural_memory": {"chunk_size": 4}}\' '
-                        f"(default {json.dumps(dict(DEFAULT.layer_options))})")
+    p.add_argument("--options", type=json.loads, default=dict(DEFAULT.options),
+                   help="registry-config or constructor kwargs per model name, as JSON, replacing the default "
+                        f"{json.dumps(dict(DEFAULT.options))}")
     p.add_argument("--all", action="store_true",
                    help="every registered mechanism, layer and block with a causal form (overrides the lists)")
     p.add_argument("--d-models", type=cli.parse_ints, default=list(DEFAULT.d_models), help="model widths")
@@ -169,9 +169,10 @@ def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namesp
         f"N = {', '.join(map(str, args.kv_pairs))} in equal parts (lr {args.lr}, warmup {args.warmup_steps}, "
         f"cosine), random non-queries: {args.random_non_queries}; accuracy on the answer tokens of "
         f"{args.test_examples} held-out sequences per N. Heads = d_model / head_dim (head_dim {args.head_dim}, or "
-        f"D in `name:D`). State floats: the floating leaves of each block's `init_cache(1, T)`, summed over blocks "
+        f"D in `name:D`); options {json.dumps(args.options)}. State floats: the floating leaves of each block's `init_cache(1, T)`, summed over blocks "
         f"(`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, a linear state H·D_k'·D_v; \"(kv)\": a "
-        f"mechanism without decode, given its keys and values).", "",
+        f"mechanism without decode, given its keys and values). A cache holds what the module's decode keeps: "
+        f"sparse_window's is the whole KV cache, though each query reads only its window.", "",
         f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
         f"{run_info['device']['jax_version']}; load average {run_info['load_start']:.1f} at start, "
         f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",

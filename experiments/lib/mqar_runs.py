@@ -54,9 +54,12 @@ MODULE_FAMILIES = {
 softmax-like (the rest)."""
 
 
-LAYER_OPTIONS = {name: {"chunk_size": 8} for name in ("neural_memory", "titans_mac", "titans_mag", "titans_mal")}
-"""Default constructor options of layers: the Titans memories update once per chunk of 8 tokens (the paper's
-mini-batch gradient descent, Behrouz et al. 2024, Sec. 3.2) rather than per token, 8x fewer scan steps."""
+OPTIONS = {"sparse_window": {"block_q": 8, "block_kv": 8, "window_blocks": 1},
+           **{name: {"chunk_size": 8} for name in ("neural_memory", "titans_mac", "titans_mag", "titans_mal")}}
+"""Default options per model name: ``sparse_window`` in blocks of 8 tokens reaching one block back (its
+default 64-token blocks would make it dense attention at T = 32); the Titans memories update once per chunk
+of 8 tokens (the paper's mini-batch gradient descent, Behrouz et al. 2024, Sec. 3.2) rather than per token,
+8x fewer scan steps."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +70,9 @@ class MQARSettings:
     ``name:head_dim`` (e.g. ``based_linear:8``); heads = d_model / head_dim. ``layers``: causal
     ``attnjax.nn.LAYERS`` names. ``kv_pairs``: the pair counts mixed in every training batch (equal parts) and
     scored one by one on ``test_examples`` held-out sequences each. ``mlp_ratio=0``: no MLP (Zoology's MQAR
-    models). ``short_conv``: causal conv kernel before each block. ``layer_options``: constructor keyword
-    arguments per layer or block name (``LAYER_OPTIONS`` by default). The defaults are the CPU study of
+    models). ``short_conv``: causal conv kernel before each block. ``options``: per model name (a
+    mechanism's without ``:head_dim``), keyword arguments of its registry config or of its layer's or block's
+    constructor (``OPTIONS`` by default). The defaults are the CPU study of
     ``python -m experiments.mqar``: a model of each family but memory (whose layers train 5-20x slower per
     step on CPU; ``--layers neural_memory,rat`` adds them).
     """
@@ -85,7 +89,7 @@ class MQARSettings:
     head_dim: int = 16
     mlp_ratio: int = 0
     short_conv: int = 3
-    layer_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=lambda: dict(LAYER_OPTIONS))
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=lambda: dict(OPTIONS))
     steps: int = 200
     batch_size: int = 48
     lr: float = 1e-2
@@ -168,7 +172,7 @@ def build(settings: MQARSettings, model: Candidate, d_model: int) -> LanguageMod
                          d_model=d_model, num_layers=settings.num_layers, num_heads=max(d_model // head_dim, 1),
                          head_dim=head_dim if model.kind != "block" else None, mlp_ratio=settings.mlp_ratio,
                          short_conv=settings.short_conv,
-                         mixer_options=settings.layer_options.get(name, {}) if model.kind != "mechanism" else {})
+                         mixer_options=settings.options.get(name, {}))
     rngs = nnx.Rngs(settings.seed)
     return LayerLanguageModel(name, config, rngs=rngs) if model.kind == "layer" else LanguageModel(config, rngs=rngs)
 
