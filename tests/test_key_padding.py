@@ -40,6 +40,16 @@ def dense_mask(mask, T=T, S=S):
     return masks.Explicit(jnp.broadcast_to(mask.dense(T, S), (B, 1, T, S)))
 
 
+def attend(q, k, v, **kwargs):
+    """``aj.attention(q, k, v, **kwargs)`` compiled (an eager call runs the blocked paths op by op)."""
+    return jax.jit(lambda q, k, v: aj.attention(q, k, v, **kwargs))(q, k, v)
+
+
+def jax_nn(q, k, v, **kwargs):
+    """``jax.nn.dot_product_attention(q, k, v, **kwargs)`` compiled."""
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kwargs))(q, k, v)
+
+
 def assert_padding_is_zero(out, q_lengths=Q_LENGTHS):
     out = np.asarray(out)
     for b, length in enumerate(q_lengths):
@@ -63,9 +73,8 @@ def test_segments_form_is_the_same_mask():
 @pytest.mark.parametrize("implementation", ["reference", "xla", "pallas"])
 def test_softmax_matches_jax_nn(implementation):
     q, k, v = QKV
-    expected = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=jnp.asarray(Q_LENGTHS),
-                                            key_value_seq_lengths=jnp.asarray(KV_LENGTHS))
-    out = aj.attention(q, k, v, mechanism=MECHANISMS["softmax"], mask=PADDING, implementation=implementation)
+    expected = jax_nn(q, k, v, query_seq_lengths=jnp.asarray(Q_LENGTHS), key_value_seq_lengths=jnp.asarray(KV_LENGTHS))
+    out = attend(q, k, v, mechanism=MECHANISMS["softmax"], mask=PADDING, implementation=implementation)
     assert_close(out, expected)
     assert_padding_is_zero(out)
 
@@ -75,8 +84,8 @@ def test_softmax_matches_jax_nn(implementation):
 ])
 def test_mechanisms_match_dense_mask(mechanism, implementation):
     config = MECHANISMS[mechanism]
-    out = aj.attention(*QKV, mechanism=config, mask=PADDING, implementation=implementation)
-    expected = aj.attention(*QKV, mechanism=config, mask=dense_mask(PADDING), implementation="reference")
+    out = attend(*QKV, mechanism=config, mask=PADDING, implementation=implementation)
+    expected = attend(*QKV, mechanism=config, mask=dense_mask(PADDING), implementation="reference")
     assert_close(out, expected)
     assert_padding_is_zero(out)
 
@@ -122,8 +131,8 @@ COMBINATIONS = {
 def test_combinations_match_dense_mask(name, implementation):
     mask = COMBINATIONS[name]()
     config = MECHANISMS["softmax"]
-    out = aj.attention(*QKV, mechanism=config, mask=mask, implementation=implementation)
-    expected = aj.attention(*QKV, mechanism=config, mask=dense_mask(mask), implementation="reference")
+    out = attend(*QKV, mechanism=config, mask=mask, implementation=implementation)
+    expected = attend(*QKV, mechanism=config, mask=dense_mask(mask), implementation="reference")
     assert_close(out, expected)
     if name not in ("or_window", "keys_only_causal"):
         assert_padding_is_zero(out)
@@ -132,10 +141,9 @@ def test_combinations_match_dense_mask(name, implementation):
 def test_causal_padding_matches_jax_nn():
     q, k, v = random_qkv(jax.random.PRNGKey(1), B=B, T=T, S=T, Hq=HQ, Hkv=HKV, D=D)
     lengths = jnp.asarray([13, 6, 1], jnp.int32)
-    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                            key_value_seq_lengths=lengths)
-    out = aj.attention(q, k, v, mechanism=MECHANISMS["softmax"], implementation="xla",
-                       mask=masks.Causal() & masks.from_lengths(lengths, lengths))
+    expected = jax_nn(q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    out = attend(q, k, v, mechanism=MECHANISMS["softmax"], implementation="xla",
+                 mask=masks.Causal() & masks.from_lengths(lengths, lengths))
     assert_close(out, expected)
 
 
@@ -153,7 +161,7 @@ def test_jit_with_traced_lengths():
                                                                                                       np.int32))):
         out = run(*QKV, jnp.asarray(q_lengths), jnp.asarray(kv_lengths))
         mask = masks.Explicit(jnp.asarray(brute_force(q_lengths, kv_lengths, T, S))[:, None])
-        assert_close(out, aj.attention(*QKV, mask=mask, implementation="reference"))
+        assert_close(out, attend(*QKV, mask=mask, implementation="reference"))
         assert_padding_is_zero(out, q_lengths)
     assert len(traces) == 1, "new lengths must not retrace"
 
@@ -203,6 +211,6 @@ def test_no_lengths_is_full():
 
 def test_explicit_key_mask_matches_lengths():
     key_mask = jnp.arange(S)[None, :] < jnp.asarray(KV_LENGTHS)[:, None]
-    out = aj.attention(*QKV, mechanism=MECHANISMS["softmax"], mask=masks.Explicit.keys(key_mask), implementation="xla")
-    expected = aj.attention(*QKV, mask=masks.from_lengths(kv_lengths=KV_LENGTHS), implementation="reference")
+    out = attend(*QKV, mechanism=MECHANISMS["softmax"], mask=masks.Explicit.keys(key_mask), implementation="xla")
+    expected = attend(*QKV, mask=masks.from_lengths(kv_lengths=KV_LENGTHS), implementation="reference")
     assert_close(out, expected)
