@@ -153,6 +153,21 @@ def left_out(args: argparse.Namespace, failed: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
+def reading(rows: Sequence[dict]) -> str:
+    """One generated sentence: accuracy at the largest N, for the models whose state grows with T (KV caches)
+    and for the fixed-state ones ordered by state size, so the claim can be read against this run."""
+    n = max(r["num_kv_pairs"] for r in rows)
+    last = [r for r in rows if r["num_kv_pairs"] == n]
+
+    def listing(sel):
+        sel = sorted(sel, key=lambda r: (r["state_size"] is None, r["state_size"] or 0))
+        return ", ".join(f"{r['mechanism']} (d {r['d_model']}, {r['state_size'] or '?'} floats) "
+                         f"{r['accuracy']:.2f}" for r in sel) or "none"
+
+    return (f"This run at N = {n}: state growing with T (a KV cache): {listing(r for r in last if r['state_grows'])}; "
+            f"fixed-size state, by size: {listing(r for r in last if not r['state_grows'])}.")
+
+
 def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namespace, argv: Sequence[str],
              run_info: dict) -> str:
     """The markdown page: command, settings, machine and load, the accuracy table, the models left out."""
@@ -169,8 +184,8 @@ def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namesp
         f"N = {', '.join(map(str, args.kv_pairs))} in equal parts (lr {args.lr}, warmup {args.warmup_steps}, "
         f"cosine), random non-queries: {args.random_non_queries}; accuracy on the answer tokens of "
         f"{args.test_examples} held-out sequences per N. Heads = d_model / head_dim (head_dim {args.head_dim}, or "
-        f"D in `name:D`); options {json.dumps(args.options)}. State floats: the floating leaves of each block's `init_cache(1, T)`, summed over blocks "
-        f"(`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, a linear state H·D_k'·D_v; \"(kv)\": a "
+        f"D in `name:D`); options {json.dumps(args.options)}. State floats: the floating leaves of each block's "
+        f"`init_cache(1, T)`, summed over blocks (`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, a linear state H·D_k'·D_v; \"(kv)\": a "
         f"mechanism without decode, given its keys and values). A cache holds what the module's decode keeps: "
         f"sparse_window's is the whole KV cache, though each query reads only its window.", "",
         f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
@@ -178,7 +193,7 @@ def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namesp
         f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",
         mqar_runs.table(rows), "",
         "Largest N with accuracy >= 0.9: " + "; ".join(solved) + ".", "",
-        "Claim: " + ZOOLOGY_CLAIM, "",
+        "Claim: " + ZOOLOGY_CLAIM, "", reading(rows), "",
         "## Left out", "", left_out(args, failed), ""])
 
 

@@ -235,9 +235,13 @@ def task(settings: MQARSettings, num_kv_pairs: int) -> MQARConfig:
 
 
 def run_one(settings: MQARSettings, model: Candidate, d_model: int) -> list[dict]:
-    """Train one model on the mixed task and return one row per pair count (test accuracy on the answers)."""
+    """Train one model on the mixed task and return one row per pair count (test accuracy on the answers).
+
+    Each row has the model's ``state_size`` at ``T`` and ``state_grows``: whether it is larger at ``2T`` (a KV
+    cache) rather than fixed (a recurrent state)."""
     lm = build(settings, model, d_model)
     size, how = state_size(lm, settings.seq_len)
+    grows = size is not None and (state_size(lm, 2 * settings.seq_len)[0] or 0) > size
     train_config = TrainConfig(steps=settings.steps, learning_rate=settings.lr, warmup_steps=settings.warmup_steps,
                                weight_decay=settings.weight_decay, log_every=max(settings.steps // 10, 1))
     start = time.perf_counter()
@@ -252,7 +256,7 @@ def run_one(settings: MQARSettings, model: Candidate, d_model: int) -> list[dict
                      "num_kv_pairs": n, "num_heads": max(d_model // (parse_mechanism(model.name)[1]
                                                                      or settings.head_dim), 1),
                      "accuracy": result["accuracy"], "test_loss": result["loss"], "state_size": size,
-                     "state_rule": how, "params": num_params(lm), "train_seconds": seconds,
+                     "state_rule": how, "state_grows": grows, "params": num_params(lm), "train_seconds": seconds,
                      "final_train_loss": history[-1]["loss"], "history": history})
     return rows
 

@@ -104,6 +104,13 @@ def test_candidates_skip_the_non_causal_with_a_reason():
     assert rows["block:baseconv"].skip is None
 
 
+def test_all_selects_every_candidate_that_can_train():
+    args = mqar.parse_args(["--smoke", "--all"])
+    chosen = mqar_runs.models(mqar.cli.settings_from(mqar_runs.MQARSettings, args))
+    assert sorted(c.label for c in chosen) == sorted(c.label for c in mqar_runs.candidates() if c.skip is None)
+    assert {"softmax", "layer:titans_mac", "layer:rat", "block:zoology_hybrid"} <= {c.label for c in chosen}
+
+
 @pytest.mark.parametrize("argv", [["--mechanisms", "nope"], ["--layers", "pmi"], ["--mechanisms", "", "--layers", ""]])
 def test_cli_rejects_unknown_non_causal_or_no_models(argv):
     with pytest.raises(SystemExit):
@@ -121,6 +128,7 @@ def test_cli_smoke_writes_table_json_and_plot_and_the_loss_falls(tmp_path):
     assert any(c["name"] == "pmi" for c in saved["left_out"])
     page = (tmp_path / "mqar_test.md").read_text()
     assert "| softmax" in page and "layer:pmi" in page and "Zoology" in page
+    assert "This run at N = 4: state growing with T (a KV cache): softmax (d 16, 512 floats)" in page
     assert (tmp_path / "mqar_test.png").stat().st_size > 0
 
 
