@@ -185,9 +185,10 @@ def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namesp
         f"cosine), random non-queries: {args.random_non_queries}; accuracy on the answer tokens of "
         f"{args.test_examples} held-out sequences per N. Heads = d_model / head_dim (head_dim {args.head_dim}, or "
         f"D in `name:D`); options {json.dumps(args.options)}. State floats: the floating leaves of each block's "
-        f"`init_cache(1, T)`, summed over blocks (`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, a linear state H·D_k'·D_v; \"(kv)\": a "
-        f"mechanism without decode, given its keys and values). A cache holds what the module's decode keeps: "
-        f"sparse_window's is the whole KV cache, though each query reads only its window.", "",
+        f"`init_cache(1, T)`, summed over blocks (`mqar_runs.state_size`: a KV cache is 2·T·H_kv·D per block, "
+        f"a linear state H·D_k'·D_v; \"(kv)\": a mechanism without decode, given its keys and values). A cache "
+        f"holds what the module's decode keeps: sparse_window's is the whole KV cache, though each query reads "
+        f"only its window.", "",
         f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
         f"{run_info['device']['jax_version']}; load average {run_info['load_start']:.1f} at start, "
         f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",
