@@ -124,6 +124,7 @@ def plot(rows: Sequence[dict], path: Path) -> None:
                 ax.plot([r["state_size"] for r in sel], [r["accuracy"] for r in sel], "o-", color=f"C{k}",
                         label=model, ms=5)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
             if i == 0:
