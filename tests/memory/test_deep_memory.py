@@ -68,7 +68,8 @@ def plain_loop(q, k, v, lr, mom, dec, params):
 def test_chunk_size_1_is_the_plain_gradient_loop():
     (q, k, v), (lr, mom, dec), _, params, _ = inputs(B=1, T=7)
     expected = plain_loop(q, k, v, lr, mom, dec, params)
-    assert_close(deep_memory(q, k, v, lr, mom, dec, params, implementation="xla"), expected, rtol=1e-5)
+    assert_close(jax.jit(functools.partial(deep_memory, implementation="xla"))(q, k, v, lr, mom, dec, params), expected,
+                 rtol=1e-5)
 
 
 def mixed_loss(impl, C, objective="l2", retention="l2"):
@@ -120,8 +121,8 @@ def test_steps_and_prefill_match_parallel():
     SiLU memory)."""
     (q, k, v), (lr, mom, dec), delta, params, _ = inputs(depth=3)
     kw = dict(objective="huber", retention="l2", chunk_size=4, mlp=MemoryMLP(activation="silu"))
-    full, final = jax.jit(functools.partial(deep_memory, return_state=True, **kw))(q, k, v, lr, mom, dec, params,
-                                                                                  delta=delta)
+    parallel = jax.jit(functools.partial(deep_memory, return_state=True, **kw))
+    full, final = parallel(q, k, v, lr, mom, dec, params, delta=delta)
     step = jax.jit(functools.partial(deep_memory_step, **kw))
 
     def run(state, start):
@@ -133,8 +134,8 @@ def test_steps_and_prefill_match_parallel():
 
     outs, state = run(deep_memory_init_state(params, B), 0)
     assert_close(outs, full, rtol=1e-5, name="steps")
-    prefill, mid = deep_memory(q[:, :8], k[:, :8], v[:, :8], lr[:, :8], mom[:, :8], dec[:, :8], params,
-                               delta=delta[:, :8], return_state=True, **kw)
+    prefill, mid = parallel(q[:, :8], k[:, :8], v[:, :8], lr[:, :8], mom[:, :8], dec[:, :8], params,
+                            delta=delta[:, :8])
     rest, state2 = run(mid, 8)
     assert_close(jnp.concatenate([prefill, rest], axis=1), full, rtol=1e-5, name="prefill + steps")
     for s in (state, state2):
@@ -148,7 +149,7 @@ def test_frozen_memory_is_a_read():
     """With θ = 0, α = 0 and no momentum the memory never moves: the output is ``deep_memory_read``."""
     (q, k, v), (_, mom, _), _, params, _ = inputs(T=5)
     zeros = jnp.zeros_like(mom)
-    out = deep_memory(q, k, v, zeros, mom, zeros, params, chunk_size=2)
+    out = jax.jit(functools.partial(deep_memory, chunk_size=2))(q, k, v, zeros, mom, zeros, params)
     assert_close(out, deep_memory_read(q, params), rtol=1e-6)
     state = deep_memory_init_state(params, B)
     assert_close(deep_memory_read(q, state, retention="kl"), deep_memory_read(q, params, retention="kl"), rtol=1e-6)
@@ -159,8 +160,10 @@ def test_one_linear_layer_is_the_linear_memory():
     (q, k, v), gates, _, params, _ = inputs(depth=1)
     mlp = MemoryMLP(residual=False)
     state0 = jnp.broadcast_to(params[0], (B, *params[0].shape))
-    expected = neural_memory(q, k, v, *gates, chunk_size=4, initial_state=state0, implementation="reference")
-    assert_close(deep_memory(q, k, v, *gates, params, mlp=mlp, chunk_size=4), expected, rtol=1e-5)
+    expected = jax.jit(functools.partial(neural_memory, chunk_size=4, implementation="reference"))(
+        q, k, v, *gates, initial_state=state0)
+    assert_close(jax.jit(functools.partial(deep_memory, mlp=mlp, chunk_size=4))(q, k, v, *gates, params), expected,
+                 rtol=1e-5)
 
 
 def test_bf16_under_jit():
