@@ -4,6 +4,7 @@ import dataclasses
 import json
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -56,6 +57,13 @@ def test_main_job_checks_times_and_summarizes(tmp_path):
     assert "Pallas paths not checked here (1 mechanisms)" in summary and "MQAR" not in summary
     assert json.loads((tmp_path / "main_cpu.json").read_text())["timings"] == timings
     assert (tmp_path / "main_cpu.png").stat().st_size > 0
+
+
+def test_checks_compile_unoptimized_and_restore_the_setting():
+    before = jax.config.read("jax_disable_most_optimizations")
+    with main_job.unoptimized_compiles():
+        assert jax.config.read("jax_disable_most_optimizations")
+    assert jax.config.read("jax_disable_most_optimizations") == before
 
 
 def test_full_sets_the_longer_study_and_explicit_flags_win():
