@@ -47,6 +47,32 @@ def _flat(out, state):
     return jnp.concatenate([out.astype(jnp.float32).ravel(), state.ravel()])
 
 
+def outputs_and_grads(fn, args, argnums):
+    """``((out, final_state), grads)`` of ``sum(_flat(*fn(*args)) * w)`` (the fixed random cotangent ``w`` of
+    ``tests.helpers.grads``) from one compile: the gradient's forward pass gives the outputs."""
+    w = jax.random.normal(jax.random.PRNGKey(123), jax.eval_shape(lambda *a: _flat(*fn(*a)), *args).shape,
+                          jnp.float32)
+
+    def loss(*a):
+        out, state = fn(*a)
+        return jnp.sum(_flat(out, state) * w), (out, state)
+
+    (_, outputs), g = jax.jit(jax.value_and_grad(loss, argnums=tuple(argnums), has_aux=True))(*args)
+    return outputs, g
+
+
+def check(kernel, reference, args, argnums, names, rtol=None, grad_rtol=None):
+    """The kernel's output, final state and gradients against the reference's (one compile each);
+    returns both ``(out, final_state)`` pairs."""
+    (out, state), g = outputs_and_grads(kernel, args, argnums)
+    (ref_out, ref_state), g_ref = outputs_and_grads(reference, args, argnums)
+    assert_close(out, ref_out, rtol=rtol, name="out")
+    assert_close(state, ref_state, rtol=rtol, name="final_state")
+    for a, e, n in zip(g, g_ref, names):
+        assert_close(a, e, rtol=grad_rtol, name=f"d{n}")
+    return (out, state), (ref_out, ref_state)
+
+
 CASES = {
     # name: (input kwargs, call kwargs). The first case mixes no decay (λ = 1) and strong decay.
     "gqa_ragged_c16": (dict(decay=(1.0, 0.9, 0.02, 0.99)), dict(chunk_size=16)),
@@ -73,31 +99,24 @@ def test_matches_naive(backend, case):
     q, k, v, decay, s0 = _inputs(**input_kw)
     scale = call_kw.get("scale")
     kernel = _kernel_fn(backend, **call_kw)
-    out, state = kernel(q, k, v, decay, s0)
-    ref_out, ref_state = naive_lightning(q, k, v, decay, s0, scale=scale)
+    zero_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    (out, state), reference = check(kernel, lambda *a: naive_lightning(*a, scale=scale),
+                                    (q, k, v, decay, zero_state if s0 is None else s0), range(5),
+                                    ["q", "k", "v", "decay", "initial_state"], grad_rtol=1e-4)
+    if s0 is None:  # the kernel without an initial state against the reference's (which starts from zeros)
+        out, state = kernel(q, k, v, decay, None)
+        assert_close(out, reference[0], name="out")
+        assert_close(state, reference[1], name="final_state")
     assert out.dtype == q.dtype and state.dtype == jnp.float32
-    assert_close(out, ref_out, name="out")
-    assert_close(state, ref_state, name="final_state")
-
-    s0 = jnp.zeros_like(ref_state) if s0 is None else s0
-    assert_grads_close(lambda *a: _flat(*kernel(*a)), lambda *a: _flat(*naive_lightning(*a, scale=scale)),
-                       (q, k, v, decay, s0), argnums=range(5), rtol=1e-4,
-                       names=["q", "k", "v", "decay", "initial_state"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16(backend):
     q, k, v, decay, s0 = _inputs(T=37, dtype=jnp.bfloat16)
-    kernel = _kernel_fn(backend, chunk_size=16)
-    out, state = kernel(q, k, v, decay, s0)
-    ref_out, ref_state = naive_lightning(q, k, v, decay, s0)
-    assert out.dtype == jnp.bfloat16
     rtol = TOLERANCE[jnp.bfloat16]
-    assert_close(out, ref_out, rtol=rtol, name="out")
-    assert_close(state, ref_state, rtol=rtol, name="final_state")
-    assert_grads_close(lambda *a: _flat(*kernel(*a)), lambda *a: _flat(*naive_lightning(*a)),
-                       (q, k, v, decay, s0), argnums=range(5), rtol=rtol,
-                       names=["q", "k", "v", "decay", "initial_state"])
+    (out, _), _ = check(_kernel_fn(backend, chunk_size=16), naive_lightning, (q, k, v, decay, s0), range(5),
+                   ["q", "k", "v", "decay", "initial_state"], rtol=rtol, grad_rtol=rtol)
+    assert out.dtype == jnp.bfloat16
 
 
 def test_state_carries_across_calls():
@@ -124,12 +143,7 @@ def test_vmap():
     def reference(q, k, v):
         return naive_lightning(q, k, v, decay, s0)
 
-    out, state = jax.jit(jax.vmap(kernel))(qs, ks, vs)
-    ref_out, ref_state = jax.vmap(reference)(qs, ks, vs)
-    assert_close(out, ref_out, name="out")
-    assert_close(state, ref_state, name="final_state")
-    assert_grads_close(jax.jit(lambda *a: _flat(*jax.vmap(kernel)(*a))), lambda *a: _flat(*jax.vmap(reference)(*a)),
-                       (qs, ks, vs), argnums=range(3), rtol=1e-4, names=["q", "k", "v"])
+    check(jax.vmap(kernel), jax.vmap(reference), (qs, ks, vs), range(3), ["q", "k", "v"], grad_rtol=1e-4)
 
 
 def test_rejects_bad_input():
