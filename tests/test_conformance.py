@@ -126,16 +126,11 @@ def test_vmap(name):
 
 @pytest.mark.parametrize("name", list(ENTRIES))
 def test_every_entry_is_checked_on_some_case(name):
-    """A registered mechanism must define at least one of its default cases (else it is never checked); the
-    cases are tried in order until one is defined."""
+    """A registered mechanism must define at least one of its default cases (else it is never checked): traced only,
+    the checks above run the defined cases."""
     config = _config(name)
-    for case in conformance.cases(config):
-        try:
-            conformance.reference_outputs(config, case)
-            return
-        except conformance.CaseNotDefined:
-            pass
-    pytest.fail(f"{name}: the reference defines none of {[c.name for c in conformance.cases(config)]}")
+    if not any(conformance.defines(config, case) for case in conformance.cases(config)):
+        pytest.fail(f"{name}: the reference defines none of {[c.name for c in conformance.cases(config)]}")
 
 
 @dataclasses.dataclass(frozen=True)

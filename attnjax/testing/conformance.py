@@ -173,6 +173,15 @@ def _loss_weights(config, implementation: str, case: Case, f: Callable, arrays: 
             for i, (n, s) in enumerate(sorted(shapes.items()))}
 
 
+def defines(config, case: Case) -> bool:
+    """Whether the reference defines ``case`` for ``config``: traced only (``jax.eval_shape``), nothing compiles."""
+    try:
+        _loss_weights(config, "reference", case, _call(config, "reference", case), inputs(case))
+    except CaseNotDefined:
+        return False
+    return True
+
+
 def _with_grads(f: Callable) -> Callable:
     """``(arrays, weights) -> {outputs, "d<name>": gradient of Σ out·w (+ Σ lse·w') per array}``."""
     def outputs_and_grads(arrays, weights):
@@ -310,6 +319,6 @@ def check_vmap(config, implementation: str, case: Case) -> None:
 
 
 __all__ = ["Case", "CaseNotDefined", "RTOL", "TILE", "cases", "option_cases", "check_against_reference", "check_bf16",
-           "check_vmap", "check_sharded", "compiled_outputs_and_grads", "inputs", "outputs_and_grads",
+           "check_vmap", "check_sharded", "compiled_outputs_and_grads", "defines", "inputs", "outputs_and_grads",
            "reference_outputs",
            "relative_errors", "small_tiles"]
