@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from attnjax import registry
+from attnjax.sparse import BlockSelector, TokenSelector
 from attnjax.testing import conformance
 
 ENTRIES = {e.name: e for e in registry.entries()}
@@ -40,11 +41,25 @@ FAMILY_FIRSTS = {next(e.name for e in ENTRIES.values() if e.family == family)
                  for family in {e.family for e in ENTRIES.values()}}
 """The first registered mechanism of each family: the ``jit`` mode (global arrays on an Explicit mesh, the wiring
 of ``attnjax.meshes.accepts_explicit_meshes``, shared by every mechanism) runs for these in the default suite and
-for every mechanism in the slow one; the ``shard_map`` mode runs for every mechanism by default."""
+for every mechanism in the slow one."""
+
+
+SELECTOR_FIRSTS = {next(e.name for e in ENTRIES.values() if issubclass(e.config, base))
+                   for base in (BlockSelector, TokenSelector)}
+"""Every block selector runs the block-sparse engine on its lists and every token selector the token engine: the
+``shard_map`` mode runs one of each by default (a selection step is per batch row, so it shards with the batch), and
+every selector in the slow suite."""
+
+
+def _default_suite(name: str, mode: str) -> bool:
+    if mode == "jit":
+        return name in FAMILY_FIRSTS
+    config = ENTRIES[name].config
+    return name in SELECTOR_FIRSTS or not issubclass(config, (BlockSelector, TokenSelector))
 
 
 @pytest.mark.parametrize("name,mode", [
-    pytest.param(name, mode, marks=() if mode == "shard_map" or name in FAMILY_FIRSTS else pytest.mark.slow)
+    pytest.param(name, mode, marks=() if _default_suite(name, mode) else pytest.mark.slow)
     for name in ENTRIES for mode in MODES])
 def test_data_parallel(name, mode, mesh):
     _check(name, "auto", mode, mesh)
