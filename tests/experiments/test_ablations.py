@@ -85,6 +85,7 @@ def test_bad_input_is_refused():
         model("rnd_emb_qk")(jnp.zeros((1, T + 1), jnp.int32))
 
 
+@pytest.mark.slow  # two byte LMs compiled and trained (about 11 s of the default suite's budget)
 def test_cli_smoke_writes_table_and_learns(source_tree, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     rows = ablations.main(["--smoke", "--root", str(source_tree), "--valid-fraction", "0.3", "--no-progress",

@@ -28,6 +28,7 @@ def test_every_shape_has_the_same_heads_of_the_same_width_and_wide_is_smaller():
     assert params == sorted(params), "fewer layers, fewer MLPs: the wide model is the smallest (Brown et al.)"
 
 
+@pytest.mark.slow  # two byte LMs compiled and trained (about 11 s of the default suite's budget)
 def test_cli_smoke_writes_results_and_learns(source_tree, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     rows = width_depth.main(["--smoke", "--root", str(source_tree), "--valid-fraction", "0.3", "--no-progress",
