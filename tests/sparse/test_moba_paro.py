@@ -16,7 +16,7 @@ from attnjax.sparse.moba import Moba, Vmoba, threshold_select, vmoba_permutation
 from attnjax.sparse.paro import (AXIS_ORDERS, Paro, block_attention_mass, block_concentration, choose_permutation,
                                  grid_permutation, inverse_permutation, permute_tokens,
                                  quantized_attention_reference)
-from tests.helpers import assert_close, assert_grads_close, numpy_rng, random_qkv
+from tests.helpers import assert_close, assert_grads_close, numpy_rng, outputs_and_grads, random_qkv
 
 KEY = jax.random.PRNGKey(0)
 GRID = (4, 4, 4)  # 64 tokens
@@ -134,11 +134,13 @@ def test_moba_token_engine_equals_dense_reference_forward_and_gradients():
     def reference(q, k, v):
         return softmax_attention_reference(q, k, v, mask=mask & dense)
 
-    assert_close(jax.jit(engine)(q, k, v), jax.jit(reference)(q, k, v))
+    (out, grads), (expected, expected_grads) = (outputs_and_grads(fn, (q, k, v), (0, 1, 2))
+                                                for fn in (engine, reference))
+    assert_close(out, expected)
     assert_close(jax.jit(lambda q, k, v: aj.attention(q, k, v, mechanism=MOBA_TOKEN, mask=mask,
-                                                      implementation="reference"))(q, k, v),
-                 jax.jit(reference)(q, k, v))
-    assert_grads_close(jax.jit(engine), jax.jit(reference), (q, k, v), argnums=(0, 1, 2), names="qkv")
+                                                      implementation="reference"))(q, k, v), expected)
+    for name, a, e in zip("qkv", grads, expected_grads):
+        assert_close(a, e, name=f"d{name}")
 
 
 def test_moba_token_config_errors():
