@@ -15,6 +15,7 @@ Zoology trains each model on a mixture of MQAR configurations and reports accura
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import time
 from typing import Any, Mapping, Optional, Sequence
@@ -165,14 +166,22 @@ def parse_mechanism(spec: str) -> tuple[str, Optional[int]]:
 
 def build(settings: MQARSettings, model: Candidate, d_model: int) -> LanguageModel:
     """The language model of ``model`` at width ``d_model``: ``LanguageModel`` (mechanism or block) or
-    ``LayerLanguageModel`` (layer), heads = d_model / head_dim."""
+    ``LayerLanguageModel`` (layer), heads = d_model / head_dim. A block's constructor arguments without a
+    default (besides width, heads and ``rngs``) come from its registry example (``GraphMoEBlock``'s
+    ``num_experts``), as ``layer_model.layer_kwargs`` does for layers; ``settings.options`` win."""
     name, head_dim = parse_mechanism(model.name) if model.kind == "mechanism" else (model.name, None)
     head_dim = head_dim or settings.head_dim
+    options = dict(settings.options.get(name, {}))
+    if model.kind == "block":
+        spec = next(s for s in modules("block") if s.name == name)
+        params = list(inspect.signature(spec.module.__init__).parameters.values())[3:]
+        options = {**{p.name: spec.kwargs[p.name] for p in params if p.default is inspect.Parameter.empty
+                      and p.name != "rngs" and p.name in spec.kwargs}, **options}
     config = ModelConfig(vocab_size=settings.vocab_size, mixer="softmax" if model.kind == "layer" else name,
                          d_model=d_model, num_layers=settings.num_layers, num_heads=max(d_model // head_dim, 1),
                          head_dim=head_dim if model.kind != "block" else None, mlp_ratio=settings.mlp_ratio,
                          short_conv=settings.short_conv,
-                         mixer_options=settings.options.get(name, {}))
+                         mixer_options=options)
     rngs = nnx.Rngs(settings.seed)
     return LayerLanguageModel(name, config, rngs=rngs) if model.kind == "layer" else LanguageModel(config, rngs=rngs)
 
