@@ -8,7 +8,7 @@ import pytest
 
 import attnjax as aj
 from attnjax.linear.inline import InLine, inline_attention, inline_attention_reference
-from tests.helpers import assert_close, grads, random_qkv
+from tests.helpers import assert_close, outputs_and_grads, random_qkv
 
 KEY = jax.random.PRNGKey(0)
 
@@ -19,8 +19,9 @@ def test_xla_equals_the_reference_forward_and_gradients(feature_map):
     q, k, v = random_qkv(KEY, B=2, T=11, S=17, Hq=4, Hkv=2, D=8, Dv=6)
     ref = lambda *a: inline_attention_reference(*a, feature_map=feature_map)
     fast = lambda *a: inline_attention(*a, feature_map=feature_map, implementation="xla")
-    assert_close(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), rtol=2e-5, name="out")
-    for name, g, e in zip("qkv", grads(fast, (q, k, v), (0, 1, 2)), grads(ref, (q, k, v), (0, 1, 2))):
+    (out, grads), (expected, expected_grads) = (outputs_and_grads(fn, (q, k, v), (0, 1, 2)) for fn in (fast, ref))
+    assert_close(out, expected, rtol=2e-5, name="out")
+    for name, g, e in zip("qkv", grads, expected_grads):
         assert_close(g, e, rtol=2e-5, name=f"d{name}")
 
 
