@@ -10,7 +10,7 @@ import attnjax as aj
 from attnjax import masks
 from attnjax.linear.flow import (Flow, FlowState, flow_attention, flow_attention_reference, flow_attention_step,
                                  flow_initial_state)
-from tests.helpers import assert_close, grads, random_qkv
+from tests.helpers import assert_close, outputs_and_grads, random_qkv
 
 KEY = jax.random.PRNGKey(0)
 
@@ -57,8 +57,9 @@ def test_xla_equals_the_reference_forward_and_gradients(causal, T, S):
     q, k, v = random_qkv(KEY, B=2, T=T, S=S, Hq=4, Hkv=2, D=8, Dv=6)
     ref = lambda *a: flow_attention_reference(*a, causal=causal)
     fast = lambda *a: flow_attention(*a, causal=causal, chunk_size=4, implementation="xla")
-    assert_close(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), rtol=2e-5, name="out")
-    for name, g, e in zip("qkv", grads(fast, (q, k, v), (0, 1, 2)), grads(ref, (q, k, v), (0, 1, 2))):
+    (out, grads), (expected, expected_grads) = (outputs_and_grads(fn, (q, k, v), (0, 1, 2)) for fn in (fast, ref))
+    assert_close(out, expected, rtol=2e-5, name="out")
+    for name, g, e in zip("qkv", grads, expected_grads):
         assert_close(g, e, rtol=1e-4, name=f"d{name}")
 
 
