@@ -12,7 +12,7 @@ import pytest
 from attnjax.vision.scatterformer import (
     cross_window_interaction, scattered_linear_attention, scatterformer_attention, scatterformer_attention_reference,
     sparse_depthwise_conv, voxel_windows)
-from tests.helpers import assert_close, grads
+from tests.helpers import assert_close, outputs_and_grads
 
 GRID = (7, 6, 3)
 
@@ -82,9 +82,10 @@ def test_packed_attention_equals_dense_attention_window_by_window():
     expected = per_window_attention(q, k, v, brute_force_windows(coords, valid, window, (0, 0, 0)))
     fast = lambda *a: scatterformer_attention(*a, coords, valid, window, implementation="xla")
     ref = lambda *a: scatterformer_attention_reference(*a, coords, valid, window)
-    assert_close(jax.jit(fast)(q, k, v), expected, rtol=1e-5, name="xla")
-    assert_close(jax.jit(ref)(q, k, v), expected, rtol=1e-5, name="reference")
-    for name, g, e in zip("qkv", grads(fast, (q, k, v), (0, 1, 2)), grads(ref, (q, k, v), (0, 1, 2))):
+    (out, grads), (out_ref, grads_ref) = (outputs_and_grads(fn, (q, k, v), (0, 1, 2)) for fn in (fast, ref))
+    assert_close(out, expected, rtol=1e-5, name="xla")
+    assert_close(out_ref, expected, rtol=1e-5, name="reference")
+    for name, g, e in zip("qkv", grads, grads_ref):
         assert_close(g, e, rtol=2e-5, name=f"d{name}")
 
 
@@ -132,8 +133,9 @@ def test_cwi_equals_the_neighbour_loop_forward_and_gradients():
 
     fast = lambda *a: cross_window_interaction(a[0], coords, valid, GRID, *a[1:])
     args = (x, *kernels)
-    assert_close(jax.jit(fast)(*args), jax.jit(reference)(*args), rtol=1e-5, name="cwi")
-    for i, g, e in zip(range(4), grads(fast, args, range(4)), grads(reference, args, range(4))):
+    (out, grads), (expected, expected_grads) = (outputs_and_grads(fn, args, range(4)) for fn in (fast, reference))
+    assert_close(out, expected, rtol=1e-5, name="cwi")
+    for i, g, e in zip(range(4), grads, expected_grads):
         assert_close(g, e, rtol=1e-5, name=f"d(arg {i})")
 
 
