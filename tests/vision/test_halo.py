@@ -8,7 +8,7 @@ import pytest
 
 from attnjax.vision.halo import HaloLayout, HaloMask, halo_attention, halo_attention_pallas, halo_attention_xla
 from attnjax.vision.halo import halo_attention_reference
-from tests.helpers import assert_close, assert_grads_close
+from tests.helpers import assert_close, assert_grads_close, outputs_and_grads
 
 
 def pairs_by_loop(Hq, Wq, H, W, b, h, s):
@@ -79,11 +79,12 @@ def test_xla_path_and_reference_equal_the_dense_softmax_forward_and_gradients(H,
         return halo_attention(q, k, v, relative_height=rh, relative_width=rw, bias=bias, implementation="xla",
                               **geometry)
 
-    want = jax.jit(expected)(*args)
+    (got, grads), (want, want_grads) = (outputs_and_grads(fn, args, range(6)) for fn in (xla, expected))
     assert want.shape == (2, -(-H // s), -(-W // s), 2, 3)
-    assert_close(jax.jit(xla)(*args), want, name="xla")
+    assert_close(got, want, name="xla")
     names = ["q", "k", "v", "relative_height", "relative_width", "bias"]
-    assert_grads_close(xla, expected, args, argnums=range(6), names=names)
+    for n, a, e in zip(names, grads, want_grads):
+        assert_close(a, e, name=f"d{n}")
 
 
 def test_reference_path_equals_the_dense_softmax_forward_and_gradients():
@@ -97,9 +98,10 @@ def test_reference_path_equals_the_dense_softmax_forward_and_gradients():
     def expected(*a):
         return dense_reference(*a, b=4, h=2, s=2, pairs=pairs)
 
-    assert_close(jax.jit(reference)(*args), jax.jit(expected)(*args), name="reference")
-    assert_grads_close(reference, expected, args, argnums=range(6),
-                       names=["q", "k", "v", "relative_height", "relative_width", "bias"])
+    (got, grads), (want, want_grads) = (outputs_and_grads(fn, args, range(6)) for fn in (reference, expected))
+    assert_close(got, want, name="reference")
+    for n, a, e in zip(["q", "k", "v", "relative_height", "relative_width", "bias"], grads, want_grads):
+        assert_close(a, e, name=f"d{n}")
 
 
 def test_border_keys_are_masked_not_zero_padded():
