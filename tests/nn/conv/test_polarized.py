@@ -10,7 +10,7 @@ from flax import nnx
 from attnjax.nn.conv.polarized import PolarizedSelfAttention
 from attnjax.vision.polarized import polarized_channel_gate, polarized_self_attention, polarized_spatial_gate
 from attnjax.testing.modules import check_module_against_reference, conv2d, parameter_count, parameters
-from tests.helpers import assert_close, grads
+from tests.helpers import assert_close, outputs_and_grads
 
 
 def image(shape=(2, 5, 7, 16), seed=0, dtype=jnp.float32):
@@ -122,7 +122,7 @@ def test_functional_core_equals_the_reference_forward_and_gradients():
         return polarized_self_attention(x, channel, spatial, "sequential")
 
     x = image(seed=4)
-    assert_close(jax.jit(core)(p, x), sequential_reference(p, x), name="output")
-    actual, expected = grads(core, (p, x), (0, 1)), grads(sequential_reference, (p, x), (0, 1))
+    (out, actual), (out_ref, expected) = (outputs_and_grads(fn, (p, x), (0, 1)) for fn in (core, sequential_reference))
+    assert_close(out, out_ref, name="output")
     for (path, g), g_ref in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
         assert_close(g, g_ref, name=f"d{jax.tree_util.keystr(path)}")
