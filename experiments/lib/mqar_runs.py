@@ -273,16 +273,17 @@ def run_one(settings: MQARSettings, model: Candidate, d_model: int) -> list[dict
 def sweep(settings: MQARSettings, *, skipped: Optional[list] = None) -> list[dict]:
     """``run_one`` over the models of ``settings`` × ``d_models``, in that order.
 
-    A model that raises ``NotImplementedError``, ``ValueError`` or ``TypeError`` while it is built or trained
-    (a request its mechanism cannot serve at these shapes) is left out; with ``skipped`` (a list), a dict
-    ``{"mechanism", "family", "d_model", "reason"}`` is appended to it for each.
+    A model that raises while it is built, trained or scored (a request its mechanism cannot serve at these
+    shapes, a module that updates non-parameter state in its forward, which the shared training loop does not
+    carry) is left out, so that ``--all`` gets through every model; with ``skipped`` (a list), a dict
+    ``{"mechanism", "family", "d_model", "reason"}`` (the exception's type and message) is appended for each.
     """
     grid = list(itertools.product(models(settings), settings.d_models))
     rows = []
     for model, d_model in tqdm(grid, desc="mqar", disable=not settings.progress, dynamic_ncols=True):
         try:
             rows += run_one(settings, model, d_model)
-        except (NotImplementedError, ValueError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001 - recorded with its type and message, as the docstring says
             reason = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
             if skipped is not None:
                 skipped.append({"mechanism": model.label, "family": model.family, "d_model": d_model,

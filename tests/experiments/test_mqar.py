@@ -111,6 +111,20 @@ def test_all_selects_every_candidate_that_can_train():
     assert {"softmax", "layer:titans_mac", "layer:rat", "block:zoology_hybrid"} <= {c.label for c in chosen}
 
 
+def test_sweep_records_a_model_that_fails_and_goes_on(monkeypatch):
+    def run_one(settings, model, d_model):
+        if model.name == "lightning":
+            raise NotImplementedError("no causal path at T=3")
+        return [{"mechanism": model.label}]
+
+    monkeypatch.setattr(mqar_runs, "run_one", run_one)
+    skipped = []
+    settings = mqar_runs.MQARSettings(mechanisms=("lightning", "softmax"), progress=False)
+    assert mqar_runs.sweep(settings, skipped=skipped) == [{"mechanism": "softmax"}]
+    assert skipped == [{"mechanism": "lightning", "family": "linear / recurrent", "d_model": 64,
+                        "reason": "NotImplementedError: no causal path at T=3"}]
+
+
 @pytest.mark.parametrize("argv", [["--mechanisms", "nope"], ["--layers", "pmi"], ["--mechanisms", "", "--layers", ""]])
 def test_cli_rejects_unknown_non_causal_or_no_models(argv):
     with pytest.raises(SystemExit):
