@@ -29,8 +29,8 @@ ONE_PER_CLASS = list({spec.module: spec for spec in reversed(SPECS)}.values())[:
 """The first spec of each module class, for the Linen bridge check (traced only; the other specs of a class differ
 in configuration only)."""
 ONE_PER_FILE = list({spec.module.__module__: spec for spec in reversed(SPECS)}.values())[::-1]
-"""The first spec of each module file, for the compiled checks (forward under jit, every parameter's gradient, the
-checkpoint round trip): the suite's time budget allows one compiled module per file, and each module's own tests
+"""The first spec of each module file, for the compiled check (forward and every parameter's gradient) and the
+checkpoint round trip: the suite's time budget allows one compiled module per file, and each module's own tests
 compare its output and every parameter's gradient with a plain reference (``check_module_against_reference``)."""
 JITTED = {}
 
@@ -67,16 +67,23 @@ def test_jit_matches_eager(spec):
 
 
 @parametrize(ONE_PER_FILE)
-def test_every_param_gets_a_finite_nonzero_gradient(spec):
+def test_compiled_forward_is_finite_and_every_param_gets_a_finite_nonzero_gradient(spec):
+    """One compile (``nnx.value_and_grad`` of ``Σ y·w`` under ``nnx.jit``, the output as aux): the example call gives
+    finite arrays (pytrees of arrays for kind "other", e.g. a ``Bias`` rule over a learned table; a layer/block maps
+    ``[B, T, d]`` to ``[B, T, d]``), and every parameter a finite, nonzero gradient."""
     model, inputs = example(spec)
     shapes = jax.tree.leaves(jax.eval_shape(lambda *a: call(model, spec, a), *inputs))
     ws = [jax.random.normal(jax.random.key(1 + i), s.shape) for i, s in enumerate(shapes)]
 
     def loss(m):
-        leaves = jax.tree.leaves(call(m, spec, inputs))
-        return sum(jnp.sum(y.astype(jnp.float32) * w) for y, w in zip(leaves, ws))
+        y = call(m, spec, inputs)
+        return sum(jnp.sum(leaf.astype(jnp.float32) * w) for leaf, w in zip(jax.tree.leaves(y), ws)), y
 
-    grads = nnx.jit(nnx.grad(loss))(model)
+    (_, y), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    if not callable(spec.inputs):
+        assert y.shape == inputs[0].shape, "a layer/block maps [B, T, d] to [B, T, d]"
+    for leaf in jax.tree.leaves(y):
+        assert np.all(np.isfinite(np.asarray(leaf)))
     flat = nnx.to_flat_state(grads)
     assert len(flat) == len(nnx.to_flat_state(nnx.state(model, nnx.Param))) > 0
     for path, g in flat:
@@ -98,26 +105,27 @@ def test_linen_bridge(spec):
     assert layout(y) == layout(expected)
 
 
-@parametrize(ONE_PER_FILE)
-def test_forward_under_jit_is_finite_and_survives_an_orbax_checkpoint(spec, tmp_path):
-    """The compiled example call gives finite arrays (pytrees of arrays for kind "other", e.g. a ``Bias`` rule over a
-    learned table; a layer/block maps ``[B, T, d]`` to ``[B, T, d]``), and the same after an orbax save/restore of
-    the module's state. One test, so the example compiles once."""
-    model, inputs = example(spec, seed=1)
-    y = jit_call(model, spec, inputs)
-    if not callable(spec.inputs):
-        assert y.shape == inputs[0].shape, "a layer/block maps [B, T, d] to [B, T, d]"
-    for leaf in jax.tree.leaves(y):
-        assert np.all(np.isfinite(np.asarray(leaf)))
-    path = tmp_path / "checkpoint"
+def test_orbax_checkpoint_round_trip(tmp_path):
+    """One orbax checkpoint holding the state of the first spec of each module file (one save and restore: each
+    costs about half a second whatever its size), restored into abstract modules: the same graphs and every state
+    leaf bit for bit (parameters, batch statistics, RNG state), hence the same calls."""
+    models = {f"{spec.kind}-{spec.name}": example(spec, seed=1)[0] for spec in ONE_PER_FILE}
+    abstract = {name: nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
+                for name, spec in zip(models, ONE_PER_FILE)}
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, nnx.state(model))
+        checkpointer.save(tmp_path / "checkpoint", {name: nnx.state(m) for name, m in models.items()})
         checkpointer.wait_until_finished()
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
-        restored = nnx.merge(graphdef, checkpointer.restore(path, abstract_state))
-    y_restored = jit_call(restored, spec, inputs)
-    for leaf, restored_leaf in zip(jax.tree.leaves(y), jax.tree.leaves(y_restored)):
-        np.testing.assert_array_equal(np.asarray(restored_leaf), np.asarray(leaf))
+        states = checkpointer.restore(tmp_path / "checkpoint", {name: a[1] for name, a in abstract.items()})
+    for name, model in models.items():
+        restored = nnx.merge(abstract[name][0], states[name])
+        assert nnx.graphdef(restored) == nnx.graphdef(model), name
+        saved, loaded = nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(restored))
+        assert [p for p, _ in saved] == [p for p, _ in loaded], name
+        for (path, a), (_, b) in zip(saved, loaded):
+            a, b = a[...], b[...]
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{name}: {path}")
 
 
 @parametrize([spec for spec in SPECS if spec.causal])
