@@ -152,6 +152,8 @@ REFUSED = {
     "AgentAttention": "two chained softmax maps through agent tokens",
     "KMeansCrossAttention": "a k-means assignment (argmax over clusters), not a softmax",
     "AttentionMILPooling": "attention pooling: a softmax of score-network logits, not q·kᵀ",
+    "PointerAttention": "additive attention vᵀtanh(W1 e + W2 d) whose log-softmax over the inputs is the output, "
+                        "not q·kᵀ",
     "ACMILPooling": "several masked attention-pooling branches of score-network logits, not q·kᵀ",
     "URPEAttention": "its map softmax(q·kᵀ/√D + B) ⊙ C is a softmax times a learned Toeplitz matrix, not "
                      "row-stochastic",
