@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -347,9 +346,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"softmax attention between. Training: T = {args.seq_len}, {args.steps} AdamW steps of {args.batch_size} "
         f"windows (lr {args.lr}, warmup {args.warmup_steps}, cosine), the same data for every run. Validation bits "
         f"per byte over {run_info['scored_bytes']:,} held-out bytes in windows of T.", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end; "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         table(rows), "",
         "Paper (500M models, 15B tokens): without token mixing (MLP) the model falls to near chance; uniform "
         "variants that keep the dot-product/softmax structure (Approximate, RndEmbQK, FixedSeqQK, StaticEmbQK) keep "
@@ -374,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Train every run, print the table, write ``<name>.json``, ``.md`` and ``.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     corpus = lm_bytes.load_corpus(args.root, args.valid_fraction)
     windows = lm_bytes.eval_windows(corpus.valid, args.seq_len, args.eval_windows)
     rows = []
@@ -383,9 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         if args.progress:
             tqdm.write(f"{variant}/{configuration}: {rows[-1]['bpb']:.3f} bits/byte")
     add_relative(rows)
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0],
-                "scored_bytes": int(windows.shape[0] * (windows.shape[1] - 1))}
+    run_info = host.finish_run(started, scored_bytes=int(windows.shape[0] * (windows.shape[1] - 1)))
     md = markdown(rows, args, argv, run_info)
     print(md)
     report.save_benchmark({"args": report.jsonable_args(args), **run_info, "results": rows}, md, args,

@@ -17,10 +17,8 @@ over ``--seeds``, with the range when there are several).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -165,8 +163,6 @@ def plot(summary: Sequence[dict], path: Path) -> None:
 def markdown(summary: Sequence[dict], args: argparse.Namespace, argv: Sequence[str], run_info: dict) -> str:
     """The page: command, setup, machine and load, the table, and what it shows."""
     device, task = run_info["device"], settings(args).task
-    machine = (f"{device['cpu_count']}-core CPU" if device["platform"] == "cpu"
-               else f"{device['device_kind']} ({device['platform']})")
     return "\n".join([
         f"# Image attention modules in a small convnet — {device['platform']}", "",
         "`" + " ".join(["python -m experiments.conv_attention", *argv]) + "`", "",
@@ -178,9 +174,7 @@ def markdown(summary: Sequence[dict], args: argparse.Namespace, argv: Sequence[s
         f"cosine, weight decay {args.weight_decay}); accuracy on {args.test_examples} held-out images, seeds "
         f"{args.seeds}. Each module is built from its registry spec with `channels` set to the stage width. "
         "FLOPs: XLA's cost analysis of the compiled forward pass for one image.", "",
-        f"Machine: {machine} ({device['device_kind']}), jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         table(summary), "",
         findings(summary), ""])
 
@@ -190,12 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     study = settings(args)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     rows = sweep(study)
     baseline = baseline_costs(study)
     summary = summarize(rows, baseline["flops"], baseline["params"])
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(summary, args, argv, run_info)
     print(md)
     out = Path(args.out)

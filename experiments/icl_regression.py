@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -353,9 +352,7 @@ def markdown(rows: Sequence[dict], base: dict, args: argparse.Namespace, argv: S
         f"heads as named) of heads of {args.head_dim} features, MLP ratio {args.mlp_ratio}, linear readout. Test: "
         f"{args.test_examples} held-out prompts of {n_test} pairs (n ≥ {args.num_points} is longer than any "
         f"training context); MSE against the noisy y_n (floor σ² = {task.noise_std ** 2:.3g}).", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         "## Summary", "",
         "MSE / ridge (MSE / GD): the model's MSE over the Bayes-optimal ridge MSE (over the best one-step GD "
         f"MSE), averaged over 1 ≤ n < N = {args.num_points} (trained lengths) and N ≤ n (longer than trained).", "",
@@ -375,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     task = RegressionTask(dim=args.dim, noise_std=args.noise)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     test = regression_prompts(task, args.test_examples, args.num_points * args.test_multiple, (args.seed, 1))
     base = baselines(task, test)
     rows = []
@@ -385,8 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows.append(row)
         if args.progress:
             tqdm.write(f"{row['model']}: MSE/ridge {row['summary']['ridge_ratio_trained']:.2f} on trained lengths")
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(rows, base, args, argv, task, run_info)
     print(md)
     out = Path(args.out)

@@ -42,7 +42,6 @@ Attention maps come from ``attnjax.analysis.capture_attention`` / ``attention_ma
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -295,9 +294,7 @@ def markdown(result: dict, args: argparse.Namespace, argv: Sequence[str], run_in
         f"Training: {args.steps} AdamW steps of {args.batch_size} fresh sequences (lr {args.lr}, warmup "
         f"{args.warmup_steps}, cosine), {result['train_seconds']:.0f} s including evaluations every "
         f"{args.eval_every} steps on {args.test_examples} held-out sequences per split.", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end; "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         f"- In-context (novel classes) accuracy crosses halfway from chance ({result['chance']:.3f}) to its final "
         f"{final['in_context_accuracy']:.3f} at {step_text(result['icl_transition_step'])} (red line), and halfway "
         f"from naming a random context label ({result['context_guess']:.3f}) to the final value at "
@@ -314,13 +311,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Train and score the model, print the table, write ``<name>.json``, ``.md`` and ``.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     result = run(args)
     if args.progress:
         tqdm.write(f"in-context transition: {result['icl_transition_step']}, induction: "
                    f"{result['induction_transition_step']}")
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(result, args, argv, run_info)
     print(md)
     out = Path(args.out)

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import hashlib
 import math
-import os
 import sys
 import sysconfig
 import time
@@ -215,9 +214,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"{args.warmup_steps}, cosine). Validation bits per byte over the same {corpus['scored_bytes_per_eval']:,} "
         f"bytes cut into windows of T, 2T and 4T; `last T @ kT` scores only the last T positions of each kT "
         f"window (positions beyond the trained context).", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         table(rows, args.seq_len), ""])
 
 
@@ -225,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Train every mechanism, print the table, write ``<name>.json`` and ``<name>.md`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     corpus = load_corpus(args.root, args.valid_fraction)
     windows = eval_windows(corpus.valid, max(CONTEXT_MULTIPLES) * args.seq_len, args.eval_windows)
     rows = []
@@ -237,8 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     corpus_info = {"train_bytes": len(corpus.train), "valid_bytes": len(corpus.valid),
                    "train_files": len(corpus.train_files), "valid_files": len(corpus.valid_files),
                    "scored_bytes_per_eval": int(windows.shape[0] * (windows.shape[1] - 1))}
-    run_info = {"device": host.device_info(), "corpus": corpus_info, "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started, corpus=corpus_info)
     md = markdown(rows, args, argv, run_info)
     print(md)
     report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows}, f"{args.name}.json",

@@ -27,7 +27,6 @@ again from step 3 on, and pointing back at it ends the sequence (the paper has a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from functools import partial
@@ -265,9 +264,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"(Vinyals et al. 2015, eq. 3) over the inputs not yet chosen. Training: n = {args.train_len}, teacher "
         f"forcing, {args.steps} AdamW steps of {args.batch_size} fresh examples (lr {args.lr}, warmup "
         f"{args.warmup_steps}, cosine). Test: greedy decoding, {args.test_examples} held-out examples per n.", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", ""]
+        host.machine_line(run_info), ""]
     for row in rows:
         area = row["task"] == "hull"
         lines = [[t["n"], f"{t['exact']:.3f}", f"{t['per_step']:.3f}"] + ([f"{t['area_coverage']:.4f}"] if area else [])
@@ -283,15 +280,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Train and test every task, print the tables, write ``<name>.json``, ``.md`` and ``.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     rows = []
     for task in tqdm(args.tasks, desc="pointer", disable=not args.progress, dynamic_ncols=True):
         rows.append(run_task(args, task))
         if args.progress:
             tqdm.write(f"{task}: exact / per-step " + ", ".join(
                 f"n={t['n']} {t['exact']:.3f}/{t['per_step']:.3f}" for t in rows[-1]["tests"]))
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(rows, args, argv, run_info)
     print(md)
     out = Path(args.out)

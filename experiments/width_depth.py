@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -185,9 +184,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"every shape. Validation bits per byte over {run_info['scored_bytes']:,} held-out bytes in windows of T. "
         f"Train step: training-loop wall time / steps after a compile warm-up; forward: median of "
         f"{args.latency_repeats} interleaved forward passes over [{args.batch_size}, {args.seq_len}].", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs; compare "
-        f"ratios within this run); {run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         table(rows), "",
         "Paper (Brown et al. 2022): with the total head count fixed, single-layer wide models match or beat deep "
         "ones (+0.3% accuracy on average) and are smaller and faster (3.1× lower CPU latency on byte-level IMDb). "
@@ -198,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Train every shape, print the table, write ``<name>.json``, ``.md`` and ``.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     corpus = lm_bytes.load_corpus(args.root, args.valid_fraction)
     windows = lm_bytes.eval_windows(corpus.valid, args.seq_len, args.eval_windows)
     rows, models = [], []
@@ -211,9 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             tqdm.write(f"{row['shape']}: {row['bpb']:.3f} bits/byte, {row['params']:,} params, "
                        f"{1e3 * row['step_seconds']:.1f} ms/step")
     add_latency(rows, models, args)
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0],
-                "scored_bytes": int(windows.shape[0] * (windows.shape[1] - 1))}
+    run_info = host.finish_run(started, scored_bytes=int(windows.shape[0] * (windows.shape[1] - 1)))
     md = markdown(rows, args, argv, run_info)
     print(md)
     report.save_benchmark({"args": report.jsonable_args(args), **run_info, "results": rows}, md, args,

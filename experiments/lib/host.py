@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -35,3 +36,24 @@ def load_note(before: dict, after: dict) -> str:
     return (f"Host load average (1 min) {before['load_1m']:.1f} before and {after['load_1m']:.1f} after the run, "
             f"on {after['cpu_count']} CPUs (other jobs shared the machine: compare ratios measured in one run, "
             "not absolute times).")
+
+
+def start_run() -> dict:
+    """When a study started and how loaded the host was then; pass it to ``finish_run`` at the end."""
+    return {"started": time.perf_counter(), "load_start": os.getloadavg()[0]}
+
+
+def finish_run(started: dict, **extra) -> dict:
+    """The study's ``run_info``: the device (``device_info``), wall seconds since ``start_run``, the 1-minute load
+    average at start and end, and any ``extra`` entries."""
+    return {"device": device_info(), "wall_seconds": time.perf_counter() - started["started"],
+            "load_start": started["load_start"], "load_end": os.getloadavg()[0], **extra}
+
+
+def machine_line(run_info: dict) -> str:
+    """One markdown line from ``finish_run``'s ``run_info``: the device, cores, jax version, the load at start and
+    end, and the wall time."""
+    device = run_info["device"]
+    return (f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load "
+            f"average {run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other "
+            f"jobs; compare ratios within this run); {run_info['wall_seconds'] / 60:.1f} min.")
