@@ -385,12 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run_info = host.finish_run(started)
     md = markdown(rows, base, args, argv, task, run_info)
     print(md)
-    out = Path(args.out)
     results = {"args": report.jsonable_args(args), "ridge_lambda": task.ridge_lambda, **run_info,
                "baselines": base, "results": rows}
-    report.write_json(results, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(md)
-    plot(rows, base, out / f"{args.name}.png", args, task)
+    report.save_benchmark(results, md, args, lambda path: plot(rows, base, path, args, task))
     return results
 
 

@@ -319,13 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run_info = host.finish_run(started)
     md = markdown(result, args, argv, run_info)
     print(md)
-    out = Path(args.out)
-    report.write_json({"args": report.jsonable_args(args), **run_info, "result": result}, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(md)
     task = task_from(args)
-    plot(result, out / f"{args.name}.png",
-         f"bursty in-context classification (K={task.num_classes}, B={task.burstiness}, p_B={task.p_bursty}, "
-         f"α={task.alpha}): 2-layer attention-only network")
+    title = (f"bursty in-context classification (K={task.num_classes}, B={task.burstiness}, p_B={task.p_bursty}, "
+             f"α={task.alpha}): 2-layer attention-only network")
+    report.save_benchmark({"args": report.jsonable_args(args), **run_info, "result": result}, md, args,
+                          lambda path: plot(result, path, title))
     return result
 
 

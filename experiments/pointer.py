@@ -290,10 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     run_info = host.finish_run(started)
     md = markdown(rows, args, argv, run_info)
     print(md)
-    out = Path(args.out)
-    report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows}, f"{args.name}.json", out)
-    (out / f"{args.name}.md").write_text(md)
-    plot(rows, out / f"{args.name}.png", args.train_len)
+    report.save_benchmark({"args": report.jsonable_args(args), **run_info, "results": rows}, md, args,
+                          lambda path: plot(rows, path, args.train_len))
     return rows
 
 
