@@ -232,13 +232,15 @@ def markdown_report(results: dict, args: argparse.Namespace) -> str:
                               r["order"] for r in rows if (r["seq_len"], r["world"], r["attention"]) ==
                               (seq, world, kind))) for kind in ("softmax", "linear")]
                        for seq in RANK_TOKENS for world in RANK_DEVICES]), ""]
-    lines += ["Model (``attnjax.parallel.comm``): per layer and direction, comm = bytes / bandwidth + (W - 1) "
-              "hops x latency; ring hides its rotation behind its compute, LASP-2 its all-gather behind the "
-              "intra-chunk term, all-gather and Ulysses hide nothing; a collective over more than 8 devices runs "
-              "at the inter-node rate. Ring and all-gather on linear attention fold every other rank's K/V chunk "
-              "into a state (the right-product trick is used, but W - 1 times per device). Ulysses needs W to "
-              "divide the 8 KV heads. The rest of the model (6 x 60.8M parameter FLOPs per token and layer) is the "
-              "same for all schemes. These are projections from closed-form bytes and FLOPs, not measurements.", ""]
+    lines += ["Model (``attnjax.parallel.comm``): per layer and direction, comm = bytes / bandwidth + (W - 1) hops "
+              "x latency; ring hides its rotation behind its compute, LASP-2 its all-gather behind the intra-chunk "
+              "term, all-gather and Ulysses hide nothing; a collective over more than 8 devices runs at the inter-"
+              "node rate. Ring and all-gather on linear attention fold every other rank's K/V chunk into a state "
+              "(the right-product trick is used, but W - 1 times per device). Ulysses needs W to divide the 8 KV "
+              "heads; its row is also the cost of Hè & Kabic's distributed multi-head attention (catalog SP5: the "
+              "same sequence-to-heads re-sharding, see ``attnjax.parallel.ulysses``). The rest of the model (6 x "
+              "60.8M parameter FLOPs per token and layer) is the same for all schemes. These are projections from "
+              "closed-form bytes and FLOPs, not measurements.", ""]
     return "\n".join(lines)
 
 

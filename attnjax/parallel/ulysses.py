@@ -9,6 +9,14 @@ to sequence sharding. The backward is JAX's transpose: all-to-alls in the other 
 Per device and call, the all-to-alls move ``(W-1)/W`` of q, k, v and the output: the volume per
 device falls as ``1/W`` (ring attention and all-gather move ``O(N)`` K/V per device). The cost:
 ``W`` must divide the number of heads (query and key/value heads, for GQA).
+
+The same re-sharding is the "distributed multi-head attention" of Hè & Kabic, "A Unified View of Long-Sequence
+Models towards Modeling Million-Scale Dependencies" (arXiv 2302.06218, 2023; catalog SP5), as far as its method
+can be read: its section "Distributed Attention" (quoted by citing work; the full text was not reachable here)
+has each device project all heads for its own partition of tokens, shuffle the partitions (with COSTA) so that
+each device holds every token of ``1/W`` of the heads, and run the softmax there, heads one after another. That
+is this all-to-all; heads in turn only bound peak memory, which the blocked path already keeps at
+``O(N·tile)`` per head. So SP5 has no code of its own, and its cost is Ulysses' in ``experiments/comm_model.py``.
 """
 
 from __future__ import annotations
