@@ -43,6 +43,7 @@ from attnjax import masks, registry
 from attnjax.checks import check_qkv, check_scalar
 from attnjax.dispatch import dispatch
 from attnjax.linear.linear_attention import linear_attention
+from attnjax.linear.sequence_state import WHOLE, StateExchange
 
 FLOW_EPS = 1e-6
 """Added to the incoming and outgoing flows before dividing by them (official code: ``eps=1e-6``)."""
@@ -223,39 +224,62 @@ def _features(q, k, v):
     return a, jax.nn.sigmoid(k.astype(jnp.float32)), v.astype(jnp.float32)
 
 
-def _noncausal(a, b, v, eps: float, clamp: float) -> jax.Array:
-    """Right product first: flows from the summed features, ``φ(K)ᵀV̂`` before ``φ(Q)``; ``[B, T, Hkv, G, Dv]``."""
-    T, S = a.shape[1], b.shape[1]
-    incoming = jnp.einsum("bthgf,bhf->bthg", a, b.sum(1)) + eps
-    outgoing = jnp.einsum("bshf,bhgf->bshg", b, a.sum(1)) + eps
-    conserved_in = jnp.einsum("bthgf,bhgf->bthg", a, jnp.einsum("bshf,bshg->bhgf", b, 1.0 / outgoing))
-    conserved_out = jnp.einsum("bshf,bhgf->bshg", b, jnp.einsum("bthgf,bthg->bhgf", a, 1.0 / incoming))
-    competition = S * jax.nn.softmax(jnp.clip(conserved_out, -clamp, clamp), axis=1)
-    kv = jnp.einsum("bshf,bshg,bshe->bhgfe", b, competition, v)
+def _noncausal(a, b, v, eps: float, clamp: float, exchange: StateExchange = WHOLE) -> jax.Array:
+    """Right product first: flows from the summed features, ``φ(K)ᵀV̂`` before ``φ(Q)``; ``[B, T, Hkv, G, Dv]``.
+
+    On chunk ``t`` of ``exchange.world`` (``a``, ``b``, ``v``: the chunk's tokens) the sums over all tokens are
+    three ``exchange.total`` calls, each needing the one before: ``Σφ(q)``, ``Σφ(k)`` (for ``I``, ``O``); the
+    conserved-flow sums ``Σ φ(k_j)/O_j``, ``Σ φ(q_i)/I_i``; the competition's ``Σ e_j`` with ``Σ φ(k_j) e_j v_jᵀ``.
+    ``Ô ≥ 0`` (positive features), so ``e = exp(clip(Ô) − clamp) ∈ [e^(−clamp), 1]`` needs no running max.
+    """
+    T, S = a.shape[1] * exchange.world, b.shape[1] * exchange.world
+    query_sum, key_sum = exchange.total((a.sum(1), b.sum(1)))
+    incoming = jnp.einsum("bthgf,bhf->bthg", a, key_sum) + eps
+    outgoing = jnp.einsum("bshf,bhgf->bshg", b, query_sum) + eps
+    key_flow, query_flow = exchange.total((jnp.einsum("bshf,bshg->bhgf", b, 1.0 / outgoing),
+                                           jnp.einsum("bthgf,bthg->bhgf", a, 1.0 / incoming)))
+    conserved_in = jnp.einsum("bthgf,bhgf->bthg", a, key_flow)
+    conserved_out = jnp.einsum("bshf,bhgf->bshg", b, query_flow)
+    e = jnp.exp(jnp.clip(conserved_out, -clamp, clamp) - clamp)
+    e_sum, kv = exchange.total((e.sum(1), jnp.einsum("bshf,bshg,bshe->bhgfe", b, e, v)))
+    kv = kv * (S / e_sum)[..., None, None]                                       # competition = S·softmax(Ô)
     out = jnp.einsum("bthgf,bhgfe->bthge", a / incoming[..., None], kv)
     return out * jax.nn.sigmoid(conserved_in * (T / S))[..., None]
 
 
-def _causal(a, b, v, eps: float, clamp: float, chunk_size: int) -> jax.Array:
+def _causal(a, b, v, eps: float, clamp: float, chunk_size: int, exchange: StateExchange = WHOLE) -> jax.Array:
     """Prefix sums for the flows, then causal linear attention of ``φ(Q)/I`` over ``φ(K)`` and ``V̂``.
 
     ``linear_attention`` takes one value per K head, but ``V̂`` is per query head (its competition is), so
     ``φ(K)`` is repeated over the ``G`` query heads of a group: O(T·Hq·D) memory, as ``V̂`` itself.
+
+    On chunk ``t`` (``n`` counts global positions from ``t·C + 1``) every prefix sum is the chunk's own
+    ``cumsum`` plus the earlier chunks' totals, four ``exchange.combine`` calls, each needing the one before:
+    ``Σφ(q)``, ``Σφ(k)``; the key and query flows; ``Σ e``; the state ``Σ φ(k_j) V̂_jᵀ``, which enters the chunk's
+    linear-attention scan as its initial state.
     """
-    B, T, Hkv, G, F = a.shape
-    n = jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None, None]
-    incoming = jnp.einsum("bthgf,bthf->bthg", a, jnp.cumsum(b, axis=1)) + eps
-    outgoing = jnp.einsum("bthf,bthgf->bthg", b, jnp.cumsum(a, axis=1)) + eps
-    key_flow = jnp.cumsum(b[:, :, :, None] * (n / outgoing)[..., None], axis=1)
-    query_flow = jnp.cumsum(a * (n / incoming)[..., None], axis=1)
-    conserved_in = jnp.einsum("bthgf,bthgf->bthg", a, key_flow) / n
-    conserved_out = jnp.einsum("bthf,bthgf->bthg", b, query_flow) / n
+    B, C, Hkv, G, F = a.shape
+    n = (exchange.rank() * C).astype(jnp.float32) + jnp.arange(1, C + 1, dtype=jnp.float32)[None, :, None, None]
+
+    def prefix(x, before):
+        return before[:, None] + jnp.cumsum(x, axis=1)
+
+    query_before, key_before = exchange.combine((a.sum(1), b.sum(1)), causal=True)
+    incoming = jnp.einsum("bthgf,bthf->bthg", a, prefix(b, key_before)) + eps
+    outgoing = jnp.einsum("bthf,bthgf->bthg", b, prefix(a, query_before)) + eps
+    key_flow = b[:, :, :, None] * (n / outgoing)[..., None]
+    query_flow = a * (n / incoming)[..., None]
+    key_flow_before, query_flow_before = exchange.combine((key_flow.sum(1), query_flow.sum(1)), causal=True)
+    conserved_in = jnp.einsum("bthgf,bthgf->bthg", a, prefix(key_flow, key_flow_before)) / n
+    conserved_out = jnp.einsum("bthf,bthgf->bthg", b, prefix(query_flow, query_flow_before)) / n
     e = jnp.exp(jnp.clip(conserved_out, -clamp, clamp))
-    competition = n * e / jnp.cumsum(e, axis=1)
-    values = (competition[..., None] * v[:, :, :, None]).reshape(B, T, Hkv * G, -1)
-    out = linear_attention((a / incoming[..., None]).reshape(B, T, Hkv * G, F), jnp.repeat(b, G, axis=2), values,
-                           feature_map="identity", causal=True, scale=1.0, chunk_size=chunk_size, implementation="xla")
-    return out.reshape(B, T, Hkv, G, -1) * jax.nn.sigmoid(conserved_in)[..., None]
+    competition = n * e / prefix(e, exchange.combine(e.sum(1), causal=True))
+    kv_before = exchange.combine(jnp.einsum("bshf,bshg,bshe->bhgfe", b, competition, v), causal=True)
+    values = (competition[..., None] * v[:, :, :, None]).reshape(B, C, Hkv * G, -1)
+    out = linear_attention((a / incoming[..., None]).reshape(B, C, Hkv * G, F), jnp.repeat(b, G, axis=2), values,
+                           feature_map="identity", causal=True, scale=1.0, chunk_size=chunk_size,
+                           initial_state=kv_before.reshape(B, Hkv * G, F, -1), implementation="xla")
+    return out.reshape(B, C, Hkv, G, -1) * jax.nn.sigmoid(conserved_in)[..., None]
 
 
 def _grouped(state: FlowState, num_kv_heads: int) -> FlowState:
@@ -325,6 +349,28 @@ class Flow:
 
     def implementations(self):
         return {name: functools.partial(_registered, self, name) for name in ("reference", "recurrent", "xla")}
+
+    def chunk_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, *, exchange: StateExchange,
+                        causal: bool = False, scale: Optional[float] = None) -> jax.Array:
+        """The linear-state interface (``attnjax.linear.sequence_state``): this chunk's rows of
+        ``flow_attention`` (the ``xla`` path) over the sequence split as ``exchange`` says.
+
+        Args:
+          q: chunk ``[B, C, Hq, D]``; k: ``[B, C', Hkv, D]``; v: ``[B, C', Hkv, Dv]`` (causal: ``C' = C``).
+          exchange: the ``StateExchange``; causal: §3.3's form.
+          scale: must be None (Flow-Attention has none).
+        Returns:
+          ``[B, C, Hq, Dv]`` in q's dtype. Collectives: non-causal three ``total`` (``[B, Hq, D]``-sized sums,
+          then ``[B, Hq, D, Dv]``), causal four ``combine`` (the same sums as prefixes), none of size ``C``.
+        """
+        if scale is not None:
+            raise NotImplementedError("flow attention has no logit scale (φ = sigmoid of the raw q and k); "
+                                      "pass scale=None")
+        _check(q, k, v, causal, self.eps, self.clamp)
+        a, b, values = _features(q, k, v)
+        out = (_causal(a, b, values, self.eps, self.clamp, self.chunk_size, exchange) if causal
+               else _noncausal(a, b, values, self.eps, self.clamp, exchange))
+        return out.reshape(*q.shape[:3], v.shape[-1]).astype(q.dtype)
 
 
 def _registered(config: Flow, implementation: str, q, k, v, *, mask=None, scale=None) -> jax.Array:

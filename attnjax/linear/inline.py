@@ -35,6 +35,7 @@ from attnjax import registry
 from attnjax.checks import check_qkv, check_scalar
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import FeatureMap, get_feature_map, is_softmax_kernel
+from attnjax.linear.sequence_state import WHOLE, StateExchange
 
 
 def inline_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -73,20 +74,28 @@ def inline_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map: U
     phi, sigma = _check(q, k, v, feature_map, scale)
 
     def xla():
-        B, T, Hq, _ = q.shape
-        S, Hkv = k.shape[1], k.shape[2]
-        fq = phi(q).astype(jnp.float32)
-        fq = fq.reshape(B, T, Hkv, Hq // Hkv, fq.shape[-1])
-        fk, vf = phi(k).astype(jnp.float32), v.astype(jnp.float32)
-        kv = jnp.einsum("bshf,bshe->bhfe", fk, vf) * (sigma / S)
-        k_mean, v_mean = fk.mean(axis=1), vf.mean(axis=1)                        # [B, Hkv, F], [B, Hkv, Dv]
-        out = (jnp.einsum("bthgf,bhfe->bthge", fq, kv)
-               + (1.0 - sigma * jnp.einsum("bthgf,bhf->bthg", fq, k_mean))[..., None] * v_mean[:, None, :, None])
-        return out.reshape(B, T, Hq, -1)
+        return _chunk(q, k, v, phi, sigma, WHOLE)
 
     paths = {"reference": lambda: inline_attention_reference(q, k, v, feature_map=feature_map, scale=scale),
              "xla": xla}
     return dispatch(paths, implementation, what="inline attention").astype(q.dtype)
+
+
+def _chunk(q, k, v, phi, sigma: float, exchange: StateExchange) -> jax.Array:
+    """The right product on chunk ``t`` of ``exchange.world``: one ``exchange.total`` of the key-side sums
+    ``(Σ φ(k_j) v_jᵀ, Σ φ(k_j), Σ v_j)`` (``[B, Hkv, F, Dv]``, ``[B, Hkv, F]``, ``[B, Hkv, Dv]``) over all ``N``
+    keys, then every query of the chunk; ``[B, T, Hq, Dv]`` float32."""
+    B, T, Hq, _ = q.shape
+    Hkv = k.shape[2]
+    N = k.shape[1] * exchange.world
+    fq = phi(q).astype(jnp.float32)
+    fq = fq.reshape(B, T, Hkv, Hq // Hkv, fq.shape[-1])
+    fk, vf = phi(k).astype(jnp.float32), v.astype(jnp.float32)
+    kv, k_sum, v_sum = exchange.total((jnp.einsum("bshf,bshe->bhfe", fk, vf), fk.sum(axis=1), vf.sum(axis=1)))
+    k_mean, v_mean = k_sum / N, v_sum / N                                            # [B, Hkv, F], [B, Hkv, Dv]
+    out = (jnp.einsum("bthgf,bhfe->bthge", fq, kv * (sigma / N))
+           + (1.0 - sigma * jnp.einsum("bthgf,bhf->bthg", fq, k_mean))[..., None] * v_mean[:, None, :, None])
+    return out.reshape(B, T, Hq, -1)
 
 
 def _check(q, k, v, feature_map, scale):
@@ -117,6 +126,23 @@ class InLine:
 
     def implementations(self):
         return {name: functools.partial(_registered, self, name) for name in ("reference", "xla")}
+
+    def chunk_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, *, exchange: StateExchange,
+                        causal: bool = False, scale: Optional[float] = None) -> jax.Array:
+        """The linear-state interface (``attnjax.linear.sequence_state``): this chunk's rows of
+        ``inline_attention`` over the sequence split as ``exchange`` says.
+
+        Args:
+          q: chunk ``[B, C, Hq, D]``; k: ``[B, C', Hkv, D]``; v: ``[B, C', Hkv, Dv]``; ``N = C'·W`` keys in all.
+          exchange: the ``StateExchange``; causal: must be False (InLine is non-causal); scale: ``σ``.
+        Returns:
+          ``[B, C, Hq, Dv]`` in q's dtype; one ``total`` of ``[B, Hkv, F·Dv + F + Dv]`` floats.
+        """
+        if causal:
+            raise NotImplementedError("InLine attention is non-causal (its mean correction spans every key); "
+                                      "pass causal=False")
+        phi, sigma = _check(q, k, v, self.feature_map, scale)
+        return _chunk(q, k, v, phi, sigma, exchange).astype(q.dtype)
 
 
 def _registered(config: InLine, implementation: str, q, k, v, *, scale=None) -> jax.Array:

@@ -324,6 +324,26 @@ class KernelizedRPE:
             return attend
         return {"reference": bind(False), "xla": bind(True)}
 
+    def chunk_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, *, exchange, causal: bool = False,
+                        **inputs) -> jax.Array:
+        """The linear-state interface (``attnjax.linear.sequence_state``) refused: no finite state crosses a split.
+
+        Query ``i`` reads ``Σ_j c_(j−i) φ(k_j)ᵀ v_j`` with a free Toeplitz weight per offset (``T + S − 1`` of them).
+        The part from another chunk ``r`` is the ``C × C`` Toeplitz block ``C[t, r]`` times chunk ``r``'s per-token
+        ``φ(k_j)ᵀ v_j``; a generic block has rank up to ``C``, so nothing smaller than the chunk's own tokens
+        summarizes it (the geometric weights ``c_δ = λ^|δ|`` of ALiBi are the exception: a decayed state, which
+        ``attnjax.parallel.lasp2`` serves with ``decay``). Split it with a K/V-moving scheme instead.
+
+        Raises:
+          NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "kernelized_rpe has no finite linear state across a sequence split: its relative-position weights "
+            "c_(j-i) are a free Toeplitz matrix (one value per offset), so chunk r's part of chunk t's output is a "
+            "rank-up-to-C Toeplitz block times chunk r's per-token phi(k)^T v, which no state smaller than the chunk "
+            "summarizes; only geometric weights (ALiBi, c = lambda^|j-i|) reduce to a decayed state: use "
+            "attnjax.parallel.lasp2 with decay")
+
 
 __all__ = ["DEFAULT_FEATURE_MAP", "KernelizedRPE", "fast_fft_length", "kernelized_rpe_attention",
            "kernelized_rpe_attention_reference", "rpe_bias_from_table", "rule_rpe_bias", "toeplitz_offsets"]

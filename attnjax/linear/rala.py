@@ -42,6 +42,7 @@ from attnjax.checks import check_positive, check_qkv, check_scalar, describe
 from attnjax.dispatch import dispatch
 from attnjax.linear.feature_maps import elu_plus_one
 from attnjax.linear.linear_attention import NORMALIZER_EPS
+from attnjax.linear.sequence_state import WHOLE, StateExchange
 
 Rotary = tuple[jax.Array, jax.Array]
 """``(sin, cos)``, each ``[N, D]``: the rotary tables of the official ``theta_shift``."""
@@ -151,16 +152,37 @@ def rala(q: jax.Array, k: jax.Array, v: jax.Array, *, rotary: Optional[Rotary] =
     scale = _check(q, k, v, rotary, scale)
 
     def xla():
-        fq, fk, vf, alpha = _features(q, k, v, scale)
-        rk = fk if rotary is None else theta_shift(fk, rotary)
-        state = jnp.einsum("bhgs,bshd,bshe->bhgde", alpha, rk, vf)
-        z = jnp.einsum("bhgs,bshd->bhgd", alpha, fk)
-        numerator = jnp.einsum("bthgd,bhgde->bthge", _rotate_grouped(fq, rotary), state)
-        denominator = jnp.einsum("bthgd,bhgd->bthg", fq, z) + NORMALIZER_EPS
-        return (numerator / denominator[..., None]).reshape(*q.shape[:3], v.shape[-1])
+        return _chunk(q, k, v, rotary, scale, WHOLE)
 
     paths = {"reference": lambda: rala_reference(q, k, v, rotary=rotary, scale=scale), "xla": xla}
     return dispatch(paths, implementation, what="RALA").astype(q.dtype)
+
+
+def _chunk(q: jax.Array, k: jax.Array, v: jax.Array, rotary: Optional[Rotary], scale: float,
+           exchange: StateExchange) -> jax.Array:
+    """The right product on chunk ``t`` of ``exchange.world`` (``q``, ``k``, ``v``, ``rotary``: the chunk's rows);
+    ``[B, T, Hq, Dv]`` float32. Three collectives, each needing the one before:
+
+    1. ``total`` of ``Σ φ(q_i)`` ``[B, Hq, D]``: the mean query ``q̄`` over all queries, then the logits
+       ``σ q̄·φ(k_j)`` of the chunk's keys;
+    2. ``gather`` of each chunk's largest logit ``m_r`` ``[B, Hq]``: ``α``'s softmax shift ``m = max_r m_r``;
+    3. ``total`` of ``Σ_j e_j``, ``S = Σ_j e_j (R_j φ(k_j)) v_jᵀ`` and ``z = Σ_j e_j φ(k_j)`` with
+       ``e_j = exp(logit_j − m)`` (``[B, Hq, 1 + D·Dv + D]``); ``α``'s normalizer divides ``S`` and ``z``.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    fq = elu_plus_one(q).reshape(B, T, Hkv, Hq // Hkv, D)
+    fk = elu_plus_one(k)
+    q_mean = exchange.total(fq.sum(axis=1)) / (T * exchange.world)                       # [B, Hkv, G, D]
+    logits = scale * jnp.einsum("bhgd,bshd->bhgs", q_mean, fk)
+    shift = jnp.max(exchange.gather(jax.lax.stop_gradient(logits.max(axis=-1))), axis=0)  # [B, Hkv, G]
+    e = jnp.exp(logits - shift[..., None])
+    rk = fk if rotary is None else theta_shift(fk, rotary)
+    e_sum, state, z = exchange.total((e.sum(axis=-1), jnp.einsum("bhgs,bshd,bshe->bhgde", e, rk, v.astype(jnp.float32)),
+                                      jnp.einsum("bhgs,bshd->bhgd", e, fk)))
+    numerator = jnp.einsum("bthgd,bhgde->bthge", _rotate_grouped(fq, rotary), state / e_sum[..., None, None])
+    denominator = jnp.einsum("bthgd,bhgd->bthg", fq, z / e_sum[..., None]) + NORMALIZER_EPS
+    return (numerator / denominator[..., None]).reshape(B, T, Hq, v.shape[-1])
 
 
 @registry.register
@@ -178,6 +200,25 @@ class RALA:
 
     def implementations(self):
         return {name: functools.partial(_registered, name) for name in ("reference", "xla")}
+
+    def chunk_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, *, exchange: StateExchange,
+                        causal: bool = False, rotary: Optional[Rotary] = None,
+                        scale: Optional[float] = None) -> jax.Array:
+        """The linear-state interface (``attnjax.linear.sequence_state``): this chunk's rows of ``rala`` over the
+        sequence split as ``exchange`` says (``q̄`` over all queries, ``α`` over all keys).
+
+        Args:
+          q: chunk ``[B, C, Hq, D]``; k: ``[B, C', Hkv, D]``; v: ``[B, C', Hkv, Dv]``.
+          exchange: the ``StateExchange``; causal: must be False (RALA is non-causal: ``q̄`` spans every query).
+          rotary: this chunk's rows of the ``(sin, cos)`` tables, each ``[C, D]`` (needs ``C' = C``); scale: ``σ``.
+        Returns:
+          ``[B, C, Hq, Dv]`` in q's dtype; collectives as in ``_chunk``, none of size ``C``.
+        """
+        if causal:
+            raise NotImplementedError("RALA is non-causal (its key weights come from the mean of every query); "
+                                      "pass causal=False")
+        scale = _check(q, k, v, rotary, scale)
+        return _chunk(q, k, v, rotary, scale, exchange).astype(q.dtype)
 
 
 def _registered(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, *, scale=None) -> jax.Array:

@@ -10,14 +10,15 @@ from a mesh (``jax.make_mesh``, Explicit or Auto axes, or ``jax.sharding.Mesh``;
 - ``allgather_attention``: one all-gather of K/V, local queries (Llama 3 context parallelism).
 - ``ulysses_attention``: all-to-all sequence <-> heads (DeepSpeed-Ulysses).
 - ``lasp2`` / ``lasp2h_attention``: linear attention with one all-gather of memory states, and the
-  softmax layers of hybrid models (Sun et al. 2025).
+  softmax layers of hybrid models (Sun et al. 2025); ``lasp2_mechanism``: LASP-2 for any linear-family
+  mechanism exposing the linear-state interface (``attnjax.linear.sequence_state``: Flow, InLine, RALA).
 
 ``MultiHeadAttention(sequence_parallel=("sp", "zigzag"))`` switches a module to these schemes.
 """
 
 from attnjax.parallel import comm, layouts
 from attnjax.parallel.allgather import allgather_attention, allgather_attention_sharded
-from attnjax.parallel.lasp2 import lasp2, lasp2_sharded
+from attnjax.parallel.lasp2 import AxisExchange, lasp2, lasp2_mechanism, lasp2_mechanism_sharded, lasp2_sharded
 from attnjax.parallel.lasp2h import lasp2h_attention, lasp2h_sharded
 from attnjax.parallel.layouts import (LAYOUTS, AtPositions, from_layout, local_positions, permutation, to_layout,
                                       unmasked_tiles)
@@ -37,5 +38,6 @@ __all__ = [
     "comm", "layouts", "LAYOUTS", "AtPositions", "to_layout", "from_layout", "local_positions", "permutation", "unmasked_tiles",
     "ring_attention", "ring_attention_sharded", "allgather_attention", "allgather_attention_sharded",
     "ulysses_attention", "ulysses_attention_sharded", "lasp2", "lasp2_sharded", "lasp2h_attention",
+    "AxisExchange", "lasp2_mechanism", "lasp2_mechanism_sharded",
     "lasp2h_sharded", "SequenceSharding", "sequence_parallel_call", "shard_map", "SCHEMES", "SHARDED",
 ]

@@ -30,10 +30,17 @@ Beyond the paper (causal only; flash-linear-attention's context parallelism need
 - **initial_state** ``S₀``: a state from "rank −1", weighted ``λ^(C·t)`` where its run reaches rank ``t``.
 - **return_state**: the state after the last token, ``M_{W−1} + [rank W−1 is one run] λ^C P_{W−1}``,
   one ``psum`` of the weighted local states, identical on every rank (``linear_attention``'s final state).
+
+The math per rank lives in ``attnjax.linear.sequence_state`` (the linear-state interface): ``lasp2`` runs
+``linear_attention_chunk`` on ``AxisExchange``, this file's collectives (all-gather of the flattened states with
+the custom backward above, psum, all-gather). ``lasp2_mechanism`` runs any registered mechanism that exposes
+the interface (``chunk_attention``: Flow-Attention, InLine, RALA; the plain linear family through ``lasp2``)
+on the same exchange.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Union
 
@@ -42,10 +49,107 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from attnjax import registry
+from attnjax.checks import describe
 from attnjax.linear.feature_maps import FeatureMap
-from attnjax.linear.linear_attention import NORMALIZER_EPS, checked_log_decay, linear_attention, prepare_inputs
+from attnjax.linear.linear_attention import checked_log_decay
+from attnjax.linear.mechanism import LinearMechanism
+from attnjax.linear.sequence_state import Tree, hop_weights, linear_attention_chunk, weighted_sum
 from attnjax.meshes import vary_like
 from attnjax.parallel.sharding import AxisNames, SequenceSharding, axis_size
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisExchange:
+    """``attnjax.linear.sequence_state.StateExchange`` over the mesh axis ``axis_name`` (inside ``shard_map``).
+
+    Every method sends its whole pytree as one flat float32 buffer, so one call is one collective:
+    ``total`` a ``psum``, ``gather`` an ``all_gather``, ``combine`` an ``all_gather`` forward and one of the
+    cotangents backward (LASP-2 Alg. 4: ``dM_r = Σ_t w(t, r) dP_t``; the per-hop weight's gradient is local).
+
+    Raises:
+      ValueError: ``axis_name`` is not an axis of the enclosing ``shard_map``.
+    """
+
+    axis_name: str
+    world: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "world", axis_size(self.axis_name))
+
+    def rank(self) -> jax.Array:
+        return lax.axis_index(self.axis_name)
+
+    def total(self, tree: Tree) -> Tree:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        summed = _unpack(lax.psum(_pack(leaves), self.axis_name), leaves, stacked=False)
+        return jax.tree_util.tree_unflatten(treedef, summed)
+
+    def gather(self, tree: Tree) -> Tree:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return jax.tree_util.tree_unflatten(treedef, _gather_leaves(tuple(leaves), self.axis_name))
+
+    def combine(self, tree: Tree, *, causal: bool, log_hop: Optional[jax.Array] = None,
+                links: Optional[jax.Array] = None) -> Tree:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if log_hop is not None:
+            log_hop = vary_like(log_hop, leaves)   # its cotangent is per device (computed from local cotangents)
+        combined = _combine(tuple(leaves), log_hop, links, self.axis_name, causal)
+        return jax.tree_util.tree_unflatten(treedef, combined)
+
+
+def _pack(leaves) -> jax.Array:
+    """The leaves raveled into one float32 vector."""
+    flat = [x.astype(jnp.float32).reshape(-1) for x in leaves]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+
+
+def _unpack(flat: jax.Array, leaves, stacked: bool) -> list:
+    """``_pack``'s inverse; ``stacked``: ``flat`` is ``[W, N]`` and each leaf comes back ``[W, ...]``."""
+    lead = flat.shape[:1] if stacked else ()
+    sizes = [x.size for x in leaves]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [lax.slice_in_dim(flat, o, o + n, axis=flat.ndim - 1).reshape(lead + x.shape)
+            for o, n, x in zip(offsets, sizes, leaves)]
+
+
+def _gather_leaves(leaves: tuple, axis_name: str) -> tuple:
+    """Every rank's leaves, ``[W, ...]`` each, from one ``all_gather``."""
+    return tuple(_unpack(lax.all_gather(_pack(leaves), axis_name), leaves, stacked=True))
+
+
+def _weighted(gathered: tuple, log_hop, links, rank, causal: bool) -> tuple:
+    """``P_rank = Σ_r w(rank, r) M_r`` for each gathered leaf ``[W, ...]``."""
+    weights = hop_weights(log_hop, rank, jnp.arange(gathered[0].shape[0]), causal, links)
+    return tuple(weighted_sum(weights, g) for g in gathered)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _combine(leaves: tuple, log_hop, links, axis_name: str, causal: bool) -> tuple:
+    """All-gather the local states and combine the earlier ranks' (LASP-2 Alg. 2, lines 6-8)."""
+    return _combine_fwd(leaves, log_hop, links, axis_name, causal)[0]
+
+
+def _combine_fwd(leaves, log_hop, links, axis_name, causal):
+    gathered = _gather_leaves(leaves, axis_name)
+    return _weighted(gathered, log_hop, links, lax.axis_index(axis_name), causal), (gathered, log_hop, links)
+
+
+def _combine_bwd(axis_name, causal, residuals, d_combined):
+    """All-gather ``dP`` and take the weighted suffix sum (LASP-2 Alg. 4); ``d log_hop`` is local."""
+    gathered, log_hop, links = residuals
+    rank = lax.axis_index(axis_name)
+    d_log_hop = None
+    if log_hop is not None:
+        _, vjp = jax.vjp(lambda a: _weighted(gathered, a, links, rank, causal), log_hop)
+        (d_log_hop,) = vjp(tuple(d_combined))
+    all_d = _gather_leaves(tuple(d_combined), axis_name)
+    weights = hop_weights(log_hop, jnp.arange(all_d[0].shape[0]), rank, causal, links)
+    d_leaves = tuple(weighted_sum(weights, d).astype(x.dtype) for d, x in zip(all_d, gathered))
+    return d_leaves, d_log_hop, None if links is None else jnp.zeros_like(links)
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def lasp2(
@@ -56,7 +160,8 @@ def lasp2(
 ):
     """LASP-2 linear attention over a sequence sharded along ``axis_name`` (call inside ``shard_map``).
 
-    Equals ``attnjax.linear.linear_attention`` on the whole sequence (see the module docstring).
+    Equals ``attnjax.linear.linear_attention`` on the whole sequence (see the module docstring);
+    ``attnjax.linear.sequence_state.linear_attention_chunk`` on ``AxisExchange(axis_name)``.
 
     Args:
       q: local ``[B, C, Hq, Dk]``; k: ``[B, C, Hkv, Dk]``; v: ``[B, C, Hkv, Dv]`` — rank ``t`` of
@@ -80,42 +185,10 @@ def lasp2(
     (``G = Hq/Hkv`` with decay, 1 without; ``E = Dv + 1`` with ``normalize``) forward, and one of
     the same size backward; neither depends on ``C``.
     """
-    world = axis_size(axis_name)
-    if not causal and (segment_ids is not None or initial_state is not None or return_state):
-        raise NotImplementedError("LASP-2 carries segments and states along the causal order: segment_ids, "
-                                  "initial_state and return_state need causal=True")
-    x = prepare_inputs(q, k, v, feature_map=feature_map, causal=causal, normalize=normalize, decay=decay, scale=scale,
-                       segment_ids=segment_ids, cu_seqlens=None, initial_state=initial_state)
-    B, C, Hkv, G, _ = x.fq.shape
-    log_decay = x.log_decay if decay is not None else jnp.zeros((Hkv, 1), jnp.float32)
-    position = jnp.arange(C, dtype=jnp.float32)
-    to_end = jnp.exp(log_decay[..., None] * (C - 1 - position))                     # [Hkv, G|1, C]
-    last_run = jnp.ones((B, C), jnp.float32) if x.runs is None else (x.runs == x.runs[:, -1:]).astype(jnp.float32)
-    states = jnp.einsum("bshf,bshe,hgs,bs->bhgfe", x.fk, x.v, to_end, last_run)     # M_t (its last run)
-    log_decay = vary_like(log_decay, states)
-    links = _links(segment_ids, x.runs, axis_name, world) if x.runs is not None else None
-    prefix = _prefix_states(states, log_decay, links, axis_name, C, causal)        # P_t
-    rank = lax.axis_index(axis_name)
-    if x.state is not None:
-        prefix = prefix + _initial_weight(log_decay, links, rank, C)[..., None, None] * x.state
-    from_start = jnp.exp(log_decay[..., None] * (position + 1))                    # λ^(i+1)
-    first_run = jnp.ones((B, C), jnp.float32) if x.runs is None else (x.runs == 0).astype(jnp.float32)
-    inter = jnp.einsum("bthgf,hgt,bhgfe,bt->bthge", x.fq, from_start, prefix, first_run)
-    v_intra = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1) if normalize else v
-    # A zero initial state typed like the local states: the chunked scan's carry must be per-device
-    # under shard_map(check_vma=True).
-    zero_state = vary_like(jnp.zeros((B, Hkv * G, x.fq.shape[-1], x.v.shape[-1]), jnp.float32), states)
-    intra = linear_attention(q, k, v_intra, feature_map=feature_map, causal=causal, decay=decay, scale=scale,
-                             chunk_size=chunk_size, segment_ids=segment_ids, initial_state=zero_state,
-                             implementation=implementation)
-    out = intra.astype(jnp.float32) + inter.reshape(B, C, Hkv * G, -1)
-    if normalize:
-        out = out[..., :-1] / (out[..., -1:] + NORMALIZER_EPS)
-    out = out.astype(q.dtype)
-    if not return_state:
-        return out
-    final = _final_state(states, prefix, log_decay, x.runs, rank, world, C, axis_name)
-    return out, jnp.broadcast_to(final, (B, Hkv, G) + final.shape[-2:]).reshape(B, Hkv * G, *final.shape[-2:])
+    return linear_attention_chunk(q, k, v, exchange=AxisExchange(axis_name), decay=decay, feature_map=feature_map,
+                                  causal=causal, normalize=normalize, scale=scale, chunk_size=chunk_size,
+                                  segment_ids=segment_ids, initial_state=initial_state, return_state=return_state,
+                                  implementation=implementation)
 
 
 def lasp2_sharded(
@@ -156,89 +229,83 @@ def lasp2_sharded(
                    (tokens,) * 3 + tuple(spec for _, spec in extras.values()), out_specs)
 
 
-def _links(segment_ids: jax.Array, runs: jax.Array, axis_name: str, world: int) -> jax.Array:
-    """``links[t, r + 1, b]`` (``r = −1 … W−1``): 1 where the run ending rank ``r`` (rank −1: the
-    initial state) continues unbroken to the start of rank ``t > r``, else 0; float32 ``[W, W + 1, B]``.
 
-    Rank ``u``'s boundary continues if its first id equals rank ``u−1``'s last id; a path from ``r``
-    to ``t`` needs every boundary ``r+1 … t`` to continue and every rank ``r+1 … t−1`` to be one run.
+
+def lasp2_mechanism(q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str, mechanism, causal: bool = False,
+                    **inputs) -> jax.Array:
+    """LASP-2 for a linear-family mechanism that exposes the linear-state interface (call inside ``shard_map``).
+
+    Runs the mechanism's chunk function (``attnjax.linear.sequence_state``) on ``AxisExchange(axis_name)``:
+    the config's ``chunk_attention`` (``Flow``, ``InLine``, ``RALA``), or, for the plain linear family
+    (``linear``, ``lightning``, ``performer``, ``based_linear``), ``lasp2``'s ``linear_attention_chunk`` with the
+    config's feature map, normalization, decay and chunk. Equals the mechanism on the whole sequence.
+
+    Args:
+      q: local ``[B, C, Hq, D]``; k: ``[B, C', Hkv, D]``; v: ``[B, C', Hkv, Dv]``: rank ``t`` holds the ``t``-th
+        contiguous chunk of the queries and of the keys (causal: ``C' = C``).
+      axis_name: the mesh axis the sequence is sharded over.
+      mechanism: a registry name or config (``attnjax.registry``).
+      causal: the causal form (Flow, the plain linear family), else every query sees every key.
+      **inputs: the mechanism's call inputs: ``scale`` (InLine, RALA, plain linear), ``rotary`` (RALA: this
+        rank's ``(sin, cos)`` rows, each ``[C, D]``).
+    Returns:
+      ``[B, C, Hq, Dv]`` in q's dtype.
+    Raises:
+      NotImplementedError: the mechanism exposes no linear state (or refuses, as ``kernelized_rpe``, whose
+        relative-position Toeplitz product has no finite state across a sequence split), or has no ``causal``
+        form when asked for one.
+      ValueError: ``axis_name`` is not an axis of the enclosing ``shard_map``.
+
+    Communication: the mechanism's ``total``/``combine``/``gather`` calls, each one collective of a state whose
+    size does not depend on ``C`` (see each ``chunk_attention``).
     """
-    edges = jnp.stack([segment_ids[:, 0], segment_ids[:, -1], (runs[:, -1] == 0).astype(segment_ids.dtype)])
-    gathered = lax.all_gather(edges, axis_name)                                      # [W, 3, B]
-    first, last, whole = gathered[:, 0], gathered[:, 1], gathered[:, 2] > 0
-    breaks = jnp.concatenate([jnp.zeros_like(first[:1], bool), first[1:] != last[:-1]])  # boundary u breaks
-    zero = jnp.zeros_like(first[:1], jnp.int32)
-    cut = jnp.concatenate([zero, jnp.cumsum(breaks, 0, dtype=jnp.int32)])            # index u+1: breaks ≤ u
-    split = jnp.concatenate([zero, jnp.cumsum(~whole, 0, dtype=jnp.int32)])          # index u+1: split ranks ≤ u
-    t, r = jnp.arange(world)[:, None], jnp.arange(-1, world)[None, :]
-    unbroken = cut[t + 1] == cut[r + 1]                                               # [W, W + 1, B]
-    one_run = split[t] == split[jnp.minimum(r + 1, t)]
-    return ((r < t)[..., None] & unbroken & one_run).astype(jnp.float32)
+    config = registry.resolve(mechanism)
+    exchange = AxisExchange(axis_name)
+    if isinstance(config, LinearMechanism):
+        unknown = set(inputs) - {"scale"}
+        if unknown:
+            raise TypeError(f"{config.name} takes no inputs {sorted(unknown)} (only scale)")
+        if config.decay is not None and not causal:
+            raise NotImplementedError(f"{config.name} has a decay, which needs causal=True")
+        decay = jnp.asarray(config.decay, jnp.float32) if isinstance(config.decay, tuple) else config.decay
+        return linear_attention_chunk(q, k, v, exchange=exchange, decay=decay, feature_map=config.feature_map,
+                                      causal=causal, normalize=config.normalize, scale=inputs.get("scale"),
+                                      chunk_size=config.chunk_size)
+    chunk_attention = getattr(config, "chunk_attention", None)
+    if chunk_attention is None:
+        raise NotImplementedError(f"mechanism {config.name!r} exposes no linear state (its config has no "
+                                  "chunk_attention; see attnjax.linear.sequence_state), so LASP-2 can't split it")
+    return chunk_attention(q, k, v, exchange=exchange, causal=causal, **inputs)
 
 
-def _initial_weight(log_decay: jax.Array, links: Optional[jax.Array], rank, chunk: int) -> jax.Array:
-    """Weight ``λ^(C·rank)`` (times the link from rank −1) of the initial state in ``P_rank``: ``[B|1, Hkv, G]``."""
-    weight = jnp.exp(log_decay * chunk * rank.astype(jnp.float32))[None]
-    return weight if links is None else weight * links[rank, 0][:, None, None]
+def lasp2_mechanism_sharded(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, seq_axis: str, mechanism,
+                            batch_axis: AxisNames = None, head_axis: AxisNames = None, causal: bool = False,
+                            rotary: Optional[tuple] = None, **inputs) -> jax.Array:
+    """``lasp2_mechanism`` on global arrays: ``shard_map`` over ``mesh`` (``attnjax.parallel.sharding``).
 
-
-def _final_state(states, prefix, log_decay, runs, rank, world: int, chunk: int, axis_name: str) -> jax.Array:
-    """The state after the last token: rank ``W−1`` gives ``M + [one run] λ^C P``, the others 0; summed over ranks."""
-    whole = jnp.ones(states.shape[:1], jnp.float32) if runs is None else (runs[:, -1] == 0).astype(jnp.float32)
-    carried = whole[:, None, None, None, None] * jnp.exp(log_decay * chunk)[..., None, None] * prefix
-    mine = jnp.where(rank == world - 1, states + carried, 0.0)
-    return lax.psum(mine, axis_name)
-
-
-def _hop_weights(log_decay: jax.Array, target, source, chunk: int, causal: bool, links=None) -> jax.Array:
-    """Weight of rank ``source``'s state in rank ``target``'s prefix: ``[..., B|1, Hkv, G]``.
-
-    Causal: ``λ^(C·(target−1−source))`` if ``source < target`` else 0, times ``links[target, source + 1]``
-    under segments; non-causal: ``source ≠ target``.
+    Args:
+      q, k, v: global ``[B, T, H, D]`` arrays in natural (contiguous) order; ``T`` must divide by the
+        ``seq_axis`` size, ``B`` by the ``batch_axis`` size and the heads by the ``head_axis`` size.
+      mesh, seq_axis, batch_axis, head_axis: as in ``lasp2_sharded``.
+      mechanism, causal, **inputs: as in ``lasp2_mechanism`` (non-array inputs, e.g. ``scale``).
+      rotary: RALA's ``(sin, cos)`` tables, each ``[T, D]``, sharded over the sequence with the tokens.
+    Returns:
+      ``[B, T, Hq, Dv]``, sharded like q.
     """
-    target = jnp.asarray(target)[..., None, None, None]
-    source = jnp.asarray(source)[..., None, None, None]
-    if not causal:
-        return jnp.where(source != target, jnp.ones_like(log_decay), 0.0)
-    hops = (target - 1 - source).astype(jnp.float32)
-    weight = jnp.exp(jnp.where(source < target, log_decay * chunk * hops, -jnp.inf))
-    if links is None:
-        return weight
-    return weight * links[target[..., 0, 0, 0], source[..., 0, 0, 0] + 1][..., None, None]
+    seq = SequenceSharding(mesh, seq_axis, batch_axis, head_axis)
+    seq.check(q, k, v)
+    if rotary is not None and (not isinstance(rotary, (tuple, list)) or len(rotary) != 2
+                               or any(getattr(t, "shape", None) != (q.shape[1], q.shape[-1]) for t in rotary)):
+        seen = [describe(t) for t in rotary] if isinstance(rotary, (tuple, list)) else describe(rotary)
+        raise ValueError(f"rotary must be (sin, cos), each of shape [T, D] = {[q.shape[1], q.shape[-1]]}, got {seen}")
+    tokens = seq.tokens_spec
+
+    def body(q, k, v, *tables):
+        extra = {"rotary": tuple(tables)} if tables else {}
+        return lasp2_mechanism(q, k, v, axis_name=seq_axis, mechanism=mechanism, causal=causal, **extra, **inputs)
+
+    tables = () if rotary is None else tuple(rotary)
+    return seq.run(body, (q, k, v) + tables, (tokens,) * 3 + (PartitionSpec(seq_axis, None),) * len(tables))
 
 
-def _combine(gathered: jax.Array, log_decay: jax.Array, links, rank, chunk: int, causal: bool) -> jax.Array:
-    """``P_rank = Σ_r w(rank, r) M_r`` from the gathered states ``[W, B, Hkv, G, F, E]``."""
-    weights = _hop_weights(log_decay, rank, jnp.arange(gathered.shape[0]), chunk, causal, links)   # [W, B|1, Hkv, G]
-    return jnp.einsum("rbhg,rbhgfe->bhgfe", weights, gathered)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _prefix_states(states: jax.Array, log_decay: jax.Array, links, axis_name: str, chunk: int,
-                   causal: bool) -> jax.Array:
-    """All-gather the local states and combine the earlier ranks' (LASP-2 Alg. 2, lines 6-8)."""
-    return _prefix_states_fwd(states, log_decay, links, axis_name, chunk, causal)[0]
-
-
-def _prefix_states_fwd(states, log_decay, links, axis_name, chunk, causal):
-    gathered = lax.all_gather(states, axis_name)
-    prefix = _combine(gathered, log_decay, links, lax.axis_index(axis_name), chunk, causal)
-    return prefix, (gathered, log_decay, links)
-
-
-def _prefix_states_bwd(axis_name, chunk, causal, residuals, d_prefix):
-    """All-gather ``dP`` and take the decayed suffix sum (LASP-2 Alg. 4); ``dlog_decay`` is local."""
-    gathered, log_decay, links = residuals
-    rank = lax.axis_index(axis_name)
-    _, vjp = jax.vjp(lambda a: _combine(gathered, a, links, rank, chunk, causal), log_decay)
-    (d_log_decay,) = vjp(d_prefix)
-    all_d_prefix = lax.all_gather(d_prefix, axis_name)
-    weights = _hop_weights(log_decay, jnp.arange(all_d_prefix.shape[0]), rank, chunk, causal, links)  # [W, B|1, Hkv, G]
-    d_states = jnp.einsum("tbhg,tbhgfe->bhgfe", weights, all_d_prefix)
-    d_links = None if links is None else jnp.zeros_like(links)
-    return d_states, d_log_decay, d_links
-
-
-_prefix_states.defvjp(_prefix_states_fwd, _prefix_states_bwd)
-
-__all__ = ["lasp2", "lasp2_sharded"]
+__all__ = ["AxisExchange", "lasp2", "lasp2_sharded", "lasp2_mechanism", "lasp2_mechanism_sharded"]
