@@ -17,8 +17,8 @@ The LCM sharpens the dispersed linear attention with local context (``local_conc
     LCM(x) = DWConv₂(BN(GELU(DWConv₁(x))))           two 7 × 7 depth-wise convolutions with biases
 
 Paths: ``linear_global_attention_reference`` forms the ``[N, N]`` matrix ``φ(Q)φ(K)ᵀ``;
-``linear_global_attention`` multiplies right product first through ``attnjax.linear.linear_attention``
-(non-causal, ``φ(K)ᵀ[V, 1]`` first): O(N·D·Dv) time, an O(heads·D·Dv) state, no ``[N, N]`` array.
+``linear_global_attention`` multiplies right product first (``φ(K)ᵀV`` and ``φ(K)ᵀ1`` first): O(N·D·Dv) time,
+an O(heads·D·Dv) state, no ``[N, N]`` array.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.checks import check_image_qkv, check_scalar, describe
-from attnjax.linear.linear_attention import linear_attention
+from attnjax.dispatch import dispatch
 from attnjax.vision.large_kernel import depthwise_conv
 
 DENOMINATOR_FLOOR = 100.0
@@ -82,27 +82,38 @@ def linear_global_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                             denominator_floor: float = DENOMINATOR_FLOOR, implementation: str = "auto") -> jax.Array:
     """LGA (L²ViT, sec. 3), right product first: ``O = τ·φ(Q)(φ(K)ᵀV) / max(φ(Q)(φ(K)ᵀ1), c)``, ``φ = ReLU``.
 
-    Numerator and normalizer come from one call of ``attnjax.linear.linear_attention(feature_map="relu",
-    causal=False, scale=1)`` on ``[V, 1]`` (a ones column appended to V), in float32; the floor and ``τ`` are
-    applied after. Cost: O(B·heads·N·D·(Dv + 1)) time; memory O(B·heads·D·(Dv + 1)) for the state plus a
-    float32 copy of the inputs, no ``[N, N]`` array.
+    Per head, in float32 and heads-major layout (``[B, heads, N, ·]``, one transpose of each input and of the
+    output): the state ``φ(K)ᵀV`` ``[D, Dv]`` and the key sum ``φ(K)ᵀ1`` ``[D]``, then one product per query; the
+    floor and ``τ`` apply last. Cost: O(B·heads·N·D·Dv) time; memory O(B·heads·D·Dv) for the state plus float32
+    heads-major copies of the inputs, no ``[N, N]`` array. (The heads-major layout keeps every contraction a plain
+    batched matrix product: contracting ``[B, N, heads, D]`` in place made XLA transpose each operand to a
+    token-minor layout, several strided passes over the sequence that cost 2-3x the products at N ≥ 2k on CPU.)
 
     Args:
       q, k: ``[B, H, W, heads, D]`` (before the ReLU); v: ``[B, H, W, heads, Dv]``.
       temperature: ``τ``, a scalar or ``[heads]`` (differentiable); default ``1/√D``.
       denominator_floor: ``c > 0`` (100 in the official code).
-      implementation: ``linear_attention``'s path: "xla" (right product), "reference" or "auto".
-
+      implementation: "xla" (right product), "reference" (``linear_global_attention_reference``) or "auto" (xla).
     Returns:
       ``[B, H, W, heads, Dv]`` in q's dtype.
     """
     tau = check_lga_inputs(q, k, v, temperature, denominator_floor)
-    B, H, W, heads, dv = v.shape
-    qf, kf, vf = (a.reshape(B, H * W, heads, a.shape[-1]).astype(jnp.float32) for a in (q, k, v))
-    ones = jnp.concatenate([vf, jnp.ones_like(vf[..., :1])], axis=-1)
-    out = linear_attention(qf, kf, ones, feature_map="relu", causal=False, scale=1.0, implementation=implementation)
-    result = tau[:, None] * out[..., :dv] / jnp.maximum(out[..., dv:], denominator_floor)
-    return result.reshape(v.shape).astype(q.dtype)
+
+    def xla():
+        B, H, W, heads, _ = v.shape
+        fq, fk, vf = (a.reshape(B, H * W, heads, a.shape[-1]).astype(jnp.float32).transpose(0, 2, 1, 3)
+                      for a in (q, k, v))                                                   # [B, heads, N, ·]
+        fq, fk = jax.nn.relu(fq), jax.nn.relu(fk)
+        state = jnp.einsum("bhnd,bhne->bhde", fk, vf)
+        numerator = jnp.einsum("bhnd,bhde->bhne", fq, state)
+        denominator = jnp.einsum("bhnd,bhd->bhn", fq, fk.sum(axis=2))
+        out = tau[:, None, None] * numerator / jnp.maximum(denominator, denominator_floor)[..., None]
+        return out.transpose(0, 2, 1, 3).reshape(v.shape)
+
+    paths = {"reference": lambda: linear_global_attention_reference(q, k, v, temperature,
+                                                                    denominator_floor=denominator_floor),
+             "xla": xla}
+    return dispatch(paths, implementation, what="linear global attention").astype(q.dtype)
 
 
 def local_concentration(x: jax.Array, kernel1: jax.Array, bias1: Optional[jax.Array], kernel2: jax.Array,
