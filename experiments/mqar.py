@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from experiments.lib import cli, host, mqar_runs, plots, report
-from experiments.lib.layer_model import causal_layer_names
-from experiments.lib.model import mixer_names
+from experiments.lib.model import LAYER_PREFIX, causal_layer_names, mixer_names
 from experiments.lib.mqar_runs import MQARSettings
 
 DEFAULT = MQARSettings()
@@ -58,6 +57,11 @@ ZOOLOGY_CLAIM = ("Zoology (Arora et al. 2023, Sec. 3, Fig. 2/3): attention solve
                  "grows with the number of key-value pairs; accuracy follows state size.")
 
 
+def mechanism_names() -> list[str]:
+    """What ``--mechanisms`` takes: the ``ModelConfig.mixer`` names but the layers (those go to ``--layers``)."""
+    return [n for n in mixer_names() if not n.startswith(LAYER_PREFIX)]
+
+
 def name_list(text: str) -> list[str]:
     """``"softmax,lightning"`` -> ``["softmax", "lightning"]``; ``""`` -> ``[]``."""
     return [n for n in text.split(",") if n]
@@ -67,7 +71,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults (``MQARSettings``) take about 3 minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", type=name_list, default=list(DEFAULT.mechanisms),
-                   help=f"registry mechanisms (name or name:head_dim) or blocks: {', '.join(mixer_names())}")
+                   help=f"registry mechanisms (name or name:head_dim) or blocks: {', '.join(mechanism_names())}")
     p.add_argument("--layers", type=name_list, default=list(DEFAULT.layers),
                    help=f"registered causal layers: {', '.join(causal_layer_names())}")
     p.add_argument("--options", type=json.loads, default=dict(DEFAULT.options),
@@ -97,10 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         chosen = [c for c in mqar_runs.candidates() if c.skip is None]
         args.mechanisms = [c.name for c in chosen if c.kind != "layer"]
         args.layers = [c.name for c in chosen if c.kind == "layer"]
-    unknown = ({mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} - set(mixer_names())) | (
+    unknown = ({mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} - set(mechanism_names())) | (
         set(args.layers) - set(causal_layer_names()))
     if unknown:
-        p.error(f"unknown models {sorted(unknown)}; mechanisms and blocks: {mixer_names()}; "
+        p.error(f"unknown models {sorted(unknown)}; mechanisms and blocks: {mechanism_names()}; "
                 f"causal layers: {causal_layer_names()}")
     if not (args.mechanisms or args.layers):
         p.error("no model: give --mechanisms, --layers or --all")

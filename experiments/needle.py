@@ -11,7 +11,7 @@ digit (chance ``1/num_digits``) and exact match of the whole value, as a table, 
 figure with a panel per model.
 
 Models: any registry mechanism through ``MultiHeadAttention(mechanism=...)`` (``--mechanisms``), any
-registered causal layer (``--layers``, ``attnjax.nn.LAYERS`` through ``experiments.lib.layer_model``) and
+registered causal layer (``--layers``, ``attnjax.nn.LAYERS``, ``ModelConfig(mixer="layer:<name>")``) and
 any registered block (``--blocks``, ``attnjax.nn.BLOCKS``), all in one run. Positions: RoPE (base 10000)
 in every attention layer that takes one, the house model's default, trained only up to ``T`` (``--no-rope``
 drops it, leaving causal masking and the short convolution as the only position signals).
@@ -40,10 +40,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from attnjax import registry
 from attnjax.nn import BLOCKS
 from experiments.lib import cli, host, plots, report
-from experiments.lib.layer_model import LayerLanguageModel, causal_layer_names
-from experiments.lib.model import LanguageModel, ModelConfig, logits, mixer_names, num_params
+from experiments.lib.model import LAYER_PREFIX, LanguageModel, ModelConfig, causal_layer_names, logits, num_params
 from experiments.lib.needle_data import FILLERS, NeedleTask, needle_batch
 from experiments.lib.training import IGNORE, TrainConfig, token_loss, train
 
@@ -64,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line flags; the defaults take about 4 minutes on a 2-core CPU."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", type=name_list, default=["softmax"],
-                   help=f"registry mechanisms, through MultiHeadAttention: {', '.join(mixer_names())}")
+                   help="registry mechanisms, through MultiHeadAttention: "
+                        + ", ".join(e.name for e in registry.entries()))
     p.add_argument("--layers", type=name_list, default=["based"],
                    help=f"registered causal layers: {', '.join(causal_layer_names())}")
     p.add_argument("--blocks", type=name_list, default=[], help=f"registered blocks: {', '.join(BLOCKS)}")
@@ -97,7 +98,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     cli.add_output_flags(p, "needle")
     args = cli.parse_with_smoke(p, argv, SMOKE)
-    checks = [("mechanisms", set(mixer_names()) - set(BLOCKS), args.mechanisms),
+    checks = [("mechanisms", [e.name for e in registry.entries()], args.mechanisms),
               ("layers", causal_layer_names(), args.layers), ("blocks", list(BLOCKS), args.blocks)]
     for flag, known, given in checks:
         unknown = sorted(set(given) - set(known))
@@ -128,15 +129,14 @@ def label(kind: str, name: str) -> str:
 
 
 def build_model(args: argparse.Namespace, task: NeedleTask, kind: str, name: str) -> LanguageModel:
-    """The model of one ``(kind, name)``: ``LanguageModel`` (mechanism or block) or ``LayerLanguageModel``."""
-    config = ModelConfig(vocab_size=task.vocab_size, mixer="softmax" if kind == "layer" else name,
+    """The ``LanguageModel`` of one ``(kind, name)``: its mixer is the mechanism, block or ``"layer:<name>"``."""
+    config = ModelConfig(vocab_size=task.vocab_size, mixer=LAYER_PREFIX + name if kind == "layer" else name,
                          d_model=args.d_model, num_layers=args.num_layers,
                          num_heads=max(args.d_model // args.head_dim, 1),
                          head_dim=args.head_dim if kind == "mechanism" else None, mlp_ratio=args.mlp_ratio,
                          rope=args.rope, short_conv=args.short_conv,
                          mixer_options=args.layer_options.get(name, {}) if kind != "mechanism" else {})
-    rngs = nnx.Rngs(args.seed)
-    return LayerLanguageModel(name, config, rngs=rngs) if kind == "layer" else LanguageModel(config, rngs=rngs)
+    return LanguageModel(config, rngs=nnx.Rngs(args.seed))
 
 
 def score(model: LanguageModel, inputs: np.ndarray, targets: np.ndarray) -> dict:

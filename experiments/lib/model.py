@@ -9,13 +9,18 @@ output head. The token mixer is picked by name (``ModelConfig.mixer``):
   causal mask and RoPE;
 - a name in ``attnjax.nn.BLOCKS`` (``"transnormer"``, ``"based"``): that block as published
   (TransNormerLLM: SRMSNorm, gated Lightning attention, SGLU; BASED: Taylor linear attention, then
-  sliding-window softmax, then MLP), with ``ModelConfig.mixer_options`` passed to its constructor.
+  sliding-window softmax, then MLP), with ``ModelConfig.mixer_options`` passed to its constructor;
+- ``"layer:<name>"`` for a causal layer of ``attnjax.nn.LAYERS`` (``"layer:titans_mac"``, ``"layer:rat"``):
+  ``LayerBlock``, the pre-norm block above with that layer in place of ``MultiHeadAttention``, the layer
+  built from its constructor's own defaults with the model's width and heads (``layer_kwargs``), so a layer
+  registered later plugs in by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -25,6 +30,7 @@ from flax import nnx
 
 from attnjax import masks, nn as ajnn, registry
 from attnjax.linear import linear_attention
+from attnjax.nn.registry import LAYERS, ModuleSpec, modules
 from attnjax.positional import RoPE
 
 
@@ -34,11 +40,12 @@ class ModelConfig:
 
     Attributes:
       vocab_size: tokens ``V``.
-      mixer: a registry mechanism name or a name in ``attnjax.nn.BLOCKS`` (see the module docstring).
+      mixer: a registry mechanism name, a name in ``attnjax.nn.BLOCKS`` or ``"layer:<name>"`` for a causal
+        ``attnjax.nn.LAYERS`` layer (see the module docstring).
       d_model: residual width.
       num_layers: residual blocks.
       num_heads: attention heads per block.
-      head_dim: features per head of the registry-mechanism blocks (default ``d_model // num_heads``);
+      head_dim: features per head of the registry-mechanism and layer blocks (default ``d_model // num_heads``);
         for a feature-map mechanism it is also the dimension the feature map expands (BASED's ``feature_dim``).
       mlp_ratio: MLP hidden width ``mlp_ratio · d_model`` of the registry-mechanism blocks (and BASED);
         ``0`` drops the MLP from the registry-mechanism blocks (BASED then uses its default ``4·d_model``).
@@ -46,7 +53,8 @@ class ModelConfig:
       tie_embeddings: the head is the transposed embedding; else a separate ``[d_model, V]`` matrix.
       short_conv: kernel size of a causal depthwise convolution sublayer before each block (``0``: none).
       mixer_options: extra keyword arguments of the ``attnjax.nn.BLOCKS`` block (e.g. BASED's
-        ``feature_dim``, ``window``), or of the registry config (e.g. ``{"chunk_size": 32}``).
+        ``feature_dim``, ``window``), of the layer's constructor, or of the registry config (e.g.
+        ``{"chunk_size": 32}``).
     """
 
     vocab_size: int
@@ -62,7 +70,9 @@ class ModelConfig:
     mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.mixer not in mixer_names():
+        if self.mixer.startswith(LAYER_PREFIX):
+            layer_spec(self.mixer[len(LAYER_PREFIX):])
+        elif self.mixer not in mixer_names():
             raise ValueError(f"unknown mixer {self.mixer!r}; known: {mixer_names()}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
             if getattr(self, name) <= 0:
@@ -73,15 +83,61 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mlp_ratio must be >= 0, got {self.mlp_ratio}")
 
     def mechanism(self) -> Optional[registry.Mechanism]:
-        """The registry config of a registry mixer (with ``mixer_options``); ``None`` for an nn block."""
-        if self.mixer in ajnn.BLOCKS:
+        """The registry config of a registry mixer (with ``mixer_options``); ``None`` for an nn block or layer."""
+        if self.mixer in ajnn.BLOCKS or self.mixer.startswith(LAYER_PREFIX):
             return None
         return registry.get(self.mixer)(**self.mixer_options)
 
 
+LAYER_PREFIX = "layer:"
+"""``ModelConfig.mixer = LAYER_PREFIX + name`` picks the causal layer ``name`` of ``attnjax.nn.LAYERS`` (layer names
+can coincide with mechanism and block names: ``"based"``, ``"routing"``)."""
+
+
 def mixer_names() -> list[str]:
-    """Every name ``ModelConfig.mixer`` accepts: registry mechanisms, then ``attnjax.nn.BLOCKS``."""
-    return [e.name for e in registry.entries()] + sorted(ajnn.BLOCKS)
+    """Every name ``ModelConfig.mixer`` accepts: registry mechanisms, ``attnjax.nn.BLOCKS``, then
+    ``"layer:<name>"`` for every causal layer."""
+    return ([e.name for e in registry.entries()] + sorted(ajnn.BLOCKS)
+            + [LAYER_PREFIX + n for n in causal_layer_names()])
+
+
+def causal_layer_names() -> list[str]:
+    """Every registered layer that promises causality (``ModuleSpec.causal``), in registry order."""
+    return [s.name for s in modules("layer") if s.causal]
+
+
+def layer_spec(name: str) -> ModuleSpec:
+    """The registry spec of the causal layer ``name``; ``ValueError`` naming the causal layers otherwise."""
+    spec = next((s for s in modules("layer") if s.name == name), None)
+    if spec is None or not spec.causal:
+        what = "is not causal" if spec is not None else "is not a registered layer"
+        raise ValueError(f"layer {name!r} {what}; causal layers: {causal_layer_names()}")
+    return spec
+
+
+def layer_kwargs(spec: ModuleSpec, config: ModelConfig) -> dict:
+    """Constructor kwargs (``rngs`` excluded) of ``spec``'s layer in a model of shape ``config``.
+
+    The layer's own defaults, plus: ``d_model``; ``num_heads`` and ``head_dim`` (``config.head_dim``, if set)
+    where the constructor takes them; ``rope=RoPE()`` where it takes ``rope`` (or its example does) and
+    ``config.rope``; ``causal=True`` where it takes ``causal``; each other argument without a default, from the
+    spec's tiny example (e.g. ``GraphMoE``'s ``num_experts``); then ``config.mixer_options``, which win.
+    """
+    params = inspect.signature(spec.module.__init__).parameters
+    kwargs: dict[str, Any] = {"d_model": config.d_model}
+    if "num_heads" in params:
+        kwargs["num_heads"] = config.num_heads
+    if "head_dim" in params and config.head_dim is not None:
+        kwargs["head_dim"] = config.head_dim
+    if config.rope and ("rope" in params or "rope" in spec.kwargs):
+        kwargs["rope"] = RoPE()
+    if "causal" in params:
+        kwargs["causal"] = True
+    for name, p in params.items():
+        if (name not in kwargs and name not in ("self", "rngs") and p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name in spec.kwargs):
+            kwargs[name] = spec.kwargs[name]
+    return {**kwargs, **config.mixer_options}
 
 
 class MLP(nnx.Module):
@@ -134,6 +190,22 @@ class AttentionBlock(nnx.Module):
         return (h if self.mlp is None else h + self.mlp(self.norm_mlp(h))), cache
 
 
+class LayerBlock(nnx.Module):
+    """Pre-norm block ``h = x + layer(LN(x), mask=Causal())``, ``y = h + MLP(LN(h))`` (``mlp_dim=0``: ``y = h``),
+    with a registered causal layer as the mixer (no ``init_cache``/``decode``: the layers decode on their own)."""
+
+    def __init__(self, layer: nnx.Module, d_model: int, *, mlp_dim: int, rngs: nnx.Rngs):
+        self.norm_mixer = nnx.LayerNorm(d_model, rngs=rngs)
+        self.mixer = layer
+        self.norm_mlp = nnx.LayerNorm(d_model, rngs=rngs) if mlp_dim else None
+        self.mlp = MLP(d_model, mlp_dim, rngs=rngs) if mlp_dim else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, causal."""
+        h = x + self.mixer(self.norm_mixer(x), mask=masks.Causal())
+        return h if self.mlp is None else h + self.mlp(self.norm_mlp(h))
+
+
 class ShortConv(nnx.Module):
     """Residual causal depthwise convolution ``y_t = x_t + Σ_{i<k} w_i ⊙ LN(x)_{t−i} + b``.
 
@@ -172,6 +244,9 @@ class ShortConv(nnx.Module):
 def make_block(config: ModelConfig, layer_idx: int, rngs: nnx.Rngs) -> nnx.Module:
     """Residual block ``layer_idx`` of a model: ``[B, T, d_model] -> [B, T, d_model]``, causal."""
     d, heads, mlp_dim = config.d_model, config.num_heads, config.mlp_ratio * config.d_model
+    if config.mixer.startswith(LAYER_PREFIX):
+        spec = layer_spec(config.mixer[len(LAYER_PREFIX):])
+        return LayerBlock(LAYERS[spec.name](**layer_kwargs(spec, config), rngs=rngs), d, mlp_dim=mlp_dim, rngs=rngs)
     if config.mixer == "transnormer":
         return ajnn.BLOCKS["transnormer"](d, heads, layer_idx=layer_idx, num_layers=config.num_layers, rngs=rngs,
                                           **config.mixer_options)

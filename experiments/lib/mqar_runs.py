@@ -2,7 +2,7 @@
 
 ``sweep`` is the study of ``python -m experiments.mqar``; ``compare`` one small task per mechanism, for the
 main job. A model is a registry mechanism (through ``MultiHeadAttention``), a causal ``attnjax.nn.LAYERS``
-layer (through ``experiments.lib.layer_model``; the memory layers, Titans, RAT, live there) or an
+layer (``ModelConfig(mixer="layer:<name>")``; the memory layers, Titans, RAT, live there) or an
 ``attnjax.nn.BLOCKS`` block; ``candidates`` lists every registered one with its family and, where it cannot
 train on MQAR, why. ``state_size`` is the x-axis of Zoology (Arora et al. 2023, Fig. 2/3): the floats a model
 keeps per sequence to decode the next token, read from its ``init_cache``.
@@ -29,8 +29,7 @@ from tqdm import tqdm
 from attnjax import registry
 from attnjax.nn import BLOCKS
 from attnjax.nn.registry import modules
-from experiments.lib.layer_model import LayerLanguageModel
-from experiments.lib.model import LanguageModel, ModelConfig, num_params
+from experiments.lib.model import LAYER_PREFIX, LanguageModel, ModelConfig, num_params
 from experiments.lib.mqar_data import MQARConfig, mqar_batch
 from experiments.lib.report import markdown_table
 from experiments.lib.training import Batch, TrainConfig, evaluate, train
@@ -165,10 +164,10 @@ def parse_mechanism(spec: str) -> tuple[str, Optional[int]]:
 
 
 def build(settings: MQARSettings, model: Candidate, d_model: int) -> LanguageModel:
-    """The language model of ``model`` at width ``d_model``: ``LanguageModel`` (mechanism or block) or
-    ``LayerLanguageModel`` (layer), heads = d_model / head_dim. A block's constructor arguments without a
-    default (besides width, heads and ``rngs``) come from its registry example (``GraphMoEBlock``'s
-    ``num_experts``), as ``layer_model.layer_kwargs`` does for layers; ``settings.options`` win."""
+    """The ``LanguageModel`` of ``model`` at width ``d_model`` (a layer as ``mixer="layer:<name>"``), heads =
+    d_model / head_dim. A block's constructor arguments without a default (besides width, heads and ``rngs``)
+    come from its registry example (``GraphMoEBlock``'s ``num_experts``), as ``model.layer_kwargs`` does for
+    layers; ``settings.options`` win."""
     name, head_dim = parse_mechanism(model.name) if model.kind == "mechanism" else (model.name, None)
     head_dim = head_dim or settings.head_dim
     options = dict(settings.options.get(name, {}))
@@ -177,13 +176,12 @@ def build(settings: MQARSettings, model: Candidate, d_model: int) -> LanguageMod
         params = list(inspect.signature(spec.module.__init__).parameters.values())[3:]
         options = {**{p.name: spec.kwargs[p.name] for p in params if p.default is inspect.Parameter.empty
                       and p.name != "rngs" and p.name in spec.kwargs}, **options}
-    config = ModelConfig(vocab_size=settings.vocab_size, mixer="softmax" if model.kind == "layer" else name,
+    config = ModelConfig(vocab_size=settings.vocab_size, mixer=LAYER_PREFIX + name if model.kind == "layer" else name,
                          d_model=d_model, num_layers=settings.num_layers, num_heads=max(d_model // head_dim, 1),
                          head_dim=head_dim if model.kind != "block" else None, mlp_ratio=settings.mlp_ratio,
                          short_conv=settings.short_conv,
                          mixer_options=options)
-    rngs = nnx.Rngs(settings.seed)
-    return LayerLanguageModel(name, config, rngs=rngs) if model.kind == "layer" else LanguageModel(config, rngs=rngs)
+    return LanguageModel(config, rngs=nnx.Rngs(settings.seed))
 
 
 def _floats(tree) -> int:

@@ -94,16 +94,21 @@ def _mean_loss(model: LanguageModel, inputs: jax.Array, targets: jax.Array):
     return total / count, correct / count
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
 def _train_step(graphdef, config, params, rest, opt_state, inputs, targets):
-    """One AdamW step on the model's ``nnx.Param`` state; compiled once per (model structure, ``TrainConfig``)."""
+    """One AdamW step on the model's ``nnx.Param`` state, and the rest of its state (``nnx.BatchStat`` and other
+    non-parameter variables) as the forward leaves it (e.g. k-means centroids updated in the forward, which get
+    no gradient); compiled once per (model structure, ``TrainConfig``). ``copy=True``: the merged model's variables
+    are new ones of this trace, which its forward may write (the passed-in ones belong to the jit trace)."""
     def loss_fn(params):
-        return _mean_loss(nnx.merge(graphdef, params, rest), inputs, targets)
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        loss, accuracy = _mean_loss(model, inputs, targets)
+        return loss, (accuracy, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (accuracy, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = make_optimizer(config).update(grads, opt_state, params)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return optax.apply_updates(params, updates), rest, opt_state, metrics
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -134,21 +139,21 @@ def train(model: LanguageModel, batch_fn: Callable[[int], Batch], config: TrainC
                leave=False, dynamic_ncols=True)
     for step in bar:
         inputs, targets = batch_fn(step)
-        params, opt_state, metrics = _train_step(graphdef, config, params, rest, opt_state,
-                                                 jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets))
+        params, rest, opt_state, metrics = _train_step(graphdef, config, params, rest, opt_state,
+                                                       jax.tree.map(jnp.asarray, inputs), jnp.asarray(targets))
         done = step + 1
         if done % max(config.log_every, 1) == 0 or done == stop:
             row = {"step": done, **{k: float(v) for k, v in metrics.items()}}
             if on_log is not None:
-                nnx.update(model, params)
+                nnx.update(model, params, rest)
                 row.update(on_log(done, model))
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
         if checkpoint_dir is not None and (done == stop or config.checkpoint_every
                                            and done % config.checkpoint_every == 0):
-            nnx.update(model, params)
+            nnx.update(model, params, rest)
             save_checkpoint(checkpoint_dir, done, model, opt_state)
-    nnx.update(model, params)
+    nnx.update(model, params, rest)
     return history
 
 

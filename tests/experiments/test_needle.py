@@ -10,8 +10,7 @@ from flax import nnx
 
 from attnjax.nn.registry import modules
 from experiments import needle
-from experiments.lib import layer_model
-from experiments.lib.model import ModelConfig
+from experiments.lib.model import LanguageModel, ModelConfig, causal_layer_names, layer_spec
 from experiments.lib.needle_data import MARK, QUERY, NeedleTask, needle_batch, needle_offset
 from experiments.lib.training import IGNORE
 
@@ -71,11 +70,11 @@ def test_bad_arguments_raise(call):
         call()
 
 
-@pytest.mark.parametrize("name", layer_model.causal_layer_names())
+@pytest.mark.parametrize("name", causal_layer_names())
 def test_every_registered_causal_layer_fits_the_model(name):
     """Abstractly (no compile): a causal layer registered later (e.g. ``titans_mac``) is checked here too."""
-    config = ModelConfig(vocab_size=30, d_model=16, num_layers=1, num_heads=2)
-    model = nnx.eval_shape(lambda: layer_model.LayerLanguageModel(name, config, rngs=nnx.Rngs(0)))
+    config = ModelConfig(vocab_size=30, mixer=f"layer:{name}", d_model=16, num_layers=1, num_heads=2)
+    model = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     tokens = jax.ShapeDtypeStruct((2, 24), jnp.int32)
     out = jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t), state, tokens)
@@ -85,9 +84,9 @@ def test_every_registered_causal_layer_fits_the_model(name):
 def test_non_causal_and_unknown_layers_are_refused():
     non_causal = [s.name for s in modules("layer") if not s.causal]
     with pytest.raises(ValueError, match="not causal"):
-        layer_model.layer_spec(non_causal[0])
+        layer_spec(non_causal[0])
     with pytest.raises(ValueError, match="not a registered layer"):
-        layer_model.layer_spec("nope")
+        layer_spec("nope")
     with pytest.raises(SystemExit):
         needle.parse_args(["--layers", "nope"])
 

@@ -73,6 +73,41 @@ def test_training_lowers_the_loss():
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
 
 
+class CountingLM(nnx.Module):
+    """Embedding and tied head, with a ``BatchStat`` the forward writes (as routing's k-means centroids are): the
+    number of forward calls, and the running mean of the embeddings it saw."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(V, 8, rngs=rngs)
+        self.calls = nnx.BatchStat(jnp.zeros(()))
+        self.mean = nnx.BatchStat(jnp.zeros(8))
+
+    def __call__(self, tokens):
+        h = self.embed(tokens)
+        self.calls[...] = self.calls[...] + 1
+        self.mean[...] = 0.5 * self.mean[...] + 0.5 * jax.lax.stop_gradient(h.mean((0, 1)))
+        return self.embed.attend(h)
+
+
+def test_training_carries_state_the_forward_writes():
+    """The jitted step returns the non-``Param`` state its forward left (no TraceContextError), into the model."""
+    model = CountingLM(nnx.Rngs(0))
+    training.train(model, fixed_batch, training.TrainConfig(steps=3, warmup_steps=1), progress=False)
+    assert float(model.calls[...]) == 3.0
+    assert float(jnp.abs(model.mean[...]).max()) > 0
+
+
+def test_layer_mixer_builds_layer_blocks():
+    """``mixer="layer:<name>"`` puts the registered causal layer in every block; non-causal and unknown ones are
+    refused."""
+    model = nnx.eval_shape(lambda: lm.LanguageModel(lm.ModelConfig(mixer="layer:rat", **TINY), rngs=nnx.Rngs(0)))
+    assert isinstance(model.blocks[0], lm.LayerBlock) and type(model.blocks[0].mixer).__name__ == "RAT"
+    assert "layer:rat" in lm.mixer_names() and "layer:pmi" not in lm.mixer_names()
+    for name, match in (("layer:pmi", "not causal"), ("layer:nope", "not a registered layer")):
+        with pytest.raises(ValueError, match=match):
+            lm.ModelConfig(mixer=name, **TINY)
+
+
 def test_checkpoint_restore_and_resume(tmp_path):
     """Restore into a freshly initialized model gives identical outputs; a resumed run equals an uninterrupted one."""
     config = lm.ModelConfig(mixer="softmax", **TINY)

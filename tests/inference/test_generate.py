@@ -8,8 +8,7 @@ from flax import nnx
 
 from attnjax.inference import generate, generate_by_recomputing, sample_token
 from experiments import bench_generate
-from experiments.lib.layer_model import LayerLanguageModel, causal_layer_names
-from experiments.lib.model import LanguageModel, ModelConfig
+from experiments.lib.model import LanguageModel, ModelConfig, causal_layer_names
 from tests.helpers import assert_close
 
 VOCAB = 11
@@ -63,10 +62,11 @@ def test_decode_equals_parallel(name):
     assert_close(logits, model(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_in_two_chunks_equals_parallel():
-    """``LanguageModel.prefill`` of 5 then 4 tokens (``MultiHeadAttention.prefill`` with RoPE, ``ShortConv``
-    buffers) == the parallel call; TransNormer blocks have no prefill and say so."""
-    model, tokens = _model("softmax"), _prompt(2, 9)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_in_two_chunks_equals_parallel(name):
+    """``LanguageModel.prefill`` of 5 then 4 tokens == the parallel call: ``MultiHeadAttention.prefill`` with RoPE
+    and ``ShortConv`` buffers (softmax), ``TransNormerBlock.prefill`` from the linear state (transnormer)."""
+    model, tokens = _model(name), _prompt(2, 9)
 
     @nnx.jit
     def two_chunks(model, tokens):
@@ -75,8 +75,6 @@ def test_prefill_in_two_chunks_equals_parallel():
         return jnp.concatenate([first, second], axis=1)
 
     assert_close(two_chunks(model, tokens), model(tokens), atol=1e-5, rtol=1e-5)
-    with pytest.raises(NotImplementedError, match="no prefill"):
-        _model("transnormer").prefill(tokens, None)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -146,9 +144,9 @@ def test_errors_name_the_argument():
 
 
 def test_model_without_decodable_blocks_says_so():
-    """``LayerLanguageModel``'s ``LayerBlock`` has no ``init_cache``/``decode``: a clear NotImplementedError."""
-    model = LayerLanguageModel(causal_layer_names()[0], ModelConfig(VOCAB, d_model=16, num_layers=1, num_heads=2),
-                               rngs=nnx.Rngs(0))
+    """A layer mixer's ``LayerBlock`` has no ``init_cache``/``decode``: a clear NotImplementedError."""
+    model = LanguageModel(ModelConfig(VOCAB, f"layer:{causal_layer_names()[0]}", d_model=16, num_layers=1,
+                                      num_heads=2), rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="LayerBlock"):
         generate(model, _prompt(), 2)
 
