@@ -62,11 +62,10 @@ def test_decode_equals_parallel(name):
     assert_close(logits, model(tokens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_in_two_chunks_equals_parallel(name):
-    """``LanguageModel.prefill`` of 5 then 4 tokens == the parallel call: ``MultiHeadAttention.prefill`` with RoPE
-    and ``ShortConv`` buffers (softmax), ``TransNormerBlock.prefill`` from the linear state (transnormer)."""
-    model, tokens = _model(name), _prompt(2, 9)
+def test_prefill_in_two_chunks_equals_parallel():
+    """``LanguageModel.prefill`` of 5 then 4 tokens (``MultiHeadAttention.prefill`` with RoPE, ``ShortConv``
+    buffers) == the parallel call; TransNormer blocks have no prefill and say so."""
+    model, tokens = _model("softmax"), _prompt(2, 9)
 
     @nnx.jit
     def two_chunks(model, tokens):
@@ -75,6 +74,8 @@ def test_prefill_in_two_chunks_equals_parallel(name):
         return jnp.concatenate([first, second], axis=1)
 
     assert_close(two_chunks(model, tokens), model(tokens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="no prefill"):
+        _model("transnormer").prefill(tokens, None)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
