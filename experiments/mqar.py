@@ -43,6 +43,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+from matplotlib.lines import Line2D
+from scipy import stats
+
 from experiments.lib import cli, host, mqar_runs, plots, report
 from experiments.lib.model import LAYER_PREFIX, causal_layer_names, mixer_names
 from experiments.lib.mqar_runs import MQARSettings
@@ -111,13 +115,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+MAX_LINES = 8
+"""Most models a family panel draws as lines with a legend; a run with more (``--all``) is drawn by family."""
+
+
 def plot(rows: Sequence[dict], path: Path) -> None:
-    """Small multiples: one row of panels per pair count, one column per family; in each panel, accuracy
-    against decoding state size, one line per model (its widths)."""
+    """Accuracy against decoding state size (log x), saved to ``path``.
+
+    Up to ``MAX_LINES`` models per family: small multiples, one row of panels per pair count, one column per
+    family, one line per model (its widths). More (``--all``): one panel per pair count, every model a point
+    coloured by family, a circle where the state grows with T (a KV cache), a square where it is fixed."""
     plt = plots.plt
     rows = [r for r in rows if r["state_size"] is not None]
     pairs = sorted({r["num_kv_pairs"] for r in rows})
     families = [f for f in mqar_runs.FAMILIES if any(r["family"] == f for r in rows)]
+    if max(len({r["mechanism"] for r in rows if r["family"] == f}) for f in families) > MAX_LINES:
+        return plot_by_family(rows, pairs, families, path)
     fig, axes = plt.subplots(len(pairs), len(families), figsize=(3.3 * len(families), 2.7 * len(pairs) + 0.6),
                              squeeze=False, sharex=True, sharey=True)
     for i, n in enumerate(pairs):
@@ -141,6 +154,36 @@ def plot(rows: Sequence[dict], path: Path) -> None:
             if i == len(pairs) - 1:
                 ax.set_xlabel("decoding state (floats / sequence)")
     fig.suptitle("MQAR accuracy against decoding state size (Zoology Fig. 3 style)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_by_family(rows: Sequence[dict], pairs: Sequence[int], families: Sequence[str], path: Path) -> None:
+    """``plot`` for many models: one panel per pair count, a point per (model, width), colour = family, marker =
+    whether the state grows with T."""
+    plt = plots.plt
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.4 * len(pairs), 4.2), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], pairs):
+        for j, family in enumerate(families):
+            for grows, marker in ((True, "o"), (False, "s")):
+                sel = [r for r in rows
+                       if r["num_kv_pairs"] == n and r["family"] == family and r["state_grows"] == grows]
+                ax.scatter([r["state_size"] for r in sel], [r["accuracy"] for r in sel], marker=marker, s=22,
+                           color=f"C{j}", alpha=0.7, edgecolors="none")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"N = {n} pairs", fontsize=10)
+        ax.set_xlabel("decoding state (floats / sequence)")
+    axes[0][0].set_ylabel("test accuracy")
+    handles = [Line2D([], [], ls="", marker="o", color=f"C{j}", label=f) for j, f in enumerate(families)]
+    handles += [Line2D([], [], ls="", marker=m, color="0.4", label=t)
+                for m, t in (("o", "state grows with T (KV cache)"), ("s", "fixed-size state"))]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle(f"MQAR accuracy against decoding state size, {len({r['mechanism'] for r in rows})} models "
+                 "(Zoology Fig. 3 style)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -171,8 +214,25 @@ def reading(rows: Sequence[dict]) -> str:
         return ", ".join(f"{r['mechanism']} (d {r['d_model']}, {r['state_size'] or '?'} floats) "
                          f"{r['accuracy']:.2f}" for r in sel) or "none"
 
-    return (f"This run at N = {n}: state growing with T (a KV cache): {listing(r for r in last if r['state_grows'])}; "
-            f"fixed-size state, by size: {listing(r for r in last if not r['state_grows'])}.")
+    grows = [r for r in last if r["state_grows"]]
+    fixed = [r for r in last if not r["state_grows"] and r["state_size"] is not None]
+    return (f"This run at N = {n}: state growing with T (a KV cache): {listing(grows)}; "
+            f"fixed-size state, by size: {listing(fixed)}.\n\n" + summary(grows, fixed, n))
+
+
+def summary(grows: Sequence[dict], fixed: Sequence[dict], n: int) -> str:
+    """One sentence at pair count ``n``: median accuracy and the count at >= 0.9 of the KV-cache and the fixed-state
+    models, and the Spearman rank correlation of state size with accuracy over the fixed-state models."""
+    def part(sel, what):
+        if not sel:
+            return f"no {what} models"
+        accuracy = [r["accuracy"] for r in sel]
+        return (f"{len(sel)} {what} models, median accuracy {np.median(accuracy):.2f}, "
+                f"{sum(a >= 0.9 for a in accuracy)} at >= 0.9")
+    rho = (stats.spearmanr([r["state_size"] for r in fixed], [r["accuracy"] for r in fixed])[0]
+           if len(fixed) > 2 else float("nan"))
+    return (f"At N = {n}: {part(grows, 'KV-cache')}; {part(fixed, 'fixed-state')}; over the fixed-state models, "
+            f"Spearman rank correlation of state size with accuracy {rho:.2f}.")
 
 
 def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namespace, argv: Sequence[str],

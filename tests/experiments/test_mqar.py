@@ -152,3 +152,16 @@ def test_quick_compare_softmax_recalls_better_than_lightning():
     rows = {r["mechanism"]: r for r in mqar_runs.compare(["softmax", "lightning"], quick=True)}
     assert rows["softmax"]["accuracy"] > 0.9
     assert rows["softmax"]["accuracy"] > rows["lightning"]["accuracy"] + 0.2
+
+
+def test_many_models_plot_by_family_and_the_summary_reads_the_claim(tmp_path):
+    """More than ``MAX_LINES`` models in a family: one panel per pair count, a point per model; the summary
+    counts KV-cache and fixed-state models and ranks the fixed ones' accuracy by state size."""
+    rows = [{"mechanism": f"m{i}", "family": "linear / recurrent", "d_model": 64, "num_kv_pairs": 8,
+             "state_size": 2 ** (i + 6), "state_grows": False, "accuracy": i / 10} for i in range(mqar.MAX_LINES + 1)]
+    rows.append({**rows[0], "mechanism": "softmax", "family": "softmax-like", "state_grows": True, "accuracy": 1.0})
+    mqar.plot(rows, tmp_path / "many.png")
+    assert (tmp_path / "many.png").stat().st_size > 0
+    assert mqar.reading(rows).endswith(
+        "At N = 8: 1 KV-cache models, median accuracy 1.00, 1 at >= 0.9; 9 fixed-state models, median accuracy "
+        "0.40, 0 at >= 0.9; over the fixed-state models, Spearman rank correlation of state size with accuracy 1.00.")
