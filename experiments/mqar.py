@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -256,9 +254,7 @@ def markdown(rows: Sequence[dict], failed: Sequence[dict], args: argparse.Namesp
         f"a linear state H·D_k'·D_v; \"(kv)\": a mechanism without decode, given its keys and values). A cache "
         f"holds what the module's decode keeps: sparse_window's is the whole KV cache, though each query reads "
         f"only its window.", "",
-        f"Machine: {run_info['device']['device_kind']}, {run_info['device']['cpu_count']} cores, jax "
-        f"{run_info['device']['jax_version']}; load average {run_info['load_start']:.1f} at start, "
-        f"{run_info['load_end']:.1f} at end (shared with other jobs); {run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         mqar_runs.table(rows), "",
         "Largest N with accuracy >= 0.9: " + "; ".join(solved) + ".", "",
         "Claim: " + ZOOLOGY_CLAIM, "", reading(rows), "",
@@ -269,11 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Run the study, print the page, write ``<name>.json``, ``<name>.md`` and ``<name>.png`` to ``--out``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     failed: list[dict] = []
     rows = mqar_runs.sweep(cli.settings_from(MQARSettings, args), skipped=failed)
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(rows, failed, args, argv, run_info)
     print(md)
     report.write_json({"args": report.jsonable_args(args), **run_info, "results": rows, "failed": failed,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -232,9 +231,7 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, argv: Sequence[str]
         f"{args.short_conv}, {position}. Training: T = {args.seq_len}, needles at uniform random depths, {args.steps} AdamW steps of "
         f"{args.batch_size} fresh sequences (lr {args.lr}, warmup {args.warmup_steps}, cosine). Test: "
         f"{args.test_examples} held-out sequences per cell; cells give digit accuracy / exact match of the value.", "",
-        f"Machine: {device['device_kind']}, {device['cpu_count']} cores, jax {device['jax_version']}; load average "
-        f"{run_info['load_start']:.1f} at start, {run_info['load_end']:.1f} at end (shared with other jobs); "
-        f"{run_info['wall_seconds'] / 60:.1f} min.", "",
+        host.machine_line(run_info), "",
         tables(rows)])
 
 
@@ -243,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     task = task_from(args)
-    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    started = host.start_run()
     rows = []
     for kind, name in tqdm(models(args), desc="needle", disable=not args.progress, dynamic_ncols=True):
         rows.append(run_one(args, task, kind, name))
@@ -251,8 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             means = grid(rows[-1])[2].mean(0)
             tqdm.write(f"{rows[-1]['model']}: mean digit accuracy per length "
                        + ", ".join(f"{m}T {v:.3f}" for m, v in zip(args.length_multiples, means)))
-    run_info = {"device": host.device_info(), "wall_seconds": time.perf_counter() - start,
-                "load_start": load_start, "load_end": os.getloadavg()[0]}
+    run_info = host.finish_run(started)
     md = markdown(rows, args, argv, run_info)
     print(md)
     out = Path(args.out)
