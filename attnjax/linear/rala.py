@@ -24,7 +24,9 @@ outside this op: they are in ``attnjax.nn.vision.rala.RALAttention``.
   ``Σ_j α_j (R_j φ(k_j)) v_jᵀ`` ``[D, Dv]`` and normalizer ``Σ_j α_j φ(k_j)`` ``[D]`` per head, then one
   product per query.
 * ``RALA``: the registry entry (``attnjax.attention(q, k, v, mechanism="rala")``): non-causal, no mask, GQA and
-  cross attention (``T != S``), no rotary embedding.
+  cross attention (``T != S``), no rotary embedding. ``RALA.chunk_attention`` runs ``rala``'s right product on one
+  chunk of a sequence split over devices (``attnjax.linear.sequence_state``, ``attnjax.parallel.lasp2_mechanism``):
+  ``q̄`` is one all-reduce, then ``α``'s softmax is merged across chunks log-sum-exp style.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def theta_shift(x: jax.Array, rotary: Rotary) -> jax.Array:
     """``x·cos + rotate_every_two(x)·sin`` (official ``theta_shift``): interleaved pairs ``(x_2i, x_2i+1)``
     rotate to ``(x_2i cos − x_2i+1 sin, x_2i+1 cos + x_2i sin)``. ``x [B, N, H, D]``, tables ``[N, D]``; float32."""
     sin, cos = (t[:, None, :] for t in rotary)
+    return _turn(x, sin, cos)
+
+
+def _turn(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """``theta_shift``'s rotation in float32 with tables already broadcastable to ``x`` (``[..., D]``)."""
     x = x.astype(jnp.float32)
     turned = jnp.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
     return x * cos + turned * sin
@@ -171,18 +178,23 @@ def _chunk(q: jax.Array, k: jax.Array, v: jax.Array, rotary: Optional[Rotary], s
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    fq = elu_plus_one(q).reshape(B, T, Hkv, Hq // Hkv, D)
-    fk = elu_plus_one(k)
-    q_mean = exchange.total(fq.sum(axis=1)) / (T * exchange.world)                       # [B, Hkv, G, D]
-    logits = scale * jnp.einsum("bhgd,bshd->bhgs", q_mean, fk)
+    # Heads-major ([B, Hkv, G, T, D]: one transpose of each input and of the output), so that every contraction
+    # below is a plain batched product; contracted in the [B, T, H, D] layout, XLA transposed operands to
+    # token-minor layouts (strided passes over the sequence that cost more than the products at T >= 2k on CPU).
+    fq = elu_plus_one(q).reshape(B, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)          # [B, Hkv, G, T, D]
+    fk = elu_plus_one(k).transpose(0, 2, 1, 3)                                              # [B, Hkv, S, D]
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)                                        # [B, Hkv, S, Dv]
+    q_mean = exchange.total(fq.sum(axis=3)) / (T * exchange.world)                       # [B, Hkv, G, D]
+    logits = scale * jnp.einsum("bhgd,bhsd->bhgs", q_mean, fk)
     shift = jnp.max(exchange.gather(jax.lax.stop_gradient(logits.max(axis=-1))), axis=0)  # [B, Hkv, G]
     e = jnp.exp(logits - shift[..., None])
-    rk = fk if rotary is None else theta_shift(fk, rotary)
-    e_sum, state, z = exchange.total((e.sum(axis=-1), jnp.einsum("bhgs,bshd,bshe->bhgde", e, rk, v.astype(jnp.float32)),
-                                      jnp.einsum("bhgs,bshd->bhgd", e, fk)))
-    numerator = jnp.einsum("bthgd,bhgde->bthge", _rotate_grouped(fq, rotary), state / e_sum[..., None, None])
-    denominator = jnp.einsum("bthgd,bhgd->bthg", fq, z / e_sum[..., None]) + NORMALIZER_EPS
-    return (numerator / denominator[..., None]).reshape(B, T, Hq, v.shape[-1])
+    rk, rq = (x if rotary is None else _turn(x, *rotary) for x in (fk, fq))            # tables [T, D] broadcast
+    e_sum, state, z = exchange.total((e.sum(axis=-1), jnp.einsum("bhgs,bhsd,bhse->bhgde", e, rk, vh),
+                                      jnp.einsum("bhgs,bhsd->bhgd", e, fk)))
+    numerator = jnp.einsum("bhgtd,bhgde->bhgte", rq, state / e_sum[..., None, None])
+    denominator = jnp.einsum("bhgtd,bhgd->bhgt", fq, z / e_sum[..., None]) + NORMALIZER_EPS
+    out = numerator / denominator[..., None]                                                # [B, Hkv, G, T, Dv]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, v.shape[-1])
 
 
 @registry.register
