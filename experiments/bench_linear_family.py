@@ -29,7 +29,14 @@ interleaved, round by round, so that a change in the host's load shifts all leng
 a (path, T) leaves the rounds after ``--repeats`` runs or ``--max-seconds`` of its own runs, so fast paths get
 their repeats while softmax at large T runs once.
 
+Every timed run also counts the process's minor page faults (``getrusage``), reported per run: glibc serves an
+allocation of 32 MiB or more (its largest dynamic mmap threshold) with a fresh ``mmap`` and unmaps it when freed,
+so once a compiled program's temporaries pass 32 MiB, every run first-touches them again (one fault per 4 KiB).
+That cost is linear in the temporaries, but it starts at some T between 1k and 16k and so steepens a slope fitted
+over that range; the column shows where it starts for each path.
+
     python -m experiments.bench_linear_family --seq-lens 1k,2k,4k,8k,16k
+    python -m experiments.bench_linear_family --paths rala,l2vit --modes fwd --name bench_linear_family_cpu_rala
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import resource
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
@@ -76,6 +84,11 @@ SMOKE = {"seq_lens": [256, 512], "heads": 2, "head_dim": 16, "repeats": 1, "max_
 """``--smoke`` defaults: tiny sizes that check the benchmark runs, in seconds (explicit flags still win)."""
 
 
+PATHS = ("flow", "flow causal", "inline", "rala", "kernelized_rpe", "kernelized_rpe causal", "agent", "channel_group",
+         "slab", "l2vit", "scatterformer", SOFTMAX_XLA, SOFTMAX_CAUSAL)
+"""Every path ``path_fns`` builds, in its order (``--paths`` picks some)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchPath:
     """One timed path: ``fn(q, k, v, extra) -> out`` on ``[B, T, H, D]``, its kind (``LINEAR``, ``FFT``,
@@ -109,6 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--voxel-window", type=int, default=12, help="ScatterFormer's window side in x and y (Waymo: 12)")
     p.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES),
                    help=f"comma-separated modes to time, of {','.join(MODES)}")
+    p.add_argument("--paths", type=lambda text: text.split(","), default=None,
+                   help="comma-separated paths to time (default: all; e.g. 'rala,l2vit,softmax/xla'); the ratio to "
+                        "softmax needs its baseline among them")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="a path stops repeating once its timed runs at one (T, mode) pass this many seconds")
@@ -120,6 +136,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = cli.parse_with_smoke(p, argv, SMOKE)
     if not args.modes or set(args.modes) - set(MODES):
         p.error(f"--modes must be some of {','.join(MODES)}, got {','.join(args.modes)}")
+    if args.paths is not None and (not args.paths or set(args.paths) - set(PATHS)):
+        p.error(f"--paths must be some of {','.join(PATHS)}, got {','.join(args.paths)}")
     bad = [t for t in args.seq_lens if t % args.image_width or t // args.image_width < args.agent_pool]
     if bad:
         p.error(f"every T must be a multiple of --image-width {args.image_width} with at least --agent-pool "
@@ -193,20 +211,32 @@ def program(path: BenchPath, mode: str) -> Callable:
     return lambda extra, *xs: workload.mode_fn(lambda q, k, v: path.fn(q, k, v, extra), mode)(*xs)
 
 
+def counting_faults(thunk: Callable, faults: list[int]) -> Callable:
+    """``thunk`` run to completion, appending the process's minor page faults during the run to ``faults``."""
+    def run():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out = jax.block_until_ready(thunk())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return out
+    return run
+
+
 def time_each_path(thunks: Mapping[Hashable, Callable], repeats: int, max_seconds: float
-                   ) -> dict[Hashable, list[float]]:
+                   ) -> tuple[dict[Hashable, list[float]], dict[Hashable, list[int]]]:
     """Timed runs (seconds) of each warmed-up thunk, interleaved round by round (``measure.time_thunks``, one round
-    at a time).
+    at a time), and the minor page faults of each run.
 
     Each round runs the thunks that have fewer than ``repeats`` runs and less than ``max_seconds`` of timed runs, so
     a slow thunk stops early without cutting the repeats of the fast ones; every thunk runs at least once.
     """
     samples: dict[Hashable, list[float]] = {key: [] for key in thunks}
+    faults: dict[Hashable, list[int]] = {key: [] for key in thunks}
+    counted = {key: counting_faults(thunk, faults[key]) for key, thunk in thunks.items()}
     while True:
-        active = {key: thunk for key, thunk in thunks.items()
+        active = {key: thunk for key, thunk in counted.items()
                   if not samples[key] or (len(samples[key]) < repeats and sum(samples[key]) < max_seconds)}
         if not active:
-            return samples
+            return samples, faults
         for key, t in time_thunks(active, repeats=1, warmup=0).items():
             samples[key].append(t.median_s)
 
@@ -224,6 +254,8 @@ def measure_mode(mode: str, args: argparse.Namespace) -> list[dict]:
         xs = workload.benchmark_inputs(seq_len, mode, args)
         warm = {}
         for name, path in path_fns(seq_len, args).items():
+            if args.paths is not None and name not in args.paths:
+                continue
             compiled = compile_fn(program(path, mode), path.extra, *xs)
             predicted = extrapolate(last.get(name), seq_len, ORDER[path.kind])
             runs = predicted is None or predicted <= args.time_budget_s
@@ -237,14 +269,15 @@ def measure_mode(mode: str, args: argparse.Namespace) -> list[dict]:
             rows[(name, seq_len)]["warmup_s"] = t.median_s
         thunks.update(warm)
     print(f"bench_linear_family {mode}: timing {len(thunks)} (path, T) pairs, interleaved", flush=True)
-    samples = time_each_path(thunks, args.repeats, args.max_seconds)
+    samples, faults = time_each_path(thunks, args.repeats, args.max_seconds)
     for row in rows.values():
         s = samples.get((row["path"], row["T"]))
         row["samples_s"] = s or []
         row["median_s"] = statistics.median(s) if s else None
         row["repeats"] = len(row["samples_s"])
+        row["page_faults"] = faults.get((row["path"], row["T"]), [])
     for row in rows.values():
-        base = rows[(row["baseline"], row["T"])]["median_s"]
+        base = rows.get((row["baseline"], row["T"]), {}).get("median_s")
         row["ratio_to_softmax"] = (row["median_s"] / base if row["median_s"] and base and row["kind"] != SOFTMAX
                                    else None)
     return list(rows.values())
@@ -272,13 +305,13 @@ def targets(rows: Sequence[dict], fits: dict, args: argparse.Namespace) -> dict:
         out[path] = {}
         for mode, by_range in by_mode.items():
             row, base = _find(rows, top, mode, path), _find(rows, top, mode, first["baseline"])
-            base_s = base["median_s"] if base["run"] else base["predicted_s"]
+            base_s = None if base is None else base["median_s"] if base["run"] else base["predicted_s"]
             slope, late = (None if fit is None else fit["slope"] for fit in (by_range["all"], by_range["from_min_len"]))
             out[path][mode] = {
                 "kind": first["kind"], "bound": bound, "slope": slope, "slope_from_min_len": late,
                 "met": None if slope is None else slope <= bound,
                 "met_from_min_len": None if late is None else late <= bound,
-                "T": top, "baseline": first["baseline"], "baseline_measured": base["run"],
+                "T": top, "baseline": first["baseline"], "baseline_measured": base is not None and base["run"],
                 "ratio_to_softmax": row["median_s"] / base_s if row["run"] and base_s else None,
             }
     return out
@@ -343,6 +376,16 @@ def memory_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Name
     return report.markdown_table(["path", "mode", *(f"T={t}" for t in args.seq_lens)], lines)
 
 
+def faults_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Namespace) -> str:
+    """One line per (path, mode): median minor page faults per timed run at each T (4 KiB each)."""
+    def cell(row: dict) -> str:
+        return "-" if not row["page_faults"] else f"{statistics.median(row['page_faults']):.0f}"
+
+    lines = [[path, mode.replace("_", "+"), *(cell(_find(rows, t, mode, path)) for t in args.seq_lens)]
+             for path in paths for mode in args.modes]
+    return report.markdown_table(["path", "mode", *(f"T={t}" for t in args.seq_lens)], lines)
+
+
 def summary(goals: dict, args: argparse.Namespace) -> list[str]:
     """One bullet per fast path: its slopes against the bound in both modes and its ratio to softmax."""
     out = []
@@ -401,6 +444,14 @@ def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Na
         "## Peak memory (XLA compiled memory analysis: arguments + outputs + temporaries)",
         "",
         memory_table(rows, list(fits), args),
+        "",
+        "## Minor page faults per run (median; 4 KiB each)",
+        "",
+        "glibc maps every allocation of 32 MiB or more afresh and unmaps it when freed, so a program whose "
+        "temporaries pass 32 MiB first-touches them on every run: a cost linear in the temporaries that starts at "
+        "some T and steepens the slope fitted across it.",
+        "",
+        faults_table(rows, list(fits), args),
         "",
         "## Summary",
         "",

@@ -4,6 +4,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import pytest
 
 from experiments import bench_linear_family as blf
@@ -42,9 +43,24 @@ def test_full_smoke_runs_both_modes(tmp_path):
 
 
 def test_slow_path_leaves_the_rounds_while_fast_ones_keep_repeating():
-    samples = blf.time_each_path({"slow": lambda: time.sleep(0.05), "fast": lambda: None}, repeats=4,
-                                 max_seconds=0.04)
+    samples, faults = blf.time_each_path({"slow": lambda: time.sleep(0.05), "fast": lambda: None}, repeats=4,
+                                         max_seconds=0.04)
     assert len(samples["slow"]) == 1 and samples["slow"][0] >= 0.05 and len(samples["fast"]) == 4
+    assert len(faults["slow"]) == 1 and len(faults["fast"]) == 4 and all(f >= 0 for f in faults["fast"])
+
+
+def test_page_faults_of_a_run_that_touches_fresh_memory_are_counted():
+    faults = []
+    blf.counting_faults(lambda: np.ones(64 << 20, np.uint8), faults)()   # 64 MiB, mapped afresh (huge pages or not)
+    assert len(faults) == 1 and faults[0] >= 1
+
+
+def test_paths_flag_picks_known_paths_only():
+    assert blf.parse_args(["--paths", "rala,l2vit"]).paths == ["rala", "l2vit"]
+    assert blf.parse_args([]).paths is None
+    with pytest.raises(SystemExit):
+        blf.parse_args(["--paths", "rala,nope"])
+    assert set(blf.PATHS) == FAST_PATHS | {blf.SOFTMAX_XLA, blf.SOFTMAX_CAUSAL}
 
 
 def _row(T, path, seconds, kind=blf.LINEAR, baseline=blf.SOFTMAX_XLA, predicted=None):
