@@ -17,8 +17,15 @@ sequence sharded over 8 devices (``--xla_force_host_platform_device_count=8``), 
 
 Issue 24's target: ours (contiguous, default tiles) at most 0.8× the peer's time at its best chunk.
 
+With ``--lasp2`` the same run also times ``lasp2``: ``attnjax.parallel.lasp2`` (LASP-2, Sun et al. 2025) on the
+same shapes, causal Lightning-style linear attention (identity map, ALiBi decay, chunk ``--lasp2-chunk``), the
+linear model's sequence-parallel scheme beside the softmax model's ring; and for every path the bytes each device
+sends in the compiled forward + backward (``attnjax.parallel.comm.collectives``, loop trip counts included).
+Every path's process CPU time per call (all threads) is recorded beside its wall time.
+
     pip install ringattention einops   # the peer, not a dependency of attnjax
     python -m experiments.bench_ring --seq-lens 8192,16384
+    python -m experiments.bench_ring --seq-lens 2048,4096,8192 --lasp2 --ours-blocks "" --name bench_lasp2_vs_ring_cpu
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional, Sequence  # noqa: E402
@@ -38,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from attnjax import masks  # noqa: E402
-from attnjax.parallel import layouts, ring_attention  # noqa: E402
+from attnjax.parallel import comm, lasp2, layouts, ring_attention  # noqa: E402
 from attnjax.parallel.sharding import shard_map  # noqa: E402
 from experiments.lib import cli, host, report  # noqa: E402
 from experiments.lib.measure import time_thunks  # noqa: E402
@@ -58,6 +67,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="query/key chunk sizes tried for the peer (its best is reported)")
     p.add_argument("--ours-blocks", type=cli.parse_ints, default=[128, 256],
                    help="tile sizes of ours timed besides its default (contiguous layout)")
+    p.add_argument("--lasp2", action="store_true",
+                   help="also time LASP-2 (causal linear attention) on the same shapes, with compiled bytes per device")
+    p.add_argument("--lasp2-chunk", type=int, default=64, help="intra-chunk block of LASP-2's chunked linear attention")
     cli.add_output_flags(p, "bench_ring")
     return cli.parse_with_smoke(p, argv, SMOKE)
 
@@ -86,6 +98,26 @@ def ours_fn(layout: str, block: Optional[int] = None) -> Callable:
     """``attnjax.parallel.ring_attention`` on local shards, causal, in ``layout`` (tiles: its default, or ``block``)."""
     return lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, mask=masks.Causal(), layout=layout, block_q=block,
                                           block_kv=block)
+
+
+def lasp2_fn(chunk: int) -> Callable:
+    """``attnjax.parallel.lasp2`` on local shards: causal linear attention, identity map, ALiBi decay (Lightning)."""
+    return lambda q, k, v: lasp2(q, k, v, axis_name=AXIS, causal=True, decay="alibi", chunk_size=chunk)
+
+
+def cpu_timed(thunks: dict) -> tuple[dict, dict]:
+    """``(thunks that also record their process CPU time, {name: [seconds per call]})``."""
+    cpu = {name: [] for name in thunks}
+
+    def timed(name, thunk):
+        def call():
+            start = time.process_time()
+            out = jax.block_until_ready(thunk())
+            cpu[name].append(time.process_time() - start)
+            return out
+        return call
+
+    return {name: timed(name, thunk) for name, thunk in thunks.items()}, cpu
 
 
 def fwd_bwd(local: Callable, mesh, w: jax.Array, check_vma: bool = True) -> Callable:
@@ -121,12 +153,21 @@ def run(args: argparse.Namespace) -> list[dict]:
             for chunk in (c for c in args.peer_chunks if local % c == 0):
                 paths[f"peer/{chunk}"] = (fwd_bwd(peer_fn(peer, chunk), mesh, w, check_vma=False), (q, k, v))
                 peer_chunks[f"peer/{chunk}"] = chunk
-        thunks = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in paths.items()}
+        if args.lasp2:
+            paths["lasp2"] = (fwd_bwd(lasp2_fn(args.lasp2_chunk), mesh, w), (q, k, v))
+        compiled = {name: f.lower(*a).compile() for name, (f, a) in paths.items()}
+        thunks, cpu = cpu_timed({name: (lambda c=compiled[name], a=a: c(*a)) for name, (_, a) in paths.items()})
         times = {name: t.median_s for name, t in time_thunks(thunks, repeats=args.repeats).items()}
-        row = {"T": T, "seconds": times}
+        cpu_seconds = {name: statistics.median(s[1:] or s) for name, s in cpu.items()}   # warmup round dropped
+        row = {"T": T, "seconds": times, "cpu_seconds": cpu_seconds}
+        if args.lasp2:
+            row["bytes_per_device"] = {name: sum(c.total_sent_bytes for c in comm.collectives(x))
+                                       for name, x in compiled.items()}
+            row.update(lasp2_over_ring=times["lasp2"] / times["ours/contiguous"],
+                       lasp2_over_ring_cpu=row["cpu_seconds"]["lasp2"] / row["cpu_seconds"]["ours/contiguous"])
         if peer_chunks:
             best = min(peer_chunks, key=lambda n: times[n])
-            ours_out, peer_out = thunks["ours/contiguous"]()[0][1], thunks[best]()[0][1]
+            ours_out, peer_out = (compiled[n](*paths[n][1])[0][1] for n in ("ours/contiguous", best))
             tuned = [n for n in times if n.startswith("ours/contiguous/")]
             if tuned:
                 fastest = min(tuned, key=lambda n: times[n])
@@ -151,6 +192,19 @@ def markdown(rows: Sequence[dict], args: argparse.Namespace, device: dict, load:
           f"{r['ratio_zigzag']:.2f}x" if "peer_seconds" in r else "-",
           f"{r['ratio_tuned']:.2f}x ({r['tuned_block']})" if "ratio_tuned" in r else "-",
           f"{r['max_abs_diff']:.1e}" if "peer_seconds" in r else "-"] for r in rows])
+    if args.lasp2:
+        peer_name = {r["T"]: f"peer/{r['peer_chunk']}" for r in peered}
+        def mib(r, name):
+            return f"{r['bytes_per_device'][name] / 2**20:.2f}" if name in r["bytes_per_device"] else "-"
+        table += "\n\n" + report.markdown_table(
+            ["T", "ring contiguous", "lasp2", "lasp2 / ring (wall)", "lasp2 / ring (CPU)",
+             "ring contiguous MiB/dev", "ring zigzag MiB/dev", "lasp2 MiB/dev", "peer MiB/dev"],
+            [[r["T"], f"{1e3 * r['seconds']['ours/contiguous']:.1f} ms", f"{1e3 * r['seconds']['lasp2']:.1f} ms",
+              f"{r['lasp2_over_ring']:.2f}x", f"{r['lasp2_over_ring_cpu']:.2f}x", mib(r, "ours/contiguous"),
+              mib(r, "ours/zigzag"), mib(r, "lasp2"), mib(r, peer_name.get(r["T"], "-"))] for r in rows])
+        table += ("\n\nLASP-2: causal linear attention (identity map, ALiBi decay, intra-chunk block "
+                  f"{args.lasp2_chunk}) on the same q, k, v; ring: causal softmax. MiB/device: bytes each device "
+                  "sends in the compiled forward + backward (all collectives, loop trip counts included).")
     met = [r for r in peered if r["ratio_contiguous"] <= TARGET]
     verdict = (f"Target (contiguous ≤ {TARGET}× the peer): met at {len(met)} of {len(peered)} lengths."
                if peered else "The peer is not installed: no ratio.")

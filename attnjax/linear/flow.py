@@ -27,7 +27,9 @@ Implementations: ``reference`` (the ``[T, S]`` capacity matrix, the equations ab
 (causal: ``lax.scan`` over ``flow_attention_step``) and ``xla``: non-causal right product first, O(T·D·Dv)
 time and O((T + S)·H·(D + Dv)) memory; causal by prefix sums of ``[T, H, D]`` vectors and the chunked
 linear-attention scan of ``attnjax.linear.linear_attention`` (no ``[T, T]`` array; O(T·C) per chunk of
-``C``). All accumulate in float32; the output takes q's dtype.
+``C``). All accumulate in float32; the output takes q's dtype. The ``xla`` path is written on one chunk of a
+sequence against ``attnjax.linear.sequence_state.StateExchange`` (its global sums are exchange calls), so
+``Flow.chunk_attention`` runs it split over devices (LASP-2, ``attnjax.parallel.lasp2_mechanism``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ FLOW_EPS = 1e-6
 
 FLOW_CLAMP = 1.0
 """Bound of the conserved outgoing flow ``Ô`` before the competition softmax (official ``Flow_Attention.py``)."""
+
+SHIFT_BY_CLAMP = 64.0
+"""Up to this ``clamp`` the non-causal competition softmax subtracts ``clamp`` itself (``e^(−clamp)`` is a normal
+float32), else the largest clipped ``Ô``."""
 
 
 @jax.tree_util.register_dataclass
@@ -230,7 +236,9 @@ def _noncausal(a, b, v, eps: float, clamp: float, exchange: StateExchange = WHOL
     On chunk ``t`` of ``exchange.world`` (``a``, ``b``, ``v``: the chunk's tokens) the sums over all tokens are
     three ``exchange.total`` calls, each needing the one before: ``Σφ(q)``, ``Σφ(k)`` (for ``I``, ``O``); the
     conserved-flow sums ``Σ φ(k_j)/O_j``, ``Σ φ(q_i)/I_i``; the competition's ``Σ e_j`` with ``Σ φ(k_j) e_j v_jᵀ``.
-    ``Ô ≥ 0`` (positive features), so ``e = exp(clip(Ô) − clamp) ∈ [e^(−clamp), 1]`` needs no running max.
+    The softmax shift: ``Ô ≥ 0`` (positive features), so with ``clamp ≤ SHIFT_BY_CLAMP`` the shift ``clamp``
+    keeps ``e = exp(clip(Ô) − clamp)`` in ``[e^(−clamp), 1]`` (no underflow to 0) and needs no collective; a
+    larger ``clamp`` shifts by the largest ``clip(Ô)``, one more collective (``gather`` of each chunk's maximum).
     """
     T, S = a.shape[1] * exchange.world, b.shape[1] * exchange.world
     query_sum, key_sum = exchange.total((a.sum(1), b.sum(1)))
@@ -240,7 +248,12 @@ def _noncausal(a, b, v, eps: float, clamp: float, exchange: StateExchange = WHOL
                                            jnp.einsum("bthgf,bthg->bhgf", a, 1.0 / incoming)))
     conserved_in = jnp.einsum("bthgf,bhgf->bthg", a, key_flow)
     conserved_out = jnp.einsum("bshf,bhgf->bshg", b, query_flow)
-    e = jnp.exp(jnp.clip(conserved_out, -clamp, clamp) - clamp)
+    clipped = jnp.clip(conserved_out, -clamp, clamp)
+    if clamp <= SHIFT_BY_CLAMP:
+        shift = clamp
+    else:
+        shift = jnp.max(exchange.gather(jax.lax.stop_gradient(clipped.max(axis=1))), axis=0)[:, None]
+    e = jnp.exp(clipped - shift)
     e_sum, kv = exchange.total((e.sum(1), jnp.einsum("bshf,bshg,bshe->bhgfe", b, e, v)))
     kv = kv * (S / e_sum)[..., None, None]                                       # competition = S·softmax(Ô)
     out = jnp.einsum("bthgf,bhgfe->bthge", a / incoming[..., None], kv)

@@ -19,7 +19,9 @@ token) has parameters and lives in the module, ``attnjax.nn.vision.inline.InLine
 
 Implementations: ``reference`` (the ``[T, S]`` weights above), ``xla`` (the right product: O((T + S)·D·Dv)
 time, O(H·D·Dv) state, no ``[T, S]`` array). Non-causal only (the paper is for vision); float32 inside,
-the output takes q's dtype.
+the output takes q's dtype. ``InLine.chunk_attention`` runs the ``xla`` path on one chunk of a sequence split
+over devices (``attnjax.linear.sequence_state``; one all-reduce of the key-side sums, LASP-2's
+``attnjax.parallel.lasp2_mechanism``).
 """
 
 from __future__ import annotations

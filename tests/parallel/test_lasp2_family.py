@@ -73,6 +73,20 @@ def test_every_instance_matches_its_mechanism_forward_and_gradients(mesh):
             assert_close(g, g_ref, name=f"{name}: d{arg}")
 
 
+@pytest.mark.slow
+def test_flow_with_a_clamp_past_the_constant_shift_matches(mesh):
+    """Non-causal Flow with ``clamp > SHIFT_BY_CLAMP`` shifts its softmax by the gathered largest ``Ô``."""
+    q, k, v = random_qkv(jax.random.PRNGKey(2), B=B, T=T, Hq=HQ, Hkv=HKV, D=D)
+    fns = {"sharded": lambda q, k, v: lasp2_mechanism_sharded(q, k, v, mesh=mesh, seq_axis="seq",
+                                                              mechanism=Flow(clamp=100.0)),
+           "single": lambda q, k, v: flow_attention_reference(q, k, v, clamp=100.0)}
+    results = outputs_and_grads(fns, (q, k, v))
+    (out, grads), (out_ref, grads_ref) = results["sharded"], results["single"]
+    assert_close(out, out_ref, name="out")
+    for g, g_ref, arg in zip(grads, grads_ref, "qkv"):
+        assert_close(g, g_ref, name=f"d{arg}")
+
+
 def test_refusals_name_why(mesh):
     q, k, v = random_qkv(jax.random.PRNGKey(1), B=B, T=T, Hq=HQ, Hkv=HKV, D=D)
 
