@@ -157,7 +157,11 @@ class PolylineBias(Bias):
 
     (``"h2v"``: the same with query and key swapped). A tile reads each query's and key's own entries and,
     per pair, ``Cα``/``Cβ`` at the corner ``(r, c')`` (``"h2v"``: ``(r', c)``): gathers from the ``[B, H, N]``
-    tables, never a ``[N, N]`` array. The blocked ``xla`` path returns gradients for both tables. Pass as
+    tables, never a ``[N, N]`` array. The blocked ``xla`` path returns gradients for both tables; a tile's gradient
+    is not the transpose of those gathers (a scatter-add of every pair) but of the same tile written with the runs'
+    structure: for runs of whole grid rows (the blocked path's tiles when ``Wg`` divides the tile sizes) two small
+    arrays ``[rows, Wg, Wg]`` and ``[rows, rows', Wg]`` broadcast-added, whose transpose is sums over the broadcast
+    axes; otherwise the key run's columns repeat with period ``Wg``, whose transpose folds the repeats. Pass as
     ``attnjax.attention(q, k, v, bias=PolylineBias.from_log_decays(...))`` for one direction;
     ``polyline_attention`` averages both, as PPMA does.
 
@@ -201,26 +205,142 @@ class PolylineBias(Bias):
                              f"got T = {T}, S = {S}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        Bb, Hb, Hg, Wg = self.cum_alpha.shape
-        N = Hg * Wg
-        ca = jnp.asarray(self.cum_alpha, jnp.float32)
-        cb = jnp.asarray(self.cum_beta, jnp.float32)
-        qi, kj = jnp.minimum(q_idx, N - 1), jnp.minimum(kv_idx, N - 1)  # padding rows/columns: any valid entry
-        if self.path == "h2v":  # M_h2v[i, j] = M_v2h[j, i]: swap the roles of query and key
-            qi, kj = kj, qi
-        r, c = jnp.divmod(qi, Wg)                               # the target ends (rows r, columns c)
-        r2, c2 = jnp.divmod(kj, Wg)                             # the source ends (rows r', columns c')
+        return _tile(jnp.asarray(self.cum_alpha, jnp.float32), jnp.asarray(self.cum_beta, jnp.float32), q_idx,
+                     kv_idx, self.path)
 
-        def corner(table):  # table[r, c'] for every pair: a row gather, then a column gather (no per-pair index)
-            return jnp.take(jnp.take(table, r, axis=2), c2, axis=3)
 
-        def own(table, rows, cols):
-            return table.reshape(Bb, Hb, N)[..., rows * Wg + cols]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tile(ca: jax.Array, cb: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, path: str) -> jax.Array:
+    """``PolylineBias.tile``: the forward gathers (``_gathered_tile``); the gradient to the tables is the transpose of
+    the same tile written without per-pair gathers (``_structured_tile``), so the blocked backward pays sums over
+    broadcast axes rather than a scatter-add of every pair into the tables."""
+    return _gathered_tile(ca, cb, q_idx, kv_idx, path)
 
+
+def _tile_fwd(ca, cb, q_idx, kv_idx, path):
+    return _gathered_tile(ca, cb, q_idx, kv_idx, path), (ca, cb, q_idx, kv_idx)
+
+
+def _tile_bwd(path, residuals, cotangent):
+    ca, cb, q_idx, kv_idx = residuals
+    _, pullback = jax.vjp(lambda a, b: _structured_tile(a, b, q_idx, kv_idx, path), ca, cb)
+    return (*pullback(cotangent), None, None)
+
+
+_tile.defvjp(_tile_fwd, _tile_bwd)
+
+
+def _gathered_tile(ca: jax.Array, cb: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, path: str) -> jax.Array:
+    """The tile ``[Bb, H, tq, tk]`` for any runs, by gathers: each token's own entries from the flat ``[B, H, N]``
+    tables, and per pair the corner ``Cα``/``Cβ[r, c']`` (``"h2v"``: ``[r', c]``) by a row gather then a column
+    gather. Indices past the grid (padding) are clipped to ``N − 1``."""
+    Bb, Hb, Hg, Wg = ca.shape
+    N = Hg * Wg
+    qi, kj = jnp.minimum(q_idx, N - 1), jnp.minimum(kv_idx, N - 1)  # padding rows/columns: any valid entry
+    if path == "h2v":  # M_h2v[i, j] = M_v2h[j, i]: swap the roles of query and key
+        qi, kj = kj, qi
+    r, c = jnp.divmod(qi, Wg)                               # the target ends (rows r, columns c)
+    r2, c2 = jnp.divmod(kj, Wg)                             # the source ends (rows r', columns c')
+
+    def corner(table):  # table[r, c'] for every pair: a row gather, then a column gather (no per-pair index)
+        return jnp.take(jnp.take(table, r, axis=2), c2, axis=3)
+
+    def own(table, rows, cols):
+        return table.reshape(Bb, Hb, N)[..., rows * Wg + cols]
+
+    along_row = _sign(c[:, None] - c2[None, :]) * (own(ca, r, c)[..., :, None] - corner(ca))
+    along_col = _sign(r[:, None] - r2[None, :]) * (corner(cb) - own(cb, r2, c2)[..., None, :])
+    out = along_row + along_col
+    return jnp.swapaxes(out, -1, -2) if path == "h2v" else out
+
+
+def _structured_tile(ca: jax.Array, cb: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, path: str) -> jax.Array:
+    """``_gathered_tile`` (the same values on every real pair) with the structure of contiguous runs: by
+    broadcasts when both runs are whole grid rows (``_aligned_tile``), else with the source columns as a
+    repeated rotation (``_unaligned_tile``). Written for its transpose (``_tile``'s backward)."""
+    Wg = ca.shape[-1]
+    if q_idx.shape[0] % Wg or kv_idx.shape[0] % Wg:
+        return _unaligned_tile(ca, cb, q_idx, kv_idx, path)
+    aligned = (q_idx[0] % Wg == 0) & (kv_idx[0] % Wg == 0)
+    return jax.lax.cond(aligned, functools.partial(_aligned_tile, path=path),
+                        functools.partial(_unaligned_tile, path=path), ca, cb, q_idx, kv_idx)
+
+
+def _grid_rows(table: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    """Rows ``start … start + n − 1`` of ``table [Bb, H, Hg, Wg]`` (rows past the grid repeat the last one):
+    ``[Bb, H, n, Wg]``, a dynamic slice."""
+    padded = jnp.pad(table, ((0, 0), (0, 0), (0, n), (0, 0)), mode="edge")
+    return jax.lax.dynamic_slice_in_dim(padded, start, n, axis=2)
+
+
+def _aligned_tile(ca: jax.Array, cb: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, path: str) -> jax.Array:
+    """The tile for runs of whole grid rows (starts and lengths multiples of ``Wg``), by broadcasts.
+
+    The target rows ``y`` (the query's for ``"v2h"``), columns ``x``, and source rows ``y'``, columns ``x'``
+    index ``log M = R[y, x, x'] + C[y, y', x']`` with ``R = sgn(x − x')·(Cα[y, x] − Cα[y, x'])`` ``[ny, Wg, Wg]``
+    and ``C = sgn(y − y')·(Cβ[y, x'] − Cβ[y', x'])`` ``[ny, ny', Wg]``: two small arrays broadcast-added into the
+    tile (``[ny, Wg, ny', Wg]`` is the tile's ``[tq, tk]`` up to a reshape), O(tq·tk) vectorized adds, no gather.
+    Their gradients are sums over the broadcast axes, then a dynamic-slice transpose into the tables.
+    """
+    Bb, Hb, _, Wg = ca.shape
+    (t_idx, s_idx) = (kv_idx, q_idx) if path == "h2v" else (q_idx, kv_idx)
+    nt, ns = t_idx.shape[0] // Wg, s_idx.shape[0] // Wg
+    yt, ys = t_idx[0] // Wg, s_idx[0] // Wg
+    x = jnp.arange(Wg)
+    alpha = _grid_rows(ca, yt, nt)                                                   # Cα[y, ·]
+    along_row = _sign(x[:, None] - x[None, :]) * (alpha[..., :, None] - alpha[..., None, :])   # R [.., y, x, x']
+    beta_t, beta_s = _grid_rows(cb, yt, nt), _grid_rows(cb, ys, ns)               # Cβ[y, ·], Cβ[y', ·]
+    sy = _sign(jnp.arange(nt)[:, None] + yt - jnp.arange(ns)[None, :] - ys)        # [y, y']
+    along_col = sy[:, :, None] * (beta_t[..., :, None, :] - beta_s[..., None, :, :])  # C [.., y, y', x']
+    if path == "h2v":  # the query is the source: the tile's [(y', x'), (y, x)]
+        out = (jnp.moveaxis(along_row, -1, -3)[..., None, :, :, :]                   # R as [.., x', y, x]
+               + jnp.moveaxis(along_col, -3, -1)[..., :, :, :, None])              # C as [.., y', x', y]
+        return out.reshape(Bb, Hb, ns * Wg, nt * Wg)
+    out = along_row[..., :, :, None, :] + along_col[..., :, None, :, :]              # [.., y, x, y', x']
+    return out.reshape(Bb, Hb, nt * Wg, ns * Wg)
+
+
+def _periodic_columns(x: jax.Array, start: jax.Array, length: int, axis: int) -> jax.Array:
+    """``x[(start + n) mod w]`` for ``n < length`` along ``axis`` (size ``w``): a rotation (a dynamic slice of
+    two copies) repeated and cut, so that its transpose is a sum over the repeats, not a scatter."""
+    w = x.shape[axis]
+    rotated = jax.lax.dynamic_slice_in_dim(jnp.concatenate([x, x], axis), start % w, w, axis)
+    reps = [1] * x.ndim
+    reps[axis] = -(-length // w)
+    return jax.lax.slice_in_dim(jnp.tile(rotated, reps), 0, length, axis=axis)
+
+
+def _unaligned_tile(ca: jax.Array, cb: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, path: str) -> jax.Array:
+    """The tile for any runs: per pair, the corner ``Cα``/``Cβ[r, c']`` (``"h2v"``: ``[r', c]``) is
+    a row gather of the target rows, then the source run's columns, which repeat with period ``Wg``
+    (``_periodic_columns``); each token's own entries are gathered from the flat ``[B, H, N]`` tables. The
+    source columns of padding indices (past ``N``) continue the period; every other index is clipped to ``N − 1``."""
+    Bb, Hb, Hg, Wg = ca.shape
+    N = Hg * Wg
+    qi, kj = jnp.minimum(q_idx, N - 1), jnp.minimum(kv_idx, N - 1)  # padding rows/columns: any valid entry
+    h2v = path == "h2v"
+    if h2v:  # M_h2v[i, j] = M_v2h[j, i]: the key is the target, the query the source
+        qi, kj = kj, qi
+    r, c = jnp.divmod(qi, Wg)                               # the target ends (rows r, columns c)
+    r2, c2 = jnp.divmod(kj, Wg)                             # the source ends (rows r', columns c')
+    start = (q_idx if h2v else kv_idx)[0]
+
+    def corner(table):  # table[r, c'] in the tile's [query, key] layout
+        rows = jnp.take(table, r, axis=2)                   # [Bb, Hb, targets, Wg]
+        if h2v:
+            return _periodic_columns(jnp.swapaxes(rows, -1, -2), start, kj.shape[0], axis=2)
+        return _periodic_columns(rows, start, kj.shape[0], axis=3)
+
+    def own(table, rows, cols):
+        return table.reshape(Bb, Hb, N)[..., rows * Wg + cols]
+
+    if h2v:  # target (key) on the last axis
+        along_row = _sign(c[None, :] - c2[:, None]) * (own(ca, r, c)[..., None, :] - corner(ca))
+        along_col = _sign(r[None, :] - r2[:, None]) * (corner(cb) - own(cb, r2, c2)[..., :, None])
+    else:
         along_row = _sign(c[:, None] - c2[None, :]) * (own(ca, r, c)[..., :, None] - corner(ca))
         along_col = _sign(r[:, None] - r2[None, :]) * (corner(cb) - own(cb, r2, c2)[..., None, :])
-        out = along_row + along_col
-        return jnp.swapaxes(out, -1, -2) if self.path == "h2v" else out
+    return along_row + along_col
 
 
 def polyline_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, log_alpha: jax.Array,
@@ -263,9 +383,10 @@ def polyline_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, log_alpha: 
     Same arguments and result as ``polyline_attention_reference`` (plus tile sizes, clipped to N). Memory:
     O(B·H·N·tile) for the tiles and O(B·H·N) for the cumulative tables, never ``[N, N]``. Work: two blocked
     passes (each ``N²·(D + Dv)`` multiply-adds per head, plus two table gathers per logit, the path's corner
-    entries); the backward recomputes each tile and scatter-adds its gradient into the ``[B, H, N]`` tables.
-    Gradients flow to q, k, v and both log decays (the tables' gradients are pulled back through each tile's
-    gathers by the blocked backward, then through the cumulative sums).
+    entries); the backward recomputes each tile and sums its gradient into the ``[B, H, Hg, Wg]`` tables
+    (``PolylineBias``).
+    Gradients flow to q, k, v and both log decays (the tables' gradients are pulled back through each tile by the
+    blocked backward, then through the cumulative sums).
     """
     paths = _check_attention(q, k, v, log_alpha, log_beta, grid, scale, paths)
     out = 0.0

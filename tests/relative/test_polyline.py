@@ -66,6 +66,37 @@ def test_dense_mask_and_rule_tiles_equal_the_walk_along_the_path(path):
         assert_close(jnp.exp(tile), walk[:, :, rows][:, :, :, cols], rtol=1e-6)
 
 
+def test_tile_gradients_equal_the_dense_mask_for_whole_grid_rows_and_other_runs():
+    """The tile's backward (its transpose written by broadcasts for whole grid rows, with periodic key columns
+    otherwise) equals the gradient of the dense mask's block wrt both log decays: whole rows; tile lengths of whole
+    rows starting mid-row (the other branch of the alignment check); lengths of partial rows with padding keys."""
+    log_alpha, log_beta = log_decays(2, 2, seed=1)
+    runs = [(7, 14, 14, 21), (3, 10, 14, 14), (3, 24, 16, 16)]
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=(2, 2, 16, 21)), jnp.float32)
+
+    def grads(la, lb):
+        out = []
+        for path in PATHS:
+            for a, b, tq, tk in runs:
+                n, m = min(tq, N - a), min(tk, N - b)
+
+                def tile_loss(la, lb):
+                    rule = PolylineBias.from_log_decays(la, lb, grid=GRID, path=path)
+                    return jnp.sum(weights[..., :n, :m] * rule.tile(jnp.arange(a, a + tq), jnp.arange(b, b + tk), N,
+                                                                    N)[..., :n, :m])
+
+                def dense_loss(la, lb):
+                    mask = polyline_mask_reference(la, lb, grid=GRID, path=path, log=True)
+                    return jnp.sum(weights[..., :n, :m] * mask[..., a:a + n, b:b + m])
+
+                out.append((jax.grad(tile_loss, (0, 1))(la, lb), jax.grad(dense_loss, (0, 1))(la, lb)))
+        return out
+
+    for got, want in jax.jit(grads)(log_alpha, log_beta):
+        for g, w, name in zip(got, want, ("log_alpha", "log_beta")):
+            assert_close(g, w, rtol=1e-5, atol=1e-5, name=name)
+
+
 def test_the_two_paths_are_transposes_and_differ():
     log_alpha, log_beta = log_decays(1, 2, seed=3)
     v2h = polyline_mask_reference(log_alpha, log_beta, grid=GRID, path="v2h")
