@@ -22,16 +22,18 @@ from flax.typing import Dtype
 from attnjax import masks, parallel, registry
 from attnjax.api import attention
 from attnjax.dispatch import check_implementation
-from attnjax.linear import KernelizedRPE, kernelized_rpe_attention_reference, linear_attention_step
+from attnjax.linear import (KernelizedRPE, kernelized_rpe_attention_reference, linear_attention,
+                            linear_attention_step)
 from attnjax.linear.kernelized_rpe import rule_rpe_bias
 from attnjax.linear.mechanism import LinearMechanism
 from attnjax.nn.capture import refuse_capture, sow_attention_inputs
-from attnjax.nn.checks import check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import check_chunk, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
 from attnjax.relative.urpe import URPE
-from attnjax.softmax import Selective, Softmax, Softplus, StickBreaking, paged_attention, selective_attention
+from attnjax.softmax import (Selective, Simplicial, Softmax, Softplus, StickBreaking, paged_attention,
+                             selective_attention)
 from attnjax.sparse import StaticSelector
 
 
@@ -85,7 +87,8 @@ DECODE_PATHS = {
                "cache as pages)",
     "filled": "the KV cache restricted to the filled slots (position-free scores)",
     "selective": "the KV cache restricted to the filled slots, the query temperature at the token's position",
-    "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept); "
+    "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept), "
+                     "Causal() & Explicit(filled) (simplicial_2: a key pair needs both keys filled); "
                      "kernelized_rpe with b = -inf on the empty slots",
     "block_pattern": "softmax over the cached keys in the selector's key blocks for the token's query block",
     "linear": "a LinearCache state, S <- lambda S + phi(k_t)^T v_t",
@@ -397,7 +400,7 @@ class MultiHeadAttention(nnx.Module):
             q_t = jnp.zeros((batch, self.num_heads, self.head_dim), jnp.float32)
             k_t = jnp.zeros((batch, self.num_kv_heads, self.head_dim), jnp.float32)
             v_t = jnp.zeros((batch, self.num_v_heads, self.v_head_dim), jnp.float32)
-            state = jax.eval_shape(lambda: self._linear_step(q_t, k_t, v_t, None))[1]
+            state = jax.eval_shape(lambda: linear_attention_step(q_t, k_t, v_t, None, **self._linear_options()))[1]
             return LinearCache(jnp.zeros(state.shape, jnp.float32 if dtype is None else dtype),
                                jnp.zeros((), jnp.int32))
         if dtype is None:
@@ -418,9 +421,10 @@ class MultiHeadAttention(nnx.Module):
           ``paged_attention`` on the cache cut into pages;
         - selective: the same, with the query temperature ``1 + c·log(t + 1)`` of position ``t``
           (``selective_attention(positions=)``) rather than of the cache's last slot;
-        - stick_breaking, urpe (relative positions): the cache rolled so the filled slots end at the
-          last slot, where a one-token query sits (bottom-right alignment), with ``Causal() &
-          Explicit(filled)``; a ``position_bias`` rule is evaluated for a query at that slot;
+        - stick_breaking, urpe (relative positions), simplicial_2 (relative windows; a key pair needs both keys
+          filled): the cache rolled so the filled slots end at the last slot, where a one-token query sits
+          (bottom-right alignment), with ``Causal() & Explicit(filled)``; a ``position_bias`` rule is evaluated
+          for a query at that slot;
         - kernelized_rpe (which takes no mask but ``Causal()``): the same rolled cache through
           ``kernelized_rpe_attention_reference`` with ``b = −∞`` on the empty slots (as
           ``nn.KernelizedRPEAttention.decode``), O(t) per token;
@@ -436,46 +440,16 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           ``(y_t [B, 1, d_model], cache)`` with the token added to the cache.
         """
-        path = self.decode_path()
-        expected = LinearCache if path == "linear" else KVCache
-        if not isinstance(cache, expected):
-            raise TypeError(f"mechanism {self.mechanism.name!r} decodes from a {expected.__name__} "
-                            f"(init_cache), got {type(cache).__name__}")
+        path = self._check_cache(cache)
         batch = (cache.state if path == "linear" else cache.k).shape[0]
         check_step("x_t", x_t, self.d_model, batch)
         if path == "linear":
-            return self._decode_linear(x_t, cache)
-        position = cache.length[None]
-        q, k_all, v_all = self.write_cache(x_t, cache.k, cache.v, slot=cache.length, positions=position)
-        slots = jnp.arange(k_all.shape[1])
-        filled = slots <= cache.length
-        common = dict(implementation=self.implementation)
-        if path == "right_aligned":
-            last = k_all.shape[1] - 1
-            k_r, v_r = (jnp.roll(a, last - cache.length, axis=1) for a in (k_all, v_all))
-            keep = slots >= last - cache.length
-            bias = self._decode_bias(jnp.asarray(last, jnp.int32))
-            if isinstance(self.mechanism, KernelizedRPE):
-                b = jnp.zeros((1, last + 1), jnp.float32) if bias is None else rule_rpe_bias(bias, self.num_heads, 1,
-                                                                                             last + 1)
-                out = kernelized_rpe_attention_reference(q, k_r, v_r, jnp.where(keep, b, -jnp.inf),
-                                                         feature_map=self.mechanism.feature_map,
-                                                         qk_norm=self.mechanism.qk_norm)
-            else:
-                out = attention(q, k_r, v_r, mechanism=self.mechanism,
-                                mask=masks.Causal() & masks.Explicit(keep[None, None, None, :]), bias=bias, **common)
-        elif path == "block_pattern":
-            out = attention(q, k_all, v_all, mechanism=Softmax(), mask=self._block_row(filled, cache.length), **common)
-        elif path == "selective":
-            out = selective_attention(q, k_all, v_all, position_scale=self.mechanism.position_scale,
-                                      positions=position, mask=masks.Explicit(filled[None, None, None, :]),
-                                      bias=self._decode_bias(cache.length), block_q=self.mechanism.block_q,
-                                      block_kv=self.mechanism.block_kv, **common)
-        elif path == "softmax" and self.position_bias is None and self.implementation in ("auto", "xla"):
+            return self._linear_cached(x_t, cache, "recurrent")
+        q, k_all, v_all = self.write_cache(x_t, cache.k, cache.v, slot=cache.length, positions=cache.length[None])
+        if path == "softmax" and self.position_bias is None and self.implementation in ("auto", "xla"):
             out = self._decode_paged(q, k_all, v_all, cache.length + 1)
         else:
-            out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(filled[None, None, None, :]),
-                            bias=self._decode_bias(cache.length), **common)
+            out = self._attend_cache(q, k_all, v_all, cache.length)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
     def _decode_paged(self, q: jax.Array, k_all: jax.Array, v_all: jax.Array, length: jax.Array) -> jax.Array:
@@ -489,35 +463,84 @@ class MultiHeadAttention(nnx.Module):
         lengths = jnp.full((B,), length, jnp.int32)
         return paged_attention(q[:, 0], k_pages, v_pages, table, lengths, implementation="xla")[:, None]
 
-    def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Several tokens in one attention call: ``x [B, T, d_model]`` at positions ``cache.length …
-        cache.length + T − 1`` (RoPE angles and cache slots), each attending to the cached tokens and causally to
-        the new ones. Equal to ``T`` calls of ``decode``, so a prompt is cached by one blocked pass instead of
-        ``T`` steps.
+    def prefill(self, x: jax.Array,
+                cache: Union[KVCache, LinearCache]) -> tuple[jax.Array, Union[KVCache, LinearCache]]:
+        """Several tokens in one pass: ``x [B, T, d_model]`` at positions ``cache.length … cache.length + T − 1``
+        (RoPE angles and cache slots), each attending to the cached tokens and causally to the new ones. Equal to
+        ``T`` calls of ``decode``, so a prompt is cached by one blocked pass instead of ``T`` steps.
 
-        For the mechanisms that read the filled slots of a ``KVCache`` (``decode_path`` "softmax" and "filled":
-        softmax, softplus); the others raise ``NotImplementedError`` (decode them token by token). Writing past
-        ``max_len`` is undefined, as for ``decode``.
+        Every ``decode_path`` has one (``_attend_cache``, the same function ``decode`` calls with ``T = 1``):
+
+        - softmax, softplus ("softmax", "filled"): the ``T`` queries against the cache with
+          ``Explicit(slot <= position)``, O(T·max_len);
+        - selective: the same, with each query's temperature at its own position;
+        - stick_breaking, urpe ("right_aligned"): the cache rolled so the filled slots end at the last slot, the
+          ``T`` queries in the last ``T`` slots (bottom-right ``Causal()``), ``& Explicit(filled)``, O(T·max_len);
+        - kernelized_rpe (no mask but ``Causal()``, so the empty slots cannot be cut out of a Toeplitz bias for
+          several queries): the mechanism's causal call over all ``max_len`` slots with the ``T`` queries written at
+          their slots (rows ``<=`` a query's position are filled, later rows are dropped), O(max_len²) for the
+          reference (the FFT path O(max_len·log max_len));
+        - static block selectors ("block_pattern"): each query's selector row, ANDed with ``slot <= position``;
+        - linear family: ``linear_attention`` (chunked, ``chunk_size`` of the mechanism) from the cache's state,
+          its final state the new cache, O(T) in the length.
+
+        Writing past ``max_len`` is undefined, as for ``decode``.
 
         Returns:
           ``(y [B, T, d_model], cache)`` with the ``T`` tokens added.
         """
-        path = self.decode_path()
-        if path not in ("softmax", "filled"):
-            raise NotImplementedError(f"MultiHeadAttention.prefill serves the mechanisms that read the filled slots "
-                                      f"of a KVCache (softmax, softplus); {self.mechanism.name!r} decodes through "
-                                      f"the {path!r} path: call decode token by token")
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"prefill takes the KVCache of init_cache, got {type(cache).__name__}")
-        check_input("x", x, self.d_model)
-        if x.shape[0] != cache.k.shape[0]:
-            raise ValueError(f"x has batch {x.shape[0]}, the cache {cache.k.shape[0]}: x {list(x.shape)}")
+        path = self._check_cache(cache)
+        check_chunk("x", x, self.d_model, (cache.state if path == "linear" else cache.k).shape[0])
+        if path == "linear":
+            return self._linear_cached(x, cache, self.implementation)
         positions = cache.length + jnp.arange(x.shape[1])
         q, k_all, v_all = self.write_cache(x, cache.k, cache.v, slot=cache.length, positions=positions)
-        seen = jnp.arange(k_all.shape[1])[None, :] <= positions[:, None]
-        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=masks.Explicit(seen[None, None]),
-                        bias=self._decode_bias(cache.length), implementation=self.implementation)
+        out = self._attend_cache(q, k_all, v_all, cache.length)
         return self.out(out), KVCache(k_all, v_all, cache.length + x.shape[1])
+
+    def _check_cache(self, cache) -> str:
+        """The ``decode_path``; ``TypeError`` unless ``cache`` is the type ``init_cache`` gives for it."""
+        path = self.decode_path()
+        expected = LinearCache if path == "linear" else KVCache
+        if not isinstance(cache, expected):
+            raise TypeError(f"mechanism {self.mechanism.name!r} decodes from a {expected.__name__} "
+                            f"(init_cache), got {type(cache).__name__}")
+        return path
+
+    def _attend_cache(self, q: jax.Array, k_all: jax.Array, v_all: jax.Array, length: jax.Array) -> jax.Array:
+        """Attention of ``q [B, T, Hq, D]`` at positions ``length … length + T − 1`` over the KV cache ``k_all``,
+        ``v_all`` (``[B, max_len, ·, ·]``, slots ``< length + T`` filled), each query seeing the slots up to its
+        own position: the read of every KV ``decode_path`` (``DECODE_PATHS``), for ``decode`` and ``prefill``."""
+        path, mechanism = self.decode_path(), self.mechanism
+        T, S = q.shape[1], k_all.shape[1]
+        slots = jnp.arange(S)
+        seen = slots[None, :] <= (length + jnp.arange(T))[:, None]                          # [T, S]
+        common = dict(implementation=self.implementation)
+        if path == "right_aligned" and isinstance(mechanism, KernelizedRPE) and T > 1:
+            q_all = jax.lax.dynamic_update_slice(jnp.zeros((q.shape[0], S, *q.shape[2:]), q.dtype), q,
+                                                 (0, length, 0, 0))
+            out = attention(q_all, k_all, v_all, mechanism=mechanism, mask=masks.Causal(), bias=self._decode_bias(None),
+                            **common)
+            return jax.lax.dynamic_slice_in_dim(out, length, T, axis=1)
+        if path == "right_aligned":
+            shift = S - T - length
+            k_r, v_r = (jnp.roll(a, shift, axis=1) for a in (k_all, v_all))
+            keep = slots >= shift
+            bias = self._decode_bias(jnp.asarray(S - T, jnp.int32))
+            if isinstance(mechanism, KernelizedRPE):
+                b = jnp.zeros((1, S), jnp.float32) if bias is None else rule_rpe_bias(bias, self.num_heads, 1, S)
+                return kernelized_rpe_attention_reference(q, k_r, v_r, jnp.where(keep, b, -jnp.inf),
+                                                          feature_map=mechanism.feature_map, qk_norm=mechanism.qk_norm)
+            mask = masks.Causal() & masks.Explicit(keep[None, None, None, :])
+            return attention(q, k_r, v_r, mechanism=mechanism, mask=mask, bias=bias, **common)
+        if path == "block_pattern":
+            return attention(q, k_all, v_all, mechanism=Softmax(), mask=self._block_rows(seen, length), **common)
+        explicit = masks.Explicit(seen[None, None])
+        if path == "selective":
+            return selective_attention(q, k_all, v_all, position_scale=mechanism.position_scale,
+                                       positions=length + jnp.arange(T), mask=explicit, bias=self._decode_bias(length),
+                                       block_q=mechanism.block_q, block_kv=mechanism.block_kv, **common)
+        return attention(q, k_all, v_all, mechanism=mechanism, mask=explicit, bias=self._decode_bias(length), **common)
 
     def write_cache(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, slot: jax.Array,
                     positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -538,10 +561,9 @@ class MultiHeadAttention(nnx.Module):
         """How ``decode`` reads the cache for this module's mechanism, a key of ``DECODE_PATHS``.
 
         ``NotImplementedError`` naming the mechanism and the reason when it cannot decode: its registry
-        entry says ``decodes=False``, or it decodes from a cache but no path here serves it (simplicial_2
-        takes only ``None`` or ``Causal()`` masks, so a one-token query cannot be
-        restricted to the filled slots of a fixed-size cache; a config class without a path here, including
-        subclasses of the softmax-family configs, whose math this module cannot vouch for).
+        entry says ``decodes=False``, or it decodes from a cache but no path here serves it (a config class
+        without a path here, including subclasses of the softmax-family configs, whose math this module cannot
+        vouch for).
         """
         mechanism, name = self.mechanism, self.mechanism.name
         if not mechanism.decodes:
@@ -549,43 +571,46 @@ class MultiHeadAttention(nnx.Module):
                 f"mechanism {name!r} does not decode from a cache (its registry entry has decodes=False: a "
                 "one-token query against the keys so far does not give its row of causal attention)")
         paths = {Softmax: "softmax", Softplus: "filled", Selective: "selective", StickBreaking: "right_aligned",
-                 URPE: "right_aligned", KernelizedRPE: "right_aligned"}
+                 URPE: "right_aligned", KernelizedRPE: "right_aligned", Simplicial: "right_aligned"}
         if type(mechanism) in paths:
             return paths[type(mechanism)]
         for family, path in ((StaticSelector, "block_pattern"), (LinearMechanism, "linear")):
             if isinstance(mechanism, family):
                 return path
-        reason = (": it takes only mask=None or masks.Causal(), so a one-token query cannot be restricted to the "
-                  "filled slots of a fixed-size cache" if name == "simplicial_2" else
-                  " (a config of its own class; decode serves softmax, softplus, selective, stick_breaking, urpe, "
-                  "the static block selectors and the linear family)")
-        raise NotImplementedError(f"MultiHeadAttention.decode has no cache path for mechanism {name!r}{reason}")
+        raise NotImplementedError(f"MultiHeadAttention.decode has no cache path for mechanism {name!r} (a config of "
+                                  "its own class; decode serves softmax, softplus, selective, stick_breaking, urpe, "
+                                  "kernelized_rpe, simplicial_2, the static block selectors and the linear family)")
 
     def _decode_bias(self, query_offset: jax.Array):
         return None if self.position_bias is None else self.position_bias(query_offset=query_offset)
 
-    def _block_row(self, filled: jax.Array, length: jax.Array) -> masks.Explicit:
-        """The keys a static selector lists for the query at position ``length``: the key blocks of
-        row ``length // block_q`` of ``pattern(S, S)`` (``[nq, nk]`` or per head), ANDed with ``filled``."""
-        mechanism, S = self.mechanism, filled.shape[0]
+    def _block_rows(self, seen: jax.Array, length: jax.Array) -> masks.Explicit:
+        """The keys a static selector lists for the queries at positions ``length + arange(T)``: the key blocks of
+        rows ``position // block_q`` of ``pattern(S, S)`` (``[nq, nk]`` or per head), ANDed with ``seen [T, S]``."""
+        mechanism, (T, S) = self.mechanism, seen.shape
         pattern = jnp.asarray(mechanism.pattern(S, S, self.num_heads))
-        row = pattern[..., length // mechanism.block_q, :][..., jnp.arange(S) // mechanism.block_kv] & filled
-        return masks.Explicit(row[None, :, None, :] if row.ndim == 2 else row[None, None, None, :])
+        rows = pattern[..., (length + jnp.arange(T)) // mechanism.block_q, :][..., jnp.arange(S) // mechanism.block_kv]
+        rows = rows & seen
+        return masks.Explicit(rows[None] if rows.ndim == 3 else rows[None, None])
 
-    def _linear_step(self, q_t, k_t, v_t, state):
+    def _linear_options(self) -> dict:
+        """``feature_map``, ``normalize`` and ``decay`` of the linear mechanism, as ``linear_attention`` takes them."""
         mechanism = self.mechanism
         decay = jnp.asarray(mechanism.decay, jnp.float32) if isinstance(mechanism.decay, tuple) else mechanism.decay
-        return linear_attention_step(q_t, k_t, v_t, state, feature_map=mechanism.feature_map,
-                                     normalize=mechanism.normalize, decay=decay)
+        return dict(feature_map=mechanism.feature_map, normalize=mechanism.normalize, decay=decay)
 
-    def _decode_linear(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
-        q, k, v = (p(x_t) for p in (self.query, self.key, self.value))
-        position = cache.length[None]
-        q, v = self.scale_qv(q, v, position)
+    def _linear_cached(self, x: jax.Array, cache: LinearCache, implementation: str) -> tuple[jax.Array, LinearCache]:
+        """``x [B, T, d_model]`` at positions ``cache.length …``: causal ``linear_attention`` from the cache's state
+        (``implementation`` "recurrent" for a decode step, the module's for prefill), its final state the new cache."""
+        q, k, v = (p(x) for p in (self.query, self.key, self.value))
+        positions = cache.length + jnp.arange(x.shape[1])
+        q, v = self.scale_qv(q, v, positions)
         if self.rope is not None:
-            q, k = self.rope(q, position), self.rope(k, position)
-        o, state = self._linear_step(q[:, 0], k[:, 0], v[:, 0], cache.state.astype(jnp.float32))
-        return self.out(o[:, None]), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        o, state = linear_attention(q, k, v, causal=True, chunk_size=self.mechanism.chunk_size,
+                                    initial_state=cache.state.astype(jnp.float32), return_state=True,
+                                    implementation=implementation, **self._linear_options())
+        return self.out(o), LinearCache(state.astype(cache.state.dtype), cache.length + x.shape[1])
 
     def scale_qv(self, q: jax.Array, v: jax.Array, positions: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Per-token rescaling of the projected ``q [B, T, Hq, D]`` and ``v [B, S, Hv, Dv]`` before

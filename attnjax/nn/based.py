@@ -25,10 +25,11 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.api import attention
-from attnjax.linear import linear_attention, linear_attention_step
+from attnjax.linear import linear_attention
 from attnjax.dispatch import check_implementation
 from attnjax.nn.attention import KVCache, MultiHeadAttention
-from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import (check_causal_mask, check_chunk, check_input, check_positive, check_step,
+                               resolve_head_dim)
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.nn.transnormer import LinearCache
 from attnjax.positional import RoPE
@@ -99,9 +100,19 @@ class BasedLinearAttention(nnx.Module):
     def decode(self, x_t: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
         """One step on ``x_t [B, 1, d_model]``; equal, position by position, to ``self(x)``."""
         check_step("x_t", x_t, self.d_model, cache.state.shape[0])
-        q, k, v = self.query(x_t), self.key(x_t), self.value(x_t)
-        o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache.state, feature_map="taylor", normalize=True)
-        return self.out(o[:, None]), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
+        return self._cached(x_t, cache, "recurrent")
+
+    def prefill(self, x: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
+        """``x [B, T, d_model]`` at the cache's next ``T`` positions in one chunked ``linear_attention`` pass from the
+        cache's state (its final state the new cache): equal to ``T`` calls of ``decode``, O(T) work."""
+        check_chunk("x", x, self.d_model, cache.state.shape[0])
+        return self._cached(x, cache, self.implementation)
+
+    def _cached(self, x: jax.Array, cache: LinearCache, implementation: str) -> tuple[jax.Array, LinearCache]:
+        o, state = linear_attention(self.query(x), self.key(x), self.value(x), feature_map="taylor", causal=True,
+                                    normalize=True, chunk_size=self.chunk_size, initial_state=cache.state,
+                                    return_state=True, implementation=implementation)
+        return self.out(o), LinearCache(state.astype(cache.state.dtype), cache.length + x.shape[1])
 
 
 class SlidingWindowAttention(MultiHeadAttention):
@@ -149,25 +160,41 @@ class SlidingWindowAttention(MultiHeadAttention):
         return super().init_cache(batch, min(self.window, max_len), dtype)
 
     def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One step: write the token at slot ``length mod size`` (``size = min(window, max_len)``),
-        attend to the filled slots.
+        """One step: attend to the token and the ring buffer's tokens in its window, then write it at slot
+        ``length mod size`` (``size = min(window, max_len)``).
 
         Equal, position by position, to ``self(x, deterministic=True)`` for up to ``max_len`` tokens.
         ``cache.length`` counts every token decoded so far (it is not reduced modulo the size).
         """
         self._check_decodable()
         check_step("x_t", x_t, self.d_model, cache.k.shape[0])
-        dtype = cache.k.dtype
-        q, k, v = (p(x_t).astype(dtype) for p in (self.query, self.key, self.value))
+        return self._ring_cached(x_t, cache)
+
+    def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """``x [B, T, d_model]`` at positions ``length … length + T − 1`` in one attention call over the ring
+        buffer's ``size`` keys and the ``T`` new ones (each query sees the positions in ``(p − size, p]``), then the
+        last ``min(T, size)`` tokens written at their slots: equal to ``T`` calls of ``decode``."""
+        self._check_decodable()
+        check_chunk("x", x, self.d_model, cache.k.shape[0])
+        return self._ring_cached(x, cache)
+
+    def _ring_cached(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        T, size = x.shape[1], cache.k.shape[1]
+        positions = cache.length + jnp.arange(T)
+        q, k, v = (p(x).astype(cache.k.dtype) for p in (self.query, self.key, self.value))
         if self.rope is not None:
-            q, k = self.rope(q, cache.length[None]), self.rope(k, cache.length[None])
-        size = cache.k.shape[1]
-        start = (0, cache.length % size, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k, start)
-        v_all = jax.lax.dynamic_update_slice(cache.v, v, start)
-        filled = masks.Explicit((jnp.arange(size) <= cache.length)[None, None, None, :])
-        out = attention(q, k_all, v_all, mechanism=self.mechanism, mask=filled, implementation=self.implementation)
-        return self.out(out), KVCache(k_all, v_all, cache.length + 1)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        ring = cache.length - 1 - (cache.length - 1 - jnp.arange(size)) % size   # each slot's position (< 0: empty)
+        keys = jnp.concatenate([ring, positions])
+        query = positions[:, None]
+        seen = (keys[None, :] >= 0) & (keys[None, :] <= query) & (keys[None, :] > query - size)
+        out = attention(q, jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1),
+                        mechanism=self.mechanism, mask=masks.Explicit(seen[None, None]),
+                        implementation=self.implementation)
+        kept = min(T, size)
+        slots = positions[T - kept:] % size
+        k_all, v_all = (c.at[:, slots].set(n[:, T - kept:]) for c, n in ((cache.k, k), (cache.v, v)))
+        return self.out(out), KVCache(k_all, v_all, cache.length + T)
 
 
 @jax.tree_util.register_dataclass
@@ -240,6 +267,16 @@ class BasedBlock(nnx.Module):
         a, linear = self.linear_attention.decode(self.norm_linear(x_t), cache.linear)
         h = x_t + a
         a, window = self.window_attention.decode(self.norm_window(h), cache.window)
+        h = h + a
+        return h + self._mlp(h), BasedCache(linear, window)
+
+    def prefill(self, x: jax.Array, cache: BasedCache) -> tuple[jax.Array, BasedCache]:
+        """``x [B, T, d_model]`` at the cache's next ``T`` positions, one pass per mixer (their ``prefill``);
+        equal to ``T`` calls of ``decode``."""
+        check_chunk("x", x, self.d_model, cache.linear.state.shape[0])
+        a, linear = self.linear_attention.prefill(self.norm_linear(x), cache.linear)
+        h = x + a
+        a, window = self.window_attention.prefill(self.norm_window(h), cache.window)
         h = h + a
         return h + self._mlp(h), BasedCache(linear, window)
 

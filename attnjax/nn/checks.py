@@ -47,6 +47,14 @@ def check_step(name: str, x_t: jax.Array, features: int, batch: int) -> None:
                          f"got {list(x_t.shape)}")
 
 
+def check_chunk(name: str, x: jax.Array, features: int, batch: int) -> None:
+    """``TypeError`` unless ``x`` is floating point, ``ValueError`` unless it is ``[batch, T, features]``: tokens for
+    ``prefill`` into a cache of ``batch`` sequences."""
+    check_input(name, x, features)
+    if x.shape[0] != batch:
+        raise ValueError(f"{name} has batch {x.shape[0]}, the cache {batch}: {name} {list(x.shape)}")
+
+
 def check_causal_mask(layer: str, mask: Optional[masks.Mask]) -> None:
     """``NotImplementedError`` unless ``mask`` is ``None`` or ``masks.Causal()``: what a layer that is
     causal by construction (a recurrence, a prefix scan) computes either way."""

@@ -22,7 +22,7 @@ from attnjax.dispatch import check_implementation
 from attnjax.heads.graph_routing import (DEFAULT_TAU, ROUTERS, attention_mix, expert_capacity, load_balancing_loss,
                                          moe_ffn_dispatch, moe_ffn_reference, similarity_mix, top_k_routing)
 from attnjax.nn.attention import KVCache, MultiHeadAttention
-from attnjax.nn.checks import check_input, check_positive, check_step
+from attnjax.nn.checks import check_chunk, check_input, check_positive, check_step
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import RoPE
 
@@ -176,21 +176,24 @@ class GraphMoE(nnx.Module):
             dtype = self.param_dtype if self.dtype is None else self.dtype
         return RouterCache(jnp.zeros((batch, max_len, self.num_experts), dtype), jnp.zeros((), jnp.int32))
 
-    def _step_probabilities(self, x_t: jax.Array, cache: RouterCache, attention) -> tuple[jax.Array, RouterCache]:
-        check_step("x_t", x_t, self.d_model, cache.logits.shape[0])
-        logits_t = self.router_logits(x_t).astype(cache.logits.dtype)
-        written = jax.lax.dynamic_update_slice(cache.logits, logits_t, (0, cache.length, 0))
-        new = RouterCache(written, cache.length + 1)
-        logits_t, logits = logits_t.astype(jnp.float32), written.astype(jnp.float32)
+    def _cached_probabilities(self, x: jax.Array, cache: RouterCache, attention) -> tuple[jax.Array, RouterCache]:
+        """``P̃`` of the tokens ``x [B, T, d_model]`` at positions ``cache.length …``: their router logits written
+        into the cache, each token's graph restricted to the cached tokens up to its own position."""
+        T = x.shape[1]
+        logits_x = self.router_logits(x).astype(cache.logits.dtype)
+        written = jax.lax.dynamic_update_slice(cache.logits, logits_x, (0, cache.length, 0))
+        new = RouterCache(written, cache.length + T)
+        logits_x, logits = logits_x.astype(jnp.float32), written.astype(jnp.float32)
         if self.router == "softmax":
-            return jax.nn.softmax(logits_t, axis=-1), new
-        filled = masks.Explicit((jnp.arange(logits.shape[1]) <= cache.length)[None, None, None, :])
+            return jax.nn.softmax(logits_x, axis=-1), new
+        seen = jnp.arange(logits.shape[1])[None, :] <= (cache.length + jnp.arange(T))[:, None]
+        filled = masks.Explicit(seen[None, None])
         probs = jax.nn.softmax(logits, axis=-1)
         if self.router == "similarity":
-            return similarity_mix(logits_t, logits, probs, tau=self.tau, mask=filled,
+            return similarity_mix(logits_x, logits, probs, tau=self.tau, mask=filled,
                                   implementation=self.implementation), new
-        q_t, k_all = attention
-        return attention_mix(q_t, k_all, probs, mask=filled, implementation=self.implementation), new
+        q, k_all = attention
+        return attention_mix(q, k_all, probs, mask=filled, implementation=self.implementation), new
 
     def decode(self, x_t: jax.Array, cache: RouterCache) -> tuple[jax.Array, RouterCache]:
         """One step of the causal layer (``router`` "softmax" or "similarity"): equals row ``t`` of
@@ -201,20 +204,30 @@ class GraphMoE(nnx.Module):
         Returns:
           ``(y_t [B, 1, d_model], cache)`` with the token's router logits written at ``cache.length``.
         """
+        check_step("x_t", x_t, self.d_model, cache.logits.shape[0])
+        return self.prefill(x_t, cache)
+
+    def prefill(self, x: jax.Array, cache: RouterCache) -> tuple[jax.Array, RouterCache]:
+        """``x [B, T, d_model]`` at positions ``cache.length …`` in one pass (``router`` "softmax" or
+        "similarity"): equal to ``T`` calls of ``decode`` when nothing is dropped (``capacity_factor=None``; the
+        capacity is counted over the ``B·T`` tokens of the call). Returns ``(y [B, T, d_model], cache)``."""
         if self.router == "attention":
             raise NotImplementedError("router 'attention' decodes with the attention layer's keys: use "
                                       "decode_attention_routed or GraphMoEBlock.decode")
-        probs, cache = self._step_probabilities(x_t, cache, None)
-        return self._experts(x_t, probs), cache
+        check_chunk("x", x, self.d_model, cache.logits.shape[0])
+        probs, cache = self._cached_probabilities(x, cache, None)
+        return self._experts(x, probs), cache
 
-    def decode_attention_routed(self, x_t: jax.Array, cache: RouterCache, q_t: jax.Array,
+    def decode_attention_routed(self, x: jax.Array, cache: RouterCache, q: jax.Array,
                                 k: jax.Array) -> tuple[jax.Array, RouterCache]:
-        """One A-MoE step: ``q_t [B, 1, Hq, D]`` is the attention layer's query of this token and
-        ``k [B, max_len, Hkv, D]`` its key cache with this token's key written at ``cache.length``."""
+        """A-MoE on ``x [B, T, d_model]`` at positions ``cache.length …`` (one step or a prefill chunk): ``q [B, T,
+        Hq, D]`` is the attention layer's queries of these tokens and ``k [B, max_len, Hkv, D]`` its key cache with
+        their keys written from ``cache.length``."""
         if self.router != "attention":
             raise ValueError(f"decode_attention_routed is for router 'attention', not {self.router!r}")
-        probs, cache = self._step_probabilities(x_t, cache, (q_t, k))
-        return self._experts(x_t, probs), cache
+        check_chunk("x", x, self.d_model, cache.logits.shape[0])
+        probs, cache = self._cached_probabilities(x, cache, (q, k))
+        return self._experts(x, probs), cache
 
 
 @jax.tree_util.register_dataclass
@@ -283,14 +296,24 @@ class GraphMoEBlock(nnx.Module):
           ``(y_t [B, 1, d_model], cache)``.
         """
         check_step("x_t", x_t, self.d_model, cache.attention.k.shape[0])
+        return self._cached(x_t, cache, "decode")
+
+    def prefill(self, x: jax.Array, cache: GraphMoEBlockCache) -> tuple[jax.Array, GraphMoEBlockCache]:
+        """``x [B, T, d_model]`` at the cache's next ``T`` positions in one pass (``MultiHeadAttention.prefill``, then
+        the routing of the ``T`` tokens over the cached keys): equal to ``T`` calls of ``decode`` (with
+        ``capacity_factor=None``). Returns ``(y [B, T, d_model], cache)``."""
+        check_chunk("x", x, self.d_model, cache.attention.k.shape[0])
+        return self._cached(x, cache, "prefill")
+
+    def _cached(self, x: jax.Array, cache: GraphMoEBlockCache, method: str) -> tuple[jax.Array, GraphMoEBlockCache]:
         mha = self.attention
-        xn = self.attention_norm(x_t)
-        q_t = mha.query(xn).astype(cache.attention.k.dtype)
+        xn = self.attention_norm(x)
+        q = mha.query(xn).astype(cache.attention.k.dtype)
         if mha.rope is not None:
-            q_t = mha.rope(q_t, cache.attention.length[None])
-        y_attention, kv = mha.decode(xn, cache.attention)
-        u = x_t + y_attention
-        y, router = self.moe.decode_attention_routed(self.moe_norm(u), cache.router, q_t, kv.k)
+            q = mha.rope(q, cache.attention.length + jnp.arange(x.shape[1]))
+        y_attention, kv = getattr(mha, method)(xn, cache.attention)
+        u = x + y_attention
+        y, router = self.moe.decode_attention_routed(self.moe_norm(u), cache.router, q, kv.k)
         return u + y.astype(u.dtype), GraphMoEBlockCache(kv, router)
 
 

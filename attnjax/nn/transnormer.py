@@ -23,9 +23,10 @@ from flax.typing import Dtype
 
 from attnjax import masks
 from attnjax.dispatch import check_implementation
-from attnjax.linear import linear_attention, linear_attention_step
+from attnjax.linear import linear_attention
 from attnjax.nn.attention import LinearCache
-from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step, resolve_head_dim
+from attnjax.nn.checks import (check_causal_mask, check_chunk, check_input, check_positive, check_step,
+                               resolve_head_dim)
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.positional import alibi_slopes
 
@@ -185,10 +186,24 @@ class TransNormerAttention(nnx.Module):
           ``(y_t [B, 1, d_model], cache)``.
         """
         check_step("x_t", x_t, self.d_model, cache.state.shape[0])
-        q, k, v, u = self._project(x_t, cache.length[None])
-        o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache.state, feature_map="identity",
-                                         decay=self._decay(), scale=1.0)
-        return self._output(o[:, None], u), LinearCache(state.astype(cache.state.dtype), cache.length + 1)
+        return self._cached(x_t, cache, "recurrent")
+
+    def prefill(self, x: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
+        """``x [B, T, d_model]`` at positions ``cache.length …`` in one chunked ``linear_attention`` pass from the
+        cache's state (its final state the new cache): equal to ``T`` calls of ``decode``, O(T) work.
+
+        Returns:
+          ``(y [B, T, d_model], cache)`` with the ``T`` tokens added.
+        """
+        check_chunk("x", x, self.d_model, cache.state.shape[0])
+        return self._cached(x, cache, self.implementation)
+
+    def _cached(self, x: jax.Array, cache: LinearCache, implementation: str) -> tuple[jax.Array, LinearCache]:
+        q, k, v, u = self._project(x, cache.length + jnp.arange(x.shape[1]))
+        o, state = linear_attention(q, k, v, feature_map="identity", causal=True, decay=self._decay(), scale=1.0,
+                                    chunk_size=self.chunk_size, initial_state=cache.state, return_state=True,
+                                    implementation=implementation)
+        return self._output(o, u), LinearCache(state.astype(cache.state.dtype), cache.length + x.shape[1])
 
     def _decay(self) -> jax.Array:
         return jnp.asarray(self.decay, jnp.float32)
@@ -240,6 +255,13 @@ class TransNormerBlock(nnx.Module):
         check_step("x_t", x_t, self.d_model, cache.state.shape[0])
         a, cache = self.attention.decode(srms_norm(x_t, self.eps), cache)
         h = x_t + a
+        return h + self.mlp(srms_norm(h, self.eps)), cache
+
+    def prefill(self, x: jax.Array, cache: LinearCache) -> tuple[jax.Array, LinearCache]:
+        """``x [B, T, d_model]`` at the cache's next ``T`` positions in one pass (``TransNormerAttention.prefill``);
+        equal to ``T`` calls of ``decode``."""
+        a, cache = self.attention.prefill(srms_norm(x, self.eps), cache)
+        h = x + a
         return h + self.mlp(srms_norm(h, self.eps)), cache
 
 

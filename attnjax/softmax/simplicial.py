@@ -35,13 +35,13 @@ import jax.numpy as jnp
 from attnjax import masks, registry
 from attnjax.checks import check_qkv
 from attnjax.blocked.scores import to_groups
-from attnjax.tiling import num_tiles, pad_axis
+from attnjax.tiling import check_broadcastable, num_tiles, pad_axis, rank4
 
 
 def simplicial_attention_reference(
     q: jax.Array, k1: jax.Array, v1: jax.Array, k2: jax.Array, v2: jax.Array, *, causal: bool = False,
     scale: Optional[float] = None, window1: Optional[int] = None, window2: Optional[int] = None,
-    return_lse: bool = False,
+    key_mask: Optional[jax.Array] = None, return_lse: bool = False,
 ):
     """Dense 2-simplicial attention: the whole ``[B, Hq, T, S, S]`` logit tensor in float32.
 
@@ -51,19 +51,23 @@ def simplicial_attention_reference(
       scale: logit scale, default ``1/sqrt(D)``.
       window1, window2: causal windows, ``j > p_i − window1`` and ``l > p_i − window2``
         (``None``: unbounded); they need ``causal=True``.
+      key_mask: bool broadcastable to ``[B, Hq, T, S]`` (``masks.Explicit``'s shapes), or ``None``: key ``j`` is
+        usable by query ``i`` where True, and a pair ``(j, l)`` needs both of its keys usable (on top of
+        ``causal`` and the windows). A cache's filled slots, for decoding.
       return_lse: also return the float32 log-sum-exp over pairs ``[B, T, Hq]``.
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, ``out_i = Σ_{j,l} A_ijl (v1_j ⊙ v2_l)``, and the lse if asked.
     """
     B, T, Hq, D, S, Hkv, scale = _check(q, k1, v1, k2, v2, causal, scale, window1, window2)
+    usable = _key_groups(key_mask, (B, Hq, T, S), Hkv)                      # [B', Hkv', G', T', S]
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     qg = to_groups(f32(q).transpose(0, 2, 1, 3), Hkv)
     k1t, v1t, k2t, v2t = (f32(x).transpose(0, 2, 1, 3) for x in (k1, v1, k2, v2))
     s = scale * jnp.einsum("bhgid,bhjd,bhld->bhgijl", qg, k1t, k2t)
-    allowed1 = _axis_mask(causal, window1).dense(T, S)[0, 0]
-    allowed2 = _axis_mask(causal, window2).dense(T, S)[0, 0]
-    valid = allowed1[:, :, None] & allowed2[:, None, :]
-    p, lse = _pair_softmax(s.reshape(s.shape[:4] + (S * S,)), valid.reshape(T, S * S))
+    allowed1 = _axis_mask(causal, window1).dense(T, S)[0, 0] & usable
+    allowed2 = _axis_mask(causal, window2).dense(T, S)[0, 0] & usable
+    valid = allowed1[..., :, None] & allowed2[..., None, :]
+    p, lse = _pair_softmax(s.reshape(s.shape[:4] + (S * S,)), valid.reshape(valid.shape[:-2] + (S * S,)))
     out = jnp.einsum("bhgijl,bhjd,bhld->bhgid", p.reshape(s.shape), v1t, v2t)
     return _finish(out, lse, q.dtype, return_lse)
 
@@ -71,7 +75,7 @@ def simplicial_attention_reference(
 def simplicial_attention_windowed(
     q: jax.Array, k1: jax.Array, v1: jax.Array, k2: jax.Array, v2: jax.Array, *, causal: bool = True,
     scale: Optional[float] = None, window1: Optional[int] = None, window2: Optional[int] = None,
-    block_q: int = 64, return_lse: bool = False,
+    key_mask: Optional[jax.Array] = None, block_q: int = 64, return_lse: bool = False,
 ):
     """2-simplicial attention over sliding key windows, blocked over queries (Roy et al. 2025).
 
@@ -82,9 +86,11 @@ def simplicial_attention_windowed(
     rematerialized in the backward pass (``jax.checkpoint``), so gradients by autodiff need no
     more. ``causal=False`` attends to all ``S²`` pairs (exact, cubic) and takes no windows.
 
-    Args and returns as in ``simplicial_attention_reference``, plus ``block_q`` (queries per block).
+    Args and returns as in ``simplicial_attention_reference``, plus ``block_q`` (queries per block). A
+    ``key_mask`` is gathered at each query's window (``[B', Hq', block_q, w]`` per block).
     """
     B, T, Hq, D, S, Hkv, scale = _check(q, k1, v1, k2, v2, causal, scale, window1, window2)
+    usable = _key_groups(key_mask, (B, Hq, T, S), Hkv)                      # [B', Hkv', G', T', S]
     if not isinstance(block_q, int) or block_q <= 0:
         raise ValueError(f"block_q must be a positive int, got {block_q!r}")
     w1 = S if window1 is None else min(window1, S)
@@ -95,13 +101,15 @@ def simplicial_attention_windowed(
     k1t, v1t, k2t, v2t = (x.transpose(0, 2, 1, 3) for x in (k1, v1, k2, v2))
 
     def window(i: jax.Array, w: int):
-        """Key indices ``[bq, w]`` of the queries ``i`` and which of them are allowed."""
+        """Key indices ``[bq, w]`` of the queries ``i`` and which of them are allowed (``[B', Hkv', G', bq, w]``)."""
         if not causal:
-            idx = jnp.broadcast_to(jnp.arange(w), (i.shape[0], w))
-            return idx, jnp.ones(idx.shape, bool)
-        p = masks.query_positions(i, T, S)[:, None]
-        idx = p - w + 1 + jnp.arange(w)
-        return jnp.clip(idx, 0, S - 1), idx >= 0
+            idx, ok = jnp.broadcast_to(jnp.arange(w), (i.shape[0], w)), jnp.ones((i.shape[0], w), bool)
+        else:
+            p = masks.query_positions(i, T, S)[:, None]
+            idx = p - w + 1 + jnp.arange(w)
+            idx, ok = jnp.clip(idx, 0, S - 1), idx >= 0
+        rows = jnp.take(usable, jnp.minimum(i, usable.shape[3] - 1), axis=3)          # [B', Hkv', G', bq, S]
+        return idx, ok & jnp.take_along_axis(rows, jnp.broadcast_to(idx, rows.shape[:3] + idx.shape), axis=4)
 
     @jax.checkpoint
     def block(start: jax.Array):
@@ -113,7 +121,7 @@ def simplicial_attention_windowed(
         k2w, v2w = (jnp.take(x, idx2, axis=2).astype(jnp.float32) for x in (k2t, v2t))   # [B, Hkv, bq, w2, ·]
         qk = qb[:, :, :, :, None, :] * k1w[:, :, None]                                  # [B, Hkv, G, bq, w1, D]
         s = scale * jnp.einsum("bhgiad,bhicd->bhgiac", qk, k2w)
-        valid = (ok1[:, :, None] & ok2[:, None, :]).reshape(bq, w1 * w2)
+        valid = (ok1[..., :, None] & ok2[..., None, :]).reshape(ok1.shape[:3] + (bq, w1 * w2))
         p, lse = _pair_softmax(s.reshape(s.shape[:4] + (w1 * w2,)), valid)
         pv2 = jnp.einsum("bhgiac,bhicd->bhgiad", p.reshape(s.shape), v2w)             # Σ_l A_ijl v2_l
         return jnp.einsum("bhgiad,bhiad->bhgid", pv2, v1w), lse
@@ -139,6 +147,20 @@ def _check(q, k1, v1, k2, v2, causal, scale, window1, window2):
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     return B, T, Hq, D, k1.shape[1], k1.shape[2], D ** -0.5 if scale is None else scale
+
+
+def _key_groups(key_mask: Optional[jax.Array], shape: tuple, Hkv: int) -> jax.Array:
+    """``key_mask`` (bool, broadcastable to ``shape = (B, Hq, T, S)``; ``None``: all True) as ``[B', Hkv', G', T', S]``
+    with query heads grouped by K/V head (each primed dim the full one or 1)."""
+    if key_mask is None:
+        return jnp.ones((1, 1, 1, 1, shape[3]), bool)
+    m = jnp.asarray(key_mask)
+    if m.dtype != jnp.bool_:
+        raise TypeError(f"key_mask must be bool, got {m.dtype}")
+    check_broadcastable("key_mask", m, shape)
+    m = jnp.broadcast_to(rank4(m), rank4(m).shape[:3] + (shape[3],))
+    H = m.shape[1]
+    return m.reshape(m.shape[0], Hkv if H > 1 else 1, H // Hkv if H > 1 else 1, *m.shape[2:])
 
 
 def _axis_mask(causal: bool, window: Optional[int]) -> masks.Mask:
@@ -178,7 +200,8 @@ class Simplicial:
     form (the attention tensor is symmetric in ``j, l``). For separate ``k'``/``v'`` (the papers'
     form) call ``simplicial_attention_windowed`` or use ``attnjax.nn.simplicial.SimplicialAttention``.
 
-    ``mask`` is ``None`` (all ``S²`` pairs) or ``masks.Causal()`` (pairs at or before the query);
+    ``mask`` is ``None`` (all ``S²`` pairs), ``masks.Causal()`` (pairs at or before the query), a
+    ``masks.Explicit`` key mask or ``Causal() & Explicit`` (a pair needs both keys allowed: ``key_mask``);
     ``window1``/``window2`` restrict the causal pairs to Roy et al.'s sliding windows (their
     setting: ``Simplicial(window1=512, window2=32)``) and need ``masks.Causal()``. The defaults
     (``None``) are exact 2-simplicial attention, cubic in the length: O(T·S²) work even for "xla".
@@ -208,12 +231,15 @@ class Simplicial:
                     "sinks": sinks is not None, "dropout": dropout_rate > 0}
             if any(used.values()):
                 raise NotImplementedError(f"{self.name} does not support {sorted(o for o, on in used.items() if on)}")
-            if mask is not None and not isinstance(mask, masks.Causal):
-                raise NotImplementedError(f"{self.name} serves mask=None or masks.Causal(), got {mask!r}")
-            causal = mask is not None
+            parts = [] if mask is None else [mask.a, mask.b] if isinstance(mask, masks.And) else [mask]
+            causal = any(isinstance(m, masks.Causal) for m in parts)
+            explicit = [m.mask for m in parts if isinstance(m, masks.Explicit)]
+            if len(parts) != causal + len(explicit) or len(explicit) > 1:
+                raise NotImplementedError(f"{self.name} serves mask=None, masks.Causal(), masks.Explicit(key mask) "
+                                          f"or Causal() & Explicit, got {mask!r}")
             if not causal and (self.window1 is not None or self.window2 is not None):
                 raise NotImplementedError(f"{self.name} windows ({self.window1}, {self.window2}) are causal: "
                                           "pass mask=masks.Causal()")
             return fn(q, k, v, k, v, causal=causal, scale=scale, window1=self.window1, window2=self.window2,
-                      return_lse=return_lse)
+                      key_mask=explicit[0] if explicit else None, return_lse=return_lse)
         return attend

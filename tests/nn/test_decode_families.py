@@ -1,10 +1,12 @@
-"""``MultiHeadAttention.init_cache``/``decode`` for every registered mechanism that decodes (catalog I1).
+"""``MultiHeadAttention.init_cache``/``decode``/``prefill`` for every registered mechanism that decodes (catalog I1),
+and ``prefill`` of the other modules that decode.
 
 For each registry entry with ``decodes=True``: stepping ``decode`` under ``nnx.jit`` over 9 tokens
-equals ``layer(x, mask=masks.Causal())`` (GQA where the mechanism supports it), with the entry's
-test config (``conformance.small_tiles``, and the sparser settings of ``tests/test_registry.py`` so
-that a sparse selector leaves blocks out at 9 tokens). One mechanism per decode path runs in the
-default suite, the rest are slow. A mechanism that does not decode raises ``NotImplementedError``.
+equals ``layer(x, mask=masks.Causal())`` (GQA where the mechanism supports it), and ``prefill`` in
+chunks of 4 and 5 tokens equals those steps, with the entry's test config
+(``conformance.small_tiles``, and the sparser settings of ``tests/test_registry.py`` so that a sparse
+selector leaves blocks out at 9 tokens). One mechanism per decode path runs in the default suite, the
+rest are slow. A mechanism that does not decode raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from flax import nnx
 
 from attnjax import masks, registry
 from attnjax.nn import KVCache, LinearCache, MultiHeadAttention
+from attnjax.nn.registry import modules
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.positional import RoPE
 from attnjax.testing import conformance
@@ -44,14 +48,27 @@ SOFTMAX_HERE = ("urpe",)
 """URPE's default ``C = 1`` is softmax, and ``MultiHeadAttention`` keeps its mechanism as a static
 attribute, which cannot hold a config with an array ``c``: its decode is checked at ``C = 1`` only."""
 
-NO_CACHE_PATH = ("simplicial_2",)
-"""Entries that decode from a KV cache in the registry's sense but take only ``None``/``Causal()``
-masks, so ``MultiHeadAttention`` cannot restrict them to the filled slots of a fixed-size cache."""
-
 DEFAULT = ("stick_breaking", "sparse_window", "lightning")
-"""One per kind of decode path in the default suite (right-aligned KV, block pattern, linear state)."""
+"""One per kind of decode path in the default suite (right-aligned KV, block pattern, linear state); softmax's
+prefill is ``test_prefill_in_chunks_equals_parallel``'s, kernelized RPE's ``test_prefill_equals_parallel``'s."""
 
-DECODING = [e.name for e in ENTRIES.values() if e.decodes and e.name != "softmax" and e.name not in NO_CACHE_PATH]
+CUTS = (4,)
+"""``prefill`` chunks of the 9 tokens: 4 (into an empty cache), then 5 (into a filled one)."""
+
+
+def prefill_in_chunks(module, x, cuts: tuple, max_len: int):
+    """``module.prefill`` over ``x [B, T, d]`` cut at ``cuts``, from ``init_cache(B, max_len)``, in one ``nnx.jit``
+    program: ``(y [B, T, d], cache)``."""
+    @nnx.jit(static_argnums=2)
+    def run(module, x, cuts):
+        cache, outs = module.init_cache(x.shape[0], max_len), []
+        for start, stop in zip((0, *cuts), (*cuts, x.shape[1])):
+            y, cache = module.prefill(x[:, start:stop], cache)
+            outs.append(y)
+        return jnp.concatenate(outs, axis=1), cache
+    return run(module, x, cuts)
+
+DECODING = [e.name for e in ENTRIES.values() if e.decodes and e.name != "softmax"]
 
 
 def _config(name: str):
@@ -79,7 +96,11 @@ def _check_decode_equals_parallel(layer: MultiHeadAttention, name: str) -> None:
         y, cache = step(layer, x[:, t:t + 1], cache)
         outs.append(y)
     assert int(cache.length) == T
-    assert_close(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-5)
+    steps = jnp.concatenate(outs, axis=1)
+    assert_close(steps, full, rtol=1e-4, atol=1e-5)
+    chunked, cache = prefill_in_chunks(layer, x, CUTS, MAX_LEN)
+    assert int(cache.length) == T
+    assert_close(chunked, steps, rtol=1e-4, atol=1e-5, name="prefill")
 
 
 @pytest.mark.filterwarnings("ignore:.*selects every block:UserWarning")
@@ -101,12 +122,21 @@ def test_decode_with_t5_relative_bias(name):
     _check_decode_equals_parallel(_layer(name, position_bias=bias), name)
 
 
+@pytest.mark.parametrize("name", ["kernelized_rpe", pytest.param("selective", marks=pytest.mark.slow)])
+def test_prefill_equals_parallel(name):
+    """``prefill`` in chunks of 4 and 5 tokens == the parallel causal call, without the decode steps: kernelized RPE
+    (its prefill is the mechanism's causal call over the whole cache) and selective (a query temperature per
+    position) in the default suite's time."""
+    layer = _layer(name)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 16)), jnp.float32)
+    chunked, cache = prefill_in_chunks(layer, x, CUTS, MAX_LEN)
+    assert int(cache.length) == T
+    assert_close(chunked, nnx.jit(lambda m, x: m(x, mask=masks.Causal()))(layer, x), rtol=1e-4, atol=1e-5)
+
+
 def test_every_decoding_entry_has_a_path_or_a_reason():
     for name in DECODING:
         assert _layer(name).decode_path() in ("filled", "selective", "right_aligned", "block_pattern", "linear")
-    for name in NO_CACHE_PATH:
-        with pytest.raises(NotImplementedError, match=f"{name}.*filled slots"):
-            _layer(name).init_cache(1, 4)
 
 
 def test_a_mechanism_that_does_not_decode_refuses_clearly():
@@ -133,18 +163,43 @@ def test_bench_decode_families_section_smoke(tmp_path):
     assert "## families" in (tmp_path / "tiny.md").read_text()
 
 
-def test_prefill_in_chunks_equals_parallel_and_other_paths_refuse():
-    """``prefill`` of 4 then 5 tokens (softmax, GQA, RoPE, a T5 bias) == the parallel causal call; a mechanism
-    that decodes through another path refuses prefill and names it; bad inputs name the argument."""
+def test_prefill_in_chunks_equals_parallel():
+    """``prefill`` of 4 then 5 tokens (softmax, GQA, RoPE, a T5 bias) == the parallel causal call; bad inputs name
+    the argument; the other cache type is refused."""
     bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16)
     layer = MultiHeadAttention(16, 2, num_kv_heads=1, rope=RoPE(base=100.0), position_bias=bias, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 16)), jnp.float32)
-    prefill = nnx.jit(lambda module, x, cache: module.prefill(x, cache))
-    first, cache = prefill(layer, x[:, :4], layer.init_cache(2, MAX_LEN))
-    second, cache = prefill(layer, x[:, 4:], cache)
+    chunked, cache = prefill_in_chunks(layer, x, (4,), MAX_LEN)
     assert int(cache.length) == T
-    assert_close(jnp.concatenate([first, second], axis=1), layer(x, mask=masks.Causal()), rtol=1e-4, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="'stick_breaking' decodes through the 'right_aligned' path"):
-        _layer("stick_breaking").prefill(x, cache)
-    with pytest.raises(ValueError, match="x has batch 1"):
+    assert_close(chunked, layer(x, mask=masks.Causal()), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="x has batch 1, the cache 2"):
         layer.prefill(x[:1], cache)
+    with pytest.raises(TypeError, match="'lightning' decodes from a LinearCache"):
+        _layer("lightning").prefill(x, cache)
+
+
+PREFILLS = [spec for spec in modules() if spec.decodes and hasattr(spec.module, "prefill")
+            and spec.module is not MultiHeadAttention]
+"""Registered modules other than ``MultiHeadAttention`` (whose mechanisms are checked above) that have ``prefill``."""
+DEFAULT_MODULES = ("block-based",)
+"""The BASED block (Taylor linear state and sliding-window ring buffer) in the default suite; the others (A-MoE,
+the layers, selective) are slow (TransNormer's also runs through the language model, tests/inference)."""
+REFUSES = {"routed_sparse": "'moba' does not decode from a cache"}
+"""Modules that inherit ``MultiHeadAttention.prefill`` but decode through their own ``decode`` only: the refusal
+they give (``RoutedSparseAttention``'s mechanism, MoBA, has no cache path of ``MultiHeadAttention``)."""
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=() if f"{s.kind}-{s.name}" in DEFAULT_MODULES
+                                               else pytest.mark.slow) for s in PREFILLS],
+                         ids=lambda s: f"{s.kind}-{s.name}")
+def test_module_prefill_in_chunks_equals_parallel(spec):
+    """The spec's example: ``prefill`` in chunks of 3 and ``T − 3`` tokens (more than the sliding window's 4) == the
+    parallel causal call (and so ``T`` decode steps, which the module conformance suite checks equal to it)."""
+    module = spec.build(nnx.Rngs(0))
+    (x,) = spec.example_inputs(jax.random.key(1))
+    if spec.name in REFUSES:
+        with pytest.raises(NotImplementedError, match=REFUSES[spec.name]):
+            module.prefill(x, module.init_cache(x.shape[0], x.shape[1]))
+        return
+    chunked, _ = prefill_in_chunks(module, x, (3,), x.shape[1] + 3)
+    assert_close(chunked, nnx.jit(lambda m, x: m(x, mask=masks.Causal()))(module, x), rtol=1e-4, atol=2e-5)

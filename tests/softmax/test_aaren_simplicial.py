@@ -207,6 +207,9 @@ def test_simplicial_reference_matches_the_definition():
 
 SIMPLICIAL_CASES = {
     "full_T<S": dict(causal=False, S=15),
+    # a [B, Hq, 1, S] key mask (a decode cache's filled slots) with windows: pairs need both keys
+    "key_mask_windows": dict(causal=True, window1=5, window2=3, S=13, key_mask=jnp.asarray(
+        np.random.default_rng(3).random((2, 4, 1, 13)) < 0.7)),
     "causal_T>S_mqa": dict(causal=True, S=6, Hkv=1),  # the first queries see no key: output 0, lse -inf
     "windows_T<S": dict(causal=True, window1=4, window2=7, S=14),
 }
@@ -247,7 +250,13 @@ def test_simplicial_registry_entry():
     assert entry.family == "softmax" and entry.implementations == ("reference", "xla")
     with pytest.raises(NotImplementedError, match="are causal"):
         aj.attention(q, k, v, mechanism=Simplicial(window1=4))
-    with pytest.raises(NotImplementedError, match="serves mask=None or masks.Causal"):
+    keys = jnp.arange(q.shape[1]) >= 3
+    for impl in ("reference", "xla"):
+        assert_close(aj.attention(q, k, v, mechanism=config, mask=masks.Causal() & masks.Explicit.keys(keys[None]),
+                                  implementation=impl),
+                     simplicial_attention_reference(q, k, v, k, v, causal=True, window1=4, window2=2,
+                                                    key_mask=keys[None, None, None]))
+    with pytest.raises(NotImplementedError, match="serves mask=None, masks.Causal"):
         aj.attention(q, k, v, mechanism="simplicial_2", mask=masks.SlidingWindow(2, 0))
     with pytest.raises(ValueError, match="needs causal=True"):
         simplicial_attention_windowed(q, k, v, k, v, causal=False, window1=3)
