@@ -34,19 +34,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnjax import masks
-from attnjax.blocked.lists import BlockSparse
+from attnjax.blocked.lists import BlockSparse, allowed_blocks, from_block_mask
 from attnjax.checks import check_qkv
 from attnjax.dispatch import dispatch
 from attnjax.masks import Mask
 from attnjax.meshes import accepts_explicit_meshes
 from attnjax.softmax.softmax import softmax_attention_reference
+from attnjax.sparse.engine import static_allowed_blocks
 from attnjax.sparse.gather import block_sparse_attention_xla
 from attnjax.tiling import num_tiles, pad_axis
 
@@ -310,11 +313,184 @@ def _key_lists_xla(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, retu
     return out, jnp.moveaxis(lse, 0, 2).reshape(B, Hq, n * chunk)[:, :, :T].transpose(0, 2, 1)
 
 
+# ----------------------------------------------------------------------------- key lists: block union + bitmask
+
+WORD_BITS = 32
+"""Keys per word of ``KeyBits`` (uint32 words)."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["bits"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class KeyBits(Mask):
+    """Each query row's listed keys as a packed bitmask: row ``t`` may see key ``s`` iff bit
+    ``s % 32`` of word ``s // 32`` of ``bits[b, h, t]`` is set.
+
+    Attributes:
+      bits: uint32 ``[Bm, Hm, T | 1, ceil(S / 32)]`` (one row for every query when the axis has size 1).
+
+    ``tile`` reads one word per pair (O(tq·tk) work, no list scan). ``block_summary`` says nothing
+    (every tile PARTIAL): the block lists come from the key lists (``key_list_blocks``).
+    """
+
+    bits: jax.Array
+
+    def __repr__(self) -> str:
+        return f"KeyBits(bits={self.bits.dtype}{list(self.bits.shape)})"
+
+    def check(self, batch: int, num_heads: int, T: int, S: int) -> None:
+        shape, words = tuple(self.bits.shape), num_tiles(S, WORD_BITS)
+        if (len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, num_heads)
+                or shape[2] not in (1, T) or shape[3] != words):
+            raise ValueError(f"KeyBits.bits has shape {shape}, expected [1 or {batch}, 1 or {num_heads}, "
+                             f"{T} or 1, {words}] for T={T}, S={S}")
+        if self.bits.dtype != jnp.uint32:
+            raise TypeError(f"KeyBits.bits must be uint32, got {self.bits.dtype}")
+
+    def tile(self, q_idx, kv_idx, T, S):
+        rows = self.bits if self.bits.shape[2] == 1 else jnp.take(self.bits, q_idx, axis=2, mode="clip")
+        safe = jnp.clip(kv_idx, 0, S - 1)
+        words = jnp.take(rows, safe // WORD_BITS, axis=3)  # [Bm, Hm, tq | 1, tk]
+        hit = (words >> (safe % WORD_BITS).astype(jnp.uint32)) & 1 == 1
+        hit = hit & ((kv_idx >= 0) & (kv_idx < S))
+        return jnp.broadcast_to(hit, hit.shape[:2] + (q_idx.shape[0], kv_idx.shape[0]))
+
+    def block_summary(self, T, S, block_q, block_kv):
+        return jnp.full((1, 1, num_tiles(T, block_q), num_tiles(S, block_kv)), masks.PARTIAL, jnp.int8)
+
+
+def _row_chunk(num_rows: int, rows_per_tile: int, B: int, H: int, width: int) -> int:
+    """Rows per step of ``key_bits_and_union``: whole tiles, about ``ELEMENTS_PER_CHUNK · 64`` booleans."""
+    tiles = max(1, ELEMENTS_PER_CHUNK * 64 // max(1, B * H * rows_per_tile * width))
+    return rows_per_tile * min(tiles, num_tiles(num_rows, rows_per_tile))
+
+
+def key_bits_and_union(ids: jax.Array, held: jax.Array, S: int, *, block_q: int,
+                       block_kv: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's held keys packed into bits, and the key blocks each query tile's rows hold.
+
+    Rows are taken in chunks; a chunk's keys are set in a boolean ``[B, H, c, S]`` row block by one
+    scatter (duplicates set the same element, so no sort is needed), then packed into uint32 words
+    and reduced over ``block_q × block_kv`` tiles. Cost: ``R·K`` scattered writes plus ``R·S``
+    booleans streamed; memory one chunk (about ``64·ELEMENTS_PER_CHUNK`` booleans) plus the bits.
+
+    Args:
+      ids: int ``[B, H, R, K]`` key positions; held: bool, same shape (slots that count; an id outside
+        ``[0, S)`` must not be held).
+      S: number of keys; block_q: rows per query tile (``R`` rows form ``ceil(R / block_q)`` tiles);
+        block_kv: keys per key block.
+    Returns:
+      ``(bits, union)``: uint32 ``[B, H, R, ceil(S/32)]`` (``KeyBits``) and bool ``[B, H, ceil(R/block_q),
+      ceil(S/block_kv)]``.
+    """
+    B, H, R, _ = ids.shape
+    words, nk = num_tiles(S, WORD_BITS), num_tiles(S, block_kv)
+    unit = math.lcm(WORD_BITS, block_kv)
+    width = num_tiles(S, unit) * unit
+    chunk = _row_chunk(R, block_q, B, H, width)
+    steps = num_tiles(R, chunk)
+    held = pad_axis(held, 2, chunk)  # padded rows hold no key
+    ids = jnp.where(held, pad_axis(ids, 2, chunk), width)  # slots not held fall outside every row: dropped
+    ids = ids.reshape(B, H, steps, chunk, -1)
+    row_base = (jnp.arange(B * H * chunk, dtype=jnp.int32) * width).reshape(B, H, chunk, 1)
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+
+    def one(ids_c):
+        flat = jnp.where(ids_c < width, row_base + ids_c, B * H * chunk * width).reshape(-1)
+        hit = jnp.zeros(B * H * chunk * width, bool).at[flat].set(True, mode="drop").reshape(B, H, chunk, width)
+        bits = (hit.reshape(B, H, chunk, -1, WORD_BITS).astype(jnp.uint32) << shifts).sum(-1, dtype=jnp.uint32)
+        union = hit.reshape(B, H, chunk // block_q, block_q, -1, block_kv).any((3, 5))
+        return bits, union
+
+    bits, union = lax.map(one, jnp.moveaxis(ids, 2, 0))
+    bits = jnp.moveaxis(bits, 0, 2).reshape(B, H, steps * chunk, -1)[:, :, :R, :words]
+    union = jnp.moveaxis(union, 0, 2).reshape(B, H, -1, width // block_kv)[:, :, :num_tiles(R, block_q), :nk]
+    return bits, union
+
+
+def key_list_blocks(selection: KeyLists, T: int, S: int, *, mask: Optional[Mask], block_q: int,
+                    block_kv: int) -> tuple[BlockSparse, Mask]:
+    """Block lists and fine mask that run ``selection & mask`` exactly on the block-sparse engine.
+
+    Query tile ``(b, h, i)`` lists the union of the key blocks its rows' keys lie in (as per-token
+    MoBA's ``TokenBlocks.union``), cut to the blocks ``mask`` allows; the fine mask is the rows' keys
+    as a packed bitmask (``KeyBits``), both from ``key_bits_and_union``. With one list per query row
+    the request's mask is folded into the bits (keys it forbids are dropped before the union, so
+    under ``Causal()`` a tile lists no block past its last query); with one list per head the fine
+    mask is ``KeyBits & mask``. Duplicates count once; ids outside ``[0, S)`` are empty slots.
+
+    Args:
+      selection: ``KeyLists`` ``[B, Hq, T | 1, K]``.
+      T, S: query and key lengths; mask: the request's mask or None.
+      block_q, block_kv: the engine's tiles.
+    Returns:
+      ``(blocks, fine)``: ``BlockSparse [B, Hq, nq, min(nk, block_q·K)]`` (``min(nk, K)`` for
+      per-head lists) and the fine mask. Memory: the bitmask is ``T·S/8`` bytes per (batch, head).
+    """
+    idx = selection.indices.astype(jnp.int32)
+    B, H, R, K = idx.shape
+    shared = R == 1
+    held = (idx >= 0) & (idx < S)
+    if not shared:
+        held = held & _allowed_at(mask, jnp.arange(T), idx, T, S)
+    bits, union = key_bits_and_union(idx, held, S, block_q=1 if shared else block_q, block_kv=block_kv)
+    fine = KeyBits(bits)
+    if shared and mask is not None:
+        fine = fine & mask
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    union = jnp.broadcast_to(union, (B, H, nq, nk)) & allowed_blocks(mask, T, S, block_q, block_kv)
+    return from_block_mask(union, block_q, block_kv, max_blocks=min(nk, K if shared else block_q * K)), fine
+
+
+def _key_lists_blocks(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, return_lse, block_q, block_kv):
+    blocks, fine = key_list_blocks(sel, q.shape[1], k.shape[1], mask=mask, block_q=block_q, block_kv=block_kv)
+    return block_sparse_attention_xla(q, k, v, blocks, mask=fine, scale=scale, logits_soft_cap=logits_soft_cap,
+                                      return_lse=return_lse)
+
+
+GATHER_COST_RATIO = 16.0
+"""Listed tile pairs of the block path that cost as much as one gathered key-list slot, whole calls
+compared (the block path's list building included). Measured on CPU, T = 4k, D = 64, uniform lists
+(so the block union is dense): 16 in the forward at K = 512 (21 at K = 64), 15 in forward + backward."""
+
+
+def choose_key_path(K: int, T: int, S: int, *, shared: bool, mask: Optional[Mask], block_q: int,
+                    block_kv: int) -> str:
+    """The ``key_path="auto"`` rule, from static quantities: "blocks" when even the densest block union
+    costs no more than the gathers, ``worst ≤ GATHER_COST_RATIO · T·K``, else "gather".
+
+    ``worst`` is the tile pairs of the largest union the lists can make: per query tile, the key
+    blocks ``mask`` may allow (``static_allowed_blocks``), at most ``block_q·K`` (``K`` for one
+    list per head), times ``block_q·block_kv``, for the (batch, head) with the most. For ``T = S``
+    and 64-wide tiles this is ``K ≥ S/16`` (``K ≥ S/32`` under ``Causal()``). Shorter lists keep the
+    gather path, which is right when they are scattered (uniform random: every tile's union is
+    dense); when they are local (a tile's rows share their keys), ``key_path="blocks"`` is faster.
+    """
+    allowed = static_allowed_blocks(mask, T, S, block_q, block_kv)
+    per_tile = np.minimum(allowed.sum(-1), K if shared else block_q * K)
+    worst = int(per_tile.sum(-1).max(initial=0)) * block_q * block_kv
+    return "blocks" if worst <= GATHER_COST_RATIO * T * K else "gather"
+
+
+def _key_lists_auto(q, k, v, sel: KeyLists, *, mask, block_q, block_kv, **kwargs):
+    K, shared = sel.indices.shape[-1], sel.indices.shape[2] == 1
+    path = choose_key_path(K, q.shape[1], k.shape[1], shared=shared, mask=mask, block_q=block_q, block_kv=block_kv)
+    return _KEY_PATHS[path](q, k, v, sel, mask=mask, block_q=block_q, block_kv=block_kv, **kwargs)
+
+
+KEY_LIST_PATHS = ("auto", "blocks", "gather")
+"""How the ``xla`` path runs ``KeyLists``: "blocks" (block union + bitmask on the block-sparse engine),
+"gather" (per-query gathers) or "auto" (``choose_key_path``)."""
+
+_KEY_PATHS = {"auto": _key_lists_auto, "blocks": _key_lists_blocks, "gather": _key_lists_xla}
+
+
 def token_sparse_attention_xla(q, k, v, selection: Selection, *, mask: Optional[Mask] = None, scale=None,
                                logits_soft_cap=None, return_lse: bool = False, block_q: int = 64,
-                               block_kv: int = 64):
-    """The sorted-bucket or gathered-key-list path (see the module docstring for the costs)."""
-    run = _buckets_xla if isinstance(selection, Buckets) else _key_lists_xla
+                               block_kv: int = 64, key_path: str = "auto"):
+    """The sorted-bucket path, or for ``KeyLists`` the ``key_path`` (see the module docstring for the costs)."""
+    if key_path not in KEY_LIST_PATHS:
+        raise ValueError(f"key_path must be one of {KEY_LIST_PATHS}, got {key_path!r}")
+    run = _buckets_xla if isinstance(selection, Buckets) else _KEY_PATHS[key_path]
     return run(q, k, v, selection, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
                block_q=block_q, block_kv=block_kv)
 
@@ -348,7 +524,7 @@ _PATHS = {"reference": token_sparse_attention_reference, "xla": token_sparse_att
 def token_sparse_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, selection: Selection, *, mask: Optional[Mask] = None,
     scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, return_lse: bool = False,
-    block_q: int = 64, block_kv: int = 64, implementation: str = "auto",
+    block_q: int = 64, block_kv: int = 64, implementation: str = "auto", key_path: str = "auto",
 ):
     """Softmax attention restricted to the keys a token-level selection allows.
 
@@ -372,7 +548,7 @@ def token_sparse_attention(
     if mask is not None:
         mask.check(B, Hq, T, S)
     kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse, block_q=block_q,
-                  block_kv=block_kv)
+                  block_kv=block_kv, key_path=key_path)
     return dispatch(_PATHS, implementation, q, k, v, selection, what="token-sparse attention", **kwargs)
 
 

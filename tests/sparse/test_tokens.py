@@ -1,6 +1,8 @@
-"""Token-sparse engine: sorted buckets and gathered key lists against the dense masked reference."""
+"""Token-sparse engine: sorted buckets and key lists (block union + bitmask, and gathers) against the
+dense masked reference."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,8 @@ import pytest
 
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
-from attnjax.sparse.tokens import (Buckets, KeyLists, TokenSelector, bucket_block_lists, pair_density, routed_attention,
-                                   token_sparse_attention)
+from attnjax.sparse.tokens import (Buckets, KeyBits, KeyLists, TokenSelector, bucket_block_lists, key_list_blocks,
+                                   pair_density, routed_attention, token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -39,16 +41,33 @@ def key_lists(shared: bool, seed=1):
 SELECTIONS = {"buckets": unbalanced_buckets(), "lists": key_lists(False), "shared_lists": key_lists(True)}
 
 
-def loss(impl, selection, mask, q, k, v):
-    out, lse = token_sparse_attention(q, k, v, selection, mask=mask, implementation=impl, return_lse=True, **TILES)
+def loss(impl, selection, mask, q, k, v, key_path="auto"):
+    out, lse = token_sparse_attention(q, k, v, selection, mask=mask, implementation=impl, return_lse=True,
+                                      key_path=key_path, **TILES)
     return (out ** 2).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum(), (out, lse)
 
 
-def outputs_and_loss_grads(impl, selection, mask, q, k, v):
+def outputs_and_loss_grads(impl, selection, mask, q, k, v, key_path="auto"):
     """``((out, lse), d loss / d(q, k, v))`` of one path from one compile (forward and gradients together)."""
-    grads, outputs = jax.jit(jax.grad(lambda q, k, v: loss(impl, selection, mask, q, k, v), argnums=(0, 1, 2),
-                                      has_aux=True))(q, k, v)
+    grads, outputs = jax.jit(jax.grad(lambda q, k, v: loss(impl, selection, mask, q, k, v, key_path),
+                                      argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return outputs, grads
+
+
+@functools.lru_cache(maxsize=None)
+def reference_case(selection_name, mask_name):
+    """``(q, k, v), ((out, lse), grads)`` of the reference on the shared inputs, computed once per case."""
+    q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
+    return (q, k, v), outputs_and_loss_grads("reference", SELECTIONS[selection_name], MASKS[mask_name], q, k, v)
+
+
+def assert_matches_reference(fast, grads_fast, ref, grads_ref):
+    assert_close(fast[0], ref[0], name="out")
+    np.testing.assert_array_equal(np.isneginf(fast[1]), np.isneginf(ref[1]))
+    finite = np.isfinite(np.asarray(ref[1]))
+    assert_close(np.asarray(fast[1])[finite], np.asarray(ref[1])[finite], name="lse")
+    for name, g_ref, g_fast in zip("qkv", grads_ref, grads_fast):
+        assert_close(g_fast, g_ref, atol=1e-4, name=f"d{name}")
 
 
 DEFAULT_PAIRS = {("buckets", "causal"), ("lists", "causal"), ("shared_lists", "window")}
@@ -59,16 +78,71 @@ DEFAULT_PAIRS = {("buckets", "causal"), ("lists", "causal"), ("shared_lists", "w
     pytest.param(sel, m, marks=() if (sel, m) in DEFAULT_PAIRS else pytest.mark.slow)
     for sel in SELECTIONS for m in MASKS])
 def test_fast_path_matches_reference_forward_and_gradients(selection_name, mask_name):
-    q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
-    sel, mask = SELECTIONS[selection_name], MASKS[mask_name]
-    (ref, grads_ref), (fast, grads_fast) = (outputs_and_loss_grads(impl, sel, mask, q, k, v)
-                                            for impl in ("reference", "xla"))
-    assert_close(fast[0], ref[0], name="out")
-    np.testing.assert_array_equal(np.isneginf(fast[1]), np.isneginf(ref[1]))
-    finite = np.isfinite(np.asarray(ref[1]))
-    assert_close(np.asarray(fast[1])[finite], np.asarray(ref[1])[finite], name="lse")
-    for name, g_ref, g_fast in zip("qkv", grads_ref, grads_fast):
-        assert_close(g_fast, g_ref, atol=1e-4, name=f"d{name}")
+    """The ``xla`` path as called by default (key lists: ``key_path="auto"``, both branches compiled)."""
+    (q, k, v), (ref, grads_ref) = reference_case(selection_name, mask_name)
+    fast, grads_fast = outputs_and_loss_grads("xla", SELECTIONS[selection_name], MASKS[mask_name], q, k, v)
+    assert_matches_reference(fast, grads_fast, ref, grads_ref)
+
+
+DEFAULT_KEY_PATH_CASES = {("blocks", "lists", "causal"), ("blocks", "shared_lists", "none")}
+
+
+@pytest.mark.parametrize("key_path,selection_name,mask_name", [
+    pytest.param(p, sel, m, marks=() if (p, sel, m) in DEFAULT_KEY_PATH_CASES else pytest.mark.slow)
+    for p in ("blocks", "gather") for sel in ("lists", "shared_lists") for m in MASKS])
+def test_each_key_list_path_matches_reference_forward_and_gradients(key_path, selection_name, mask_name):
+    """Block union + bitmask and gathers, forced: GQA, T = 37 (not a multiple of the 8-row tiles),
+    duplicates, ``-1`` and an id past ``S`` in every list."""
+    (q, k, v), (ref, grads_ref) = reference_case(selection_name, mask_name)
+    fast, grads_fast = outputs_and_loss_grads("xla", SELECTIONS[selection_name], MASKS[mask_name], q, k, v,
+                                              key_path=key_path)
+    assert_matches_reference(fast, grads_fast, ref, grads_ref)
+
+
+def listed_and_fine(sel, mask, block_kv):
+    """``key_list_blocks`` at 8-row tiles in one compile: the listed tiles (bool ``[B, HQ, nq, nk]``), the fine
+    mask as a dense ``[Bm, Hm, T, S]`` and whether it is a bare ``KeyBits``."""
+    kinds = []
+
+    def run(sel):
+        blocks, fine = key_list_blocks(sel, T, S, mask=mask, block_q=8, block_kv=block_kv)
+        kinds.append(isinstance(fine, KeyBits))
+        return to_block_mask(blocks), fine.dense(T, S)
+
+    listed, dense = jax.jit(run)(sel)
+    return np.asarray(listed), np.asarray(dense), kinds[0]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_key_list_blocks_are_the_block_union_and_the_bits_the_exact_selection(shared):
+    """Brute force: tile ``(b, h, i)`` lists exactly the key blocks that its rows' allowed, in-range
+    keys lie in (cut to the mask's blocks), and the fine mask is ``selection & mask`` pair by pair.
+    Key blocks of 8 and 48 (a word of the bitmask spans blocks, and a block spans words)."""
+    sel = key_lists(shared, seed=4)
+    idx = np.asarray(sel.indices)
+    for mask_name, block_kv in (("none", 8), ("causal", 48), ("window", 8)):
+        mask = MASKS[mask_name]
+        listed, fine_dense, is_bits = listed_and_fine(sel, mask, block_kv)
+        allowed = np.ones((T, S), bool) if mask is None else np.asarray(mask.dense(T, S))[0, 0]
+        expected_fine = np.zeros((B, HQ, T, S), bool)
+        for b in range(B):
+            for h in range(HQ):
+                for i in range(T):
+                    for j in idx[b, h, 0 if shared else i]:
+                        if 0 <= j < S:
+                            expected_fine[b, h, i, j] = allowed[i, j]
+        pad_t, pad_s = -T % 8, -S % block_kv
+        expected_union = np.pad(expected_fine, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
+        expected_union = expected_union.reshape(B, HQ, (T + pad_t) // 8, 8, -1, block_kv).any((3, 5))
+        if shared:  # one list for every row: the union does not depend on the rows, only the mask's blocks cut it
+            rows = np.zeros((B, HQ, 1, S + pad_s), bool)
+            rows[..., :S] = np.asarray(sel.dense(1, S))
+            blk = rows.reshape(B, HQ, 1, -1, block_kv).any(-1)
+            ab = np.pad(allowed, ((0, pad_t), (0, pad_s))).reshape((T + pad_t) // 8, 8, -1, block_kv).any((1, 3))
+            expected_union = blk & ab
+        np.testing.assert_array_equal(listed, np.broadcast_to(expected_union, listed.shape), err_msg=mask_name)
+        assert is_bits == (not shared or mask is None)
+        np.testing.assert_array_equal(np.broadcast_to(fine_dense, expected_fine.shape), expected_fine, err_msg=mask_name)
 
 
 def test_cross_lengths_use_bottom_right_alignment():
