@@ -150,33 +150,54 @@ def _row_chunk(tq: int) -> int:
     return c if c >= min(tq, ROW_CHUNK // 4) else tq
 
 
+def chunked_relative_logits(q: jax.Array, columns: jax.Array, num_keys: int) -> jax.Array:
+    """``q_i·columns[j + tq − 1 − i]`` for every query row ``i`` and key ``j`` of a tile, by chunks of rows and skewing.
+
+    ``q [B, H, tq, D]`` and ``columns [tq + num_keys − 1, H or 1, D]`` (row ``m``: the embedding of the ``m``-th
+    smallest key-minus-query offset of the tile, consecutive rows and keys) -> ``[B, H, tq, num_keys]`` float32.
+    The rows are cut into chunks of ``c`` (``_row_chunk``); chunk ``n`` multiplies the ``c + num_keys − 1``
+    columns its offsets need (a static slice) and is skewed on its own (Huang et al. 2018, §3.4; every pair of the
+    chunk is inside its window, so nothing wraps): ``tq·(c + num_keys − 1)·D`` multiply-adds, about one
+    ``q·kᵀ`` for ``c ≪ num_keys`` instead of two for one skew of the whole tile.
+    """
+    B, H, tq, D = q.shape
+    c = _row_chunk(tq)
+    n, width = tq // c, c + num_keys - 1
+    # chunk n's last row sees key 0 at column tq − c − n·c
+    windows = jnp.stack([columns[tq - c - i * c: tq - c - i * c + width] for i in range(n)])  # [n, width, H|1, D]
+    x = jnp.einsum("bhncd,nmhd->bhncm", q.reshape(B, H, n, c, D), windows, preferred_element_type=jnp.float32)
+    return skew(x, num_keys).reshape(B, H, tq, num_keys)
+
+
 def _tile_logits(q: jax.Array, embeddings: jax.Array, first_offset: jax.Array, num_keys: int, causal: bool,
                  max_distance: int, scale: float) -> jax.Array:
     """``scale ×`` the relative logits of one tile, ``q [B, H, tq, D]`` -> ``[B, H, tq, num_keys]``; query row
     ``i`` sees key column ``j`` at offset ``first_offset + j + tq − 1 − i`` (consecutive rows and columns).
 
-    The rows are cut into chunks of ``c`` (``_row_chunk``); chunk ``n`` takes the ``c + tk − 1`` embedding
-    rows its offsets need and is skewed on its own (every pair of the chunk is inside its window, so nothing
-    wraps). A table with fewer rows than that (clipping, ``R`` small) is multiplied whole, ``q·Eᵀ [tq, R]``,
-    and its columns gathered instead. Causal: an offset > 0 reads an out-of-range row, filled with 0, so the
-    tile needs no extra select. The scale multiplies the embedding rows (or ``q·Eᵀ``), not the tile.
+    The ``tq + tk − 1`` embedding rows of the tile's offsets are gathered once and multiplied by chunks of rows
+    (``chunked_relative_logits``). A table with fewer rows than a chunk's window (clipping, ``R`` small) is
+    multiplied whole, ``q·Eᵀ [tq, R]``, and its columns gathered per chunk instead. Causal: an offset > 0 reads
+    an out-of-range row, filled with 0, so the tile needs no extra select. The scale multiplies the embedding
+    rows (or ``q·Eᵀ``), not the tile.
     """
     B, H, tq, D = q.shape
     c = _row_chunk(tq)
     n, width = tq // c, c + num_keys - 1
-    # offsets of chunk n's skewed columns: its last row sees key 0 at first_offset + (tq − 1 − (n·c + c − 1))
-    offsets = first_offset + (tq - c) - c * jnp.arange(n)[:, None] + jnp.arange(width)
-    rows = relative_embedding_index(offsets, causal=causal, max_distance=max_distance)
     table = _per_head(jnp.asarray(embeddings))
-    if causal:
-        rows = jnp.where(offsets > 0, table.shape[0], rows)  # past the end: filled with 0 below
-    if table.shape[0] < width:
-        scores = _relative_scores(q, embeddings, jnp.arange(table.shape[0])) * scale
-        x = jnp.take_along_axis(scores.reshape(B, H, n, c, -1), rows[None, None, :, None, :], axis=-1,
-                                mode="fill", fill_value=0.0)
-    else:
-        window = jnp.take(table, rows, axis=0, mode="fill", fill_value=0) * scale  # [n, width, H or 1, D]
-        x = jnp.einsum("bhncd,nmhd->bhncm", q.reshape(B, H, n, c, D), window, preferred_element_type=jnp.float32)
+
+    def rows_of(offsets):
+        rows = relative_embedding_index(offsets, causal=causal, max_distance=max_distance)
+        return jnp.where(offsets > 0, table.shape[0], rows) if causal else rows  # past the end: filled with 0
+
+    if table.shape[0] >= width:
+        columns = jnp.take(table, rows_of(first_offset + jnp.arange(tq + num_keys - 1)), axis=0, mode="fill",
+                           fill_value=0) * scale
+        return chunked_relative_logits(q, columns, num_keys)
+    # offsets of chunk n's skewed columns: its last row sees key 0 at first_offset + (tq − 1 − (n·c + c − 1))
+    rows = rows_of(first_offset + (tq - c) - c * jnp.arange(n)[:, None] + jnp.arange(width))
+    scores = _relative_scores(q, embeddings, jnp.arange(table.shape[0])) * scale
+    x = jnp.take_along_axis(scores.reshape(B, H, n, c, -1), rows[None, None, :, None, :], axis=-1,
+                            mode="fill", fill_value=0.0)
     return skew(x, num_keys).reshape(B, H, tq, num_keys)
 
 
@@ -281,4 +302,4 @@ class RelativeEmbeddingBias(Bias):
 
 
 __all__ = ["relative_max_distance", "relative_embedding_index", "check_relative_inputs", "relative_logits_reference",
-           "skew", "relative_logits_skewed", "ROW_CHUNK", "RelativeEmbeddingBias"]
+           "skew", "relative_logits_skewed", "ROW_CHUNK", "chunked_relative_logits", "RelativeEmbeddingBias"]

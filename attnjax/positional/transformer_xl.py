@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from attnjax.bias import Bias
 from attnjax.masks import query_positions
+from attnjax.positional.relative import chunked_relative_logits
 
 
 def relative_sinusoids(offsets: jax.Array, dim: int, *, max_wavelength: float = 10000.0) -> jax.Array:
@@ -62,11 +63,13 @@ class TransformerXLBias(Bias):
 
     Per tile of ``tq`` query rows and ``tk`` key columns (contiguous runs, as every path passes them)
     the offsets ``i − j`` span ``n = tq + tk − 1`` values. The rule builds their sinusoids ``[n, d_R]``
-    on the fly, projects them, ``E = W_R R`` ``[H, n, D]`` (``n·d_R·H·D`` multiply-adds), scores
-    ``(q + v)·E`` ``[B, H, tq, n]`` (``B·H·tq·n·D``, about twice the tile's ``q·kᵀ``), and shifts row
-    ``i`` by ``i`` columns to read ``[B, H, tq, tk]`` (Huang et al. 2019's skewing, a pad, reshape and
-    slice). Memory O(B·H·tq·(tq + tk) + n·(d_R + H·D)) per tile, never ``[T, S]``. Indices that are not
-    contiguous runs give NaN logits rather than wrong ones.
+    on the fly, projects them, ``E = W_R R`` ``[n, H, D]`` (``n·d_R·H·D`` multiply-adds: about
+    ``(tq + tk)·d_R/(B·tq·tk)`` times the tile's ``q·kᵀ``, one ``q·kᵀ`` at B = 1, d_R = 256, 512-wide tiles), and scores ``(q + v)·E`` by chunks of 64 query rows, each
+    against the ``64 + tk − 1`` offsets it sees and skewed to ``[64, tk]`` (Huang et al. 2019's pad,
+    reshape and slice; ``attnjax.positional.relative.chunked_relative_logits``, shared with
+    ``RelativeEmbeddingBias``): ``B·H·tq·(64 + tk − 1)·D``, about 1.1 times the tile's ``q·kᵀ``. Memory
+    O(B·H·tq·(64 + tk) + n·(d_R + H·D)) per tile, never ``[T, S]``. Indices that are not contiguous runs
+    give NaN logits rather than wrong ones.
 
     Query positions follow the library's bottom-right alignment (``attnjax.masks``), or
     ``query_offset + i`` when given (a decode step against a cache whose first ``length`` slots are
@@ -120,21 +123,17 @@ class TransformerXLBias(Bias):
                              f"of the queries {q.shape}")
         tk = kv_idx.shape[0]
         rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
-        n = tq + tk - 1
-        highest = rows[0] + (tq - 1) - kv_idx[0]
-        r = relative_sinusoids(highest - jnp.arange(n), jnp.shape(self.w_r)[1], max_wavelength=self.max_wavelength)
-        e = jnp.einsum("nr,hrd->hnd", r, jnp.asarray(self.w_r, jnp.float32))
+        scale = D ** -0.5 if self.scale is None else self.scale
+        highest = rows[0] + (tq - 1) - kv_idx[0]  # the largest i − j; column m holds offset highest − m
+        r = relative_sinusoids(highest - jnp.arange(tq + tk - 1), jnp.shape(self.w_r)[1],
+                               max_wavelength=self.max_wavelength)
+        e = jnp.einsum("nr,hrd->nhd", r, jnp.asarray(self.w_r, jnp.float32) * scale)
         shift = jnp.asarray(self.v, jnp.float32)
         if self.u is not None:
             shift = shift - jnp.asarray(self.u, jnp.float32)
-        scores = jnp.einsum("bhqd,hnd->bhqn", q.astype(jnp.float32) + shift[None, :, None, :],
-                            jnp.broadcast_to(e, (Hq, n, D)))
-        # column c of row i holds offset highest − c; (i, j) needs c = tq − 1 − i + j: row i shifted by −i
-        flat = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, 1))).reshape(B, Hq, tq * (n + 1))
-        tile = flat[..., tq - 1: tq - 1 + tq * n].reshape(B, Hq, tq, n)[..., :tk]
+        tile = chunked_relative_logits(q.astype(jnp.float32) + shift[None, :, None, :], e, tk)
         contiguous = jnp.all(jnp.diff(rows) == 1) & jnp.all(jnp.diff(kv_idx) == 1)
-        scale = D ** -0.5 if self.scale is None else self.scale
-        return tile * scale + jnp.where(contiguous, 0.0, jnp.nan)
+        return tile + jnp.where(contiguous, 0.0, jnp.nan)
 
 
 def transformer_xl_logits_reference(q: jax.Array, k: jax.Array, w_r: jax.Array, v: jax.Array,

@@ -64,6 +64,31 @@ def test_tiles_equal_dai_et_al_terms_b_plus_d_bottom_right_aligned():
         assert_close(part, whole[:, :, rows, cols], atol=1e-5)
 
 
+def test_a_tile_of_two_row_chunks_equals_the_dense_terms_with_gradients():
+    """A 128-row tile is scored in chunks of 64 rows (``chunked_relative_logits``), each against its own window of
+    offsets: the tile and its gradients (q, W_R, v, u) equal the dense position terms'."""
+    T, S, Hq = 128, 40, 2
+    q = _qkv(T, S, Hq, Hq)[0][:1]
+    w_r, v, u = _params(Hq, Hq)
+    weights = jax.random.normal(jax.random.PRNGKey(7), (1, Hq, T, S))
+
+    def tile(q, w_r, v, u):
+        rule = TransformerXLBias(w_r, v, u)
+        return jnp.sum(weights * rule.query_tile(rule.content_queries(q).transpose(0, 2, 1, 3), jnp.arange(T),
+                                                 jnp.arange(S), T, S))
+
+    def dense(q, w_r, v, u):
+        zero_keys = jnp.zeros((1, S, Hq, q.shape[-1]))
+        return jnp.sum(weights * transformer_xl_logits_reference(q, zero_keys, w_r, v, u))
+
+    both = jax.jit(lambda *a: (jax.value_and_grad(tile, argnums=(0, 1, 2, 3))(*a),
+                               jax.value_and_grad(dense, argnums=(0, 1, 2, 3))(*a)))
+    (got, dgot), (want, dwant) = both(q, w_r, v, u)
+    assert_close(got, want, rtol=1e-5)
+    for g, w, name in zip(dgot, dwant, ("q", "w_r", "v", "u")):
+        assert_close(g, w, atol=1e-4, rtol=1e-4, name=name)
+
+
 def _grads(fn, q, k, vals, w_r, v, u, mask, scale):
     def loss(q, k, vals, w_r, v, u):
         return jnp.sum(jnp.sin(fn(q, k, vals, w_r, v, u, mask=mask, scale=scale)))
