@@ -39,6 +39,12 @@ def normal(shape, seed=0):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+def traced(spec, fn):
+    """``fn(model)`` on the spec's module, built and called under ``jax.eval_shape``: no initializer or layer runs or
+    compiles, and the argument checks raise while tracing."""
+    return jax.eval_shape(lambda: fn(spec.build(nnx.Rngs(0))))
+
+
 def test_every_layer_and_block_is_covered():
     assert {spec.module for spec in SPECS} >= {MultiHeadAttention, SimplicialAttention, SlidingWindowAttention,
                                                *CAUSAL_BY_CONSTRUCTION}
@@ -62,45 +68,45 @@ def test_cache_methods_take_multi_head_attentions_arguments(spec):
 
 @parametrize(SPECS)
 def test_integer_inputs_are_refused_naming_the_argument_and_dtype(spec):
-    model = spec.build(nnx.Rngs(0))
     token_ids = jnp.zeros(spec.inputs, jnp.int32)
     with pytest.raises(TypeError, match=r"x must be a floating-point array .* got dtype int32"):
-        model(token_ids, **spec.call_kwargs)
+        traced(spec, lambda model: model(token_ids, **spec.call_kwargs))
     if spec.decodes:
-        cache = model.init_cache(spec.inputs[0], 4)
         with pytest.raises(TypeError, match=r"x_t must be a floating-point array .* got dtype int32"):
-            model.decode(token_ids[:, :1], cache)
+            traced(spec, lambda model: model.decode(token_ids[:, :1], model.init_cache(spec.inputs[0], 4)))
 
 
 @parametrize(DECODERS)
 @pytest.mark.parametrize("batch, max_len, name", [(0, 4, "batch"), (-2, 4, "batch"), (2, 0, "max_len"),
                                                   (2, -1, "max_len")])
 def test_init_cache_refuses_non_positive_sizes(spec, batch, max_len, name):
-    model = spec.build(nnx.Rngs(0))
     with pytest.raises(ValueError, match=f"{name} must be a positive int"):
-        model.init_cache(batch, max_len)
+        traced(spec, lambda model: model.init_cache(batch, max_len))
 
 
 @parametrize(DECODERS)
 def test_init_cache_dtype_is_kept_by_decode(spec):
-    model = spec.build(nnx.Rngs(0))
-
+    """Shapes and dtypes only: the module is built, its cache made and one step decoded under ``jax.eval_shape``."""
     def floats(cache):
         return {a.dtype for a in jax.tree.leaves(cache) if jnp.issubdtype(a.dtype, jnp.floating)}
 
-    cache = model.init_cache(spec.inputs[0], 4, jnp.bfloat16)
+    def build_and_decode(x_t):
+        model = spec.build(nnx.Rngs(0))
+        cache = model.init_cache(spec.inputs[0], 4, jnp.bfloat16)
+        return cache, model.decode(x_t, cache)
+
+    x_t = jax.ShapeDtypeStruct((spec.inputs[0], 1, spec.inputs[2]), jnp.float32)
+    cache, (y_t, stepped) = jax.eval_shape(build_and_decode, x_t)
     assert floats(cache) == {jnp.dtype(jnp.bfloat16)}
-    y_t, cache = jax.eval_shape(lambda x_t, c: model.decode(x_t, c), normal(spec.inputs)[:, :1], cache)
-    assert floats(cache) == {jnp.dtype(jnp.bfloat16)} and y_t.shape == (spec.inputs[0], 1, spec.inputs[2])
+    assert floats(stepped) == {jnp.dtype(jnp.bfloat16)} and y_t.shape == (spec.inputs[0], 1, spec.inputs[2])
 
 
 @parametrize([spec for spec in SPECS if spec.module in CAUSAL_BY_CONSTRUCTION])
 def test_causal_by_construction_layers_refuse_other_masks(spec):
-    model = spec.build(nnx.Rngs(0))
     x = normal(spec.inputs)
     for mask in (masks.SlidingWindow(2, 0), masks.Causal() & masks.Segments(jnp.zeros(spec.inputs[:2], jnp.int32))):
         with pytest.raises(NotImplementedError, match=r"takes mask=None or masks.Causal\(\) only, got"):
-            model(x, mask=mask)
+            traced(spec, lambda model: model(x, mask=mask))
 
 
 def test_sliding_window_combines_a_mask_with_its_window():
