@@ -29,7 +29,9 @@ interleaved, round by round, so that a change in the host's load shifts all leng
 a (path, T) leaves the rounds after ``--repeats`` runs or ``--max-seconds`` of its own runs, so fast paths get
 their repeats while softmax at large T runs once.
 
-Every timed run also counts the process's minor page faults (``getrusage``), reported per run: glibc serves an
+Every timed run also records the process's CPU time (all threads; on a host shared with other jobs it is less
+disturbed than the wall time, which the main tables use) and its minor page faults (``getrusage``), reported per
+run: glibc serves an
 allocation of 32 MiB or more (its largest dynamic mmap threshold) with a fresh ``mmap`` and unmaps it when freed,
 so once a compiled program's temporaries pass 32 MiB, every run first-touches them again (one fault per 4 KiB).
 That cost is linear in the temporaries, but it starts at some T between 1k and 16k and so steepens a slope fitted
@@ -45,6 +47,7 @@ import argparse
 import dataclasses
 import functools
 import resource
+import time
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
@@ -211,32 +214,35 @@ def program(path: BenchPath, mode: str) -> Callable:
     return lambda extra, *xs: workload.mode_fn(lambda q, k, v: path.fn(q, k, v, extra), mode)(*xs)
 
 
-def counting_faults(thunk: Callable, faults: list[int]) -> Callable:
-    """``thunk`` run to completion, appending the process's minor page faults during the run to ``faults``."""
+def counting_faults(thunk: Callable, faults: list[int], cpu: list[float]) -> Callable:
+    """``thunk`` run to completion, appending the process's minor page faults during the run to ``faults`` and its
+    CPU time (seconds, all threads) to ``cpu``."""
     def run():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
         out = jax.block_until_ready(thunk())
+        cpu.append(time.process_time() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return out
     return run
 
 
 def time_each_path(thunks: Mapping[Hashable, Callable], repeats: int, max_seconds: float
-                   ) -> tuple[dict[Hashable, list[float]], dict[Hashable, list[int]]]:
+                   ) -> tuple[dict[Hashable, list[float]], dict[Hashable, list[int]], dict[Hashable, list[float]]]:
     """Timed runs (seconds) of each warmed-up thunk, interleaved round by round (``measure.time_thunks``, one round
-    at a time), and the minor page faults of each run.
+    at a time), and the minor page faults and CPU seconds of each run.
 
     Each round runs the thunks that have fewer than ``repeats`` runs and less than ``max_seconds`` of timed runs, so
     a slow thunk stops early without cutting the repeats of the fast ones; every thunk runs at least once.
     """
     samples: dict[Hashable, list[float]] = {key: [] for key in thunks}
     faults: dict[Hashable, list[int]] = {key: [] for key in thunks}
-    counted = {key: counting_faults(thunk, faults[key]) for key, thunk in thunks.items()}
+    cpu: dict[Hashable, list[float]] = {key: [] for key in thunks}
+    counted = {key: counting_faults(thunk, faults[key], cpu[key]) for key, thunk in thunks.items()}
     while True:
         active = {key: thunk for key, thunk in counted.items()
                   if not samples[key] or (len(samples[key]) < repeats and sum(samples[key]) < max_seconds)}
         if not active:
-            return samples, faults
+            return samples, faults, cpu
         for key, t in time_thunks(active, repeats=1, warmup=0).items():
             samples[key].append(t.median_s)
 
@@ -269,13 +275,15 @@ def measure_mode(mode: str, args: argparse.Namespace) -> list[dict]:
             rows[(name, seq_len)]["warmup_s"] = t.median_s
         thunks.update(warm)
     print(f"bench_linear_family {mode}: timing {len(thunks)} (path, T) pairs, interleaved", flush=True)
-    samples, faults = time_each_path(thunks, args.repeats, args.max_seconds)
+    samples, faults, cpu = time_each_path(thunks, args.repeats, args.max_seconds)
     for row in rows.values():
         s = samples.get((row["path"], row["T"]))
         row["samples_s"] = s or []
         row["median_s"] = statistics.median(s) if s else None
         row["repeats"] = len(row["samples_s"])
         row["page_faults"] = faults.get((row["path"], row["T"]), [])
+        row["cpu_samples_s"] = cpu.get((row["path"], row["T"]), [])
+        row["cpu_median_s"] = statistics.median(row["cpu_samples_s"]) if row["cpu_samples_s"] else None
     for row in rows.values():
         base = rows.get((row["baseline"], row["T"]), {}).get("median_s")
         row["ratio_to_softmax"] = (row["median_s"] / base if row["median_s"] and base and row["kind"] != SOFTMAX
@@ -376,6 +384,24 @@ def memory_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Name
     return report.markdown_table(["path", "mode", *(f"T={t}" for t in args.seq_lens)], lines)
 
 
+def cpu_slopes(rows: Sequence[dict], paths: Sequence[str], args: argparse.Namespace) -> dict:
+    """``path_slopes`` of the median process CPU time per run instead of the wall time."""
+    as_cpu = [dict(row, median_s=row.get("cpu_median_s")) for row in rows]
+    return path_slopes(as_cpu, paths, args.modes, args.slope_min_len)
+
+
+def cpu_table(rows: Sequence[dict], fits: dict, args: argparse.Namespace) -> str:
+    """One line per (path, mode): median CPU time per run at each T and its slopes."""
+    def cell(row: dict) -> str:
+        return "-" if row["cpu_median_s"] is None else f"{row['cpu_median_s'] * 1e3:.1f} ms"
+
+    lines = [[path, mode.replace("_", "+"), *(cell(_find(rows, t, mode, path)) for t in args.seq_lens),
+              format_fit(by_mode[mode]["all"]), format_fit(by_mode[mode]["from_min_len"])]
+             for path, by_mode in fits.items() for mode in args.modes]
+    return report.markdown_table(["path", "mode", *(f"T={t}" for t in args.seq_lens), "slope (all T)",
+                                  f"slope (T >= {args.slope_min_len})"], lines)
+
+
 def faults_table(rows: Sequence[dict], paths: Sequence[str], args: argparse.Namespace) -> str:
     """One line per (path, mode): median minor page faults per timed run at each T (4 KiB each)."""
     def cell(row: dict) -> str:
@@ -405,7 +431,8 @@ def _mode_title(mode: str) -> str:
     return "forward" if mode == "fwd" else "forward + backward (gradients wrt q, k, v)"
 
 
-def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Namespace, device: dict) -> str:
+def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Namespace, device: dict,
+                    cpu_fits: dict) -> str:
     """The markdown file: setup, one timing table per mode with slopes and verdicts, memory, summary."""
     sections = []
     for mode in args.modes:
@@ -444,6 +471,12 @@ def markdown_report(rows: list[dict], fits: dict, goals: dict, args: argparse.Na
         "## Peak memory (XLA compiled memory analysis: arguments + outputs + temporaries)",
         "",
         memory_table(rows, list(fits), args),
+        "",
+        "## Process CPU time per run (median, all threads) and its slopes",
+        "",
+        "Less disturbed than the wall time by other jobs on a shared host (still by their use of the caches).",
+        "",
+        cpu_table(rows, cpu_fits, args),
         "",
         "## Minor page faults per run (median; 4 KiB each)",
         "",
@@ -498,10 +531,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     paths = list(dict.fromkeys(r["path"] for r in rows))
     fits = path_slopes(rows, paths, args.modes, args.slope_min_len)
     goals = targets(rows, fits, args)
-    md = markdown_report(rows, fits, goals, args, device)
+    cpu_fits = cpu_slopes(rows, paths, args)
+    md = markdown_report(rows, fits, goals, args, device, cpu_fits)
     print(md)
     results = {"device": device, "settings": report.jsonable_args(args), "rows": rows, "slopes": fits,
-               "targets": goals}
+               "cpu_slopes": cpu_fits, "targets": goals}
     report.save_benchmark(results, md, args, lambda p: plot(rows, fits, args, p))
     return results
 

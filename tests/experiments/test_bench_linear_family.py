@@ -34,6 +34,8 @@ def test_smoke_fits_a_slope_and_a_softmax_ratio_for_every_path(tmp_path):
     assert all(f"`{path}`" in report for path in FAST_PATHS) and "load average" in report
     assert "64 -> 128" in report
     assert (tmp_path / "tiny.png").stat().st_size > 0
+    assert set(results["cpu_slopes"]) == set(results["slopes"]) and "Process CPU time" in report
+    assert all(r["cpu_median_s"] > 0 and len(r["page_faults"]) == r["repeats"] for r in results["rows"])
 
 
 @pytest.mark.slow
@@ -43,16 +45,17 @@ def test_full_smoke_runs_both_modes(tmp_path):
 
 
 def test_slow_path_leaves_the_rounds_while_fast_ones_keep_repeating():
-    samples, faults = blf.time_each_path({"slow": lambda: time.sleep(0.05), "fast": lambda: None}, repeats=4,
-                                         max_seconds=0.04)
+    samples, faults, cpu = blf.time_each_path({"slow": lambda: time.sleep(0.05), "fast": lambda: None}, repeats=4,
+                                              max_seconds=0.04)
     assert len(samples["slow"]) == 1 and samples["slow"][0] >= 0.05 and len(samples["fast"]) == 4
     assert len(faults["slow"]) == 1 and len(faults["fast"]) == 4 and all(f >= 0 for f in faults["fast"])
+    assert len(cpu["slow"]) == 1 and cpu["slow"][0] < 0.05, "sleeping takes wall time, not CPU time"
 
 
 def test_page_faults_of_a_run_that_touches_fresh_memory_are_counted():
-    faults = []
-    blf.counting_faults(lambda: np.ones(64 << 20, np.uint8), faults)()   # 64 MiB, mapped afresh (huge pages or not)
-    assert len(faults) == 1 and faults[0] >= 1
+    faults, cpu = [], []
+    blf.counting_faults(lambda: np.ones(64 << 20, np.uint8), faults, cpu)()   # 64 MiB, mapped afresh (huge pages or not)
+    assert len(faults) == 1 and faults[0] >= 1 and len(cpu) == 1 and cpu[0] > 0
 
 
 def test_paths_flag_picks_known_paths_only():
