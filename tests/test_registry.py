@@ -5,7 +5,10 @@ of every registered mechanism checked against what the code does.
 attention, at two positions, and a mechanism that claims it does not must fail that (so the claim
 can go stale in neither direction). ``sequence_parallel``: each claimed scheme of
 ``attnjax.parallel`` runs the mechanism inside a user's ``jax.shard_map`` (default ``check_vma``) on
-the 8 fake CPU devices and equals the single-device reference.
+the 8 fake CPU devices and equals the single-device reference, causal where the mechanism serves a mask
+and unmasked where that is its only form (InLine, RALA); ``lasp2`` runs through ``lasp2_mechanism``, the
+route of every mechanism with a linear state (the plain linear family's ``lasp2``, the others'
+``chunk_attention``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from attnjax.testing import conformance
 ENTRIES = {e.name: e for e in registry.entries()}
 
 SCHEMES = {"ring": parallel.ring_attention, "allgather": parallel.allgather_attention,
-           "ulysses": parallel.ulysses_attention, "lasp2h": parallel.lasp2h_attention, "lasp2": parallel.lasp2}
+           "ulysses": parallel.ulysses_attention, "lasp2h": parallel.lasp2h_attention,
+           "lasp2": parallel.lasp2_mechanism}
 """The per-device function of each name a mechanism may claim in ``sequence_parallel``."""
 
 DECODE_LENGTH = 40
@@ -119,28 +123,28 @@ def test_sequence_parallel_names_are_the_schemes_of_attnjax_parallel():
     assert set(parallel.SCHEMES) <= set(SCHEMES)
 
 
-def _scheme_call(scheme, config):
-    """``f(q, k, v)`` per device: the scheme with ``mechanism=config`` where it takes one, else with the
-    config's fields that are among its arguments (LASP-2's feature map, normalization, decay, chunk)."""
+def _scheme_call(scheme, config, causal: bool):
+    """``f(q, k, v)`` per device: the scheme with ``mechanism=config`` and ``causal`` where it takes them
+    (``lasp2_mechanism``), else with the causal mask or none (the softmax schemes)."""
     fn = SCHEMES[scheme]
     params = inspect.signature(fn).parameters
-    kwargs = {"mechanism": config} if "mechanism" in params else {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in params}
-    if "mask" in params:
-        kwargs["mask"] = masks.Causal()
+    kwargs = {"mechanism": config, "causal": causal} if "mechanism" in params else {
+        "mask": masks.Causal() if causal else None}
     return lambda q, k, v: fn(q, k, v, axis_name="sp", **kwargs)
 
 
 @pytest.mark.parametrize("name,scheme", [(e.name, s) for e in ENTRIES.values() for s in e.sequence_parallel])
 def test_sequence_parallel_claim_holds(name, scheme):
     config = ENTRIES[name].config()
+    causal = "mask" in config.supports
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((1, 32, 8, 8)), jnp.float32) for _ in range(3))
     mesh = Mesh(np.array(jax.devices()[:8]), ("sp",))
     spec = P(None, "sp")
-    sharded = jax.jit(jax.shard_map(_scheme_call(scheme, config), mesh=mesh, in_specs=(spec,) * 3,
+    sharded = jax.jit(jax.shard_map(_scheme_call(scheme, config, causal), mesh=mesh, in_specs=(spec,) * 3,
                                     out_specs=spec))(q, k, v)
-    expected = aj.attention(q, k, v, mechanism=config, mask=masks.Causal(), implementation="reference")
+    expected = aj.attention(q, k, v, mechanism=config, mask=masks.Causal() if causal else None,
+                            implementation="reference")
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(expected), rtol=1e-4, atol=1e-5,
                                err_msg=f"{name} claims sequence-parallel scheme {scheme!r}")
 

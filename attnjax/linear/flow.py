@@ -358,7 +358,7 @@ class Flow:
     paper: ClassVar[str] = "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows"
     supports: ClassVar[frozenset] = frozenset({"mask", "gqa"})
     decodes: ClassVar[bool] = False
-    sequence_parallel: ClassVar[tuple] = ()
+    sequence_parallel: ClassVar[tuple] = ("lasp2",)
 
     def implementations(self):
         return {name: functools.partial(_registered, self, name) for name in ("reference", "recurrent", "xla")}

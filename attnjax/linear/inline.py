@@ -124,7 +124,7 @@ class InLine:
     paper: ClassVar[str] = "Han et al. 2024, Bridging the Divide: Reconsidering Softmax and Linear Attention"
     supports: ClassVar[frozenset] = frozenset({"gqa", "cross"})
     decodes: ClassVar[bool] = False
-    sequence_parallel: ClassVar[tuple] = ()
+    sequence_parallel: ClassVar[tuple] = ("lasp2",)
 
     def implementations(self):
         return {name: functools.partial(_registered, self, name) for name in ("reference", "xla")}

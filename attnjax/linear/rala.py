@@ -208,7 +208,7 @@ class RALA:
     paper: ClassVar[str] = "Fan et al. 2025, Breaking the Low-Rank Dilemma of Linear Attention"
     supports: ClassVar[frozenset] = frozenset({"gqa", "cross"})
     decodes: ClassVar[bool] = False
-    sequence_parallel: ClassVar[tuple] = ()
+    sequence_parallel: ClassVar[tuple] = ("lasp2",)
 
     def implementations(self):
         return {name: functools.partial(_registered, name) for name in ("reference", "xla")}
