@@ -75,31 +75,31 @@ def check_summary(m, T, S, bq, bk, exact):
             assert code == truth or code == masks.PARTIAL, (m, i, j, code, truth)
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
-def test_structural_summaries_are_exact(data, T, S, bq, bk):
+def properties(body, *strategies, examples: int):
+    """``body`` as two hypothesis tests: ``examples`` random cases in the default suite, four times as many in the
+    slow one (each new shape compiles the masks' eager ops, which is most of this file's time)."""
+    fast = settings(max_examples=examples, deadline=None)(given(*strategies)(body))
+    more = settings(max_examples=4 * examples, deadline=None)(given(*strategies)(body))
+    return fast, pytest.mark.slow(more)
+
+
+def structural_summaries_are_exact(data, T, S, bq, bk):
     m = data.draw(structural_masks())
     check_summary(m, T, S, bq, bk, exact=not isinstance(m, masks.ChunkedCausal))
 
 
-@settings(max_examples=10, deadline=None)
-@given(LENGTHS, LENGTHS, BLOCKS, BLOCKS, st.integers(-1, 25), st.integers(-1, 25))
-def test_lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
+def lengths_summary_is_exact(T, S, bq, bk, q_len, k_len):
     m = masks.from_lengths(jnp.asarray([q_len]), jnp.asarray([k_len]))
     rows, cols = np.arange(T) < q_len, np.arange(S) < k_len
     np.testing.assert_array_equal(dense(m, T, S), rows[:, None] & cols[None, :])
     check_summary(m, T, S, bq, bk, exact=True)
 
 
-@settings(max_examples=8, deadline=None)
-@given(st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS)
-def test_any_summary_is_sound(data, T, S, bq, bk):
+def any_summary_is_sound(data, T, S, bq, bk):
     check_summary(data.draw(any_mask(T, S)), T, S, bq, bk, exact=False)
 
 
-@settings(max_examples=8, deadline=None)
-@given(st.data(), LENGTHS, LENGTHS)
-def test_and_or_laws(data, T, S):
+def and_or_laws(data, T, S):
     a, b, c = (data.draw(any_mask(T, S, depth=1)) for _ in range(3))
     da, db, dc = (dense(m, T, S) for m in (a, b, c))
     np.testing.assert_array_equal(dense(a & b, T, S), da & db)
@@ -111,6 +111,15 @@ def test_and_or_laws(data, T, S):
     np.testing.assert_array_equal(dense(a | (a & b), T, S), da)
     np.testing.assert_array_equal(dense(a & masks.Full(), T, S), da)
     np.testing.assert_array_equal(dense(a | masks.Full(), T, S), np.ones((T, S), bool))
+
+
+test_structural_summaries_are_exact, test_structural_summaries_are_exact_more = properties(
+    structural_summaries_are_exact, st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS, examples=8)
+test_lengths_summary_is_exact, test_lengths_summary_is_exact_more = properties(
+    lengths_summary_is_exact, LENGTHS, LENGTHS, BLOCKS, BLOCKS, st.integers(-1, 25), st.integers(-1, 25), examples=4)
+test_any_summary_is_sound, test_any_summary_is_sound_more = properties(
+    any_summary_is_sound, st.data(), LENGTHS, LENGTHS, BLOCKS, BLOCKS, examples=3)
+test_and_or_laws, test_and_or_laws_more = properties(and_or_laws, st.data(), LENGTHS, LENGTHS, examples=3)
 
 
 def test_bottom_right_alignment():
