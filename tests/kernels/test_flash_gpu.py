@@ -80,8 +80,11 @@ MASKS = {
 }
 
 
-SLOW_MASKS = ("full", "causal_window", "chunked")
-"""Masks whose structure another case already covers (none, window, causal): the slow suite runs them."""
+SLOW_MASKS = ("causal", "window", "chunked", "causal&segments")
+"""Masks whose in-kernel plan other default cases already run: causal (the cross-length, GQA, head-dim and
+low-precision tests), window (sinks, empty tiles), chunked (the same iota comparison as window), an ``and``
+(return_lse's causal & window, fully masked rows' explicit & causal) of segments (the segments case). The slow
+suite runs them."""
 
 
 @pytest.mark.parametrize("name", [n if n not in SLOW_MASKS else pytest.param(n, marks=pytest.mark.slow)
@@ -98,8 +101,9 @@ def test_cross_lengths_bottom_right_causal(T_, S_):
     check(pallas(mask=masks.Causal()), ref(mask=masks.Causal()), (q, k, v))
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 1)])
+@pytest.mark.parametrize("Hq,Hkv", [pytest.param(4, 4, marks=pytest.mark.slow), (6, 1)])
 def test_gqa_mqa_and_dv_not_d(Hq, Hkv):
+    """MQA with Dv != D (one KV head for 6 query heads); plain multi-head (slow) is the cross-length cases' layout."""
     q, k, v = random_qkv(KEY, B=1, T=33, Hq=Hq, Hkv=Hkv, D=16, Dv=24)
     check(pallas(mask=masks.Causal()), ref(mask=masks.Causal()), (q, k, v))
 
@@ -173,9 +177,12 @@ def test_low_precision(dtype):
         assert_close(a, e, rtol=3 * TOLERANCE[dtype], name=f"d{n}")
 
 
-@pytest.mark.parametrize("D,Dv", [(64, 64), (192, 128), pytest.param(128, 128, marks=pytest.mark.slow),
+@pytest.mark.parametrize("D,Dv", [pytest.param(64, 64, marks=pytest.mark.slow), (192, 128),
+                                  pytest.param(128, 128, marks=pytest.mark.slow),
                                   pytest.param(256, 256, marks=pytest.mark.slow)])
 def test_head_dims(D, Dv):
+    """D = 192 is padded to the next power of two and Dv = 128 differs from it; the power-of-two sizes are slow
+    (the other tests run D = 8 and 16)."""
     q, k, v = random_qkv(KEY, B=1, T=20, Hq=2, Hkv=1, D=D, Dv=Dv)
     check(pallas(mask=masks.Causal()), ref(mask=masks.Causal()), (q, k, v))
 
