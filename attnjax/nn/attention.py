@@ -11,11 +11,11 @@ Rescaling of Query, Key and Value for Efficient Language Models", Fig. 3).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.typing import Dtype
 
@@ -32,9 +32,9 @@ from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.parallel import layouts, sharding
 from attnjax.positional import RoPE
 from attnjax.relative.urpe import URPE
-from attnjax.softmax import (Selective, Simplicial, Softmax, Softplus, StickBreaking, paged_attention,
-                             selective_attention)
+from attnjax.softmax import Selective, Simplicial, Softmax, Softplus, StickBreaking, selective_attention
 from attnjax.sparse import StaticSelector
+from pallas_kernels.paged_attention import common as paged_common
 
 
 @jax.tree_util.register_dataclass
@@ -79,12 +79,9 @@ class LinearCache:
     length: jax.Array
 
 
-PAGE_TOKENS = 128
-"""Largest page size ``decode`` cuts a softmax cache into for ``paged_attention`` (a divisor of ``max_len``)."""
-
 DECODE_PATHS = {
-    "softmax": "the KV cache restricted to the filled slots (without a position bias: paged_attention over the "
-               "cache as pages)",
+    "softmax": "the KV cache restricted to the filled slots (without a position bias: an online softmax over "
+               "blocks of the filled slots, read in place)",
     "filled": "the KV cache restricted to the filled slots (position-free scores)",
     "selective": "the KV cache restricted to the filled slots, the query temperature at the token's position",
     "right_aligned": "the KV cache rolled so the filled slots end at the query (relative positions kept), "
@@ -417,8 +414,8 @@ class MultiHeadAttention(nnx.Module):
         How the cache is read depends on the mechanism (``decode_path``, ``DECODE_PATHS``):
 
         - softmax, softplus: the one-token query against the whole cache with ``Explicit(filled)``; softmax
-          without a position bias (implementation "auto"/"xla") reads the filled slots only, through
-          ``paged_attention`` on the cache cut into pages;
+          without a position bias (implementation "auto"/"xla") reads the filled slots only, in place
+          (``_attend_filled``);
         - selective: the same, with the query temperature ``1 + c·log(t + 1)`` of position ``t``
           (``selective_attention(positions=)``) rather than of the cache's last slot;
         - stick_breaking, urpe (relative positions), simplicial_2 (relative windows; a key pair needs both keys
@@ -430,7 +427,8 @@ class MultiHeadAttention(nnx.Module):
           ``nn.KernelizedRPEAttention.decode``), O(t) per token;
         - static block selectors (sparse_window, dilated, streaming, power, radial, s2): softmax over
           the filled keys of the key blocks ``pattern(max_len, max_len)`` lists for the token's query
-          block (tiles are dense, so this is the selector's row);
+          block (tiles are dense, so this is the selector's row); with implementation "auto"/"xla" only those
+          blocks are read (``_listed_blocks``), O(listed blocks · block_kv) per token;
         - linear family (linear, lightning, performer, based_linear): ``linear_attention_step`` on a
           ``LinearCache`` state, O(1) in the length.
 
@@ -446,22 +444,53 @@ class MultiHeadAttention(nnx.Module):
         if path == "linear":
             return self._linear_cached(x_t, cache, "recurrent")
         q, k_all, v_all = self.write_cache(x_t, cache.k, cache.v, slot=cache.length, positions=cache.length[None])
-        if path == "softmax" and self.position_bias is None and self.implementation in ("auto", "xla"):
-            out = self._decode_paged(q, k_all, v_all, cache.length + 1)
-        else:
-            out = self._attend_cache(q, k_all, v_all, cache.length)
+        out = self._attend_cache(q, k_all, v_all, cache.length)
         return self.out(out), KVCache(k_all, v_all, cache.length + 1)
 
-    def _decode_paged(self, q: jax.Array, k_all: jax.Array, v_all: jax.Array, length: jax.Array) -> jax.Array:
-        """Softmax of the one-token query over the first ``length`` cache slots, through ``paged_attention``'s
-        xla path on the cache cut into pages (a free reshape; page table ``arange``): it reads the filled slots
-        only and never re-lays the cache out heads-major, where the blocked path copies all ``max_len`` slots."""
-        B, L = k_all.shape[:2]
-        page = math.gcd(L, PAGE_TOKENS)
-        table = jnp.arange(B * (L // page), dtype=jnp.int32).reshape(B, L // page)
-        k_pages, v_pages = (a.reshape(B * (L // page), page, *a.shape[2:]) for a in (k_all, v_all))
-        lengths = jnp.full((B,), length, jnp.int32)
-        return paged_attention(q[:, 0], k_pages, v_pages, table, lengths, implementation="xla")[:, None]
+    def _attend_filled(self, q: jax.Array, k_all: jax.Array, v_all: jax.Array, length: jax.Array, *,
+                       blocks: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+        """Softmax of ``q [B, T, Hq, D]`` at positions ``length … length + T − 1`` over the cache slots up to each
+        query's position, read in place: an online softmax (FlashAttention-2's update, ``common.softmax_update``)
+        over blocks of ``block_kv`` slots taken with ``dynamic_slice``, the blocks past the last query skipped by
+        ``lax.cond``. O(B·T·Hq·(length + T)·(D + Dv)) flops and O(B·block_kv·(Hk·D + Hv·Dv)) extra memory.
+
+        ``blocks = (ids [n], heads [n, Hq or 1])`` visits only the key blocks ``ids`` (a static selector's row,
+        ``_listed_blocks``), block ``ids[j]`` for the query heads where ``heads[j]``: O(n·block_kv) per query.
+
+        Reading the updated cache directly keeps XLA's write of the new keys in place: the blocked path re-lays the
+        whole cache out heads-major every step, and a gather from the cache cut into pages (``paged_attention``)
+        made XLA duplicate the cache update into the pages' reshape and copy both donated ``max_len`` buffers
+        four times per step (CPU, ``compiled.as_text()``)."""
+        B, T, Hq, D = q.shape
+        S, Hk = k_all.shape[1:3]
+        Hv, Dv = v_all.shape[2:]
+        block = min(self.mechanism.block_kv, S)
+        limit = (length + 1 + jnp.arange(T))[:, None, None]                   # [T, 1, 1] exclusive key bound
+        qg = q.reshape(B, T, Hk, Hq // Hk, D)
+        ids, heads = (jnp.arange(-(-S // block)), jnp.ones((-(-S // block), 1), bool)) if blocks is None else blocks
+
+        def visit(carry, i, heads_i):
+            start = jnp.minimum(i * block, S - block)                          # the last block ends at slot S − 1
+            k, v = (jax.lax.dynamic_slice_in_dim(a, start, block, axis=1) for a in (k_all, v_all))
+            s = jnp.einsum("btkgd,bskd->btkgs", qg, k, preferred_element_type=jnp.float32).reshape(B, T, Hq, block)
+            slot = start + jnp.arange(block)
+            s = jnp.where((slot >= i * block) & (slot < limit) & heads_i[:, None], s * D ** -0.5, -jnp.inf)
+
+            def weighted_values(p):
+                p = p.reshape(B, T, Hv, Hq // Hv, block).astype(v.dtype)
+                return jnp.einsum("btvgs,bsve->btvge", p, v, preferred_element_type=jnp.float32).reshape(B, T, Hq, Dv)
+
+            return paged_common.softmax_update(*carry, s, weighted_values)
+
+        def step(carry, x):
+            i, heads_i = x
+            return jax.lax.cond((i * block < length + T) & jnp.any(heads_i), visit, lambda c, *_: c, carry, i,
+                                heads_i), None
+
+        init = (jnp.full((B, T, Hq, 1), -jnp.inf, jnp.float32), jnp.zeros((B, T, Hq, 1), jnp.float32),
+                jnp.zeros((B, T, Hq, Dv), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, (ids, heads))
+        return paged_common.normalize(acc, l).astype(q.dtype)
 
     def prefill(self, x: jax.Array,
                 cache: Union[KVCache, LinearCache]) -> tuple[jax.Array, Union[KVCache, LinearCache]]:
@@ -512,6 +541,8 @@ class MultiHeadAttention(nnx.Module):
         ``v_all`` (``[B, max_len, ·, ·]``, slots ``< length + T`` filled), each query seeing the slots up to its
         own position: the read of every KV ``decode_path`` (``DECODE_PATHS``), for ``decode`` and ``prefill``."""
         path, mechanism = self.decode_path(), self.mechanism
+        if path == "softmax" and self.position_bias is None and self.implementation in ("auto", "xla"):
+            return self._attend_filled(q, k_all, v_all, length)
         T, S = q.shape[1], k_all.shape[1]
         slots = jnp.arange(S)
         seen = slots[None, :] <= (length + jnp.arange(T))[:, None]                          # [T, S]
@@ -533,6 +564,9 @@ class MultiHeadAttention(nnx.Module):
                                                           feature_map=mechanism.feature_map, qk_norm=mechanism.qk_norm)
             mask = masks.Causal() & masks.Explicit(keep[None, None, None, :])
             return attention(q, k_r, v_r, mechanism=mechanism, mask=mask, bias=bias, **common)
+        if path == "block_pattern" and T == 1 and self.implementation in ("auto", "xla"):
+            ids, heads = (jnp.asarray(a)[length // mechanism.block_q] for a in self._listed_blocks(S))
+            return self._attend_filled(q, k_all, v_all, length, blocks=(ids, heads))
         if path == "block_pattern":
             return attention(q, k_all, v_all, mechanism=Softmax(), mask=self._block_rows(seen, length), **common)
         explicit = masks.Explicit(seen[None, None])
@@ -583,6 +617,23 @@ class MultiHeadAttention(nnx.Module):
 
     def _decode_bias(self, query_offset: jax.Array):
         return None if self.position_bias is None else self.position_bias(query_offset=query_offset)
+
+    def _listed_blocks(self, S: int) -> tuple[np.ndarray, np.ndarray]:
+        """A static selector's causal block lists over ``S`` cache slots: ``ids [nq, n]`` int32, the key blocks of
+        ``pattern(S, S)`` that row ``r`` lists for some head and that start before the row's last query, padded to
+        the longest row ``n``, and ``heads [nq, n, Hq or 1]``, which heads list each (False on padding)."""
+        mechanism = self.mechanism
+        pattern = np.asarray(mechanism.pattern(S, S, self.num_heads))
+        pattern = pattern if pattern.ndim == 3 else pattern[None]                           # [H', nq, nk]
+        nq, nk = pattern.shape[1:]
+        row_ends = (np.arange(nq)[:, None] + 1) * mechanism.block_q
+        pattern = pattern & (np.arange(nk)[None, :] * mechanism.block_kv < row_ends)     # blocks holding a key <= row
+        listed = pattern.any(axis=0)                                                         # [nq, nk]
+        n = max(1, int(listed.sum(axis=1).max()))
+        ids = np.argsort(~listed, axis=1, kind="stable")[:, :n]                              # listed blocks first
+        heads = np.take_along_axis(pattern, ids[None], axis=2).transpose(1, 2, 0)
+        heads &= np.take_along_axis(listed, ids, axis=1)[..., None]
+        return ids.astype(np.int32), heads
 
     def _block_rows(self, seen: jax.Array, length: jax.Array) -> masks.Explicit:
         """The keys a static selector lists for the queries at positions ``length + arange(T)``: the key blocks of

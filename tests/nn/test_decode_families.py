@@ -25,6 +25,7 @@ from attnjax.nn import KVCache, LinearCache, MultiHeadAttention
 from attnjax.nn.registry import modules
 from attnjax.nn.positional.t5 import T5RelativeBias
 from attnjax.positional import RoPE
+from attnjax.softmax import Softmax
 from attnjax.testing import conformance
 from experiments import bench_decode
 from tests.helpers import assert_close
@@ -163,11 +164,15 @@ def test_bench_decode_families_section_smoke(tmp_path):
     assert "## families" in (tmp_path / "tiny.md").read_text()
 
 
-def test_prefill_in_chunks_equals_parallel():
-    """``prefill`` of 4 then 5 tokens (softmax, GQA, RoPE, a T5 bias) == the parallel causal call; bad inputs name
-    the argument; the other cache type is refused."""
-    bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16)
-    layer = MultiHeadAttention(16, 2, num_kv_heads=1, rope=RoPE(base=100.0), position_bias=bias, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("bias", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_prefill_in_chunks_equals_parallel(bias):
+    """Softmax (GQA, RoPE) ``prefill`` of 4 then 5 tokens == the parallel causal call: without a position bias
+    through the in-place read of the filled slots (``block_kv=5`` over 12 slots: a last block that overlaps the one
+    before), with a T5 bias through ``Explicit(filled)``; bad inputs name the argument; the other cache type is
+    refused."""
+    bias = functools.partial(T5RelativeBias, bidirectional=False, num_buckets=8, max_distance=16) if bias else None
+    layer = MultiHeadAttention(16, 2, num_kv_heads=1, rope=RoPE(base=100.0), position_bias=bias,
+                               mechanism=Softmax(block_kv=5), rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 16)), jnp.float32)
     chunked, cache = prefill_in_chunks(layer, x, (4,), MAX_LEN)
     assert int(cache.length) == T
