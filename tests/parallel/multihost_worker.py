@@ -3,8 +3,9 @@
 Each process owns ``--xla_force_host_platform_device_count`` CPU devices (set by the launcher in
 ``XLA_FLAGS``), joins the others through ``jax.distributed.initialize`` on localhost with the gloo
 CPU collectives, builds one global mesh over every process's devices with ``jax.make_mesh`` (Explicit
-axes, JAX's default), and runs LASP-2 and ring attention (forward and gradients, ``shard_map``'s
-default ``check_vma``) on global arrays built identically in every process. Process 0
+axes, JAX's default), and runs LASP-2 (plain, packed with an initial state, and through the linear-state
+interface: causal Flow, InLine), and ring attention (forward and gradients, ``shard_map``'s default
+``check_vma``) on global arrays built identically in every process. Process 0
 writes the gathered results to ``OUT`` (``.npz``) for ``tests/parallel/test_multihost.py`` to compare with a
 single-process run of the same code (``multihost_case``).
 """
@@ -21,9 +22,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax import masks, parallel
+from attnjax.linear import Flow, InLine
 
 SHAPE = dict(B=2, T=32, Hq=4, Hkv=2, D=8)
 DECAY = np.array([0.9, 0.8, 0.95, 0.7], np.float32)
+FLOW = Flow(chunk_size=4)
+INLINE = InLine(feature_map="elu+1")
+"""The linear-state mechanisms run through ``lasp2_mechanism_sharded`` (Flow causal, InLine non-causal)."""
 
 
 def inputs() -> tuple[np.ndarray, ...]:
@@ -34,14 +39,24 @@ def inputs() -> tuple[np.ndarray, ...]:
     return tuple(rng.standard_normal(s).astype(np.float32) for s in shapes)
 
 
-def multihost_case(mesh: Mesh, arrays) -> dict[str, jax.Array]:
-    """LASP-2 (with decay; and with packed sequences and an initial state) and causal ring attention on a
-    ``("data", "seq")`` mesh: outputs and gradients of ``sum(out * w)`` wrt q, k, v. The same code serves
-    one process or many."""
-    decay = jnp.asarray(DECAY)
+def packed_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """Packed-sequence ids ``[B, T]`` (runs crossing the shard boundaries) and an initial state ``[B, Hq, D, D]``."""
     B, T, Hq, D = (SHAPE[n] for n in ("B", "T", "Hq", "D"))
-    packed = jnp.asarray(np.repeat([[0, 1, 1, 2]], B, 0).repeat(T // 4, 1) + np.arange(B)[:, None], jnp.int32)
-    state = jnp.asarray(np.random.default_rng(1).standard_normal((B, Hq, D, D)), jnp.float32)
+    packed = (np.repeat([[0, 1, 1, 2]], B, 0).repeat(T // 4, 1) + np.arange(B)[:, None]).astype(np.int32)
+    return packed, np.random.default_rng(1).standard_normal((B, Hq, D, D)).astype(np.float32)
+
+
+def multihost_case(mesh: Mesh, arrays) -> dict[str, jax.Array]:
+    """LASP-2 (with decay; with packed sequences and an initial state; causal Flow and non-causal InLine through
+    ``lasp2_mechanism_sharded``) and causal ring attention on a ``("data", "seq")`` mesh: outputs and gradients
+    of ``sum(out * w)`` wrt q, k, v. The same code serves one process or many."""
+    decay = jnp.asarray(DECAY)
+    packed, state = (jnp.asarray(x) for x in packed_inputs())
+
+    def mechanism(config, causal):
+        return lambda q, k, v: parallel.lasp2_mechanism_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
+                                                                mechanism=config, causal=causal)
+
     schemes = {
         "lasp2": lambda q, k, v: parallel.lasp2_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
                                                         decay=decay),
@@ -49,17 +64,28 @@ def multihost_case(mesh: Mesh, arrays) -> dict[str, jax.Array]:
                                                                decay=decay, segment_ids=packed, initial_state=state),
         "ring": lambda q, k, v: parallel.ring_attention_sharded(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data",
                                                                 mask=masks.Causal()),
+        "flow_causal": mechanism(FLOW, True),
+        "inline": mechanism(INLINE, False),
     }
-    results = {}
-    for name, fn in schemes.items():
-        def loss(q, k, v, w, fn=fn):
-            out = fn(q, k, v)
-            return jnp.sum(out * w), out
+    return outputs_and_grads(schemes, *arrays)
 
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(*arrays)
-        results[f"{name}/out"] = out
-        results.update({f"{name}/d{n}": g for n, g in zip("qkv", grads)})
-    return results
+
+def outputs_and_grads(schemes: dict, q, k, v, w) -> dict[str, jax.Array]:
+    """``{"name/out": out, "name/dq": ..., "name/dk": ..., "name/dv": ...}`` of ``sum(out * w)`` for every
+    ``schemes[name](q, k, v)``, from one compile."""
+    def run(q, k, v, w):
+        results = {}
+        for name, fn in schemes.items():
+            def loss(q, k, v, fn=fn):
+                out = fn(q, k, v)
+                return jnp.sum(out * w), out
+
+            (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+            results[f"{name}/out"] = out
+            results.update({f"{name}/d{n}": g for n, g in zip("qkv", grads)})
+        return results
+
+    return jax.jit(run)(q, k, v, w)
 
 
 def global_arrays(mesh: Mesh, host_arrays) -> tuple[jax.Array, ...]:

@@ -1,6 +1,7 @@
 """Multi-host on one machine: 2 processes × 4 CPU devices, ``jax.distributed`` on localhost (gloo).
 
-The workers (``tests/parallel/multihost_worker.py``) run LASP-2 and ring attention on a global
+The workers (``tests/parallel/multihost_worker.py``) run LASP-2 (plain, packed with an initial state, causal Flow
+and InLine through ``lasp2_mechanism_sharded``) and ring attention on a global
 ``("data", "seq")`` mesh whose sequence axis spans both processes, so every sequence collective
 crosses the process boundary; the gathered outputs and gradients must equal a single-process run of
 the same code on 8 devices — which equals the single-device references compared here.
@@ -12,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax import attention, masks
 from attnjax.linear import linear_attention
+from attnjax.linear.flow import flow_attention_reference
+from attnjax.linear.inline import inline_attention_reference
 from tests.parallel import multihost_worker
 from tests.helpers import assert_close
 
@@ -59,26 +61,24 @@ def test_two_processes_match_one_process(tmp_path):
     assert int(got["local_devices"]) == DEVICES_PER_PROCESS
 
     expected = single_device(*multihost_worker.inputs())
-    assert set(expected) <= set(got.files)
+    assert set(expected) == set(got.files) - {"num_devices", "local_devices"}
     for name, value in expected.items():
         assert_close(got[name], value, name=name)
 
 
 def single_device(q, k, v, w) -> dict:
     """What the sharded schemes compute, from the single-device references (the 8-device results
-    equal these: tests/parallel/test_lasp2.py and the ring tests)."""
+    equal these: tests/parallel/test_lasp2.py, test_lasp2_family.py and the ring tests)."""
+    decay = jnp.asarray(multihost_worker.DECAY)
+    packed, state = (jnp.asarray(x) for x in multihost_worker.packed_inputs())
     schemes = {
-        "lasp2": lambda q, k, v: linear_attention(q, k, v, decay=jnp.asarray(multihost_worker.DECAY),
-                                                  implementation="reference"),
+        "lasp2": lambda q, k, v: linear_attention(q, k, v, decay=decay, implementation="reference"),
+        "lasp2_packed": lambda q, k, v: linear_attention(q, k, v, decay=decay, segment_ids=packed,
+                                                         initial_state=state, implementation="reference"),
         "ring": lambda q, k, v: attention(q, k, v, mask=masks.Causal(), implementation="reference"),
+        "flow_causal": lambda q, k, v: flow_attention_reference(q, k, v, causal=True, eps=multihost_worker.FLOW.eps,
+                                                                clamp=multihost_worker.FLOW.clamp),
+        "inline": lambda q, k, v: inline_attention_reference(q, k, v,
+                                                             feature_map=multihost_worker.INLINE.feature_map),
     }
-    results = {}
-    for name, fn in schemes.items():
-        def loss(q, k, v, fn=fn):
-            out = fn(q, k, v)
-            return jnp.sum(out * w), out
-
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
-        results[f"{name}/out"] = out
-        results.update({f"{name}/d{n}": g for n, g in zip("qkv", grads)})
-    return results
+    return multihost_worker.outputs_and_grads(schemes, q, k, v, w)
