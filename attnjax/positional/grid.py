@@ -11,6 +11,7 @@ computes its offsets from the token indices and gathers, so no path forms ``[N, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +58,12 @@ class RelativeGridBias(Bias):
     over a whole image of any size, where the table is the DPB MLP's output on ``(Δy, Δx) = (y_i − y_j, x_i − x_j)``
     (``attnjax.nn.vision.crossformer.DynamicPositionBias.grid_bias``).
 
-    Pass as ``attention(q, k, v, bias=RelativeGridBias(table, grid=(gh, gw)))`` with ``T = S = gh·gw``. A tile
-    costs one gather of ``[tq, tk, H]`` from the table (``O((2gh − 1)(2gw − 1)·H)`` memory); the blocked paths pull
-    the gradient back to ``table`` through ``tile`` (a scatter-add per tile), so ``jax.grad`` reaches whatever
-    produced the table.
+    Pass as ``attention(q, k, v, bias=RelativeGridBias(table, grid=(gh, gw)))`` with ``T = S = gh·gw``. For one query
+    and one grid row of keys the bias is a contiguous run of the table's ``Δy`` row (reversed), so a tile whose keys
+    are whole grid rows (the blocked paths' tiles when ``gw`` divides the key tile) is gathered as ``tq·tk/gw`` runs
+    of ``gw`` values straight into the ``[H, tq, tk]`` layout; any other tile by one gather of ``[tq, tk, H]``.
+    Memory ``O((2gh − 1)(2gw − 1)·H)`` besides the tile; the blocked paths pull the gradient back to ``table`` through
+    ``tile`` (a scatter-add per tile), so ``jax.grad`` reaches whatever produced the table.
 
     Args:
       table: ``[(2·gh − 1)·(2·gw − 1), H]`` float, one column per query head (``H = 1`` shares it), rows in
@@ -93,9 +96,42 @@ class RelativeGridBias(Bias):
             raise ValueError(f"RelativeGridBias over grid {self.grid} needs T = S = {gh * gw} tokens, got T={T}, S={S}")
 
     def tile(self, q_idx, kv_idx, T, S):
-        index = relative_grid_index(q_idx, kv_idx, self.grid)
-        values = jnp.take(jnp.asarray(self.table, jnp.float32), index, axis=0, mode="clip")  # [tq, tk, H]
-        return jnp.moveaxis(values, -1, 0)[None]
+        table = jnp.asarray(self.table, jnp.float32)
+        gw = self.grid[1]
+        if kv_idx.shape[0] % gw:
+            return _pair_gather(table, q_idx, kv_idx, self.grid)
+        return jax.lax.cond(kv_idx[0] % gw == 0, functools.partial(_row_runs, grid=self.grid),
+                            functools.partial(_pair_gather, grid=self.grid), table, q_idx, kv_idx)
+
+
+def _pair_gather(table: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """``RelativeGridBias.tile`` by one gather per pair: ``[1, H, tq, tk]``."""
+    index = relative_grid_index(q_idx, kv_idx, grid)
+    return jnp.moveaxis(jnp.take(table, index, axis=0, mode="clip"), -1, 0)[None]
+
+
+def _row_runs(table: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """``RelativeGridBias.tile`` for keys that are whole grid rows: per query and key row, one contiguous run.
+
+    With Swin's table per head as ``[Δy + gh − 1, gw − 1 − Δx]`` (columns reversed), the keys ``x' = 0 … gw − 1``
+    of grid row ``y'`` seen from query ``(y, x)`` are the run ``gw − 1 − x … 2·gw − 2 − x`` of row ``y − y' + gh − 1``:
+    ``tq·tk/gw`` slices of ``gw`` values, gathered straight into the ``[H, tq, tk]`` layout. Indices past the grid
+    are clipped to its last token (queries) or last row (keys).
+    """
+    gh, gw = grid
+    tq, tk = q_idx.shape[0], kv_idx.shape[0]
+    H = table.shape[1]
+    yq, xq = jnp.divmod(jnp.clip(q_idx, 0, gh * gw - 1), gw)
+    yk = jnp.minimum(kv_idx[0] // gw + jnp.arange(tk // gw), gh - 1)
+    flipped = table.T.reshape(H, 2 * gh - 1, 2 * gw - 1)[..., ::-1]
+    dy = yq[:, None] - yk[None, :] + gh - 1                                   # [tq, tk / gw]
+    dx = jnp.broadcast_to((gw - 1 - xq)[:, None], dy.shape)
+
+    def key_row(head, r, c):  # the gw keys of one grid row for one query
+        return jax.lax.dynamic_slice(head, (r, c), (1, gw))[0]
+
+    runs = jax.vmap(jax.vmap(jax.vmap(key_row, (None, 0, 0)), (None, 0, 0)), (0, None, None))(flipped, dy, dx)
+    return runs.reshape(1, H, tq, tk)
 
 
 __all__ = ["check_grid", "relative_grid_index", "RelativeGridBias"]

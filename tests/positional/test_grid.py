@@ -44,6 +44,11 @@ def test_tile_equals_the_dense_form_from_a_loop_and_the_swin_window_index():
     tile = np.asarray(bias.tile(jnp.arange(30, 40), jnp.arange(3, 11), N, N))
     rows, cols = np.minimum(np.arange(30, 40), N - 1), np.arange(3, 11)
     np.testing.assert_array_equal(tile, dense[:, :, rows][:, :, :, cols])
+    # keys of whole grid rows are gathered as runs of the table's rows; keys starting mid-row, or not whole rows, per
+    # pair: all equal the dense form
+    for cols in (range(7, 21), range(3, 17), range(3, 6)):
+        cols = np.asarray(list(cols))
+        np.testing.assert_array_equal(np.asarray(bias.tile(jnp.arange(N), jnp.asarray(cols), N, N)), dense[..., cols])
 
 
 def inputs(Hq, Hkv, table_heads, dtype=jnp.float32):
