@@ -126,8 +126,15 @@ COMBINATIONS = {
 }
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
-@pytest.mark.parametrize("name", list(COMBINATIONS))
+SLOW_COMBINATIONS = {("causal", "xla"), ("causal", "pallas"), ("segments", "pallas"), ("keys_only_causal", "pallas")}
+"""Cases the slow suite adds: the kernel evaluates the padding as segments and a combination as and/or, which
+causal_segments (and, segments) and or_window (or) run by default; causal padding on xla is also checked against
+jax.nn below."""
+
+
+@pytest.mark.parametrize("name, implementation", [
+    (n, i) if (n, i) not in SLOW_COMBINATIONS else pytest.param(n, i, marks=pytest.mark.slow)
+    for n in COMBINATIONS for i in ("xla", "pallas")])
 def test_combinations_match_dense_mask(name, implementation):
     mask = COMBINATIONS[name]()
     config = MECHANISMS["softmax"]
