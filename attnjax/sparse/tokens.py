@@ -23,9 +23,22 @@ Paths:
   (``block_sparse_attention_xla``, custom VJP) runs them with a fine mask for bucket equality and the
   request's mask on the original positions, and rows are scattered back. Cost: two sorts, the
   permutations, and O(Σ_buckets n_q·n_k) logits rounded up to tiles; memory O(T·block).
-- ``xla``, key lists: queries in chunks gather their ``K`` keys (GQA reads K/V head ``h // G``,
-  never repeats them), a float32 softmax over the slots; each chunk is rematerialized in the backward
-  (``jax.checkpoint``), so memory is O(chunk·K·D) on top of the outputs. Cost O(T·K·D).
+- ``xla``, key lists, ``key_path="blocks"``: each query tile lists the union of the key blocks its
+  rows' keys lie in, and a packed per-row bitmask (``KeyBits``, ``T·S/8`` bytes per head) is the fine
+  mask that keeps exactly each row's keys (``key_list_blocks``); the block-sparse gather engine runs
+  them (custom VJP). Cost: ``T·K`` scattered writes and ``T·S`` booleans streamed to build the lists,
+  then dense tile math over the union (O(union·D)): fast when a tile's rows share their keys (top-k
+  lists of structured inputs), no better than dense when the lists are scattered (the union is dense).
+- ``xla``, key lists, ``key_path="gather"``: queries in chunks gather their ``K`` keys (GQA reads K/V
+  head ``h // G``, never repeats them), a float32 softmax over the slots; each chunk is rematerialized
+  in the backward (``jax.checkpoint``), so memory is O(chunk·K·D) on top of the outputs. Cost
+  O(T·K·D), but memory-bound: a gathered slot costs about 16 tile pairs of the block path on CPU.
+- ``key_path="auto"`` (default): "blocks" when even a dense union costs no more than the gathers
+  (``choose_key_path``: ``K ≥ S/16``, ``S/32`` under ``Causal()``, at 64-wide tiles); for shorter
+  lists and at least ``RUNTIME_CHOICE_MIN_TILES`` query tiles, the block lists are built and taken
+  when their union costs less than the gathers (a run-time ``lax.cond``: local lists go to blocks,
+  scattered ones to the gathers); for fewer tiles, "gather".
+  The Pallas block-sparse kernel can't take a data fine mask, so key lists have no ``pallas`` path.
 
 Rows with no allowed key get 0 (and lse −inf). Duplicate ids within a list count once.
 """
@@ -358,9 +371,19 @@ class KeyBits(Mask):
         return jnp.full((1, 1, num_tiles(T, block_q), num_tiles(S, block_kv)), masks.PARTIAL, jnp.int8)
 
 
+BOOLEANS_PER_CHUNK = 2 ** 24
+"""Row-by-key booleans (over batch and heads) that one step of ``key_bits_and_union`` sets and packs."""
+
+
 def _row_chunk(num_rows: int, rows_per_tile: int, B: int, H: int, width: int) -> int:
-    """Rows per step of ``key_bits_and_union``: whole tiles, about ``ELEMENTS_PER_CHUNK · 64`` booleans."""
-    tiles = max(1, ELEMENTS_PER_CHUNK * 64 // max(1, B * H * rows_per_tile * width))
+    """Rows per step of ``key_bits_and_union``: whole tiles, about ``BOOLEANS_PER_CHUNK`` booleans.
+
+    NotImplementedError when one tile's booleans over batch and heads don't fit int32 positions."""
+    per_tile = B * H * rows_per_tile * width
+    if per_tile >= 2 ** 31:
+        raise NotImplementedError(f"key lists' block path: one query tile's B·H·block_q·S = {per_tile} row-key "
+                                  "booleans overflow int32 positions; use key_path='gather' or fewer heads per call")
+    tiles = max(1, BOOLEANS_PER_CHUNK // per_tile)
     return rows_per_tile * min(tiles, num_tiles(num_rows, rows_per_tile))
 
 
@@ -371,7 +394,7 @@ def key_bits_and_union(ids: jax.Array, held: jax.Array, S: int, *, block_q: int,
     Rows are taken in chunks; a chunk's keys are set in a boolean ``[B, H, c, S]`` row block by one
     scatter (duplicates set the same element, so no sort is needed), then packed into uint32 words
     and reduced over ``block_q × block_kv`` tiles. Cost: ``R·K`` scattered writes plus ``R·S``
-    booleans streamed; memory one chunk (about ``64·ELEMENTS_PER_CHUNK`` booleans) plus the bits.
+    booleans streamed; memory one chunk (about ``BOOLEANS_PER_CHUNK`` booleans) plus the bits.
 
     Args:
       ids: int ``[B, H, R, K]`` key positions; held: bool, same shape (slots that count; an id outside
@@ -453,28 +476,46 @@ compared (the block path's list building included). Measured on CPU, T = 4k, D =
 (so the block union is dense): 16 in the forward at K = 512 (21 at K = 64), 15 in forward + backward."""
 
 
+RUNTIME_CHOICE_MIN_TILES = 8
+"""Query tiles from which ``key_path="auto"`` decides an ambiguous case at run time (below, the static
+rule alone: both paths would be compiled for a difference of a few tiles)."""
+
+
 def choose_key_path(K: int, T: int, S: int, *, shared: bool, mask: Optional[Mask], block_q: int,
                     block_kv: int) -> str:
-    """The ``key_path="auto"`` rule, from static quantities: "blocks" when even the densest block union
-    costs no more than the gathers, ``worst ≤ GATHER_COST_RATIO · T·K``, else "gather".
+    """The static part of ``key_path="auto"``: "blocks" when even the densest block union costs no more
+    than the gathers, ``worst ≤ GATHER_COST_RATIO · T·K``; else "runtime" (decide on the actual union,
+    from ``RUNTIME_CHOICE_MIN_TILES`` query tiles on) or, for fewer tiles, "gather".
 
     ``worst`` is the tile pairs of the largest union the lists can make: per query tile, the key
     blocks ``mask`` may allow (``static_allowed_blocks``), at most ``block_q·K`` (``K`` for one
     list per head), times ``block_q·block_kv``, for the (batch, head) with the most. For ``T = S``
-    and 64-wide tiles this is ``K ≥ S/16`` (``K ≥ S/32`` under ``Causal()``). Shorter lists keep the
-    gather path, which is right when they are scattered (uniform random: every tile's union is
-    dense); when they are local (a tile's rows share their keys), ``key_path="blocks"`` is faster.
+    and 64-wide tiles "blocks" is ``K ≥ S/16`` (``K ≥ S/32`` under ``Causal()``).
     """
     allowed = static_allowed_blocks(mask, T, S, block_q, block_kv)
     per_tile = np.minimum(allowed.sum(-1), K if shared else block_q * K)
     worst = int(per_tile.sum(-1).max(initial=0)) * block_q * block_kv
-    return "blocks" if worst <= GATHER_COST_RATIO * T * K else "gather"
+    if worst <= GATHER_COST_RATIO * T * K:
+        return "blocks"
+    return "runtime" if num_tiles(T, block_q) >= RUNTIME_CHOICE_MIN_TILES else "gather"
 
 
-def _key_lists_auto(q, k, v, sel: KeyLists, *, mask, block_q, block_kv, **kwargs):
+def _key_lists_auto(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, return_lse, block_q, block_kv):
+    """``choose_key_path``; its "runtime" answer builds the block lists and takes them (``lax.cond``)
+    while ``Σ counts · block_q · block_kv ≤ GATHER_COST_RATIO · B·Hq·T·K``, else gathers (both compiled)."""
+    B, T, Hq, _ = q.shape
     K, shared = sel.indices.shape[-1], sel.indices.shape[2] == 1
-    path = choose_key_path(K, q.shape[1], k.shape[1], shared=shared, mask=mask, block_q=block_q, block_kv=block_kv)
-    return _KEY_PATHS[path](q, k, v, sel, mask=mask, block_q=block_q, block_kv=block_kv, **kwargs)
+    kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                  block_q=block_q, block_kv=block_kv)
+    path = choose_key_path(K, T, k.shape[1], shared=shared, mask=mask, block_q=block_q, block_kv=block_kv)
+    if path != "runtime":
+        return _KEY_PATHS[path](q, k, v, sel, **kwargs)
+    blocks, fine = key_list_blocks(sel, T, k.shape[1], mask=mask, block_q=block_q, block_kv=block_kv)
+    listed = jnp.sum(blocks.counts, dtype=jnp.float32) * (block_q * block_kv)
+    engine = dict(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
+    return lax.cond(listed <= GATHER_COST_RATIO * float(B * Hq * T * K),
+                    lambda: block_sparse_attention_xla(q, k, v, blocks, mask=fine, **engine),
+                    lambda: _key_lists_xla(q, k, v, sel, **kwargs))
 
 
 KEY_LIST_PATHS = ("auto", "blocks", "gather")
@@ -487,7 +528,10 @@ _KEY_PATHS = {"auto": _key_lists_auto, "blocks": _key_lists_blocks, "gather": _k
 def token_sparse_attention_xla(q, k, v, selection: Selection, *, mask: Optional[Mask] = None, scale=None,
                                logits_soft_cap=None, return_lse: bool = False, block_q: int = 64,
                                block_kv: int = 64, key_path: str = "auto"):
-    """The sorted-bucket path, or for ``KeyLists`` the ``key_path`` (see the module docstring for the costs)."""
+    """The sorted-bucket path, or for ``KeyLists`` the ``key_path`` (see the module docstring for the costs).
+
+    Args and returns as ``token_sparse_attention``. Raises ValueError for a ``key_path`` not in ``KEY_LIST_PATHS``.
+    """
     if key_path not in KEY_LIST_PATHS:
         raise ValueError(f"key_path must be one of {KEY_LIST_PATHS}, got {key_path!r}")
     run = _buckets_xla if isinstance(selection, Buckets) else _KEY_PATHS[key_path]
@@ -534,8 +578,9 @@ def token_sparse_attention(
       mask: optional ``attnjax.masks`` value applied pair by pair on the original positions.
       scale: logit scale, default ``1/sqrt(D)``; logits_soft_cap: ``cap·tanh(s/cap)``.
       return_lse: also return the float32 log-sum-exp ``[B, T, Hq]``.
-      block_q, block_kv: tiles of the sorted-bucket path.
+      block_q, block_kv: tiles of the sorted-bucket path and of the key lists' block path.
       implementation: "reference", "xla" or "auto".
+      key_path: how ``xla`` runs ``KeyLists``: "blocks", "gather" or "auto" (``choose_key_path``).
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``. Rows with no allowed key are 0.
     """
@@ -583,6 +628,7 @@ def routed_attention(selector: TokenSelector, implementation: str, q, k, v, *, m
                                   implementation=implementation, **tiles)
 
 
-__all__ = ["Buckets", "KeyLists", "Selection", "SortedBuckets", "TokenSelector", "bucket_block_lists",
-           "pair_density", "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
+__all__ = ["Buckets", "KEY_LIST_PATHS", "KeyBits", "KeyLists", "Selection", "SortedBuckets", "TokenSelector",
+           "bucket_block_lists", "choose_key_path", "key_bits_and_union", "key_list_blocks", "pair_density",
+           "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
            "token_sparse_attention_xla"]

@@ -11,8 +11,9 @@ import pytest
 
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
-from attnjax.sparse.tokens import (Buckets, KeyBits, KeyLists, TokenSelector, bucket_block_lists, key_list_blocks,
-                                   pair_density, routed_attention, token_sparse_attention)
+from attnjax.sparse.tokens import (GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector, bucket_block_lists,
+                                   choose_key_path, key_list_blocks, pair_density, routed_attention,
+                                   token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -113,6 +114,35 @@ def listed_and_fine(sel, mask, block_kv):
     return np.asarray(listed), np.asarray(dense), kinds[0]
 
 
+def test_auto_takes_the_block_union_for_local_lists_and_gathers_for_scattered_ones_at_run_time():
+    """Two keys per query, 4 × 8 tiles: a dense union would cost more than the gathers, so "auto" decides
+    on the actual union (one compile, both branches): local lists (each row's own and previous key)
+    take the block path, scattered ones the gathers; both match the reference, forward and gradients."""
+    tiles = dict(block_q=4, block_kv=8)
+    assert choose_key_path(2, T, S, shared=False, mask=None, **tiles) == "runtime"
+    rows = np.arange(T)[:, None]
+    local = np.broadcast_to(np.concatenate([rows, rows - 1], -1), (B, HQ, T, 2))
+    scattered = np.random.default_rng(5).integers(0, S, (B, HQ, T, 2))
+    q, k, v = random_qkv(jax.random.PRNGKey(0), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D)
+
+    def loss_of(impl):
+        def f(q, k, v, sel):
+            out = token_sparse_attention(q, k, v, sel, implementation=impl, **tiles)
+            return (out ** 2).sum(), out
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    auto, reference = loss_of("xla"), loss_of("reference")
+    for idx, takes_blocks in ((local, True), (scattered, False)):
+        sel = KeyLists(jnp.asarray(idx, jnp.int32))
+        blocks, _ = key_list_blocks(sel, T, S, mask=None, **tiles)
+        listed = int(blocks.counts.sum()) * 4 * 8
+        assert (listed <= GATHER_COST_RATIO * B * HQ * T * 2) == takes_blocks
+        (grads, out), (grads_ref, out_ref) = auto(q, k, v, sel), reference(q, k, v, sel)
+        assert_close(out, out_ref, name="out")
+        for name, g, g_ref in zip("qkv", grads, grads_ref):
+            assert_close(g, g_ref, atol=1e-4, name=f"d{name}")
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_key_list_blocks_are_the_block_union_and_the_bits_the_exact_selection(shared):
     """Brute force: tile ``(b, h, i)`` lists exactly the key blocks that its rows' allowed, in-range
@@ -205,6 +235,8 @@ def test_bad_selections_raise_naming_the_argument():
         token_sparse_attention(q, k, v, KeyLists(jnp.zeros((B, HKV, T, 3), jnp.int32)))
     with pytest.raises(TypeError, match="selection must be"):
         token_sparse_attention(q, k, v, jnp.zeros((B, HQ, T, S), bool))
+    with pytest.raises(ValueError, match="key_path must be one of"):
+        token_sparse_attention(q, k, v, key_lists(False), key_path="blocky")
 
 
 @dataclasses.dataclass(frozen=True)
