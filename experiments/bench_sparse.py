@@ -24,6 +24,19 @@ Causal selectors run with ``mask=Causal()``. Neighbourhood attention runs on a 2
 (``--na-kernel``) of ``T`` tokens, as square as ``T`` allows.
 
     python -m experiments.bench_sparse --seq-lens 8k,16k,32k --heads 4 --head-dim 64
+
+``--key-lists`` runs a separate comparison instead (``bench_sparse_<backend>_key_lists``): per-query key
+lists of ``T / f`` keys for each ``f`` in ``--key-fractions``, under ``Causal()``, from DMA (``dynamic_mask_lists``), SPT
+(``Spt(top_l=K)``), Sparsifiner (``connectivity_lists``), uniform random lists (the block path's worst
+case) and each query's ``K`` latest keys (``local``, its best case), each run by the token
+engine's block path (``key_path="blocks"``: block union + bitmask), its gather path (``"gather"``) and
+dense causal ``flash_attention_xla``, timed interleaved round by round (selection excluded: both paths
+run the same lists). The selectors see random-but-structured inputs (``structured_qkv``: q, k and v share
+a stationary latent that drifts along the sequence, so nearby tokens are similar), with untrained
+predictor weights (DMA: random ``W_Δ``; Sparsifiner: random channel reductions and a token basis that
+averages contiguous segments of ``--segment`` keys, the smooth basis a distilled predictor approaches).
+
+    python -m experiments.bench_sparse --key-lists --seq-lens 4k,8k
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -41,8 +55,11 @@ from attnjax import masks, registry
 from attnjax.api import attention
 from attnjax.local import Neighborhood, NeighborhoodMask
 from attnjax.softmax import flash_attention_xla
-from attnjax.sparse import (BlockSelector, BlockSparse, Buckets, TokenSelector, block_sparse_attention, density,
+from attnjax.sparse import (BlockSelector, BlockSparse, Buckets, KeyLists, TokenSelector, block_sparse_attention,
+                            connectivity_lists, connectivity_scores, density, dynamic_mask_bias, dynamic_mask_lists,
                             pair_density, token_sparse_attention)
+from attnjax.sparse.spt import Spt
+from attnjax.sparse.tokens import GATHER_COST_RATIO, choose_key_path, key_list_blocks
 from experiments.lib import cli, flops, host, measure, plots, report, workload
 
 TARGET_FACTOR, TARGET_DENSITY = 0.7, 0.25
@@ -69,8 +86,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="run a path only if its compiled peak memory is below this")
     p.add_argument("--time-budget-s", type=float, default=30.0,
                    help="time a path at the next T only while its predicted single run (linear in T·density·T) fits")
+    p.add_argument("--key-lists", action="store_true",
+                   help="run the key-list comparison (block path vs gather path vs dense) instead")
+    p.add_argument("--key-fractions", type=cli.parse_ints, default=[8, 32],
+                   help="--key-lists: keys per query K = T / f for each f (comma-separated)")
+    p.add_argument("--latent-span", type=float, default=256.0,
+                   help="--key-lists: correlation length (tokens) of the structured inputs' latent")
+    p.add_argument("--segment", type=int, default=64, help="--key-lists: Sparsifiner's token-basis segment")
     cli.add_output_flags(p, "bench_sparse")
-    return cli.parse_with_smoke(p, argv, SMOKE)
+    args = cli.parse_with_smoke(p, argv, SMOKE)
+    if args.key_lists and args.name == p.get_default("name"):
+        args.name = f"{args.name}_key_lists"
+    return args
 
 
 def grid_2d(T: int) -> tuple[int, int]:
@@ -292,10 +319,140 @@ def plot(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- --key-lists
+
+KEY_LIST_SOURCES = ("dma", "spt", "sparsifiner", "uniform", "local")
+KEY_PATHS_TIMED = ("blocks", "gather", "dense")
+
+
+def structured_qkv(seed: int, B: int, T: int, H: int, D: int, span: float) -> tuple[jax.Array, ...]:
+    """q, k, v = ``z + noise`` with ``z`` a stationary Gaussian process along the sequence (AR(1),
+    correlation ``exp(-1/span)`` per token, unit variance per feature, independent per head): tokens
+    within about ``span`` positions are similar, so top-k selections are local but not contiguous."""
+    rng = np.random.default_rng(seed)
+    rho = math.exp(-1.0 / span)
+    eps = rng.standard_normal((T, B, H, D)).astype(np.float32)
+    z = np.empty_like(eps)
+    z[0] = eps[0]
+    for t in range(1, T):
+        z[t] = rho * z[t - 1] + math.sqrt(1 - rho * rho) * eps[t]
+    z = z.transpose(1, 0, 2, 3)
+    return tuple(jnp.asarray(z + rng.standard_normal(z.shape).astype(np.float32)) for _ in range(3))
+
+
+def key_lists_of(source: str, q, k, v, K: int, args: argparse.Namespace) -> KeyLists:
+    """Causal key lists of ``K`` keys per query from one selector, or uniform random over each query's
+    past (the worst case for the block path), or each query's ``K`` latest keys (``local``: its best case)."""
+    B, T, H, D = q.shape
+    rng = np.random.default_rng(T)
+    if source == "dma":
+        bias = dynamic_mask_bias(v, jnp.asarray(rng.standard_normal((H * D, H)) / math.sqrt(H * D), jnp.float32),
+                                 jnp.ones((H,), jnp.float32))
+        return dynamic_mask_lists(bias, K, num_heads=H, T=T, causal=True)
+    if source == "spt":
+        return Spt(top_l=K).select(q, k, mask=masks.Causal())
+    if source == "sparsifiner":
+        c = D // 4
+        w_q, w_k = (jnp.asarray(rng.standard_normal((D, c)) / math.sqrt(D), jnp.float32) for _ in range(2))
+        basis = jnp.asarray(np.arange(T)[:, None] // args.segment == np.arange(-(-T // args.segment))[None, :],
+                            jnp.float32) / args.segment
+        scores = connectivity_scores(q, k, w_q, None, w_k, None, basis, basis)
+        return connectivity_lists(scores, K, mask=masks.Causal())
+    if source == "local":
+        return KeyLists(jnp.broadcast_to(jnp.arange(T)[:, None] - jnp.arange(K), (B, H, T, K)).astype(jnp.int32))
+    past = np.arange(T)[:, None] + 1
+    return KeyLists(jnp.asarray((rng.random((B, H, T, K)) * past).astype(np.int32)))
+
+
+def run_key_lists(args: argparse.Namespace) -> list[dict]:
+    """One row per (T, K, source): densities, the interleaved times of the block path, the gather path
+    and dense causal ``flash_attention_xla``, their ratios, and the path ``key_path="auto"`` takes."""
+    mask, rows = masks.Causal(), []
+    cases = [(T, f, source) for T in args.seq_lens for f in args.key_fractions for source in KEY_LIST_SOURCES]
+    inputs = {}
+    for T, fraction, source in tqdm(cases, desc="bench_sparse key lists", unit="case"):
+        if T not in inputs:
+            inputs = {T: structured_qkv(T, args.batch, T, args.heads, args.head_dim, args.latent_span)}
+        q, k, v = inputs[T]
+        K = max(1, T // fraction)
+        sel = jax.block_until_ready(key_lists_of(source, q, k, v, K, args))
+        blocks, _ = key_list_blocks(sel, T, T, mask=mask, block_q=64, block_kv=64)
+        nk = blocks.num_kv_blocks
+        fns = {path: jax.jit(lambda q, k, v, sel, path=path: token_sparse_attention(
+                   q, k, v, sel, mask=mask, implementation="xla", key_path=path)) for path in KEY_PATHS_TIMED[:2]}
+        fns["dense"] = jax.jit(lambda q, k, v, sel: flash_attention_xla(q, k, v, mask=mask))
+        compiled = {path: fn.lower(q, k, v, sel).compile() for path, fn in fns.items()}
+        timing = measure.time_thunks({path: (lambda c=c: c(q, k, v, sel)) for path, c in compiled.items()},
+                                     repeats=args.repeats, max_seconds=args.max_seconds)
+        sec = {path: timing[path].median_s for path in KEY_PATHS_TIMED}
+        auto = choose_key_path(K, T, T, shared=False, mask=mask, block_q=64, block_kv=64)
+        if auto == "runtime":
+            listed = float(jnp.sum(blocks.counts)) * 64 * 64
+            auto = "blocks" if listed <= GATHER_COST_RATIO * args.batch * args.heads * T * K else "gather"
+            auto += " (run time)"
+        rows.append({"source": source, "T": T, "K": K, "causal": True,
+                     "pair_density": pair_density(sel, T, T, causal=True),
+                     "union_density": float(jnp.sum(blocks.counts)) / (args.batch * args.heads * nk * (nk + 1) / 2),
+                     "auto": auto,
+                     "seconds": sec, "blocks_over_dense": sec["blocks"] / sec["dense"],
+                     "gather_over_dense": sec["gather"] / sec["dense"],
+                     "gather_over_blocks": sec["gather"] / sec["blocks"]})
+    return rows
+
+
+def markdown_key_lists(rows: Sequence[dict], args: argparse.Namespace, device: dict, load: tuple[dict, dict]) -> str:
+    """The key-list report: settings, one row per (source, T), and what it says."""
+    table = report.markdown_table(
+        ["lists", "T", "K", "pair density", "union density", "blocks", "gather", "dense xla", "blocks / dense",
+         "gather / dense", "gather / blocks", "auto"],
+        [[r["source"], r["T"], r["K"], f"{r['pair_density']:.3f}", f"{r['union_density']:.3f}",
+          _ms(r["seconds"]["blocks"]), _ms(r["seconds"]["gather"]), _ms(r["seconds"]["dense"]),
+          _x(r["blocks_over_dense"]), _x(r["gather_over_dense"]), _x(r["gather_over_blocks"]), r["auto"]]
+         for r in rows])
+    return "\n".join([
+        f"# Token engine key lists: block path vs gather path vs dense ({device['platform']})", "",
+        f"Device: `{device['device_kind']}`, {device['cpu_count']} CPUs, jax {device['jax_version']}. "
+        f"B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}, forward only, `Causal()`, "
+        f"K = T/f keys per query for f in {args.key_fractions}, 64 × 64 tiles. Inputs: `structured_qkv` (latent span "
+        f"{args.latent_span:g} tokens); Sparsifiner's token basis averages segments of {args.segment}. "
+        "Pair density: listed causal pairs / causal pairs. Union density: tiles the block path visits / causal "
+        "tiles. Times: median of interleaved rounds, selection excluded; ratios are time / time in this run "
+        "(below 1 = faster than the denominator).", "",
+        host.load_note(*load), "",
+        "CPU times are to be read as ratios only, not as absolute speeds.", "", table, ""])
+
+
+def plot_key_lists(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
+    """Time over dense against union density, for both key-list paths."""
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, source in enumerate(KEY_LIST_SOURCES):
+        pts = [r for r in rows if r["source"] == source]
+        ax.semilogy([r["union_density"] for r in pts], [r["blocks_over_dense"] for r in pts], "o", color=f"C{i}",
+                    label=f"{source}: blocks")
+        ax.semilogy([r["union_density"] for r in pts], [r["gather_over_dense"] for r in pts], "x", color=f"C{i}",
+                    label=f"{source}: gather")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="dense causal xla")
+    ax.set(xlabel="block union density (of causal tiles)", ylabel="time / dense time",
+           title=f"key lists, K = T/f, f in {args.key_fractions}, T in {list(args.seq_lens)}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark; write JSON, markdown and PNG; print the table."""
     args = parse_args(argv)
     device, load_before = host.device_info(), host.machine_load()
+    if args.key_lists:
+        cases = run_key_lists(args)
+        md = markdown_key_lists(cases, args, device, (load_before, host.machine_load()))
+        print(md)
+        results = {"device": device, "settings": report.jsonable_args(args), "cases": cases}
+        report.save_benchmark(results, md, args, lambda path: plot_key_lists(cases, args, path))
+        return results
     cases = run(args)
     md = markdown(cases, args, device, (load_before, host.machine_load()))
     print(md)

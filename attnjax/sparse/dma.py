@@ -17,8 +17,9 @@ SmallDoges/flash-dmattn (``examples/modeling/modeling_doge.py`` ``DogeAttention`
       out_i = Σ_{j ∈ keep(i)} softmax_j(scale · q_i·k_j + δ_j) v_j
 
 - **Position-aware skipping**: the kernel skips every tile with no kept pair (no kept key, or above
-  the causal diagonal). Here the token engine (``attnjax.sparse.tokens``) gathers only the kept
-  keys, so skipped keys cost nothing at all.
+  the causal diagonal). Here the token engine (``attnjax.sparse.tokens``) runs only the kept keys:
+  on the block-sparse engine over the key blocks they touch with a per-row bitmask, or by gathering
+  them (its ``key_path="auto"`` rule picks), so skipped tiles cost nothing.
 
 Which keys a query sees (``dynamic_mask_lists``):
 
@@ -162,8 +163,9 @@ def biased_token_attention(q, k, v, bias, selection: KeyLists, *, mask: Optional
 
 def dynamic_mask_attention_xla(q, k, v, bias, *, keep: int, mask: Optional[Mask] = None,
                                scale: Optional[float] = None, return_lse: bool = False):
-    """DMA on the token engine's gathered key lists (``biased_token_attention``): O(T·keep·D), plus the
-    O(S·keep) running top-k under ``Causal()``."""
+    """DMA on the token engine's key lists (``biased_token_attention``; block union + bitmask or gathers,
+    ``attnjax.sparse.tokens.choose_key_path``): at most O(T·keep·D) gathered, plus the O(S·keep)
+    running top-k under ``Causal()``."""
     lists = dynamic_mask_lists(bias, keep, num_heads=q.shape[2], T=q.shape[1], causal=isinstance(mask, masks.Causal))
     return biased_token_attention(q, k, v, bias, lists, mask=mask, scale=scale, return_lse=return_lse)
 

@@ -111,8 +111,8 @@ def sparsifiner_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.
       scores: ``[B, Hq, T, N]`` connectivity scores (``connectivity_scores``).
       keep, mask: as ``connectivity_lists``; mask is also applied in the attention.
       scale: attention logit scale, default ``1/sqrt(D)``.
-      implementation: the token engine's path, "reference" (dense under the mask), "xla" (gathered
-        key lists, O(T·keep·D)) or "auto".
+      implementation: the token engine's path, "reference" (dense under the mask), "xla" (the key
+        lists on the block-sparse engine or gathered, ``attnjax.sparse.tokens.choose_key_path``) or "auto".
     Returns:
       ``[B, T, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
     """
