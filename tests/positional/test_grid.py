@@ -59,8 +59,10 @@ def inputs(Hq, Hkv, table_heads, dtype=jnp.float32):
     return q, k, v, jax.random.normal(ks[3], (ROWS, table_heads))
 
 
-@pytest.mark.parametrize("Hq,Hkv,table_heads", [(4, 2, 4), (2, 2, 1)])
-def test_blocked_xla_path_equals_the_reference_with_the_dense_bias_forward_and_gradients(Hq, Hkv, table_heads):
+@pytest.mark.parametrize("Hq,Hkv,table_heads,block_kv", [(4, 2, 4, 7), (2, 2, 1, 8)])
+def test_blocked_xla_path_equals_the_reference_with_the_dense_bias_forward_and_gradients(Hq, Hkv, table_heads,
+                                                                                         block_kv):
+    """Key tiles of whole grid rows (7 = the grid width: runs of the table) or not (8: one gather per pair)."""
     q, k, v, table = inputs(Hq, Hkv, table_heads)
     index = jnp.asarray(loop_index(GRID))
 
@@ -72,7 +74,7 @@ def test_blocked_xla_path_equals_the_reference_with_the_dense_bias_forward_and_g
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, table)
 
     (_, want), dwant = loss(softmax_attention_reference, False)
-    (_, got), dgot = loss(lambda *a, **kw: flash_attention_xla(*a, block_q=8, block_kv=8, **kw), True)
+    (_, got), dgot = loss(lambda *a, **kw: flash_attention_xla(*a, block_q=8, block_kv=block_kv, **kw), True)
     assert_close(got, want, rtol=1e-5)
     for g, w, name in zip(dgot, dwant, ("dq", "dk", "dv", "dtable")):
         assert_close(g, w, atol=2e-5, rtol=2e-5, name=name)
