@@ -19,7 +19,8 @@ from tests.helpers import assert_close, random_qkv
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
 NB = 3
 TILES = dict(block_q=8, block_kv=8)
-jitted = jax.jit(token_sparse_attention, static_argnames=("mask", "implementation", "return_lse", "block_q", "block_kv"))
+jitted = jax.jit(token_sparse_attention,
+                 static_argnames=("mask", "implementation", "return_lse", "block_q", "block_kv", "key_path"))
 MASKS = {"none": None, "causal": masks.Causal(), "window": masks.SlidingWindow(9, 0)}
 
 
@@ -222,6 +223,10 @@ def test_rows_without_keys_are_zero_and_bf16_is_finite():
     assert float(jnp.abs(out.astype(jnp.float32)).max()) == 0.0
     lists = KeyLists(jnp.full((B, HQ, T, 3), -1, jnp.int32))
     assert float(jnp.abs(jitted(q, k, v, lists, implementation="xla")).max()) == 0.0
+    lists = KeyLists(jnp.full((B, HQ, T, 3), -1, jnp.int32).at[..., 8:, 0].set(2))  # the first 8 rows see nothing
+    out = jitted(q, k, v, lists, implementation="xla", key_path="blocks", **TILES)
+    assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())
+    assert float(jnp.abs(out[:, :8].astype(jnp.float32)).max()) == 0.0 and float(jnp.abs(out[:, 8:]).min()) > 0
 
 
 def test_bad_selections_raise_naming_the_argument():
