@@ -149,6 +149,26 @@ def test_sequence_parallel_claim_holds(name, scheme):
                                err_msg=f"{name} claims sequence-parallel scheme {scheme!r}")
 
 
+def test_lasp2_refuses_every_mechanism_that_does_not_claim_it():
+    """The ``lasp2`` claim can't go stale the other way: ``lasp2_mechanism`` raises ``NotImplementedError`` for
+    every registered mechanism that doesn't claim it (traced under ``jax.eval_shape``, nothing compiles)."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("sp",))
+    spec = P(None, "sp")
+    x = jax.ShapeDtypeStruct((1, 32, 8, 8), jnp.float32)
+    served = []
+    for entry in ENTRIES.values():
+        if "lasp2" in entry.sequence_parallel:
+            continue
+        config = entry.config()
+        call = _scheme_call("lasp2", config, "mask" in config.supports)
+        try:
+            jax.eval_shape(jax.shard_map(call, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec), x, x, x)
+        except NotImplementedError:
+            continue
+        served.append(entry.name)
+    assert not served, f"lasp2_mechanism serves {served}, which don't claim sequence_parallel 'lasp2'"
+
+
 def test_listing_prints_an_aligned_table_and_is_the_entries():
     listing = registry.list()
     assert listing == registry.entries()
