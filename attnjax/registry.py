@@ -22,7 +22,8 @@ heads; "kv_heads": K and V with different head counts, ``k [B, S, Hk, D]``, ``v 
 
 SEQUENCE_PARALLEL = ("ring", "allgather", "ulysses", "lasp2h", "lasp2")
 """Sequence-parallel schemes a mechanism may claim: ``attnjax.parallel``'s ``ring_attention``,
-``allgather_attention``, ``ulysses_attention``, ``lasp2h_attention`` and ``lasp2``."""
+``allgather_attention``, ``ulysses_attention``, ``lasp2h_attention`` and ``lasp2`` (the plain linear family;
+Flow, InLine and RALA through ``lasp2_mechanism`` and their ``chunk_attention``)."""
 
 REQUIRED = ("name", "family", "paper", "supports", "decodes", "sequence_parallel")
 """Class attributes every registered config declares (``decodes`` may be a property of the config)."""
