@@ -108,10 +108,11 @@ def compare_paths(C, objective="l2", retention="l2", rtol=1e-4):
             assert_close(leaf_a, leaf_e, rtol=rtol, name=f"d{name}")
 
 
-@pytest.mark.parametrize("C", [1, 4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("C", [pytest.param(1, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_chunked_matches_reference(C):
     """T = 13 is not a multiple of 4 or 8 (a shorter last chunk); GQA with 2 query heads per memory. (C = 8 runs
-    the same code as C = 4, a padded last chunk; slow for the suite's time.)"""
+    the same code as C = 4, a padded last chunk, and C = 1 the same code with one-token chunks, whose forward the
+    plain gradient loop checks above; both slow for the suite's time.)"""
     compare_paths(C)
 
 

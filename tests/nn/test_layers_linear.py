@@ -184,7 +184,8 @@ def test_jit_and_grad(name):
     before, grads = sgd_step(m)
     for path, g in nnx.to_flat_state(grads):
         assert np.all(np.isfinite(g[...])) and np.any(g[...] != 0), path
-    assert loss(m) < before
+    after, _ = sgd_step(m)  # the loss after the first step (the same compiled step, not an eager call)
+    assert after < before
 
 
 @pytest.mark.parametrize("name", ["transnormer", "based"])
