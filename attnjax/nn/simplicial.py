@@ -8,6 +8,7 @@ to bring the cost from O(T³) to O(T·w1·w2); see ``attnjax.softmax.simplicial`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -16,12 +17,29 @@ from flax import nnx
 from flax.typing import Dtype
 
 from attnjax import masks
-from attnjax.nn.checks import check_causal_mask, check_input, check_positive, resolve_head_dim
+from attnjax.nn.checks import check_causal_mask, check_chunk, check_input, check_positive, check_step, resolve_head_dim
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.softmax.simplicial import simplicial_attention_reference, simplicial_attention_windowed
 
 IMPLEMENTATIONS = ("auto", "reference", "xla")
 """"reference": dense O(T³) memory; "xla" (and "auto"): ``simplicial_attention_windowed``, blocked over queries."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class SimplicialCache:
+    """The two key/value sets of the tokens so far, for ``SimplicialAttention.decode``/``prefill``.
+
+    Attributes:
+      k1, v1, k2, v2: ``[B, max_len, Hkv, D]``, slots ``>= length`` unused.
+      length: int32 scalar, the number of filled slots (the position of the next token).
+    """
+
+    k1: jax.Array
+    v1: jax.Array
+    k2: jax.Array
+    v2: jax.Array
+    length: jax.Array
 
 
 class SimplicialAttention(nnx.Module):
@@ -87,14 +105,53 @@ class SimplicialAttention(nnx.Module):
         check_causal_mask("SimplicialAttention", mask)
         args = (self.query(x), self.key1(x), self.value1(x), self.key2(x), self.value2(x))
         kwargs = dict(causal=self.causal or mask is not None, window1=self.window1, window2=self.window2)
+        return self.out(self._attend(*args, **kwargs))
+
+    def _attend(self, *args: jax.Array, **kwargs) -> jax.Array:
         if self.implementation == "reference":
-            out = simplicial_attention_reference(*args, **kwargs)
-        else:
-            out = simplicial_attention_windowed(*args, block_q=self.block_q, **kwargs)
-        return self.out(out)
+            return simplicial_attention_reference(*args, **kwargs)
+        return simplicial_attention_windowed(*args, block_q=self.block_q, **kwargs)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> SimplicialCache:
+        """An empty ``SimplicialCache`` of ``max_len`` slots per key/value set (``dtype``: default float32).
+        ``NotImplementedError`` for a layer with ``causal=False`` (its outputs read later tokens)."""
+        if not self.causal:
+            raise NotImplementedError("SimplicialAttention(causal=False) does not decode: every output reads all T² "
+                                      "key pairs, later tokens included")
+        check_positive(batch=batch, max_len=max_len)
+        zeros = jnp.zeros((batch, max_len, self.num_kv_heads, self.head_dim), jnp.float32 if dtype is None else dtype)
+        return SimplicialCache(zeros, zeros, zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def decode(self, x_t: jax.Array, cache: SimplicialCache) -> tuple[jax.Array, SimplicialCache]:
+        """One step: ``x_t [B, 1, d_model]`` at position ``cache.length``; equal to the causal call's row there.
+        Returns ``(y_t [B, 1, d_model], cache)`` with the token added."""
+        check_step("x_t", x_t, self.d_model, cache.k1.shape[0])
+        return self._cached(x_t, cache)
+
+    def prefill(self, x: jax.Array, cache: SimplicialCache) -> tuple[jax.Array, SimplicialCache]:
+        """``x [B, T, d_model]`` at positions ``cache.length … cache.length + T − 1`` in one call, each token seeing
+        the cached ones and the new ones up to itself: equal to ``T`` calls of ``decode``.
+        Returns ``(y [B, T, d_model], cache)`` with the ``T`` tokens added."""
+        check_chunk("x", x, self.d_model, cache.k1.shape[0])
+        return self._cached(x, cache)
+
+    def _cached(self, x: jax.Array, cache: SimplicialCache) -> tuple[jax.Array, SimplicialCache]:
+        """Write the tokens' keys and values at ``cache.length``, roll the cache so the filled slots end at the last
+        slot (the windows and the causal rule are relative to the query's position, bottom-right aligned), and
+        mask the empty slots out of every pair through ``key_mask``. O(T·w1·w2) on the windowed path."""
+        T, S = x.shape[1], cache.k1.shape[1]
+        start = (0, cache.length, 0, 0)
+        written = [jax.lax.dynamic_update_slice(c, p(x).astype(c.dtype), start) for c, p in
+                   ((cache.k1, self.key1), (cache.v1, self.value1), (cache.k2, self.key2), (cache.v2, self.value2))]
+        shift = S - T - cache.length
+        rolled = [jnp.roll(a, shift, axis=1) for a in written]
+        keep = jnp.arange(S) >= shift
+        out = self._attend(self.query(x).astype(cache.k1.dtype), *rolled, causal=True, window1=self.window1,
+                           window2=self.window2, key_mask=keep[None, None, None, :])
+        return self.out(out), SimplicialCache(*written, cache.length + T)
 
 
 register_module(ModuleSpec(
     "simplicial", SimplicialAttention, dict(d_model=16, num_heads=2, window1=4, window2=2, block_q=4), (2, 9, 16),
     kind="layer", paper="Clift et al. 2019 (2-simplicial Transformer); Roy et al. 2025 (Fast and Simplex)",
-    causal=True))
+    causal=True, decodes=True))

@@ -142,3 +142,7 @@ def test_simplicial_causal_mask_makes_a_non_causal_layer_causal():
     assert not np.allclose(bidirectional(x), causal(x), atol=1e-4)
     with pytest.raises(NotImplementedError, match=r"SimplicialAttention takes mask=None or masks.Causal\(\) only"):
         causal(x, mask=masks.SlidingWindow(1, 0))
+    with pytest.raises(NotImplementedError, match=r"causal=False\) does not decode"):
+        bidirectional.init_cache(1, 8)
+    with pytest.raises(ValueError, match=r"x_t must have shape \[B, 1, d_model\]"):
+        causal.decode(x[:, :2], causal.init_cache(1, 8))
