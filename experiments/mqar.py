@@ -20,7 +20,8 @@ y-axis test accuracy, one panel per (family, pair count). The table lists the mo
     python -m experiments.mqar --mechanisms softmax --layers neural_memory,rat --name mqar_families_memory_cpu
     python -m experiments.mqar --mechanisms softmax,lightning,based_linear:8,baseconv --d-models 32,64,128 \\
         --name mqar_families_widths_cpu         # the kept runs: memory layers (2.4 min), widths (5 min)
-    python -m experiments.mqar --all            # every registered causal model (long: hours on 2 cores)
+    python -m experiments.mqar --all --d-models 64 --num-layers 1 --steps 150 --name mqar_families_all_cpu
+                                                # the kept --all run: 76 models, 52 min on 2 shared cores
     python -m experiments.mqar --mechanisms softmax,lightning,based_linear --layers titans_mac,rat \\
         --d-models 64,128,256 --kv-pairs 8,16,32,64 --seq-len 256 --vocab-size 8192 --steps 4000
 
