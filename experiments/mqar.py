@@ -31,6 +31,12 @@ samples instead of 64 epochs over 100k examples; RoPE instead of learned absolut
 causal convolution before each block (``--short-conv 3``, as in the H3/BASED hybrids Zoology also trains),
 which spares every mechanism the slow emergence of a previous-token head, so that a short run measures
 associative memory rather than optimization luck (``--short-conv 0`` removes it).
+
+Reading ``--all`` at T = 32: most block-sparse mechanisms' default blocks (64 tokens or more) cover the whole
+sequence, so they compute dense causal attention (their accuracies equal softmax's to three digits in the kept
+run); only ``sparse_window`` is given 8-token blocks (``mqar_runs.OPTIONS``). A KV-cache model that fails there
+(sigmoid, stick-breaking, the Combiner variants) keeps every pair, so its failure is optimization at this budget,
+not state.
 """
 
 from __future__ import annotations
