@@ -26,15 +26,16 @@ Causal selectors run with ``mask=Causal()``. Neighbourhood attention runs on a 2
     python -m experiments.bench_sparse --seq-lens 8k,16k,32k --heads 4 --head-dim 64
 
 ``--key-lists`` runs a separate comparison instead (``bench_sparse_<backend>_key_lists``): per-query key
-lists of ``T / f`` keys for each ``f`` in ``--key-fractions``, under ``Causal()``, from DMA (``dynamic_mask_lists``), SPT
-(``Spt(top_l=K)``), Sparsifiner (``connectivity_lists``), uniform random lists (the block path's worst
-case) and each query's ``K`` latest keys (``local``, its best case), each run by the token
-engine's block path (``key_path="blocks"``: block union + bitmask), its gather path (``"gather"``) and
-dense causal ``flash_attention_xla``, timed interleaved round by round (selection excluded: both paths
-run the same lists). The selectors see random-but-structured inputs (``structured_qkv``: q, k and v share
-a stationary latent that drifts along the sequence, so nearby tokens are similar), with untrained
-predictor weights (DMA: random ``W_Δ``; Sparsifiner: random channel reductions and a token basis that
-averages contiguous segments of ``--segment`` keys, the smooth basis a distilled predictor approaches).
+lists of ``T / f`` keys for each ``f`` in ``--key-fractions``, under ``Causal()``, from DMA
+(``dynamic_mask_lists``), SPT (``Spt(top_l=K)``), Sparsifiner (``connectivity_lists``), uniform random
+lists (the block path's worst case) and each query's ``K`` latest keys (``local``, its best case), each
+run by the token engine's block path (``key_path="blocks"``: block union + bitmask), its gather path
+(``"gather"``) and dense causal ``flash_attention_xla``, timed interleaved round by round (selection
+excluded: both paths run the same lists). The selectors see random-but-structured inputs
+(``structured_qkv``: q, k and v share a stationary latent that drifts along the sequence, so nearby
+tokens are similar), with untrained predictor weights (DMA: random ``W_Δ``; Sparsifiner: random channel
+reductions and a token basis that averages contiguous segments of ``--segment`` keys, the smooth basis
+a distilled predictor approaches).
 
     python -m experiments.bench_sparse --key-lists --seq-lens 4k,8k
 """

@@ -464,10 +464,17 @@ def key_list_blocks(selection: KeyLists, T: int, S: int, *, mask: Optional[Mask]
     return from_block_mask(union, block_q, block_kv, max_blocks=min(nk, K if shared else block_q * K)), fine
 
 
+KEY_LIST_KEYS_PER_STEP = 256
+"""Keys per gather step of the key lists' block path: a union's count is known only at run time and
+the lists are padded to ``nk``, so short steps waste fewer slots past it (CPU, T = 4k, K = 512,
+causal, vs 1024: forward 1.12x against 1.28x dense for local lists, 2.17x against 2.40x for uniform
+ones; forward + backward on local lists 0.51x against 0.66x dense)."""
+
+
 def _key_lists_blocks(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, return_lse, block_q, block_kv):
     blocks, fine = key_list_blocks(sel, q.shape[1], k.shape[1], mask=mask, block_q=block_q, block_kv=block_kv)
     return block_sparse_attention_xla(q, k, v, blocks, mask=fine, scale=scale, logits_soft_cap=logits_soft_cap,
-                                      return_lse=return_lse)
+                                      return_lse=return_lse, keys_per_step=KEY_LIST_KEYS_PER_STEP)
 
 
 GATHER_COST_RATIO = 16.0
@@ -514,7 +521,8 @@ def _key_lists_auto(q, k, v, sel: KeyLists, *, mask, scale, logits_soft_cap, ret
     listed = jnp.sum(blocks.counts, dtype=jnp.float32) * (block_q * block_kv)
     engine = dict(scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse)
     return lax.cond(listed <= GATHER_COST_RATIO * float(B * Hq * T * K),
-                    lambda: block_sparse_attention_xla(q, k, v, blocks, mask=fine, **engine),
+                    lambda: block_sparse_attention_xla(q, k, v, blocks, mask=fine, keys_per_step=KEY_LIST_KEYS_PER_STEP,
+                                                       **engine),
                     lambda: _key_lists_xla(q, k, v, sel, **kwargs))
 
 

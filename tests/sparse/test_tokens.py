@@ -173,7 +173,8 @@ def test_key_list_blocks_are_the_block_union_and_the_bits_the_exact_selection(sh
             expected_union = blk & ab
         np.testing.assert_array_equal(listed, np.broadcast_to(expected_union, listed.shape), err_msg=mask_name)
         assert is_bits == (not shared or mask is None)
-        np.testing.assert_array_equal(np.broadcast_to(fine_dense, expected_fine.shape), expected_fine, err_msg=mask_name)
+        np.testing.assert_array_equal(np.broadcast_to(fine_dense, expected_fine.shape), expected_fine,
+                                      err_msg=mask_name)
 
 
 def test_cross_lengths_use_bottom_right_alignment():
