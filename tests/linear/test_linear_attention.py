@@ -102,12 +102,14 @@ def test_feature_map_registry_and_positivity():
 # ----------------------------------------------------------------------------- the reference itself
 
 
-def direct_loop(q, k, v, *, phi, lam, scale, state0, ids=None, normalize=False):
-    """Token-by-token numpy recurrence in float64, written independently of the library."""
+def direct_loop(q, k, v, *, phi, lam, scale, state0, ids=None, normalize=False, return_state=False):
+    """Token-by-token numpy recurrence in float64, written independently of the library (and the final state
+    ``[B, Hq, F, E]`` with ``return_state``)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, Hq, _ = q.shape
     G = Hq // k.shape[2]
     out = np.zeros((B, T, Hq, v.shape[-1]))
+    final = np.zeros(np.shape(state0))
     for b in range(B):
         for h in range(Hq):
             S = np.asarray(state0[b, h], np.float64).copy()
@@ -119,7 +121,8 @@ def direct_loop(q, k, v, *, phi, lam, scale, state0, ids=None, normalize=False):
                 S = lam[h] * S + np.outer(kk, vv)
                 o = scale * np.asarray(phi(q[b, t, h]), np.float64) @ S
                 out[b, t, h] = o[:-1] / (o[-1] + 1e-6) if normalize else o
-    return out
+            final[b, h] = S
+    return (out, final) if return_state else out
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -154,9 +157,12 @@ PATH_CASES = [("identity", False, False), ("identity", True, False)] + [
     (m, d, d) for m in ("elu+1", "relu", PERFORMER8, "taylor") for d in (False, True)]
 
 
-SLOW_PATH_CASES = [("relu", False, False), ("relu", True, True), (PERFORMER8, True, True), ("taylor", False, False),
-                   ("identity", True, False)]
-"""Feature-map cases the slow suite adds: each map and the decay/normalize switches stay covered by the others."""
+SLOW_PATH_CASES = [("relu", False, False), ("relu", True, True), (PERFORMER8, False, False), (PERFORMER8, True, True),
+                   ("elu+1", False, False), ("taylor", False, False), ("identity", True, False)]
+"""Feature-map cases the slow suite adds. Every path reads the features that ``prepare_inputs`` computes for the
+reference too, so a map changes only the values (and, for taylor, the feature dim F != D): the default runs no
+decay and no normalizer (identity), both (elu+1), and both with F != D (taylor); relu runs in the segment edge
+cases and Performer in the decoding and mechanism tests."""
 
 
 @pytest.mark.parametrize("feature_map, decay, normalize", [
@@ -174,6 +180,11 @@ def test_bf16_matches_float32_reference():
     q, k, v, state = inputs(dtype=jnp.bfloat16, normalize=True, feature_map="elu+1")
     compare(dict(feature_map="elu+1", normalize=True, chunk_size=16), (q, k, v, DECAY, state),
             rtol=TOLERANCE[jnp.bfloat16])
+
+
+@pytest.mark.slow
+def test_bf16_identity_map_without_normalizer():
+    """The unnormalized identity map in bf16 (the chunked path the default bf16 case runs, without the normalizer)."""
     q, k, v, state = inputs(dtype=jnp.bfloat16)
     compare(dict(chunk_size=16), (q, k, v, DECAY, state), rtol=TOLERANCE[jnp.bfloat16], impls=("xla",))
 
@@ -206,10 +217,10 @@ def test_packed_segments_equal_separate_sequences():
     np.testing.assert_array_equal(ids[0], np.repeat(np.arange(4), lengths))
     same = linear_attention(q, k, v, decay=DECAY, segment_ids=ids, initial_state=state, chunk_size=8)
     assert_close(same, packed, rtol=1e-6)
-    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):  # each sequence alone, by the float64 loop (no compiles)
         sl = slice(int(a), int(b))
-        out, fin = linear_attention(q[:, sl], k[:, sl], v[:, sl], decay=DECAY, return_state=True,
-                                    initial_state=state if n == 0 else None, implementation="reference")
+        out, fin = direct_loop(q[:, sl], k[:, sl], v[:, sl], phi=lambda x: x, lam=np.asarray(DECAY), scale=8 ** -0.5,
+                               state0=np.asarray(state) if n == 0 else np.zeros(state.shape), return_state=True)
         assert_close(packed[:, sl], out, name=f"segment {n}")
     assert_close(final, fin, name="final state = last segment's")
 
@@ -261,22 +272,35 @@ def test_pallas_kernel_matches_reference():
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_noncausal_matches_direct_product(normalize):
+    """``o = σ φ(q)·S`` with ``S = S_0 + Σ_j φ(k_j)ᵀ [v_j, 1]`` (the ones column only with the normalizer, which
+    divides by it), and the final state ``S``; GQA 4/2, T = 9 queries on S = 13 keys."""
     q, k, v = random_qkv(KEY, B=2, T=9, S=13, Hq=4, Hkv=2, D=8)
+    state0 = 0.1 * jax.random.normal(jax.random.PRNGKey(7), (2, 4, 8, 8 + normalize), jnp.float32)
     fq, fk = fmaps.elu_plus_one(q) * 8 ** -0.5, jnp.repeat(fmaps.elu_plus_one(k), 2, axis=2)
     vv = jnp.repeat(v, 2, axis=2)
-    num = jnp.einsum("bthf,bhfe->bthe", fq, jnp.einsum("bshf,bshe->bhfe", fk, vv))
-    expected = num / (jnp.einsum("bthf,bhf->bth", fq, fk.sum(1))[..., None] + 1e-6) if normalize else num
+    vv = jnp.concatenate([vv, jnp.ones_like(vv[..., :1])], axis=-1) if normalize else vv
+    final = state0 + jnp.einsum("bshf,bshe->bhfe", fk, vv)
+    o = jnp.einsum("bthf,bhfe->bthe", fq, final)
+    expected = o[..., :-1] / (o[..., -1:] + 1e-6) if normalize else o
     for impl in ("reference", "xla"):
-        out = linear_attention(q, k, v, feature_map="elu+1", causal=False, normalize=normalize, implementation=impl)
+        out, state = linear_attention(q, k, v, feature_map="elu+1", causal=False, normalize=normalize,
+                                      initial_state=state0, return_state=True, implementation=impl)
         assert_close(out, expected, name=impl)
+        assert_close(state, final, name=f"{impl} state")
 
 
 def test_noncausal_segments_and_state_match_reference():
     q, k, v, state = inputs(normalize=True, feature_map="elu+1")
     kw = dict(feature_map="elu+1", causal=False, normalize=True, chunk_size=16, segment_ids=packed_ids(2, 37))
     compare(kw, (q, k, v, None, state), impls=("xla",), grad_argnums=(0, 1, 2, 4))
-    kw.pop("segment_ids")
-    compare(kw, (q, k, v, None, state), impls=("xla",), grad_argnums=(0, 1, 2, 4))
+
+
+@pytest.mark.slow
+def test_noncausal_state_and_grads_match_reference():
+    """Without segments (one einsum each way; its output and state are checked against the direct product above)."""
+    q, k, v, state = inputs(normalize=True, feature_map="elu+1")
+    compare(dict(feature_map="elu+1", causal=False, normalize=True, chunk_size=16), (q, k, v, None, state),
+            impls=("xla",), grad_argnums=(0, 1, 2, 4))
 
 
 # ----------------------------------------------------------------------------- numerics and memory
@@ -326,15 +350,19 @@ def test_attention_lightning_causal_matches_functional():
                      expected, name=impl)
 
 
-@pytest.mark.parametrize("mechanism, feature_map", [("linear", "elu+1"), ("performer", "performer"),
-                                                    ("based_linear", "taylor")])
-def test_normalized_mechanisms_with_masks(mechanism, feature_map):
+@pytest.mark.parametrize("mechanism, feature_map, all_masks", [
+    ("linear", "elu+1", True), ("performer", "performer", False), ("based_linear", "taylor", False),
+    pytest.param("performer", "performer", True, marks=pytest.mark.slow),
+    pytest.param("based_linear", "taylor", True, marks=pytest.mark.slow)])
+def test_normalized_mechanisms_with_masks(mechanism, feature_map, all_masks):
+    """Each mechanism's feature map under the causal mask; every mask's translation into linear_attention's
+    arguments (the same code for the three) with ``linear`` by default, with all three in the slow suite."""
     q, k, v, _ = inputs()
     ids = packed_ids(2, 37)
     cases = [(masks.Causal(), dict()), (None, dict(causal=False)),
              (masks.Causal() & masks.Segments(ids), dict(segment_ids=ids)),
              (masks.Segments(ids), dict(causal=False, segment_ids=ids))]
-    for mask, kw in cases:
+    for mask, kw in cases if all_masks else cases[:1]:
         expected = linear_attention(q, k, v, feature_map=feature_map, normalize=True, implementation="reference", **kw)
         assert_close(aj.attention(q, k, v, mechanism=mechanism, mask=mask), expected, name=f"{mechanism} {mask}")
 
@@ -388,7 +416,7 @@ def test_jit_and_vmap():
     jitted = jax.jit(lambda q, k, v, d: linear_attention(q, k, v, decay=d, chunk_size=16))
     assert_close(jitted(q, k, v, DECAY), expected, name="jit")
     one = lambda a, b, c: linear_attention(a[None], b[None], c[None], decay=DECAY, chunk_size=16)[0]
-    assert_close(jax.vmap(one)(q, k, v), expected, name="vmap")
+    assert_close(jax.jit(jax.vmap(one))(q, k, v), expected, name="vmap")  # an eager vmapped scan runs op by op
 
 
 def call(**kw):
