@@ -420,7 +420,13 @@ def markdown_key_lists(rows: Sequence[dict], args: argparse.Namespace, device: d
         "tiles. Times: median of interleaved rounds, selection excluded; ratios are time / time in this run "
         "(below 1 = faster than the denominator).", "",
         host.load_note(*load), "",
-        "CPU times are to be read as ratios only, not as absolute speeds.", "", table, ""])
+        "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "",
+        f"Block path faster than the gather path in {sum(r['gather_over_blocks'] > 1 for r in rows)} of {len(rows)} "
+        f"cases; faster than dense in {sum(r['blocks_over_dense'] < 1 for r in rows)}: "
+        + (", ".join(f"{r['source']} T={r['T']} K={r['K']} (union {r['union_density']:.2f}, "
+                     f"{r['blocks_over_dense']:.2f}x)" for r in rows if r["blocks_over_dense"] < 1) or "none")
+        + ". The block path computes every pair of the union's tiles, so it can beat dense only when the union "
+          "density is well below 1; top-k lists with far picks make the 64-row union dense.", ""])
 
 
 def plot_key_lists(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
