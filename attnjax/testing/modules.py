@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.testing.numerics import assert_close
+from attnjax.testing.numerics import assert_close, outputs_and_grads
 
 
 def parameters(model: nnx.Module) -> dict:
@@ -88,15 +88,10 @@ def check_module_against_reference(model: nnx.Module, reference: Callable[..., j
         return reference(p, *args)
 
     pure, xs = nnx.to_pure_dict(params), [inputs[i] for i in floats]
-    y, y_ref = jax.jit(module_fn)(pure, xs, other), jax.jit(reference_fn)(pure, xs, other)
+    key = jax.random.key(seed)
+    (y, (gp, gx)), (y_ref, (gp_ref, gx_ref)) = (outputs_and_grads(fn, (pure, xs, other), (0, 1), key)
+                                                for fn in (module_fn, reference_fn))
     assert_close(y, y_ref, rtol=rtol, atol=atol, name="output")
-    w = jax.random.normal(jax.random.key(seed), y_ref.shape, jnp.float32)
-
-    def gradients(fn):
-        return jax.jit(jax.grad(lambda p, x, o: jnp.sum(fn(p, x, o).astype(jnp.float32) * w),
-                                argnums=(0, 1)))(pure, xs, other)
-
-    (gp, gx), (gp_ref, gx_ref) = gradients(module_fn), gradients(reference_fn)
     flat, flat_ref = jax.tree_util.tree_flatten_with_path(gp)[0], jax.tree_util.tree_flatten_with_path(gp_ref)[0]
     assert [path for path, _ in flat] == [path for path, _ in flat_ref], "parameter trees differ"
     for (path, g), (_, g_ref) in zip(flat, flat_ref):
