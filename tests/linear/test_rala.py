@@ -1,6 +1,8 @@
 """RALA: the right-product path against the quadratic reference (forward, gradients), the reference against the
 official code's steps, RAVLT's rotary tables, bf16, errors."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 import attnjax as aj
 from attnjax.linear.rala import RALA, rala, rala_reference, rala_rotary, theta_shift
 from tests.helpers import assert_close, grads, random_qkv
+
+rala_module = importlib.import_module("attnjax.linear.rala")
 
 KEY = jax.random.PRNGKey(0)
 
@@ -43,9 +47,11 @@ def official_rala(q, k, v, sin, cos):
     return q_rope @ kv * z
 
 
-def test_xla_equals_the_reference_forward_and_gradients():
-    """GQA (4 query heads over 2 KV heads), Dv != D, an odd 3x5 grid with the rotary tables (cross attention without
-    them, T != S, is in the registry conformance suite, gradients included)."""
+def test_xla_equals_the_reference_forward_and_gradients(monkeypatch):
+    """GQA (4 query heads over 2 KV heads), Dv != D, an odd 3x5 grid with the rotary tables, in blocks of 4 tokens
+    (the last one padded; cross attention without them, T != S, is in the registry conformance suite, gradients
+    included)."""
+    monkeypatch.setattr(rala_module, "BLOCK", 4)
     q, k, v = random_qkv(KEY, B=2, T=15, Hq=4, Hkv=2, D=8, Dv=6)
     tables = rala_rotary(3, 5, 8)
     ref = lambda *a: rala_reference(*a, rotary=tables)
@@ -100,7 +106,9 @@ def test_bfloat16_is_finite_and_close():
     assert_close(out, expected, rtol=2e-2, name="bf16")
 
 
-def test_registry_entry():
+def test_registry_entry(monkeypatch):
+    """Cross attention (T != S) with blocks of 4 tokens: two query blocks, three key blocks."""
+    monkeypatch.setattr(rala_module, "BLOCK", 4)
     q, k, v = random_qkv(KEY, B=1, T=5, S=9, Hq=4, Hkv=2, D=4)
     out = jax.jit(lambda *a: aj.attention(*a, mechanism=RALA(), scale=0.3, implementation="xla"))(q, k, v)
     assert_close(out, jax.jit(lambda *a: rala_reference(*a, scale=0.3))(q, k, v), rtol=2e-5, name="registry")
