@@ -9,19 +9,21 @@ one once that axis is innermost. PARO picks, per head and offline from calibrati
 the six axis orders (``AXIS_ORDERS``, as in the public ``permute_qk``: FHW, FWH, HFW, HWF, WFH,
 WHF), then sparsifies and quantizes block by block in that order.
 
-- ``choose_permutation``: PARO's offline choice of an order per head (paper Sec. 4.2, "pattern-aware
-  token reordering"): with ``rule="paro"`` each order is scored by ``paro_metrics``, two block-wise
-  measures of the post-softmax map in that order, and the order with the smallest combined score
-  wins. *Sparsity*: the share of tiles that are not negligible (mean row mass ``≥ threshold``; fewer
-  is better, more tiles can be skipped). *Quantization*: the mean over tiles of the **incoherence**
-  ``Ψ = max(P_tile) / mean(P_tile)`` (``1`` for a uniform tile; large when a few entries dominate and
-  a per-tile INT scale wastes its levels); lower is better. The two are combined as
-  ``α·M_sparse + (1−α)·M_quant`` after a min–max normalization over the six candidates (the paper
-  combines the two criteria with a weight; the normalization that puts them on one scale is this
-  module's choice, and equation numbers could not be checked against the paper text here). The
-  older ``rule="concentration"`` (share of each query block's mass in its top ``⌈density·nk⌉``
-  key blocks, higher is better) is kept as the default of the function for compatibility; the
-  ``Paro`` selector uses ``rule="paro"``.
+- ``choose_permutation``: PARO's offline choice of an order per head (paper Sec. 4.1, Eq. 1-3): with
+  ``rule="paro"`` each order is scored by ``paro_metrics`` on the post-softmax map ``P`` cut into
+  ``block_q × block_kv`` tiles. *Sparsity* (Eq. 1): ``M_sparse``, the share of tiles in which at least a
+  share ``sigma`` of the entries are below ``eps`` (the paper's examples: ``eps = 1e-3``, ``sigma = 90%``).
+  *Quantization* (Eq. 2): ``M_quant``, the mean over tiles of the **incoherence** ``Ψ = max|x| / mean|x|``
+  of the tile (``1`` for a uniform tile). ``combine_metrics`` (Eq. 3) divides each term by its sum over
+  the six candidates and weights them ``α`` and ``1 − α``; the smallest score wins. Eq. 3 as printed
+  adds ``M_sparse`` itself and minimizes, which would prefer the order with *fewer* skippable tiles;
+  this module uses the sparsity cost ``1 − M_sparse`` in its place (the paper does not report ``α``).
+  Provenance: the equations were read from two third-party transcriptions of the arXiv text (one
+  citing its LaTeX source), not from the paper itself, which could not be opened here; the public
+  code (``jamescsq47/PAROAtten``) has the kernels only and loads a precomputed ``permute_plan``. The
+  older ``rule="concentration"`` (share of each query block's mass in its top ``⌈density·nk⌉`` key
+  blocks, higher is better) is kept as the default of the function for compatibility; the ``Paro``
+  selector uses ``rule="paro"``.
 - ``Paro``: the registered selector. Per KV head, one order (a query head uses its KV head's, so
   K/V shared by a GQA group are permuted once and consistently). Tokens are permuted, each query
   block keeps its ``⌈density·nk⌉`` key blocks of largest attention mass, the engine runs, and the
@@ -47,7 +49,8 @@ from jax import lax
 from attnjax import registry
 from attnjax.masks import Mask
 from attnjax.checks import check_positive
-from attnjax.blocked.scores import allowed, dense_operands, score_spec
+from attnjax.blocked.scores import allowed, dense_operands, raw_logits, score_spec
+from attnjax.blocked.tiles import kv_tiles, q_tiles
 from attnjax.sparse.engine import PATHS, BlockSelector, fits_top_k, selected_attention
 from attnjax.blocked.lists import BlockSparse, allowed_blocks
 from attnjax.sparse.pooling import pooled_attention
@@ -151,69 +154,130 @@ def block_concentration(mass: jax.Array, density: float) -> jax.Array:
 
 RULES = ("concentration", "paro")
 """Rules of ``choose_permutation``: "concentration" (kept top-block mass, higher is better) and "paro"
-(the paper's combined sparsity + incoherence metric, lower is better)."""
+(the paper's combined sparsity + incoherence metric, Eq. 1-3, lower is better)."""
 
 
-def paro_metrics(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *, threshold: float = 0.01,
-                 scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
-    """PARO's two block-wise scores of the attention map ``P = softmax(scale·q·kᵀ)`` in the given order.
+def tile_statistics(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *, eps: float,
+                    scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Per tile of ``P = softmax_s(scale·q_t·k_s)``: entries below ``eps``, largest entry, sum.
 
-    Tiles are ``block_q × block_kv`` (the last ones may be short); for tile ``(i, n)`` with ``r_i`` valid
-    rows and ``c_n`` valid columns:
+    One query block at a time with its whole key rows (``lax.map``): O(T·S·D) work, O(block_q·S)
+    memory. Only real rows and columns count (the last tiles may be short). No mask, no gradient.
 
-    - sparsity: ``M_sparse = mean_{i,n} [ (1/r_i) Σ_{tile} P ≥ threshold ]``, the share of tiles whose mean
-      row mass reaches ``threshold`` (tiles a block-sparse pass cannot skip; lower is better);
-    - quantization: ``M_quant = mean_{i,n} Ψ_in`` with the incoherence
-      ``Ψ_in = max_{tile} P / ((1/(r_i·c_n)) Σ_{tile} P)`` (``1`` for an all-zero tile), in
-      ``[1, r_i·c_n]``; lower means a per-tile scale quantizes the tile with less error.
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``, ``Hq % Hkv == 0``.
+      block_q, block_kv: the tiles.
+      eps: an entry ``P[t, s] < eps`` is counted as small.
+      scale: logit scale, default ``1/sqrt(D)``.
+    Returns:
+      ``(small, peak, total)``, float32 ``[B, Hq, nq, nk]`` each.
+    """
+    check_positive(block_q=block_q, block_kv=block_kv)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+    B, T, Hq, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    spec = score_spec(q, k, scale)
+    nq, nk = num_tiles(T, block_q), num_tiles(S, block_kv)
+    kv_idx = jnp.arange(nk * block_kv)
+    kt = kv_tiles(k, block_kv)
 
-    Both from ``pooled_attention`` (blocked, O(T·block) memory), no mask (self-attention on a grid).
+    def q_tile(args):
+        i, qi = args
+        q_idx = i * block_q + jnp.arange(block_q)
+        s = raw_logits(qi, kt, q_idx, kv_idx, None, spec)
+        p = jax.nn.softmax(jnp.where(kv_idx < S, s, -jnp.inf), axis=-1)
+        real = ((q_idx < T)[:, None] & (kv_idx < S)[None, :]).reshape(block_q, nk, block_kv)
+        tiles = p.reshape(p.shape[:-1] + (nk, block_kv))
+        small = jnp.sum(real & (tiles < eps), axis=(-3, -1)).astype(jnp.float32)
+        peak = jnp.max(jnp.where(real, tiles, 0.0), axis=(-3, -1))
+        total = jnp.sum(jnp.where(real, tiles, 0.0), axis=(-3, -1))
+        return jnp.stack([small, peak, total])
+
+    stats = lax.map(q_tile, (jnp.arange(nq), q_tiles(q, block_q, Hkv)))
+    small, peak, total = stats.transpose(1, 2, 3, 4, 0, 5).reshape(3, B, Hq, nq, nk)
+    return small, peak, total
+
+
+def paro_metrics(q: jax.Array, k: jax.Array, block_q: int, block_kv: int, *, eps: float = 1e-3,
+                 sigma: float = 0.9, scale: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+    """PARO's two block-wise scores of the attention map ``P = softmax(scale·q·kᵀ)`` in the given order
+    (Zhao et al. 2025, Sec. 4.1, Eq. 1 and 2).
+
+    Tiles are ``block_q × block_kv`` (the paper's ``b × b``, ``k²`` tiles); tile ``(i, n)`` has ``r_i``
+    real rows and ``c_n`` real columns (the last ones may be short, which the paper does not treat):
+
+    - Eq. 1, sparsity: ``n_in = #{(t, s) in the tile : P[t, s] < eps}`` and
+      ``M_sparse = mean_{i,n} [ n_in ≥ sigma·r_i·c_n ]``, the share of tiles that are mostly negligible
+      (higher means more tiles a block-sparse pass can skip);
+    - Eq. 2, quantization: ``M_quant = mean_{i,n} Ψ(P_in)`` with the incoherence
+      ``Ψ(x) = max|x| / ((1/g) Σ|x|)`` over the ``g = r_i·c_n`` entries (``1`` for an all-zero tile), in
+      ``[1, g]``; lower means a per-tile scale quantizes the tile with less error.
+
+    From ``tile_statistics`` (O(T·S·D) work, O(block_q·S) memory), no mask (self-attention on a grid).
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
-      block_q, block_kv: the tiles (PARO's kernel blocks).
-      threshold: mean row mass under which a tile counts as negligible.
+      block_q, block_kv: the tiles (PARO's kernel blocks, 64 in the paper).
+      eps: value under which an entry of ``P`` is small (paper's example ``1e-3``), > 0.
+      sigma: share of small entries that makes a tile sparse (paper's example 90%), in ``[0, 1]``.
       scale: logit scale, default ``1/sqrt(D)``.
     Returns:
       ``(M_sparse, M_quant)``, float32 ``[B, Hq]`` each.
     """
-    check_positive(block_q=block_q, block_kv=block_kv)
+    _check_sparse_thresholds(eps, sigma)
     T, S = q.shape[1], k.shape[1]
-    total = pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="sum", scale=scale)
-    peak = pooled_attention(q, k, block_q=block_q, block_kv=block_kv, pool="max", scale=scale)
+    small, peak, total = tile_statistics(q, k, block_q, block_kv, eps=eps, scale=scale)
     rows = np.minimum(block_q, T - np.arange(num_tiles(T, block_q)) * block_q).astype(np.float32)
     cols = np.minimum(block_kv, S - np.arange(num_tiles(S, block_kv)) * block_kv).astype(np.float32)
-    m_sparse = (total / rows[:, None] >= threshold).astype(jnp.float32).mean((-2, -1))
-    mean = total / (rows[:, None] * cols[None, :])
+    size = rows[:, None] * cols[None, :]
+    m_sparse = (small >= sigma * size).astype(jnp.float32).mean((-2, -1))
+    mean = total / size
     psi = jnp.where(total > 0, peak / jnp.where(total > 0, mean, 1.0), 1.0)
     return m_sparse, psi.mean((-2, -1))
 
 
+def _check_sparse_thresholds(eps: float, sigma: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"sigma must be in [0, 1], got {sigma!r}")
+
+
 def combine_metrics(m_sparse: jax.Array, m_quant: jax.Array, alpha: float = 0.5) -> jax.Array:
-    """PARO's combined score over the candidate orders (axis 0), lower is better.
+    """PARO's combined score over the candidate orders (axis 0), lower is better (Sec. 4.1, Eq. 3).
 
-    ``M = α·norm(M_sparse) + (1−α)·norm(M_quant)`` with ``norm(x) = (x − min_c x) / (max_c x − min_c x)``
-    over the candidates ``c`` (0 where all candidates tie), so that both terms lie in ``[0, 1]``.
+    ``M^Θ = α·C^Θ / Σ_Θ' C^Θ' + (1−α)·M_quant^Θ / Σ_Θ' M_quant^Θ'`` with the sparsity cost
+    ``C = 1 − M_sparse`` (the share of tiles that are not sparse). Eq. 3 as printed has ``M_sparse``
+    where ``C`` stands, which with the paper's "smallest ``M`` wins" would prefer fewer skippable tiles
+    (the module docstring). A term whose candidates all sum to 0 contributes 0.
+
+    Args:
+      m_sparse, m_quant: ``[num_candidates, ...]`` from ``paro_metrics``.
+      alpha: weight of the sparsity term, in ``[0, 1]`` (not reported in the paper).
+    Returns:
+      ``[num_candidates, ...]`` float32.
     """
-    def norm(x):
-        lo, hi = x.min(0, keepdims=True), x.max(0, keepdims=True)
-        return jnp.where(hi > lo, (x - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+    def share(x):
+        total = x.sum(0, keepdims=True)
+        return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
 
-    return alpha * norm(m_sparse) + (1.0 - alpha) * norm(m_quant)
+    return alpha * share(1.0 - m_sparse) + (1.0 - alpha) * share(m_quant)
 
 
 def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], block_q: int,
                        block_kv: Optional[int] = None, *, density: float = 0.25,
                        scale: Optional[float] = None, rule: str = "concentration", alpha: float = 0.5,
-                       threshold: float = 0.01) -> Tuple[jax.Array, jax.Array]:
+                       eps: float = 1e-3, sigma: float = 0.9) -> Tuple[jax.Array, jax.Array]:
     """PARO's offline choice of an axis order per KV head, from calibration inputs.
 
     For each order in ``AXIS_ORDERS`` the tokens of q and k are permuted and scored, averaged over
     the batch and the query heads of the KV head's group:
 
-    - ``rule="paro"`` (Zhao et al. 2025, Sec. 4.2): ``paro_metrics`` (block sparsity and incoherence,
-      with ``threshold``), combined over the six candidates by ``combine_metrics`` with weight
-      ``alpha``; the order with the **smallest** score wins.
+    - ``rule="paro"`` (Zhao et al. 2025, Sec. 4.1, Eq. 1-3): ``paro_metrics`` (share of sparse tiles
+      with ``eps`` and ``sigma``, and mean tile incoherence), combined over the six candidates by
+      ``combine_metrics`` with weight ``alpha``; the order with the **smallest** score wins.
     - ``rule="concentration"``: ``block_concentration`` of ``block_attention_mass`` at ``density``;
       the **largest** wins.
 
@@ -227,7 +291,8 @@ def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], b
       scale: logit scale, default ``1/sqrt(D)``.
       rule: one of ``RULES``.
       alpha: weight of the sparsity term ("paro" only), in ``[0, 1]``.
-      threshold: mean row mass of a negligible tile ("paro" only).
+      eps, sigma: an entry below ``eps`` is small, a tile with a share ``≥ sigma`` of small entries is
+        sparse ("paro" only; the paper's examples ``1e-3`` and 90%).
     Returns:
       ``(orders, scores)``: int32 ``[Hkv]`` indices into ``AXIS_ORDERS`` and float32 ``[6, Hkv]``, the
       score of every candidate (concentration, or the combined PARO metric).
@@ -236,6 +301,7 @@ def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], b
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    _check_sparse_thresholds(eps, sigma)
     block_kv = block_q if block_kv is None else block_kv
     check_grid(grid, q.shape[1], k.shape[1])
     Hq, Hkv = q.shape[2], k.shape[2]
@@ -248,7 +314,7 @@ def choose_permutation(q: jax.Array, k: jax.Array, grid: Tuple[int, int, int], b
         perm = grid_permutation(grid, order)
         qp, kp = permute_tokens(q, perm), permute_tokens(k, perm)
         if rule == "paro":
-            m_sparse, m_quant = paro_metrics(qp, kp, block_q, block_kv, threshold=threshold, scale=scale)
+            m_sparse, m_quant = paro_metrics(qp, kp, block_q, block_kv, eps=eps, sigma=sigma, scale=scale)
             sparse.append(per_kv_head(m_sparse))
             quant.append(per_kv_head(m_quant))
         else:
@@ -285,7 +351,7 @@ class Paro(GridPermutedSelector):
     before selection and the output is permuted back; ``orders`` gives each KV head's index into
     ``AXIS_ORDERS`` (e.g. from ``choose_permutation`` on calibration inputs), or ``None`` to choose
     them from each call's own inputs with PARO's rule (``choose_permutation(rule="paro")``, default
-    ``alpha`` and ``threshold``). ``select`` takes q and k already in that order. A fine mask
+    ``alpha``, ``eps`` and ``sigma``). ``select`` takes q and k already in that order. A fine mask
     is not supported with a grid. With ``grid=None`` no tokens move (any T, S, masks allowed).
     Selection uses the logit scale ``1/sqrt(D)`` (``select`` does not see a custom ``scale``).
 
@@ -404,8 +470,15 @@ def quantized_attention_reference(
     - ``O = Σ_n (P̃_int[i, n]·V_int[n])·s_p[i, n]·s_v[n]`` accumulated in int32 per tile, divided by
       the row sum of the dequantized ``P̃``. ``pv_bits=None``: ``O = P̃·V / rowsum(P̃)`` in float32.
 
-    ``L = int_max(bits)``: 127 (INT8) or 7 (INT4). PARO's configurations are INT8 QK + INT8 PV and
-    INT8 QK + INT4 PV (the paper's lowest bit-width setting); any combination is accepted.
+    ``L = int_max(bits)``: 127 (INT8) or 7 (INT4). The paper's settings (Table 1) are INT8 QK + INT8 PV
+    and INT4 QK + INT4 PV; any combination is accepted. Granularity against the paper and its public
+    kernels (``jamescsq47/PAROAtten``): the 64×64 tile group of ``P̃`` is the paper's (Sec. 4.3);
+    Q and K per (head, token block) with K smoothed match the code's ``per_block_int8`` (``BLKQ = BLKK
+    = 64``; its ``per_warp`` variant gives Q one scale per 32 rows). Where they differ: the public INT8
+    P·V kernel scales ``P̃ ∈ [0, 1]`` by a fixed 127, not by the tile maximum, and takes V already in
+    INT8 without a scale; its only INT4 P·V kernel (in the history, not at HEAD) used one scale for
+    a whole 64-key V tile and unsigned levels ``[0, 15]`` for ``P̃``, where this symmetric quantizer
+    uses ``[0, 7]``. The paper states none of the scale, zero-point or accumulation choices.
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; ``Hq % Hkv == 0``.
@@ -464,5 +537,5 @@ __all__ = [
     "AXIS_ORDERS", "BITS", "RULES", "Paro", "block_attention_mass", "block_concentration", "budget", "check_grid",
     "choose_permutation", "combine_metrics", "grid_permutation", "int_max", "inverse_permutation", "paro_metrics",
     "permute_tokens", "permuted_selector_attention", "quantize_int8", "quantize_symmetric",
-    "quantized_attention_reference",
+    "quantized_attention_reference", "tile_statistics",
 ]

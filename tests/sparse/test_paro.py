@@ -1,5 +1,5 @@
-"""PAROAttention (catalog B6): the paper's permutation rule (block sparsity + incoherence) against a
-NumPy brute force over the six orders, and the INT8/INT4 block quantizer and quantized attention
+"""PAROAttention (catalog B6): the paper's permutation rule (Sec. 4.1, Eq. 1-3: share of sparse tiles +
+tile incoherence) against a NumPy brute force over the six orders, and the INT8/INT4 block quantizer and quantized attention
 against bounds derived from the quantizer's step."""
 
 import itertools
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax.sparse.paro import (AXIS_ORDERS, choose_permutation, int_max, paro_metrics,
-                                 quantize_symmetric, quantized_attention_reference)
+from attnjax.sparse.paro import (AXIS_ORDERS, choose_permutation, combine_metrics, int_max, paro_metrics,
+                                 quantize_symmetric, quantized_attention_reference, tile_statistics)
 from attnjax.softmax.softmax import softmax_attention_reference
 from tests.helpers import assert_close, numpy_rng, random_qkv
 
@@ -21,8 +21,9 @@ GRID = (2, 3, 4)  # 24 tokens
 
 # ----------------------------------------------------------------------------- the permutation rule
 
-def paro_rule_brute_force(q, k, grid, block_q, block_kv, alpha, threshold):
-    """Loops over the six orders, the heads and the tiles of the dense softmax map (float64)."""
+def paro_rule_brute_force(q, k, grid, block_q, block_kv, alpha, eps, sigma):
+    """Eq. 1-3 of Zhao et al. 2025 (Sec. 4.1) by loops over the six orders, the heads and the tiles of the
+    dense softmax map (float64), with the sparsity cost 1 - M_sparse in Eq. 3 (paro.combine_metrics)."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, N, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -38,16 +39,13 @@ def paro_rule_brute_force(q, k, grid, block_q, block_kv, alpha, threshold):
                 p = np.exp(s - s.max(-1, keepdims=True))
                 p /= p.sum(-1, keepdims=True)
                 tiles = [p[i:i + block_q, n:n + block_kv] for i in range(0, N, block_q) for n in range(0, N, block_kv)]
-                ms.append(np.mean([t.sum() / t.shape[0] >= threshold for t in tiles]))
-                mq.append(np.mean([t.max() / t.mean() if t.sum() > 0 else 1.0 for t in tiles]))
+                ms.append(np.mean([np.sum(np.abs(t) < eps) >= sigma * t.size for t in tiles]))
+                mq.append(np.mean([np.abs(t).max() / np.abs(t).mean() if t.sum() > 0 else 1.0 for t in tiles]))
             sparse[c, h // G] += np.mean(ms) / G
             quant[c, h // G] += np.mean(mq) / G
 
-    def norm(x):
-        span = x.max(0) - x.min(0)
-        return np.where(span > 0, (x - x.min(0)) / np.where(span > 0, span, 1), 0.0)
-
-    score = alpha * norm(sparse) + (1 - alpha) * norm(quant)
+    cost = 1.0 - sparse
+    score = alpha * cost / cost.sum(0) + (1 - alpha) * quant / quant.sum(0)
     return score.argmin(0), score
 
 
@@ -67,7 +65,8 @@ def local_qk(grid, axes_per_head, noise, rng):
 
 @pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=SLOW), 0.5, pytest.param(1.0, marks=SLOW)])
 def test_paro_rule_equals_brute_force_over_the_six_orders(alpha):
-    """Random heads (GQA 4:2, tiles 5x4 with short last tiles) and structured heads: same scores and argmin."""
+    """Random heads (GQA 4:2, tiles 5x4 with short last tiles) and structured heads: same scores and argmin.
+    sigma = 0.75 makes sigma·(tile size) exact in float32 and float64 (tiles of 20 and 16 entries)."""
     rng = numpy_rng(KEY)
     q_loc, k_loc = local_qk(GRID, (2, 0), 0.5, rng)
     q_rnd, k_rnd, _ = random_qkv(KEY, B=1, T=24, Hq=2, Hkv=2, D=16)
@@ -75,30 +74,61 @@ def test_paro_rule_equals_brute_force_over_the_six_orders(alpha):
     k = jnp.concatenate([k_loc, k_rnd], 2)  # 4 query heads over 4 KV heads
     q = jnp.concatenate([q, q[:, :, ::-1]], 2)  # 8 query heads, GQA group 2
     orders, scores = jax.jit(lambda q, k: choose_permutation(q, k, GRID, 5, 4, rule="paro", alpha=alpha,
-                                                             threshold=0.05))(q, k)
-    want_orders, want_scores = paro_rule_brute_force(q, k, GRID, 5, 4, alpha, 0.05)
+                                                             eps=0.02, sigma=0.75))(q, k)
+    want_orders, want_scores = paro_rule_brute_force(q, k, GRID, 5, 4, alpha, 0.02, 0.75)
     np.testing.assert_allclose(np.asarray(scores), want_scores, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(orders), want_orders)
 
 
 def test_paro_metrics_extremes():
-    """Batch 0, a uniform map: every tile has Ψ = 1 and none is negligible. Batch 1, each token attends only
-    to itself: 3 of the 9 tiles hold mass, and a diagonal tile has max 1, mean 1/4 (Ψ = 4), the others Ψ = 1."""
+    """Batch 0, a uniform map (every entry 1/12 > eps): no tile is sparse, every tile has Ψ = 1. Batch 1, each
+    token attends only to itself: the 6 off-diagonal tiles are all below eps (sparse, Ψ = 1 for an all-zero
+    tile); a diagonal tile has 12 of 16 entries below eps (75% < sigma = 90%) and max 1, mean 1/4 (Ψ = 4)."""
     x = jnp.stack([jnp.zeros((12, 12)), 40.0 * jnp.eye(12)])[:, :, None, :]
-    m_sparse, m_quant = jax.jit(lambda x: paro_metrics(x, x, 4, 4, threshold=0.01))(x)
-    assert_close(m_sparse, jnp.asarray([[1.0], [3 / 9]]), atol=1e-6)
+    m_sparse, m_quant = jax.jit(lambda x: paro_metrics(x, x, 4, 4))(x)
+    assert_close(m_sparse, jnp.asarray([[0.0], [6 / 9]]), atol=1e-6)
     assert_close(m_quant, jnp.asarray([[1.0], [(3 * 4.0 + 6 * 1.0) / 9]]), atol=1e-4)
+    m_sparse, _ = jax.jit(lambda x: paro_metrics(x, x, 4, 4, sigma=0.75))(x)
+    assert_close(m_sparse, jnp.asarray([[0.0], [1.0]]), atol=1e-6)
+
+
+def test_tile_statistics_equal_the_dense_map():
+    """Counts below eps, maxima and sums per tile against the dense softmax map, GQA 4:2 and short tiles."""
+    q, k, _ = random_qkv(KEY, B=2, T=11, S=13, Hq=4, Hkv=2, D=8)
+    small, peak, total = jax.jit(lambda q, k: tile_statistics(q, k, 4, 5, eps=0.05))(q, k)
+    p = np.asarray(jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, 2, 2)) / np.sqrt(8), -1))
+    for i, n in itertools.product(range(3), range(3)):
+        t = p[:, :, 4 * i:4 * i + 4, 5 * n:5 * n + 5]
+        np.testing.assert_array_equal(np.asarray(small[..., i, n]), (t < 0.05).sum((-2, -1)))
+        np.testing.assert_allclose(np.asarray(peak[..., i, n]), t.max((-2, -1)), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(total[..., i, n]), t.sum((-2, -1)), rtol=1e-5)
+    m_sparse, m_quant = jax.jit(lambda q, k: paro_metrics(q, k, 4, 5))(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert np.all(np.isfinite(np.asarray(m_sparse))) and np.all(np.asarray(m_quant) >= 1.0)
+
+
+def test_combine_metrics_prefers_more_sparse_tiles_and_lower_incoherence():
+    """Eq. 3 with the sparsity cost 1 - M_sparse: each term divided by its sum over the candidates."""
+    m_sparse = jnp.asarray([0.8, 0.2, 0.5])
+    m_quant = jnp.asarray([2.0, 2.0, 1.0])
+    score = combine_metrics(m_sparse, m_quant, alpha=1.0)
+    assert_close(score, jnp.asarray([0.2, 0.8, 0.5]) / 1.5, atol=1e-6)
+    assert int(jnp.argmin(score)) == 0
+    assert int(jnp.argmin(combine_metrics(m_sparse, m_quant, alpha=0.0))) == 2
+    assert_close(combine_metrics(jnp.ones(3), jnp.ones(3), alpha=0.5), jnp.full(3, 0.5 / 3), atol=1e-6)
 
 
 @SLOW
 def test_paro_rule_puts_the_local_axis_innermost():
-    """Head 0 is local along width, head 1 along frames: PARO's rule picks orders ending in those axes."""
+    """Head 0 is local along width, head 1 along frames: PARO's rule picks orders ending in those axes,
+    which are best on both criteria (most sparse tiles, lowest incoherence)."""
     grid = (4, 4, 4)
     q, k = local_qk(grid, (2, 0), 0.0, numpy_rng(KEY))
     orders, scores = jax.jit(lambda q, k: choose_permutation(q, k, grid, 4, rule="paro"))(q, k)
     orders = np.asarray(orders)
     assert AXIS_ORDERS[orders[0]][-1] == 2 and AXIS_ORDERS[orders[1]][-1] == 0, orders
-    assert np.all(np.asarray(scores)[orders, [0, 1]] == 0.0)  # best on both criteria
+    for alpha in (0.0, 1.0):
+        _, one = jax.jit(lambda q, k: choose_permutation(q, k, grid, 4, rule="paro", alpha=alpha))(q, k)
+        assert np.all(np.asarray(one)[orders, [0, 1]] == np.asarray(one).min(0))
 
 
 def test_choose_permutation_errors():
@@ -109,6 +139,12 @@ def test_choose_permutation_errors():
         choose_permutation(q, q, GRID, 4, rule="paro", alpha=1.5)
     with pytest.raises(ValueError, match="T = S = 24"):
         choose_permutation(q[:, :20], q[:, :20], GRID, 4, rule="paro")
+    with pytest.raises(ValueError, match="eps"):
+        choose_permutation(q, q, GRID, 4, rule="paro", eps=0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        paro_metrics(q, q, 4, 4, sigma=1.5)
+    with pytest.raises(ValueError, match="block_kv"):
+        tile_statistics(q, q, 4, 0, eps=0.1)
 
 
 # ----------------------------------------------------------------------------- the block quantizer
