@@ -324,6 +324,8 @@ def plot(rows: Sequence[dict], args: argparse.Namespace, path) -> None:
 
 KEY_LIST_SOURCES = ("dma", "spt", "sparsifiner", "uniform", "local")
 KEY_PATHS_TIMED = ("blocks", "gather", "dense")
+SELECTORS = ("dma", "spt", "sparsifiner")
+"""Key-list sources that are selectors (their selection is timed too); "uniform" and "local" are fixed lists."""
 
 
 def structured_qkv(seed: int, B: int, T: int, H: int, D: int, span: float) -> tuple[jax.Array, ...]:
@@ -382,22 +384,26 @@ def run_key_lists(args: argparse.Namespace) -> list[dict]:
         fns = {path: jax.jit(lambda q, k, v, sel, path=path: token_sparse_attention(
                    q, k, v, sel, mask=mask, implementation="xla", key_path=path)) for path in KEY_PATHS_TIMED[:2]}
         fns["dense"] = jax.jit(lambda q, k, v, sel: flash_attention_xla(q, k, v, mask=mask))
+        if source in SELECTORS:
+            fns["selection"] = jax.jit(lambda q, k, v, sel, source=source: key_lists_of(source, q, k, v, K, args))
         compiled = {path: fn.lower(q, k, v, sel).compile() for path, fn in fns.items()}
         timing = measure.time_thunks({path: (lambda c=c: c(q, k, v, sel)) for path, c in compiled.items()},
                                      repeats=args.repeats, max_seconds=args.max_seconds)
-        sec = {path: timing[path].median_s for path in KEY_PATHS_TIMED}
+        sec = {path: timing[path].median_s for path in compiled}
         auto = choose_key_path(K, T, T, shared=False, mask=mask, block_q=64, block_kv=64)
         if auto == "runtime":
             listed = float(jnp.sum(blocks.counts)) * 64 * 64
             auto = "blocks" if listed <= GATHER_COST_RATIO * args.batch * args.heads * T * K else "gather"
             auto += " (run time)"
+        end_to_end = sec["selection"] + sec[auto.split()[0]] if "selection" in sec else None
         rows.append({"source": source, "T": T, "K": K, "causal": True,
                      "pair_density": pair_density(sel, T, T, causal=True),
                      "union_density": float(jnp.sum(blocks.counts)) / (args.batch * args.heads * nk * (nk + 1) / 2),
                      "auto": auto,
                      "seconds": sec, "blocks_over_dense": sec["blocks"] / sec["dense"],
                      "gather_over_dense": sec["gather"] / sec["dense"],
-                     "gather_over_blocks": sec["gather"] / sec["blocks"]})
+                     "gather_over_blocks": sec["gather"] / sec["blocks"],
+                     "end_to_end_over_dense": None if end_to_end is None else end_to_end / sec["dense"]})
     return rows
 
 
@@ -405,10 +411,12 @@ def markdown_key_lists(rows: Sequence[dict], args: argparse.Namespace, device: d
     """The key-list report: settings, one row per (source, T), and what it says."""
     table = report.markdown_table(
         ["lists", "T", "K", "pair density", "union density", "blocks", "gather", "dense xla", "blocks / dense",
-         "gather / dense", "gather / blocks", "auto"],
+         "gather / dense", "gather / blocks", "auto", "selection", "selection + auto / dense"],
         [[r["source"], r["T"], r["K"], f"{r['pair_density']:.3f}", f"{r['union_density']:.3f}",
           _ms(r["seconds"]["blocks"]), _ms(r["seconds"]["gather"]), _ms(r["seconds"]["dense"]),
-          _x(r["blocks_over_dense"]), _x(r["gather_over_dense"]), _x(r["gather_over_blocks"]), r["auto"]]
+          _x(r["blocks_over_dense"]), _x(r["gather_over_dense"]), _x(r["gather_over_blocks"]), r["auto"],
+          _ms(r["seconds"].get("selection")), "-" if r["end_to_end_over_dense"] is None
+          else _x(r["end_to_end_over_dense"])]
          for r in rows])
     return "\n".join([
         f"# Token engine key lists: block path vs gather path vs dense ({device['platform']})", "",
@@ -417,8 +425,10 @@ def markdown_key_lists(rows: Sequence[dict], args: argparse.Namespace, device: d
         f"K = T/f keys per query for f in {args.key_fractions}, 64 × 64 tiles. Inputs: `structured_qkv` (latent span "
         f"{args.latent_span:g} tokens); Sparsifiner's token basis averages segments of {args.segment}. "
         "Pair density: listed causal pairs / causal pairs. Union density: tiles the block path visits / causal "
-        "tiles. Times: median of interleaved rounds, selection excluded; ratios are time / time in this run "
-        "(below 1 = faster than the denominator).", "",
+        "tiles. Times: median of interleaved rounds; the paths run the same lists, selection excluded; "
+        "selection: the selector computing its lists (DMA, SPT, Sparsifiner; untrained weights), and the end-to-end "
+        "ratio adds it to the path `key_path=\"auto\"` takes; ratios are time / time in this run (below 1 = "
+        "faster than the denominator).", "",
         host.load_note(*load), "",
         "CPU times are to be read as ratios only, not as absolute speeds.", "", table, "",
         f"Block path faster than the gather path in {sum(r['gather_over_blocks'] > 1 for r in rows)} of {len(rows)} "

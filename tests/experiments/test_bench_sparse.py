@@ -57,3 +57,21 @@ def test_block_flag_sets_every_selector_and_the_neighbourhood_tile():
     assert configs["sparse_window"].window_blocks == type(configs["sparse_window"])().window_blocks
     assert bench_sparse.na_tile(args) == (8, 16)
     assert bench_sparse.na_tile(bench_sparse.parse_args([])) is None
+
+
+@pytest.mark.slow
+def test_key_lists_rows_time_both_paths_and_each_selectors_selection(tmp_path):
+    results = bench_sparse.main(["--key-lists", "--seq-lens", "256", "--key-fractions", "8", "--heads", "2",
+                                 "--head-dim", "16", "--repeats", "1", "--max-seconds", "1", "--segment", "16",
+                                 "--out", str(tmp_path), "--name", "kl"])
+    rows = {r["source"]: r for r in results["cases"]}
+    assert set(rows) == set(bench_sparse.KEY_LIST_SOURCES)
+    for source, r in rows.items():
+        sec = r["seconds"]
+        assert r["blocks_over_dense"] == pytest.approx(sec["blocks"] / sec["dense"])
+        if source in bench_sparse.SELECTORS:
+            path = r["auto"].split()[0]
+            assert r["end_to_end_over_dense"] == pytest.approx((sec["selection"] + sec[path]) / sec["dense"])
+        else:
+            assert "selection" not in sec and r["end_to_end_over_dense"] is None
+    assert "selection + auto / dense" in (tmp_path / "kl.md").read_text()
