@@ -11,9 +11,9 @@ import pytest
 
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
-from attnjax.sparse.tokens import (GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector, bucket_block_lists,
-                                   choose_key_path, key_list_blocks, pair_density, routed_attention,
-                                   token_sparse_attention)
+from attnjax.sparse.tokens import (ALIGNED_MIN_TILES, GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector,
+                                   aligned_bucket_block_lists, bucket_block_lists, bucket_layout, choose_key_path,
+                                   key_list_blocks, pair_density, routed_attention, token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -214,6 +214,76 @@ def test_bucket_lists_cover_every_selected_pair_and_stop_at_the_causal_frontier(
                         ok = (q_ids[b, h, rows][:, None] == kv_ids[b, h, cols][None, :]) & (
                             qo[b, h, rows][:, None] >= ko[b, h, cols][None, :])
                         assert ok.any(), "the last listed tile holds an allowed pair"
+
+
+ALIGNED_TILES = dict(block_q=4, block_kv=4)
+"""Tiles at which the sorted-bucket path takes the tile-aligned layout (expected buckets of 12 rows: 3 tiles)."""
+
+
+@pytest.mark.parametrize("mask_name", [pytest.param(m, marks=() if m == "causal" else pytest.mark.slow)
+                                       for m in MASKS])
+def test_aligned_bucket_path_matches_reference_forward_and_gradients(mask_name):
+    """Buckets starting on tile boundaries (4-row tiles): unbalanced buckets (one holds 20+ queries per
+    head), GQA, T = 37 (odd), lse and gradients equal the dense masked reference."""
+    assert T >= ALIGNED_MIN_TILES * NB * ALIGNED_TILES["block_q"] and S >= ALIGNED_MIN_TILES * NB * 4
+    (q, k, v), (ref, grads_ref) = reference_case("buckets", mask_name)
+    grads, outputs = jax.jit(jax.grad(
+        lambda q, k, v: _aligned_loss(SELECTIONS["buckets"], MASKS[mask_name], q, k, v), argnums=(0, 1, 2),
+        has_aux=True))(q, k, v)
+    assert_matches_reference(outputs, grads, ref, grads_ref)
+
+
+def _aligned_loss(selection, mask, q, k, v):
+    out, lse = token_sparse_attention(q, k, v, selection, mask=mask, implementation="xla", return_lse=True,
+                                      **ALIGNED_TILES)
+    return (out ** 2).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum(), (out, lse)
+
+
+@pytest.mark.slow
+def test_aligned_bucket_path_with_more_queries_than_keys_and_empty_rows():
+    """Cross lengths (T = 45 > S = 29, bottom-right causal alignment: the first 16 queries see no key) on the
+    aligned layout, forward and lse."""
+    q, k, v = random_qkv(jax.random.PRNGKey(4), B=B, T=45, S=29, Hq=HQ, Hkv=HKV, D=D)
+    sel = Buckets(unbalanced_buckets(T=45).q_ids, unbalanced_buckets(S=29).kv_ids, NB)
+    args = dict(mask=masks.Causal(), return_lse=True, block_q=4, block_kv=4)
+    out, lse = jitted(q, k, v, sel, implementation="xla", **args)
+    ref_out, ref_lse = jitted(q, k, v, sel, implementation="reference", **args)
+    assert_close(out, ref_out)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert bool(np.isneginf(lse[:, :16]).all())
+
+
+def test_aligned_layout_starts_buckets_on_tiles_and_lists_cover_every_selected_pair():
+    """Brute force on the aligned layout (4-row tiles, GQA, unbalanced buckets): ``src``/``dst`` are inverse,
+    every tile's rows lie in one bucket, every allowed pair lies in a listed tile, and under ``causal``
+    a list's last tile still holds an allowed pair."""
+    sel = unbalanced_buckets(seed=3)
+    ql, kl = jax.jit(lambda s: (bucket_layout(s.q_ids, NB, block=4, aligned=True),
+                                bucket_layout(s.kv_ids, NB, block=4, aligned=True)))(sel)
+    src_q, src_k, dst_q = np.asarray(ql.src), np.asarray(kl.src), np.asarray(ql.dst)
+    q_ids, kv_ids = np.asarray(sel.q_ids), np.asarray(sel.kv_ids)
+    bucket_q = np.where(src_q >= 0, np.take_along_axis(q_ids, np.maximum(src_q, 0), -1), -1)
+    bucket_k = np.where(src_k >= 0, np.take_along_axis(kv_ids, np.maximum(src_k, 0), -1), -1)
+    np.testing.assert_array_equal(np.take_along_axis(src_q, dst_q, -1), np.broadcast_to(np.arange(T), dst_q.shape))
+    for bucket in (bucket_q, bucket_k):
+        tiles = bucket.reshape(*bucket.shape[:2], -1, 4)
+        real = np.where(tiles >= 0, tiles, tiles.max(-1, keepdims=True))
+        assert (real == real[..., :1]).all(), "one bucket per tile"
+    G = HQ // HKV
+    for causal in (False, True):
+        blocks = aligned_bucket_block_lists(ql, kl, causal=causal, T=T, S=S, block_q=4, block_kv=4,
+                                            width=src_k.shape[-1] // 4)
+        listed = np.asarray(to_block_mask(blocks))
+        for b in range(B):
+            for h in range(HQ):
+                qb, kb, qo, ko = bucket_q[b, h], bucket_k[b, h // G], src_q[b, h], src_k[b, h // G]
+                allowed = (qb[:, None] == kb[None, :]) & (qb[:, None] >= 0)
+                if causal:
+                    allowed &= qo[:, None] >= ko[None, :]
+                tile_allowed = allowed.reshape(len(qb) // 4, 4, len(kb) // 4, 4).any((1, 3))
+                assert not (tile_allowed & ~listed[b, h]).any(), (b, h, causal)
+                for t in np.flatnonzero(listed[b, h].any(-1)):
+                    assert tile_allowed[t, np.flatnonzero(listed[b, h, t]).max()], "the last listed tile is used"
 
 
 def test_rows_without_keys_are_zero_and_bf16_is_finite():
