@@ -26,7 +26,8 @@ from attnjax.nn.union_of_experts import SelectiveCache, SelectiveMultiHeadAttent
 from attnjax.nn.flowformer import FlowAttention
 from attnjax.nn.kernelized_rpe import KernelizedRPEAttention
 from attnjax.nn.normalization import ProgressiveRepBatchNorm, RepBatchNorm, set_progress
-from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, ZoologyCache, ZoologyHybridBlock
+from attnjax.nn.zoology import (BaseConv, BaseConvBlock, RoutedSparseAttention, SelectiveLookups, ZoologyCache,
+                                 ZoologyHybridBlock, ZoologySelectiveBlock)
 from attnjax.nn.biformer import BiLevelRoutingAttention
 from attnjax.nn.routing import RoutingAttention
 from attnjax.nn.sparse_predicted import DynamicMaskAttention, SparsifinerAttention, SparsifinerPredictor, SptAttention

@@ -16,15 +16,23 @@ sub-quadratic. Here:
   blocks whose mean key scores highest against it, ``q_t · mean(K_n)``; that is the library's MoBA
   selector (``attnjax.sparse.Moba`` with ``block_q=1``, through ``attnjax.attention``). The selection
   depends on the input, costs ``O(T·T/block_kv)`` gate scores and ``O(T·top_k·block_kv)`` attention.
-- ``BaseConvBlock``, ``ZoologyHybridBlock``: pre-norm residual blocks (zoology's ``TransformerBlock``:
-  ``h = x + mixer(LN(x))``, an optional MLP after), the first with ``BaseConv`` alone, the second with
-  ``BaseConv`` followed by ``RoutedSparseAttention``, one period of the paper's hybrid stack.
+- ``SelectiveLookups``: the paper's learned selection of *which tokens attend* (official
+  ``zoology/mixers/selective.py``, class ``SelectiveLookups``): a scorer ``Linear(d, 1)`` and
+  ``s = softmax_t(score(x)) · √d / 8`` over the whole sequence. Training (``deterministic=False``):
+  ``y = attn(x) ⊙ s + x`` with causal softmax attention at every position. Inference
+  (``deterministic=True``, ``model.eval()``): only the ``⌈√T⌉`` tokens of highest ``s`` get ``attn(x)_t · s_t``
+  added, the rest pass ``x_t`` unchanged; their attention rows alone are computed
+  (``attnjax.sparse.selected_queries.selected_query_attention``, ``O(√T·T·D)``). The softmax over the
+  sequence reads every token, so the layer is not causal and has no ``init_cache``/``decode``.
+- ``BaseConvBlock``, ``ZoologyHybridBlock``, ``ZoologySelectiveBlock``: pre-norm residual blocks (zoology's
+  ``TransformerBlock``: ``h = x + mixer(LN(x))``, an optional MLP after), the first with ``BaseConv`` alone,
+  the others with ``BaseConv`` followed by ``RoutedSparseAttention`` (causal, decodable) or by
+  ``SelectiveLookups`` (the paper's rule, not causal): one period of the paper's hybrid stack.
 
-Deviation from the paper: Sec. 5's sparse layers select *which tokens attend* (programmatically, at
-repeated tokens, or with a learned per-token score and a top-k over the sequence, the official
-``selective.py``); a sequence-level top-k over queries is not causal, so a token-by-token decoder can't
-reproduce it. This module routes each query to key blocks instead (MoBA's rule, causal), which keeps
-the hybrid decodable with ``init_cache``/``decode`` equal to the parallel call.
+The paper's other Sec. 5 selections (programmatic, at repeated tokens) are not implemented. Routing queries
+to key blocks (``RoutedSparseAttention``) is this library's causal alternative to the learned selection: a
+token-by-token decoder can't reproduce a top-k over the whole sequence, so only the routed hybrid decodes,
+with ``init_cache``/``decode`` equal to the parallel call.
 """
 
 from __future__ import annotations
@@ -43,8 +51,12 @@ from attnjax.nn.attention import KVCache, MultiHeadAttention
 from attnjax.nn.checks import check_causal_mask, check_input, check_positive, check_step
 from attnjax.nn.registry import ModuleSpec, register_module
 from attnjax.sparse.moba import Moba, block_means
+from attnjax.sparse.selected_queries import selected_query_attention, selection_size, top_positions
 
 PAPER = "Arora et al. 2023 (Zoology: Measuring and Improving Recall in Efficient Language Models)"
+
+NOT_CAUSAL = ("its selection is a softmax (and at inference a top-k) over the whole sequence, so a token's "
+              "output depends on later tokens: it is not causal and cannot decode token by token")
 
 
 class BaseConv(nnx.Module):
@@ -162,6 +174,85 @@ class RoutedSparseAttention(MultiHeadAttention):
         return self.out(out), KVCache(k_all, v_all, t + 1)
 
 
+class SelectiveLookups(MultiHeadAttention):
+    """Zoology's learned selection of the tokens that attend (Arora et al. 2023, arXiv:2312.04927, Sec. 5;
+    official ``zoology/mixers/selective.py``, class ``SelectiveLookups``).
+
+    ``s = softmax_t(w·x_t + b) · √d_model / 8`` over the ``T`` tokens (``selection``), ``a = out(attn(x))``
+    this module's causal multi-head softmax self-attention at every position. Then:
+
+    - training (``deterministic=False``, the default, as ``nnx.Dropout``): ``y_t = x_t + s_t·a_t``;
+    - inference (``deterministic=True``, after ``model.eval()`` or ``nnx.view(model, deterministic=True)``):
+      the ``k = ⌈√T⌉`` tokens of highest ``s`` (``top_positions``; ties to the earlier token) get
+      ``y_t = x_t + s_t·a_t``, every other token ``y_t = x_t``. Only those ``k`` query rows attend
+      (``selected_query_attention``): ``O(k·T·D)`` attention instead of ``O(T²·D)``, besides the ``O(T·d²)``
+      projections of every token's query, key and value.
+
+    The same flag switches attention dropout off. Not causal (the softmax over the sequence, and the top-k,
+    read every token): ``init_cache``, ``decode`` and ``prefill`` raise ``NotImplementedError``.
+
+    Args:
+      d_model: features of ``x`` and of the output (the official ``d_model``).
+      num_heads: attention heads (official default 1).
+      qkv_bias, out_bias: biases of the projections (``True``, as the official ``nn.Linear`` layers).
+      dropout_rate: attention-weight dropout in training (the official ``dropout``).
+      rngs: ``params`` initializes the projections and the scorer; ``dropout`` seeds dropout.
+      **kwargs: the other arguments of ``MultiHeadAttention`` (``num_kv_heads``, ``num_v_heads``,
+        ``head_dim``, ``v_head_dim``, ``rope``, ``implementation``, ``dtype``, ``param_dtype``); no
+        ``mechanism``, ``context_dim``, ``position_bias`` or ``sequence_parallel``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, *, qkv_bias: bool = True, out_bias: bool = True,
+                 dropout_rate: float = 0.0, rngs: nnx.Rngs, **kwargs):
+        for name in ("mechanism", "context_dim", "position_bias", "sequence_parallel"):
+            if name in kwargs:
+                raise ValueError(f"SelectiveLookups is causal softmax self-attention without a position bias; "
+                                 f"{name} is not accepted")
+        super().__init__(d_model, num_heads, qkv_bias=qkv_bias, out_bias=out_bias, dropout_rate=dropout_rate,
+                         rngs=rngs, **kwargs)
+        self.selecting = nnx.Linear(d_model, 1, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+    def selection(self, x: jax.Array) -> jax.Array:
+        """``s = softmax_t(score(x_t)) · √d_model / 8``: float32 ``[B, T]`` of ``x [B, T, d_model]``."""
+        check_input("x", x, self.d_model)
+        score = self.selecting(x)[..., 0].astype(jnp.float32)
+        return jax.nn.softmax(score, axis=1) * (self.d_model ** 0.5 / 8)
+
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None, positions: Optional[jax.Array] = None,
+                 deterministic: Optional[bool] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``; ``mask``: ``None`` or ``masks.Causal()`` (the attention is
+        causal either way; the selection is not); ``positions``: RoPE positions ``[B, T]`` or ``[T]``;
+        ``deterministic``: ``None`` uses ``self.deterministic`` (``True``: the top-k inference rule)."""
+        check_input("x", x, self.d_model)
+        check_causal_mask("SelectiveLookups", mask)
+        selection = self.selection(x)
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if not deterministic:
+            a = super().__call__(x, mask=masks.Causal(), positions=positions, deterministic=False)
+            return x + a * selection[..., None].astype(a.dtype)
+        B, T, _ = x.shape
+        chosen = top_positions(selection, selection_size(T))                       # [B, k]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope is not None:
+            positions = jnp.arange(T) if positions is None else positions
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        a = self.out(selected_query_attention(q, k, v, chosen, implementation=self.implementation))  # [B, k, d]
+        added = a * jnp.take_along_axis(selection, chosen, axis=1)[..., None].astype(a.dtype)
+        return x.astype(added.dtype).at[jnp.arange(B)[:, None], chosen].add(added)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> KVCache:
+        """``NotImplementedError``: the layer is not causal (see the class docstring)."""
+        raise NotImplementedError(f"SelectiveLookups has no cache: {NOT_CAUSAL}")
+
+    def decode(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """``NotImplementedError``: the layer is not causal (see the class docstring)."""
+        raise NotImplementedError(f"SelectiveLookups does not decode: {NOT_CAUSAL}")
+
+    def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """``NotImplementedError``: the layer is not causal (see the class docstring)."""
+        raise NotImplementedError(f"SelectiveLookups does not prefill a cache: {NOT_CAUSAL}")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class ZoologyCache:
@@ -270,6 +361,55 @@ class ZoologyHybridBlock(BaseConvBlock):
         return self.channel_mix(h + a), ZoologyCache(conv, kv)
 
 
+class ZoologySelectiveBlock(BaseConvBlock):
+    """One period of Zoology's hybrid with the paper's learned selection: ``h = x + BaseConv(LN(x))``,
+    ``h = h + SelectiveLookups(LN(h))``, then ``y = h + MLP(LN(h))`` if ``mlp_dim``.
+
+    As zoology's ``TransformerBlock`` around ``SelectiveLookups``, whose output already holds its input
+    (``LN(h) + s ⊙ attn``). Not causal (the selection reads the whole sequence): no ``init_cache``/``decode``.
+    Training vs inference follows the attention's ``deterministic`` flag (``model.eval()``).
+
+    Args:
+      d_model: features of ``x`` and of the output.
+      num_heads: heads of the attention.
+      kernel_size: taps of the short convolution.
+      mlp_dim: hidden width of a GELU MLP, ``0`` for none.
+      dropout_rate: attention dropout in training.
+      rope: an ``attnjax.positional.RoPE`` for the attention, or ``None``.
+      head_dim, num_kv_heads, implementation: of the attention.
+      dtype, param_dtype, rngs: for every sublayer.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, *, kernel_size: int = 3, mlp_dim: int = 0,
+                 dropout_rate: float = 0.0, rope=None, head_dim: Optional[int] = None,
+                 num_kv_heads: Optional[int] = None, implementation: str = "auto", dtype: Optional[Dtype] = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        super().__init__(d_model, num_heads, kernel_size=kernel_size, mlp_dim=mlp_dim, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.norm_attention = nnx.LayerNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = SelectiveLookups(d_model, num_heads, dropout_rate=dropout_rate, rope=rope, head_dim=head_dim,
+                                          num_kv_heads=num_kv_heads, implementation=implementation, dtype=dtype,
+                                          param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, mask: Optional[masks.Mask] = None) -> jax.Array:
+        """``x [B, T, d_model] -> [B, T, d_model]``, not causal; ``mask``: ``None`` or ``masks.Causal()`` (of the
+        convolution and the attention; the selection reads every token either way)."""
+        return super().__call__(x, mask=mask)
+
+    def token_mix(self, x: jax.Array) -> jax.Array:
+        """``h = x + BaseConv(LN(x))``, then ``h + SelectiveLookups(LN(h))``."""
+        h = super().token_mix(x)
+        return h + self.attention(self.norm_attention(h))
+
+    def init_cache(self, batch: int, max_len: int, dtype: Optional[Dtype] = None) -> ZoologyCache:
+        """``NotImplementedError``: the block is not causal (``SelectiveLookups``)."""
+        raise NotImplementedError(f"ZoologySelectiveBlock has no cache: SelectiveLookups {NOT_CAUSAL}")
+
+    def decode(self, x_t: jax.Array, cache: ZoologyCache) -> tuple[jax.Array, ZoologyCache]:
+        """``NotImplementedError``: the block is not causal (``SelectiveLookups``)."""
+        raise NotImplementedError(f"ZoologySelectiveBlock does not decode: SelectiveLookups {NOT_CAUSAL}")
+
+
 register_module(ModuleSpec("baseconv", BaseConvBlock, dict(d_model=8, num_heads=2, mlp_dim=16), (2, 9, 8),
                            kind="block", paper=PAPER, causal=True, decodes=True))
 register_module(ModuleSpec("zoology_hybrid", ZoologyHybridBlock,
@@ -280,5 +420,9 @@ register_module(ModuleSpec("base_conv", BaseConv, dict(d_model=8), (2, 9, 8), ki
 register_module(ModuleSpec("routed_sparse", RoutedSparseAttention, dict(d_model=8, num_heads=2, block_kv=2, top_k=2),
                            (2, 9, 8), kind="layer", paper=PAPER + "; routing: Lu et al. 2025 (MoBA)", causal=True,
                            decodes=True))
-"""The blocks and their two layers carry the module conformance checks (init, jit, gradients, Linen bridge,
-checkpoint, causality, decode == parallel)."""
+register_module(ModuleSpec("zoology_selective", ZoologySelectiveBlock, dict(d_model=8, num_heads=2, mlp_dim=16),
+                           (2, 9, 8), kind="block", paper=PAPER + "; official zoology/mixers/selective.py"))
+register_module(ModuleSpec("selective_lookups", SelectiveLookups, dict(d_model=8, num_heads=2), (2, 9, 8), kind="layer",
+                           paper=PAPER + "; official zoology/mixers/selective.py"))
+"""The blocks and their layers carry the module conformance checks (init, jit, gradients, Linen bridge,
+checkpoint; causality and decode == parallel for the causal ones)."""

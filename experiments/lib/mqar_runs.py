@@ -47,7 +47,9 @@ MODULE_FAMILIES = {
     "layer:sliding_window": "sparse / local", "layer:sparse_gin": "sparse / local",
     "layer:routed_sparse": "sparse / local", "layer:routing": "sparse / local", "layer:dynamic_mask": "sparse / local",
     "layer:spt": "sparse / local", "layer:sparsifiner": "sparse / local", "layer:smha_hierarchical": "sparse / local",
+    "layer:selective_lookups": "sparse / local",
     "layer:base_conv": "conv / hybrid", "block:baseconv": "conv / hybrid", "block:zoology_hybrid": "conv / hybrid",
+    "block:zoology_selective": "conv / hybrid",
     "block:based": "conv / hybrid", "block:transnormer": "linear / recurrent",
 }
 """``FAMILIES`` entry of the layers and blocks outside ``attnjax.nn.memory`` (which are "memory") that are not

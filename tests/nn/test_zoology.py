@@ -1,5 +1,10 @@
 """Zoology hybrids (catalog B17): BaseConv against a plain loop, the routed sparse attention against a
-NumPy brute force of its rule, causality, parameter gradients, and decode == parallel."""
+NumPy brute force of its rule, causality, parameter gradients, and decode == parallel; the learned
+selection (``SelectiveLookups``): attention of the selected query rows against dense attention's rows
+(forward and gradients), its top-k rule by brute force, both modes against the official formula."""
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +13,12 @@ import pytest
 from flax import nnx
 
 from attnjax import masks
-from attnjax.nn.zoology import BaseConv, BaseConvBlock, RoutedSparseAttention, ZoologyHybridBlock
-from tests.helpers import assert_close, numpy_rng
+from attnjax.nn.zoology import (BaseConv, BaseConvBlock, RoutedSparseAttention, SelectiveLookups, ZoologyHybridBlock,
+                                 ZoologySelectiveBlock)
+from attnjax.sparse.selected_queries import (selected_query_attention, selected_query_attention_reference,
+                                             selection_size, top_positions)
+from attnjax.testing.modules import check_module_against_reference, parameters
+from tests.helpers import assert_close, assert_outputs_and_grads_close, numpy_rng, random_qkv
 
 KEY = jax.random.PRNGKey(0)
 
@@ -148,3 +157,121 @@ def test_errors():
         BaseConvBlock(8, mlp_dim=-1, rngs=rngs)
     with pytest.raises(ValueError, match=r"\[B, 1, d_model\]"):
         block.decode(jnp.zeros((1, 2, 8)), block.init_cache(1, 4))
+    with pytest.raises(ValueError, match="position_bias is not accepted"):
+        SelectiveLookups(8, 2, position_bias=None, rngs=rngs)
+    with pytest.raises(NotImplementedError, match="Causal"):
+        SelectiveLookups(8, 2, rngs=rngs)(jnp.zeros((1, 4, 8)), mask=masks.SlidingWindow(2, 0))
+    q = jnp.zeros((2, 5, 2, 4))
+    with pytest.raises(ValueError, match=r"positions must be integer query rows \[batch, R\] = \[2, R\]"):
+        selected_query_attention(q, q, q, jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 5\)"):
+        selected_query_attention(q, q, q, jnp.full((2, 1), 5, jnp.int32))
+    with pytest.raises(ValueError, match=r"count \(6\) must be <= the length"):
+        top_positions(jnp.zeros((2, 5)), 6)
+
+
+def test_selected_query_attention_equals_the_dense_rows_forward_and_gradients_and_bf16():
+    """GQA (4 query heads, 2 KV heads), T = 13, unsorted rows with the first and the last: forward and the
+    gradients of q, k, v against dense causal attention's rows (the unselected queries get no gradient); in
+    bf16 finite and close. One compile."""
+    q, k, v = random_qkv(KEY, B=2, T=13, Hq=4, Hkv=2, D=8)
+    rows = jnp.array([[12, 0, 5, 7], [3, 4, 11, 1]], jnp.int32)
+    w = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+
+    def value_and_grads(fn, q, k, v):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, rows) * w), (0, 1, 2))(q, k, v)
+
+    @jax.jit
+    def both(q, k, v):
+        low = selected_query_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), rows)
+        return (selected_query_attention(q, k, v, rows), selected_query_attention_reference(q, k, v, rows),
+                value_and_grads(selected_query_attention, q, k, v)[1],
+                value_and_grads(selected_query_attention_reference, q, k, v)[1], low)
+
+    out, want, grads, want_grads, low = both(q, k, v)
+    assert_close(out, want)
+    for g, g_ref, name in zip(grads, want_grads, "qkv"):
+        assert_close(g, g_ref, name=f"d{name}")
+    assert float(jnp.abs(grads[0]).max()) > 0 and int(jnp.sum(jnp.any(grads[0] != 0, axis=(2, 3)))) == 8
+    assert low.dtype == jnp.bfloat16
+    assert_close(low, want, rtol=2e-2)
+
+
+@pytest.mark.slow  # the module test below runs the path at T == S; this is the bottom-right alignment
+def test_selected_query_attention_bottom_right():
+    """T < S: row i sits at key position i + S − T (the library's alignment)."""
+    q, k, v = random_qkv(KEY, B=1, T=5, S=9, Hq=2, D=8)
+    rows = jnp.array([[4, 0, 2]], jnp.int32)
+    want = selected_query_attention_reference(q, k, v, rows)
+    assert_close(jax.jit(selected_query_attention)(q, k, v, rows), want)
+    dense = jax.nn.dot_product_attention(q, k, v, mask=jnp.tril(jnp.ones((5, 9), bool), k=4)[None, None])
+    assert_close(want, dense[:, rows[0]], rtol=1e-5)
+
+
+def test_top_positions_by_brute_force():
+    """The ``count`` highest scores, ties to the earlier position, returned ascending; ``⌈√T⌉`` exactly."""
+    scores = np.round(numpy_rng(KEY).standard_normal((3, 17)), 1).astype(np.float32)  # rounding makes ties
+    scores[1, 4] = scores[1, 9] = scores[1, 12] = 9.0
+    for count in (1, 3, 5, 17):
+        want = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :count], axis=1)
+        np.testing.assert_array_equal(top_positions(jnp.asarray(scores), count), want)
+    assert top_positions(jnp.asarray(scores), 2)[1].tolist() == [4, 9]
+    assert [selection_size(t) for t in (1, 2, 4, 5, 9, 10, 1000, 10 ** 12 + 1)] == [
+        math.ceil(math.sqrt(t)) for t in (1, 2, 4, 5, 9, 10, 1000)] + [10 ** 6 + 1]
+
+
+def selective_official(p, x, *, inference: bool):
+    """The official ``SelectiveLookups.forward`` (``zoology/mixers/selective.py``) on this layer's parameters:
+    dense causal attention at every position, ``s = softmax_t(score(x)) · √d / 8``; training ``y = a·s + x``;
+    inference ``topk(s, ⌈√T⌉)`` then ``x.scatter_add(a·s at those tokens)`` (here a one-hot of a stable argsort)."""
+    B, T, d = x.shape
+    q, k, v = (jnp.einsum("btd,dhe->bthe", x, p[n]["kernel"]) + p[n]["bias"] for n in ("query", "key", "value"))
+    G = q.shape[2] // k.shape[2]
+    logits = jnp.einsum("bthe,bshe->bhts", q, jnp.repeat(k, G, 2)) / np.sqrt(q.shape[-1])
+    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+    context = jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(logits, -1), jnp.repeat(v, G, 2))
+    a = jnp.einsum("bthe,hed->btd", context, p["out"]["kernel"]) + p["out"]["bias"]
+    s = jax.nn.softmax((x @ p["selecting"]["kernel"] + p["selecting"]["bias"])[..., 0], axis=1) * np.sqrt(d) / 8
+    if inference:
+        top = jnp.argsort(-jax.lax.stop_gradient(s), axis=1, stable=True)[:, :math.ceil(math.sqrt(T))]
+        s = s * jnp.sum(jax.nn.one_hot(top, T), axis=1)
+    return a * s[..., None] + x
+
+
+def test_selective_lookups_inference_equals_the_official_rule_forward_and_gradients():
+    """GQA, T = 11 (⌈√11⌉ = 4 tokens attend, the others pass unchanged): the output, the gradient of x and of
+    every parameter (the kept tokens' weights ``s_t`` carry one to the scorer)."""
+    layer = SelectiveLookups(8, 4, num_kv_heads=2, rngs=nnx.Rngs(4))
+    x = jnp.asarray(numpy_rng(KEY).standard_normal((2, 11, 8)), jnp.float32)
+    check_module_against_reference(layer, functools.partial(selective_official, inference=True), x,
+                                   call_kwargs=dict(deterministic=True), rtol=1e-5)
+
+
+@pytest.mark.slow  # training mode is MultiHeadAttention's causal call, weighted; its forward runs by default below
+def test_selective_lookups_training_equals_the_official_formula_forward_and_gradients():
+    layer = SelectiveLookups(8, 4, num_kv_heads=2, rngs=nnx.Rngs(4))
+    x = jnp.asarray(numpy_rng(KEY).standard_normal((2, 11, 8)), jnp.float32)
+    check_module_against_reference(layer, functools.partial(selective_official, inference=False), x, rtol=1e-5)
+
+
+def test_selective_lookups_training_mode_and_the_switch_and_not_causal():
+    """Training by default, ``model.eval()`` switches to the top-k rule; a change of the last token changes
+    earlier outputs (the softmax over the sequence)."""
+    layer = SelectiveLookups(8, 2, rngs=nnx.Rngs(5))
+    x = jnp.asarray(numpy_rng(KEY).standard_normal((1, 9, 8)), jnp.float32)
+    train, train2 = nnx.jit(lambda m, x, x2: (m(x, mask=masks.Causal()), m(x2)))(layer, x, x.at[:, -1].add(5.0))
+    assert_close(train, selective_official(parameters(layer), x, inference=False), atol=1e-5)
+    assert float(jnp.abs(train2[:, :-1] - train[:, :-1]).max()) > 1e-4
+    assert not layer.deterministic
+    layer.eval()
+    assert layer.deterministic
+
+
+def test_selective_lookups_do_not_decode():
+    layer = SelectiveLookups(8, 2, rngs=nnx.Rngs(0))
+    block = ZoologySelectiveBlock(8, 2, rngs=nnx.Rngs(0))
+    for call in (lambda: layer.init_cache(1, 4), lambda: layer.decode(jnp.zeros((1, 1, 8)), None),
+                 lambda: layer.prefill(jnp.zeros((1, 2, 8)), None), lambda: block.init_cache(1, 4),
+                 lambda: block.decode(jnp.zeros((1, 1, 8)), None)):
+        with pytest.raises(NotImplementedError, match="softmax .* over the whole sequence.*not causal"):
+            call()
