@@ -195,11 +195,11 @@ def plot_by_family(rows: Sequence[dict], pairs: Sequence[int], families: Sequenc
 
 
 def left_out(args: argparse.Namespace, failed: Sequence[dict]) -> str:
-    """Markdown: the registered models that have no causal form, those that failed to train here, and (unless
-    ``--all``) the names not in this run's lists."""
+    """Markdown: the registered models that have no causal form (unless this run named them), those that failed
+    to train here, and (unless ``--all``) the names not in this run's lists."""
     run = {mqar_runs.parse_mechanism(m)[0] for m in args.mechanisms} | {f"layer:{n}" for n in args.layers}
     run |= {f"block:{n}" for n in args.mechanisms}
-    lines = [[c.label, c.family, c.skip] for c in mqar_runs.candidates() if c.skip is not None]
+    lines = [[c.label, c.family, c.skip] for c in mqar_runs.candidates() if c.skip is not None and c.label not in run]
     lines += [[f["mechanism"], f["family"], f"failed at d_model {f['d_model']}: {f['reason']}"] for f in failed]
     not_run = [c.label for c in mqar_runs.candidates() if c.skip is None and c.label not in run]
     parts = [report.markdown_table(["model", "family", "why left out"], lines)]
