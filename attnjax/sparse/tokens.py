@@ -701,18 +701,43 @@ KEY_LIST_PATHS = ("auto", "blocks", "gather")
 _KEY_PATHS = {"auto": _key_lists_auto, "blocks": _key_lists_blocks, "gather": _key_lists_xla}
 
 
+DEFAULT_BLOCK = 64
+"""Tiles of the key lists' block path and the sorted-bucket path's key tiles when none are given."""
+
+BUCKET_BLOCKS_Q = (64, 128, 256)
+"""Query tiles the sorted-bucket path chooses from when none is given (``bucket_tiles``)."""
+
+
+def bucket_tiles(T: int, num_buckets: int) -> tuple[int, int]:
+    """Default ``(block_q, block_kv)`` of the sorted-bucket path: ``block_kv = DEFAULT_BLOCK``; ``block_q``
+    the largest of ``BUCKET_BLOCKS_Q`` that is at most an eighth of an expected bucket (``T / nb``
+    queries), so the aligned layout's padding (about ``block_q / 2`` rows per bucket) stays near 1/16
+    of the rows while each gathered key tile serves more rows. Measured (CPU, 8 random buckets,
+    density 1/8, B = 1, H = 4, D = 64, load 2.6-3.5 on 2 cores, ratios to dense in one loop): forward at
+    T = 16k 0.183× dense at ``block_q = 256`` and 0.197× at 128 against 0.223× at 64; at T = 8k,
+    forward + backward 0.152× at 128 against 0.177× at 64.
+    """
+    fits = [b for b in BUCKET_BLOCKS_Q if 8 * b * num_buckets <= T]
+    return (max(fits) if fits else BUCKET_BLOCKS_Q[0]), DEFAULT_BLOCK
+
+
 def token_sparse_attention_xla(q, k, v, selection: Selection, *, mask: Optional[Mask] = None, scale=None,
-                               logits_soft_cap=None, return_lse: bool = False, block_q: int = 64,
-                               block_kv: int = 64, key_path: str = "auto"):
+                               logits_soft_cap=None, return_lse: bool = False, block_q: Optional[int] = None,
+                               block_kv: Optional[int] = None, key_path: str = "auto"):
     """The sorted-bucket path, or for ``KeyLists`` the ``key_path`` (see the module docstring for the costs).
 
     Args and returns as ``token_sparse_attention``. Raises ValueError for a ``key_path`` not in ``KEY_LIST_PATHS``.
     """
     if key_path not in KEY_LIST_PATHS:
         raise ValueError(f"key_path must be one of {KEY_LIST_PATHS}, got {key_path!r}")
-    run = _buckets_xla if isinstance(selection, Buckets) else _KEY_PATHS[key_path]
+    if isinstance(selection, Buckets):
+        run, default = _buckets_xla, bucket_tiles(q.shape[1], selection.num_buckets)
+    else:
+        run, default = _KEY_PATHS[key_path], (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    tiles = dict(block_q=default[0] if block_q is None else block_q,
+                 block_kv=default[1] if block_kv is None else block_kv)
     return run(q, k, v, selection, mask=mask, scale=scale, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-               block_q=block_q, block_kv=block_kv)
+               **tiles)
 
 
 def pair_density(selection: Selection, T: int, S: int, *, causal: bool) -> float:
@@ -744,7 +769,8 @@ _PATHS = {"reference": token_sparse_attention_reference, "xla": token_sparse_att
 def token_sparse_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, selection: Selection, *, mask: Optional[Mask] = None,
     scale: Optional[float] = None, logits_soft_cap: Optional[float] = None, return_lse: bool = False,
-    block_q: int = 64, block_kv: int = 64, implementation: str = "auto", key_path: str = "auto",
+    block_q: Optional[int] = None, block_kv: Optional[int] = None, implementation: str = "auto",
+    key_path: str = "auto",
 ):
     """Softmax attention restricted to the keys a token-level selection allows.
 
@@ -754,7 +780,8 @@ def token_sparse_attention(
       mask: optional ``attnjax.masks`` value applied pair by pair on the original positions.
       scale: logit scale, default ``1/sqrt(D)``; logits_soft_cap: ``cap·tanh(s/cap)``.
       return_lse: also return the float32 log-sum-exp ``[B, T, Hq]``.
-      block_q, block_kv: tiles of the sorted-bucket path and of the key lists' block path.
+      block_q, block_kv: tiles of the sorted-bucket path and of the key lists' block path; None: 64, and
+        for ``Buckets`` a query tile chosen from the expected bucket size (``bucket_tiles``).
       implementation: "reference", "xla" or "auto".
       key_path: how ``xla`` runs ``KeyLists``: "blocks", "gather" or "auto" (``choose_key_path``).
     Returns:
@@ -806,6 +833,6 @@ def routed_attention(selector: TokenSelector, implementation: str, q, k, v, *, m
 
 __all__ = ["ALIGNED_MIN_TILES", "AlignedBuckets", "BucketLayout", "Buckets", "KEY_LIST_PATHS", "KeyBits", "KeyLists",
            "Selection", "SortedBuckets", "TokenSelector", "aligned_bucket_block_lists", "aligned_steps",
-           "bucket_block_lists", "bucket_layout", "choose_key_path", "key_bits_and_union", "key_list_blocks",
-           "pair_density", "routed_attention", "token_sparse_attention", "token_sparse_attention_reference",
-           "token_sparse_attention_xla"]
+           "bucket_block_lists", "bucket_layout", "bucket_tiles", "choose_key_path", "key_bits_and_union",
+           "key_list_blocks", "pair_density", "routed_attention", "token_sparse_attention",
+           "token_sparse_attention_reference", "token_sparse_attention_xla"]

@@ -12,8 +12,9 @@ import pytest
 from attnjax import masks
 from attnjax.blocked.lists import to_block_mask
 from attnjax.sparse.tokens import (ALIGNED_MIN_TILES, GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector,
-                                   aligned_bucket_block_lists, bucket_block_lists, bucket_layout, choose_key_path,
-                                   key_list_blocks, pair_density, routed_attention, token_sparse_attention)
+                                   aligned_bucket_block_lists, bucket_block_lists, bucket_layout, bucket_tiles,
+                                   choose_key_path, key_list_blocks, pair_density, routed_attention,
+                                   token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -284,6 +285,11 @@ def test_aligned_layout_starts_buckets_on_tiles_and_lists_cover_every_selected_p
                 assert not (tile_allowed & ~listed[b, h]).any(), (b, h, causal)
                 for t in np.flatnonzero(listed[b, h].any(-1)):
                     assert tile_allowed[t, np.flatnonzero(listed[b, h, t]).max()], "the last listed tile is used"
+
+
+def test_bucket_tiles_grow_with_the_expected_bucket():
+    assert bucket_tiles(8192, 8) == (128, 64) and bucket_tiles(16384, 8) == (256, 64)
+    assert bucket_tiles(T, NB) == (64, 64) and bucket_tiles(1 << 20, 8) == (256, 64)
 
 
 def test_rows_without_keys_are_zero_and_bf16_is_finite():
