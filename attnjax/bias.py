@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,27 @@ class Bias:
         """For a bias that ``reads_queries``: the tile's queries ``q [B, Hq, tq, D]`` (as given, before
         the logit scale) -> ``[B, Hq or 1, tq, tk]``; the blocked paths pull gradients back to ``q``."""
         raise NotImplementedError
+
+    def prepare(self, T: int, S: int, rows: Optional[int] = None, columns: Optional[int] = None) -> Bias:
+        """This rule ready for the tiles of one ``[T, S]`` call: a ``Bias`` whose ``tile`` / ``query_tile``
+        equal this one's for query rows ``q_idx < rows`` and key columns ``kv_idx < columns`` (default ``T``,
+        ``S``; the blocked paths pass their extents padded to whole tiles).
+
+        The hook for rules with a per-call table: work that every tile would repeat (Transformer-XL's
+        projected sinusoids ``W_R R`` over the call's offsets) is done here once, ``O(T + S)`` memory, and the
+        returned rule's tiles slice it. The blocked ``xla`` path calls it once per call, before its tile loop
+        and outside its custom VJP, so the table's gradient reaches this rule's leaves by ordinary autodiff.
+        The default returns ``self``."""
+        return self
+
+    def for_tile(self, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> Bias:
+        """The part of this rule that the tile of query rows ``q_idx`` [tq] and key columns ``kv_idx`` [tk] reads:
+        a ``Bias`` whose ``tile`` / ``query_tile`` at these indices equal this one's (default: ``self``).
+
+        A prepared rule (``prepare``) returns its table's slice for the tile, so the blocked ``xla`` backward
+        differentiates the tile against that slice (``O(tq + tk)``) and adds the slice's gradient into the
+        table's outside the tile's conditional, instead of carrying an ``O(T + S)`` gradient through it."""
+        return self
 
     def check(self, batch: int, num_heads: int, T: int, S: int) -> None:
         """Raise ``ValueError`` if the bias doesn't fit ``[batch, num_heads, T, S]``."""

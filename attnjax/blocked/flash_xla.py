@@ -73,7 +73,8 @@ def flash_attention_xla(
     Returns:
       ``out [B, T, Hq, Dv]`` in q's dtype, and ``lse [B, T, Hq]`` (float32) if asked.
     Gradients flow to q, k, v, sinks and a learnable bias (an array, or a rule's table such as
-    ``T5Bias``; ALiBi slopes are constants).
+    ``T5Bias``; ALiBi slopes are constants). A rule is ``Bias.prepare``-d once per call for the padded
+    extents of the tiles, before the tile loop.
     """
     if sinks is not None and not weight_fn.supports_sinks:
         raise NotImplementedError(f"weight function {weight_fn.name!r} does not support sinks")
@@ -85,7 +86,11 @@ def flash_attention_xla(
     static = _Static(spec, block_q=min(block_q, T), block_kv=min(block_kv, S), weight_fn=weight_fn)
     seed = dropout_seed(rng) if dropout_rate > 0 else None
     sinks = None if sinks is None else jnp.asarray(sinks, jnp.float32)
-    out, lse = _flash(q, k, v, as_bias(bias), sinks, mask, seed, static)
+    bias = as_bias(bias)
+    if bias is not None:  # a rule's per-call table, built once outside the custom VJP (autodiff reaches its leaves)
+        bq, bk = static.block_q, static.block_kv
+        bias = bias.prepare(T, S, num_tiles(T, bq) * bq, num_tiles(S, bk) * bk)
+    out, lse = _flash(q, k, v, bias, sinks, mask, seed, static)
     return (out, lse) if return_lse else out
 
 
@@ -199,6 +204,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
     stat = backward_stat(fn, lse)
     dbias0 = bias_grad_init(bias, T, bq, st.spec.S, bk)
     array_bias = isinstance(bias, ArrayBias)
+    rule_grads = dbias0 is not None and not array_bias  # a rule whose float leaves get gradients
     Dv = v.shape[-1]
 
     def q_tile(carry, xs):
@@ -210,12 +216,13 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         inv_norm = jnp.exp(-n_b)[..., None] if norm_only else None
         doi_v = regroup(doi, Hv)  # grouped by V head for dO·Vᵀ and dV
 
-        def visit(j, small, apply_mask):
-            dqi, rule_dbias = small
+        def visit(j, dqi, apply_mask):
             kv_idx = j * bk + jnp.arange(bk)
             kj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
             vj = lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
-            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, bias, st.spec, rule_dbias)
+            local = None if bias is None else bias.for_tile(q_idx, kv_idx, st.spec.T, st.spec.S)
+            local_dbias = bias_grad_init(local, T, bq, st.spec.S, bk) if rule_grads else None
+            raw, pullback = logits_with_bias_pullback(qi, kj, q_idx, kv_idx, local, st.spec, local_dbias)
             s = soft_cap(raw, st.spec.logits_soft_cap)
             p = fn.weight(fn.transform(s), m_b[..., None])
             if apply_mask:
@@ -233,30 +240,32 @@ def _flash_bwd(st: _Static, residuals, cotangents):
             ds = dpds * (dp - delta_i[..., None] + dlse_i[..., None]) if fn.normalized else dpds * dp
             if st.spec.logits_soft_cap is not None:
                 ds = ds * (1.0 - jnp.square(s / st.spec.logits_soft_cap))
-            if array_bias:
+            if array_bias:  # the tile's logit gradient, or the gradient of the rule's tile restriction
                 ds_bias, dq_bias = ds, 0.0
             else:
-                ds_bias = None
-                rule_dbias, dq_bias = add_bias_grad(rule_dbias, ds, bias, pullback, q_idx, kv_idx)
+                ds_bias, dq_bias = add_bias_grad(local_dbias, ds, local, pullback, q_idx, kv_idx)
             ds = (ds * st.spec.scale).astype(qi.dtype)
             dqi = dqi + dq_bias + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj, preferred_element_type=jnp.float32)
             dkj = jnp.einsum("bhgqk,bhgqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            return (dqi, rule_dbias), (dkj, dvj, ds_bias)
+            return dqi, (dkj, dvj, ds_bias)
 
+        if array_bias:
+            bias_zeros = jnp.zeros((B, Hkv, Hq // Hkv, bq, bk), jnp.float32)
+        else:
+            bias_zeros = bias_grad_init(bias.for_tile(q_idx, jnp.arange(bk), st.spec.T, st.spec.S), T, bq,
+                                        st.spec.S, bk) if rule_grads else None
         tile_zeros = vary_like((jnp.zeros((B, Hkv, bk, D), jnp.float32), jnp.zeros((B, Hv, bk, Dv), jnp.float32),
-                                jnp.zeros((B, Hkv, Hq // Hkv, bq, bk), jnp.float32) if array_bias else None),
-                               residuals, cotangents)
+                                bias_zeros), residuals, cotangents)
 
         def body(j, inner):
             dqi, dk, dv, dbias = inner
-            (dqi, rule_dbias), (dkj, dvj, ds_bias) = switch_key_tile(
-                codes[i, j], lambda c, apply_mask: visit(j, c, apply_mask), (dqi, None if array_bias else dbias),
-                tile_zeros)
+            dqi, (dkj, dvj, ds_bias) = switch_key_tile(
+                codes[i, j], lambda c, apply_mask: visit(j, c, apply_mask), dqi, tile_zeros)
             dk, dv = add_slice(dk, dkj, j * bk), add_slice(dv, dvj, j * bk)
             if array_bias:
                 dbias, _ = add_bias_grad(dbias, ds_bias, bias, None, q_idx, j * bk + jnp.arange(bk))
-            else:
-                dbias = rule_dbias
+            elif rule_grads:
+                dbias = _add_rule_grad(dbias, ds_bias, bias, q_idx, j * bk + jnp.arange(bk), st.spec)
             return dqi, dk, dv, dbias
 
         dq0 = vary_like(jnp.zeros(qi.shape, jnp.float32), residuals, cotangents)
@@ -275,6 +284,26 @@ def _flash_bwd(st: _Static, residuals, cotangents):
         p_sink = jnp.exp(sinks[None, None, :] - lse)  # [B, T, Hq]; lse is finite with sinks
         d_sinks = jnp.sum(p_sink * (d_lse - delta), axis=(0, 1))
     return dq, dk, dv, d_bias, d_sinks, None, None
+
+
+def _add_rule_grad(dbias: list, d_local: list, bias: Bias, q_idx: jax.Array, kv_idx: jax.Array,
+                   spec: ScoreSpec) -> list:
+    """Add the gradient ``d_local`` of a tile's restriction ``bias.for_tile(q_idx, kv_idx)`` (its float leaves,
+    float32) into ``dbias`` (the rule's float leaves, float32) by the restriction's transpose: the identity for
+    most rules, an in-place add into the tile's slice of a prepared table (outside the key tile's conditional,
+    like dK and dV)."""
+    leaves, treedef = jax.tree_util.tree_flatten(bias)
+    floating = [jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves]
+
+    def restrict(params):
+        it = iter(params)
+        full = treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floating)])
+        local = full.for_tile(q_idx, kv_idx, spec.T, spec.S)
+        return [x for x in jax.tree_util.tree_leaves(local) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+
+    _, pull = jax.vjp(restrict, [jnp.asarray(x, jnp.float32) for x, f in zip(leaves, floating) if f])
+    (grads,) = pull(d_local)
+    return [acc + g for acc, g in zip(dbias, grads)]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

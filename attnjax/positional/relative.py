@@ -138,35 +138,43 @@ def _relative_scores(q: jax.Array, embeddings: jax.Array, rows: jax.Array) -> ja
     return jnp.einsum("bhid,mhd->bhim", q, table, preferred_element_type=jnp.float32)
 
 
-ROW_CHUNK = 64
+ROW_CHUNK = 128
 """Query rows per skewed product in a tile: ``c`` rows need ``c + tk − 1`` offsets, so the tile's
-``q·Eᵀ`` costs ``tq·(c + tk − 1)·D``, about one ``q·kᵀ`` for ``c ≪ tk`` (instead of two for ``c = tq``)."""
+``q·Eᵀ`` costs ``tq·(c + tk − 1)·D``, ``(c + tk − 1)/tk`` times one ``q·kᵀ`` (1.25 for 512-wide tiles;
+instead of two for ``c = tq``). 128, not fewer: on CPU a product of 64 rows runs at about 60% of the
+speed of 128 or more (XLA's dot, one interleaved microbenchmark on 2 cores), more than the flops it saves."""
 
 
 def _row_chunk(tq: int) -> int:
     """The largest divisor of ``tq`` up to ``ROW_CHUNK``, or ``tq`` itself when that divisor is below
-    ``ROW_CHUNK // 4`` (few-row chunks would gather ``~[tq, tk, D]`` embedding rows)."""
+    ``ROW_CHUNK // 8`` (few-row chunks would gather ``~[tq, tk, D]`` embedding rows)."""
     c = max(d for d in range(1, min(tq, ROW_CHUNK) + 1) if tq % d == 0)
-    return c if c >= min(tq, ROW_CHUNK // 4) else tq
+    return c if c >= min(tq, ROW_CHUNK // 8) else tq
 
 
 def chunked_relative_logits(q: jax.Array, columns: jax.Array, num_keys: int) -> jax.Array:
-    """``q_i·columns[j + tq − 1 − i]`` for every query row ``i`` and key ``j`` of a tile, by chunks of rows and skewing.
+    """``q_i·columns[:, j + tq − 1 − i]`` for every query row ``i`` and key ``j`` of a tile, by chunks of rows and skewing.
 
-    ``q [B, H, tq, D]`` and ``columns [tq + num_keys − 1, H or 1, D]`` (row ``m``: the embedding of the ``m``-th
-    smallest key-minus-query offset of the tile, consecutive rows and keys) -> ``[B, H, tq, num_keys]`` float32.
-    The rows are cut into chunks of ``c`` (``_row_chunk``); chunk ``n`` multiplies the ``c + num_keys − 1``
-    columns its offsets need (a static slice) and is skewed on its own (Huang et al. 2018, §3.4; every pair of the
-    chunk is inside its window, so nothing wraps): ``tq·(c + num_keys − 1)·D`` multiply-adds, about one
-    ``q·kᵀ`` for ``c ≪ num_keys`` instead of two for one skew of the whole tile.
+    ``q [B, H, tq, D]`` and ``columns [H or 1, tq + num_keys − 1, D]`` (heads first; column ``m``: the embedding of the
+    ``m``-th smallest key-minus-query offset of the tile, consecutive rows and keys) -> ``[B, H, tq, num_keys]``
+    float32. The rows are cut into chunks of ``c`` (``_row_chunk``); chunk ``n`` multiplies the ``c + num_keys − 1``
+    columns its offsets need (a static slice, no copy of the windows) and is skewed on its own (Huang et al. 2018,
+    §3.4; every pair of the chunk is inside its window, so nothing wraps): ``tq·(c + num_keys − 1)·D``
+    multiply-adds, ``(c + num_keys − 1)/num_keys`` times one ``q·kᵀ`` instead of two for one skew of the whole tile.
     """
-    B, H, tq, D = q.shape
+    tq = q.shape[2]
     c = _row_chunk(tq)
-    n, width = tq // c, c + num_keys - 1
-    # chunk n's last row sees key 0 at column tq − c − n·c
-    windows = jnp.stack([columns[tq - c - i * c: tq - c - i * c + width] for i in range(n)])  # [n, width, H|1, D]
-    x = jnp.einsum("bhncd,nmhd->bhncm", q.reshape(B, H, n, c, D), windows, preferred_element_type=jnp.float32)
-    return skew(x, num_keys).reshape(B, H, tq, num_keys)
+    width = c + num_keys - 1
+    chunks = []
+    for n in range(tq // c):  # chunk n's last row sees key 0 at column tq − c − n·c
+        window = columns[:, tq - c - n * c: tq - c - n * c + width]
+        rows = q[:, :, n * c:(n + 1) * c]
+        if columns.shape[0] == 1:
+            x = jnp.einsum("bhcd,md->bhcm", rows, window[0], preferred_element_type=jnp.float32)
+        else:
+            x = jnp.einsum("bhcd,hmd->bhcm", rows, window, preferred_element_type=jnp.float32)
+        chunks.append(skew(x, num_keys))
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=2)
 
 
 def _tile_logits(q: jax.Array, embeddings: jax.Array, first_offset: jax.Array, num_keys: int, causal: bool,
@@ -190,8 +198,8 @@ def _tile_logits(q: jax.Array, embeddings: jax.Array, first_offset: jax.Array, n
         return jnp.where(offsets > 0, table.shape[0], rows) if causal else rows  # past the end: filled with 0
 
     if table.shape[0] >= width:
-        columns = jnp.take(table, rows_of(first_offset + jnp.arange(tq + num_keys - 1)), axis=0, mode="fill",
-                           fill_value=0) * scale
+        columns = jnp.take(jnp.moveaxis(table, 1, 0), rows_of(first_offset + jnp.arange(tq + num_keys - 1)), axis=1,
+                           mode="fill", fill_value=0) * scale
         return chunked_relative_logits(q, columns, num_keys)
     # offsets of chunk n's skewed columns: its last row sees key 0 at first_offset + (tq − 1 − (n·c + c − 1))
     rows = rows_of(first_offset + (tq - c) - c * jnp.arange(n)[:, None] + jnp.arange(width))

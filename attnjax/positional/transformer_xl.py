@@ -58,18 +58,25 @@ class TransformerXLBias(Bias):
     ``scale·(q_i + u)·k_j`` (terms (a) + (c)), and the rule, handed those same queries ``q + u``, adds
     ``scale·(q' − u + v)·W_R R_(i−j)`` = terms (b) + (d). So the whole logit is ``scale·A_ij`` (Dai et
     al.'s released code scales all four terms by ``1/√D``), and gradients reach ``q``, ``u``, ``v`` and
-    ``W_R`` through the blocked ``xla`` path (``jax.vjp`` of ``query_tile``) as through the reference.
+    ``W_R`` through the blocked ``xla`` path (its custom VJP back to the prepared table, autodiff of
+    ``prepare`` from there) as through the reference.
     With ``u=None`` the queries pass unchanged and the rule adds ``scale·(q + v)·W_R R_(i−j)``.
 
-    Per tile of ``tq`` query rows and ``tk`` key columns (contiguous runs, as every path passes them)
-    the offsets ``i − j`` span ``n = tq + tk − 1`` values. The rule builds their sinusoids ``[n, d_R]``
-    on the fly, projects them, ``E = W_R R`` ``[n, H, D]`` (``n·d_R·H·D`` multiply-adds: about
-    ``(tq + tk)·d_R/(B·tq·tk)`` times the tile's ``q·kᵀ``, one ``q·kᵀ`` at B = 1, d_R = 256, 512-wide tiles), and scores ``(q + v)·E`` by chunks of 64 query rows, each
-    against the ``64 + tk − 1`` offsets it sees and skewed to ``[64, tk]`` (Huang et al. 2019's pad,
-    reshape and slice; ``attnjax.positional.relative.chunked_relative_logits``, shared with
-    ``RelativeEmbeddingBias``): ``B·H·tq·(64 + tk − 1)·D``, about 1.1 times the tile's ``q·kᵀ``. Memory
-    O(B·H·tq·(64 + tk) + n·(d_R + H·D)) per tile, never ``[T, S]``. Indices that are not contiguous runs
-    give NaN logits rather than wrong ones.
+    Cost. The blocked ``xla`` path calls ``prepare`` once per call: the sinusoids of every offset the call's
+    (padded) tiles see, ``T + S − 1`` of them, projected in one matmul, ``E = scale·W_R R`` ``[H, T + S − 1, D]``
+    float32 (``(T + S)·d_R·H·D`` multiply-adds, ``2·d_R/(B·T)`` of a full ``q·kᵀ`` at T = S; O(T) memory); each tile
+    slices its ``tq + tk − 1`` offsets from it (``PreparedTransformerXLBias``). ``query_tile`` on this rule
+    itself (the reference paths, any caller that doesn't prepare) builds them per tile instead, about
+    ``(tq + tk)·d_R/(B·tq·tk)`` times the tile's ``q·kᵀ`` again. Either way a tile scores ``(q + v)·E`` by chunks
+    of 128 query rows, each against the ``128 + tk − 1`` offsets it sees and skewed to ``[128, tk]`` (Huang et
+    al. 2019's pad, reshape and slice; ``attnjax.positional.relative.chunked_relative_logits``, shared with
+    ``RelativeEmbeddingBias``): ``B·H·tq·(128 + tk − 1)·D``, 1.25 times the tile's ``q·kᵀ`` at 512-wide tiles.
+    That second ``q·kᵀ``-sized product per tile is the floor of terms (b) + (d) (a different ``D``-vector per
+    offset ``i − j``: no rank-``D`` product of a query and a key gives it), so in flops the forward costs about
+    ``(2 + 1.25)/2 ≈ 1.6`` times attention without a bias (``q·kᵀ`` and ``P·V`` per tile) and the backward
+    about ``(5 + 3·1.25)/5 ≈ 1.75`` times (the recomputed term, its ``dq`` and its ``dE``); on CPU the
+    measured ratios are a little above those. Memory O(B·H·tq·(128 + tk)) per tile and O((T + S)·H·D) per
+    call, never ``[T, S]``. Indices that are not contiguous runs give NaN logits rather than wrong ones.
 
     Query positions follow the library's bottom-right alignment (``attnjax.masks``), or
     ``query_offset + i`` when given (a decode step against a cache whose first ``length`` slots are
@@ -116,24 +123,98 @@ class TransformerXLBias(Bias):
                 raise ValueError(f"TransformerXLBias {name} has shape {jnp.shape(x)} but w_r has shape "
                                  f"{jnp.shape(self.w_r)}: both need the head dim D = {jnp.shape(self.w_r)[2]}")
 
-    def query_tile(self, q, q_idx, kv_idx, T, S):
-        B, Hq, tq, D = q.shape
-        if jnp.shape(self.w_r)[2] != D:
-            raise ValueError(f"TransformerXLBias w_r has shape {jnp.shape(self.w_r)}, expected head dim D = {D} "
-                             f"of the queries {q.shape}")
-        tk = kv_idx.shape[0]
-        rows = query_positions(q_idx, T, S) if self.query_offset is None else q_idx + self.query_offset
-        scale = D ** -0.5 if self.scale is None else self.scale
-        highest = rows[0] + (tq - 1) - kv_idx[0]  # the largest i − j; column m holds offset highest − m
-        r = relative_sinusoids(highest - jnp.arange(tq + tk - 1), jnp.shape(self.w_r)[1],
-                               max_wavelength=self.max_wavelength)
-        e = jnp.einsum("nr,hrd->nhd", r, jnp.asarray(self.w_r, jnp.float32) * scale)
+    def _scale(self, head_dim: int) -> float:
+        return head_dim ** -0.5 if self.scale is None else self.scale
+
+    def _shift(self) -> jax.Array:
+        """``v − u`` (``v`` when ``u`` is None), ``[H, D]`` float32: added to the queries ``q + u`` it gives ``q + v``."""
         shift = jnp.asarray(self.v, jnp.float32)
-        if self.u is not None:
-            shift = shift - jnp.asarray(self.u, jnp.float32)
-        tile = chunked_relative_logits(q.astype(jnp.float32) + shift[None, :, None, :], e, tk)
-        contiguous = jnp.all(jnp.diff(rows) == 1) & jnp.all(jnp.diff(kv_idx) == 1)
-        return tile + jnp.where(contiguous, 0.0, jnp.nan)
+        return shift if self.u is None else shift - jnp.asarray(self.u, jnp.float32)
+
+    def _projected(self, offsets: jax.Array, head_dim: int) -> jax.Array:
+        """``scale·W_R R_o`` for ``offsets [n]``: ``[H, n, D]`` float32 (heads first), ``n·d_R·H·D`` multiply-adds."""
+        r = relative_sinusoids(offsets, jnp.shape(self.w_r)[1], max_wavelength=self.max_wavelength)
+        return jnp.einsum("nr,hrd->hnd", r, jnp.asarray(self.w_r, jnp.float32) * self._scale(head_dim))
+
+    def prepare(self, T, S, rows=None, columns=None):
+        """A ``PreparedTransformerXLBias`` with ``scale·W_R R_o`` for every offset of the call's tiles: query rows
+        ``< rows`` (default ``T``) against key columns ``< columns`` (default ``S``), ``rows + columns − 1``
+        offsets, ``[H, rows + columns − 1, D]`` float32 built in one matmul (``(rows + columns)·d_R·H·D``
+        multiply-adds, about ``2·d_R/(B·T)`` of the call's ``q·kᵀ``)."""
+        rows, columns = T if rows is None else rows, S if columns is None else columns
+        top = _positions(jnp.arange(rows)[-1:], T, S, self.query_offset)[0]  # the largest offset i − j (key 0)
+        table = self._projected(top - jnp.arange(rows + columns - 1), jnp.shape(self.w_r)[2])
+        return PreparedTransformerXLBias(table, self._shift(), top, self.query_offset)
+
+    def query_tile(self, q, q_idx, kv_idx, T, S):
+        _check_head_dim("w_r", self.w_r, q)
+        tk = kv_idx.shape[0]
+        rows = _positions(q_idx, T, S, self.query_offset)
+        highest = rows[0] + (q.shape[2] - 1) - kv_idx[0]  # the largest i − j; column m holds offset highest − m
+        e = self._projected(highest - jnp.arange(q.shape[2] + tk - 1), q.shape[-1])
+        return _tile(q, e, self._shift(), rows, kv_idx)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedTransformerXLBias(Bias):
+    """``TransformerXLBias`` for one call (``TransformerXLBias.prepare``): its tiles slice a table of ``scale·W_R R_o``.
+
+    A tile of ``tq`` rows and ``tk`` columns reads its ``tq + tk − 1`` offsets, columns ``top − (i − j)`` of
+    ``table`` (``for_tile``: one ``lax.dynamic_slice``, no sinusoid or projection per tile), then scores them as
+    ``TransformerXLBias`` does (its docstring gives the cost: about 1.6 times no bias in forward flops, 1.75 in
+    the backward's). Gradients reach ``table`` and ``shift`` through the blocked path's custom VJP, which adds
+    each tile's slice gradient into ``table``'s in place (``Bias.for_tile``), and ``w_r``, ``v``, ``u`` through
+    ``prepare`` by ordinary autodiff. Tiles reaching outside the prepared extent, like indices that are not
+    contiguous runs, give NaN logits rather than wrong ones.
+
+    Args:
+      table: ``[H, L, D]`` float32, ``table[:, m]`` holding ``scale·W_R R_(top − m)``.
+      shift: ``[H, D]`` float32, ``v − u`` (``v`` when ``u`` is None).
+      top: int scalar, the offset of row 0 (the largest ``i − j`` of the prepared extent).
+      query_offset: as ``TransformerXLBias``.
+    """
+
+    table: jax.Array
+    shift: jax.Array
+    top: jax.Array
+    query_offset: Optional[jax.Array] = None
+    differentiable = True
+    reads_queries = True
+
+    def for_tile(self, q_idx, kv_idx, T, S):
+        """The rule restricted to one tile: its ``tq + tk − 1`` table columns (one ``lax.dynamic_slice``), NaN
+        where the tile reaches outside the prepared extent."""
+        n = q_idx.shape[0] + kv_idx.shape[0] - 1
+        top = _positions(q_idx[:1], T, S, self.query_offset)[0] + (q_idx.shape[0] - 1) - kv_idx[0]
+        start = self.top - top
+        window = jax.lax.dynamic_slice_in_dim(self.table, start, n, axis=1)
+        in_range = (start >= 0) & (start + n <= self.table.shape[1])
+        return PreparedTransformerXLBias(jnp.where(in_range, window, jnp.nan), self.shift, top, self.query_offset)
+
+    def query_tile(self, q, q_idx, kv_idx, T, S):
+        _check_head_dim("table", self.table, q)
+        e = self.for_tile(q_idx, kv_idx, T, S).table
+        return _tile(q, e, self.shift, _positions(q_idx, T, S, self.query_offset), kv_idx)
+
+
+def _positions(q_idx: jax.Array, T: int, S: int, query_offset: Optional[jax.Array]) -> jax.Array:
+    """Positions of query rows ``q_idx``: bottom-right aligned (``attnjax.masks``) or ``query_offset + q_idx``."""
+    return query_positions(q_idx, T, S) if query_offset is None else q_idx + query_offset
+
+
+def _check_head_dim(name: str, x: jax.Array, q: jax.Array) -> None:
+    if jnp.shape(x)[-1] != q.shape[-1]:
+        raise ValueError(f"TransformerXLBias {name} has shape {jnp.shape(x)}, expected head dim D = {q.shape[-1]} "
+                         f"of the queries {q.shape}")
+
+
+def _tile(q: jax.Array, e: jax.Array, shift: jax.Array, rows: jax.Array, kv_idx: jax.Array) -> jax.Array:
+    """``(q + shift)·e`` skewed to ``[B, H, tq, tk]`` float32 (``e [H, tq + tk − 1, D]``, column ``m`` for offset
+    ``highest − m``); NaN unless the rows and columns are contiguous runs."""
+    tile = chunked_relative_logits(q.astype(jnp.float32) + shift[None, :, None, :], e, kv_idx.shape[0])
+    contiguous = jnp.all(jnp.diff(rows) == 1) & jnp.all(jnp.diff(kv_idx) == 1)
+    return tile + jnp.where(contiguous, 0.0, jnp.nan)
 
 
 def transformer_xl_logits_reference(q: jax.Array, k: jax.Array, w_r: jax.Array, v: jax.Array,
@@ -169,4 +250,4 @@ def transformer_xl_logits_reference(q: jax.Array, k: jax.Array, w_r: jax.Array, 
     return (D ** -0.5 if scale is None else scale) * (a + b + c + d)
 
 
-__all__ = ["relative_sinusoids", "TransformerXLBias", "transformer_xl_logits_reference"]
+__all__ = ["relative_sinusoids", "TransformerXLBias", "PreparedTransformerXLBias", "transformer_xl_logits_reference"]

@@ -70,11 +70,11 @@ def test_explicit_skewed_and_tiled_logits_equal_the_pairwise_definition(causal, 
 
 @pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_tiles_of_many_rows_and_beyond_the_clipping_distance(causal):
-    """A 128-row tile is skewed in chunks of ``ROW_CHUNK`` rows; a tile whose offsets all clip to ``±k`` is one
+    """A 256-row tile is skewed in chunks of ``ROW_CHUNK`` rows; a tile whose offsets all clip to ``±k`` is one
     row of ``q·E``. Both tables: more rows than a chunk's window (multiplied row by row) and fewer (gathered)."""
-    T = S = 160
+    T = S = 288
     q = jax.random.normal(jax.random.PRNGKey(6), (1, T, 2, 4))
-    tiles = [(0, 128, 16, 32), (128, 160, 0, 16), (0, 32, 128, 160), (1, 2, 0, 160)]
+    tiles = [(0, 256, 16, 32), (256, 288, 0, 16), (0, 32, 256, 288), (1, 2, 0, 288)]
 
     @jax.jit
     def run(q, table):
@@ -83,8 +83,8 @@ def test_tiles_of_many_rows_and_beyond_the_clipping_distance(causal):
         return relative_logits_reference(q, table, causal=causal), [
             rule.query_tile(qh[:, :, a:b], jnp.arange(a, b), jnp.arange(c, d), T, S) for a, b, c, d in tiles]
 
-    assert ROW_CHUNK == 64  # the first tile is two chunks, whose windows hold 64 + 16 - 1 = 79 offsets
-    for k in (100, 8):  # k = 100: more rows than 79 and a tile beyond -k; k = 8: fewer rows, tiles beyond -k and +k
+    assert ROW_CHUNK == 128  # the first tile is two chunks, whose windows hold 128 + 16 - 1 = 143 offsets
+    for k in (200, 8):  # k = 200: more rows than 143 and a tile beyond -k; k = 8: fewer rows, tiles beyond -k and +k
         table = jax.random.normal(jax.random.PRNGKey(k), (k + 1 if causal else 2 * k + 1, 2, 4))
         want, got = run(q, table)
         for (a, b, c, d), tile in zip(tiles, got):

@@ -11,7 +11,8 @@ import pytest
 
 import attnjax as aj
 from attnjax.blocked import flash_attention_xla
-from attnjax.positional.transformer_xl import TransformerXLBias, relative_sinusoids, transformer_xl_logits_reference
+from attnjax.positional.transformer_xl import (PreparedTransformerXLBias, TransformerXLBias, relative_sinusoids,
+                                              transformer_xl_logits_reference)
 from attnjax.softmax.softmax import softmax_attention_reference
 from tests.helpers import assert_close
 
@@ -65,9 +66,9 @@ def test_tiles_equal_dai_et_al_terms_b_plus_d_bottom_right_aligned():
 
 
 def test_a_tile_of_two_row_chunks_equals_the_dense_terms_with_gradients():
-    """A 128-row tile is scored in chunks of 64 rows (``chunked_relative_logits``), each against its own window of
+    """A 256-row tile is scored in chunks of 128 rows (``chunked_relative_logits``), each against its own window of
     offsets: the tile and its gradients (q, W_R, v, u) equal the dense position terms'."""
-    T, S, Hq = 128, 40, 2
+    T, S, Hq = 256, 40, 2
     q = _qkv(T, S, Hq, Hq)[0][:1]
     w_r, v, u = _params(Hq, Hq)
     weights = jax.random.normal(jax.random.PRNGKey(7), (1, Hq, T, S))
@@ -126,6 +127,53 @@ def test_paths_equal_the_dense_reference_forward_and_gradients(causal):
         for arg, g, w in zip(("q", "k", "v", "w_r", "pos_v", "u"), got[1], want[1]):
             assert float(jnp.abs(w).max()) > 0
             assert_close(g, w, atol=3e-5, rtol=3e-5, name=f"{name} d{arg}")
+
+
+def test_prepared_rule_slices_what_each_tile_would_compute():
+    """``prepare`` builds ``scale·W_R R_o`` once for every offset of the padded extent; its tiles (padding rows and
+    columns included, and a decode step's ``query_offset``) equal the per-tile rule's, and a tile beyond the
+    extent is NaN rather than shifted."""
+    w_r, v, u = _params(2, 2)
+    q = _qkv(11, 11, 2, 2)[0].transpose(0, 2, 1, 3)
+    q = jnp.concatenate([q, q[:, :, :1]], axis=2)  # 12 rows: row 11 is padding
+    cases = [(None, 11, 11, [(0, 4, 4, 12), (8, 12, 8, 16), (4, 8, 0, 16)]),
+             (jnp.asarray(5), 2, 16, [(0, 2, 0, 16), (0, 2, 8, 16)])]
+    for offset, T, S, tiles in cases:
+        @jax.jit
+        def forms(q, offset):
+            rule = TransformerXLBias(w_r, v, u, scale=0.7, query_offset=offset)
+            prepared = rule.prepare(T, S, 12, 16)
+            out = []
+            for a, b, c, d in tiles:
+                args = (q[:, :, a:b], jnp.arange(a, b), jnp.arange(c, d), T, S)
+                local = prepared.for_tile(*args[1:])
+                out.append((rule.query_tile(*args), prepared.query_tile(*args), local.query_tile(*args), local.table))
+            return prepared, out
+
+        prepared, out = forms(q, offset)
+        assert isinstance(prepared, PreparedTransformerXLBias) and prepared.table.shape == (2, 12 + 16 - 1, 8)
+        for (a, b, c, d), (want, got, local, window) in zip(tiles, out):
+            assert_close(got, want, atol=1e-5, name=f"tile {(a, b, c, d)}")
+            assert_close(local, want, atol=1e-5, name=f"restricted tile {(a, b, c, d)}")
+            assert window.shape == (2, (b - a) + (d - c) - 1, 8)
+    beyond = jax.jit(lambda q: TransformerXLBias(w_r, v).prepare(11, 11).query_tile(q, jnp.arange(8, 12), jnp.arange(4),
+                                                                                    11, 11))(q[:, :, 8:12])
+    assert bool(jnp.isnan(beyond).all())
+
+
+def test_prepared_blocked_path_equals_the_reference_at_an_odd_length_with_two_row_chunks():
+    """The blocked path prepares the rule once per call: 256-row query tiles (two 128-row chunks, the second tile
+    mostly padding) and 64-wide key tiles at an odd length equal the dense reference, forward and gradients to
+    q, k, v, W_R, v and u."""
+    T = 261
+    q, k, vals = _qkv(T, T, 2, 1)
+    params = _params(2, 1)
+    want = _grads(_reference, q, k, vals, *params, aj.masks.Causal(), None)
+    blocked = _fast(lambda *a, **kw: flash_attention_xla(*a, block_q=256, block_kv=64, **kw))
+    got = _grads(blocked, q, k, vals, *params, aj.masks.Causal(), None)
+    assert_close(got[0], want[0], rtol=1e-5, name="loss")
+    for arg, g, w in zip(("q", "k", "v", "w_r", "pos_v", "u"), got[1], want[1]):
+        assert_close(g, w, atol=5e-5, rtol=5e-5, name=f"d{arg}")
 
 
 def test_query_offset_places_a_decode_step_in_a_partly_filled_cache():
