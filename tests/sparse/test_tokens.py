@@ -14,7 +14,7 @@ from attnjax.blocked.lists import to_block_mask
 from attnjax.sparse.tokens import (ALIGNED_MIN_TILES, GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector,
                                    aligned_bucket_block_lists, bucket_block_lists, bucket_layout, bucket_tiles,
                                    choose_key_path, key_list_blocks, pair_density, routed_attention,
-                                   token_sparse_attention)
+                                   token_sparse_attention, _sort_by_bucket)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -287,17 +287,25 @@ def test_aligned_layout_starts_buckets_on_tiles_and_lists_cover_every_selected_p
                     assert tile_allowed[t, np.flatnonzero(listed[b, h, t]).max()], "the last listed tile is used"
 
 
+def test_bucket_sort_falls_back_to_argsort_when_the_key_overflows():
+    """``id·L + position`` would pass int32 for 2**26 buckets at L = 37: the stable argsort gives the same order."""
+    ids = unbalanced_buckets().q_ids
+    for got, want in zip(_sort_by_bucket(ids, 2 ** 26), _sort_by_bucket(ids, NB)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bucket_tiles_grow_with_the_expected_bucket():
-    assert bucket_tiles(8192, 8) == (128, 64) and bucket_tiles(16384, 8) == (256, 64)
+    assert bucket_tiles(4096, 8) == (128, 64) and bucket_tiles(8192, 8) == (256, 64)
     assert bucket_tiles(T, NB) == (64, 64) and bucket_tiles(1 << 20, 8) == (256, 64)
 
 
 def test_rows_without_keys_are_zero_and_bf16_is_finite():
     q, k, v = random_qkv(jax.random.PRNGKey(2), B=B, T=T, S=S, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.bfloat16)
     sel = Buckets(jnp.full((B, HQ, T), 2, jnp.int32).at[..., :5].set(0), jnp.ones((B, HKV, S), jnp.int32), NB)
-    out = jitted(q, k, v, sel, implementation="xla", **TILES)
-    assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())
-    assert float(jnp.abs(out.astype(jnp.float32)).max()) == 0.0
+    for tiles in (TILES, ALIGNED_TILES):
+        out = jitted(q, k, v, sel, implementation="xla", **tiles)
+        assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out).all())
+        assert float(jnp.abs(out.astype(jnp.float32)).max()) == 0.0
     lists = KeyLists(jnp.full((B, HQ, T, 3), -1, jnp.int32))
     assert float(jnp.abs(jitted(q, k, v, lists, implementation="xla")).max()) == 0.0
     lists = KeyLists(jnp.full((B, HQ, T, 3), -1, jnp.int32).at[..., 8:, 0].set(2))  # the first 8 rows see nothing
