@@ -140,3 +140,16 @@ def test_restore_without_checkpoint_raises(tmp_path):
     assert checkpoints.latest_step(tmp_path / "none") is None
     with pytest.raises(FileNotFoundError):
         checkpoints.restore_checkpoint(tmp_path, model)
+
+
+def test_evaluate_scores_in_inference_mode_and_leaves_the_model_alone():
+    """Dropout is off while scoring (the model has no dropout stream, so a training-mode call with a dropout rate
+    fails; scoring works and agrees with itself) and the model keeps its training mode; a model without any
+    ``deterministic`` flag (a BaseConv stack) evaluates too."""
+    dropout = lm.LanguageModel(lm.ModelConfig(mixer="softmax", **TINY), rngs=nnx.Rngs(0))
+    dropout.blocks[0].attention.dropout_rate = 0.5
+    batches = [fixed_batch(0)]
+    assert training.evaluate(dropout, batches) == training.evaluate(dropout, batches)
+    assert dropout.blocks[0].attention.deterministic is False
+    conv = lm.LanguageModel(lm.ModelConfig(mixer="baseconv", **TINY), rngs=nnx.Rngs(0))
+    assert training.evaluate(conv, batches)["tokens"] > 0
