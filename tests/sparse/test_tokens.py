@@ -14,7 +14,7 @@ from attnjax.blocked.lists import to_block_mask
 from attnjax.sparse.tokens import (ALIGNED_MIN_TILES, GATHER_COST_RATIO, Buckets, KeyBits, KeyLists, TokenSelector,
                                    aligned_bucket_block_lists, bucket_block_lists, bucket_layout, bucket_tiles,
                                    choose_key_path, key_list_blocks, pair_density, routed_attention,
-                                   token_sparse_attention, _sort_by_bucket)
+                                   sort_by_bucket, token_sparse_attention)
 from tests.helpers import assert_close, random_qkv
 
 B, T, S, HQ, HKV, D = 2, 37, 37, 4, 2, 8
@@ -290,7 +290,7 @@ def test_aligned_layout_starts_buckets_on_tiles_and_lists_cover_every_selected_p
 def test_bucket_sort_falls_back_to_argsort_when_the_key_overflows():
     """``id·L + position`` would pass int32 for 2**26 buckets at L = 37: the stable argsort gives the same order."""
     ids = unbalanced_buckets().q_ids
-    for got, want in zip(_sort_by_bucket(ids, 2 ** 26), _sort_by_bucket(ids, NB)):
+    for got, want in zip(sort_by_bucket(ids, 2 ** 26), sort_by_bucket(ids, NB)):
         np.testing.assert_array_equal(got, want)
 
 
