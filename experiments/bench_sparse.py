@@ -172,12 +172,15 @@ def path_fns(name: str, config, mask, blocks: BlockSparse, implementation: str) 
     """``(q, k, v) -> out`` of the engine on given lists, the whole mechanism, and the dense baseline.
 
     Neighbourhood attention's lists are static and free to build, so its engine path is the mechanism itself.
+    The random buckets' functions take the bucket ids as two more arguments (``bucket_ids``), so that their sorts
+    run in the timed call rather than being folded into the compiled constants.
     """
     if name == "buckets":
-        def engine(q, k, v):
-            return token_sparse_attention(q, k, v, blocks, mask=mask, implementation="xla")
+        def engine(q, k, v, q_ids, kv_ids):
+            return token_sparse_attention(q, k, v, Buckets(q_ids, kv_ids, blocks.num_buckets), mask=mask,
+                                          implementation="xla")
         return {"engine": engine, "selected": engine,
-                "dense": lambda q, k, v: flash_attention_xla(q, k, v, mask=mask)}
+                "dense": lambda q, k, v, *_: flash_attention_xla(q, k, v, mask=mask)}
     selected = mechanism_fn(config, mask, implementation)
     if name == "neighborhood":
         engine = selected
@@ -192,6 +195,11 @@ def path_fns(name: str, config, mask, blocks: BlockSparse, implementation: str) 
     return {"engine": engine, "selected": selected, "dense": lambda q, k, v: flash_attention_xla(q, k, v, mask=mask)}
 
 
+def bucket_ids(selection) -> tuple:
+    """``(q_ids, kv_ids)`` of a ``Buckets`` selection (the extra arguments of its functions), else ``()``."""
+    return (selection.q_ids, selection.kv_ids) if isinstance(selection, Buckets) else ()
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """One case per (mechanism, T): density, times per path, speedups and the target verdict."""
     configs = cases(args)
@@ -204,6 +212,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             bar.set_postfix(T=T, mechanism=name)
             cfg, mask, blocks = setup(name, config, q, k, T, args)
             fns = path_fns(name, cfg, mask, blocks, args.implementation)
+            inputs = (q, k, v) + bucket_ids(blocks)
             row = {"mechanism": name, "T": T, "causal": mask is not None,
                    "density_of_all_tiles": float(density(blocks)) if isinstance(blocks, BlockSparse) else None,
                    "density": relative_density(blocks, causal=mask is not None), "seconds": {}}
@@ -216,13 +225,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if path == "dense" and (T, row["causal"]) in dense_times:
                     row["seconds"][path] = dense_times[T, row["causal"]]
                     continue
-                compiled = measure.compile_fn(fn, q, k, v)
+                compiled = measure.compile_fn(fn, *inputs)
                 peak = measure.memory_of(compiled).peak
                 if peak > args.memory_budget_gib * measure.GIB:
                     row["seconds"][path] = None
                     row.setdefault("not_run", {})[path] = f"needs {report.format_bytes(peak)}"
                     continue
-                timing = measure.time_thunks({path: lambda: compiled(q, k, v)}, repeats=args.repeats,
+                timing = measure.time_thunks({path: lambda: compiled(*inputs)}, repeats=args.repeats,
                                             max_seconds=args.max_seconds)[path]
                 row["seconds"][path] = timing.median_s
                 last[key] = (T, timing.median_s)
