@@ -256,7 +256,7 @@ class RelativeEmbeddingBias(Bias):
     - a tile whose offsets all clip to one row (every key farther than ``k``): ``q_i·E[±k]`` broadcast over
       the keys, ``O(tq·D)``;
     - else, per chunk of ``c`` query rows (``ROW_CHUNK``), ``X = q·E_windowᵀ`` over the ``c + tk − 1``
-      offsets the chunk sees, then ``skew`` (§3.4): ``O(tq·(c + tk)·D)``, about one ``q·kᵀ`` tile; a
+      offsets the chunk sees, then ``skew`` (§3.4): ``O(tq·(c + tk)·D)``, 1.25 ``q·kᵀ`` tiles at c = 128, tk = 512; a
       table with fewer rows than the window is multiplied whole (``q·Eᵀ [tq, R]``) and gathered.
 
     The blocked ``xla`` paths pull gradients back to ``q`` and ``E`` through it. It assumes what every
