@@ -153,7 +153,7 @@ def _row_chunk(tq: int) -> int:
 
 
 def chunked_relative_logits(q: jax.Array, columns: jax.Array, num_keys: int) -> jax.Array:
-    """``q_i·columns[:, j + tq − 1 − i]`` for every query row ``i`` and key ``j`` of a tile, by chunks of rows and skewing.
+    """``q_i·columns[:, j + tq − 1 − i]`` for every query row ``i`` and key ``j`` of a tile, by row chunks and skewing.
 
     ``q [B, H, tq, D]`` and ``columns [H or 1, tq + num_keys − 1, D]`` (heads first; column ``m``: the embedding of the
     ``m``-th smallest key-minus-query offset of the tile, consecutive rows and keys) -> ``[B, H, tq, num_keys]``

@@ -130,7 +130,7 @@ class TransformerXLBias(Bias):
         return head_dim ** -0.5 if self.scale is None else self.scale
 
     def _shift(self) -> jax.Array:
-        """``v − u`` (``v`` when ``u`` is None), ``[H, D]`` float32: added to the queries ``q + u`` it gives ``q + v``."""
+        """``v − u`` (``v`` when ``u`` is None), ``[H, D]`` float32: added to the queries ``q + u``, ``q + v``."""
         shift = jnp.asarray(self.v, jnp.float32)
         return shift if self.u is None else shift - jnp.asarray(self.u, jnp.float32)
 
